@@ -1,0 +1,7 @@
+#![forbid(unsafe_code)]
+//! xmpp-federator: the XMPP server of a chat backend's domain, server-to-server only.
+//!
+//! # Layout
+//! - [`xml`]: sans-IO stream framer/validator and writing helpers (no I/O).
+//! - [`stanza`]: routed stanzas (raw bytes + routing header) and RFC 6120 error conditions.
+pub mod xml;
