@@ -5,3 +5,4 @@
 //! - [`xml`]: sans-IO stream framer/validator and writing helpers (no I/O).
 //! - [`stanza`]: routed stanzas (raw bytes + routing header) and RFC 6120 error conditions.
 pub mod xml;
+pub mod stanza;

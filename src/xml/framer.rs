@@ -546,6 +546,17 @@ impl Framer {
     }
 }
 
+/// Validate one standalone element in `jabber:server` (our own serializations,
+/// handlers re-reading a payload).
+pub fn parse_element(xml: &[u8]) -> Result<Element, XmlError> {
+    let header = StreamHeader {
+        default_ns: Some(super::NS_SERVER.to_string()),
+        prefixes: vec![("stream".into(), NS_STREAM.into())],
+        ..StreamHeader::default()
+    };
+    validate(Bytes::copy_from_slice(xml), &header)
+}
+
 fn attr_value(a: &quick_xml::events::attributes::Attribute<'_>) -> Result<String, XmlError> {
     a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
         .map(|v| v.into_owned())

@@ -1,0 +1,231 @@
+//! Routed stanzas and the RFC 6120 error conditions.
+//!
+//! A [`Stanza`] keeps the validated raw bytes of a `<message/>`, `<presence/>` or
+//! `<iq/>` plus the few attributes routing needs, so forwarding never rebuilds a
+//! DOM (RFC 6120 §8). Typed payloads are parsed only by the handlers that need them.
+
+pub mod error;
+
+use bytes::Bytes;
+
+pub use error::{StanzaCondition, StanzaErrorType, StreamCondition};
+
+use crate::xml::framer::Element;
+use crate::xml::writer::{ElementBuilder, escape};
+use crate::xml::{NS_SERVER, NS_STANZAS_ERR};
+
+/// The three stanza kinds (RFC 6120 §8.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `<message/>`
+    Message,
+    /// `<presence/>`
+    Presence,
+    /// `<iq/>`
+    Iq,
+}
+
+impl Kind {
+    /// The element name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Message => "message",
+            Kind::Presence => "presence",
+            Kind::Iq => "iq",
+        }
+    }
+}
+
+/// A stanza in `jabber:server`, as received or as built by us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stanza {
+    /// The serialized element (validated, self-contained but for the default namespace).
+    pub raw: Bytes,
+    /// Which stanza.
+    pub kind: Kind,
+    /// `to`
+    pub to: Option<String>,
+    /// `from`
+    pub from: Option<String>,
+    /// `id`
+    pub id: Option<String>,
+    /// `type`
+    pub type_: Option<String>,
+    /// Namespace and name of the first child element (an iq's payload).
+    pub payload: Option<(String, String)>,
+}
+
+impl Stanza {
+    /// Classify a top-level element; `None` if it is not a `jabber:server` stanza.
+    pub fn from_element(el: Element) -> Option<Stanza> {
+        if el.ns != NS_SERVER {
+            return None;
+        }
+        let kind = match el.name.as_str() {
+            "message" => Kind::Message,
+            "presence" => Kind::Presence,
+            "iq" => Kind::Iq,
+            _ => return None,
+        };
+        let mut s = Stanza {
+            raw: el.raw,
+            kind,
+            to: None,
+            from: None,
+            id: None,
+            type_: None,
+            payload: el.first_child,
+        };
+        for (k, v) in el.attrs {
+            match k.as_str() {
+                "to" => s.to = Some(v),
+                "from" => s.from = Some(v),
+                "id" => s.id = Some(v),
+                "type" => s.type_ = Some(v),
+                _ => {}
+            }
+        }
+        Some(s)
+    }
+
+    /// Parse our own serialization (tests, handlers); panics never: returns `None` on bad XML.
+    pub fn parse(xml: &str) -> Option<Stanza> {
+        crate::xml::framer::parse_element(xml.as_bytes())
+            .ok()
+            .and_then(Stanza::from_element)
+    }
+
+    /// Whether this is an error stanza (never answered with an error, RFC 6120 §8.3.1).
+    pub fn is_error(&self) -> bool {
+        self.type_.as_deref() == Some("error")
+    }
+
+    /// The raw text (validated UTF-8).
+    pub fn as_str(&self) -> &str {
+        // Invariant: raw came from the framer (checked UTF-8) or from our own String.
+        std::str::from_utf8(&self.raw).unwrap_or("")
+    }
+
+    /// The error reply to this stanza: addresses swapped, `type='error'`, same id
+    /// (RFC 6120 §8.3.1). `None` for error stanzas, which are never answered.
+    pub fn error_reply(&self, condition: StanzaCondition, text: Option<&str>) -> Option<Stanza> {
+        if self.is_error() {
+            return None;
+        }
+        let mut inner = format!(
+            "<error type='{}'><{} xmlns='{NS_STANZAS_ERR}'/>",
+            condition.error_type().as_str(),
+            condition.as_str()
+        );
+        if let Some(t) = text {
+            inner.push_str(&format!(
+                "<text xmlns='{NS_STANZAS_ERR}' xml:lang='en'>{}</text>",
+                escape(t)
+            ));
+        }
+        inner.push_str("</error>");
+        let xml = ElementBuilder::new(self.kind.name())
+            .attr("from", self.to.as_deref())
+            .attr("to", self.from.as_deref())
+            .attr("id", self.id.as_deref())
+            .attr("type", Some("error"))
+            .children(&inner);
+        Some(Stanza {
+            raw: Bytes::from(xml),
+            kind: self.kind,
+            to: self.from.clone(),
+            from: self.to.clone(),
+            id: self.id.clone(),
+            type_: Some("error".into()),
+            payload: Some((NS_SERVER.into(), "error".into())),
+        })
+    }
+
+    /// Build an iq result with optional payload.
+    pub fn iq_result(request: &Stanza, payload: &str) -> Stanza {
+        let b = ElementBuilder::new("iq")
+            .attr("from", request.to.as_deref())
+            .attr("to", request.from.as_deref())
+            .attr("id", request.id.as_deref())
+            .attr("type", Some("result"));
+        let xml = if payload.is_empty() {
+            b.empty()
+        } else {
+            b.children(payload)
+        };
+        Stanza {
+            raw: Bytes::from(xml),
+            kind: Kind::Iq,
+            to: request.from.clone(),
+            from: request.to.clone(),
+            id: request.id.clone(),
+            type_: Some("result".into()),
+            payload: None,
+        }
+    }
+
+    /// Build an iq request.
+    pub fn iq(type_: &str, from: &str, to: &str, id: &str, payload: &str) -> Stanza {
+        let xml = ElementBuilder::new("iq")
+            .attr("type", Some(type_))
+            .attr("from", Some(from))
+            .attr("to", Some(to))
+            .attr("id", Some(id))
+            .children(payload);
+        Stanza {
+            raw: Bytes::from(xml),
+            kind: Kind::Iq,
+            to: Some(to.into()),
+            from: Some(from.into()),
+            id: Some(id.into()),
+            type_: Some(type_.into()),
+            payload: None,
+        }
+    }
+}
+
+/// The domain part of a JID string (`[local@]domain[/resource]`), lower-cased
+/// only when it needs to be (RFC 7622 §3.2: domainparts compare case-insensitively).
+pub fn domain_of(jid: &str) -> &str {
+    let bare = jid.split('/').next().unwrap_or(jid);
+    match bare.rsplit_once('@') {
+        Some((_, d)) => d,
+        None => bare,
+    }
+}
+
+/// The localpart of a JID string, if any.
+pub fn local_of(jid: &str) -> Option<&str> {
+    let bare = jid.split('/').next().unwrap_or(jid);
+    bare.rsplit_once('@').map(|(l, _)| l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jid_parts() {
+        assert_eq!(domain_of("a@b.test/r@x"), "b.test");
+        assert_eq!(domain_of("b.test"), "b.test");
+        assert_eq!(domain_of("b.test/res"), "b.test");
+        assert_eq!(local_of("a@b.test/r"), Some("a"));
+        assert_eq!(local_of("b.test"), None);
+    }
+
+    #[test]
+    fn error_reply_swaps_and_keeps_id() {
+        let s = Stanza::parse("<message from='a@x.test' to='b@y.test' id='m&amp;1'><body>hi</body></message>").unwrap();
+        let e = s
+            .error_reply(StanzaCondition::ServiceUnavailable, Some("no <such> user"))
+            .unwrap();
+        let back = Stanza::parse(e.as_str()).unwrap();
+        assert_eq!(back.to.as_deref(), Some("a@x.test"));
+        assert_eq!(back.from.as_deref(), Some("b@y.test"));
+        assert_eq!(back.id.as_deref(), Some("m&1"));
+        assert!(back.is_error());
+        assert!(e.as_str().contains("<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"));
+        assert!(e.as_str().contains("no &lt;such&gt; user"));
+        assert!(back.error_reply(StanzaCondition::BadRequest, None).is_none());
+    }
+}
