@@ -6,3 +6,4 @@
 //! - [`stanza`]: routed stanzas (raw bytes + routing header) and RFC 6120 error conditions.
 pub mod xml;
 pub mod stanza;
+pub mod config;

@@ -1,0 +1,444 @@
+//! Configuration: TOML, every field documented, defaults in one place.
+//!
+//! `serve` with no file runs on the embedded defaults: domain `localhost`, listeners
+//! on loopback, a generated development certificate. `validate` parses and checks a
+//! file; every error names the field (exit status 64, `EX_USAGE`... `EX_DATAERR`'s
+//! neighbour that sysexits reserves for bad input).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors loading or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown field or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value that parses but is not acceptable.
+    #[error("field `{field}`: {message}")]
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// XMPP domains this server is authoritative for (the backend's domain, and any
+    /// others). Stanzas to any other domain are federated.
+    pub domains: Vec<String>,
+    /// Where to accept server-to-server connections.
+    pub listen: Listen,
+    /// Certificates and trust roots.
+    pub tls: Tls,
+    /// Which remote domains may federate with us.
+    pub federation: Federation,
+    /// How remote domains are found.
+    pub dns: Dns,
+    /// Resource limits for peers.
+    pub limits: LimitsConfig,
+    /// Timeouts and keepalives.
+    pub timeouts: Timeouts,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            domains: vec!["localhost".into()],
+            listen: Listen::default(),
+            tls: Tls::default(),
+            federation: Federation::default(),
+            dns: Dns::default(),
+            limits: LimitsConfig::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Listening sockets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Plain TCP listeners that require STARTTLS (RFC 6120 §5); the standard port is 5269.
+    pub starttls: Vec<SocketAddr>,
+    /// Direct TLS listeners (XEP-0368, ALPN `xmpp-server`); commonly port 5270.
+    pub direct_tls: Vec<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            starttls: vec![SocketAddr::from(([127, 0, 0, 1], 5269))],
+            direct_tls: vec![SocketAddr::from(([127, 0, 0, 1], 5270))],
+        }
+    }
+}
+
+/// TLS material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// Certificate chains with their keys (PEM). Each one serves the hosted domains its
+    /// names cover (selected by SNI inbound, used as client certificate outbound).
+    /// Empty: a self-signed development certificate is generated for every domain.
+    pub certificates: Vec<CertificateFiles>,
+    /// Trust the operating system's root certificates for peer certificates.
+    pub system_roots: bool,
+    /// Extra CA certificates (PEM files) trusted for peer certificates, e.g. a private CA.
+    pub ca_files: Vec<PathBuf>,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            certificates: Vec::new(),
+            system_roots: true,
+            ca_files: Vec::new(),
+        }
+    }
+}
+
+/// One certificate chain and its private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM file with the leaf certificate first, then intermediates.
+    pub cert: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Federation policy mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FederationMode {
+    /// No federation at all: every remote domain is refused.
+    Disabled,
+    /// Only the domains in `allowlist`.
+    Allowlist,
+    /// Any domain not in `blocklist`.
+    #[default]
+    Open,
+}
+
+/// Federation policy, enforced on inbound and outbound streams.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Federation {
+    /// `disabled`, `allowlist` or `open`.
+    pub mode: FederationMode,
+    /// Domains allowed in `allowlist` mode.
+    pub allowlist: Vec<String>,
+    /// Domains always refused, whatever the mode.
+    pub blocklist: Vec<String>,
+}
+
+/// Name resolution.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dns {
+    /// A nameserver (`IP:PORT`) to ask instead of the system's resolver configuration.
+    pub nameserver: Option<SocketAddr>,
+    /// Static targets per remote domain, bypassing DNS: `"IP:PORT"` for STARTTLS,
+    /// `"tls://IP:PORT"` for direct TLS. Tried in order.
+    pub overrides: BTreeMap<String, Vec<String>>,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest element a peer may send before it has authenticated (negotiation only).
+    pub max_stanza_bytes_unauthenticated: usize,
+    /// Largest stanza an authenticated peer may send.
+    pub max_stanza_bytes: usize,
+    /// Deepest element nesting inside a stanza.
+    pub max_depth: usize,
+    /// Most attributes on one element.
+    pub max_attributes: usize,
+    /// Most simultaneous inbound connections.
+    pub max_connections: usize,
+    /// Most simultaneous inbound connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Stanzas waiting for one remote domain before new ones are bounced with
+    /// `resource-constraint`.
+    pub outbound_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_stanza_bytes_unauthenticated: 16 * 1024,
+            max_stanza_bytes: 512 * 1024,
+            max_depth: 48,
+            max_attributes: 64,
+            max_connections: 10_000,
+            max_connections_per_ip: 200,
+            outbound_queue: 10_000,
+        }
+    }
+}
+
+/// Timeouts, in seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// A peer must finish TLS and authentication within this time.
+    pub negotiation_secs: u64,
+    /// A stream with no traffic either way for this long is closed.
+    pub idle_secs: u64,
+    /// Send a whitespace keepalive after this long without writing.
+    pub keepalive_secs: u64,
+    /// One TCP connection attempt (per address).
+    pub connect_secs: u64,
+    /// How long stanzas for an unreachable domain wait (while reconnecting with
+    /// backoff) before they are bounced.
+    pub retry_window_secs: u64,
+    /// On shutdown, how long connections get to close cleanly.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            negotiation_secs: 30,
+            idle_secs: 600,
+            keepalive_secs: 60,
+            connect_secs: 10,
+            retry_window_secs: 30,
+            shutdown_grace_secs: 5,
+        }
+    }
+}
+
+impl Timeouts {
+    /// As durations: (negotiation, idle, keepalive, connect, retry window).
+    pub fn negotiation(&self) -> Duration {
+        Duration::from_secs(self.negotiation_secs)
+    }
+    /// Idle timeout.
+    pub fn idle(&self) -> Duration {
+        Duration::from_secs(self.idle_secs)
+    }
+    /// Keepalive interval.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs(self.keepalive_secs)
+    }
+    /// Connect timeout.
+    pub fn connect(&self) -> Duration {
+        Duration::from_secs(self.connect_secs)
+    }
+    /// Retry window.
+    pub fn retry_window(&self) -> Duration {
+        Duration::from_secs(self.retry_window_secs)
+    }
+}
+
+/// A resolved static target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticTarget {
+    /// Address to connect to.
+    pub addr: SocketAddr,
+    /// XEP-0368 direct TLS rather than STARTTLS.
+    pub direct_tls: bool,
+}
+
+impl StaticTarget {
+    /// Parse `IP:PORT` or `tls://IP:PORT`.
+    pub fn parse(s: &str) -> Option<StaticTarget> {
+        let (direct_tls, rest) = match s.strip_prefix("tls://") {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        rest.parse().ok().map(|addr| StaticTarget { addr, direct_tls })
+    }
+}
+
+/// Normalize a domain name as XMPP compares them (RFC 7622 §3.2).
+pub fn normalize_domain(d: &str) -> Option<String> {
+    let j = jid::BareJid::new(d).ok()?;
+    if j.node().is_some() {
+        return None;
+    }
+    Some(j.domain().as_str().to_string())
+}
+
+impl Config {
+    /// Parse TOML text and check it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Read, parse and check a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Check values and normalize domains in place.
+    pub fn check(&mut self) -> Result<(), ConfigError> {
+        if self.domains.is_empty() {
+            return Err(invalid("domains", "at least one hosted domain is required"));
+        }
+        let norm = |field: String, list: &mut Vec<String>| -> Result<(), ConfigError> {
+            for (i, d) in list.iter_mut().enumerate() {
+                *d = normalize_domain(d).ok_or_else(|| {
+                    invalid(format!("{field}[{i}]"), format!("`{d}` is not a valid domain"))
+                })?;
+            }
+            Ok(())
+        };
+        norm("domains".into(), &mut self.domains)?;
+        norm("federation.allowlist".into(), &mut self.federation.allowlist)?;
+        norm("federation.blocklist".into(), &mut self.federation.blocklist)?;
+        for d in &self.domains {
+            if self.federation.blocklist.contains(d) || self.federation.allowlist.contains(d) {
+                return Err(invalid(
+                    "federation",
+                    format!("`{d}` is hosted here and cannot be a federation peer"),
+                ));
+            }
+        }
+        let mut overrides = BTreeMap::new();
+        for (domain, targets) in &self.dns.overrides {
+            let field = format!("dns.overrides.\"{domain}\"");
+            let d = normalize_domain(domain)
+                .ok_or_else(|| invalid(&field, "not a valid domain"))?;
+            if targets.is_empty() {
+                return Err(invalid(&field, "needs at least one target"));
+            }
+            for t in targets {
+                if StaticTarget::parse(t).is_none() {
+                    return Err(invalid(
+                        &field,
+                        format!("`{t}` is not `IP:PORT` or `tls://IP:PORT`"),
+                    ));
+                }
+            }
+            overrides.insert(d, targets.clone());
+        }
+        self.dns.overrides = overrides;
+        let l = &self.limits;
+        for (field, v, min) in [
+            ("limits.max_stanza_bytes_unauthenticated", l.max_stanza_bytes_unauthenticated, 4096),
+            ("limits.max_stanza_bytes", l.max_stanza_bytes, 10_000),
+            ("limits.max_depth", l.max_depth, 8),
+            ("limits.max_attributes", l.max_attributes, 8),
+            ("limits.max_connections", l.max_connections, 1),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip, 1),
+            ("limits.outbound_queue", l.outbound_queue, 1),
+        ] {
+            if v < min {
+                return Err(invalid(field, format!("must be at least {min}")));
+            }
+        }
+        let t = &self.timeouts;
+        for (field, v) in [
+            ("timeouts.negotiation_secs", t.negotiation_secs),
+            ("timeouts.idle_secs", t.idle_secs),
+            ("timeouts.keepalive_secs", t.keepalive_secs),
+            ("timeouts.connect_secs", t.connect_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if self.listen.starttls.is_empty() && self.listen.direct_tls.is_empty() {
+            return Err(invalid("listen", "needs at least one listener"));
+        }
+        Ok(())
+    }
+
+    /// Parsed static targets for a domain, if overridden.
+    pub fn static_targets(&self, domain: &str) -> Option<Vec<StaticTarget>> {
+        self.dns
+            .overrides
+            .get(domain)
+            .map(|v| v.iter().filter_map(|t| StaticTarget::parse(t)).collect())
+    }
+
+    /// The framer limits before and after authentication.
+    pub fn framer_limits(&self, authenticated: bool) -> crate::xml::Limits {
+        crate::xml::Limits {
+            max_stanza_bytes: if authenticated {
+                self.limits.max_stanza_bytes
+            } else {
+                self.limits.max_stanza_bytes_unauthenticated
+            },
+            max_depth: self.limits.max_depth,
+            max_attrs: self.limits.max_attributes,
+            max_header_bytes: 4096,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../fixtures/config/example.toml");
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(c.domains, vec!["wire.example".to_string()]);
+        assert_eq!(c.federation.mode, FederationMode::Open);
+    }
+
+    #[test]
+    fn empty_config_is_the_default() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.domains, vec!["localhost".to_string()]);
+        assert_eq!(c.listen.starttls.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::from_toml("domains = ['a@b']").unwrap_err().to_string();
+        assert!(e.contains("domains[0]"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_depth = 2").unwrap_err().to_string();
+        assert!(e.contains("limits.max_depth"), "{e}");
+        let e = Config::from_toml("[dns.overrides]\n'x.test' = ['nope']")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dns.overrides"), "{e}");
+        let e = Config::from_toml("[federation]\nmood = 'open'").unwrap_err().to_string();
+        assert!(e.contains("mood"), "{e}");
+        let e = Config::from_toml("[federation]\nmode = 'maybe'").unwrap_err().to_string();
+        assert!(e.contains("mode"), "{e}");
+    }
+
+    #[test]
+    fn domains_are_normalized() {
+        let c = Config::from_toml("domains = ['Wire.EXAMPLE']").unwrap();
+        assert_eq!(c.domains, vec!["wire.example".to_string()]);
+    }
+}
