@@ -7,3 +7,4 @@
 pub mod xml;
 pub mod stanza;
 pub mod config;
+pub mod s2s;

@@ -1,0 +1,410 @@
+//! An XML stream over any byte stream: the framer plus reads and writes.
+//!
+//! This is the one place that moves bytes between a socket and [`Framer`]. It knows
+//! stream headers and stream errors (RFC 6120 §4.7, §4.9) but nothing about
+//! negotiation, which lives in `inbound` and `outbound`.
+
+use std::io;
+
+use quick_xml::events::Event as XEvent;
+use quick_xml::reader::NsReader;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::stanza::StreamCondition;
+use crate::stanza::error::stream_error_xml;
+use crate::xml::framer::Element;
+use crate::xml::writer::escape;
+use crate::xml::{Event, Framer, Limits, NS_STREAMS_ERR, StreamHeader, XmlError};
+
+/// Why a stream ended or could not go on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamFailure {
+    /// The transport failed.
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection without closing the stream.
+    #[error("connection closed by peer")]
+    Eof,
+    /// The peer closed the stream (`</stream:stream>`).
+    #[error("stream closed by peer")]
+    Closed,
+    /// The peer sent bad XML.
+    #[error("{0}")]
+    Xml(#[from] XmlError),
+    /// The peer sent a stream error.
+    #[error("peer sent stream error {condition}{}", text.as_deref().map(|t| format!(" ({t})")).unwrap_or_default())]
+    PeerError {
+        /// Its condition (`undefined-condition` if unknown).
+        condition: StreamCondition,
+        /// Its text, if any.
+        text: Option<String>,
+    },
+    /// The peer broke the protocol; we answer with this stream error.
+    #[error("{condition}: {text}")]
+    Protocol {
+        /// The stream error to send.
+        condition: StreamCondition,
+        /// Explanation (also sent to the peer).
+        text: String,
+    },
+    /// Negotiation or idle timeout.
+    #[error("timed out")]
+    Timeout,
+}
+
+impl StreamFailure {
+    /// Shorthand for a protocol failure.
+    pub fn protocol(condition: StreamCondition, text: impl Into<String>) -> Self {
+        StreamFailure::Protocol {
+            condition,
+            text: text.into(),
+        }
+    }
+
+    /// The stream error we should send for this failure, if any.
+    pub fn condition(&self) -> Option<(StreamCondition, String)> {
+        match self {
+            StreamFailure::Xml(e) => Some((StreamCondition::from(e), e.to_string())),
+            StreamFailure::Protocol { condition, text } => Some((*condition, text.clone())),
+            StreamFailure::Timeout => Some((
+                StreamCondition::ConnectionTimeout,
+                "negotiation or idle timeout".into(),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Our stream header (RFC 6120 §4.7). `id` only on the responding side.
+pub fn header_xml(from: &str, to: Option<&str>, id: Option<&str>) -> String {
+    let mut s = format!(
+        "<?xml version='1.0'?><stream:stream xmlns='jabber:server' \
+         xmlns:stream='http://etherx.jabber.org/streams' from='{}'",
+        escape(from)
+    );
+    if let Some(to) = to {
+        s.push_str(&format!(" to='{}'", escape(to)));
+    }
+    if let Some(id) = id {
+        s.push_str(&format!(" id='{}'", escape(id)));
+    }
+    s.push_str(" version='1.0' xml:lang='en'>");
+    s
+}
+
+/// A random stream id.
+pub fn new_id() -> String {
+    use rand::RngExt;
+    let n: u128 = rand::rng().random();
+    format!("{n:032x}")
+}
+
+/// An XML stream on a byte stream.
+#[derive(Debug)]
+pub struct XmlStream<S> {
+    io: S,
+    framer: Framer,
+    /// Whether we have sent our stream header on this (restarted) stream.
+    pub header_sent: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
+    /// Wrap a byte stream.
+    pub fn new(io: S, limits: Limits) -> Self {
+        XmlStream {
+            io,
+            framer: Framer::new(limits),
+            header_sent: false,
+        }
+    }
+
+    /// Next event; EOF and peer stream errors become failures.
+    pub async fn next(&mut self) -> Result<Event, StreamFailure> {
+        loop {
+            if let Some(ev) = self.framer.next()? {
+                if let Event::Element(el) = &ev
+                    && el.is("error", crate::xml::NS_STREAM)
+                {
+                    return Err(peer_error(el));
+                }
+                if ev == Event::Close {
+                    return Err(StreamFailure::Closed);
+                }
+                return Ok(ev);
+            }
+            let n = self.io.read_buf(self.framer.buf_mut()).await?;
+            if n == 0 {
+                return Err(StreamFailure::Eof);
+            }
+        }
+    }
+
+    /// Next event, which must be a stream header.
+    pub async fn next_header(&mut self) -> Result<StreamHeader, StreamFailure> {
+        match self.next().await? {
+            Event::Header(h) => Ok(h),
+            _ => Err(StreamFailure::protocol(
+                StreamCondition::NotWellFormed,
+                "expected a stream header",
+            )),
+        }
+    }
+
+    /// Next event, which must be a top-level element.
+    pub async fn next_element(&mut self) -> Result<Element, StreamFailure> {
+        match self.next().await? {
+            Event::Element(e) => Ok(e),
+            _ => Err(StreamFailure::protocol(
+                StreamCondition::NotWellFormed,
+                "expected an element",
+            )),
+        }
+    }
+
+    /// Write and flush.
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.io.write_all(data).await?;
+        self.io.flush().await
+    }
+
+    /// Send our header.
+    pub async fn send_header(&mut self, header: &str) -> io::Result<()> {
+        self.header_sent = true;
+        self.send(header.as_bytes()).await
+    }
+
+    /// Start a new stream on the same transport (RFC 6120 §4.3.3).
+    pub fn restart(&mut self, limits: Limits) {
+        self.framer = Framer::new(limits);
+        self.header_sent = false;
+    }
+
+    /// Change limits (e.g. after authentication).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.framer.set_limits(limits);
+    }
+
+    /// Send a stream error and close the stream; `header` is sent first if we have
+    /// not sent ours yet (RFC 6120 §4.9.1.2). Errors writing are ignored: the
+    /// connection is going away anyway.
+    pub async fn fail(&mut self, header: &str, condition: StreamCondition, text: &str) {
+        let mut out = String::new();
+        if !self.header_sent {
+            out.push_str(header);
+            self.header_sent = true;
+        }
+        out.push_str(&stream_error_xml(condition, Some(text)));
+        out.push_str("</stream:stream>");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let _ = self.send(out.as_bytes()).await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Close the stream cleanly.
+    pub async fn close(&mut self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let _ = self.send(b"</stream:stream>").await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+
+    /// The transport, for TLS; fails if the peer already sent bytes past the element
+    /// that ended plaintext (RFC 6120 §5.4.3.3: nothing may follow `<starttls/>`).
+    pub fn into_inner(self) -> Result<S, StreamFailure> {
+        if self.framer.pending() > 0 {
+            return Err(StreamFailure::protocol(
+                StreamCondition::NotWellFormed,
+                "data after the element that starts TLS",
+            ));
+        }
+        Ok(self.io)
+    }
+
+    /// The transport.
+    pub fn io(&self) -> &S {
+        &self.io
+    }
+
+    /// Split into the framer and the transport (for separate read/write halves).
+    pub fn into_parts(self) -> (S, Framer) {
+        (self.io, self.framer)
+    }
+}
+
+/// Read events from the read half of a split stream.
+pub async fn next_event<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    framer: &mut Framer,
+) -> Result<Event, StreamFailure> {
+    loop {
+        if let Some(ev) = framer.next()? {
+            if let Event::Element(el) = &ev
+                && el.is("error", crate::xml::NS_STREAM)
+            {
+                return Err(peer_error(el));
+            }
+            if ev == Event::Close {
+                return Err(StreamFailure::Closed);
+            }
+            return Ok(ev);
+        }
+        if rd.read_buf(framer.buf_mut()).await? == 0 {
+            return Err(StreamFailure::Eof);
+        }
+    }
+}
+
+fn peer_error(el: &Element) -> StreamFailure {
+    let mut condition = StreamCondition::UndefinedCondition;
+    let mut text = None;
+    for child in children(el) {
+        if child.ns == NS_STREAMS_ERR {
+            if child.name == "text" {
+                text = Some(child.text);
+            } else if let Some(c) = StreamCondition::from_name(&child.name) {
+                condition = c;
+            }
+        }
+    }
+    StreamFailure::PeerError { condition, text }
+}
+
+/// A direct child of a top-level element: namespace, name, text content, attributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Child {
+    /// Resolved namespace.
+    pub ns: String,
+    /// Local name.
+    pub name: String,
+    /// Concatenated text of the child and its descendants.
+    pub text: String,
+    /// Its unprefixed attributes.
+    pub attrs: Vec<(String, String)>,
+    /// Its own direct children (names only).
+    pub children: Vec<(String, String)>,
+}
+
+/// The direct children of an element (which was validated by the framer, so parse
+/// errors cannot happen; if they did, the children seen so far are returned).
+pub fn children(el: &Element) -> Vec<Child> {
+    let mut reader = NsReader::from_str(el.as_str());
+    let mut out: Vec<Child> = Vec::new();
+    let mut depth = 0usize;
+    loop {
+        let Ok((ns, ev)) = reader.read_resolved_event() else {
+            break;
+        };
+        let ns = match ns {
+            quick_xml::name::ResolveResult::Bound(n) => n.0.to_string(),
+            // The element's own default namespace comes from the stream (jabber:server).
+            _ => crate::xml::NS_SERVER.to_string(),
+        };
+        let empty = matches!(ev, XEvent::Empty(_));
+        match ev {
+            XEvent::Start(s) | XEvent::Empty(s) => {
+                if depth == 1 {
+                    let attrs = s
+                        .attributes()
+                        .flatten()
+                        .filter(|a| a.key.as_namespace_binding().is_none() && !a.key.0.contains(':'))
+                        .map(|a| {
+                            (
+                                a.key.0.to_string(),
+                                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                                    .map(|v| v.into_owned())
+                                    .unwrap_or_default(),
+                            )
+                        })
+                        .collect();
+                    out.push(Child {
+                        ns,
+                        name: s.local_name().into_inner().to_string(),
+                        attrs,
+                        ..Child::default()
+                    });
+                } else if depth == 2
+                    && let Some(c) = out.last_mut()
+                {
+                    c.children
+                        .push((ns, s.local_name().into_inner().to_string()));
+                }
+                if !empty {
+                    depth += 1;
+                }
+            }
+            XEvent::End(_) => depth = depth.saturating_sub(1),
+            XEvent::Text(t) if depth >= 2 => {
+                if let Some(c) = out.last_mut() {
+                    c.text.push_str(&t.xml10_content());
+                }
+            }
+            XEvent::CData(t) if depth >= 2 => {
+                if let Some(c) = out.last_mut() {
+                    c.text.push_str(&t.xml10_content());
+                }
+            }
+            XEvent::GeneralRef(r) if depth >= 2 => {
+                if let Some(c) = out.last_mut() {
+                    let s = match r.resolve_char_ref() {
+                        Ok(Some(ch)) => ch.to_string(),
+                        _ => quick_xml::escape::resolve_predefined_entity(&r.into_inner())
+                            .unwrap_or("")
+                            .to_string(),
+                    };
+                    c.text.push_str(&s);
+                }
+            }
+            XEvent::Eof => break,
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xml::framer::parse_element;
+
+    #[test]
+    fn children_of_features() {
+        let el = parse_element(
+            b"<stream:features xmlns:stream='http://etherx.jabber.org/streams'>\
+              <mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>EXTERNAL</mechanism>\
+              <mechanism>PLAIN</mechanism></mechanisms>\
+              <starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>",
+        )
+        .unwrap();
+        let c = children(&el);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].name, "mechanisms");
+        assert_eq!(c[0].text, "EXTERNALPLAIN");
+        assert_eq!(c[1].ns, crate::xml::NS_TLS);
+        assert_eq!(c[1].children, vec![(crate::xml::NS_TLS.to_string(), "required".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn peer_stream_error_is_reported() {
+        let (a, mut b) = tokio::io::duplex(4096);
+        let mut xs = XmlStream::new(a, Limits::default());
+        b.write_all(
+            b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>\
+              <stream:error><host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
+              <text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>nope &amp; no</text></stream:error>",
+        )
+        .await
+        .unwrap();
+        assert!(matches!(xs.next().await, Ok(Event::Header(_))));
+        match xs.next().await {
+            Err(StreamFailure::PeerError { condition, text }) => {
+                assert_eq!(condition, StreamCondition::HostUnknown);
+                assert_eq!(text.as_deref(), Some("nope & no"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
