@@ -1,1 +1,162 @@
-fn main() {}
+#![forbid(unsafe_code)]
+//! The `xmpp-federator` command: `serve`, `validate`, `check`, `load`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use xmpp_federator::config::Config;
+
+/// sysexits' EX_USAGE: the configuration is bad.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(version, about = "XMPP server-to-server federation for a chat backend's domain")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (embedded defaults without --config: localhost, dev certificate).
+    Serve {
+        /// TOML configuration file.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and exit (status 64 if it is bad).
+    Validate {
+        /// TOML configuration file.
+        config: PathBuf,
+    },
+    /// Connect to a remote domain as we would and print every step, then ping it.
+    Check {
+        /// The remote XMPP domain.
+        domain: String,
+        /// TOML configuration file (our domain, certificates, DNS).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Which hosted domain to connect as (default: the first).
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Load-test an s2s target with pipelined XEP-0199 pings (plays a remote server).
+    Load(xmpp_federator::load::LoadArgs),
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
+    match path {
+        None => Ok(Config::default()),
+        Some(p) => Config::load(p).map_err(|e| {
+            eprintln!("error: {}: {e}", p.display());
+            ExitCode::from(EXIT_CONFIG)
+        }),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("XMPP_FEDERATOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Validate { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} domain(s): {})",
+                    config.display(),
+                    c.domains.len(),
+                    c.domains.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", config.display());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match load_config(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing();
+            match rt.block_on(xmpp_federator::server::run(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check {
+            domain,
+            config,
+            from,
+        } => {
+            let config = match load_config(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if std::env::var_os("XMPP_FEDERATOR_LOG").is_some() {
+                init_tracing();
+            }
+            let r = rt.block_on(async {
+                xmpp_federator::check::run(config, &domain, from.as_deref(), &mut |l| {
+                    println!("{l}")
+                })
+                .await
+                .context("check failed")
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    println!("FAILED: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Load(args) => {
+            if std::env::var_os("XMPP_FEDERATOR_LOG").is_some() {
+                init_tracing();
+            }
+            match rt.block_on(xmpp_federator::load::run(args)) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

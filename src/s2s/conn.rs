@@ -365,6 +365,31 @@ pub fn children(el: &Element) -> Vec<Child> {
     out
 }
 
+/// The text directly inside an element (e.g. a SASL payload).
+pub fn text_of(el: &Element) -> String {
+    let mut reader = quick_xml::reader::Reader::from_str(el.as_str());
+    let mut depth = 0usize;
+    let mut out = String::new();
+    while let Ok(ev) = reader.read_event() {
+        match ev {
+            XEvent::Start(_) => depth += 1,
+            XEvent::End(_) => depth = depth.saturating_sub(1),
+            XEvent::Text(t) if depth == 1 => out.push_str(&t.xml10_content()),
+            XEvent::CData(t) if depth == 1 => out.push_str(&t.xml10_content()),
+            XEvent::GeneralRef(r) if depth == 1 => {
+                if let Ok(Some(c)) = r.resolve_char_ref() {
+                    out.push(c);
+                } else if let Some(s) = quick_xml::escape::resolve_predefined_entity(&r.into_inner()) {
+                    out.push_str(s);
+                }
+            }
+            XEvent::Eof => break,
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

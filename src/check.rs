@@ -1,0 +1,137 @@
+//! `check DOMAIN`: connect to a remote server exactly as the server would and say
+//! what happens at each step (DNS, TCP, TLS and the certificate chain, features,
+//! SASL EXTERNAL, then an XEP-0199 ping and its round-trip time).
+//!
+//! The pong comes back over the *remote's* stream to us (s2s streams are
+//! unidirectional), so `check` listens on the configured addresses for the
+//! duration. If they are taken (the server is running), the ping is still sent
+//! and its answer goes to the running server; the round trip is then not measured.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::s2s::conn::new_id;
+use crate::s2s::outbound::{self, ConnectError};
+use crate::server::{Server, StartError};
+use crate::stanza::Stanza;
+
+/// Why a check failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// Setting up (certificates, DNS).
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// `--from` is not hosted.
+    #[error("{0} is not a hosted domain in the configuration")]
+    NotHosted(String),
+    /// The outbound stream could not be established.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The ping failed.
+    #[error("ping: {0}")]
+    Ping(String),
+}
+
+/// Run the check; every step is passed to `out` as a line.
+pub async fn run(
+    config: Config,
+    remote: &str,
+    from: Option<&str>,
+    out: &mut (dyn FnMut(String) + Send),
+) -> Result<(), CheckError> {
+    let remote = remote.trim_end_matches('.').to_ascii_lowercase();
+    let local = match from {
+        Some(f) => config
+            .domains
+            .iter()
+            .find(|d| d.eq_ignore_ascii_case(f))
+            .cloned()
+            .ok_or_else(|| CheckError::NotHosted(f.to_string()))?,
+        None => config.domains[0].clone(),
+    };
+    out(format!("checking s2s from {local} to {remote}"));
+    let server = Server::new(config)?;
+    if server.tls.generated {
+        out("note: no certificate configured; using a generated self-signed one, which peers will refuse".into());
+    }
+    if !server.policy.allows(&remote) {
+        out(format!("note: the federation policy refuses {remote}; the server would not connect"));
+    }
+    let can_receive = match server.bind().await {
+        Ok(mut l) => {
+            out(format!(
+                "listening for the answer on {:?} (STARTTLS) {:?} (direct TLS)",
+                l.starttls, l.direct_tls
+            ));
+            server.spawn_accept_loops(&mut l);
+            true
+        }
+        Err(e) => {
+            out(format!("note: {e}; the pong will go to the running server and the round trip is not measured"));
+            false
+        }
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    *server.iq_results.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    let result = ping(&server, &local, &remote, can_receive, &mut rx, out).await;
+    server.shutdown.cancel();
+    server.tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), server.tracker.wait()).await;
+    result
+}
+
+async fn ping(
+    server: &Arc<Server>,
+    local: &str,
+    remote: &str,
+    can_receive: bool,
+    rx: &mut mpsc::Receiver<Stanza>,
+    out: &mut (dyn FnMut(String) + Send),
+) -> Result<(), CheckError> {
+    let t0 = Instant::now();
+    let mut conn = outbound::connect(server, local, remote, out).await?;
+    out(format!(
+        "outbound stream to {remote} authenticated in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    ));
+    let id = format!("check-{}", new_id());
+    let iq = Stanza::iq("get", local, remote, &id, "<ping xmlns='urn:xmpp:ping'/>");
+    let sent = Instant::now();
+    conn.xs
+        .send(&iq.raw)
+        .await
+        .map_err(|e| CheckError::Ping(e.to_string()))?;
+    if !can_receive {
+        out("ping sent".into());
+        conn.xs.close().await;
+        return Ok(());
+    }
+    out("ping sent; waiting for the pong on the peer's stream to us".into());
+    let deadline = sent + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(s)) if s.id.as_deref() == Some(id.as_str()) => {
+                let rtt = sent.elapsed().as_secs_f64() * 1000.0;
+                conn.xs.close().await;
+                if s.is_error() {
+                    return Err(CheckError::Ping(format!("error reply: {}", s.as_str())));
+                }
+                out(format!("pong from {remote}: round trip {rtt:.1} ms (includes the peer connecting back to us)"));
+                out("OK".into());
+                return Ok(());
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => {
+                conn.xs.close().await;
+                return Err(CheckError::Ping(
+                    "no pong within 20 s (can the peer resolve and authenticate us?)".into(),
+                ));
+            }
+        }
+    }
+}

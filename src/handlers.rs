@@ -1,0 +1,137 @@
+//! Stanzas for hosted domains: built-in server handlers.
+//!
+//! - XEP-0199 ping, XEP-0030 disco#info/#items, XEP-0092 version for the domain;
+//! - `service-unavailable` for any other iq get/set (RFC 6120 §8.4);
+//! - stanzas to users: no user directory exists yet, so every user is unknown:
+//!   messages and iqs get `service-unavailable`, presence is dropped silently
+//!   (RFC 6121 §8.5.2.2.1/§8.5.2.2.3, which do not leak user existence).
+
+use std::sync::Arc;
+
+use crate::router::{bounce, route};
+use crate::s2s::conn::children;
+use crate::server::Server;
+use crate::stanza::{Kind, Stanza, StanzaCondition, local_of};
+use crate::xml::writer::escape;
+
+/// XEP-0199.
+pub const NS_PING: &str = "urn:xmpp:ping";
+/// XEP-0030.
+pub const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+/// XEP-0030.
+pub const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+/// XEP-0092.
+pub const NS_VERSION: &str = "jabber:iq:version";
+
+/// Features announced in disco#info for a hosted domain.
+pub const DOMAIN_FEATURES: &[&str] = &[NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION];
+
+/// Deliver a stanza addressed to a hosted domain (or a user of it).
+pub fn deliver_local(server: &Arc<Server>, stanza: Stanza) {
+    let to = stanza.to.as_deref().unwrap_or_default();
+    if local_of(to).is_some() {
+        return deliver_to_user(server, stanza);
+    }
+    match stanza.kind {
+        Kind::Iq => domain_iq(server, stanza),
+        // Messages and presence to the server itself carry nothing we act on.
+        Kind::Message | Kind::Presence => {
+            if stanza.is_error() {
+                tracing::info!(stanza = stanza.as_str(), "error stanza for the server");
+            }
+        }
+    }
+}
+
+fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
+    match stanza.kind {
+        Kind::Presence => {}
+        Kind::Message | Kind::Iq => {
+            if matches!(stanza.type_.as_deref(), Some("result")) {
+                return;
+            }
+            bounce(
+                server,
+                &stanza,
+                StanzaCondition::ServiceUnavailable,
+                "no such user",
+            )
+        }
+    }
+}
+
+fn domain_iq(server: &Arc<Server>, stanza: Stanza) {
+    let type_ = stanza.type_.as_deref().unwrap_or("");
+    match type_ {
+        "get" | "set" => {}
+        "result" | "error" => {
+            let hook = server
+                .iq_results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(tx) = hook {
+                let _ = tx.try_send(stanza);
+            }
+            return;
+        }
+        _ => return bounce(server, &stanza, StanzaCondition::BadRequest, "bad iq type"),
+    }
+    if stanza.id.is_none() {
+        return bounce(server, &stanza, StanzaCondition::BadRequest, "iq without id");
+    }
+    let Some((ns, name)) = stanza.payload.clone() else {
+        return bounce(server, &stanza, StanzaCondition::BadRequest, "iq without payload");
+    };
+    let reply = match (type_, ns.as_str(), name.as_str()) {
+        ("get", NS_PING, "ping") => Stanza::iq_result(&stanza, ""),
+        ("get", NS_DISCO_INFO, "query") => {
+            if query_node(&stanza).is_some() {
+                return bounce(server, &stanza, StanzaCondition::ItemNotFound, "no such node");
+            }
+            Stanza::iq_result(&stanza, &disco_info())
+        }
+        ("get", NS_DISCO_ITEMS, "query") => {
+            if query_node(&stanza).is_some() {
+                return bounce(server, &stanza, StanzaCondition::ItemNotFound, "no such node");
+            }
+            Stanza::iq_result(&stanza, &format!("<query xmlns='{NS_DISCO_ITEMS}'/>"))
+        }
+        ("get", NS_VERSION, "query") => Stanza::iq_result(
+            &stanza,
+            &format!(
+                "<query xmlns='{NS_VERSION}'><name>xmpp-federator</name><version>{}</version></query>",
+                escape(env!("CARGO_PKG_VERSION"))
+            ),
+        ),
+        _ => {
+            return bounce(
+                server,
+                &stanza,
+                StanzaCondition::ServiceUnavailable,
+                "not supported",
+            );
+        }
+    };
+    route(server, reply);
+}
+
+fn query_node(stanza: &Stanza) -> Option<String> {
+    let el = crate::xml::framer::parse_element(&stanza.raw).ok()?;
+    children(&el)
+        .into_iter()
+        .next()
+        .and_then(|c| c.attrs.into_iter().find(|(k, _)| k == "node"))
+        .map(|(_, v)| v)
+}
+
+fn disco_info() -> String {
+    let mut s = format!(
+        "<query xmlns='{NS_DISCO_INFO}'><identity category='server' type='im' name='xmpp-federator'/>"
+    );
+    for f in DOMAIN_FEATURES {
+        s.push_str(&format!("<feature var='{f}'/>"));
+    }
+    s.push_str("</query>");
+    s
+}

@@ -1,0 +1,239 @@
+//! `load`: plays a remote server against any s2s target and measures XEP-0199 ping
+//! round trips with a window of outstanding pings.
+//!
+//! It opens an authenticated outbound stream to the target (as the configured
+//! domain), accepts the target's stream back (the pongs arrive there), keeps
+//! `window` pings in flight, and reports round trips per second and p50/p99
+//! latency, plus the driver's own CPU time so its cost can be told apart.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::s2s::outbound;
+use crate::server::Server;
+
+/// Command-line arguments of `load`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Configuration of the driver (its domain, certificate, listener, DNS).
+    #[arg(short, long)]
+    pub config: PathBuf,
+    /// The domain to load.
+    #[arg(long)]
+    pub target: String,
+    /// Round trips to measure.
+    #[arg(short = 'n', long, default_value_t = 200_000)]
+    pub count: u64,
+    /// Pings outstanding at once.
+    #[arg(short, long, default_value_t = 1000)]
+    pub window: u64,
+    /// Round trips before measuring starts (warm-up).
+    #[arg(long, default_value_t = 20_000)]
+    pub warmup: u64,
+}
+
+/// The result of a load run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Target domain.
+    pub target: String,
+    /// Round trips measured.
+    pub count: u64,
+    /// Window.
+    pub window: u64,
+    /// Wall time of the measured part.
+    pub elapsed: Duration,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// CPU time the driver process used during the measured part.
+    pub driver_cpu: Duration,
+    /// Error replies received.
+    pub errors: u64,
+}
+
+impl Report {
+    /// Round trips per second.
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "target={} n={} window={} elapsed={:.2}s rate={:.0}/s p50={:.2}ms p99={:.2}ms driver_cpu={:.0}% errors={}",
+            self.target,
+            self.count,
+            self.window,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            100.0 * self.driver_cpu.as_secs_f64() / self.elapsed.as_secs_f64(),
+            self.errors
+        )
+    }
+}
+
+/// Errors of a load run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Could not start.
+    #[error(transparent)]
+    Start(#[from] crate::server::StartError),
+    /// Could not connect to the target.
+    #[error(transparent)]
+    Connect(#[from] outbound::ConnectError),
+    /// The run stalled or the stream broke.
+    #[error("{0}")]
+    Run(String),
+}
+
+/// CPU time (user + system) of this process, from /proc (Linux).
+fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command: utime is the 14th field overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Run the load with the driver's config read from `args.config`.
+pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
+    let config = Config::load(&args.config)?;
+    run_with(config, &args.target, args.count, args.window, args.warmup).await
+}
+
+/// Run the load with a config in hand.
+pub async fn run_with(
+    config: Config,
+    target: &str,
+    count: u64,
+    window: u64,
+    warmup: u64,
+) -> Result<Report, LoadError> {
+    let local = config.domains[0].clone();
+    let server = Server::new(config)?;
+    let mut listeners = server.bind().await?;
+    server.spawn_accept_loops(&mut listeners);
+    let (tx, mut rx) = mpsc::channel((window as usize * 2).max(1024));
+    *server.iq_results.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    let result = drive(&server, &local, target, count, window, warmup, &mut rx).await;
+    server.shutdown.cancel();
+    server.tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), server.tracker.wait()).await;
+    result
+}
+
+async fn drive(
+    server: &std::sync::Arc<Server>,
+    local: &str,
+    target: &str,
+    count: u64,
+    window: u64,
+    warmup: u64,
+    rx: &mut mpsc::Receiver<crate::stanza::Stanza>,
+) -> Result<Report, LoadError> {
+    let conn = outbound::connect(server, local, target, &mut |l| tracing::debug!("{l}")).await?;
+    let (io, _framer) = conn.xs.into_parts();
+    let (_rd, mut wr) = tokio::io::split(io);
+    let total = count + warmup;
+    let mut sent_at: Vec<Instant> = Vec::with_capacity(total as usize);
+    let mut latencies: Vec<u32> = Vec::with_capacity(count as usize);
+    let (mut sent, mut received, mut errors) = (0u64, 0u64, 0u64);
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut measure_start = (Instant::now(), process_cpu());
+    while received < total {
+        if sent < total && sent - received < window {
+            buf.clear();
+            let now = Instant::now();
+            while sent < total && sent - received < window {
+                buf.extend_from_slice(
+                    format!(
+                        "<iq type='get' from='{local}' to='{target}' id='l{sent}'><ping xmlns='urn:xmpp:ping'/></iq>"
+                    )
+                    .as_bytes(),
+                );
+                sent_at.push(now);
+                sent += 1;
+            }
+            wr.write_all(&buf)
+                .await
+                .map_err(|e| LoadError::Run(format!("write: {e}")))?;
+            wr.flush()
+                .await
+                .map_err(|e| LoadError::Run(format!("write: {e}")))?;
+        }
+        let s = match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(LoadError::Run("driver stopped".into())),
+            Err(_) => {
+                return Err(LoadError::Run(format!(
+                    "stalled: {received} of {total} pongs after 20 s without progress"
+                )));
+            }
+        };
+        let mut handle = |s: crate::stanza::Stanza| {
+            let Some(n) = s
+                .id
+                .as_deref()
+                .and_then(|i| i.strip_prefix('l'))
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                return;
+            };
+            if n >= sent_at.len() {
+                return;
+            }
+            if s.is_error() {
+                errors += 1;
+            }
+            received += 1;
+            if received == warmup {
+                measure_start = (Instant::now(), process_cpu());
+            }
+            if n as u64 >= warmup {
+                latencies.push(sent_at[n].elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+        };
+        handle(s);
+        while let Ok(s) = rx.try_recv() {
+            handle(s);
+        }
+    }
+    let elapsed = measure_start.0.elapsed();
+    let driver_cpu = process_cpu().saturating_sub(measure_start.1);
+    let _ = wr.write_all(b"</stream:stream>").await;
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        Duration::from_micros(latencies.get(i).copied().unwrap_or(0) as u64)
+    };
+    Ok(Report {
+        target: target.to_string(),
+        count,
+        window,
+        elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        driver_cpu,
+        errors,
+    })
+}

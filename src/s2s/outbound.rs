@@ -1,0 +1,585 @@
+//! Outbound s2s: connecting as the initiating entity, and one session per
+//! (local domain, remote domain) that queues, writes, keeps alive and reconnects.
+//!
+//! [`connect`] resolves the domain (overrides, SRV, fallback), connects, negotiates
+//! STARTTLS or direct TLS (XEP-0368), verifies the peer certificate for the *XMPP
+//! domain* (not the SRV target: RFC 6120 §13.7.2.1), presents our certificate,
+//! and authenticates with SASL EXTERNAL (XEP-0178). The session task owns a bounded
+//! queue: stanzas wait there while it connects, are written in batches (one flush
+//! per batch), and are bounced with `remote-server-not-found` or
+//! `remote-server-timeout` when the domain cannot be reached within the retry
+//! window. A full queue bounces new stanzas with `resource-constraint`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngExt;
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tracing::Instrument;
+
+use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
+use super::resolve::{Endpoint, ResolveError};
+use crate::router::bounce;
+use crate::server::Server;
+use crate::stanza::{Stanza, StanzaCondition};
+use crate::xml::{Event, NS_SASL, NS_STREAM, NS_TLS};
+
+/// TLS-wrapped outbound transport.
+pub type TlsOut = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Why an outbound stream could not be established.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// DNS found nothing usable.
+    #[error("DNS: {0}")]
+    Resolve(#[from] ResolveError),
+    /// No endpoint accepted a TCP connection.
+    #[error("cannot connect: {0}")]
+    Unreachable(String),
+    /// Connecting or negotiating took too long.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// TLS failed (including an untrusted or mismatched certificate).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// SASL EXTERNAL was not offered or failed.
+    #[error("authentication: {0}")]
+    Auth(String),
+    /// The peer broke the protocol or closed the stream.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// No certificate for the local domain.
+    #[error("no client certificate for {0}")]
+    NoCertificate(String),
+}
+
+impl ConnectError {
+    /// The stanza error to bounce queued stanzas with (RFC 6120 §8.3.3.16-17).
+    pub fn condition(&self) -> StanzaCondition {
+        match self {
+            ConnectError::Timeout(_) | ConnectError::Resolve(ResolveError::Timeout(_)) => {
+                StanzaCondition::RemoteServerTimeout
+            }
+            _ => StanzaCondition::RemoteServerNotFound,
+        }
+    }
+}
+
+fn stream_err(e: StreamFailure) -> ConnectError {
+    match e {
+        StreamFailure::Timeout => ConnectError::Timeout("negotiation".into()),
+        StreamFailure::PeerError { condition, text } => ConnectError::Stream(format!(
+            "peer sent stream error {condition}{}",
+            text.map(|t| format!(": {t}")).unwrap_or_default()
+        )),
+        other => ConnectError::Stream(other.to_string()),
+    }
+}
+
+/// An established, authenticated outbound stream.
+#[derive(Debug)]
+pub struct Connected {
+    /// The stream after the last restart.
+    pub xs: XmlStream<TlsOut>,
+    /// Where we connected.
+    pub endpoint: Endpoint,
+}
+
+/// Describe a peer certificate chain for humans (`check`).
+fn describe_chain(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    certs
+        .iter()
+        .enumerate()
+        .map(|(i, der)| match X509Certificate::from_der(der) {
+            Ok((_, c)) => {
+                let names = super::tls::CertNames::from_der(der).unwrap_or_default();
+                format!(
+                    "  [{i}] subject: {}; issuer: {}; valid {} .. {}; names: {}",
+                    c.subject(),
+                    c.issuer(),
+                    c.validity().not_before,
+                    c.validity().not_after,
+                    names
+                        .dns
+                        .iter()
+                        .chain(&names.xmpp_addr)
+                        .chain(&names.srv)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+            Err(e) => format!("  [{i}] unparsable certificate: {e}"),
+        })
+        .collect()
+}
+
+/// Resolve, connect and authenticate to `remote` as `local`. `log` gets one line per step.
+pub async fn connect(
+    server: &Server,
+    local: &str,
+    remote: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<Connected, ConnectError> {
+    let endpoints = server.resolver.resolve(remote, log).await?;
+    let mut last = ConnectError::Unreachable(format!("no endpoint for {remote}"));
+    for ep in endpoints {
+        log(format!(
+            "connecting to {} ({}) {}",
+            ep.addr,
+            ep.host,
+            if ep.direct_tls { "direct TLS" } else { "STARTTLS" }
+        ));
+        let t0 = Instant::now();
+        let tcp = match tokio::time::timeout(
+            server.config.timeouts.connect(),
+            TcpStream::connect(ep.addr),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                log(format!("  TCP: {e}"));
+                last = ConnectError::Unreachable(format!("{}: {e}", ep.addr));
+                continue;
+            }
+            Err(_) => {
+                log("  TCP: timed out".into());
+                last = ConnectError::Timeout(format!("TCP connect to {}", ep.addr));
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        log(format!("  TCP connected in {:.1} ms", ms(t0.elapsed())));
+        let deadline = Instant::now() + server.config.timeouts.negotiation();
+        match tokio::time::timeout_at(deadline, negotiate(server, tcp, &ep, local, remote, log))
+            .await
+        {
+            Ok(Ok(xs)) => return Ok(Connected { xs, endpoint: ep }),
+            Ok(Err(e)) => {
+                log(format!("  failed: {e}"));
+                last = e;
+            }
+            Err(_) => {
+                log("  negotiation timed out".into());
+                last = ConnectError::Timeout(format!("negotiation with {}", ep.addr));
+            }
+        }
+    }
+    Err(last)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn negotiate(
+    server: &Server,
+    tcp: TcpStream,
+    ep: &Endpoint,
+    local: &str,
+    remote: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<XmlStream<TlsOut>, ConnectError> {
+    let (starttls_cfg, direct_cfg) = server
+        .tls
+        .clients
+        .get(local)
+        .cloned()
+        .ok_or_else(|| ConnectError::NoCertificate(local.to_string()))?;
+    let name = ServerName::try_from(remote.to_string())
+        .map_err(|e| ConnectError::Tls(format!("bad server name {remote}: {e}")))?;
+    let pre = server.config.framer_limits(false);
+    let header = header_xml(local, Some(remote), None);
+    let tcp = if ep.direct_tls {
+        tcp
+    } else {
+        let mut xs = XmlStream::new(tcp, pre);
+        xs.send_header(&header)
+            .await
+            .map_err(|e| ConnectError::Stream(e.to_string()))?;
+        let h = xs.next_header().await.map_err(stream_err)?;
+        if h.version.as_deref() != Some("1.0") {
+            return Err(ConnectError::Stream(format!(
+                "peer stream version {:?}",
+                h.version
+            )));
+        }
+        let features = xs.next_element().await.map_err(stream_err)?;
+        let kids = feature_children(&features)?;
+        log(format!("  features: {}", summarize(&kids)));
+        if !kids.iter().any(|c| c.ns == NS_TLS && c.name == "starttls") {
+            return Err(ConnectError::Tls("peer does not offer STARTTLS".into()));
+        }
+        xs.send(format!("<starttls xmlns='{NS_TLS}'/>").as_bytes())
+            .await
+            .map_err(|e| ConnectError::Stream(e.to_string()))?;
+        let el = xs.next_element().await.map_err(stream_err)?;
+        if !el.is("proceed", NS_TLS) {
+            return Err(ConnectError::Tls(format!("peer answered STARTTLS with <{}>", el.name)));
+        }
+        xs.into_inner().map_err(stream_err)?
+    };
+    let cfg = if ep.direct_tls { direct_cfg } else { starttls_cfg };
+    let t0 = Instant::now();
+    let tls = TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    {
+        let conn = tls.get_ref().1;
+        log(format!(
+            "  TLS {:?} {:?} in {:.1} ms, ALPN {:?}; certificate verified for {remote}",
+            conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+            conn.negotiated_cipher_suite().map(|s| s.suite()),
+            ms(t0.elapsed()),
+            conn.alpn_protocol().map(String::from_utf8_lossy),
+        ));
+        for line in describe_chain(conn.peer_certificates().unwrap_or_default()) {
+            log(line);
+        }
+    }
+    let mut xs = XmlStream::new(tls, pre);
+    xs.send_header(&header)
+        .await
+        .map_err(|e| ConnectError::Stream(e.to_string()))?;
+    xs.next_header().await.map_err(stream_err)?;
+    let features = xs.next_element().await.map_err(stream_err)?;
+    let kids = feature_children(&features)?;
+    log(format!("  features after TLS: {}", summarize(&kids)));
+    let external = kids
+        .iter()
+        .any(|c| c.ns == NS_SASL && c.name == "mechanisms" && c.text.contains("EXTERNAL"));
+    if !external {
+        return Err(ConnectError::Auth(format!(
+            "peer does not offer SASL EXTERNAL for {local} (features: {})",
+            summarize(&kids)
+        )));
+    }
+    let t0 = Instant::now();
+    xs.send(format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>").as_bytes())
+        .await
+        .map_err(|e| ConnectError::Stream(e.to_string()))?;
+    let el = xs.next_element().await.map_err(stream_err)?;
+    if !el.is("success", NS_SASL) {
+        let why = children(&el)
+            .into_iter()
+            .map(|c| if c.text.is_empty() { c.name } else { format!("{} ({})", c.name, c.text) })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ConnectError::Auth(format!("SASL EXTERNAL refused: {why}")));
+    }
+    log(format!("  SASL EXTERNAL succeeded in {:.1} ms", ms(t0.elapsed())));
+    xs.restart(pre);
+    xs.send_header(&header)
+        .await
+        .map_err(|e| ConnectError::Stream(e.to_string()))?;
+    xs.next_header().await.map_err(stream_err)?;
+    let features = xs.next_element().await.map_err(stream_err)?;
+    let kids = feature_children(&features)?;
+    log(format!("  features after authentication: {}", summarize(&kids)));
+    Ok(xs)
+}
+
+fn feature_children(el: &crate::xml::framer::Element) -> Result<Vec<Child>, ConnectError> {
+    if !el.is("features", NS_STREAM) {
+        return Err(ConnectError::Stream(format!(
+            "expected stream features, got <{}>",
+            el.name
+        )));
+    }
+    Ok(children(el))
+}
+
+fn summarize(kids: &[Child]) -> String {
+    if kids.is_empty() {
+        return "(none)".into();
+    }
+    kids.iter()
+        .map(|c| {
+            if c.name == "mechanisms" {
+                let mechs: Vec<String> = children_texts(c);
+                format!("mechanisms [{}]", mechs.join(" "))
+            } else {
+                format!("{{{}}}{}", c.ns, c.name)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn children_texts(c: &Child) -> Vec<String> {
+    // Mechanism names are upper-case letters, digits, '-' and '_' (RFC 4422 §3.1);
+    // split the concatenated text where a known name ends is unreliable, so use
+    // the count of <mechanism/> children only to say how many there are.
+    if c.children.len() <= 1 {
+        vec![c.text.clone()]
+    } else {
+        vec![format!("{} ({} mechanisms)", c.text, c.children.len())]
+    }
+}
+
+/// Handle to one session's queue.
+#[derive(Debug, Clone)]
+struct Handle {
+    id: u64,
+    tx: mpsc::Sender<Stanza>,
+}
+
+/// All outbound sessions.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<(String, String), Handle>>,
+    next_id: AtomicU64,
+}
+
+impl Sessions {
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn remove(&self, key: &(String, String), id: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(key).is_some_and(|h| h.id == id) {
+            map.remove(key);
+        }
+    }
+}
+
+/// Queue `stanza` for `remote`, starting a session if needed.
+pub fn send(server: &Arc<Server>, local: String, remote: String, stanza: Stanza) {
+    let key = (local, remote);
+    let mut stanza = stanza;
+    for _ in 0..3 {
+        let handle = {
+            let mut map = server.outbound.map.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&key) {
+                Some(h) => h.clone(),
+                None => {
+                    let (tx, rx) = mpsc::channel(server.config.limits.outbound_queue);
+                    let id = server.outbound.next_id.fetch_add(1, Ordering::Relaxed);
+                    let h = Handle { id, tx };
+                    map.insert(key.clone(), h.clone());
+                    let span = tracing::info_span!(
+                        "s2s",
+                        direction = "out",
+                        local = %key.0,
+                        peer.domain = %key.1
+                    );
+                    let s = server.clone();
+                    let k = key.clone();
+                    server
+                        .tracker
+                        .spawn(session(s, k, id, rx).instrument(span));
+                    h
+                }
+            }
+        };
+        match handle.tx.try_send(stanza) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(s)) => {
+                return bounce(
+                    server,
+                    &s,
+                    StanzaCondition::ResourceConstraint,
+                    "too many stanzas queued for this domain",
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(s)) => {
+                server.outbound.remove(&key, handle.id);
+                stanza = s;
+            }
+        }
+    }
+    bounce(
+        server,
+        &stanza,
+        StanzaCondition::InternalServerError,
+        "outbound session unavailable",
+    );
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 250u64.saturating_mul(1 << attempt.min(5)).min(5_000);
+    let jitter = rand::rng().random_range(0..=base / 2);
+    Duration::from_millis(base / 2 + jitter)
+}
+
+/// Bounce everything queued, after the session was removed from the map.
+fn bounce_all(
+    server: &Arc<Server>,
+    pending: &mut VecDeque<Stanza>,
+    rx: &mut mpsc::Receiver<Stanza>,
+    condition: StanzaCondition,
+    text: &str,
+) {
+    rx.close();
+    while let Ok(s) = rx.try_recv() {
+        pending.push_back(s);
+    }
+    for s in pending.drain(..) {
+        bounce(server, &s, condition, text);
+    }
+}
+
+async fn session(
+    server: Arc<Server>,
+    key: (String, String),
+    id: u64,
+    mut rx: mpsc::Receiver<Stanza>,
+) {
+    let (local, remote) = (key.0.clone(), key.1.clone());
+    // Stanzas taken off the queue but not yet written.
+    let mut pending: VecDeque<Stanza> = VecDeque::new();
+    let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    'connect: loop {
+        let window_start = Instant::now();
+        let mut attempt = 0u32;
+        let connected = loop {
+            let mut log = |line: String| tracing::debug!("{line}");
+            let r = tokio::select! {
+                r = connect(&server, &local, &remote, &mut log) => r,
+                _ = server.shutdown.cancelled() => {
+                    server.outbound.remove(&key, id);
+                    bounce_all(&server, &mut pending, &mut rx, StanzaCondition::RemoteServerTimeout, "server shutting down");
+                    return;
+                }
+            };
+            match r {
+                Ok(c) => break c,
+                Err(e) => {
+                    server.metrics.outbound_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(error = %e, attempt, "outbound connection failed");
+                    let wait = backoff(attempt);
+                    attempt += 1;
+                    if window_start.elapsed() + wait >= server.config.timeouts.retry_window() {
+                        server.outbound.remove(&key, id);
+                        let text = format!("cannot reach {remote}: {e}");
+                        bounce_all(&server, &mut pending, &mut rx, e.condition(), &text);
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = server.shutdown.cancelled() => {}
+                    }
+                }
+            }
+        };
+        server
+            .metrics
+            .outbound_established
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(endpoint = %connected.endpoint.addr, "outbound stream established");
+        let (io, mut framer) = connected.xs.into_parts();
+        let (mut rd, mut wr) = tokio::io::split(io);
+        // The peer sends nothing but whitespace on our stream; watch for its end.
+        let mut reader = tokio::spawn(async move {
+            loop {
+                match next_event(&mut rd, &mut framer).await {
+                    Ok(Event::Element(el)) => {
+                        tracing::debug!(element = %el.name, "ignoring element on outbound stream")
+                    }
+                    Ok(_) => {}
+                    Err(e) => return e,
+                }
+            }
+        });
+        let keepalive = server.config.timeouts.keepalive();
+        let idle = server.config.timeouts.idle();
+        let mut last_write = Instant::now();
+        let mut last_stanza = Instant::now();
+        loop {
+            if pending.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = server.shutdown.cancelled() => {
+                        let _ = wr.write_all(b"</stream:stream>").await;
+                        let _ = wr.shutdown().await;
+                        reader.abort();
+                        server.outbound.remove(&key, id);
+                        bounce_all(&server, &mut pending, &mut rx, StanzaCondition::RemoteServerTimeout, "server shutting down");
+                        return;
+                    }
+                    r = &mut reader => {
+                        let why = r.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
+                        tracing::info!(reason = %why, "outbound stream ended");
+                        if rx.is_empty() {
+                            server.outbound.remove(&key, id);
+                            // Anything that raced in is delivered by a new session.
+                            rx.close();
+                            while let Ok(s) = rx.try_recv() {
+                                send(&server, local.clone(), remote.clone(), s);
+                            }
+                            return;
+                        }
+                        continue 'connect;
+                    }
+                    m = rx.recv() => match m {
+                        Some(s) => pending.push_back(s),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(last_write + keepalive) => {
+                        if wr.write_all(b" ").await.and(wr.flush().await).is_err() {
+                            continue 'connect;
+                        }
+                        last_write = Instant::now();
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(last_stanza + idle) => {
+                        tracing::info!("closing idle outbound stream");
+                        server.outbound.remove(&key, id);
+                        let _ = wr.write_all(b"</stream:stream>").await;
+                        let _ = wr.shutdown().await;
+                        reader.abort();
+                        rx.close();
+                        while let Ok(s) = rx.try_recv() {
+                            send(&server, local.clone(), remote.clone(), s);
+                        }
+                        return;
+                    }
+                }
+            }
+            // Batch everything available into one write and one flush.
+            while let Ok(s) = rx.try_recv() {
+                pending.push_back(s);
+                if pending.len() >= 512 {
+                    break;
+                }
+            }
+            wbuf.clear();
+            for s in &pending {
+                wbuf.extend_from_slice(&s.raw);
+            }
+            let n = pending.len() as u64;
+            match wr.write_all(&wbuf).await.and(wr.flush().await) {
+                Ok(()) => {
+                    server.metrics.stanzas_out.fetch_add(n, Ordering::Relaxed);
+                    pending.clear();
+                    last_write = Instant::now();
+                    last_stanza = last_write;
+                }
+                Err(e) => {
+                    // Not known to be delivered: written again on the next stream.
+                    tracing::info!(error = %e, stanzas = n, "write failed; reconnecting");
+                    reader.abort();
+                    continue 'connect;
+                }
+            }
+        }
+    }
+}

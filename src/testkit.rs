@@ -1,0 +1,42 @@
+//! Support code for tests, benchmarks and the interop harness: test certificates
+//! (rcgen), an in-process loopback DNS responder, configs, and real Prosody and
+//! ejabberd processes that are stopped when dropped.
+//!
+//! It lives in the library (not `tests/`) so the `load` benchmarks in `examples/`
+//! can use the same harness as the tests.
+
+pub mod certs;
+pub mod dns;
+pub mod interop;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::config::{CertificateFiles, Config};
+
+/// A config for a test instance of ours hosting `domain`, listening on `ip` (port 0
+/// picks free ports), trusting only `ca`, with static DNS overrides.
+pub fn instance_config(
+    domain: &str,
+    starttls: SocketAddr,
+    direct_tls: Option<SocketAddr>,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Config {
+    let mut c = Config::default();
+    c.domains = vec![domain.to_string()];
+    c.listen.starttls = vec![starttls];
+    c.listen.direct_tls = direct_tls.into_iter().collect();
+    c.tls.certificates = vec![CertificateFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+    }];
+    c.tls.system_roots = false;
+    c.tls.ca_files = vec![ca.to_owned()];
+    c.timeouts.retry_window_secs = 3;
+    c.timeouts.connect_secs = 3;
+    c.timeouts.negotiation_secs = 10;
+    c.timeouts.shutdown_grace_secs = 2;
+    c
+}

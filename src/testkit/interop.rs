@@ -1,0 +1,1 @@
+//! Real Prosody and ejabberd on loopback (filled in below).
