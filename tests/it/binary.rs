@@ -1,0 +1,1 @@
+//! The real binary: `validate` exit codes, `serve` with a config on loopback.

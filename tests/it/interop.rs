@@ -1,0 +1,1 @@
+//! Real Prosody and ejabberd (filled in below).

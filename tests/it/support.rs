@@ -1,0 +1,104 @@
+//! Shared helpers: a loopback network of our instances with a test CA and DNS.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use xmpp_federator::config::Config;
+use xmpp_federator::server::{Running, start};
+use xmpp_federator::stanza::Stanza;
+use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::dns::DnsServer;
+use xmpp_federator::testkit::instance_config;
+
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub ca: TestCa,
+    pub ca_path: PathBuf,
+    pub dns: DnsServer,
+}
+
+impl Net {
+    pub async fn new() -> Net {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("Test CA");
+        let ca_path = ca.write_ca(dir.path());
+        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        Net {
+            dir,
+            ca,
+            ca_path,
+            dns,
+        }
+    }
+
+    /// A config for `domain` on `ip` with a certificate from our CA.
+    pub fn config(&self, domain: &str, ip: Ipv4Addr, eku: Eku) -> Config {
+        let files = self
+            .ca
+            .leaf(domain, eku, false)
+            .write(self.dir.path(), domain);
+        let mut c = instance_config(
+            domain,
+            SocketAddr::new(ip.into(), 0),
+            Some(SocketAddr::new(ip.into(), 0)),
+            &files.cert,
+            &files.key,
+            &self.ca_path,
+        );
+        c.dns.nameserver = Some(self.dns.addr);
+        c
+    }
+
+    /// Start an instance and publish its STARTTLS port in DNS.
+    pub async fn start(&self, config: Config) -> Running {
+        let domain = config.domains[0].clone();
+        let r = start(config).await.expect("instance starts");
+        let a = r.starttls[0];
+        let ip = match a.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            _ => unreachable!("tests use IPv4 loopback"),
+        };
+        self.dns.add(&domain, ip, Some(a.port()), None);
+        r
+    }
+}
+
+/// Capture iq results/errors addressed to the instance's domain.
+pub fn capture(r: &Running) -> mpsc::Receiver<Stanza> {
+    let (tx, rx) = mpsc::channel(1024);
+    *r.server.iq_results.lock().unwrap() = Some(tx);
+    rx
+}
+
+/// Send an iq get from `r`'s domain to `to` and wait for the answer with its id.
+pub async fn iq_round_trip(
+    r: &Running,
+    rx: &mut mpsc::Receiver<Stanza>,
+    to: &str,
+    payload: &str,
+) -> Stanza {
+    let id = format!("t{}", rand_id());
+    let from = r.server.config.domains[0].clone();
+    let iq = Stanza::iq("get", &from, to, &id, payload);
+    xmpp_federator::router::route(&r.server, iq);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("answer within 20 s")
+            .expect("channel open");
+        if s.id.as_deref() == Some(id.as_str()) {
+            return s;
+        }
+    }
+}
+
+pub fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub const PING: &str = "<ping xmlns='urn:xmpp:ping'/>";
