@@ -8,6 +8,7 @@
 pub mod certs;
 pub mod dns;
 pub mod interop;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::path::Path;

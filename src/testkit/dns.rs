@@ -127,12 +127,12 @@ fn answer(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
     let qtype = question.query_type();
     let zone = zone.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut rcode = ResponseCode::NXDomain;
-    let a = |ip: Ipv4Addr| Record::from_rdata(qname.clone(), 1, RData::A(A(ip)));
+    let a = |ip: Ipv4Addr| Record::from_rdata(qname.clone(), 0, RData::A(A(ip)));
     let srv = |port: u16, ip: Ipv4Addr| {
         let target = Name::from_ascii(format!("{ip}.")).ok()?;
         Some(Record::from_rdata(
             qname.clone(),
-            1,
+            0,
             RData::SRV(SRV::new(0, 0, port, target)),
         ))
     };

@@ -102,3 +102,13 @@ pub fn rand_id() -> u64 {
 }
 
 pub const PING: &str = "<ping xmlns='urn:xmpp:ping'/>";
+
+/// Log to the test output when XMPP_FEDERATOR_LOG is set (e.g. `debug`).
+pub fn init_log() {
+    if let Ok(f) = std::env::var("XMPP_FEDERATOR_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .with_test_writer()
+            .try_init();
+    }
+}
