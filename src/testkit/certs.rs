@@ -51,6 +51,18 @@ pub struct LeafFiles {
     pub combined: PathBuf,
 }
 
+/// Validity from a year ago to five years ahead, in whole years: rcgen's default
+/// (1975..4096) makes ejabberd 23.01's certificate code crash on the year 4096.
+fn validity(p: &mut CertificateParams) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let year = 1970 + (secs / 31_556_952) as i32;
+    p.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    p.not_after = rcgen::date_time_ymd(year + 5, 1, 1);
+}
+
 impl TestCa {
     /// A new CA named `name`.
     pub fn new(name: &str) -> TestCa {
@@ -59,6 +71,7 @@ impl TestCa {
         p.distinguished_name
             .push(DnType::OrganizationName, "xmpp-federator tests");
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        validity(&mut p);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().expect("key generation");
         let cert = p.self_signed(&key).expect("self-signing");
@@ -80,6 +93,7 @@ impl TestCa {
             )));
         }
         p.distinguished_name.push(DnType::CommonName, domain);
+        validity(&mut p);
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
