@@ -60,7 +60,9 @@ pub async fn run(
         out("note: no certificate configured; using a generated self-signed one, which peers will refuse".into());
     }
     if !server.policy.allows(&remote) {
-        out(format!("note: the federation policy refuses {remote}; the server would not connect"));
+        out(format!(
+            "note: the federation policy refuses {remote}; the server would not connect"
+        ));
     }
     let can_receive = match server.bind().await {
         Ok(mut l) => {
@@ -72,7 +74,9 @@ pub async fn run(
             true
         }
         Err(e) => {
-            out(format!("note: {e}; the pong will go to the running server and the round trip is not measured"));
+            out(format!(
+                "note: {e}; the pong will go to the running server and the round trip is not measured"
+            ));
             false
         }
     };
@@ -121,7 +125,9 @@ async fn ping(
                 if s.is_error() {
                     return Err(CheckError::Ping(format!("error reply: {}", s.as_str())));
                 }
-                out(format!("pong from {remote}: round trip {rtt:.1} ms (includes the peer connecting back to us)"));
+                out(format!(
+                    "pong from {remote}: round trip {rtt:.1} ms (includes the peer connecting back to us)"
+                ));
                 out("OK".into());
                 return Ok(());
             }

@@ -274,7 +274,9 @@ impl StaticTarget {
             Some(r) => (true, r),
             None => (false, s),
         };
-        rest.parse().ok().map(|addr| StaticTarget { addr, direct_tls })
+        rest.parse()
+            .ok()
+            .map(|addr| StaticTarget { addr, direct_tls })
     }
 }
 
@@ -312,14 +314,23 @@ impl Config {
         let norm = |field: String, list: &mut Vec<String>| -> Result<(), ConfigError> {
             for (i, d) in list.iter_mut().enumerate() {
                 *d = normalize_domain(d).ok_or_else(|| {
-                    invalid(format!("{field}[{i}]"), format!("`{d}` is not a valid domain"))
+                    invalid(
+                        format!("{field}[{i}]"),
+                        format!("`{d}` is not a valid domain"),
+                    )
                 })?;
             }
             Ok(())
         };
         norm("domains".into(), &mut self.domains)?;
-        norm("federation.allowlist".into(), &mut self.federation.allowlist)?;
-        norm("federation.blocklist".into(), &mut self.federation.blocklist)?;
+        norm(
+            "federation.allowlist".into(),
+            &mut self.federation.allowlist,
+        )?;
+        norm(
+            "federation.blocklist".into(),
+            &mut self.federation.blocklist,
+        )?;
         for d in &self.domains {
             if self.federation.blocklist.contains(d) || self.federation.allowlist.contains(d) {
                 return Err(invalid(
@@ -331,8 +342,8 @@ impl Config {
         let mut overrides = BTreeMap::new();
         for (domain, targets) in &self.dns.overrides {
             let field = format!("dns.overrides.\"{domain}\"");
-            let d = normalize_domain(domain)
-                .ok_or_else(|| invalid(&field, "not a valid domain"))?;
+            let d =
+                normalize_domain(domain).ok_or_else(|| invalid(&field, "not a valid domain"))?;
             if targets.is_empty() {
                 return Err(invalid(&field, "needs at least one target"));
             }
@@ -349,7 +360,11 @@ impl Config {
         self.dns.overrides = overrides;
         let l = &self.limits;
         for (field, v, min) in [
-            ("limits.max_stanza_bytes_unauthenticated", l.max_stanza_bytes_unauthenticated, 4096),
+            (
+                "limits.max_stanza_bytes_unauthenticated",
+                l.max_stanza_bytes_unauthenticated,
+                4096,
+            ),
             ("limits.max_stanza_bytes", l.max_stanza_bytes, 10_000),
             ("limits.max_depth", l.max_depth, 8),
             ("limits.max_attributes", l.max_attributes, 8),
@@ -422,17 +437,25 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = Config::from_toml("domains = ['a@b']").unwrap_err().to_string();
+        let e = Config::from_toml("domains = ['a@b']")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("domains[0]"), "{e}");
-        let e = Config::from_toml("[limits]\nmax_depth = 2").unwrap_err().to_string();
+        let e = Config::from_toml("[limits]\nmax_depth = 2")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("limits.max_depth"), "{e}");
         let e = Config::from_toml("[dns.overrides]\n'x.test' = ['nope']")
             .unwrap_err()
             .to_string();
         assert!(e.contains("dns.overrides"), "{e}");
-        let e = Config::from_toml("[federation]\nmood = 'open'").unwrap_err().to_string();
+        let e = Config::from_toml("[federation]\nmood = 'open'")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mood"), "{e}");
-        let e = Config::from_toml("[federation]\nmode = 'maybe'").unwrap_err().to_string();
+        let e = Config::from_toml("[federation]\nmode = 'maybe'")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mode"), "{e}");
     }
 

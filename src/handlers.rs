@@ -78,22 +78,42 @@ fn domain_iq(server: &Arc<Server>, stanza: Stanza) {
         _ => return bounce(server, &stanza, StanzaCondition::BadRequest, "bad iq type"),
     }
     if stanza.id.is_none() {
-        return bounce(server, &stanza, StanzaCondition::BadRequest, "iq without id");
+        return bounce(
+            server,
+            &stanza,
+            StanzaCondition::BadRequest,
+            "iq without id",
+        );
     }
     let Some((ns, name)) = stanza.payload.clone() else {
-        return bounce(server, &stanza, StanzaCondition::BadRequest, "iq without payload");
+        return bounce(
+            server,
+            &stanza,
+            StanzaCondition::BadRequest,
+            "iq without payload",
+        );
     };
     let reply = match (type_, ns.as_str(), name.as_str()) {
         ("get", NS_PING, "ping") => Stanza::iq_result(&stanza, ""),
         ("get", NS_DISCO_INFO, "query") => {
             if query_node(&stanza).is_some() {
-                return bounce(server, &stanza, StanzaCondition::ItemNotFound, "no such node");
+                return bounce(
+                    server,
+                    &stanza,
+                    StanzaCondition::ItemNotFound,
+                    "no such node",
+                );
             }
             Stanza::iq_result(&stanza, &disco_info())
         }
         ("get", NS_DISCO_ITEMS, "query") => {
             if query_node(&stanza).is_some() {
-                return bounce(server, &stanza, StanzaCondition::ItemNotFound, "no such node");
+                return bounce(
+                    server,
+                    &stanza,
+                    StanzaCondition::ItemNotFound,
+                    "no such node",
+                );
             }
             Stanza::iq_result(&stanza, &format!("<query xmlns='{NS_DISCO_ITEMS}'/>"))
         }

@@ -4,14 +4,14 @@
 //! # Layout
 //! - [`xml`]: sans-IO stream framer/validator and writing helpers (no I/O).
 //! - [`stanza`]: routed stanzas (raw bytes + routing header) and RFC 6120 error conditions.
-pub mod xml;
-pub mod stanza;
-pub mod config;
-pub mod s2s;
-pub mod policy;
-pub mod handlers;
-pub mod router;
-pub mod server;
 pub mod check;
+pub mod config;
+pub mod handlers;
 pub mod load;
+pub mod policy;
+pub mod router;
+pub mod s2s;
+pub mod server;
+pub mod stanza;
 pub mod testkit;
+pub mod xml;

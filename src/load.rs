@@ -191,11 +191,10 @@ async fn drive(
             }
         };
         let mut handle = |s: crate::stanza::Stanza| {
-            let Some(n) = s
-                .id
-                .as_deref()
-                .and_then(|i| i.strip_prefix('l'))
-                .and_then(|n| n.parse::<usize>().ok())
+            let Some(n) =
+                s.id.as_deref()
+                    .and_then(|i| i.strip_prefix('l'))
+                    .and_then(|n| n.parse::<usize>().ok())
             else {
                 return;
             };

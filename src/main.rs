@@ -12,7 +12,10 @@ use xmpp_federator::config::Config;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(version, about = "XMPP server-to-server federation for a chat backend's domain")]
+#[command(
+    version,
+    about = "XMPP server-to-server federation for a chat backend's domain"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

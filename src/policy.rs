@@ -64,7 +64,11 @@ mod tests {
         assert!(!open.allows("bad.test"));
         assert!(!open.allows("muc.bad.test"));
         assert!(open.allows("notbad.test"));
-        let allow = p(FederationMode::Allowlist, &["friend.test"], &["x.friend.test"]);
+        let allow = p(
+            FederationMode::Allowlist,
+            &["friend.test"],
+            &["x.friend.test"],
+        );
         assert!(allow.allows("friend.test"));
         assert!(allow.allows("conference.friend.test"));
         assert!(!allow.allows("x.friend.test"));

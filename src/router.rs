@@ -62,7 +62,10 @@ pub fn route(server: &Arc<Server>, stanza: Stanza) {
         .and_then(|d| server.hosted(d))
         .map(str::to_string);
     let Some(from_domain) = from_domain else {
-        tracing::warn!(stanza = stanza.as_str(), "dropping stanza not from a hosted domain");
+        tracing::warn!(
+            stanza = stanza.as_str(),
+            "dropping stanza not from a hosted domain"
+        );
         return;
     };
     if !server.policy.allows(&to_domain) {
@@ -80,7 +83,10 @@ pub fn route(server: &Arc<Server>, stanza: Stanza) {
 /// Answer a stanza with an error, unless it is itself an error.
 pub fn bounce(server: &Arc<Server>, stanza: &Stanza, condition: StanzaCondition, text: &str) {
     if let Some(reply) = stanza.error_reply(condition, Some(text)) {
-        server.metrics.stanzas_bounced.fetch_add(1, Ordering::Relaxed);
+        server
+            .metrics
+            .stanzas_bounced
+            .fetch_add(1, Ordering::Relaxed);
         route(server, reply);
     }
 }

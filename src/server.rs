@@ -70,13 +70,25 @@ impl Metrics {
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
-            ("xmpp_inbound_connections_total", l(&self.inbound_connections)),
-            ("xmpp_inbound_authenticated_total", l(&self.inbound_authenticated)),
-            ("xmpp_inbound_refused_caps_total", l(&self.inbound_refused_caps)),
+            (
+                "xmpp_inbound_connections_total",
+                l(&self.inbound_connections),
+            ),
+            (
+                "xmpp_inbound_authenticated_total",
+                l(&self.inbound_authenticated),
+            ),
+            (
+                "xmpp_inbound_refused_caps_total",
+                l(&self.inbound_refused_caps),
+            ),
             ("xmpp_stanzas_in_total", l(&self.stanzas_in)),
             ("xmpp_stanzas_out_total", l(&self.stanzas_out)),
             ("xmpp_stanzas_bounced_total", l(&self.stanzas_bounced)),
-            ("xmpp_outbound_established_total", l(&self.outbound_established)),
+            (
+                "xmpp_outbound_established_total",
+                l(&self.outbound_established),
+            ),
             ("xmpp_outbound_failures_total", l(&self.outbound_failures)),
         ]
     }
@@ -154,10 +166,12 @@ impl Server {
             (&self.config.listen.direct_tls, true),
         ] {
             for addr in addrs {
-                let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
                 let local = l.local_addr().map_err(|source| StartError::Bind {
                     addr: *addr,
                     source,
@@ -177,7 +191,8 @@ impl Server {
     pub fn spawn_accept_loops(self: &Arc<Self>, listeners: &mut Listeners) {
         for (l, direct) in listeners.listeners.drain(..) {
             let server = self.clone();
-            self.tracker.spawn(async move { server.accept_loop(l, direct).await });
+            self.tracker
+                .spawn(async move { server.accept_loop(l, direct).await });
         }
     }
 

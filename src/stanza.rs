@@ -215,7 +215,10 @@ mod tests {
 
     #[test]
     fn error_reply_swaps_and_keeps_id() {
-        let s = Stanza::parse("<message from='a@x.test' to='b@y.test' id='m&amp;1'><body>hi</body></message>").unwrap();
+        let s = Stanza::parse(
+            "<message from='a@x.test' to='b@y.test' id='m&amp;1'><body>hi</body></message>",
+        )
+        .unwrap();
         let e = s
             .error_reply(StanzaCondition::ServiceUnavailable, Some("no <such> user"))
             .unwrap();
@@ -224,8 +227,14 @@ mod tests {
         assert_eq!(back.from.as_deref(), Some("b@y.test"));
         assert_eq!(back.id.as_deref(), Some("m&1"));
         assert!(back.is_error());
-        assert!(e.as_str().contains("<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"));
+        assert!(
+            e.as_str()
+                .contains("<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>")
+        );
         assert!(e.as_str().contains("no &lt;such&gt; user"));
-        assert!(back.error_reply(StanzaCondition::BadRequest, None).is_none());
+        assert!(
+            back.error_reply(StanzaCondition::BadRequest, None)
+                .is_none()
+        );
     }
 }

@@ -25,8 +25,10 @@ pub fn instance_config(
     key: &Path,
     ca: &Path,
 ) -> Config {
-    let mut c = Config::default();
-    c.domains = vec![domain.to_string()];
+    let mut c = Config {
+        domains: vec![domain.to_string()],
+        ..Config::default()
+    };
     c.listen.starttls = vec![starttls];
     c.listen.direct_tls = direct_tls.into_iter().collect();
     c.tls.certificates = vec![CertificateFiles {

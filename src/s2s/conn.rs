@@ -122,7 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
     /// Next event; EOF and peer stream errors become failures.
     pub async fn next(&mut self) -> Result<Event, StreamFailure> {
         loop {
-            if let Some(ev) = self.framer.next()? {
+            if let Some(ev) = self.framer.next_event()? {
                 if let Event::Element(el) = &ev
                     && el.is("error", crate::xml::NS_STREAM)
                 {
@@ -241,7 +241,7 @@ pub async fn next_event<R: AsyncRead + Unpin>(
     framer: &mut Framer,
 ) -> Result<Event, StreamFailure> {
     loop {
-        if let Some(ev) = framer.next()? {
+        if let Some(ev) = framer.next_event()? {
             if let Event::Element(el) = &ev
                 && el.is("error", crate::xml::NS_STREAM)
             {
@@ -294,10 +294,7 @@ pub fn children(el: &Element) -> Vec<Child> {
     let mut reader = NsReader::from_str(el.as_str());
     let mut out: Vec<Child> = Vec::new();
     let mut depth = 0usize;
-    loop {
-        let Ok((ns, ev)) = reader.read_resolved_event() else {
-            break;
-        };
+    while let Ok((ns, ev)) = reader.read_resolved_event() {
         let ns = match ns {
             quick_xml::name::ResolveResult::Bound(n) => n.0.to_string(),
             // The element's own default namespace comes from the stream (jabber:server).
@@ -310,7 +307,9 @@ pub fn children(el: &Element) -> Vec<Child> {
                     let attrs = s
                         .attributes()
                         .flatten()
-                        .filter(|a| a.key.as_namespace_binding().is_none() && !a.key.0.contains(':'))
+                        .filter(|a| {
+                            a.key.as_namespace_binding().is_none() && !a.key.0.contains(':')
+                        })
                         .map(|a| {
                             (
                                 a.key.0.to_string(),
@@ -379,7 +378,9 @@ pub fn text_of(el: &Element) -> String {
             XEvent::GeneralRef(r) if depth == 1 => {
                 if let Ok(Some(c)) = r.resolve_char_ref() {
                     out.push(c);
-                } else if let Some(s) = quick_xml::escape::resolve_predefined_entity(&r.into_inner()) {
+                } else if let Some(s) =
+                    quick_xml::escape::resolve_predefined_entity(&r.into_inner())
+                {
                     out.push_str(s);
                 }
             }
@@ -409,7 +410,10 @@ mod tests {
         assert_eq!(c[0].name, "mechanisms");
         assert_eq!(c[0].text, "EXTERNALPLAIN");
         assert_eq!(c[1].ns, crate::xml::NS_TLS);
-        assert_eq!(c[1].children, vec![(crate::xml::NS_TLS.to_string(), "required".to_string())]);
+        assert_eq!(
+            c[1].children,
+            vec![(crate::xml::NS_TLS.to_string(), "required".to_string())]
+        );
     }
 
     #[tokio::test]

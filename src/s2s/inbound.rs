@@ -105,7 +105,10 @@ fn check_header(server: &Server, h: &StreamHeader) -> Result<String, (StreamCond
         ));
     };
     let Some(local) = server.hosted(to) else {
-        return Err((StreamCondition::HostUnknown, format!("{to} is not served here")));
+        return Err((
+            StreamCondition::HostUnknown,
+            format!("{to} is not served here"),
+        ));
     };
     if let Some(from) = h.from.as_deref()
         && !server.policy.allows(&from.to_ascii_lowercase())
@@ -172,7 +175,12 @@ pub async fn negotiate(
         };
         let header = reply_header(server, Some(&h));
         if let Err((c, text)) = check_header(server, &h) {
-            fail_with(&mut xs, &header, StreamFailure::Protocol { condition: c, text }).await;
+            fail_with(
+                &mut xs,
+                &header,
+                StreamFailure::Protocol { condition: c, text },
+            )
+            .await;
             return None;
         }
         let features = format!(
@@ -245,7 +253,12 @@ pub async fn negotiate(
     let local = match check_header(server, &h) {
         Ok(l) => l,
         Err((condition, text)) => {
-            fail_with(&mut xs, &header, StreamFailure::Protocol { condition, text }).await;
+            fail_with(
+                &mut xs,
+                &header,
+                StreamFailure::Protocol { condition, text },
+            )
+            .await;
             return None;
         }
     };
@@ -265,7 +278,9 @@ pub async fn negotiate(
     if let Err(why) = server.tls.verifier.authenticate(&certs, &peer, now) {
         let e = StreamFailure::protocol(
             StreamCondition::NotAuthorized,
-            format!("cannot authenticate {peer}: {why} (only certificate authentication is supported)"),
+            format!(
+                "cannot authenticate {peer}: {why} (only certificate authentication is supported)"
+            ),
         );
         fail_with(&mut xs, &header, e).await;
         return None;
@@ -346,13 +361,25 @@ pub async fn negotiate(
         }
     };
     let header2 = header_xml(&local, Some(&peer), Some(&new_id()));
-    let same_from = h2.from.as_deref().is_none_or(|f| f.eq_ignore_ascii_case(&peer));
-    let same_to = h2.to.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(&local));
+    let same_from = h2
+        .from
+        .as_deref()
+        .is_none_or(|f| f.eq_ignore_ascii_case(&peer));
+    let same_to = h2
+        .to
+        .as_deref()
+        .is_some_and(|t| t.eq_ignore_ascii_case(&local));
     if !same_from || !same_to {
         let (c, text) = if same_from {
-            (StreamCondition::HostUnknown, "'to' changed after authentication")
+            (
+                StreamCondition::HostUnknown,
+                "'to' changed after authentication",
+            )
         } else {
-            (StreamCondition::InvalidFrom, "'from' changed after authentication")
+            (
+                StreamCondition::InvalidFrom,
+                "'from' changed after authentication",
+            )
         };
         fail_with(&mut xs, &header2, StreamFailure::protocol(c, text)).await;
         return None;
@@ -418,7 +445,10 @@ pub async fn run(server: &Arc<Server>, auth: Authenticated) {
         let el = match ev {
             Event::Element(el) => el,
             _ => {
-                let e = StreamFailure::protocol(StreamCondition::NotWellFormed, "unexpected stream header");
+                let e = StreamFailure::protocol(
+                    StreamCondition::NotWellFormed,
+                    "unexpected stream header",
+                );
                 return fail_with(&mut xs, &header, e).await;
             }
         };

@@ -137,7 +137,11 @@ pub async fn connect(
             "connecting to {} ({}) {}",
             ep.addr,
             ep.host,
-            if ep.direct_tls { "direct TLS" } else { "STARTTLS" }
+            if ep.direct_tls {
+                "direct TLS"
+            } else {
+                "STARTTLS"
+            }
         ));
         let t0 = Instant::now();
         let tcp = match tokio::time::timeout(
@@ -225,11 +229,18 @@ async fn negotiate(
             .map_err(|e| ConnectError::Stream(e.to_string()))?;
         let el = xs.next_element().await.map_err(stream_err)?;
         if !el.is("proceed", NS_TLS) {
-            return Err(ConnectError::Tls(format!("peer answered STARTTLS with <{}>", el.name)));
+            return Err(ConnectError::Tls(format!(
+                "peer answered STARTTLS with <{}>",
+                el.name
+            )));
         }
         xs.into_inner().map_err(stream_err)?
     };
-    let cfg = if ep.direct_tls { direct_cfg } else { starttls_cfg };
+    let cfg = if ep.direct_tls {
+        direct_cfg
+    } else {
+        starttls_cfg
+    };
     let t0 = Instant::now();
     let tls = TlsConnector::from(cfg)
         .connect(name, tcp)
@@ -239,7 +250,9 @@ async fn negotiate(
         let conn = tls.get_ref().1;
         log(format!(
             "  TLS {:?} {:?} in {:.1} ms, ALPN {:?}; certificate verified for {remote}",
-            conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+            conn.protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
             conn.negotiated_cipher_suite().map(|s| s.suite()),
             ms(t0.elapsed()),
             conn.alpn_protocol().map(String::from_utf8_lossy),
@@ -273,12 +286,21 @@ async fn negotiate(
     if !el.is("success", NS_SASL) {
         let why = children(&el)
             .into_iter()
-            .map(|c| if c.text.is_empty() { c.name } else { format!("{} ({})", c.name, c.text) })
+            .map(|c| {
+                if c.text.is_empty() {
+                    c.name
+                } else {
+                    format!("{} ({})", c.name, c.text)
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ");
         return Err(ConnectError::Auth(format!("SASL EXTERNAL refused: {why}")));
     }
-    log(format!("  SASL EXTERNAL succeeded in {:.1} ms", ms(t0.elapsed())));
+    log(format!(
+        "  SASL EXTERNAL succeeded in {:.1} ms",
+        ms(t0.elapsed())
+    ));
     xs.restart(pre);
     xs.send_header(&header)
         .await
@@ -286,7 +308,10 @@ async fn negotiate(
     xs.next_header().await.map_err(stream_err)?;
     let features = xs.next_element().await.map_err(stream_err)?;
     let kids = feature_children(&features)?;
-    log(format!("  features after authentication: {}", summarize(&kids)));
+    log(format!(
+        "  features after authentication: {}",
+        summarize(&kids)
+    ));
     Ok(xs)
 }
 
@@ -367,7 +392,11 @@ pub fn send(server: &Arc<Server>, local: String, remote: String, stanza: Stanza)
     let mut stanza = stanza;
     for _ in 0..3 {
         let handle = {
-            let mut map = server.outbound.map.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = server
+                .outbound
+                .map
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             match map.get(&key) {
                 Some(h) => h.clone(),
                 None => {
@@ -383,9 +412,7 @@ pub fn send(server: &Arc<Server>, local: String, remote: String, stanza: Stanza)
                     );
                     let s = server.clone();
                     let k = key.clone();
-                    server
-                        .tracker
-                        .spawn(session(s, k, id, rx).instrument(span));
+                    server.tracker.spawn(session(s, k, id, rx).instrument(span));
                     h
                 }
             }
@@ -463,7 +490,10 @@ async fn session(
             match r {
                 Ok(c) => break c,
                 Err(e) => {
-                    server.metrics.outbound_failures.fetch_add(1, Ordering::Relaxed);
+                    server
+                        .metrics
+                        .outbound_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, attempt, "outbound connection failed");
                     let wait = backoff(attempt);
                     attempt += 1;

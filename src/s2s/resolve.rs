@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::rr::RData;
+use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::TokioResolver;
 use rand::RngExt;
 
 use crate::config::Config;
@@ -116,7 +116,10 @@ impl Resolver {
         log: &mut (dyn FnMut(String) + Send),
     ) -> Result<Vec<Endpoint>, ResolveError> {
         if let Some(targets) = self.config.static_targets(domain) {
-            log(format!("static override for {domain}: {} target(s)", targets.len()));
+            log(format!(
+                "static override for {domain}: {} target(s)",
+                targets.len()
+            ));
             return Ok(targets
                 .into_iter()
                 .map(|t| Endpoint {
@@ -155,7 +158,9 @@ impl Resolver {
             if timeouts {
                 return Err(ResolveError::Timeout(domain.to_string()));
             }
-            log(format!("no SRV records; falling back to {domain}:5269 (STARTTLS)"));
+            log(format!(
+                "no SRV records; falling back to {domain}:5269 (STARTTLS)"
+            ));
             for ip in self.addresses(domain, log).await? {
                 out.push(Endpoint {
                     host: domain.to_string(),
@@ -176,7 +181,9 @@ impl Resolver {
             }
         }
         if out.is_empty() {
-            return Err(ResolveError::NotFound(format!("no address found for {domain}")));
+            return Err(ResolveError::NotFound(format!(
+                "no address found for {domain}"
+            )));
         }
         Ok(out)
     }
@@ -238,7 +245,10 @@ impl Resolver {
                 let v: Vec<IpAddr> = ips.iter().collect();
                 log(format!(
                     "A/AAAA {host} -> {}",
-                    v.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+                    v.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
                 Ok(v)
             }
@@ -306,7 +316,12 @@ mod tests {
     #[test]
     fn srv_priority_order_is_respected() {
         for _ in 0..50 {
-            let o = order_srv(vec![t(20, 0, "c"), t(10, 5, "a"), t(10, 5, "b"), t(5, 0, "z")]);
+            let o = order_srv(vec![
+                t(20, 0, "c"),
+                t(10, 5, "a"),
+                t(10, 5, "b"),
+                t(5, 0, "z"),
+            ]);
             let hosts: Vec<_> = o.iter().map(|t| t.host.as_str()).collect();
             assert_eq!(hosts[0], "z");
             assert!(hosts[1..3].contains(&"a") && hosts[1..3].contains(&"b"));

@@ -118,7 +118,7 @@ impl CertNames {
     /// RFC 9525 §6.3: a wildcard matches exactly one leftmost label).
     pub fn matches(&self, domain: &str) -> bool {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        self.xmpp_addr.iter().any(|a| *a == domain)
+        self.xmpp_addr.contains(&domain)
             || self.srv.iter().any(|s| {
                 s.strip_prefix("_xmpp-server.")
                     .or_else(|| s.strip_prefix("_xmpps-server."))
@@ -457,7 +457,8 @@ pub fn generate_dev_cert(
         names.push(d.clone());
         names.push(format!("*.{d}"));
     }
-    let ck = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let ck =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
     let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
         .map_err(|e| TlsError::Generate(e.to_string()))?;
     Ok((vec![ck.cert.der().clone()], key))
@@ -585,7 +586,10 @@ mod tests {
 
     #[test]
     fn der_strings() {
-        assert_eq!(der_string(&[0xa0, 4, 0x0c, 2, b'h', b'i']).as_deref(), Some("hi"));
+        assert_eq!(
+            der_string(&[0xa0, 4, 0x0c, 2, b'h', b'i']).as_deref(),
+            Some("hi")
+        );
         assert_eq!(der_string(&[0x16, 1, b'x']).as_deref(), Some("x"));
         assert_eq!(der_string(&[0x04, 1, b'x']), None);
         assert_eq!(der_string(&[0xa0, 9, 0x0c]), None);

@@ -216,10 +216,18 @@ mod tests {
 
     #[test]
     fn round_trip_names() {
-        for c in [StreamCondition::BadFormat, StreamCondition::UnsupportedVersion, StreamCondition::InvalidFrom] {
+        for c in [
+            StreamCondition::BadFormat,
+            StreamCondition::UnsupportedVersion,
+            StreamCondition::InvalidFrom,
+        ] {
             assert_eq!(StreamCondition::from_name(c.as_str()), Some(c));
         }
-        for c in [StanzaCondition::BadRequest, StanzaCondition::UnexpectedRequest, StanzaCondition::RemoteServerNotFound] {
+        for c in [
+            StanzaCondition::BadRequest,
+            StanzaCondition::UnexpectedRequest,
+            StanzaCondition::RemoteServerNotFound,
+        ] {
             assert_eq!(StanzaCondition::from_name(c.as_str()), Some(c));
         }
     }

@@ -134,8 +134,11 @@ impl Leaf {
         };
         std::fs::write(&files.cert, &self.chain_pem).expect("write cert");
         std::fs::write(&files.key, &self.key_pem).expect("write key");
-        std::fs::write(&files.combined, format!("{}{}", self.key_pem, self.chain_pem))
-            .expect("write combined");
+        std::fs::write(
+            &files.combined,
+            format!("{}{}", self.key_pem, self.chain_pem),
+        )
+        .expect("write combined");
         files
     }
 }

@@ -52,7 +52,10 @@ impl Drop for DnsServer {
 impl DnsServer {
     /// Start on `addr` (a loopback address; port 0 picks one).
     pub async fn start(addr: SocketAddr) -> std::io::Result<DnsServer> {
-        assert!(addr.ip().is_loopback(), "the test DNS listens on loopback only");
+        assert!(
+            addr.ip().is_loopback(),
+            "the test DNS listens on loopback only"
+        );
         let udp = UdpSocket::bind(addr).await?;
         let addr = udp.local_addr()?;
         let tcp = TcpListener::bind(addr).await?;
@@ -188,14 +191,19 @@ mod tests {
 
     #[tokio::test]
     async fn srv_and_a_through_our_resolver() {
-        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         dns.add("alpha.test", Ipv4Addr::new(127, 0, 0, 21), Some(5299), None);
         dns.add("plain.test", Ipv4Addr::new(127, 0, 0, 22), None, None);
         let mut c = Config::default();
         c.dns.nameserver = Some(dns.addr);
         let r = Resolver::new(std::sync::Arc::new(c)).unwrap();
         let mut lines = Vec::new();
-        let eps = r.resolve("alpha.test", &mut |l| lines.push(l)).await.unwrap();
+        let eps = r
+            .resolve("alpha.test", &mut |l| lines.push(l))
+            .await
+            .unwrap();
         assert_eq!(eps.len(), 1, "{lines:?}");
         assert_eq!(eps[0].addr, "127.0.0.21:5299".parse().unwrap());
         assert!(!eps[0].direct_tls);

@@ -38,7 +38,10 @@ async fn read_until<S: AsyncRead + Unpin>(io: &mut S, needles: &[&str]) -> Strin
     got
 }
 
-fn client_config(ca: &Path, cert: Option<(&Path, &Path)>) -> Result<Arc<rustls::ClientConfig>, String> {
+fn client_config(
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = tls::provider();
     let ca = tls::load_chain(ca).map_err(|e| e.to_string())?;
     let roots = vec![
@@ -76,7 +79,9 @@ pub async fn attempt(
     let cfg = client_config(ca, cert)?;
     let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let header = format!("<stream:stream {NS} from='{from}' to='{to}' version='1.0'>");
-    tcp.write_all(header.as_bytes()).await.map_err(|e| e.to_string())?;
+    tcp.write_all(header.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let got = read_until(&mut tcp, &["</stream:features>", "</stream:stream>"]).await;
     if !got.contains("starttls") {
         return Ok(Outcome::Refused(got));
@@ -88,15 +93,27 @@ pub async fn attempt(
     if !got.contains("<proceed") {
         return Ok(Outcome::Refused(got));
     }
-    let name = rustls::pki_types::ServerName::try_from(to.to_string()).map_err(|e| e.to_string())?;
-    let mut tls = match tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await {
+    let name =
+        rustls::pki_types::ServerName::try_from(to.to_string()).map_err(|e| e.to_string())?;
+    let mut tls = match tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+    {
         Ok(t) => t,
         Err(e) => return Ok(Outcome::Refused(format!("TLS: {e}"))),
     };
     if tls.write_all(header.as_bytes()).await.is_err() {
         return Ok(Outcome::Refused("connection closed after TLS".into()));
     }
-    let got = read_until(&mut tls, &["</stream:features>", "</stream:stream>", "<stream:features/>"]).await;
+    let got = read_until(
+        &mut tls,
+        &[
+            "</stream:features>",
+            "</stream:stream>",
+            "<stream:features/>",
+        ],
+    )
+    .await;
     if !got.contains("EXTERNAL") {
         return Ok(Outcome::Refused(got));
     }

@@ -1,6 +1,6 @@
 //! Sans-IO framer and validator for an XMPP XML stream (RFC 6120 §4, §11).
 //!
-//! Bytes are pushed in as they arrive; [`Framer::next`] yields the stream header,
+//! Bytes are pushed in as they arrive; [`Framer::next_event`] yields the stream header,
 //! then each complete top-level element (a stanza or a negotiation element), then
 //! the stream close. It works in two passes, on purpose:
 //!
@@ -151,11 +151,7 @@ enum State {
     /// Just after `<`.
     Lt,
     /// Inside a start tag; `quote` is the open quote character, if any.
-    StartTag {
-        quote: u8,
-        attrs: usize,
-        last: u8,
-    },
+    StartTag { quote: u8, attrs: usize, last: u8 },
     /// Inside an end tag.
     EndTag,
     /// Just after `<!`.
@@ -221,7 +217,7 @@ impl Framer {
 
     /// Scan what has been pushed; `Ok(None)` means more bytes are needed.
     /// After an error the framer stays failed.
-    pub fn next(&mut self) -> Result<Option<Event>, XmlError> {
+    pub fn next_event(&mut self) -> Result<Option<Event>, XmlError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -447,7 +443,9 @@ impl Framer {
     fn end_tag_done(&mut self) -> Result<Option<Event>, XmlError> {
         self.pos += 1;
         match self.depth {
-            0 => Err(XmlError::NotWellFormed("end tag before the stream header".into())),
+            0 => Err(XmlError::NotWellFormed(
+                "end tag before the stream header".into(),
+            )),
             1 => {
                 let tag = &self.buf[2..self.pos - 1];
                 let name = std::str::from_utf8(tag)
@@ -584,8 +582,8 @@ fn is_xml_char(c: char) -> bool {
 
 /// Check a complete top-level element with quick-xml and resolve its namespaces.
 fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
-    let text = std::str::from_utf8(&raw)
-        .map_err(|_| XmlError::NotWellFormed("invalid UTF-8".into()))?;
+    let text =
+        std::str::from_utf8(&raw).map_err(|_| XmlError::NotWellFormed("invalid UTF-8".into()))?;
     let mut reader = Reader::from_str(text);
     reader.config_mut().check_end_names = true;
     // In-stanza bindings: (prefix, uri); "" is the default namespace.
@@ -594,7 +592,9 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
     // Prefixes resolved from the stream header: they must be declared on the element
     // when it is forwarded to another stream.
     let mut borrowed: Vec<(String, String)> = Vec::new();
-    let mut top: Option<(String, String, Vec<(String, String)>)> = None;
+    // (namespace, local name, attributes) of the top-level element.
+    type Top = (String, String, Vec<(String, String)>);
+    let mut top: Option<Top> = None;
     let mut first_child = None;
     let mut qname_len = 0;
     loop {
@@ -723,7 +723,6 @@ fn splice_declarations(raw: &[u8], qname_len: usize, decls: &[(String, String)])
     Bytes::from(out)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,7 +732,7 @@ mod tests {
         from='a.test' to='b.test' version='1.0' xml:lang='en'>";
 
     fn run(framer: &mut Framer, out: &mut Vec<Event>) -> Result<(), XmlError> {
-        while let Some(ev) = framer.next()? {
+        while let Some(ev) = framer.next_event()? {
             out.push(ev);
         }
         Ok(())
@@ -841,10 +840,10 @@ mod tests {
     fn whitespace_keepalives_are_dropped_not_buffered() {
         let mut f = Framer::new(Limits::default());
         f.push(HEADER.as_bytes());
-        assert!(matches!(f.next(), Ok(Some(Event::Header(_)))));
+        assert!(matches!(f.next_event(), Ok(Some(Event::Header(_)))));
         for _ in 0..10_000 {
             f.push(b" \n");
-            assert_eq!(f.next(), Ok(None));
+            assert_eq!(f.next_event(), Ok(None));
         }
         assert_eq!(f.pending(), 0);
     }
@@ -874,7 +873,10 @@ mod tests {
     #[test]
     fn comments_and_pis_are_restricted() {
         let s = format!("{HEADER}<message><!-- hi --></message>");
-        assert_eq!(first_error(s.as_bytes()), XmlError::RestrictedXml("comment"));
+        assert_eq!(
+            first_error(s.as_bytes()),
+            XmlError::RestrictedXml("comment")
+        );
         let s = format!("{HEADER}<message><?php x?></message>");
         assert_eq!(
             first_error(s.as_bytes()),
@@ -895,7 +897,7 @@ mod tests {
         let mut err = None;
         for _ in 0..100_000 {
             f.push(b"<a>");
-            if let Err(e) = f.next() {
+            if let Err(e) = f.next_event() {
                 err = Some(e);
                 break;
             }
@@ -913,7 +915,7 @@ mod tests {
         let err = loop {
             f.push(&chunk);
             fed += chunk.len();
-            if let Err(e) = f.next() {
+            if let Err(e) = f.next_event() {
                 break e;
             }
             assert!(fed < 64 * 1024 * 1024, "64 MiB accepted");
@@ -930,7 +932,7 @@ mod tests {
         let mut err = None;
         for i in 0..1_000_000 {
             f.push(format!(" a{i}='1'").as_bytes());
-            if let Err(e) = f.next() {
+            if let Err(e) = f.next_event() {
                 err = Some(e);
                 break;
             }
@@ -986,7 +988,10 @@ mod tests {
         let s = format!("{HEADER}hello");
         assert!(matches!(first_error(s.as_bytes()), XmlError::InvalidXml(_)));
         let s = format!("{HEADER}</stream:streamx>");
-        assert!(matches!(first_error(s.as_bytes()), XmlError::NotWellFormed(_)));
+        assert!(matches!(
+            first_error(s.as_bytes()),
+            XmlError::NotWellFormed(_)
+        ));
     }
 
     #[test]
@@ -1016,8 +1021,8 @@ mod tests {
     fn failed_framer_stays_failed() {
         let mut f = Framer::new(Limits::default());
         f.push(b"<!-- x -->");
-        assert!(f.next().is_err());
+        assert!(f.next_event().is_err());
         f.push(HEADER.as_bytes());
-        assert!(f.next().is_err());
+        assert!(f.next_event().is_err());
     }
 }

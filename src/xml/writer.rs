@@ -8,7 +8,10 @@ use std::fmt::Write as _;
 
 /// Escape text or an attribute value (`<`, `>`, `&`, `'`, `"`).
 pub fn escape(s: &str) -> Cow<'_, str> {
-    if !s.bytes().any(|b| matches!(b, b'<' | b'>' | b'&' | b'\'' | b'"')) {
+    if !s
+        .bytes()
+        .any(|b| matches!(b, b'<' | b'>' | b'&' | b'\'' | b'"'))
+    {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 16);

@@ -41,7 +41,10 @@ async fn alpha_and_beta_ping_and_disco_each_other_over_starttls() {
         "<query xmlns='http://jabber.org/protocol/disco#info'/>",
     )
     .await;
-    assert!(info.as_str().contains("<identity category='server' type='im'"));
+    assert!(
+        info.as_str()
+            .contains("<identity category='server' type='im'")
+    );
     assert!(info.as_str().contains("urn:xmpp:ping"));
 
     let version = iq_round_trip(
@@ -59,7 +62,11 @@ async fn alpha_and_beta_ping_and_disco_each_other_over_starttls() {
 
     // A user that does not exist: service-unavailable (RFC 6121 §8.5.2.2).
     let user = iq_round_trip(&alpha, &mut a_rx, "nobody@beta.test", PING).await;
-    assert!(user.as_str().contains("<service-unavailable"), "{}", user.as_str());
+    assert!(
+        user.as_str().contains("<service-unavailable"),
+        "{}",
+        user.as_str()
+    );
 
     // One outbound session per remote domain, reused.
     assert_eq!(alpha.server.outbound.len(), 1);
@@ -73,18 +80,23 @@ async fn direct_tls_with_alpn() {
     let net = Net::new().await;
     let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
     let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
-    ac.dns
-        .overrides
-        .insert("beta.test".into(), vec![format!("tls://{}", beta.direct_tls[0])]);
+    ac.dns.overrides.insert(
+        "beta.test".into(),
+        vec![format!("tls://{}", beta.direct_tls[0])],
+    );
     let alpha = net.start(ac).await;
     let mut a_rx = capture(&alpha);
     let mut lines = Vec::new();
-    let conn = outbound::connect(&alpha.server, "alpha.test", "beta.test", &mut |l| lines.push(l))
-        .await
-        .expect("direct TLS connect");
+    let conn = outbound::connect(&alpha.server, "alpha.test", "beta.test", &mut |l| {
+        lines.push(l)
+    })
+    .await
+    .expect("direct TLS connect");
     assert!(conn.endpoint.direct_tls);
     assert!(
-        lines.iter().any(|l| l.contains("ALPN Some(\"xmpp-server\")")),
+        lines
+            .iter()
+            .any(|l| l.contains("ALPN Some(\"xmpp-server\")")),
         "{lines:?}"
     );
     drop(conn);
@@ -114,11 +126,18 @@ async fn peers_with_bad_certificates_are_refused_and_stanzas_bounced() {
         .await
         .expect_err("rogue CA refused");
     let msg = err.to_string();
-    assert!(msg.contains("not-authorized") && msg.contains("unknown CA"), "{msg}");
+    assert!(
+        msg.contains("not-authorized") && msg.contains("unknown CA"),
+        "{msg}"
+    );
     let mut g_rx = capture(&gamma);
     let bounce = iq_round_trip(&gamma, &mut g_rx, "beta.test", PING).await;
     assert_eq!(bounce.type_.as_deref(), Some("error"));
-    assert!(bounce.as_str().contains("<remote-server-not-found"), "{}", bounce.as_str());
+    assert!(
+        bounce.as_str().contains("<remote-server-not-found"),
+        "{}",
+        bounce.as_str()
+    );
     gamma.shutdown().await;
 
     // A peer presenting alpha.test's (valid, trusted) certificate while claiming
@@ -175,11 +194,7 @@ fn client_config(
     use xmpp_federator::s2s::tls;
     let provider = tls::provider();
     let ca = tls::load_chain(&net.ca_path).unwrap();
-    let roots = vec![
-        webpki::anchor_from_trusted_cert(&ca[0])
-            .unwrap()
-            .to_owned(),
-    ];
+    let roots = vec![webpki::anchor_from_trusted_cert(&ca[0]).unwrap().to_owned()];
     let verifier = std::sync::Arc::new(tls::PeerVerifier::new(roots, &provider));
     let b = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -248,10 +263,7 @@ async fn authenticated_peer_cannot_spoof_other_domains() {
             "<message to='u@beta.test'><body>no from</body></message>",
             StreamCondition::ImproperAddressing,
         ),
-        (
-            "<stream:features/>",
-            StreamCondition::UnsupportedStanzaType,
-        ),
+        ("<stream:features/>", StreamCondition::UnsupportedStanzaType),
         (
             "<message from='a@alpha.test' to='u@beta.test'><!-- c --></message>",
             StreamCondition::RestrictedXml,
@@ -322,18 +334,25 @@ async fn unauthenticated_peers_get_the_right_stream_errors() {
     ];
     for (input, condition) in cases {
         let out = raw_exchange(addr, &input).await;
-        assert!(out.contains("<stream:stream"), "header first for {input:.80}: {out}");
         assert!(
-            out.contains(&format!("<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>")),
+            out.contains("<stream:stream"),
+            "header first for {input:.80}: {out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            )),
             "expected {condition} for {input:.80}, got {out}"
         );
         assert!(out.ends_with("</stream:stream>"), "{out}");
     }
     // The happy path offers STARTTLS, required.
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("<stream:stream {NS} from='alpha.test' to='beta.test' version='1.0'>").as_bytes())
-        .await
-        .unwrap();
+    tcp.write_all(
+        format!("<stream:stream {NS} from='alpha.test' to='beta.test' version='1.0'>").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = String::new();
     while !got.contains("</stream:features>") {
@@ -344,7 +363,9 @@ async fn unauthenticated_peers_get_the_right_stream_errors() {
         assert!(n > 0, "{got}");
         got.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    assert!(got.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"));
+    assert!(
+        got.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>")
+    );
     assert!(got.contains("from='beta.test'") && got.contains("to='alpha.test'"));
     beta.shutdown().await;
 }
@@ -367,11 +388,19 @@ async fn federation_policy_is_enforced_both_ways() {
     // Outbound: alpha does not send to a domain outside its allowlist.
     let mut a_rx = capture(&alpha);
     let bounce = iq_round_trip(&alpha, &mut a_rx, "gamma.test", PING).await;
-    assert!(bounce.as_str().contains("<policy-violation"), "{}", bounce.as_str());
+    assert!(
+        bounce.as_str().contains("<policy-violation"),
+        "{}",
+        bounce.as_str()
+    );
     // And beta does not send to a blocked domain.
     let mut b_rx = capture(&beta);
     let bounce = iq_round_trip(&beta, &mut b_rx, "alpha.test", PING).await;
-    assert!(bounce.as_str().contains("<policy-violation"), "{}", bounce.as_str());
+    assert!(
+        bounce.as_str().contains("<policy-violation"),
+        "{}",
+        bounce.as_str()
+    );
     alpha.shutdown().await;
     beta.shutdown().await;
 }
@@ -386,8 +415,15 @@ async fn unreachable_domain_is_bounced_after_the_retry_window() {
     // down.test resolves (DNS catch-all) to a closed port.
     let t0 = std::time::Instant::now();
     let bounce = iq_round_trip(&alpha, &mut a_rx, "down.test", PING).await;
-    assert!(bounce.as_str().contains("<remote-server-not-found"), "{}", bounce.as_str());
-    assert!(t0.elapsed() >= Duration::from_millis(500), "retried before bouncing");
+    assert!(
+        bounce.as_str().contains("<remote-server-not-found"),
+        "{}",
+        bounce.as_str()
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "retried before bouncing"
+    );
     assert_eq!(alpha.server.outbound.len(), 0, "failed session is gone");
     alpha.shutdown().await;
 }

@@ -12,11 +12,11 @@ use std::process::Command;
 use xmpp_federator::server::{Running, start};
 use xmpp_federator::testkit::certs::{Eku, LeafFiles, TestCa};
 use xmpp_federator::testkit::dns::DnsServer;
+use xmpp_federator::testkit::instance_config;
 use xmpp_federator::testkit::interop::{
     self, Ejabberd, Prosody, ServerSpec, Work, ensure_packages, ensure_venv,
 };
 use xmpp_federator::testkit::raw::{self, Outcome};
-use xmpp_federator::testkit::instance_config;
 
 use crate::support::{PING, capture, iq_round_trip};
 
@@ -55,7 +55,9 @@ impl Lab {
         let ca = TestCa::new("Interop Test CA");
         let ca_path = ca.write_ca(&certs);
         let wire_files = ca.leaf(WIRE, Eku::Both, false).write(&certs, WIRE);
-        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let python = blocking(ensure_venv).expect("python venv with slixmpp");
         Lab {
             work,
@@ -106,8 +108,11 @@ impl Lab {
 
     async fn start_wire(&self) -> Running {
         // The same fixed port as `check`, so peers' cached SRV answers stay right.
-        let r = start(self.wire_config(5269)).await.expect("our server starts");
-        self.dns.add(WIRE, self.wire_ip, Some(r.starttls[0].port()), None);
+        let r = start(self.wire_config(5269))
+            .await
+            .expect("our server starts");
+        self.dns
+            .add(WIRE, self.wire_ip, Some(r.starttls[0].port()), None);
         r
     }
 
@@ -138,7 +143,11 @@ impl Lab {
             .output()
             .expect("run check");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "check {domain} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "check {domain} failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         text
     }
 
@@ -154,7 +163,10 @@ impl Lab {
         let rogue = TestCa::new("Rogue CA")
             .leaf(WIRE, Eku::Both, false)
             .write(&certs.join("rogue"), WIRE);
-        let other = self.ca.leaf("other.test", Eku::Both, false).write(&certs, "other.test");
+        let other = self
+            .ca
+            .leaf("other.test", Eku::Both, false)
+            .write(&certs, "other.test");
         let ok = raw::attempt(
             s2s,
             WIRE,
@@ -166,13 +178,27 @@ impl Lab {
         .unwrap();
         assert_eq!(ok, Outcome::Authenticated, "control: our real certificate");
         for (what, files) in [("another CA", &rogue), ("another name", &other)] {
-            let o = raw::attempt(s2s, WIRE, domain, Some((&files.cert, &files.key)), &self.ca_path)
-                .await
-                .unwrap();
-            assert!(matches!(o, Outcome::Refused(_)), "{domain} accepted a certificate from {what}: {o:?}");
+            let o = raw::attempt(
+                s2s,
+                WIRE,
+                domain,
+                Some((&files.cert, &files.key)),
+                &self.ca_path,
+            )
+            .await
+            .unwrap();
+            assert!(
+                matches!(o, Outcome::Refused(_)),
+                "{domain} accepted a certificate from {what}: {o:?}"
+            );
         }
-        let o = raw::attempt(s2s, WIRE, domain, None, &self.ca_path).await.unwrap();
-        assert!(matches!(o, Outcome::Refused(_)), "{domain} accepted no certificate");
+        let o = raw::attempt(s2s, WIRE, domain, None, &self.ca_path)
+            .await
+            .unwrap();
+        assert!(
+            matches!(o, Outcome::Refused(_)),
+            "{domain} accepted no certificate"
+        );
     }
 }
 
@@ -188,12 +214,21 @@ async fn prosody() {
     crate::support::init_log();
     let lab = Lab::new("prosody", Ipv4Addr::new(127, 0, 0, 113)).await;
     let spec = lab.spec("prosody.test", Ipv4Addr::new(127, 0, 0, 111));
-    let prosody = blocking(|| Prosody::start(&lab.work.path, spec.clone())).expect("prosody starts");
+    let prosody =
+        blocking(|| Prosody::start(&lab.work.path, spec.clone())).expect("prosody starts");
     blocking(|| prosody.register("alice", "alicepw")).expect("register alice");
 
     // `check` with the real binary prints every step and gets a pong.
     let out = blocking(|| lab.check("prosody.test"));
-    for step in ["SRV _xmpp-server._tcp.prosody.test.", "TCP connected", "TLS", "subject:", "SASL EXTERNAL succeeded", "pong from prosody.test", "OK"] {
+    for step in [
+        "SRV _xmpp-server._tcp.prosody.test.",
+        "TCP connected",
+        "TLS",
+        "subject:",
+        "SASL EXTERNAL succeeded",
+        "pong from prosody.test",
+        "OK",
+    ] {
         assert!(out.contains(step), "check output lacks {step:?}:\n{out}");
     }
 
@@ -201,18 +236,46 @@ async fn prosody() {
     let mut rx = capture(&wire);
     let pong = iq_round_trip(&wire, &mut rx, "prosody.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
-    let info = iq_round_trip(&wire, &mut rx, "prosody.test", "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
-    assert!(info.as_str().contains("category='server'") || info.as_str().contains("category=\"server\""), "{}", info.as_str());
+    let info = iq_round_trip(
+        &wire,
+        &mut rx,
+        "prosody.test",
+        "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+    )
+    .await;
+    assert!(
+        info.as_str().contains("category='server'")
+            || info.as_str().contains("category=\"server\""),
+        "{}",
+        info.as_str()
+    );
 
     // Prosody's user pings and disco-queries our domain across s2s.
     let out = blocking(|| lab.client("alice@prosody.test", "alicepw", spec.c2s(), "ping", WIRE));
     assert!(out.contains("PONG from wire.test"), "{out}");
-    let out = blocking(|| lab.client("alice@prosody.test", "alicepw", spec.c2s(), "disco-info", WIRE));
-    assert!(has_identity(&out) && out.contains("feature urn:xmpp:ping"), "{out}");
+    let out = blocking(|| {
+        lab.client(
+            "alice@prosody.test",
+            "alicepw",
+            spec.c2s(),
+            "disco-info",
+            WIRE,
+        )
+    });
+    assert!(
+        has_identity(&out) && out.contains("feature urn:xmpp:ping"),
+        "{out}"
+    );
 
     let log = prosody.log_text();
-    assert!(log.contains("SASL EXTERNAL with wire.test succeeded"), "prosody did not authenticate to us with EXTERNAL");
-    assert!(log.contains("Accepting SASL EXTERNAL identity from wire.test"), "prosody did not accept us with EXTERNAL");
+    assert!(
+        log.contains("SASL EXTERNAL with wire.test succeeded"),
+        "prosody did not authenticate to us with EXTERNAL"
+    );
+    assert!(
+        log.contains("Accepting SASL EXTERNAL identity from wire.test"),
+        "prosody did not accept us with EXTERNAL"
+    );
 
     lab.refusals(spec.s2s(), "prosody.test").await;
     wire.shutdown().await;
@@ -227,12 +290,20 @@ async fn ejabberd() {
     crate::support::init_log();
     let lab = Lab::new("ejabberd", Ipv4Addr::new(127, 0, 0, 114)).await;
     let spec = lab.spec("ejabberd.test", Ipv4Addr::new(127, 0, 0, 112));
-    let ejabberd = blocking(|| Ejabberd::start(&lab.work.path, spec.clone(), 14370, "xf-ejabberd@localhost"))
-        .expect("ejabberd starts");
+    let ejabberd =
+        blocking(|| Ejabberd::start(&lab.work.path, spec.clone(), 14370, "xf-ejabberd@localhost"))
+            .expect("ejabberd starts");
     blocking(|| ejabberd.register("bob", "bobpw")).expect("register bob");
 
     let out = blocking(|| lab.check("ejabberd.test"));
-    for step in ["SRV _xmpp-server._tcp.ejabberd.test.", "TCP connected", "TLS", "SASL EXTERNAL succeeded", "pong from ejabberd.test", "OK"] {
+    for step in [
+        "SRV _xmpp-server._tcp.ejabberd.test.",
+        "TCP connected",
+        "TLS",
+        "SASL EXTERNAL succeeded",
+        "pong from ejabberd.test",
+        "OK",
+    ] {
         assert!(out.contains(step), "check output lacks {step:?}:\n{out}");
     }
 
@@ -240,20 +311,34 @@ async fn ejabberd() {
     let mut rx = capture(&wire);
     let pong = iq_round_trip(&wire, &mut rx, "ejabberd.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
-    let info = iq_round_trip(&wire, &mut rx, "ejabberd.test", "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
+    let info = iq_round_trip(
+        &wire,
+        &mut rx,
+        "ejabberd.test",
+        "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+    )
+    .await;
     assert!(info.as_str().contains("server"), "{}", info.as_str());
 
     let out = blocking(|| lab.client("bob@ejabberd.test", "bobpw", spec.c2s(), "ping", WIRE));
     assert!(out.contains("PONG from wire.test"), "{out}");
     let out = blocking(|| lab.client("bob@ejabberd.test", "bobpw", spec.c2s(), "disco-info", WIRE));
-    assert!(has_identity(&out) && out.contains("feature urn:xmpp:ping"), "{out}");
+    assert!(
+        has_identity(&out) && out.contains("feature urn:xmpp:ping"),
+        "{out}"
+    );
 
     let log = ejabberd.log_text();
-    assert!(log.contains("Accepted inbound s2s EXTERNAL authentication wire.test -> ejabberd.test"), "ejabberd did not accept us with EXTERNAL");
-    assert!(log.contains("Accepted outbound s2s EXTERNAL authentication ejabberd.test -> wire.test"), "ejabberd did not authenticate to us with EXTERNAL");
+    assert!(
+        log.contains("Accepted inbound s2s EXTERNAL authentication wire.test -> ejabberd.test"),
+        "ejabberd did not accept us with EXTERNAL"
+    );
+    assert!(
+        log.contains("Accepted outbound s2s EXTERNAL authentication ejabberd.test -> wire.test"),
+        "ejabberd did not authenticate to us with EXTERNAL"
+    );
 
     lab.refusals(spec.s2s(), "ejabberd.test").await;
     wire.shutdown().await;
     drop(ejabberd);
 }
-

@@ -24,7 +24,9 @@ impl Net {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new("Test CA");
         let ca_path = ca.write_ca(dir.path());
-        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         Net {
             dir,
             ca,
