@@ -1,0 +1,180 @@
+//! s2s ping load: our server vs real Prosody and ejabberd, in one run.
+//!
+//! ```sh
+//! cargo build --release --bin xmpp-federator --example s2s_load
+//! sudo target/release/examples/s2s_load [--count N] [--window W] [--targets ours,prosody,ejabberd]
+//! ```
+//!
+//! Starts our server (the release binary, its own process, log level warn), Prosody
+//! and ejabberd (log level info) on loopback with a test CA and an in-process DNS
+//! responder, then plays a remote server `load.test` against each: an authenticated
+//! outbound stream, the target's stream back, N pings with W outstanding. Prints one
+//! line per target: round trips/s, p50/p99 latency, and the driver's own CPU.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use xmpp_federator::load::run_with;
+use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::dns::DnsServer;
+use xmpp_federator::testkit::instance_config;
+use xmpp_federator::testkit::interop::{Ejabberd, Prosody, ServerSpec, Work, ensure_packages};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Our server as a child process; killed on drop.
+struct Ours(std::process::Child);
+
+impl Drop for Ours {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let count: u64 = arg("--count", "200000").parse()?;
+    let window: u64 = arg("--window", "1000").parse()?;
+    let targets = arg("--targets", "ours,prosody,ejabberd");
+    ensure_packages()?;
+    let work = Work::new("load")?;
+    let certs = work.path.join("certs");
+    let ca = TestCa::new("Load Test CA");
+    let ca_path = ca.write_ca(&certs);
+    let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
+
+    let leaf = |d: &str| ca.leaf(d, Eku::Both, false).write(&certs, d);
+    let spec = |d: &str, ip: Ipv4Addr| {
+        let f = leaf(d);
+        dns.add(d, ip, Some(5269), Some(5222));
+        ServerSpec {
+            domain: d.into(),
+            ip,
+            s2s_port: 5269,
+            c2s_port: 5222,
+            cert: f.cert,
+            key: f.key,
+            combined: f.combined,
+            ca: ca_path.clone(),
+            dns: dns.addr,
+            debug: false,
+        }
+    };
+
+    // Our server, as the release binary in its own process.
+    let ours_ip = Ipv4Addr::new(127, 0, 0, 131);
+    let wf = leaf("wire.test");
+    let cfg = work.path.join("wire.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "domains = ['wire.test']\n[listen]\nstarttls = ['{ours_ip}:5269']\ndirect_tls = []\n\
+             [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
+             [dns]\nnameserver = '{}'\n",
+            ca_path.display(),
+            wf.cert.display(),
+            wf.key.display(),
+            dns.addr
+        ),
+    )?;
+    dns.add("wire.test", ours_ip, Some(5269), None);
+    let bin = std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("xmpp-federator"))
+        .ok_or("no binary path")?;
+    let _ours = Ours(
+        Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("XMPP_FEDERATOR_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e} (build it with --release first)", bin.display()))?,
+    );
+    let _prosody = if targets.contains("prosody") {
+        Some(Prosody::start(
+            &work.path,
+            spec("prosody.test", Ipv4Addr::new(127, 0, 0, 132)),
+        )?)
+    } else {
+        None
+    };
+    let _ejabberd = if targets.contains("ejabberd") {
+        Some(Ejabberd::start(
+            &work.path,
+            spec("ejabberd.test", Ipv4Addr::new(127, 0, 0, 133)),
+            14371,
+            "xf-load@localhost",
+        )?)
+    } else {
+        None
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The driver: load.test.
+    let lf = leaf("load.test");
+    let driver_ip = Ipv4Addr::new(127, 0, 0, 130);
+    let mut dc = instance_config(
+        "load.test",
+        SocketAddr::new(driver_ip.into(), 5269),
+        None,
+        &lf.cert,
+        &lf.key,
+        &ca_path,
+    );
+    dc.dns.nameserver = Some(dns.addr);
+    dc.limits.outbound_queue = 100_000;
+    dns.add("load.test", driver_ip, Some(5269), None);
+
+    println!(
+        "machine: {} cores; {}; {}; xmpp-federator {} (release, log warn); Prosody {} / ejabberd {} (log info)",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        version("uname", &["-sr"]),
+        version("rustc", &["--version"]),
+        env!("CARGO_PKG_VERSION"),
+        version("dpkg-query", &["-W", "-f=${Version}", "prosody"]),
+        version("dpkg-query", &["-W", "-f=${Version}", "ejabberd"]),
+    );
+    for (name, domain) in [
+        ("ours", "wire.test"),
+        ("prosody", "prosody.test"),
+        ("ejabberd", "ejabberd.test"),
+    ] {
+        if !targets.contains(name) {
+            continue;
+        }
+        let n = if name == "ours" { count } else { count / 2 };
+        match run_with(dc.clone(), domain, n, window, n / 10).await {
+            Ok(r) => println!("{name:9} {r}"),
+            Err(e) => println!("{name:9} FAILED: {e}"),
+        }
+        // Let the listener's port be released before the next run binds it again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
