@@ -153,7 +153,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!(
         "machine: {} cores; {}; {}; xmpp-federator {} (release, log warn); Prosody {} / ejabberd {} (log info)",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         version("uname", &["-sr"]),
         version("rustc", &["--version"]),
         env!("CARGO_PKG_VERSION"),

@@ -10,12 +10,12 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::s2s::outbound;
+use crate::s2s::{inbound, outbound};
 use crate::server::Server;
 
 /// Command-line arguments of `load`.
@@ -121,6 +121,48 @@ pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
     run_with(config, &args.target, args.count, args.window, args.warmup).await
 }
 
+/// Find the numbers of pong ids (`id='lN'` or `id="lN"`) in complete elements of
+/// `buf`; returns how many bytes were consumed. The driver does not validate what
+/// the target sends (it authenticated it; the target is what is measured), so its
+/// own CPU stays small next to the target's.
+pub fn scan_pongs(buf: &[u8], ids: &mut Vec<u64>, errors: &mut u64) -> usize {
+    let end = match buf.iter().rposition(|&b| b == b'>') {
+        Some(e) => e + 1,
+        None => return 0,
+    };
+    let hay = &buf[..end];
+    let mut i = 0;
+    while let Some(off) = find(&hay[i..], b"id=") {
+        let at = i + off + 3;
+        i = at;
+        if hay.len() < at + 2 || !matches!(hay[at], b'\'' | b'"') || hay[at + 1] != b'l' {
+            continue;
+        }
+        let mut n = 0u64;
+        let mut j = at + 2;
+        while j < hay.len() && hay[j].is_ascii_digit() {
+            n = n * 10 + u64::from(hay[j] - b'0');
+            j += 1;
+        }
+        if j > at + 2 {
+            ids.push(n);
+        }
+        i = j;
+    }
+    let mut k = 0;
+    while let Some(off) =
+        find(&hay[k..], b"type='error'").or_else(|| find(&hay[k..], b"type=\"error\""))
+    {
+        *errors += 1;
+        k += off + 12;
+    }
+    end
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// Run the load with a config in hand.
 pub async fn run_with(
     config: Config,
@@ -132,9 +174,46 @@ pub async fn run_with(
     let local = config.domains[0].clone();
     let server = Server::new(config)?;
     let mut listeners = server.bind().await?;
-    server.spawn_accept_loops(&mut listeners);
-    let (tx, mut rx) = mpsc::channel((window as usize * 2).max(1024));
-    *server.iq_results.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    let (tx, mut rx) = mpsc::channel::<(Vec<u64>, u64)>(1024);
+    for (listener, direct) in Server::take_listeners(&mut listeners) {
+        let (server, tx) = (server.clone(), tx.clone());
+        server.clone().tracker.spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = server.shutdown.cancelled() => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                };
+                let (server, tx) = (server.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    let deadline = Instant::now() + server.config.timeouts.negotiation();
+                    let Some(auth) = inbound::negotiate(&server, tcp, direct, deadline).await
+                    else {
+                        return;
+                    };
+                    let (mut io, mut framer) = auth.xs.into_parts();
+                    let mut buf = framer.take_pending();
+                    loop {
+                        let (mut ids, mut errors) = (Vec::new(), 0);
+                        let used = scan_pongs(&buf, &mut ids, &mut errors);
+                        let _ = buf.split_to(used);
+                        if (!ids.is_empty() || errors > 0) && tx.send((ids, errors)).await.is_err()
+                        {
+                            return;
+                        }
+                        tokio::select! {
+                            _ = server.shutdown.cancelled() => return,
+                            r = { buf.reserve(64 * 1024); io.read_buf(&mut buf) } => match r {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            },
+                        }
+                    }
+                });
+            }
+        });
+    }
+    drop(tx);
     let result = drive(&server, &local, target, count, window, warmup, &mut rx).await;
     server.shutdown.cancel();
     server.tracker.close();
@@ -149,7 +228,7 @@ async fn drive(
     count: u64,
     window: u64,
     warmup: u64,
-    rx: &mut mpsc::Receiver<crate::stanza::Stanza>,
+    rx: &mut mpsc::Receiver<(Vec<u64>, u64)>,
 ) -> Result<Report, LoadError> {
     let conn = outbound::connect(server, local, target, &mut |l| tracing::debug!("{l}")).await?;
     let (io, _framer) = conn.xs.into_parts();
@@ -181,8 +260,8 @@ async fn drive(
                 .await
                 .map_err(|e| LoadError::Run(format!("write: {e}")))?;
         }
-        let s = match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
-            Ok(Some(s)) => s,
+        let (ids, errs) = match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+            Ok(Some(x)) => x,
             Ok(None) => return Err(LoadError::Run("driver stopped".into())),
             Err(_) => {
                 return Err(LoadError::Run(format!(
@@ -190,31 +269,19 @@ async fn drive(
                 )));
             }
         };
-        let mut handle = |s: crate::stanza::Stanza| {
-            let Some(n) =
-                s.id.as_deref()
-                    .and_then(|i| i.strip_prefix('l'))
-                    .and_then(|n| n.parse::<usize>().ok())
-            else {
-                return;
+        errors += errs;
+        let now = Instant::now();
+        for n in ids {
+            let Some(at) = sent_at.get(n as usize) else {
+                continue;
             };
-            if n >= sent_at.len() {
-                return;
-            }
-            if s.is_error() {
-                errors += 1;
-            }
             received += 1;
             if received == warmup {
                 measure_start = (Instant::now(), process_cpu());
             }
-            if n as u64 >= warmup {
-                latencies.push(sent_at[n].elapsed().as_micros().min(u32::MAX as u128) as u32);
+            if n >= warmup {
+                latencies.push((now - *at).as_micros().min(u32::MAX as u128) as u32);
             }
-        };
-        handle(s);
-        while let Ok(s) = rx.try_recv() {
-            handle(s);
         }
     }
     let elapsed = measure_start.0.elapsed();
@@ -235,4 +302,22 @@ async fn drive(
         driver_cpu,
         errors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pong_ids_are_found_in_complete_elements_only() {
+        let mut ids = Vec::new();
+        let mut errors = 0;
+        let buf = b"<iq id='l12' type='result' from='a' to='b'/><iq type=\"result\" id=\"l7\"/><iq id='l9";
+        let used = scan_pongs(buf, &mut ids, &mut errors);
+        assert_eq!(ids, vec![12, 7]);
+        assert_eq!(&buf[used..], b"<iq id='l9");
+        let used = scan_pongs(b"<iq id='x1' type='error'/>", &mut ids, &mut errors);
+        assert_eq!(used, 26);
+        assert_eq!(errors, 1);
+    }
 }

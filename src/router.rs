@@ -50,25 +50,30 @@ pub fn route(server: &Arc<Server>, stanza: Stanza) {
         tracing::warn!(stanza = stanza.as_str(), "dropping stanza without 'to'");
         return;
     };
-    let to_domain = domain_of(to).to_ascii_lowercase();
-    if server.is_hosted(&to_domain) {
+    let to_domain = domain_of(to);
+    if server.is_hosted(to_domain) {
         handlers::deliver_local(server, stanza);
         return;
     }
-    let from_domain = stanza
+    let Some(from_domain) = stanza
         .from
         .as_deref()
         .map(domain_of)
         .and_then(|d| server.hosted(d))
-        .map(str::to_string);
-    let Some(from_domain) = from_domain else {
+    else {
         tracing::warn!(
             stanza = stanza.as_str(),
             "dropping stanza not from a hosted domain"
         );
         return;
     };
-    if !server.policy.allows(&to_domain) {
+    // Domains are case-insensitive; keep one spelling per session.
+    let remote: std::borrow::Cow<'_, str> = if to_domain.bytes().any(|b| b.is_ascii_uppercase()) {
+        to_domain.to_ascii_lowercase().into()
+    } else {
+        to_domain.into()
+    };
+    if !server.policy.allows(&remote) {
         bounce(
             server,
             &stanza,
@@ -77,7 +82,9 @@ pub fn route(server: &Arc<Server>, stanza: Stanza) {
         );
         return;
     }
-    crate::s2s::outbound::send(server, from_domain, to_domain, stanza);
+    // `remote` borrows the stanza, which moves into the queue: one small copy.
+    let remote = remote.into_owned();
+    crate::s2s::outbound::send(server, from_domain, &remote, stanza);
 }
 
 /// Answer a stanza with an error, unless it is itself an error.

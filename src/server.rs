@@ -187,6 +187,12 @@ impl Server {
         Ok(out)
     }
 
+    /// Take the bound listeners (with whether each is direct TLS) to accept on them
+    /// yourself (the `load` tool does).
+    pub fn take_listeners(listeners: &mut Listeners) -> Vec<(TcpListener, bool)> {
+        listeners.listeners.drain(..).collect()
+    }
+
     /// Accept on the bound listeners until shutdown.
     pub fn spawn_accept_loops(self: &Arc<Self>, listeners: &mut Listeners) {
         for (l, direct) in listeners.listeners.drain(..) {

@@ -133,7 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
                 }
                 return Ok(ev);
             }
-            let n = self.io.read_buf(self.framer.buf_mut()).await?;
+            let n = self.io.read_buf(reserve(self.framer.buf_mut())).await?;
             if n == 0 {
                 return Err(StreamFailure::Eof);
             }
@@ -235,6 +235,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
     }
 }
 
+/// Make room for a large read: `BytesMut` only grows by 64 bytes when full, and
+/// the framer splits complete elements off its front, so without this reads shrink
+/// to a few stanzas each.
+fn reserve(buf: &mut bytes::BytesMut) -> &mut bytes::BytesMut {
+    buf.reserve(32 * 1024);
+    buf
+}
+
 /// Read events from the read half of a split stream.
 pub async fn next_event<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -252,7 +260,7 @@ pub async fn next_event<R: AsyncRead + Unpin>(
             }
             return Ok(ev);
         }
-        if rd.read_buf(framer.buf_mut()).await? == 0 {
+        if rd.read_buf(reserve(framer.buf_mut())).await? == 0 {
             return Err(StreamFailure::Eof);
         }
     }

@@ -421,26 +421,36 @@ pub async fn run(server: &Arc<Server>, auth: Authenticated) {
     } = auth;
     let header = header_xml(&local_domain, Some(&peer_domain), None);
     let idle = server.config.timeouts.idle();
+    // One timer for the whole stream, re-armed only when it fires (arming a timer
+    // per stanza costs more than the stanza).
+    let mut last_activity = Instant::now();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     loop {
         let ev = tokio::select! {
             _ = server.shutdown.cancelled() => {
                 xs.fail(&header, StreamCondition::SystemShutdown, "server shutting down").await;
                 return;
             }
-            ev = tokio::time::timeout(idle, xs.next()) => ev,
+            _ = &mut idle_timer => {
+                if last_activity.elapsed() >= idle {
+                    let e = StreamFailure::protocol(StreamCondition::ConnectionTimeout, "idle stream");
+                    return fail_with(&mut xs, &header, e).await;
+                }
+                idle_timer.as_mut().reset(last_activity + idle);
+                continue;
+            }
+            ev = xs.next() => ev,
         };
+        last_activity = Instant::now();
         let ev = match ev {
-            Ok(Ok(ev)) => ev,
-            Ok(Err(StreamFailure::Closed)) => {
+            Ok(ev) => ev,
+            Err(StreamFailure::Closed) => {
                 tracing::info!("peer closed the stream");
                 xs.close().await;
                 return;
             }
-            Ok(Err(e)) => return fail_with(&mut xs, &header, e).await,
-            Err(_) => {
-                let e = StreamFailure::protocol(StreamCondition::ConnectionTimeout, "idle stream");
-                return fail_with(&mut xs, &header, e).await;
-            }
+            Err(e) => return fail_with(&mut xs, &header, e).await,
         };
         let el = match ev {
             Event::Element(el) => el,

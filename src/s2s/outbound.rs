@@ -363,14 +363,20 @@ struct Handle {
 /// All outbound sessions.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<(String, String), Handle>>,
+    /// local domain -> remote domain -> session (nested so lookups need no allocation).
+    map: Mutex<HashMap<String, HashMap<String, Handle>>>,
     next_id: AtomicU64,
 }
 
 impl Sessions {
     /// Number of live sessions.
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(HashMap::len)
+            .sum()
     }
 
     /// Whether there are none.
@@ -380,15 +386,16 @@ impl Sessions {
 
     fn remove(&self, key: &(String, String), id: u64) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|h| h.id == id) {
-            map.remove(key);
+        if let Some(m) = map.get_mut(&key.0)
+            && m.get(&key.1).is_some_and(|h| h.id == id)
+        {
+            m.remove(&key.1);
         }
     }
 }
 
 /// Queue `stanza` for `remote`, starting a session if needed.
-pub fn send(server: &Arc<Server>, local: String, remote: String, stanza: Stanza) {
-    let key = (local, remote);
+pub fn send(server: &Arc<Server>, local: &str, remote: &str, stanza: Stanza) {
     let mut stanza = stanza;
     for _ in 0..3 {
         let handle = {
@@ -397,22 +404,25 @@ pub fn send(server: &Arc<Server>, local: String, remote: String, stanza: Stanza)
                 .map
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            match map.get(&key) {
+            match map.get(local).and_then(|m| m.get(remote)) {
                 Some(h) => h.clone(),
                 None => {
                     let (tx, rx) = mpsc::channel(server.config.limits.outbound_queue);
                     let id = server.outbound.next_id.fetch_add(1, Ordering::Relaxed);
                     let h = Handle { id, tx };
-                    map.insert(key.clone(), h.clone());
+                    map.entry(local.to_string())
+                        .or_default()
+                        .insert(remote.to_string(), h.clone());
                     let span = tracing::info_span!(
                         "s2s",
                         direction = "out",
-                        local = %key.0,
-                        peer.domain = %key.1
+                        local = %local,
+                        peer.domain = %remote
                     );
-                    let s = server.clone();
-                    let k = key.clone();
-                    server.tracker.spawn(session(s, k, id, rx).instrument(span));
+                    let key = (local.to_string(), remote.to_string());
+                    server
+                        .tracker
+                        .spawn(session(server.clone(), key, id, rx).instrument(span));
                     h
                 }
             }
@@ -428,7 +438,9 @@ pub fn send(server: &Arc<Server>, local: String, remote: String, stanza: Stanza)
                 );
             }
             Err(mpsc::error::TrySendError::Closed(s)) => {
-                server.outbound.remove(&key, handle.id);
+                server
+                    .outbound
+                    .remove(&(local.to_string(), remote.to_string()), handle.id);
                 stanza = s;
             }
         }
@@ -553,7 +565,7 @@ async fn session(
                             // Anything that raced in is delivered by a new session.
                             rx.close();
                             while let Ok(s) = rx.try_recv() {
-                                send(&server, local.clone(), remote.clone(), s);
+                                send(&server, &local, &remote, s);
                             }
                             return;
                         }
@@ -578,7 +590,7 @@ async fn session(
                         reader.abort();
                         rx.close();
                         while let Ok(s) = rx.try_recv() {
-                            send(&server, local.clone(), remote.clone(), s);
+                            send(&server, &local, &remote, s);
                         }
                         return;
                     }

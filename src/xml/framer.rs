@@ -210,6 +210,13 @@ impl Framer {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Take the bytes received but not yet part of a returned event (to hand the
+    /// stream over to another reader).
+    pub fn take_pending(&mut self) -> BytesMut {
+        self.pos = 0;
+        self.buf.split()
+    }
+
     /// Bytes received but not yet part of a returned event.
     pub fn pending(&self) -> usize {
         self.buf.len()
@@ -230,6 +237,35 @@ impl Framer {
 
     fn scan(&mut self) -> Result<Option<Event>, XmlError> {
         while self.pos < self.buf.len() {
+            // Fast paths: character data inside an element and attribute values only
+            // need the next `<` (or quote) found and control characters excluded.
+            let skip_to = match self.state {
+                State::Text if self.depth >= 2 => Some(
+                    memchr::memchr(b'<', &self.buf[self.pos..])
+                        .unwrap_or(self.buf.len() - self.pos),
+                ),
+                State::StartTag { quote, .. } if quote != 0 => Some(
+                    memchr::memchr2(quote, b'<', &self.buf[self.pos..])
+                        .unwrap_or(self.buf.len() - self.pos),
+                ),
+                _ => None,
+            };
+            if let Some(n) = skip_to
+                && n > 0
+            {
+                let run = &self.buf[self.pos..self.pos + n];
+                if let Some(&b) = run
+                    .iter()
+                    .find(|&&b| b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r')
+                {
+                    return Err(XmlError::NotWellFormed(format!(
+                        "control character 0x{b:02x}"
+                    )));
+                }
+                self.pos += n;
+                self.check_size()?;
+                continue;
+            }
             let b = self.buf[self.pos];
             if b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r' {
                 return Err(XmlError::NotWellFormed(format!(
@@ -487,7 +523,7 @@ impl Framer {
         let mut others = Vec::new();
         for a in attrs {
             let a = a.map_err(|e| XmlError::NotWellFormed(e.to_string()))?;
-            let value = attr_value(&a)?;
+            let value = attr_value(&a)?.into_owned();
             match a.key.as_namespace_binding() {
                 Some(PrefixDeclaration::Default) => h.default_ns = Some(value),
                 Some(PrefixDeclaration::Named(p)) => {
@@ -555,9 +591,10 @@ pub fn parse_element(xml: &[u8]) -> Result<Element, XmlError> {
     validate(Bytes::copy_from_slice(xml), &header)
 }
 
-fn attr_value(a: &quick_xml::events::attributes::Attribute<'_>) -> Result<String, XmlError> {
+fn attr_value<'a>(
+    a: &'a quick_xml::events::attributes::Attribute<'_>,
+) -> Result<std::borrow::Cow<'a, str>, XmlError> {
     a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
-        .map(|v| v.into_owned())
         .map_err(|_| XmlError::RestrictedXml("entity reference"))
 }
 
@@ -635,44 +672,43 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
         marks.push(scope.len());
         let mut attrs = start.attributes();
         attrs.with_checks(true);
+        // Only the top-level element's attributes are kept; the others are checked.
         let mut plain = Vec::new();
+        let mut prefixed_attr = false;
         for a in attrs {
             let a = a.map_err(|e| XmlError::NotWellFormed(e.to_string()))?;
-            let value = attr_value(&a)?;
             match a.key.as_namespace_binding() {
-                Some(PrefixDeclaration::Default) => scope.push((String::new(), value)),
-                Some(PrefixDeclaration::Named(p)) => {
-                    check_declaration(p, &value)?;
-                    scope.push((p.to_string(), value));
+                Some(PrefixDeclaration::Default) => {
+                    scope.push((String::new(), attr_value(&a)?.into_owned()))
                 }
-                None => plain.push((a.key.0.to_string(), value)),
+                Some(PrefixDeclaration::Named(p)) => {
+                    let value = attr_value(&a)?;
+                    check_declaration(p, &value)?;
+                    scope.push((p.to_string(), value.into_owned()));
+                }
+                None => {
+                    let value = attr_value(&a)?;
+                    prefixed_attr |= a.key.0.contains(':');
+                    if depth == 0 {
+                        plain.push((a.key.0.to_string(), value.into_owned()));
+                    }
+                }
             }
         }
-        let mut resolve = |prefix: &str| -> Result<String, XmlError> {
-            if prefix == "xml" {
-                return Ok(NS_XML.to_string());
-            }
-            if let Some((_, uri)) = scope.iter().rev().find(|(p, _)| *p == prefix) {
-                return Ok(uri.clone());
-            }
-            if prefix.is_empty() {
-                return Ok(header.default_ns.clone().unwrap_or_default());
-            }
-            match header.prefixes.iter().find(|(p, _)| p == prefix) {
-                Some((p, uri)) => {
-                    if !borrowed.iter().any(|(q, _)| q == p) {
-                        borrowed.push((p.clone(), uri.clone()));
-                    }
-                    Ok(uri.clone())
-                }
-                None => Err(XmlError::BadNamespacePrefix(prefix.to_string())),
-            }
-        };
         let (local, prefix) = start.name().decompose();
-        let ns = resolve(prefix.map(|p| p.into_inner()).unwrap_or(""))?;
-        for (k, _) in &plain {
-            if let Some((p, _)) = k.split_once(':') {
-                resolve(p)?;
+        let ns = resolve(
+            prefix.map(|p| p.into_inner()).unwrap_or(""),
+            &scope,
+            header,
+            &mut borrowed,
+        )?;
+        if prefixed_attr {
+            for a in start.attributes().flatten() {
+                if a.key.as_namespace_binding().is_none()
+                    && let Some(p) = a.key.prefix()
+                {
+                    resolve(p.into_inner(), &scope, header, &mut borrowed)?;
+                }
             }
         }
         if depth == 0 {
@@ -681,9 +717,9 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
                 .into_iter()
                 .filter(|(k, _)| !k.contains(':') || k == "xml:lang")
                 .collect();
-            top = Some((ns, local.into_inner().to_string(), attrs));
+            top = Some((ns.to_string(), local.into_inner().to_string(), attrs));
         } else if depth == 1 && first_child.is_none() {
-            first_child = Some((ns, local.into_inner().to_string()));
+            first_child = Some((ns.to_string(), local.into_inner().to_string()));
         }
         if empty {
             let m = marks.pop().unwrap_or(0);
@@ -705,6 +741,34 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
         attrs,
         first_child,
     })
+}
+
+/// Resolve a prefix ("" for the default namespace) against the element's scope,
+/// then the stream header; prefixes taken from the header are recorded in `borrowed`.
+fn resolve<'a>(
+    prefix: &str,
+    scope: &'a [(String, String)],
+    header: &'a StreamHeader,
+    borrowed: &mut Vec<(String, String)>,
+) -> Result<&'a str, XmlError> {
+    if prefix == "xml" {
+        return Ok(NS_XML);
+    }
+    if let Some((_, uri)) = scope.iter().rev().find(|(p, _)| p == prefix) {
+        return Ok(uri);
+    }
+    if prefix.is_empty() {
+        return Ok(header.default_ns.as_deref().unwrap_or(""));
+    }
+    match header.prefixes.iter().find(|(p, _)| p == prefix) {
+        Some((p, uri)) => {
+            if !borrowed.iter().any(|(q, _)| q == p) {
+                borrowed.push((p.clone(), uri.clone()));
+            }
+            Ok(uri)
+        }
+        None => Err(XmlError::BadNamespacePrefix(prefix.to_string())),
+    }
 }
 
 /// Insert `xmlns:p='uri'` declarations right after the element name.
