@@ -93,7 +93,7 @@ fn domain_iq(server: &Arc<Server>, stanza: Stanza) {
             "iq without payload",
         );
     };
-    let reply = match (type_, ns.as_str(), name.as_str()) {
+    let reply = match (type_, &*ns, &*name) {
         ("get", NS_PING, "ping") => Stanza::iq_result(&stanza, ""),
         ("get", NS_DISCO_INFO, "query") => {
             if query_node(&stanza).is_some() {

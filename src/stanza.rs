@@ -6,6 +6,8 @@
 
 pub mod error;
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 pub use error::{StanzaCondition, StanzaErrorType, StreamCondition};
@@ -52,7 +54,7 @@ pub struct Stanza {
     /// `type`
     pub type_: Option<String>,
     /// Namespace and name of the first child element (an iq's payload).
-    pub payload: Option<(String, String)>,
+    pub payload: Option<(Cow<'static, str>, Cow<'static, str>)>,
 }
 
 impl Stanza {
@@ -61,7 +63,7 @@ impl Stanza {
         if el.ns != NS_SERVER {
             return None;
         }
-        let kind = match el.name.as_str() {
+        let kind = match &*el.name {
             "message" => Kind::Message,
             "presence" => Kind::Presence,
             "iq" => Kind::Iq,
@@ -137,7 +139,7 @@ impl Stanza {
             from: self.to.clone(),
             id: self.id.clone(),
             type_: Some("error".into()),
-            payload: Some((NS_SERVER.into(), "error".into())),
+            payload: Some((Cow::Borrowed(NS_SERVER), Cow::Borrowed("error"))),
         })
     }
 

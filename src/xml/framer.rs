@@ -18,6 +18,8 @@
 //! rxml (tokio-xmpp): it is ~4x slower and builds a DOM. The element is kept as its
 //! raw bytes ([`Element::raw`]) so the router forwards it without re-serializing.
 
+use std::borrow::Cow;
+
 use bytes::{Buf, Bytes, BytesMut};
 use quick_xml::events::Event as XEvent;
 use quick_xml::name::PrefixDeclaration;
@@ -102,13 +104,45 @@ pub struct Element {
     /// declarations of prefixes bound only on the stream header are added to it.
     pub raw: Bytes,
     /// Resolved namespace of the element.
-    pub ns: String,
+    pub ns: Cow<'static, str>,
     /// Local name of the element.
-    pub name: String,
+    pub name: Cow<'static, str>,
     /// Unprefixed attributes (and `xml:lang` as `xml:lang`), unescaped, in order.
     pub attrs: Vec<(String, String)>,
     /// Namespace and local name of the first child element, if any.
-    pub first_child: Option<(String, String)>,
+    pub first_child: Option<(Cow<'static, str>, Cow<'static, str>)>,
+}
+
+/// Common names and namespaces without an allocation (most stanzas only use these).
+fn known(s: &str) -> Cow<'static, str> {
+    const KNOWN: &[&str] = &[
+        super::NS_SERVER,
+        NS_STREAM,
+        super::NS_TLS,
+        super::NS_SASL,
+        "urn:xmpp:ping",
+        "http://jabber.org/protocol/disco#info",
+        "http://jabber.org/protocol/disco#items",
+        "jabber:iq:version",
+        "urn:xmpp:sm:3",
+        "iq",
+        "message",
+        "presence",
+        "ping",
+        "query",
+        "body",
+        "error",
+        "features",
+        "starttls",
+        "proceed",
+        "auth",
+        "success",
+        "failure",
+    ];
+    match KNOWN.iter().find(|k| **k == s) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(s.to_string()),
+    }
 }
 
 impl Element {
@@ -177,6 +211,7 @@ pub struct Framer {
     header: StreamHeader,
     seen_decl: bool,
     failed: Option<XmlError>,
+    scratch: Scratch,
 }
 
 impl Framer {
@@ -192,6 +227,7 @@ impl Framer {
             header: StreamHeader::default(),
             seen_decl: false,
             failed: None,
+            scratch: Scratch::default(),
         }
     }
 
@@ -576,7 +612,7 @@ impl Framer {
     fn element_done(&mut self) -> Result<Event, XmlError> {
         let raw = self.buf.split_to(self.pos).freeze();
         self.pos = 0;
-        validate(raw, &self.header).map(Event::Element)
+        validate(raw, &self.header, &mut self.scratch).map(Event::Element)
     }
 }
 
@@ -588,7 +624,11 @@ pub fn parse_element(xml: &[u8]) -> Result<Element, XmlError> {
         prefixes: vec![("stream".into(), NS_STREAM.into())],
         ..StreamHeader::default()
     };
-    validate(Bytes::copy_from_slice(xml), &header)
+    validate(
+        Bytes::copy_from_slice(xml),
+        &header,
+        &mut Scratch::default(),
+    )
 }
 
 fn attr_value<'a>(
@@ -618,19 +658,48 @@ fn is_xml_char(c: char) -> bool {
 }
 
 /// Check a complete top-level element with quick-xml and resolve its namespaces.
-fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
+/// Namespace scope and element marks, kept by the framer between elements so their
+/// allocations are reused.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// In-element bindings `(prefix, uri)`; "" is the default namespace. Only the
+    /// first `len` entries are live; the rest keep their buffers for reuse.
+    scope: Vec<(String, String)>,
+    len: usize,
+    /// Scope length at each open element.
+    marks: Vec<usize>,
+}
+
+impl Scratch {
+    fn push(&mut self, prefix: &str, uri: &str) {
+        if let Some(e) = self.scope.get_mut(self.len) {
+            e.0.clear();
+            e.0.push_str(prefix);
+            e.1.clear();
+            e.1.push_str(uri);
+        } else {
+            self.scope.push((prefix.to_string(), uri.to_string()));
+        }
+        self.len += 1;
+    }
+
+    fn pop_element(&mut self) {
+        self.len = self.marks.pop().unwrap_or(0);
+    }
+}
+
+fn validate(raw: Bytes, header: &StreamHeader, scratch: &mut Scratch) -> Result<Element, XmlError> {
     let text =
         std::str::from_utf8(&raw).map_err(|_| XmlError::NotWellFormed("invalid UTF-8".into()))?;
     let mut reader = Reader::from_str(text);
     reader.config_mut().check_end_names = true;
-    // In-stanza bindings: (prefix, uri); "" is the default namespace.
-    let mut scope: Vec<(String, String)> = Vec::new();
-    let mut marks: Vec<usize> = Vec::new();
+    scratch.len = 0;
+    scratch.marks.clear();
     // Prefixes resolved from the stream header: they must be declared on the element
     // when it is forwarded to another stream.
     let mut borrowed: Vec<(String, String)> = Vec::new();
     // (namespace, local name, attributes) of the top-level element.
-    type Top = (String, String, Vec<(String, String)>);
+    type Top = (Cow<'static, str>, Cow<'static, str>, Vec<(String, String)>);
     let mut top: Option<Top> = None;
     let mut first_child = None;
     let mut qname_len = 0;
@@ -642,8 +711,7 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
             XEvent::Start(s) => (s, false),
             XEvent::Empty(s) => (s, true),
             XEvent::End(_) => {
-                let m = marks.pop().unwrap_or(0);
-                scope.truncate(m);
+                scratch.pop_element();
                 continue;
             }
             XEvent::Text(_) | XEvent::CData(_) => continue,
@@ -668,8 +736,8 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
             XEvent::DocType(_) => return Err(XmlError::RestrictedXml("DTD")),
             XEvent::Eof => break,
         };
-        let depth = marks.len();
-        marks.push(scope.len());
+        let depth = scratch.marks.len();
+        scratch.marks.push(scratch.len);
         let mut attrs = start.attributes();
         attrs.with_checks(true);
         // Only the top-level element's attributes are kept; the others are checked.
@@ -678,13 +746,11 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
         for a in attrs {
             let a = a.map_err(|e| XmlError::NotWellFormed(e.to_string()))?;
             match a.key.as_namespace_binding() {
-                Some(PrefixDeclaration::Default) => {
-                    scope.push((String::new(), attr_value(&a)?.into_owned()))
-                }
+                Some(PrefixDeclaration::Default) => scratch.push("", &attr_value(&a)?),
                 Some(PrefixDeclaration::Named(p)) => {
                     let value = attr_value(&a)?;
                     check_declaration(p, &value)?;
-                    scope.push((p.to_string(), value.into_owned()));
+                    scratch.push(p, &value);
                 }
                 None => {
                     let value = attr_value(&a)?;
@@ -696,9 +762,10 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
             }
         }
         let (local, prefix) = start.name().decompose();
+        let scope = &scratch.scope[..scratch.len];
         let ns = resolve(
             prefix.map(|p| p.into_inner()).unwrap_or(""),
-            &scope,
+            scope,
             header,
             &mut borrowed,
         )?;
@@ -707,7 +774,7 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
                 if a.key.as_namespace_binding().is_none()
                     && let Some(p) = a.key.prefix()
                 {
-                    resolve(p.into_inner(), &scope, header, &mut borrowed)?;
+                    resolve(p.into_inner(), scope, header, &mut borrowed)?;
                 }
             }
         }
@@ -717,13 +784,12 @@ fn validate(raw: Bytes, header: &StreamHeader) -> Result<Element, XmlError> {
                 .into_iter()
                 .filter(|(k, _)| !k.contains(':') || k == "xml:lang")
                 .collect();
-            top = Some((ns.to_string(), local.into_inner().to_string(), attrs));
+            top = Some((known(ns), known(local.into_inner()), attrs));
         } else if depth == 1 && first_child.is_none() {
-            first_child = Some((ns.to_string(), local.into_inner().to_string()));
+            first_child = Some((known(ns), known(local.into_inner())));
         }
         if empty {
-            let m = marks.pop().unwrap_or(0);
-            scope.truncate(m);
+            scratch.pop_element();
         }
     }
     let Some((ns, name, attrs)) = top else {
@@ -754,7 +820,12 @@ fn resolve<'a>(
     if prefix == "xml" {
         return Ok(NS_XML);
     }
-    if let Some((_, uri)) = scope.iter().rev().find(|(p, _)| p == prefix) {
+    // (Comparing lengths first keeps the common default-namespace lookup out of memcmp.)
+    if let Some((_, uri)) = scope
+        .iter()
+        .rev()
+        .find(|(p, _)| p.len() == prefix.len() && (prefix.is_empty() || p == prefix))
+    {
         return Ok(uri);
     }
     if prefix.is_empty() {
