@@ -143,6 +143,7 @@ impl Lab {
             .output()
             .expect("run check");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{text}");
         assert!(
             out.status.success(),
             "check {domain} failed:\n{text}\n{}",
