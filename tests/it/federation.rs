@@ -427,3 +427,38 @@ async fn unreachable_domain_is_bounced_after_the_retry_window() {
     assert_eq!(alpha.server.outbound.len(), 0, "failed session is gone");
     alpha.shutdown().await;
 }
+
+#[tokio::test]
+async fn connection_caps_and_negotiation_timeout() {
+    let net = Net::new().await;
+    let mut bc = net.config("beta.test", BETA, Eku::Both);
+    bc.limits.max_connections_per_ip = 2;
+    bc.timeouts.negotiation_secs = 1;
+    let beta = net.start(bc).await;
+    let addr = beta.starttls[0];
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    let _second = TcpStream::connect(addr).await.unwrap();
+    // The third connection from the same address is closed at once, unread.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("closed promptly")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "third connection must be refused");
+    assert_eq!(
+        beta.server
+            .metrics
+            .inbound_refused_caps
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // A silent peer is cut off after the negotiation timeout with a stream error.
+    let mut out = Vec::new();
+    let t0 = std::time::Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("<connection-timeout"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    beta.shutdown().await;
+}
