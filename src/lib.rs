@@ -13,5 +13,6 @@ pub mod router;
 pub mod s2s;
 pub mod server;
 pub mod stanza;
+pub mod store;
 pub mod testkit;
 pub mod xml;

@@ -1,0 +1,659 @@
+//! The durable store: the only code that touches sled or redb.
+//!
+//! Two layers:
+//! - [`Kv`]: a narrow ordered key-value trait (get, range scan, atomic durable batch).
+//!   [`sled_kv::SledKv`] and [`redb_kv::RedbKv`] implement it; the same tests run on both.
+//! - [`Store`]: the typed schema on top (users, outbound queue, events, dedup),
+//!   with **group commit**: concurrent writers hand their batches to one committer
+//!   thread, which applies everything pending in one transaction and one fsync, then
+//!   answers them all. A write returns only once it is durable.
+//!
+//! Keys are prefixed by a one-byte "tree" tag; numbers are big-endian so ranges
+//! scan in order. The schema version is stored under `m/schema` and checked on open.
+
+pub mod redb_kv;
+pub mod sled_kv;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// The on-disk schema version this code reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Errors of the store.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend failed (I/O, corruption...).
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A value could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The database was written by another schema version.
+    #[error("database schema version {found} is not supported (this build uses {SCHEMA_VERSION})")]
+    Schema {
+        /// What the database says.
+        found: u32,
+    },
+    /// The committer is gone (shutting down).
+    #[error("store closed")]
+    Closed,
+}
+
+/// One write in a batch.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Set a key.
+    Put(Vec<u8>, Vec<u8>),
+    /// Remove a key.
+    Delete(Vec<u8>),
+}
+
+/// An ordered key-value store with atomic, durable batches.
+pub trait Kv: Send + Sync + 'static {
+    /// Read one key.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Keys in `[from, to)`, in order, at most `limit`.
+    fn range(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Apply all ops atomically and durably (fsync) before returning.
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
+}
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// sled 0.34 (the design's default).
+    #[default]
+    Sled,
+    /// redb.
+    Redb,
+}
+
+/// Open a backend at `path` (a directory for sled, a file for redb).
+pub fn open_kv(backend: Backend, path: &Path) -> Result<Arc<dyn Kv>, StoreError> {
+    Ok(match backend {
+        Backend::Sled => Arc::new(sled_kv::SledKv::open(path)?),
+        Backend::Redb => Arc::new(redb_kv::RedbKv::open(path)?),
+    })
+}
+
+/// A local user of the backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// The backend's id for the user.
+    pub id: String,
+    /// The handle: the JID's localpart (normalized).
+    pub handle: String,
+    /// Display name (served as vCard FN).
+    pub display_name: String,
+}
+
+/// A message accepted for delivery to a remote domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// Queue sequence number (also the key).
+    pub seq: u64,
+    /// Remote domain.
+    pub domain: String,
+    /// The stanza id.
+    pub id: String,
+    /// Sender JID.
+    pub from: String,
+    /// Recipient JID.
+    pub to: String,
+    /// The complete stanza.
+    pub xml: String,
+    /// When the API accepted it (unix ms).
+    pub accepted_ms: u64,
+    /// When it expires (unix ms).
+    pub expires_ms: u64,
+}
+
+/// An event for the backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the queue (the cursor).
+    pub seq: u64,
+    /// When it happened (unix ms).
+    pub at_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Event payloads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A message for a local user.
+    Message {
+        /// Local user id.
+        user_id: String,
+        /// Sender JID (full).
+        from: String,
+        /// Recipient JID.
+        to: String,
+        /// Stanza id, if any.
+        id: Option<String>,
+        /// Message type.
+        message_type: String,
+        /// Body text, if any.
+        body: Option<String>,
+        /// Thread, if any.
+        thread: Option<String>,
+        /// The whole stanza, so extension elements (e2e payloads, receipts,
+        /// stanza-ids) cross untouched.
+        xml: String,
+    },
+    /// The peer took an outgoing message.
+    Delivered {
+        /// Stanza id.
+        id: String,
+        /// Recipient.
+        to: String,
+    },
+    /// An outgoing message came back with an error.
+    Bounced {
+        /// Stanza id.
+        id: String,
+        /// Recipient.
+        to: String,
+        /// Stanza error condition.
+        condition: String,
+        /// Error text, if any.
+        text: Option<String>,
+    },
+    /// An outgoing message could not be delivered before it expired.
+    Expired {
+        /// Stanza id.
+        id: String,
+        /// Recipient.
+        to: String,
+    },
+}
+
+const T_META: u8 = b'm';
+const T_USER: u8 = b'u';
+const T_HANDLE: u8 = b'h';
+const T_OUT: u8 = b'q';
+const T_OUT_ID: u8 = b'i';
+const T_EVENT: u8 = b'e';
+const T_ACK: u8 = b'a';
+const T_DEDUP: u8 = b'd';
+
+fn key(tree: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(tree);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn seq_key(tree: u8, seq: u64) -> Vec<u8> {
+    key(tree, &seq.to_be_bytes())
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain structs cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+type Pending = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
+
+/// The typed store with group commit.
+pub struct Store {
+    kv: Arc<dyn Kv>,
+    committer: Option<std_mpsc::Sender<Pending>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    next_event: AtomicU64,
+    next_out: AtomicU64,
+    /// Wakes long-polling event readers.
+    pub events_changed: tokio::sync::Notify,
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn last_seq(kv: &dyn Kv, tree: u8) -> Result<u64, StoreError> {
+    // Scan the whole tree once at startup for the highest key (trees are small:
+    // unacked events and undelivered messages only).
+    let mut from = vec![tree];
+    let to = vec![tree + 1];
+    let mut last = 0;
+    loop {
+        let chunk = kv.range(&from, &to, 1024)?;
+        let Some((k, _)) = chunk.last() else { break };
+        if k.len() == 9 {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[1..]);
+            last = last.max(u64::from_be_bytes(b));
+        }
+        from = k.clone();
+        from.push(0);
+        if chunk.len() < 1024 {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+impl Store {
+    /// Open on a backend, check or write the schema version, start the committer.
+    pub fn open(kv: Arc<dyn Kv>) -> Result<Arc<Store>, StoreError> {
+        match kv.get(&key(T_META, b"schema"))? {
+            Some(v) => {
+                let found = String::from_utf8_lossy(&v).parse::<u32>().unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema { found });
+                }
+            }
+            None => kv.apply(&[Op::Put(
+                key(T_META, b"schema"),
+                SCHEMA_VERSION.to_string().into_bytes(),
+            )])?,
+        }
+        let acked = match kv.get(&key(T_ACK, b"events"))? {
+            Some(v) if v.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&v);
+                u64::from_be_bytes(b)
+            }
+            _ => 0,
+        };
+        let next_event = last_seq(&*kv, T_EVENT)?.max(acked) + 1;
+        let next_out = last_seq(&*kv, T_OUT)? + 1;
+        let (tx, rx) = std_mpsc::channel::<Pending>();
+        let commits = Arc::new(AtomicU64::new(0));
+        let (kv2, c2) = (kv.clone(), commits.clone());
+        let thread = std::thread::Builder::new()
+            .name("store-committer".into())
+            .spawn(move || committer(kv2, rx, c2))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(Arc::new(Store {
+            kv,
+            committer: Some(tx),
+            thread: Some(thread),
+            next_event: AtomicU64::new(next_event),
+            next_out: AtomicU64::new(next_out),
+            events_changed: tokio::sync::Notify::new(),
+            commits,
+        }))
+    }
+
+    /// Number of group commits so far (each is one transaction + fsync).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Apply `ops` durably (grouped with other writers').
+    pub async fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.committer
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send((ops, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    // ---- users ----
+
+    /// A user by backend id.
+    pub fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        self.kv
+            .get(&key(T_USER, id.as_bytes()))?
+            .map(|v| parse(&v))
+            .transpose()
+    }
+
+    /// A user by handle (localpart).
+    pub fn user_by_handle(&self, handle: &str) -> Result<Option<User>, StoreError> {
+        match self.kv.get(&key(T_HANDLE, handle.as_bytes()))? {
+            Some(id) => self.user(&String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Create or update a user; the handle index follows. The caller checks that the
+    /// handle is not taken by another id.
+    pub async fn put_user(&self, user: &User) -> Result<(), StoreError> {
+        let mut ops = Vec::new();
+        if let Some(old) = self.user(&user.id)?
+            && old.handle != user.handle
+        {
+            ops.push(Op::Delete(key(T_HANDLE, old.handle.as_bytes())));
+        }
+        ops.push(Op::Put(key(T_USER, user.id.as_bytes()), json(user)));
+        ops.push(Op::Put(
+            key(T_HANDLE, user.handle.as_bytes()),
+            user.id.as_bytes().to_vec(),
+        ));
+        self.write(ops).await
+    }
+
+    /// Delete a user; `false` if there was none.
+    pub async fn delete_user(&self, id: &str) -> Result<bool, StoreError> {
+        let Some(old) = self.user(id)? else {
+            return Ok(false);
+        };
+        self.write(vec![
+            Op::Delete(key(T_USER, id.as_bytes())),
+            Op::Delete(key(T_HANDLE, old.handle.as_bytes())),
+        ])
+        .await?;
+        Ok(true)
+    }
+
+    // ---- outbound queue ----
+
+    /// Persist a message for delivery; returns it with its sequence number.
+    pub async fn enqueue(&self, mut m: Outgoing) -> Result<Outgoing, StoreError> {
+        m.seq = self.next_out.fetch_add(1, Ordering::Relaxed);
+        self.write(vec![
+            Op::Put(seq_key(T_OUT, m.seq), json(&m)),
+            Op::Put(key(T_OUT_ID, m.id.as_bytes()), m.seq.to_be_bytes().to_vec()),
+        ])
+        .await?;
+        Ok(m)
+    }
+
+    /// Every queued message, in order.
+    pub fn queued(&self) -> Result<Vec<Outgoing>, StoreError> {
+        let mut out = Vec::new();
+        let mut from = vec![T_OUT];
+        loop {
+            let chunk = self.kv.range(&from, &[T_OUT + 1], 1024)?;
+            for (_, v) in &chunk {
+                out.push(parse(v)?);
+            }
+            match chunk.last() {
+                Some((k, _)) if chunk.len() == 1024 => {
+                    from = k.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// A queued message by stanza id.
+    pub fn queued_by_id(&self, id: &str) -> Result<Option<Outgoing>, StoreError> {
+        let Some(seq) = self.kv.get(&key(T_OUT_ID, id.as_bytes()))? else {
+            return Ok(None);
+        };
+        if seq.len() != 8 {
+            return Err(StoreError::Corrupt("outbound id index".into()));
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&seq);
+        self.kv
+            .get(&seq_key(T_OUT, u64::from_be_bytes(b)))?
+            .map(|v| parse(&v))
+            .transpose()
+    }
+
+    /// Remove queued messages and record what happened to them, atomically.
+    pub async fn settle(&self, done: Vec<(Outgoing, EventKind)>) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        let mut kinds = Vec::new();
+        for (m, kind) in done {
+            ops.push(Op::Delete(seq_key(T_OUT, m.seq)));
+            ops.push(Op::Delete(key(T_OUT_ID, m.id.as_bytes())));
+            kinds.push(kind);
+        }
+        self.push_events_with(ops, kinds).await
+    }
+
+    // ---- events ----
+
+    /// Append events durably.
+    pub async fn push_events(&self, kinds: Vec<EventKind>) -> Result<(), StoreError> {
+        self.push_events_with(Vec::new(), kinds).await
+    }
+
+    /// Append events together with other ops, atomically.
+    pub async fn push_events_with(
+        &self,
+        mut ops: Vec<Op>,
+        kinds: Vec<EventKind>,
+    ) -> Result<(), StoreError> {
+        let at_ms = now_ms();
+        for kind in kinds {
+            let seq = self.next_event.fetch_add(1, Ordering::Relaxed);
+            ops.push(Op::Put(
+                seq_key(T_EVENT, seq),
+                json(&Event { seq, at_ms, kind }),
+            ));
+        }
+        self.write(ops).await?;
+        self.events_changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Events after `cursor`, at most `limit`.
+    pub fn events_after(&self, cursor: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let from = seq_key(T_EVENT, cursor.saturating_add(1));
+        self.kv
+            .range(&from, &[T_EVENT + 1], limit)?
+            .iter()
+            .map(|(_, v)| parse(v))
+            .collect()
+    }
+
+    /// The highest acknowledged event.
+    pub fn acked(&self) -> Result<u64, StoreError> {
+        Ok(match self.kv.get(&key(T_ACK, b"events"))? {
+            Some(v) if v.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&v);
+                u64::from_be_bytes(b)
+            }
+            _ => 0,
+        })
+    }
+
+    /// Acknowledge events up to `up_to` (inclusive): they are deleted.
+    pub async fn ack(&self, up_to: u64) -> Result<(), StoreError> {
+        let mut ops = Vec::new();
+        let mut from = seq_key(T_EVENT, 0);
+        let to = seq_key(T_EVENT, up_to.saturating_add(1));
+        loop {
+            let chunk = self.kv.range(&from, &to, 4096)?;
+            for (k, _) in &chunk {
+                ops.push(Op::Delete(k.clone()));
+            }
+            match chunk.last() {
+                Some((k, _)) if chunk.len() == 4096 => {
+                    from = k.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        if up_to > self.acked()? {
+            ops.push(Op::Put(key(T_ACK, b"events"), up_to.to_be_bytes().to_vec()));
+        }
+        self.write(ops).await
+    }
+
+    // ---- dedup ----
+
+    /// Record an inbound stanza key; `false` if it was already seen.
+    pub async fn first_sighting(&self, k: &str) -> Result<bool, StoreError> {
+        let dk = key(T_DEDUP, k.as_bytes());
+        if self.kv.get(&dk)?.is_some() {
+            return Ok(false);
+        }
+        self.write(vec![Op::Put(dk, now_ms().to_be_bytes().to_vec())])
+            .await?;
+        Ok(true)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Close the queue, let the committer finish what it has, release the backend.
+        self.committer.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The group-commit loop: take one batch, then everything else already waiting,
+/// apply all in one durable transaction, answer every writer.
+fn committer(kv: Arc<dyn Kv>, rx: std_mpsc::Receiver<Pending>, commits: Arc<AtomicU64>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            group.push(more);
+            if group.len() >= 4096 {
+                break;
+            }
+        }
+        let ops: Vec<Op> = group
+            .iter()
+            .flat_map(|(ops, _)| ops.iter().cloned())
+            .collect();
+        let result = kv.apply(&ops);
+        commits.fetch_add(1, Ordering::Relaxed);
+        for (_, tx) in group {
+            let _ = tx.send(result.clone());
+        }
+    }
+}
+
+/// The same behaviour tests for every backend.
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) async fn suite(open: impl Fn() -> Arc<dyn Kv>) {
+        let store = Store::open(open()).unwrap();
+        let alice = User {
+            id: "u1".into(),
+            handle: "alice".into(),
+            display_name: "Alice".into(),
+        };
+        store.put_user(&alice).await.unwrap();
+        assert_eq!(store.user_by_handle("alice").unwrap(), Some(alice.clone()));
+        let renamed = User {
+            handle: "alicia".into(),
+            ..alice.clone()
+        };
+        store.put_user(&renamed).await.unwrap();
+        assert_eq!(store.user_by_handle("alice").unwrap(), None);
+        assert_eq!(store.user("u1").unwrap(), Some(renamed.clone()));
+
+        // Concurrent writers share commits.
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.enqueue(Outgoing {
+                    seq: 0,
+                    domain: "r.test".into(),
+                    id: format!("m{i}"),
+                    from: "alicia@l.test".into(),
+                    to: "bob@r.test".into(),
+                    xml: "<message/>".into(),
+                    accepted_ms: 1,
+                    expires_ms: 2,
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(
+            store.commits() < 200,
+            "group commit: {} commits",
+            store.commits()
+        );
+        let q = store.queued().unwrap();
+        assert_eq!(q.len(), 200);
+        assert!(q.windows(2).all(|w| w[0].seq < w[1].seq));
+        let m5 = store.queued_by_id("m5").unwrap().unwrap();
+        store
+            .settle(vec![(
+                m5.clone(),
+                EventKind::Delivered {
+                    id: m5.id.clone(),
+                    to: m5.to.clone(),
+                },
+            )])
+            .await
+            .unwrap();
+        assert!(store.queued_by_id("m5").unwrap().is_none());
+        assert_eq!(store.queued().unwrap().len(), 199);
+        let ev = store.events_after(0, 10).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert!(matches!(&ev[0].kind, EventKind::Delivered { id, .. } if id == "m5"));
+        store
+            .push_events(vec![EventKind::Expired {
+                id: "x".into(),
+                to: "y".into(),
+            }])
+            .await
+            .unwrap();
+        let all = store.events_after(0, 10).unwrap();
+        assert_eq!(all.len(), 2);
+        store.ack(all[0].seq).await.unwrap();
+        let rest = store.events_after(0, 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].seq, all[1].seq);
+        assert!(store.first_sighting("a/1").await.unwrap());
+        assert!(!store.first_sighting("a/1").await.unwrap());
+        assert!(store.delete_user("u1").await.unwrap());
+        assert!(!store.delete_user("u1").await.unwrap());
+        drop(store);
+
+        // Reopen: sequence numbers continue, nothing is lost.
+        let store = Store::open(open()).unwrap();
+        assert_eq!(store.queued().unwrap().len(), 199);
+        let ev = store.events_after(store.acked().unwrap(), 10).unwrap();
+        assert_eq!(ev.len(), 1);
+        store
+            .push_events(vec![EventKind::Expired {
+                id: "z".into(),
+                to: "y".into(),
+            }])
+            .await
+            .unwrap();
+        let ev2 = store.events_after(0, 10).unwrap();
+        assert!(ev2.last().unwrap().seq > ev[0].seq);
+    }
+}
