@@ -55,6 +55,11 @@ pub async fn run(
         None => config.domains[0].clone(),
     };
     out(format!("checking s2s from {local} to {remote}"));
+    let mut config = config;
+    let scratch = crate::testkit::interop::Work::new("check")
+        .map_err(|e| CheckError::Ping(format!("cannot make a scratch directory: {e}")))?;
+    // A throwaway store: check never touches the server's data.
+    config.store.path = scratch.path.join("store");
     let server = Server::new(config)?;
     if server.tls.generated {
         out("note: no certificate configured; using a generated self-signed one, which peers will refuse".into());

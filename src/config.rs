@@ -63,6 +63,76 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Timeouts and keepalives.
     pub timeouts: Timeouts,
+    /// The durable store.
+    pub store: StoreConfig,
+    /// The backend HTTP API.
+    pub api: Api,
+    /// Delivery of the backend's outgoing messages.
+    pub delivery: DeliveryConfig,
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sled` or `redb`.
+    pub backend: crate::store::Backend,
+    /// Directory of the database (created if missing).
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: crate::store::Backend::default(),
+            path: PathBuf::from("xmpp-federator-data"),
+        }
+    }
+}
+
+/// The backend API (HTTP/JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// Where to listen; loopback by default (the backend runs beside us).
+    pub listen: SocketAddr,
+    /// Bearer token the backend must send. Unset: a random one is generated at start
+    /// and logged (development only).
+    pub token: Option<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Largest total size of a message's extension elements.
+    pub max_extension_bytes: usize,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: None,
+            max_body_bytes: 256 * 1024,
+            max_extension_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Outgoing message delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// A message not delivered within this many seconds expires (an `expired` event).
+    pub expire_secs: u64,
+    /// How often undelivered messages are retried (seconds).
+    pub retry_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            expire_secs: 7 * 24 * 3600,
+            retry_secs: 5,
+        }
+    }
 }
 
 impl Default for Config {
@@ -75,6 +145,9 @@ impl Default for Config {
             dns: Dns::default(),
             limits: LimitsConfig::default(),
             timeouts: Timeouts::default(),
+            store: StoreConfig::default(),
+            api: Api::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }
@@ -386,6 +459,12 @@ impl Config {
             if v == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }
+        }
+        if self.api.token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("api.token", "must be at least 16 characters"));
+        }
+        if self.delivery.retry_secs == 0 {
+            return Err(invalid("delivery.retry_secs", "must be at least 1"));
         }
         if self.listen.starttls.is_empty() && self.listen.direct_tls.is_empty() {
             return Err(invalid("listen", "needs at least one listener"));

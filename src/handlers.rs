@@ -2,9 +2,9 @@
 //!
 //! - XEP-0199 ping, XEP-0030 disco#info/#items, XEP-0092 version for the domain;
 //! - `service-unavailable` for any other iq get/set (RFC 6120 §8.4);
-//! - stanzas to users: no user directory exists yet, so every user is unknown:
-//!   messages and iqs get `service-unavailable`, presence is dropped silently
-//!   (RFC 6121 §8.5.2.2.1/§8.5.2.2.3, which do not leak user existence).
+//! - stanzas to users go to [`crate::users`];
+//! - iq results and errors for the domain complete our own requests (delivery
+//!   confirmations, remote lookups, the `check`/`load` hook).
 
 use std::sync::Arc;
 
@@ -44,19 +44,32 @@ pub fn deliver_local(server: &Arc<Server>, stanza: Stanza) {
 }
 
 fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
-    match stanza.kind {
-        Kind::Presence => {}
-        Kind::Message | Kind::Iq => {
-            if matches!(stanza.type_.as_deref(), Some("result")) {
-                return;
-            }
-            bounce(
-                server,
-                &stanza,
-                StanzaCondition::ServiceUnavailable,
-                "no such user",
-            )
+    crate::users::deliver_to_user(server, stanza)
+}
+
+/// Hand an iq result/error to whoever waits for it.
+pub fn complete_pending(server: &Arc<Server>, stanza: Stanza) {
+    if crate::delivery::on_iq_response(server, &stanza) {
+        return;
+    }
+    if let Some(id) = stanza.id.as_deref() {
+        let waiter = server
+            .pending_iqs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(tx) = waiter {
+            let _ = tx.send(stanza);
+            return;
         }
+    }
+    let hook = server
+        .iq_results
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(tx) = hook {
+        let _ = tx.try_send(stanza);
     }
 }
 
@@ -64,17 +77,7 @@ fn domain_iq(server: &Arc<Server>, stanza: Stanza) {
     let type_ = stanza.type_.as_deref().unwrap_or("");
     match type_ {
         "get" | "set" => {}
-        "result" | "error" => {
-            let hook = server
-                .iq_results
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            if let Some(tx) = hook {
-                let _ = tx.try_send(stanza);
-            }
-            return;
-        }
+        "result" | "error" => return complete_pending(server, stanza),
         _ => return bounce(server, &stanza, StanzaCondition::BadRequest, "bad iq type"),
     }
     if stanza.id.is_none() {

@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`xml`]: sans-IO stream framer/validator and writing helpers (no I/O).
 //! - [`stanza`]: routed stanzas (raw bytes + routing header) and RFC 6120 error conditions.
+pub mod api;
 pub mod check;
 pub mod config;
+pub mod delivery;
 pub mod handlers;
 pub mod load;
 pub mod policy;
@@ -15,4 +17,5 @@ pub mod server;
 pub mod stanza;
 pub mod store;
 pub mod testkit;
+pub mod users;
 pub mod xml;

@@ -172,6 +172,10 @@ pub async fn run_with(
     warmup: u64,
 ) -> Result<Report, LoadError> {
     let local = config.domains[0].clone();
+    let mut config = config;
+    let scratch = crate::testkit::interop::Work::new("load").map_err(LoadError::Run)?;
+    // A throwaway store: the load tool never touches a server's data.
+    config.store.path = scratch.path.join("store");
     let server = Server::new(config)?;
     let mut listeners = server.bind().await?;
     let (tx, mut rx) = mpsc::channel::<(Vec<u64>, u64)>(1024);

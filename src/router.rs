@@ -88,7 +88,26 @@ pub fn route(server: &Arc<Server>, stanza: Stanza) {
 }
 
 /// Answer a stanza with an error, unless it is itself an error.
+///
+/// A durable message (persisted in the outbound queue) is not bounced for
+/// conditions that may pass (the peer unreachable, a full queue): it stays queued
+/// and the delivery sweeper retries it until it is delivered or expires.
 pub fn bounce(server: &Arc<Server>, stanza: &Stanza, condition: StanzaCondition, text: &str) {
+    if stanza.durable
+        && matches!(
+            condition,
+            StanzaCondition::RemoteServerNotFound
+                | StanzaCondition::RemoteServerTimeout
+                | StanzaCondition::ResourceConstraint
+                | StanzaCondition::InternalServerError
+        )
+    {
+        if let Some(id) = stanza.id.as_deref() {
+            tracing::info!(%id, %condition, "durable message kept for retry");
+            crate::delivery::retry_later(server, id);
+        }
+        return;
+    }
     if let Some(reply) = stanza.error_reply(condition, Some(text)) {
         server
             .metrics

@@ -34,6 +34,14 @@ pub enum StartError {
     /// DNS resolver.
     #[error(transparent)]
     Resolve(#[from] crate::s2s::resolve::ResolveError),
+    /// The store could not be opened.
+    #[error("store at {path}: {source}")]
+    Store {
+        /// Its path.
+        path: String,
+        /// Why.
+        source: crate::store::StoreError,
+    },
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -116,6 +124,15 @@ pub struct Server {
     /// iq results/errors addressed to a hosted domain itself are passed here when
     /// set (the `check` and `load` tools wait for their pongs this way).
     pub iq_results: Mutex<Option<mpsc::Sender<Stanza>>>,
+    /// The durable store.
+    pub store: Arc<crate::store::Store>,
+    /// Outgoing delivery state.
+    pub delivery: crate::delivery::Delivery,
+    /// Messages for local users, stored in order by the inbox task.
+    pub inbox: mpsc::Sender<Stanza>,
+    inbox_rx: Mutex<Option<mpsc::Receiver<Stanza>>>,
+    /// Our own iq requests waiting for their answer, by id.
+    pub pending_iqs: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Stanza>>>,
     conn_limit: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -126,7 +143,20 @@ impl Server {
         let config = Arc::new(config);
         let tls = TlsContext::from_config(&config)?;
         let resolver = Resolver::new(config.clone())?;
+        let store_err = |source| StartError::Store {
+            path: config.store.path.display().to_string(),
+            source,
+        };
+        let kv =
+            crate::store::open_kv(config.store.backend, &config.store.path).map_err(store_err)?;
+        let store = crate::store::Store::open(kv).map_err(store_err)?;
+        let (inbox, inbox_rx) = mpsc::channel(16 * 1024);
         Ok(Arc::new(Server {
+            store,
+            delivery: crate::delivery::Delivery::default(),
+            inbox,
+            inbox_rx: Mutex::new(Some(inbox_rx)),
+            pending_iqs: Mutex::new(HashMap::new()),
             policy: Policy::new(&config.federation),
             conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
@@ -191,6 +221,21 @@ impl Server {
     /// yourself (the `load` tool does).
     pub fn take_listeners(listeners: &mut Listeners) -> Vec<(TcpListener, bool)> {
         listeners.listeners.drain(..).collect()
+    }
+
+    /// Start the background tasks: the users' inbox and the delivery sweeper.
+    pub fn spawn_workers(self: &Arc<Self>) {
+        if let Some(rx) = self
+            .inbox_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            self.tracker.spawn(crate::users::inbox(self.clone(), rx));
+        }
+        let every = Duration::from_secs(self.config.delivery.retry_secs);
+        self.tracker
+            .spawn(crate::delivery::sweeper(self.clone(), every));
     }
 
     /// Accept on the bound listeners until shutdown.
@@ -291,6 +336,8 @@ pub struct Running {
     pub starttls: Vec<SocketAddr>,
     /// Direct TLS listener addresses.
     pub direct_tls: Vec<SocketAddr>,
+    /// The backend API's address.
+    pub api: SocketAddr,
 }
 
 impl Running {
@@ -308,10 +355,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let server = Server::new(config)?;
     let mut listeners = server.bind().await?;
     server.spawn_accept_loops(&mut listeners);
+    server.spawn_workers();
+    let api = crate::api::spawn(&server)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: server.config.api.listen,
+            source,
+        })?;
     Ok(Running {
         server,
         starttls: listeners.starttls,
         direct_tls: listeners.direct_tls,
+        api,
     })
 }
 
@@ -331,6 +386,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for a in &running.direct_tls {
         tracing::info!(addr = %a, "listening on {a} (s2s, direct TLS)");
     }
+    tracing::info!(addr = %running.api, "backend API on http://{}", running.api);
     tracing::info!(
         domains = ?running.server.config.domains,
         roots = running.server.tls.verifier.root_count(),

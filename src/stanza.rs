@@ -55,6 +55,9 @@ pub struct Stanza {
     pub type_: Option<String>,
     /// Namespace and name of the first child element (an iq's payload).
     pub payload: Option<(Cow<'static, str>, Cow<'static, str>)>,
+    /// Set on messages persisted in the outbound queue: the session confirms their
+    /// delivery with an iq round trip after writing them (see `delivery`).
+    pub durable: bool,
 }
 
 impl Stanza {
@@ -77,6 +80,7 @@ impl Stanza {
             id: None,
             type_: None,
             payload: el.first_child,
+            durable: false,
         };
         for (k, v) in el.attrs {
             match k.as_str() {
@@ -140,6 +144,7 @@ impl Stanza {
             id: self.id.clone(),
             type_: Some("error".into()),
             payload: Some((Cow::Borrowed(NS_SERVER), Cow::Borrowed("error"))),
+            durable: false,
         })
     }
 
@@ -163,6 +168,7 @@ impl Stanza {
             id: request.id.clone(),
             type_: Some("result".into()),
             payload: None,
+            durable: false,
         }
     }
 
@@ -182,6 +188,7 @@ impl Stanza {
             id: Some(id.into()),
             type_: Some(type_.into()),
             payload: None,
+            durable: false,
         }
     }
 }

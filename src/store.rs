@@ -55,17 +55,15 @@ pub enum Op {
     Delete(Vec<u8>),
 }
 
+/// A key and its value.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
 /// An ordered key-value store with atomic, durable batches.
 pub trait Kv: Send + Sync + 'static {
     /// Read one key.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Keys in `[from, to)`, in order, at most `limit`.
-    fn range(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError>;
     /// Apply all ops atomically and durably (fsync) before returning.
     fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
 }

@@ -41,5 +41,11 @@ pub fn instance_config(
     c.timeouts.connect_secs = 3;
     c.timeouts.negotiation_secs = 10;
     c.timeouts.shutdown_grace_secs = 2;
+    // Each instance its own store beside its certificate.
+    c.store.path = cert
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("data-{domain}-{}", crate::s2s::conn::new_id()));
+    c.api.listen = SocketAddr::new(starttls.ip(), 0);
     c
 }

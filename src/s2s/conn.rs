@@ -372,6 +372,41 @@ pub fn children(el: &Element) -> Vec<Child> {
     out
 }
 
+/// The text of the first descendant element named `name` (any namespace), if it
+/// has non-empty text.
+pub fn first_text(el: &Element, name: &str) -> Option<String> {
+    let mut reader = quick_xml::reader::Reader::from_str(el.as_str());
+    let mut inside = 0usize;
+    let mut out = String::new();
+    while let Ok(ev) = reader.read_event() {
+        match ev {
+            XEvent::Start(s) if inside == 0 && s.local_name().into_inner() == name => inside = 1,
+            XEvent::Start(_) if inside > 0 => inside += 1,
+            XEvent::End(_) if inside > 0 => {
+                inside -= 1;
+                if inside == 0 {
+                    break;
+                }
+            }
+            XEvent::Text(t) if inside > 0 => out.push_str(&t.xml10_content()),
+            XEvent::CData(t) if inside > 0 => out.push_str(&t.xml10_content()),
+            XEvent::GeneralRef(r) if inside > 0 => {
+                if let Ok(Some(c)) = r.resolve_char_ref() {
+                    out.push(c);
+                } else if let Some(s) =
+                    quick_xml::escape::resolve_predefined_entity(&r.into_inner())
+                {
+                    out.push_str(s);
+                }
+            }
+            XEvent::Eof => break,
+            _ => {}
+        }
+    }
+    let t = out.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
 /// The text directly inside an element (e.g. a SASL payload).
 pub fn text_of(el: &Element) -> String {
     let mut reader = quick_xml::reader::Reader::from_str(el.as_str());

@@ -604,8 +604,26 @@ async fn session(
                 }
             }
             wbuf.clear();
+            let mut durable = Vec::new();
             for s in &pending {
                 wbuf.extend_from_slice(&s.raw);
+                if s.durable
+                    && let Some(id) = &s.id
+                {
+                    durable.push(id.clone());
+                }
+            }
+            if !durable.is_empty() {
+                // The answer to this ping confirms every stanza before it (see delivery).
+                let ping_id = server.delivery.register_confirm(durable);
+                let ping = Stanza::iq(
+                    "get",
+                    &local,
+                    &remote,
+                    &ping_id,
+                    "<ping xmlns='urn:xmpp:ping'/>",
+                );
+                wbuf.extend_from_slice(&ping.raw);
             }
             let n = pending.len() as u64;
             match wr.write_all(&wbuf).await.and(wr.flush().await) {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{Kv, Op, StoreError};
+use super::{Kv, Op, Pair, StoreError};
 
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -31,12 +31,7 @@ impl Kv for SledKv {
         Ok(self.db.get(key).map_err(err)?.map(|v| v.to_vec()))
     }
 
-    fn range(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
         self.db
             .range(from..to)
             .take(limit)

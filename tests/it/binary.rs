@@ -66,9 +66,10 @@ impl Drop for Guard {
 }
 
 /// Start `serve` with `args`, return the child and the first "listening on" address.
-fn serve(args: &[&str]) -> (Guard, SocketAddr, Vec<String>) {
+fn serve(args: &[&str], cwd: &std::path::Path) -> (Guard, SocketAddr, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(args)
+        .current_dir(cwd)
         .env("XMPP_FEDERATOR_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -138,10 +139,10 @@ fn serve_with_a_config_on_loopback() {
     let cfg = dir.path().join("c.toml");
     std::fs::write(
         &cfg,
-        "domains = ['bin.test']\n[listen]\nstarttls = ['127.0.0.1:0']\ndirect_tls = ['127.0.0.1:0']\n",
+        "domains = ['bin.test']\n[listen]\nstarttls = ['127.0.0.1:0']\ndirect_tls = ['127.0.0.1:0']\n[api]\nlisten = '127.0.0.1:0'\n",
     )
     .unwrap();
-    let (child, addr, _log) = serve(&["serve", "--config", cfg.to_str().unwrap()]);
+    let (child, addr, _log) = serve(&["serve", "--config", cfg.to_str().unwrap()], dir.path());
     let f = features(addr, "bin.test");
     assert!(
         f.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"),
@@ -152,7 +153,8 @@ fn serve_with_a_config_on_loopback() {
 
 #[test]
 fn serve_without_a_config_runs_on_localhost() {
-    let (child, addr, seen) = serve(&["serve"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, seen) = serve(&["serve"], dir.path());
     assert_eq!(addr.ip().to_string(), "127.0.0.1");
     let f = features(addr, "localhost");
     assert!(f.contains("from='localhost'"), "{f}");

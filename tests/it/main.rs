@@ -1,6 +1,7 @@
 //! Integration tests, one binary (keeps link time down): whole instances on
 //! loopback, the real binary, and real Prosody/ejabberd interop.
 
+mod api;
 mod binary;
 mod federation;
 mod interop;

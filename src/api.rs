@@ -1,0 +1,648 @@
+//! The backend API: HTTP/JSON on loopback, bearer token, RFC 9457 problem responses.
+//!
+//! - `PUT/GET/DELETE /v1/users/{id}`: local users `{handle, display_name}`; the JID is
+//!   `handle@domain`, the handle normalized (PRECIS, via the `jid` crate).
+//! - `GET /v1/remote/{jid}`: does a remote JID exist, its display name (XEP-0054),
+//!   and a stable id (UUID v5 of the bare JID).
+//! - `POST /v1/messages`: a 1:1 message from a local user; persisted before the
+//!   answer (202); delivery outcomes arrive as events.
+//! - `GET /v1/events?after=&limit=&wait=`: the durable event queue (long-poll);
+//!   `POST /v1/events/ack {up_to}` deletes events up to a cursor.
+//! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::s2s::conn::{children, new_id};
+use crate::server::Server;
+use crate::stanza::Stanza;
+use crate::store::{Outgoing, User, now_ms};
+use crate::xml::writer::{ElementBuilder, escape};
+
+/// An RFC 9457 problem response.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    status: StatusCode,
+    title: &'static str,
+    detail: String,
+}
+
+impl Problem {
+    /// A problem with a status, a short title and a detail.
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Problem {
+        Problem {
+            status,
+            title,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("https://xmpp-federator.invalid/problems/{}", self.title.to_lowercase().replace(' ', "-")),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut r = (self.status, Json(body)).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Problem {
+    tracing::error!(error = %e, "API request failed");
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal error",
+        "the request could not be completed; nothing was changed",
+    )
+}
+
+/// A JSON body whose rejections are problem responses.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<S, T> FromRequest<S> for Body<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => {
+                let status = r.status();
+                let title = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => "Body too large",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "Not JSON",
+                    StatusCode::UNPROCESSABLE_ENTITY => "Invalid fields",
+                    _ => "Malformed JSON",
+                };
+                Err(Problem::new(status, title, r.body_text()))
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ApiState {
+    server: Arc<Server>,
+    token: Arc<str>,
+}
+
+async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| {
+        // Constant-time comparison.
+        g.len() == st.token.len()
+            && g.bytes()
+                .zip(st.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "a valid bearer token is required",
+        )
+        .into_response()
+    }
+}
+
+/// The API router.
+pub fn router(server: Arc<Server>, token: &str) -> Router {
+    let st = ApiState {
+        server: server.clone(),
+        token: token.into(),
+    };
+    let v1 = Router::new()
+        .route(
+            "/v1/users/{id}",
+            put(put_user).get(get_user).delete(delete_user),
+        )
+        .route("/v1/remote/{jid}", get(remote))
+        .route("/v1/messages", post(post_message))
+        .route("/v1/events", get(events))
+        .route("/v1/events/ack", post(ack))
+        .layer(middleware::from_fn_with_state(st.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "Not found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(
+            server.config.api.max_body_bytes,
+        ))
+        .with_state(st)
+}
+
+/// Bind and serve the API until shutdown; returns the bound address.
+pub async fn spawn(server: &Arc<Server>) -> std::io::Result<SocketAddr> {
+    let token = match &server.config.api.token {
+        Some(t) => t.clone(),
+        None => {
+            let t = new_id();
+            tracing::warn!(
+                token = %t,
+                "no api.token configured: generated one for this run (development only)"
+            );
+            t
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(server.config.api.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = router(server.clone(), &token);
+    let stop = server.shutdown.clone();
+    server.tracker.spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    Ok(addr)
+}
+
+// ---- users ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserIn {
+    handle: String,
+    #[serde(default)]
+    display_name: String,
+}
+
+#[derive(Debug, Serialize)]
+struct UserOut {
+    id: String,
+    handle: String,
+    display_name: String,
+    jid: String,
+}
+
+fn user_out(server: &Server, u: User) -> UserOut {
+    UserOut {
+        jid: format!("{}@{}", u.handle, server.config.domains[0]),
+        id: u.id,
+        handle: u.handle,
+        display_name: u.display_name,
+    }
+}
+
+fn check_id(id: &str) -> Result<(), Problem> {
+    if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid id",
+            "a user id is 1 to 128 characters without control characters",
+        ));
+    }
+    Ok(())
+}
+
+async fn put_user(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    Body(input): Body<UserIn>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let domain = &st.server.config.domains[0];
+    let handle = match jid::BareJid::new(&format!("{}@{domain}", input.handle)) {
+        Ok(j) if !input.handle.is_empty() && !input.handle.contains(['@', '/']) => {
+            j.node().map(|n| n.as_str().to_string()).unwrap_or_default()
+        }
+        Ok(_) => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid handle",
+                format!("`{}` cannot be the localpart of a JID", input.handle),
+            ));
+        }
+        Err(e) => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid handle",
+                format!("`{}` cannot be the localpart of a JID: {e}", input.handle),
+            ));
+        }
+    };
+    if input.display_name.len() > 1024 {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid display name",
+            "at most 1024 bytes",
+        ));
+    }
+    let store = &st.server.store;
+    if let Some(other) = store.user_by_handle(&handle).map_err(internal)?
+        && other.id != id
+    {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "Handle taken",
+            format!("handle `{handle}` belongs to another user"),
+        ));
+    }
+    let existed = store.user(&id).map_err(internal)?.is_some();
+    let user = User {
+        id,
+        handle,
+        display_name: input.display_name,
+    };
+    store.put_user(&user).await.map_err(internal)?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(user_out(&st.server, user))).into_response())
+}
+
+async fn get_user(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<UserOut>, Problem> {
+    match st.server.store.user(&id).map_err(internal)? {
+        Some(u) => Ok(Json(user_out(&st.server, u))),
+        None => Err(unknown_user(&id)),
+    }
+}
+
+fn unknown_user(id: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "Unknown user",
+        format!("no local user with id `{id}`"),
+    )
+}
+
+async fn delete_user(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    if st.server.store.delete_user(&id).await.map_err(internal)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(unknown_user(&id))
+    }
+}
+
+// ---- remote users ----
+
+fn parse_remote(server: &Server, jid: &str) -> Result<jid::BareJid, Problem> {
+    let j = jid::BareJid::new(jid).map_err(|e| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid JID",
+            format!("`{jid}` is not a JID: {e}"),
+        )
+    })?;
+    if j.node().is_none() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid JID",
+            format!("`{jid}` has no localpart: a user JID is needed"),
+        ));
+    }
+    if server.is_hosted(j.domain().as_str()) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Local JID",
+            format!("`{jid}` is a local user; use /v1/users"),
+        ));
+    }
+    Ok(j)
+}
+
+/// The stable backend id of a remote bare JID (UUID v5 in the URL namespace of
+/// `xmpp:JID`), like Wire's qualified ids `{id, domain}`.
+pub fn remote_id(bare: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("xmpp:{bare}").as_bytes(),
+    )
+}
+
+async fn ask(server: &Arc<Server>, to: &str, payload: &str) -> Result<Stanza, Problem> {
+    let id = format!("api-{}", new_id());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    server
+        .pending_iqs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), tx);
+    let from = &server.config.domains[0];
+    crate::router::route(server, Stanza::iq("get", from, to, &id, payload));
+    let r = tokio::time::timeout(Duration::from_secs(15), rx).await;
+    server
+        .pending_iqs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    match r {
+        Ok(Ok(s)) => Ok(s),
+        _ => Err(Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "Remote timeout",
+            format!("{to} did not answer within 15 s"),
+        )),
+    }
+}
+
+fn error_condition(s: &Stanza) -> Option<String> {
+    let el = crate::xml::framer::parse_element(&s.raw).ok()?;
+    children(&el)
+        .into_iter()
+        .find(|c| c.name == "error")
+        .and_then(|c| {
+            c.children
+                .into_iter()
+                .find(|(ns, n)| ns == crate::xml::NS_STANZAS_ERR && n != "text")
+                .map(|(_, n)| n)
+        })
+}
+
+async fn remote(
+    State(st): State<ApiState>,
+    Path(jid): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let bare = parse_remote(&st.server, &jid)?;
+    let bare_s = bare.to_string();
+    let (info, vcard) = tokio::join!(
+        ask(
+            &st.server,
+            &bare_s,
+            "<query xmlns='http://jabber.org/protocol/disco#info'/>"
+        ),
+        ask(&st.server, &bare_s, "<vCard xmlns='vcard-temp'/>"),
+    );
+    let info = info?;
+    if info.is_error() {
+        let cond = error_condition(&info).unwrap_or_default();
+        if matches!(
+            cond.as_str(),
+            "remote-server-not-found" | "remote-server-timeout"
+        ) {
+            return Err(Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "Remote unreachable",
+                format!("{}: {cond}", bare.domain()),
+            ));
+        }
+        return Ok(Json(json!({
+            "jid": bare_s, "id": remote_id(&bare_s), "domain": bare.domain().as_str(),
+            "exists": false, "display_name": null
+        })));
+    }
+    let display_name = match vcard {
+        Ok(v) if !v.is_error() => crate::xml::framer::parse_element(&v.raw)
+            .ok()
+            .and_then(|el| {
+                crate::s2s::conn::first_text(&el, "FN")
+                    .or_else(|| crate::s2s::conn::first_text(&el, "NICKNAME"))
+            }),
+        _ => None,
+    };
+    Ok(Json(json!({
+        "jid": bare_s, "id": remote_id(&bare_s), "domain": bare.domain().as_str(),
+        "exists": true, "display_name": display_name
+    })))
+}
+
+// ---- messages ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageIn {
+    /// Local user id of the sender.
+    from: String,
+    /// Recipient JID.
+    to: String,
+    body: Option<String>,
+    thread: Option<String>,
+    #[serde(rename = "type")]
+    message_type: Option<String>,
+    /// Extension elements, each one serialized XML element.
+    #[serde(default)]
+    extensions: Vec<String>,
+}
+
+async fn post_message(
+    State(st): State<ApiState>,
+    Body(m): Body<MessageIn>,
+) -> Result<Response, Problem> {
+    let server = &st.server;
+    let user = server
+        .store
+        .user(&m.from)
+        .map_err(internal)?
+        .ok_or_else(|| unknown_user(&m.from))?;
+    let to = jid::Jid::new(&m.to).map_err(|e| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid JID",
+            format!("`{}` is not a JID: {e}", m.to),
+        )
+    })?;
+    let domain = to.domain().as_str().to_string();
+    if server.is_hosted(&domain) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Local recipient",
+            "the recipient is a local user; the backend delivers those itself",
+        ));
+    }
+    if !server.policy.allows(&domain) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "Federation refused",
+            format!("the federation policy does not allow {domain}"),
+        ));
+    }
+    let message_type = m.message_type.as_deref().unwrap_or("chat");
+    if !matches!(message_type, "chat" | "normal" | "headline") {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid type",
+            "type is chat, normal or headline",
+        ));
+    }
+    if m.body.is_none() && m.extensions.is_empty() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Empty message",
+            "a message needs a body or extension elements",
+        ));
+    }
+    let ext_bytes: usize = m.extensions.iter().map(String::len).sum();
+    if ext_bytes > server.config.api.max_extension_bytes {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Extensions too large",
+            format!(
+                "{ext_bytes} bytes of extension elements; at most {}",
+                server.config.api.max_extension_bytes
+            ),
+        ));
+    }
+    for (i, x) in m.extensions.iter().enumerate() {
+        match crate::xml::framer::parse_element(x.as_bytes()) {
+            Ok(el) if el.ns != crate::xml::NS_SERVER && !el.ns.is_empty() => {}
+            Ok(_) => {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid extension",
+                    format!("extensions[{i}] needs its own namespace (xmlns)"),
+                ));
+            }
+            Err(e) => {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid extension",
+                    format!("extensions[{i}] is not one well-formed XML element: {e}"),
+                ));
+            }
+        }
+    }
+    let id = new_id();
+    let from = format!("{}@{}", user.handle, server.config.domains[0]);
+    let to_s = to.to_string();
+    let mut inner = String::new();
+    if let Some(b) = &m.body {
+        inner.push_str(&format!("<body>{}</body>", escape(b)));
+    }
+    if let Some(t) = &m.thread {
+        inner.push_str(&format!("<thread>{}</thread>", escape(t)));
+    }
+    for x in &m.extensions {
+        inner.push_str(x);
+    }
+    let xml = ElementBuilder::new("message")
+        .attr("from", Some(&from))
+        .attr("to", Some(&to_s))
+        .attr("type", Some(message_type))
+        .attr("id", Some(&id))
+        .children(&inner);
+    let now = now_ms();
+    let queued = server
+        .store
+        .enqueue(Outgoing {
+            seq: 0,
+            domain,
+            id: id.clone(),
+            from,
+            to: to_s,
+            xml,
+            accepted_ms: now,
+            expires_ms: now + server.config.delivery.expire_secs * 1000,
+        })
+        .await
+        .map_err(internal)?;
+    crate::delivery::submit(server, &queued);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "status": "queued" })),
+    )
+        .into_response())
+}
+
+// ---- events ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+    wait: Option<u64>,
+}
+
+async fn events(
+    State(st): State<ApiState>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let Query(q) =
+        q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Invalid query", e.body_text()))?;
+    let store = &st.server.store;
+    let after = match q.after {
+        Some(a) => a,
+        None => store.acked().map_err(internal)?,
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(60));
+    let notified = store.events_changed.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    let mut evs = store.events_after(after, limit).map_err(internal)?;
+    if evs.is_empty() && !wait.is_zero() {
+        let _ = tokio::time::timeout(wait, notified).await;
+        evs = store.events_after(after, limit).map_err(internal)?;
+    }
+    let cursor = evs.last().map(|e| e.seq).unwrap_or(after);
+    Ok(Json(json!({ "events": evs, "cursor": cursor })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckIn {
+    up_to: u64,
+}
+
+async fn ack(State(st): State<ApiState>, Body(a): Body<AckIn>) -> Result<StatusCode, Problem> {
+    st.server.store.ack(a.up_to).await.map_err(internal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let mut out = String::new();
+    for (name, v) in st.server.metrics.snapshot() {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+    out.push_str(&format!(
+        "# TYPE xmpp_store_commits_total counter\nxmpp_store_commits_total {}\n",
+        st.server.store.commits()
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(serde_json::from_str(include_str!("api/openapi.json")).unwrap_or_default())
+}

@@ -1,0 +1,222 @@
+//! Local users: stanzas addressed to `handle@hosted-domain` (RFC 6121 §8.5).
+//!
+//! - messages to an existing user become `message` events for the backend, written
+//!   in order by one inbox task that commits everything waiting in one transaction;
+//!   to a non-existent user they get `service-unavailable` (§8.5.2.2.1);
+//! - error messages whose id is a queued outgoing message settle it as `bounced`;
+//! - iqs: vCard (XEP-0054) and disco#info (XEP-0030) of the user's bare JID from the
+//!   profile; anything else `service-unavailable`; results/errors complete our own
+//!   pending requests (remote lookups);
+//! - presence is dropped for now (subscriptions and rosters are not built yet).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::delivery;
+use crate::router::{bounce, route};
+use crate::s2s::conn::{children, text_of};
+use crate::server::Server;
+use crate::stanza::{Kind, Stanza, StanzaCondition};
+use crate::store::{EventKind, User};
+use crate::xml::writer::escape;
+
+/// XEP-0054.
+pub const NS_VCARD: &str = "vcard-temp";
+
+/// The normalized localpart of a JID string, or `None` if it is not a valid JID
+/// with a localpart.
+pub fn handle_of(jid: &str) -> Option<String> {
+    let j = jid::Jid::new(jid).ok()?;
+    j.node().map(|n| n.as_str().to_string())
+}
+
+/// Deliver a stanza addressed to a user of a hosted domain.
+pub fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
+    match stanza.kind {
+        Kind::Presence => {}
+        Kind::Message => {
+            if let Err(mpsc::error::TrySendError::Full(s)) = server.inbox.try_send(stanza) {
+                bounce(
+                    server,
+                    &s,
+                    StanzaCondition::ResourceConstraint,
+                    "too many messages waiting to be stored",
+                );
+            }
+        }
+        Kind::Iq => user_iq(server, stanza),
+    }
+}
+
+fn user_iq(server: &Arc<Server>, stanza: Stanza) {
+    match stanza.type_.as_deref() {
+        Some("result") | Some("error") => {
+            crate::handlers::complete_pending(server, stanza);
+            return;
+        }
+        Some("get") | Some("set") => {}
+        _ => return bounce(server, &stanza, StanzaCondition::BadRequest, "bad iq type"),
+    }
+    let user = stanza
+        .to
+        .as_deref()
+        .and_then(handle_of)
+        .and_then(|h| server.store.user_by_handle(&h).ok().flatten());
+    let Some(user) = user else {
+        return bounce(
+            server,
+            &stanza,
+            StanzaCondition::ServiceUnavailable,
+            "no such user",
+        );
+    };
+    let payload = stanza.payload.clone();
+    let reply = match (
+        stanza.type_.as_deref(),
+        payload.as_ref().map(|(n, l)| (&**n, &**l)),
+    ) {
+        (Some("get"), Some((NS_VCARD, "vCard"))) => Stanza::iq_result(&stanza, &vcard(&user)),
+        (Some("get"), Some((crate::handlers::NS_DISCO_INFO, "query"))) => Stanza::iq_result(
+            &stanza,
+            &format!(
+                "<query xmlns='{}'><identity category='account' type='registered'/>\
+                 <feature var='{}'/><feature var='{NS_VCARD}'/></query>",
+                crate::handlers::NS_DISCO_INFO,
+                crate::handlers::NS_DISCO_INFO
+            ),
+        ),
+        (Some("get"), Some((crate::handlers::NS_PING, "ping"))) => Stanza::iq_result(&stanza, ""),
+        _ => {
+            return bounce(
+                server,
+                &stanza,
+                StanzaCondition::ServiceUnavailable,
+                "not supported",
+            );
+        }
+    };
+    route(server, reply);
+}
+
+fn vcard(user: &User) -> String {
+    format!(
+        "<vCard xmlns='{NS_VCARD}'><FN>{}</FN><NICKNAME>{}</NICKNAME></vCard>",
+        escape(&user.display_name),
+        escape(&user.handle)
+    )
+}
+
+/// The inbox task: messages to users, in order, committed in groups.
+pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
+    let mut batch = Vec::new();
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return },
+            _ = server.shutdown.cancelled() => return,
+        };
+        batch.push(first);
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut events = Vec::new();
+        let mut refused = Vec::new();
+        for stanza in batch.drain(..) {
+            if stanza.is_error() {
+                bounced(&server, &stanza);
+                continue;
+            }
+            let user = stanza
+                .to
+                .as_deref()
+                .and_then(handle_of)
+                .and_then(|h| server.store.user_by_handle(&h).ok().flatten());
+            match user {
+                Some(user) => events.push(message_event(&user, &stanza)),
+                None => refused.push(stanza),
+            }
+        }
+        if !events.is_empty()
+            && let Err(e) = server.store.push_events(events).await
+        {
+            // Not stored: the senders must know (RFC 6120 §8.3.3.8).
+            tracing::error!(error = %e, "storing inbound messages");
+        }
+        for s in refused {
+            bounce(
+                &server,
+                &s,
+                StanzaCondition::ServiceUnavailable,
+                "no such user",
+            );
+        }
+    }
+}
+
+fn message_event(user: &User, stanza: &Stanza) -> EventKind {
+    let (mut body, mut thread) = (None, None);
+    if let Ok(el) = crate::xml::framer::parse_element(&stanza.raw) {
+        for c in children(&el) {
+            if c.ns == crate::xml::NS_SERVER {
+                match c.name.as_str() {
+                    "body" if body.is_none() => body = Some(c.text),
+                    "thread" if thread.is_none() => thread = Some(c.text),
+                    _ => {}
+                }
+            }
+        }
+    }
+    EventKind::Message {
+        user_id: user.id.clone(),
+        from: stanza.from.clone().unwrap_or_default(),
+        to: stanza.to.clone().unwrap_or_default(),
+        id: stanza.id.clone(),
+        message_type: stanza.type_.clone().unwrap_or_else(|| "normal".into()),
+        body,
+        thread,
+        xml: stanza.as_str().to_string(),
+    }
+}
+
+/// An error message: if it answers one of our queued messages, that one bounced.
+fn bounced(server: &Arc<Server>, stanza: &Stanza) {
+    let Some(id) = stanza.id.clone() else { return };
+    let (mut condition, mut text) = ("undefined-condition".to_string(), None);
+    if let Ok(el) = crate::xml::framer::parse_element(&stanza.raw) {
+        for c in children(&el) {
+            if c.name == "error" {
+                if let Some((_, name)) = c
+                    .children
+                    .iter()
+                    .find(|(ns, n)| ns == crate::xml::NS_STANZAS_ERR && n != "text")
+                {
+                    condition = name.clone();
+                }
+                if let Some(t) = error_text(&el) {
+                    text = Some(t);
+                }
+            }
+        }
+    }
+    delivery::settle(server, vec![id], move |m| EventKind::Bounced {
+        id: m.id.clone(),
+        to: m.to.clone(),
+        condition: condition.clone(),
+        text: text.clone(),
+    });
+}
+
+fn error_text(el: &crate::xml::framer::Element) -> Option<String> {
+    // <error><text>...</text></error>: find the text element's content.
+    let raw = el.as_str();
+    let start = raw.find("<text")?;
+    let inner = &raw[start..];
+    let open_end = inner.find('>')?;
+    let close = inner.find("</text>")?;
+    let fragment = format!("<t>{}</t>", &inner[open_end + 1..close]);
+    let t = crate::xml::framer::parse_element(fragment.as_bytes()).ok()?;
+    Some(text_of(&t))
+}

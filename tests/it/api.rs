@@ -1,0 +1,312 @@
+//! The backend API: problem responses for every error, users, messages between two
+//! instances of ours with delivery outcomes, durability across a peer outage.
+
+use std::net::Ipv4Addr;
+
+use serde_json::json;
+use xmpp_federator::testkit::certs::Eku;
+
+use crate::support::{Net, TOKEN, http, wait_event};
+
+const ALPHA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 41);
+const BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 42);
+
+fn is_problem(status: u16, body: &serde_json::Value, ctype: &str, expected: u16) -> bool {
+    status == expected
+        && ctype.starts_with("application/problem+json")
+        && body["status"] == expected
+        && body["title"].is_string()
+        && body["detail"].is_string()
+}
+
+#[tokio::test]
+async fn every_error_is_a_problem_response_and_nothing_is_half_written() {
+    let net = Net::new().await;
+    let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
+    let api = alpha.api;
+    let put = |id: &str, body: &str| {
+        let (id, body) = (id.to_string(), body.to_string());
+        async move {
+            http(
+                api,
+                "PUT",
+                &format!("/v1/users/{id}"),
+                Some(TOKEN),
+                Some(&body),
+            )
+            .await
+        }
+    };
+
+    let (s, b, c) = http(api, "GET", "/v1/users/u1", None, None).await;
+    assert!(is_problem(s, &b, &c, 401), "{s} {b}");
+    let (s, b, c) = http(
+        api,
+        "GET",
+        "/v1/users/u1",
+        Some("wrong-token-wrong-token"),
+        None,
+    )
+    .await;
+    assert!(is_problem(s, &b, &c, 401), "{s} {b}");
+
+    let (s, b, _) = put("u1", r#"{"handle":"Alice","display_name":"Alice A."}"#).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["jid"], "alice@alpha.test", "handles are normalized");
+    let (s, _, _) = put("u1", r#"{"handle":"alice","display_name":"Alice B."}"#).await;
+    assert_eq!(s, 200);
+
+    for (body, code) in [
+        (r#"{"handle": "#, 400),
+        (r#"{"handle":"a b@c"}"#, 422),
+        (r#"{"handle":""}"#, 422),
+        (r#"{"handle":"x","extra":1}"#, 422),
+        (r#"{"handle":"alice"}"#, 409),
+    ] {
+        let (s, b, c) = put("u2", body).await;
+        assert!(is_problem(s, &b, &c, code), "{body}: {s} {b}");
+    }
+    let (s, b, c) = http(api, "GET", "/v1/users/u2", Some(TOKEN), None).await;
+    assert!(
+        is_problem(s, &b, &c, 404),
+        "refused PUTs created nothing: {s} {b}"
+    );
+
+    let big = format!(
+        r#"{{"handle":"big","display_name":"{}"}}"#,
+        "x".repeat(400_000)
+    );
+    let (s, b, c) = put("u3", &big).await;
+    assert!(is_problem(s, &b, &c, 413), "{s} {b}");
+
+    let msg = |body: serde_json::Value| async move {
+        http(
+            api,
+            "POST",
+            "/v1/messages",
+            Some(TOKEN),
+            Some(&body.to_string()),
+        )
+        .await
+    };
+    for (body, code) in [
+        (
+            json!({"from":"nobody","to":"bob@beta.test","body":"hi"}),
+            404,
+        ),
+        (json!({"from":"u1","to":"not a jid@@","body":"hi"}), 422),
+        (json!({"from":"u1","to":"bob@beta.test"}), 422),
+        (
+            json!({"from":"u1","to":"bob@beta.test","extensions":["<x>unclosed"]}),
+            422,
+        ),
+        (
+            json!({"from":"u1","to":"bob@beta.test","extensions":["<body>no namespace</body>"]}),
+            422,
+        ),
+        (
+            json!({"from":"u1","to":"bob@beta.test","type":"groupchat","body":"x"}),
+            422,
+        ),
+        (
+            json!({"from":"u1","to":"carol@alpha.test","body":"local"}),
+            422,
+        ),
+    ] {
+        let (s, b, c) = msg(body.clone()).await;
+        assert!(is_problem(s, &b, &c, code), "{body}: {s} {b}");
+    }
+    let (s, b, c) = http(api, "POST", "/v1/messages", Some(TOKEN), Some("{not json")).await;
+    assert!(is_problem(s, &b, &c, 400), "{s} {b}");
+    assert!(
+        alpha.server.store.queued().unwrap().is_empty(),
+        "no refused message was queued"
+    );
+
+    let (s, b, c) = http(api, "GET", "/v1/nope", Some(TOKEN), None).await;
+    assert!(is_problem(s, &b, &c, 404), "{s} {b}");
+    let (s, b, c) = http(api, "GET", "/v1/events?after=x", Some(TOKEN), None).await;
+    assert!(is_problem(s, &b, &c, 400), "{s} {b}");
+    let (s, b, _) = http(api, "GET", "/openapi.json", None, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["openapi"], "3.1.0");
+    let (s, b, c) = http(api, "DELETE", "/v1/users/u1", Some(TOKEN), None).await;
+    assert_eq!(s, 204, "{b} {c}");
+    alpha.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_between_two_instances_with_outcomes() {
+    let net = Net::new().await;
+    let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
+    let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
+    for (api, id, handle) in [(alpha.api, "a1", "alice"), (beta.api, "b1", "bob")] {
+        let (s, b, _) = http(
+            api,
+            "PUT",
+            &format!("/v1/users/{id}"),
+            Some(TOKEN),
+            Some(&format!(
+                r#"{{"handle":"{handle}","display_name":"{handle} display"}}"#
+            )),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let omemo = "<encrypted xmlns='eu.siacs.conversations.axolotl'><header sid='1'/><payload>AAAA</payload></encrypted>";
+    let (s, b, _) = http(
+        alpha.api,
+        "POST",
+        "/v1/messages",
+        Some(TOKEN),
+        Some(&json!({"from":"a1","to":"bob@beta.test","body":"hello <bob>","thread":"t1","extensions":[omemo]}).to_string()),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+
+    let got = wait_event(beta.api, |e| e["type"] == "message").await;
+    assert_eq!(got["user_id"], "b1");
+    assert_eq!(got["body"], "hello <bob>");
+    assert_eq!(got["thread"], "t1");
+    assert_eq!(got["from"], "alice@alpha.test");
+    assert_eq!(got["id"], id.as_str());
+    assert!(
+        got["xml"].as_str().unwrap().contains(omemo),
+        "extension crossed untouched: {got}"
+    );
+
+    let delivered = wait_event(alpha.api, |e| e["type"] == "delivered").await;
+    assert_eq!(delivered["id"], id.as_str());
+    assert!(alpha.server.store.queued().unwrap().is_empty());
+
+    // Remote lookup: exists, display name from the vCard, a stable id.
+    let (s, b, _) = http(
+        alpha.api,
+        "GET",
+        "/v1/remote/bob@beta.test",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["exists"], true);
+    assert_eq!(b["display_name"], "bob display");
+    let (_, b2, _) = http(
+        alpha.api,
+        "GET",
+        "/v1/remote/bob@beta.test",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(b["id"], b2["id"]);
+    let (s, b, _) = http(
+        alpha.api,
+        "GET",
+        "/v1/remote/nobody@beta.test",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["exists"], false);
+
+    // A message to a user that does not exist bounces with service-unavailable.
+    let (s, b, _) = http(
+        alpha.api,
+        "POST",
+        "/v1/messages",
+        Some(TOKEN),
+        Some(&json!({"from":"a1","to":"nobody@beta.test","body":"?"}).to_string()),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let nid = b["id"].as_str().unwrap().to_string();
+    let bounced = wait_event(alpha.api, |e| {
+        e["type"] == "bounced" && e["id"] == nid.as_str()
+    })
+    .await;
+    assert_eq!(bounced["condition"], "service-unavailable");
+
+    // Acknowledged events are gone.
+    let (_, b, _) = http(beta.api, "GET", "/v1/events", Some(TOKEN), None).await;
+    let cursor = b["cursor"].as_u64().unwrap();
+    let (s, _, _) = http(
+        beta.api,
+        "POST",
+        "/v1/events/ack",
+        Some(TOKEN),
+        Some(&format!(r#"{{"up_to":{cursor}}}"#)),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (_, b, _) = http(beta.api, "GET", "/v1/events", Some(TOKEN), None).await;
+    assert!(b["events"].as_array().unwrap().is_empty(), "{b}");
+    let (s, b, _) = http(alpha.api, "GET", "/metrics", None, None).await;
+    let _ = (s, b);
+    alpha.shutdown().await;
+    beta.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_waits_for_a_peer_that_is_down_and_arrives_once() {
+    let net = Net::new().await;
+    let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
+    ac.timeouts.retry_window_secs = 1;
+    ac.delivery.retry_secs = 1;
+    let alpha = net.start(ac).await;
+    let (s, _, _) = http(
+        alpha.api,
+        "PUT",
+        "/v1/users/a1",
+        Some(TOKEN),
+        Some(r#"{"handle":"alice"}"#),
+    )
+    .await;
+    assert_eq!(s, 201);
+    // beta.test is not up: DNS has no record yet (the catch-all points at a closed port).
+    let (s, b, _) = http(
+        alpha.api,
+        "POST",
+        "/v1/messages",
+        Some(TOKEN),
+        Some(&json!({"from":"a1","to":"bob@beta.test","body":"are you there?"}).to_string()),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        alpha.server.store.queued().unwrap().len(),
+        1,
+        "still queued while beta is down"
+    );
+
+    let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
+    let (s, _, _) = http(
+        beta.api,
+        "PUT",
+        "/v1/users/b1",
+        Some(TOKEN),
+        Some(r#"{"handle":"bob"}"#),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let delivered = wait_event(alpha.api, |e| e["type"] == "delivered").await;
+    assert_eq!(delivered["id"], id.as_str());
+    let got = wait_event(beta.api, |e| e["type"] == "message").await;
+    assert_eq!(got["body"], "are you there?");
+    // Exactly once: give the sweeper a few rounds, then count.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (_, b, _) = http(beta.api, "GET", "/v1/events?after=0", Some(TOKEN), None).await;
+    let n = b["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .count();
+    assert_eq!(n, 1, "{b}");
+    alpha.shutdown().await;
+    beta.shutdown().await;
+}
