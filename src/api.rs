@@ -416,18 +416,34 @@ async fn remote(
         ask(&st.server, &bare_s, "<vCard xmlns='vcard-temp'/>"),
     );
     let info = info?;
-    if info.is_error() {
-        let cond = error_condition(&info).unwrap_or_default();
-        if matches!(
+    let info_condition = info
+        .is_error()
+        .then(|| error_condition(&info).unwrap_or_default());
+    if let Some(cond) = &info_condition
+        && matches!(
             cond.as_str(),
             "remote-server-not-found" | "remote-server-timeout"
-        ) {
-            return Err(Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "Remote unreachable",
-                format!("{}: {cond}", bare.domain()),
-            ));
-        }
+        )
+    {
+        return Err(Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "Remote unreachable",
+            format!("{}: {cond}", bare.domain()),
+        ));
+    }
+    // Existence: the account answers disco#info, or its server serves its vCard, or
+    // refuses disco#info only because we are not subscribed (ejabberd, Prosody);
+    // a non-existent account gets service-unavailable or item-not-found.
+    let vcard_ok = vcard.as_ref().is_ok_and(|v| !v.is_error());
+    let exists = vcard_ok
+        || match &info_condition {
+            None => true,
+            Some(c) => matches!(
+                c.as_str(),
+                "subscription-required" | "forbidden" | "not-authorized" | "not-allowed"
+            ),
+        };
+    if !exists {
         return Ok(Json(json!({
             "jid": bare_s, "id": remote_id(&bare_s), "domain": bare.domain().as_str(),
             "exists": false, "display_name": null

@@ -117,18 +117,9 @@ pub fn client_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/interop/client.py")
 }
 
-/// Run the slixmpp client; `Ok(stdout)` on success.
-pub fn client(
-    python: &Path,
-    jid: &str,
-    password: &str,
-    c2s: SocketAddr,
-    ca: &Path,
-    command: &str,
-    target: &str,
-) -> Result<String, String> {
-    run(Command::new(python)
-        .arg(client_script())
+fn client_command(python: &Path, jid: &str, password: &str, c2s: SocketAddr, ca: &Path) -> Command {
+    let mut c = Command::new(python);
+    c.arg(client_script())
         .args(["--jid", jid, "--password", password])
         .args([
             "--host",
@@ -137,8 +128,94 @@ pub fn client(
             &c2s.port().to_string(),
         ])
         .arg("--ca")
-        .arg(ca)
-        .args([command, target]))
+        .arg(ca);
+    c
+}
+
+/// Run the slixmpp client with `args` (command, target, ...); `Ok(stdout)` on success.
+pub fn client(
+    python: &Path,
+    jid: &str,
+    password: &str,
+    c2s: SocketAddr,
+    ca: &Path,
+    args: &[&str],
+) -> Result<String, String> {
+    run(client_command(python, jid, password, c2s, ca).args(args))
+}
+
+/// A client running in the background (e.g. `wait-message`); killed on drop.
+#[derive(Debug)]
+pub struct BackgroundClient {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl BackgroundClient {
+    /// Start it and wait until it prints `READY` (online).
+    pub fn start(
+        python: &Path,
+        jid: &str,
+        password: &str,
+        c2s: SocketAddr,
+        ca: &Path,
+        args: &[&str],
+    ) -> Result<BackgroundClient, String> {
+        let mut child = client_command(python, jid, password, c2s, ca)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(l);
+            }
+        });
+        let mut bg = BackgroundClient {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
+        bg.wait_line("READY", Duration::from_secs(30))?;
+        Ok(bg)
+    }
+
+    /// Wait for a line starting with `prefix`; returns it.
+    pub fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return Ok(l);
+                    }
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "no line starting with {prefix:?} within {limit:?}; got {:?}",
+                        self.seen
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for BackgroundClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A work directory under /tmp that the `ejabberd` user can traverse; removed on

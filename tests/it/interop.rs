@@ -18,7 +18,10 @@ use xmpp_federator::testkit::interop::{
 };
 use xmpp_federator::testkit::raw::{self, Outcome};
 
-use crate::support::{PING, capture, iq_round_trip};
+use serde_json::json;
+use xmpp_federator::testkit::interop::BackgroundClient;
+
+use crate::support::{PING, TOKEN, capture, http, iq_round_trip, wait_event};
 
 const WIRE: &str = "wire.test";
 
@@ -103,6 +106,7 @@ impl Lab {
         );
         c.dns.nameserver = Some(self.dns.addr);
         c.timeouts.retry_window_secs = 10;
+        c.api.token = Some(TOKEN.into());
         c
     }
 
@@ -153,8 +157,101 @@ impl Lab {
     }
 
     fn client(&self, jid: &str, pw: &str, c2s: SocketAddr, cmd: &str, target: &str) -> String {
-        interop::client(&self.python, jid, pw, c2s, &self.ca_path, cmd, target)
-            .unwrap_or_else(|e| panic!("slixmpp {cmd} {target}: {e}"))
+        self.client_args(jid, pw, c2s, &[cmd, target])
+    }
+
+    fn client_args(&self, jid: &str, pw: &str, c2s: SocketAddr, args: &[&str]) -> String {
+        interop::client(&self.python, jid, pw, c2s, &self.ca_path, args)
+            .unwrap_or_else(|e| panic!("slixmpp {args:?}: {e}"))
+    }
+
+    /// Messages both ways between a backend user and an XMPP user on the peer,
+    /// errors for non-existent users on both sides, vCards both ways.
+    async fn messaging(&self, wire: &Running, peer: &ServerSpec, user: &str, pw: &str) {
+        let api = wire.api;
+        let (s, b, _) = http(
+            api,
+            "PUT",
+            "/v1/users/w1",
+            Some(TOKEN),
+            Some(r#"{"handle":"wally","display_name":"Wally Wire"}"#),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+        let user_jid = format!("{user}@{}", peer.domain);
+        blocking(|| self.client_args(&user_jid, pw, peer.c2s(), &["set-vcard", "Peer Person"]));
+
+        // Backend -> XMPP user.
+        let mut waiter = blocking(|| {
+            BackgroundClient::start(
+                &self.python,
+                &user_jid,
+                pw,
+                peer.c2s(),
+                &self.ca_path,
+                &["wait-message", "wally@wire.test"],
+            )
+        })
+        .expect("client online");
+        let body = json!({"from":"w1","to": user_jid,"body":"hello from the backend"}).to_string();
+        let (s, b, _) = http(api, "POST", "/v1/messages", Some(TOKEN), Some(&body)).await;
+        assert_eq!(s, 202, "{b}");
+        let id = b["id"].as_str().unwrap().to_string();
+        let line =
+            blocking(|| waiter.wait_line("RECEIVED", std::time::Duration::from_secs(30))).unwrap();
+        assert!(line.contains("hello from the backend"), "{line}");
+        let ev = wait_event(api, |e| e["type"] == "delivered" && e["id"] == id.as_str()).await;
+        assert_eq!(ev["to"], user_jid.as_str());
+
+        // XMPP user -> backend.
+        let out = blocking(|| {
+            self.client_args(
+                &user_jid,
+                pw,
+                peer.c2s(),
+                &["send", "wally@wire.test", "hello from xmpp"],
+            )
+        });
+        assert!(out.contains("SENT"), "{out}");
+        let ev = wait_event(api, |e| {
+            e["type"] == "message" && e["body"] == "hello from xmpp"
+        })
+        .await;
+        assert_eq!(ev["user_id"], "w1");
+        assert!(ev["from"].as_str().unwrap().starts_with(&user_jid), "{ev}");
+
+        // Errors for users that do not exist, on both sides.
+        let out = blocking(|| {
+            self.client_args(
+                &user_jid,
+                pw,
+                peer.c2s(),
+                &["send", "nobody@wire.test", "anyone?", "--expect-error"],
+            )
+        });
+        assert!(out.contains("BOUNCED service-unavailable"), "{out}");
+        let body = json!({"from":"w1","to": format!("nobody@{}", peer.domain),"body":"anyone?"})
+            .to_string();
+        let (s, b, _) = http(api, "POST", "/v1/messages", Some(TOKEN), Some(&body)).await;
+        assert_eq!(s, 202, "{b}");
+        let nid = b["id"].as_str().unwrap().to_string();
+        let ev = wait_event(api, |e| e["type"] == "bounced" && e["id"] == nid.as_str()).await;
+        assert!(ev["condition"].is_string(), "{ev}");
+
+        // vCards: the XMPP user fetches ours; the backend looks theirs up.
+        let out = blocking(|| self.client(&user_jid, pw, peer.c2s(), "vcard", "wally@wire.test"));
+        assert!(out.contains("FN Wally Wire"), "{out}");
+        let (s, b, _) = http(
+            api,
+            "GET",
+            &format!("/v1/remote/{user_jid}"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["exists"], true, "{b}");
+        assert_eq!(b["display_name"], "Peer Person", "{b}");
     }
 
     /// A peer presenting a certificate from another CA, or one for another name,
@@ -278,6 +375,7 @@ async fn prosody() {
         "prosody did not accept us with EXTERNAL"
     );
 
+    lab.messaging(&wire, &spec, "alice", "alicepw").await;
     lab.refusals(spec.s2s(), "prosody.test").await;
     wire.shutdown().await;
     drop(prosody);
@@ -339,6 +437,7 @@ async fn ejabberd() {
         "ejabberd did not authenticate to us with EXTERNAL"
     );
 
+    lab.messaging(&wire, &spec, "bob", "bobpw").await;
     lab.refusals(spec.s2s(), "ejabberd.test").await;
     wire.shutdown().await;
     drop(ejabberd);
