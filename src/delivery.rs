@@ -101,14 +101,25 @@ pub fn retry_later(server: &Arc<Server>, id: &str) {
     server.delivery.forget(id);
 }
 
-/// Settle messages by stanza id with an outcome built from the queued record.
+/// Settle messages by stanza id with an outcome built from the queued record, in
+/// the background.
 pub fn settle(
     server: &Arc<Server>,
     ids: Vec<String>,
     outcome: impl Fn(&Outgoing) -> EventKind + Send + 'static,
 ) {
     let server = server.clone();
-    tokio::spawn(async move {
+    tokio::spawn(async move { settle_now(&server, ids, outcome).await });
+}
+
+/// Settle messages by stanza id, now (the inbox task awaits this so outcomes keep
+/// the order in which the peer sent them: an error reply before the confirmation).
+pub async fn settle_now(
+    server: &Arc<Server>,
+    ids: Vec<String>,
+    outcome: impl Fn(&Outgoing) -> EventKind,
+) {
+    {
         let mut done = Vec::new();
         for id in ids {
             server.delivery.forget(&id);
@@ -124,25 +135,47 @@ pub fn settle(
         if let Err(e) = server.store.settle(done).await {
             tracing::error!(error = %e, "recording delivery outcomes");
         }
-    });
+    }
+}
+
+/// Whether an iq id is one of our confirmation pings.
+pub fn is_confirmation(id: &str) -> bool {
+    id.starts_with(CONFIRM_PREFIX)
 }
 
 /// An iq result or error addressed to a hosted domain: is it one of our
-/// confirmation pings? If so the messages before it are delivered.
+/// confirmation pings? If so it is queued behind the peer's earlier stanzas (the
+/// users' inbox), so an error reply to a message settles it before the
+/// confirmation does.
 pub fn on_iq_response(server: &Arc<Server>, stanza: &Stanza) -> bool {
-    let Some(id) = stanza.id.as_deref() else {
-        return false;
-    };
-    if !id.starts_with(CONFIRM_PREFIX) {
+    if !stanza.id.as_deref().is_some_and(is_confirmation) {
         return false;
     }
-    if let Some(ids) = server.delivery.take_confirm(id) {
-        settle(server, ids, |m| EventKind::Delivered {
-            id: m.id.clone(),
-            to: m.to.clone(),
-        });
+    if let Err(e) = server.inbox.try_send(stanza.clone()) {
+        tracing::warn!(error = %e, "inbox full; confirmation handled out of order");
+        if let Some(ids) = stanza
+            .id
+            .as_deref()
+            .and_then(|id| server.delivery.take_confirm(id))
+        {
+            settle(server, ids, delivered);
+        }
     }
     true
+}
+
+fn delivered(m: &Outgoing) -> EventKind {
+    EventKind::Delivered {
+        id: m.id.clone(),
+        to: m.to.clone(),
+    }
+}
+
+/// The inbox's half of [`on_iq_response`]: settle what the confirmation covers.
+pub async fn confirmed(server: &Arc<Server>, ping_id: &str) {
+    if let Some(ids) = server.delivery.take_confirm(ping_id) {
+        settle_now(server, ids, delivered).await;
+    }
 }
 
 /// Resubmit what is due and expire what is too old, every `every`, until shutdown.

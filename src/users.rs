@@ -3,7 +3,9 @@
 //! - messages to an existing user become `message` events for the backend, written
 //!   in order by one inbox task that commits everything waiting in one transaction;
 //!   to a non-existent user they get `service-unavailable` (§8.5.2.2.1);
-//! - error messages whose id is a queued outgoing message settle it as `bounced`;
+//! - error messages whose id is a queued outgoing message settle it as `bounced`,
+//!   and delivery confirmations settle messages as `delivered`, both in the inbox
+//!   task in the order the peer sent them;
 //! - iqs: vCard (XEP-0054) and disco#info (XEP-0030) of the user's bare JID from the
 //!   profile; anything else `service-unavailable`; results/errors complete our own
 //!   pending requests (remote lookups);
@@ -36,6 +38,24 @@ pub fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
     match stanza.kind {
         Kind::Presence => {}
         Kind::Message => {
+            // Refuse at once (in stream order, before any later iq is answered) when
+            // the user does not exist; the inbox only stores.
+            if !stanza.is_error() {
+                let exists = stanza
+                    .to
+                    .as_deref()
+                    .and_then(handle_of)
+                    .and_then(|h| server.store.user_by_handle(&h).ok().flatten())
+                    .is_some();
+                if !exists {
+                    return bounce(
+                        server,
+                        &stanza,
+                        StanzaCondition::ServiceUnavailable,
+                        "no such user",
+                    );
+                }
+            }
             if let Err(mpsc::error::TrySendError::Full(s)) = server.inbox.try_send(stanza) {
                 bounce(
                     server,
@@ -125,8 +145,14 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
         let mut events = Vec::new();
         let mut refused = Vec::new();
         for stanza in batch.drain(..) {
+            if stanza.kind == Kind::Iq {
+                if let Some(id) = stanza.id.as_deref() {
+                    delivery::confirmed(&server, id).await;
+                }
+                continue;
+            }
             if stanza.is_error() {
-                bounced(&server, &stanza);
+                bounced(&server, &stanza).await;
                 continue;
             }
             let user = stanza
@@ -182,7 +208,7 @@ fn message_event(user: &User, stanza: &Stanza) -> EventKind {
 }
 
 /// An error message: if it answers one of our queued messages, that one bounced.
-fn bounced(server: &Arc<Server>, stanza: &Stanza) {
+async fn bounced(server: &Arc<Server>, stanza: &Stanza) {
     let Some(id) = stanza.id.clone() else { return };
     let (mut condition, mut text) = ("undefined-condition".to_string(), None);
     if let Ok(el) = crate::xml::framer::parse_element(&stanza.raw) {
@@ -201,12 +227,13 @@ fn bounced(server: &Arc<Server>, stanza: &Stanza) {
             }
         }
     }
-    delivery::settle(server, vec![id], move |m| EventKind::Bounced {
+    delivery::settle_now(server, vec![id], move |m| EventKind::Bounced {
         id: m.id.clone(),
         to: m.to.clone(),
         condition: condition.clone(),
         text: text.clone(),
-    });
+    })
+    .await;
 }
 
 fn error_text(el: &crate::xml::framer::Element) -> Option<String> {

@@ -507,9 +507,10 @@ async fn session(
                         .outbound_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, attempt, "outbound connection failed");
-                    let wait = backoff(attempt);
+                    let window = server.config.timeouts.retry_window();
+                    let wait = backoff(attempt).min(window.saturating_sub(window_start.elapsed()));
                     attempt += 1;
-                    if window_start.elapsed() + wait >= server.config.timeouts.retry_window() {
+                    if window_start.elapsed() >= window {
                         server.outbound.remove(&key, id);
                         let text = format!("cannot reach {remote}: {e}");
                         bounce_all(&server, &mut pending, &mut rx, e.condition(), &text);
