@@ -3,6 +3,7 @@
 
 mod api;
 mod binary;
+mod durability;
 mod federation;
 mod interop;
 mod support;
