@@ -579,6 +579,7 @@ async fn post_message(
         .attr("id", Some(&id))
         .children(&inner);
     let now = now_ms();
+    server.delivery.mark(&id);
     let queued = server
         .store
         .enqueue(Outgoing {

@@ -61,7 +61,9 @@ impl Delivery {
             .remove(ping_id)
     }
 
-    fn mark(&self, id: &str) {
+    /// Mark a message as in flight (before it is persisted, so the sweeper never
+    /// submits it a second time while the API is still submitting it).
+    pub fn mark(&self, id: &str) {
         self.inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -507,6 +507,25 @@ impl Store {
 
     // ---- dedup ----
 
+    /// Whether an inbound stanza key was already stored.
+    pub fn seen(&self, k: &str) -> Result<bool, StoreError> {
+        Ok(self.kv.get(&key(T_DEDUP, k.as_bytes()))?.is_some())
+    }
+
+    /// Append inbound events and record their dedup keys, atomically.
+    pub async fn push_inbound(
+        &self,
+        kinds: Vec<EventKind>,
+        dedup: Vec<String>,
+    ) -> Result<(), StoreError> {
+        let now = now_ms().to_be_bytes().to_vec();
+        let ops = dedup
+            .into_iter()
+            .map(|k| Op::Put(key(T_DEDUP, k.as_bytes()), now.clone()))
+            .collect();
+        self.push_events_with(ops, kinds).await
+    }
+
     /// Record an inbound stanza key; `false` if it was already seen.
     pub async fn first_sighting(&self, k: &str) -> Result<bool, StoreError> {
         let dk = key(T_DEDUP, k.as_bytes());

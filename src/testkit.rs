@@ -7,6 +7,7 @@
 
 pub mod certs;
 pub mod dns;
+pub mod http;
 pub mod interop;
 pub mod raw;
 

@@ -143,6 +143,7 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
             }
         }
         let mut events = Vec::new();
+        let mut dedup = Vec::new();
         let mut refused = Vec::new();
         for stanza in batch.drain(..) {
             if stanza.kind == Kind::Iq {
@@ -161,12 +162,25 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 .and_then(handle_of)
                 .and_then(|h| server.store.user_by_handle(&h).ok().flatten());
             match user {
-                Some(user) => events.push(message_event(&user, &stanza)),
+                Some(user) => {
+                    // A sender that retries after a broken stream may send a message
+                    // twice with the same id: store it once.
+                    if let Some(k) = dedup_key(&stanza) {
+                        if dedup.contains(&k) || server.store.seen(&k).unwrap_or(false) {
+                            continue;
+                        }
+                        dedup.push(k);
+                    }
+                    events.push(message_event(&user, &stanza))
+                }
                 None => refused.push(stanza),
             }
         }
         if !events.is_empty()
-            && let Err(e) = server.store.push_events(events).await
+            && let Err(e) = server
+                .store
+                .push_inbound(events, std::mem::take(&mut dedup))
+                .await
         {
             // Not stored: the senders must know (RFC 6120 §8.3.3.8).
             tracing::error!(error = %e, "storing inbound messages");
@@ -180,6 +194,20 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
             );
         }
     }
+}
+
+/// `bare-from NUL id NUL hash-of-the-stanza` for messages that carry an id: a
+/// retransmission is the same stanza again, while a sender that reuses ids for
+/// different messages does not lose any.
+fn dedup_key(stanza: &Stanza) -> Option<String> {
+    let id = stanza.id.as_deref().filter(|i| !i.is_empty())?;
+    let from = stanza.from.as_deref()?;
+    let bare = from.split('/').next().unwrap_or(from);
+    // FNV-1a: a stable 64-bit hash (std's hasher is randomized per process).
+    let hash = stanza.raw.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    });
+    Some(format!("{bare}\0{id}\0{hash:016x}"))
 }
 
 fn message_event(user: &User, stanza: &Stanza) -> EventKind {
