@@ -69,13 +69,18 @@ pub trait Kv: Send + Sync + 'static {
 }
 
 /// Which backend to use.
+///
+/// The default is redb: both backends passed the crash soak (100 SIGKILLs each,
+/// nothing lost or duplicated, see README), redb accepted more messages per second
+/// through the API, and it is maintained while sled 0.34 is not and has open
+/// corruption reports (spacejam/sled#1533, #1509).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// sled 0.34 (the design's default).
-    #[default]
+    /// sled 0.34 (the original design's choice).
     Sled,
     /// redb.
+    #[default]
     Redb,
 }
 

@@ -1,0 +1,191 @@
+//! Durable accepted messages per second through the backend API, with delivery to a
+//! peer over s2s.
+//!
+//! ```sh
+//! apt-get install wrk
+//! cargo build --release --bin xmpp-federator --example api_load
+//! target/release/examples/api_load --backend sled --seconds 10 --connections 64
+//! ```
+//!
+//! Our server (the release binary, its own process, log level warn) hosts
+//! alpha.test; a peer instance (beta.test) runs in this process. `wrk` POSTs
+//! `/v1/messages` from alice@alpha.test to bob@beta.test; every 202 means the
+//! message is on disk (group commit). Then we wait until every accepted message is
+//! confirmed delivered and report both rates and the messages per commit.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xmpp_federator::server::start;
+use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::dns::DnsServer;
+use xmpp_federator::testkit::http::request as http;
+use xmpp_federator::testkit::instance_config;
+
+const TOKEN: &str = "load-token-0123456789";
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn free_port(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+async fn metric(api: SocketAddr, name: &str) -> u64 {
+    // /metrics is text; the minimal client only parses JSON, so read it raw.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(api).await else {
+        return 0;
+    };
+    let _ = tcp
+        .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await;
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out).await;
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let backend = arg("--backend", "sled");
+    let seconds = arg("--seconds", "10");
+    let connections = arg("--connections", "64");
+    let dir = tempfile::tempdir()?;
+    let ca = TestCa::new("Load CA");
+    let ca_path = ca.write_ca(dir.path());
+    let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 81), Ipv4Addr::new(127, 0, 0, 82));
+
+    let bf = ca.leaf("beta.test", Eku::Both, false).write(dir.path(), "beta.test");
+    let mut bc = instance_config("beta.test", SocketAddr::new(b_ip.into(), 0), None, &bf.cert, &bf.key, &ca_path);
+    bc.dns.nameserver = Some(dns.addr);
+    bc.api.token = Some(TOKEN.into());
+    bc.limits.outbound_queue = 1_000_000;
+    let beta = start(bc).await?;
+    dns.add("beta.test", b_ip, Some(beta.starttls[0].port()), None);
+    http(beta.api, "PUT", "/v1/users/b1", Some(TOKEN), Some(r#"{"handle":"bob"}"#)).await;
+
+    let af = ca.leaf("alpha.test", Eku::Both, false).write(dir.path(), "alpha.test");
+    let s2s = SocketAddr::new(a_ip.into(), free_port(a_ip));
+    let api = SocketAddr::new(a_ip.into(), free_port(a_ip));
+    dns.add("alpha.test", a_ip, Some(s2s.port()), None);
+    let cfg = dir.path().join("alpha.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "domains = ['alpha.test']\n[listen]\nstarttls = ['{s2s}']\ndirect_tls = []\n\
+             [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
+             [dns]\nnameserver = '{}'\n[api]\nlisten = '{api}'\ntoken = '{TOKEN}'\n\
+             [store]\nbackend = '{backend}'\npath = '{}'\n[limits]\noutbound_queue = 1000000\n",
+            ca_path.display(),
+            af.cert.display(),
+            af.key.display(),
+            dns.addr,
+            dir.path().join("alpha-data").display()
+        ),
+    )?;
+    let bin = std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("xmpp-federator"))
+        .ok_or("no binary path")?;
+    let mut child = Command::new(&bin)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("XMPP_FEDERATOR_LOG", "warn,xmpp_federator::server=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    for l in lines.by_ref() {
+        if l?.contains("backend API on") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    http(api, "PUT", "/v1/users/a1", Some(TOKEN), Some(r#"{"handle":"alice"}"#)).await;
+
+    let script = dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{{\"from\":\"a1\",\"to\":\"bob@beta.test\",\"body\":\"load test message\"}}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {TOKEN}\"\n"
+        ),
+    )?;
+    let commits0 = metric(api, "xmpp_store_commits_total").await;
+    let t0 = Instant::now();
+    let out = Command::new("wrk")
+        .args(["-t", "1", "-c", &connections, "-d", &format!("{seconds}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(format!("http://{api}/v1/messages"))
+        .output()?;
+    let wrk_text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let accepted_window = t0.elapsed();
+    let commits = metric(api, "xmpp_store_commits_total").await - commits0;
+    // Wait until the queue has drained (every accepted message delivered).
+    let mut delivered;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        delivered = metric(api, "xmpp_stanzas_out_total").await;
+        let (_, b, _) = http(api, "GET", "/v1/events?after=0&limit=1", Some(TOKEN), None).await;
+        let _ = b;
+        let queued_left = {
+            let (s, _, _) = http(api, "GET", "/v1/users/a1", Some(TOKEN), None).await;
+            s
+        };
+        let _ = queued_left;
+        let st = metric(api, "xmpp_stanzas_out_total").await;
+        if st == delivered && Instant::now() > t0 + accepted_window + Duration::from_secs(2) {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drained = t0.elapsed();
+    let requests: f64 = wrk_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let total: u64 = wrk_text
+        .lines()
+        .find_map(|l| l.split(" requests in ").next().and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(0);
+    let non2xx = wrk_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| "0".into());
+    let latency: Vec<&str> = wrk_text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("50%") || l.trim_start().starts_with("99%"))
+        .collect();
+    println!(
+        "backend={backend} connections={connections} accepted={total} rate={requests:.0}/s non_2xx={non2xx} \
+         commits={commits} msgs_per_commit={:.1} api_latency=[{}] stanzas_out={delivered} drained_in={:.1}s",
+        total as f64 / commits.max(1) as f64,
+        latency.iter().map(|l| l.trim()).collect::<Vec<_>>().join(", "),
+        drained.as_secs_f64()
+    );
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    beta.shutdown().await;
+    Ok(())
+}
