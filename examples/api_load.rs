@@ -48,7 +48,9 @@ async fn metric(api: SocketAddr, name: &str) -> u64 {
         return 0;
     };
     let _ = tcp
-        .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await;
     let mut out = String::new();
     let _ = tcp.read_to_string(&mut out).await;
@@ -69,16 +71,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 81), Ipv4Addr::new(127, 0, 0, 82));
 
-    let bf = ca.leaf("beta.test", Eku::Both, false).write(dir.path(), "beta.test");
-    let mut bc = instance_config("beta.test", SocketAddr::new(b_ip.into(), 0), None, &bf.cert, &bf.key, &ca_path);
+    let bf = ca
+        .leaf("beta.test", Eku::Both, false)
+        .write(dir.path(), "beta.test");
+    let mut bc = instance_config(
+        "beta.test",
+        SocketAddr::new(b_ip.into(), 0),
+        None,
+        &bf.cert,
+        &bf.key,
+        &ca_path,
+    );
     bc.dns.nameserver = Some(dns.addr);
     bc.api.token = Some(TOKEN.into());
     bc.limits.outbound_queue = 1_000_000;
     let beta = start(bc).await?;
     dns.add("beta.test", b_ip, Some(beta.starttls[0].port()), None);
-    http(beta.api, "PUT", "/v1/users/b1", Some(TOKEN), Some(r#"{"handle":"bob"}"#)).await;
+    http(
+        beta.api,
+        "PUT",
+        "/v1/users/b1",
+        Some(TOKEN),
+        Some(r#"{"handle":"bob"}"#),
+    )
+    .await;
 
-    let af = ca.leaf("alpha.test", Eku::Both, false).write(dir.path(), "alpha.test");
+    let af = ca
+        .leaf("alpha.test", Eku::Both, false)
+        .write(dir.path(), "alpha.test");
     let s2s = SocketAddr::new(a_ip.into(), free_port(a_ip));
     let api = SocketAddr::new(a_ip.into(), free_port(a_ip));
     dns.add("alpha.test", a_ip, Some(s2s.port()), None);
@@ -117,7 +137,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    http(api, "PUT", "/v1/users/a1", Some(TOKEN), Some(r#"{"handle":"alice"}"#)).await;
+    http(
+        api,
+        "PUT",
+        "/v1/users/a1",
+        Some(TOKEN),
+        Some(r#"{"handle":"alice"}"#),
+    )
+    .await;
 
     let script = dir.path().join("post.lua");
     std::fs::write(
@@ -130,7 +157,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let commits0 = metric(api, "xmpp_store_commits_total").await;
     let t0 = Instant::now();
     let out = Command::new("wrk")
-        .args(["-t", "1", "-c", &connections, "-d", &format!("{seconds}s"), "--latency", "-s"])
+        .args([
+            "-t",
+            "1",
+            "-c",
+            &connections,
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-s",
+        ])
         .arg(&script)
         .arg(format!("http://{api}/v1/messages"))
         .output()?;
@@ -166,7 +202,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(0.0);
     let total: u64 = wrk_text
         .lines()
-        .find_map(|l| l.split(" requests in ").next().and_then(|n| n.trim().parse().ok()))
+        .find_map(|l| {
+            l.split(" requests in ")
+                .next()
+                .and_then(|n| n.trim().parse().ok())
+        })
         .unwrap_or(0);
     let non2xx = wrk_text
         .lines()
@@ -181,10 +221,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "backend={backend} connections={connections} accepted={total} rate={requests:.0}/s non_2xx={non2xx} \
          commits={commits} msgs_per_commit={:.1} api_latency=[{}] stanzas_out={delivered} drained_in={:.1}s",
         total as f64 / commits.max(1) as f64,
-        latency.iter().map(|l| l.trim()).collect::<Vec<_>>().join(", "),
+        latency
+            .iter()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join(", "),
         drained.as_secs_f64()
     );
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     beta.shutdown().await;
     Ok(())

@@ -10,8 +10,22 @@ pub async fn request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, serde_json::Value, String) {
+    try_request(addr, method, path, token, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// Like [`request`], with transport errors returned instead of panicking.
+pub async fn try_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<(u16, serde_json::Value, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let e = |e: std::io::Error| e.to_string();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.map_err(e)?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -36,7 +50,11 @@ pub async fn request(
     .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {head:.80}"))?;
     let ctype = head
         .lines()
         .find_map(|l| {
@@ -54,7 +72,7 @@ pub async fn request(
         rest.to_string()
     };
     let json = serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null);
-    (status, json, ctype)
+    Ok((status, json, ctype))
 }
 
 fn dechunk(mut s: &str) -> String {

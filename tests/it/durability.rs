@@ -55,6 +55,8 @@ fn start_binary(config: &std::path::Path) -> Proc {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    // Owned by a guard at once so a failed start is still reaped.
+    let proc = Proc(Some(child));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for l in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -67,7 +69,7 @@ fn start_binary(config: &std::path::Path) -> Proc {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("the binary starts");
         if l.contains("backend API on") {
-            return Proc(Some(child));
+            return proc;
         }
     }
 }
