@@ -150,6 +150,13 @@ pub fn router(server: Arc<Server>, token: &str) -> Router {
             "/v1/users/{id}",
             put(put_user).get(get_user).delete(delete_user),
         )
+        .route("/v1/users/{id}/presence", put(put_presence))
+        .route("/v1/users/{id}/roster", get(get_roster))
+        .route(
+            "/v1/users/{id}/roster/{jid}",
+            axum::routing::delete(delete_contact),
+        )
+        .route("/v1/users/{id}/roster/{jid}/{action}", post(roster_action))
         .route("/v1/remote/{jid}", get(remote))
         .route("/v1/messages", post(post_message))
         .route("/v1/events", get(events))
@@ -324,6 +331,111 @@ async fn delete_user(
     } else {
         Err(unknown_user(&id))
     }
+}
+
+// ---- presence and roster ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceIn {
+    #[serde(default = "yes")]
+    available: bool,
+    show: Option<String>,
+    status: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn user_or_404(st: &ApiState, id: &str) -> Result<User, Problem> {
+    st.server
+        .store
+        .user(id)
+        .map_err(internal)?
+        .ok_or_else(|| unknown_user(id))
+}
+
+async fn put_presence(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    Body(p): Body<PresenceIn>,
+) -> Result<StatusCode, Problem> {
+    let user = user_or_404(&st, &id)?;
+    if let Some(show) = &p.show
+        && !matches!(show.as_str(), "away" | "chat" | "dnd" | "xa")
+    {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid show",
+            "show is away, chat, dnd or xa",
+        ));
+    }
+    if p.status.as_ref().is_some_and(|s| s.len() > 1024) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid status",
+            "at most 1024 bytes",
+        ));
+    }
+    let presence = crate::store::Presence {
+        available: p.available,
+        show: p.show,
+        status: p.status,
+    };
+    crate::presence::set(&st.server, &user, presence)
+        .await
+        .map_err(internal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_roster(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let user = user_or_404(&st, &id)?;
+    let items = st.server.store.roster(&user.id).map_err(internal)?;
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn roster_action(
+    State(st): State<ApiState>,
+    Path((id, jid, action)): Path<(String, String, String)>,
+) -> Result<Json<crate::store::RosterItem>, Problem> {
+    let action = match action.as_str() {
+        "subscribe" => crate::presence::Action::Subscribe,
+        "approve" => crate::presence::Action::Approve,
+        "deny" => crate::presence::Action::Deny,
+        _ => {
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "roster actions are subscribe, approve and deny",
+            ));
+        }
+    };
+    contact_action(&st, &id, &jid, action).await.map(Json)
+}
+
+async fn delete_contact(
+    State(st): State<ApiState>,
+    Path((id, jid)): Path<(String, String)>,
+) -> Result<StatusCode, Problem> {
+    contact_action(&st, &id, &jid, crate::presence::Action::Remove).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn contact_action(
+    st: &ApiState,
+    id: &str,
+    jid: &str,
+    action: crate::presence::Action,
+) -> Result<crate::store::RosterItem, Problem> {
+    let user = user_or_404(st, id)?;
+    let contact = parse_remote(&st.server, jid)?;
+    crate::presence::act(&st.server, &user, &contact.to_string(), action)
+        .await
+        .map_err(internal)
 }
 
 // ---- remote users ----

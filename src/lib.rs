@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod handlers;
 pub mod load;
 pub mod policy;
+pub mod presence;
 pub mod router;
 pub mod s2s;
 pub mod server;

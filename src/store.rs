@@ -103,6 +103,65 @@ pub struct User {
     pub display_name: String,
 }
 
+/// Subscription state of a roster item (RFC 6121 §2.1.2.5, pending states apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Subscription {
+    /// Neither sees the other's presence.
+    #[default]
+    None,
+    /// The user sees the contact's presence.
+    To,
+    /// The contact sees the user's presence.
+    From,
+    /// Both.
+    Both,
+}
+
+impl Subscription {
+    /// Whether the contact receives the user's presence.
+    pub fn contact_sees_user(self) -> bool {
+        matches!(self, Subscription::From | Subscription::Both)
+    }
+    /// Whether the user receives the contact's presence.
+    pub fn user_sees_contact(self) -> bool {
+        matches!(self, Subscription::To | Subscription::Both)
+    }
+    /// The name (`none`, `to`, `from`, `both`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subscription::None => "none",
+            Subscription::To => "to",
+            Subscription::From => "from",
+            Subscription::Both => "both",
+        }
+    }
+}
+
+/// One contact in a user's roster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RosterItem {
+    /// The contact's bare JID.
+    pub jid: String,
+    /// Subscription state.
+    pub subscription: Subscription,
+    /// We asked to see the contact's presence and wait for an answer.
+    pub pending_out: bool,
+    /// The contact asked to see ours and waits for the user's answer.
+    pub pending_in: bool,
+}
+
+/// A user's own presence, as the backend set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Presence {
+    /// Available (online) or not.
+    pub available: bool,
+    /// `away`, `chat`, `dnd`, `xa`.
+    pub show: Option<String>,
+    /// Status text.
+    pub status: Option<String>,
+}
+
 /// A message accepted for delivery to a remote domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outgoing {
@@ -178,6 +237,31 @@ pub enum EventKind {
         /// Error text, if any.
         text: Option<String>,
     },
+    /// A contact's presence changed (only for contacts we are subscribed to).
+    Presence {
+        /// Local user id.
+        user_id: String,
+        /// The contact's full JID.
+        from: String,
+        /// Available or not.
+        available: bool,
+        /// `away`, `chat`, `dnd`, `xa`, if given.
+        show: Option<String>,
+        /// Status text, if given.
+        status: Option<String>,
+    },
+    /// A subscription request, approval, refusal or cancellation from a contact;
+    /// `subscription` is the roster state after it.
+    Subscription {
+        /// Local user id.
+        user_id: String,
+        /// The contact's bare JID.
+        from: String,
+        /// `subscribe`, `subscribed`, `unsubscribe` or `unsubscribed`.
+        action: String,
+        /// The resulting subscription state.
+        subscription: String,
+    },
     /// An outgoing message could not be delivered before it expired.
     Expired {
         /// Stanza id.
@@ -195,6 +279,8 @@ const T_OUT_ID: u8 = b'i';
 const T_EVENT: u8 = b'e';
 const T_ACK: u8 = b'a';
 const T_DEDUP: u8 = b'd';
+const T_ROSTER: u8 = b'r';
+const T_PRESENCE: u8 = b'p';
 
 fn key(tree: u8, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + rest.len());
@@ -508,6 +594,69 @@ impl Store {
             ops.push(Op::Put(key(T_ACK, b"events"), up_to.to_be_bytes().to_vec()));
         }
         self.write(ops).await
+    }
+
+    // ---- rosters and presence ----
+
+    fn roster_key(user_id: &str, jid: &str) -> Vec<u8> {
+        let mut k = user_id.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(jid.as_bytes());
+        key(T_ROSTER, &k)
+    }
+
+    /// One roster item.
+    pub fn roster_item(&self, user_id: &str, jid: &str) -> Result<Option<RosterItem>, StoreError> {
+        self.kv
+            .get(&Self::roster_key(user_id, jid))?
+            .map(|v| parse(&v))
+            .transpose()
+    }
+
+    /// A user's whole roster.
+    pub fn roster(&self, user_id: &str) -> Result<Vec<RosterItem>, StoreError> {
+        let from = Self::roster_key(user_id, "");
+        let mut to = from.clone();
+        if let Some(last) = to.last_mut() {
+            *last = 1; // just past the NUL separator
+        }
+        self.kv
+            .range(&from, &to, usize::MAX)?
+            .iter()
+            .map(|(_, v)| parse(v))
+            .collect()
+    }
+
+    /// Write (or, with `None`, remove) a roster item, with events, atomically.
+    pub async fn put_roster_item(
+        &self,
+        user_id: &str,
+        jid: &str,
+        item: Option<&RosterItem>,
+        events: Vec<EventKind>,
+    ) -> Result<(), StoreError> {
+        let k = Self::roster_key(user_id, jid);
+        let op = match item {
+            Some(i) => Op::Put(k, json(i)),
+            None => Op::Delete(k),
+        };
+        self.push_events_with(vec![op], events).await
+    }
+
+    /// A user's presence.
+    pub fn presence(&self, user_id: &str) -> Result<Presence, StoreError> {
+        Ok(self
+            .kv
+            .get(&key(T_PRESENCE, user_id.as_bytes()))?
+            .map(|v| parse(&v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Set a user's presence.
+    pub async fn set_presence(&self, user_id: &str, p: &Presence) -> Result<(), StoreError> {
+        self.write(vec![Op::Put(key(T_PRESENCE, user_id.as_bytes()), json(p))])
+            .await
     }
 
     // ---- dedup ----

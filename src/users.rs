@@ -9,7 +9,8 @@
 //! - iqs: vCard (XEP-0054) and disco#info (XEP-0030) of the user's bare JID from the
 //!   profile; anything else `service-unavailable`; results/errors complete our own
 //!   pending requests (remote lookups);
-//! - presence is dropped for now (subscriptions and rosters are not built yet).
+//! - presence (subscriptions, availability) goes to [`crate::presence`], also in
+//!   the inbox task.
 
 use std::sync::Arc;
 
@@ -36,7 +37,11 @@ pub fn handle_of(jid: &str) -> Option<String> {
 /// Deliver a stanza addressed to a user of a hosted domain.
 pub fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
     match stanza.kind {
-        Kind::Presence => {}
+        Kind::Presence => {
+            if server.inbox.try_send(stanza).is_err() {
+                tracing::warn!("inbox full: presence dropped");
+            }
+        }
         Kind::Message => {
             // Refuse at once (in stream order, before any later iq is answered) when
             // the user does not exist; the inbox only stores.
@@ -152,6 +157,10 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 }
                 continue;
             }
+            if stanza.kind == Kind::Presence {
+                presence_in(&server, &stanza).await;
+                continue;
+            }
             if stanza.is_error() {
                 bounced(&server, &stanza).await;
                 continue;
@@ -192,6 +201,37 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 StanzaCondition::ServiceUnavailable,
                 "no such user",
             );
+        }
+    }
+}
+
+async fn presence_in(server: &Arc<Server>, stanza: &Stanza) {
+    let user = stanza
+        .to
+        .as_deref()
+        .and_then(handle_of)
+        .and_then(|h| server.store.user_by_handle(&h).ok().flatten());
+    match user {
+        Some(user) => {
+            if let Err(e) = crate::presence::inbound(server, &user, stanza).await {
+                tracing::error!(error = %e, "storing a presence change");
+            }
+        }
+        None => {
+            // No such user: a subscription request is refused (RFC 6121 §3.1.3).
+            if stanza.type_.as_deref() == Some("subscribe")
+                && let (Some(from), Some(to)) = (stanza.from.as_deref(), stanza.to.as_deref())
+            {
+                let to_bare = to.split('/').next().unwrap_or(to);
+                let xml = format!(
+                    "<presence from='{}' to='{}' type='unsubscribed'/>",
+                    escape(to_bare),
+                    escape(from)
+                );
+                if let Some(s) = Stanza::parse(&xml) {
+                    route(server, s);
+                }
+            }
         }
     }
 }

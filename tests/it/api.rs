@@ -310,3 +310,129 @@ async fn a_message_waits_for_a_peer_that_is_down_and_arrives_once() {
     alpha.shutdown().await;
     beta.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_both_ways_and_presence_between_two_instances() {
+    let net = Net::new().await;
+    let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
+    let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
+    for (api, id, handle) in [(alpha.api, "a1", "alice"), (beta.api, "b1", "bob")] {
+        let (s, _, _) = http(
+            api,
+            "PUT",
+            &format!("/v1/users/{id}"),
+            Some(TOKEN),
+            Some(&format!(r#"{{"handle":"{handle}"}}"#)),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    let act =
+        |api, path: String| async move { http(api, "POST", &path, Some(TOKEN), Some("")).await };
+    // alice -> bob
+    let (s, b, _) = act(
+        alpha.api,
+        "/v1/users/a1/roster/bob@beta.test/subscribe".into(),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["pending_out"], true);
+    let ev = wait_event(beta.api, |e| {
+        e["type"] == "subscription" && e["action"] == "subscribe"
+    })
+    .await;
+    assert_eq!(ev["from"], "alice@alpha.test");
+    let (s, _, _) = act(
+        beta.api,
+        "/v1/users/b1/roster/alice@alpha.test/approve".into(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let ev = wait_event(alpha.api, |e| {
+        e["type"] == "subscription" && e["action"] == "subscribed"
+    })
+    .await;
+    assert_eq!(ev["subscription"], "to");
+    // bob -> alice
+    let (s, _, _) = act(
+        beta.api,
+        "/v1/users/b1/roster/alice@alpha.test/subscribe".into(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    wait_event(alpha.api, |e| {
+        e["type"] == "subscription" && e["action"] == "subscribe"
+    })
+    .await;
+    let (s, _, _) = act(
+        alpha.api,
+        "/v1/users/a1/roster/bob@beta.test/approve".into(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let ev = wait_event(beta.api, |e| {
+        e["type"] == "subscription" && e["action"] == "subscribed"
+    })
+    .await;
+    assert_eq!(ev["subscription"], "both");
+    for (api, path, contact) in [
+        (alpha.api, "/v1/users/a1/roster", "bob@beta.test"),
+        (beta.api, "/v1/users/b1/roster", "alice@alpha.test"),
+    ] {
+        let (_, b, _) = http(api, "GET", path, Some(TOKEN), None).await;
+        let items = b["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "{b}");
+        assert_eq!(items[0]["jid"], contact);
+        assert_eq!(items[0]["subscription"], "both", "{b}");
+    }
+    // Presence both ways.
+    let (s, _, _) = http(
+        alpha.api,
+        "PUT",
+        "/v1/users/a1/presence",
+        Some(TOKEN),
+        Some(r#"{"show":"dnd","status":"busy"}"#),
+    )
+    .await;
+    assert_eq!(s, 204);
+    // (An unavailable presence came first: approving sends the current presence.)
+    let ev = wait_event(beta.api, |e| {
+        e["type"] == "presence" && e["available"] == true
+    })
+    .await;
+    assert_eq!(ev["from"], "alice@alpha.test/backend");
+    assert_eq!(ev["available"], true);
+    assert_eq!(ev["show"], "dnd");
+    assert_eq!(ev["status"], "busy");
+    let (s, _, _) = http(
+        beta.api,
+        "PUT",
+        "/v1/users/b1/presence",
+        Some(TOKEN),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let ev = wait_event(alpha.api, |e| {
+        e["type"] == "presence" && e["available"] == true
+    })
+    .await;
+    assert_eq!(ev["from"], "bob@beta.test/backend");
+    // Removing the contact ends both subscriptions on the other side.
+    let (s, _, _) = http(
+        alpha.api,
+        "DELETE",
+        "/v1/users/a1/roster/bob@beta.test",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    let ev = wait_event(beta.api, |e| {
+        e["type"] == "subscription" && e["action"] == "unsubscribed"
+    })
+    .await;
+    assert_eq!(ev["from"], "alice@alpha.test");
+    alpha.shutdown().await;
+    beta.shutdown().await;
+}
