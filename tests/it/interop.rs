@@ -254,6 +254,82 @@ impl Lab {
         assert_eq!(b["display_name"], "Peer Person", "{b}");
     }
 
+    /// A subscription handshake both ways between the backend user and the XMPP
+    /// user ends with `both` on each side, and each sees the other's presence.
+    async fn subscriptions(&self, wire: &Running, peer: &ServerSpec, user: &str, pw: &str) {
+        let api = wire.api;
+        let user_jid = format!("{user}@{}", peer.domain);
+        let mut client = blocking(|| {
+            BackgroundClient::start(
+                &self.python,
+                &user_jid,
+                pw,
+                peer.c2s(),
+                &self.ca_path,
+                &["subscribe-both", "wally@wire.test", "--timeout", "40"],
+            )
+        })
+        .expect("client online");
+        let path = format!("/v1/users/w1/roster/{user_jid}");
+        let (s, b, _) = http(
+            api,
+            "POST",
+            &format!("{path}/subscribe"),
+            Some(TOKEN),
+            Some(""),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        wait_event(api, |e| {
+            e["type"] == "subscription" && e["action"] == "subscribed"
+        })
+        .await;
+        wait_event(api, |e| {
+            e["type"] == "subscription" && e["action"] == "subscribe"
+        })
+        .await;
+        let (s, b, _) = http(
+            api,
+            "POST",
+            &format!("{path}/approve"),
+            Some(TOKEN),
+            Some(""),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["subscription"], "both", "{b}");
+        let (s, _, _) = http(
+            api,
+            "PUT",
+            "/v1/users/w1/presence",
+            Some(TOKEN),
+            Some(r#"{"status":"here"}"#),
+        )
+        .await;
+        assert_eq!(s, 204);
+        let both = blocking(|| client.wait_line("BOTH", std::time::Duration::from_secs(40)));
+        assert!(both.is_ok(), "{both:?}");
+        let p =
+            blocking(|| client.wait_line("PRESENCE", std::time::Duration::from_secs(5))).unwrap();
+        assert!(p.contains("wally@wire.test/backend"), "{p}");
+        let ev = wait_event(api, |e| {
+            e["type"] == "presence"
+                && e["available"] == true
+                && e["from"].as_str().is_some_and(|f| f.starts_with(&user_jid))
+        })
+        .await;
+        assert_eq!(ev["user_id"], "w1");
+        let (_, b, _) = http(api, "GET", "/v1/users/w1/roster", Some(TOKEN), None).await;
+        let item = b["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["jid"] == user_jid.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(item["subscription"], "both", "{b}");
+    }
+
     /// A peer presenting a certificate from another CA, or one for another name,
     /// is refused; the right certificate is accepted.
     async fn refusals(&self, s2s: SocketAddr, domain: &str) {
@@ -376,6 +452,7 @@ async fn prosody() {
     );
 
     lab.messaging(&wire, &spec, "alice", "alicepw").await;
+    lab.subscriptions(&wire, &spec, "alice", "alicepw").await;
     lab.refusals(spec.s2s(), "prosody.test").await;
     wire.shutdown().await;
     drop(prosody);
@@ -438,6 +515,7 @@ async fn ejabberd() {
     );
 
     lab.messaging(&wire, &spec, "bob", "bobpw").await;
+    lab.subscriptions(&wire, &spec, "bob", "bobpw").await;
     lab.refusals(spec.s2s(), "ejabberd.test").await;
     wire.shutdown().await;
     drop(ejabberd);
