@@ -129,8 +129,8 @@ pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Resu
                     .await?;
             }
         }
-        Some("subscribed") => {
-            if item.pending_out {
+        Some("subscribed")
+            if item.pending_out => {
                 item.pending_out = false;
                 item.subscription = add_to(item.subscription);
                 let ev = event("subscribed", &item);
@@ -138,9 +138,8 @@ pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Resu
                     .put_roster_item(&user.id, &contact, Some(&item), vec![ev])
                     .await?;
             }
-        }
-        Some("unsubscribed") => {
-            if item.pending_out || item.subscription.user_sees_contact() {
+        Some("unsubscribed")
+            if (item.pending_out || item.subscription.user_sees_contact()) => {
                 item.pending_out = false;
                 item.subscription = remove_to(item.subscription);
                 let ev = event("unsubscribed", &item);
@@ -148,9 +147,8 @@ pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Resu
                     .put_roster_item(&user.id, &contact, Some(&item), vec![ev])
                     .await?;
             }
-        }
-        Some("unsubscribe") => {
-            if item.pending_in || item.subscription.contact_sees_user() {
+        Some("unsubscribe")
+            if (item.pending_in || item.subscription.contact_sees_user()) => {
                 let had = item.subscription.contact_sees_user();
                 item.pending_in = false;
                 item.subscription = remove_from(item.subscription);
@@ -163,15 +161,13 @@ pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Resu
                     send(server, &from, &contact, Some("unavailable"), None);
                 }
             }
-        }
-        Some("probe") => {
+        Some("probe")
             // Only contacts with a subscription learn the user's presence (§4.3.2).
-            if item.subscription.contact_sees_user() {
+            if item.subscription.contact_sees_user() => {
                 send_current(server, user, from_full)?;
             }
-        }
-        None | Some("unavailable") => {
-            if item.subscription.user_sees_contact() {
+        None | Some("unavailable")
+            if item.subscription.user_sees_contact() => {
                 store
                     .push_events(vec![EventKind::Presence {
                         user_id: user.id.clone(),
@@ -182,7 +178,6 @@ pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Resu
                     }])
                     .await?;
             }
-        }
         _ => {}
     }
     Ok(())
