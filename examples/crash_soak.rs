@@ -17,9 +17,7 @@
 //! (at-least-once across a crash: see `delivery`), which is reported.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +28,9 @@ use xmpp_federator::testkit::certs::{Eku, TestCa};
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::request as http;
 use xmpp_federator::testkit::instance_config;
+use xmpp_federator::testkit::process::{
+    InstanceFiles, ServerProcess, binary_beside_example, free_port, instance_toml,
+};
 
 const TOKEN: &str = "soak-token-0123456789";
 
@@ -39,50 +40,6 @@ fn arg(name: &str, default: &str) -> String {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| default.to_string())
-}
-
-fn free_port(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
-fn start_binary(bin: &std::path::Path, config: &std::path::Path) -> Result<Child, String> {
-    let mut child = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("XMPP_FEDERATOR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) if l.contains("backend API on") => return Ok(child),
-            Ok(l) => seen.push(l),
-            Err(_) => {
-                let _ = child.kill();
-                return Err(format!("did not start: {}", seen.join("\n")));
-            }
-        }
-    }
-}
-
-fn kill9(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
 
 async fn all_events(api: SocketAddr) -> Vec<serde_json::Value> {
@@ -153,31 +110,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let api = SocketAddr::new(a_ip.into(), free_port(a_ip));
     dns.add("alpha.test", a_ip, Some(s2s.port()), None);
     let cfg = dir.path().join("alpha.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "domains = ['alpha.test']\n[listen]\nstarttls = ['{s2s}']\ndirect_tls = []\n\
-             [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
-             [dns]\nnameserver = '{}'\n[api]\nlisten = '{api}'\ntoken = '{TOKEN}'\n\
-             [store]\nbackend = '{backend}'\npath = '{}'\n[delivery]\nretry_secs = 1\n",
-            ca_path.display(),
-            af.cert.display(),
-            af.key.display(),
-            dns.addr,
-            dir.path().join("alpha-data").display()
-        ),
-    )?;
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("xmpp-federator"))
-        .ok_or("no binary path")?;
+    let store = dir.path().join("alpha-data");
+    let files = InstanceFiles {
+        domain: "alpha.test",
+        s2s,
+        api,
+        token: TOKEN,
+        cert: &af.cert,
+        key: &af.key,
+        ca: &ca_path,
+        dns: dns.addr,
+        store: &store,
+        backend: &backend,
+    };
+    std::fs::write(&cfg, instance_toml(&files, "[delivery]\nretry_secs = 1\n"))?;
+    let bin = binary_beside_example().ok_or("no binary path")?;
 
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut open_failures = 0;
     let t0 = Instant::now();
     for round in 0..rounds {
-        let mut child = match start_binary(&bin, &cfg) {
+        let mut child = match ServerProcess::start(&bin, &cfg, "warn") {
             Ok(c) => c,
             Err(e) => {
                 open_failures += 1;
@@ -220,13 +173,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let wait = rand::rng().random_range(50..600);
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        kill9(&mut child);
+        child.kill9();
         for t in tasks {
             let _ = t.await;
         }
     }
     // Final run: let everything drain.
-    let mut child = start_binary(&bin, &cfg)?;
+    let mut child = ServerProcess::start(&bin, &cfg, "warn")?;
     let accepted = accepted.lock().unwrap().clone();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut delivered: HashMap<String, usize> = HashMap::new();
@@ -267,7 +220,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         received.len(),
         t0.elapsed().as_secs_f64()
     );
-    kill9(&mut child);
+    child.kill9();
     beta.shutdown().await;
     if missing > 0 || dup_events > 0 || open_failures > 0 {
         return Err("soak failed".into());

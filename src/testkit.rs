@@ -9,6 +9,7 @@ pub mod certs;
 pub mod dns;
 pub mod http;
 pub mod interop;
+pub mod process;
 pub mod raw;
 
 use std::net::SocketAddr;

@@ -174,6 +174,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
         self.send(header.as_bytes()).await
     }
 
+    /// Send our header and, in the same write, the stream features.
+    pub async fn send_header_with(&mut self, header: &str, features: &str) -> io::Result<()> {
+        self.header_sent = true;
+        let mut out = String::with_capacity(header.len() + features.len());
+        out.push_str(header);
+        out.push_str(features);
+        self.send(out.as_bytes()).await
+    }
+
     /// Start a new stream on the same transport (RFC 6120 §4.3.3).
     pub fn restart(&mut self, limits: Limits) {
         self.framer = Framer::new(limits);

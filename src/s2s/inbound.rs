@@ -152,18 +152,7 @@ pub async fn negotiate(
 ) -> Option<Authenticated> {
     let pre = server.config.framer_limits(false);
     let tls = if direct_tls {
-        let acceptor = TlsAcceptor::from(server.tls.server_direct.clone());
-        match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "TLS handshake failed");
-                return None;
-            }
-            Err(_) => {
-                tracing::info!("TLS handshake timed out");
-                return None;
-            }
-        }
+        accept_tls(&server.tls.server_direct, tcp, deadline).await?
     } else {
         let mut xs = XmlStream::new(tcp, pre);
         let h = match by(deadline, xs.next_header()).await {
@@ -186,11 +175,7 @@ pub async fn negotiate(
         let features = format!(
             "<stream:features><starttls xmlns='{NS_TLS}'><required/></starttls></stream:features>"
         );
-        let sent = async {
-            xs.send_header(&header).await?;
-            xs.send(features.as_bytes()).await
-        };
-        if sent.await.is_err() {
+        if xs.send_header_with(&header, &features).await.is_err() {
             return None;
         }
         match by(deadline, xs.next_element()).await {
@@ -222,18 +207,7 @@ pub async fn negotiate(
                 return None;
             }
         };
-        let acceptor = TlsAcceptor::from(server.tls.server_starttls.clone());
-        match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "TLS handshake failed");
-                return None;
-            }
-            Err(_) => {
-                tracing::info!("TLS handshake timed out");
-                return None;
-            }
-        }
+        accept_tls(&server.tls.server_starttls, tcp, deadline).await?
     };
     let certs: Vec<CertificateDer<'static>> = tls
         .get_ref()
@@ -288,11 +262,7 @@ pub async fn negotiate(
     let features = format!(
         "<stream:features><mechanisms xmlns='{NS_SASL}'><mechanism>EXTERNAL</mechanism></mechanisms></stream:features>"
     );
-    let sent = async {
-        xs.send_header(&header).await?;
-        xs.send(features.as_bytes()).await
-    };
-    if sent.await.is_err() {
+    if xs.send_header_with(&header, &features).await.is_err() {
         return None;
     }
     let mut attempts = 0;
@@ -384,11 +354,11 @@ pub async fn negotiate(
         fail_with(&mut xs, &header2, StreamFailure::protocol(c, text)).await;
         return None;
     }
-    let sent = async {
-        xs.send_header(&header2).await?;
-        xs.send(b"<stream:features/>").await
-    };
-    if sent.await.is_err() {
+    if xs
+        .send_header_with(&header2, "<stream:features/>")
+        .await
+        .is_err()
+    {
         return None;
     }
     xs.set_limits(server.config.framer_limits(true));
@@ -397,6 +367,25 @@ pub async fn negotiate(
         peer_domain: peer,
         local_domain: local,
     })
+}
+
+/// The TLS handshake as server, by the negotiation deadline; failures are logged.
+async fn accept_tls(
+    config: &Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Option<TlsIn> {
+    match tokio::time::timeout_at(deadline, TlsAcceptor::from(config.clone()).accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!("TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// Decode a SASL EXTERNAL initial response: `=` or empty means no authzid.

@@ -2,77 +2,23 @@
 //! unacknowledged: after a restart nothing is lost, and the queued messages are
 //! delivered once the peer is up.
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use serde_json::json;
 use xmpp_federator::testkit::certs::Eku;
+use xmpp_federator::testkit::process::{InstanceFiles, ServerProcess, free_port, instance_toml};
 
 use crate::support::{Net, TOKEN, http, wait_event};
 
 const BIN: &str = env!("CARGO_BIN_EXE_xmpp-federator");
+
+fn start_binary(config: &Path) -> ServerProcess {
+    ServerProcess::start(Path::new(BIN), config, "info").expect("the binary starts")
+}
 const ALPHA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 61);
 const BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 62);
 const GAMMA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 63);
-
-fn free_port(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            Command::new("kill")
-                .args(["-KILL", &c.id().to_string()])
-                .status()
-                .unwrap();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn start_binary(config: &std::path::Path) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("XMPP_FEDERATOR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    // Owned by a guard at once so a failed start is still reaped.
-    let proc = Proc(Some(child));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let l = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the binary starts");
-        if l.contains("backend API on") {
-            return proc;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_nothing() {
@@ -85,18 +31,24 @@ async fn sigkill_loses_nothing() {
     let api = SocketAddr::new(ALPHA.into(), free_port(ALPHA));
     net.dns.add("alpha.test", ALPHA, Some(s2s.port()), None);
     let cfg = net.dir.path().join("alpha.toml");
+    let store = net.dir.path().join("alpha-data");
+    let files_toml = InstanceFiles {
+        domain: "alpha.test",
+        s2s,
+        api,
+        token: TOKEN,
+        cert: &files.cert,
+        key: &files.key,
+        ca: &net.ca_path,
+        dns: net.dns.addr,
+        store: &store,
+        backend: "redb",
+    };
     std::fs::write(
         &cfg,
-        format!(
-            "domains = ['alpha.test']\n[listen]\nstarttls = ['{s2s}']\ndirect_tls = []\n\
-             [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
-             [dns]\nnameserver = '{}'\n[api]\nlisten = '{api}'\ntoken = '{TOKEN}'\n\
-             [store]\npath = '{}'\n[delivery]\nretry_secs = 1\n[timeouts]\nretry_window_secs = 1\n",
-            net.ca_path.display(),
-            files.cert.display(),
-            files.key.display(),
-            net.dns.addr,
-            net.dir.path().join("alpha-data").display()
+        instance_toml(
+            &files_toml,
+            "[delivery]\nretry_secs = 1\n[timeouts]\nretry_window_secs = 1\n",
         ),
     )
     .unwrap();
