@@ -180,9 +180,22 @@ pub async fn confirmed(server: &Arc<Server>, ping_id: &str) {
     }
 }
 
-/// Resubmit what is due and expire what is too old, every `every`, until shutdown.
+/// Resubmit what is due and expire what is too old, every `every`, until shutdown;
+/// once an hour, forget inbound dedup keys older than the expiry window.
 pub async fn sweeper(server: Arc<Server>, every: Duration) {
+    let mut last_prune = Instant::now();
     loop {
+        if last_prune.elapsed() > Duration::from_secs(3600) {
+            last_prune = Instant::now();
+            let window_ms = server.config.delivery.expire_secs.saturating_mul(2000);
+            if let Err(e) = server
+                .store
+                .prune_dedup(now_ms().saturating_sub(window_ms))
+                .await
+            {
+                tracing::error!(error = %e, "pruning dedup keys");
+            }
+        }
         match server.store.queued() {
             Ok(queued) => {
                 let now = now_ms();

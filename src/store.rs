@@ -680,6 +680,27 @@ impl Store {
         self.push_events_with(ops, kinds).await
     }
 
+    /// Forget dedup keys recorded before `before_ms` (a retransmission older than
+    /// the senders' retry window cannot come any more). Returns how many.
+    pub async fn prune_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut ops = Vec::new();
+        for (k, v) in self.kv.range(&[T_DEDUP], &[T_DEDUP + 1], usize::MAX)? {
+            let at = v
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if at < before_ms {
+                ops.push(Op::Delete(k));
+            }
+        }
+        let n = ops.len();
+        if n > 0 {
+            self.write(ops).await?;
+        }
+        Ok(n)
+    }
+
     /// Record an inbound stanza key; `false` if it was already seen.
     pub async fn first_sighting(&self, k: &str) -> Result<bool, StoreError> {
         let dk = key(T_DEDUP, k.as_bytes());
@@ -808,6 +829,8 @@ pub(crate) mod tests {
         assert_eq!(rest[0].seq, all[1].seq);
         assert!(store.first_sighting("a/1").await.unwrap());
         assert!(!store.first_sighting("a/1").await.unwrap());
+        assert_eq!(store.prune_dedup(now_ms() + 1).await.unwrap(), 1);
+        assert!(store.first_sighting("a/1").await.unwrap());
         assert!(store.delete_user("u1").await.unwrap());
         assert!(!store.delete_user("u1").await.unwrap());
         drop(store);
