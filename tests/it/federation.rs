@@ -462,3 +462,42 @@ async fn connection_caps_and_negotiation_timeout() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     beta.shutdown().await;
 }
+
+#[tokio::test]
+async fn several_hosted_domains_each_get_their_certificate_by_sni() {
+    let net = Net::new().await;
+    let mut bc = net.config("beta.test", BETA, Eku::Both);
+    let other = net
+        .ca
+        .leaf("other.test", Eku::ServerOnly, true)
+        .write(net.dir.path(), "other.test");
+    bc.domains.push("other.test".into());
+    bc.tls
+        .certificates
+        .push(xmpp_federator::config::CertificateFiles {
+            cert: other.cert,
+            key: other.key,
+        });
+    let beta = net.start(bc).await;
+    net.dns
+        .add("other.test", BETA, Some(beta.starttls[0].port()), None);
+    let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
+    // alpha verifies the server certificate for the domain it asked for.
+    for domain in ["beta.test", "other.test"] {
+        let mut lines = Vec::new();
+        outbound::connect(&alpha.server, "alpha.test", domain, &mut |l| lines.push(l))
+            .await
+            .unwrap_or_else(|e| panic!("{domain}: {e} {lines:?}"));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("subject: CN={domain}"))),
+            "{lines:?}"
+        );
+    }
+    let mut a_rx = capture(&alpha);
+    let pong = iq_round_trip(&alpha, &mut a_rx, "other.test", PING).await;
+    assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
+    alpha.shutdown().await;
+    beta.shutdown().await;
+}
