@@ -2,18 +2,20 @@
 //!
 //! A message is persisted in the store's outbound queue before the API answers
 //! (`Store::enqueue`), then submitted to the router as a `durable` stanza. The
-//! outbound session writes it and, after the batch, an XEP-0199 ping: a stream is
-//! processed in order (RFC 6120 §10.1), so the answer to the ping (a result or an
-//! error, either way) confirms that the peer took every stanza before it. Only then
-//! is the message removed from the queue, atomically with a `delivered` event.
+//! outbound session writes it and has it confirmed: by XEP-0198 acks where the peer
+//! offers stream management, otherwise by an XEP-0199 ping after the batch: a
+//! stream is processed in order (RFC 6120 §10.1), so the answer to the ping (a
+//! result or an error, either way) confirms that the peer took every stanza before
+//! it. Only then is the message removed from the queue, atomically with a
+//! `delivered` event.
 //! An error reply for the message's id removes it with a `bounced` event. A sweeper
 //! resubmits what is neither confirmed nor in flight (after a restart, or after a
 //! stream broke before the confirmation) and expires what is too old.
 //!
 //! What this does not give: exactly-once. A stream that breaks after the peer took
 //! a message but before the confirmation makes us send it again (with the same
-//! stanza id, so a receiver can drop the duplicate). XEP-0198 acks would narrow that
-//! window; they are not implemented yet.
+//! stanza id, so a receiver can drop the duplicate; ours do). XEP-0198 resumption
+//! would close that window; it is not implemented.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -166,7 +168,8 @@ pub fn on_iq_response(server: &Arc<Server>, stanza: &Stanza) -> bool {
     true
 }
 
-fn delivered(m: &Outgoing) -> EventKind {
+/// The outcome of a confirmed message.
+pub fn delivered(m: &Outgoing) -> EventKind {
     EventKind::Delivered {
         id: m.id.clone(),
         to: m.to.clone(),

@@ -295,6 +295,20 @@ async fn bounced(server: &Arc<Server>, stanza: &Stanza) {
             }
         }
     }
+    if server.store.queued_by_id(&id).ok().flatten().is_none() {
+        // Already settled (e.g. acknowledged by XEP-0198 before the peer's error
+        // arrived on its own stream): still tell the backend.
+        let ev = EventKind::Bounced {
+            id,
+            to: stanza.from.clone().unwrap_or_default(),
+            condition,
+            text,
+        };
+        if let Err(e) = server.store.push_events(vec![ev]).await {
+            tracing::error!(error = %e, "storing a bounce");
+        }
+        return;
+    }
     delivery::settle_now(server, vec![id], move |m| EventKind::Bounced {
         id: m.id.clone(),
         to: m.to.clone(),

@@ -31,6 +31,41 @@ use crate::server::Server;
 use crate::stanza::{Stanza, StanzaCondition};
 use crate::xml::{Event, NS_SASL, NS_STREAM, NS_TLS};
 
+/// XEP-0198 stream management.
+pub const NS_SM: &str = "urn:xmpp:sm:3";
+
+/// What the peer says about stream management on our stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SmEvent {
+    Enabled,
+    Failed,
+    Ack(u32),
+}
+
+/// Stanzas written since `<enable/>` and the durable ones not yet acknowledged.
+#[derive(Debug, Default)]
+struct SmState {
+    on: bool,
+    sent: u32,
+    unacked: VecDeque<(u32, String)>,
+}
+
+impl SmState {
+    /// Durable ids acknowledged by `<a h='h'/>` (counts wrap at 2^32, XEP-0198 §5).
+    fn acked(&mut self, h: u32) -> Vec<String> {
+        let mut done = Vec::new();
+        while let Some((seq, _)) = self.unacked.front() {
+            if (h.wrapping_sub(*seq) as i32) < 0 {
+                break;
+            }
+            if let Some((_, id)) = self.unacked.pop_front() {
+                done.push(id);
+            }
+        }
+        done
+    }
+}
+
 /// TLS-wrapped outbound transport.
 pub type TlsOut = tokio_rustls::client::TlsStream<TcpStream>;
 
@@ -89,6 +124,8 @@ fn stream_err(e: StreamFailure) -> ConnectError {
 pub struct Connected {
     /// The stream after the last restart.
     pub xs: XmlStream<TlsOut>,
+    /// The peer offers XEP-0198 stream management.
+    pub sm: bool,
     /// Where we connected.
     pub endpoint: Endpoint,
 }
@@ -168,7 +205,13 @@ pub async fn connect(
         match tokio::time::timeout_at(deadline, negotiate(server, tcp, &ep, local, remote, log))
             .await
         {
-            Ok(Ok(xs)) => return Ok(Connected { xs, endpoint: ep }),
+            Ok(Ok((xs, sm))) => {
+                return Ok(Connected {
+                    xs,
+                    sm,
+                    endpoint: ep,
+                });
+            }
             Ok(Err(e)) => {
                 log(format!("  failed: {e}"));
                 last = e;
@@ -193,7 +236,7 @@ async fn negotiate(
     local: &str,
     remote: &str,
     log: &mut (dyn FnMut(String) + Send),
-) -> Result<XmlStream<TlsOut>, ConnectError> {
+) -> Result<(XmlStream<TlsOut>, bool), ConnectError> {
     let (starttls_cfg, direct_cfg) = server
         .tls
         .clients
@@ -312,7 +355,8 @@ async fn negotiate(
         "  features after authentication: {}",
         summarize(&kids)
     ));
-    Ok(xs)
+    let sm = kids.iter().any(|c| c.ns == NS_SM && c.name == "sm");
+    Ok((xs, sm))
 }
 
 fn feature_children(el: &crate::xml::framer::Element) -> Result<Vec<Child>, ConnectError> {
@@ -486,6 +530,7 @@ async fn session(
     // Stanzas taken off the queue but not yet written.
     let mut pending: VecDeque<Stanza> = VecDeque::new();
     let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut sm = SmState::default();
     'connect: loop {
         let window_start = Instant::now();
         let mut attempt = 0u32;
@@ -530,10 +575,23 @@ async fn session(
         tracing::info!(endpoint = %connected.endpoint.addr, "outbound stream established");
         let (io, mut framer) = connected.xs.into_parts();
         let (mut rd, mut wr) = tokio::io::split(io);
-        // The peer sends nothing but whitespace on our stream; watch for its end.
+        // The peer sends only whitespace and stream management answers on our
+        // stream; watch for those and for its end.
+        let (sm_tx, mut sm_rx) = mpsc::channel::<SmEvent>(256);
         let mut reader = tokio::spawn(async move {
             loop {
                 match next_event(&mut rd, &mut framer).await {
+                    Ok(Event::Element(el)) if el.ns == NS_SM => {
+                        let ev = match &*el.name {
+                            "enabled" => Some(SmEvent::Enabled),
+                            "failed" => Some(SmEvent::Failed),
+                            "a" => el.attr("h").and_then(|h| h.parse().ok()).map(SmEvent::Ack),
+                            _ => None,
+                        };
+                        if let Some(ev) = ev {
+                            let _ = sm_tx.send(ev).await;
+                        }
+                    }
                     Ok(Event::Element(el)) => {
                         tracing::debug!(element = %el.name, "ignoring element on outbound stream")
                     }
@@ -542,6 +600,25 @@ async fn session(
                 }
             }
         });
+        // XEP-0198: acks confirm delivery where the peer offers them; otherwise an
+        // iq round trip after each batch does (see delivery).
+        // Durable stanzas the previous stream did not get acknowledged are resent
+        // by the delivery sweeper (they are still queued).
+        for (_, id) in sm.unacked.drain(..) {
+            crate::delivery::retry_later(&server, &id);
+        }
+        sm = SmState {
+            on: connected.sm,
+            ..SmState::default()
+        };
+        if sm.on
+            && wr
+                .write_all(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
+                .await
+                .is_err()
+        {
+            continue 'connect;
+        }
         let keepalive = server.config.timeouts.keepalive();
         let idle = server.config.timeouts.idle();
         let mut last_write = Instant::now();
@@ -576,6 +653,26 @@ async fn session(
                         Some(s) => pending.push_back(s),
                         None => return,
                     },
+                    ev = sm_rx.recv() => {
+                        match ev {
+                            Some(SmEvent::Ack(h)) => {
+                                let ids = sm.acked(h);
+                                if !ids.is_empty() {
+                                    crate::delivery::settle(&server, ids, crate::delivery::delivered);
+                                }
+                            }
+                            Some(SmEvent::Failed) => {
+                                tracing::info!("peer refused stream management; confirming by iq");
+                                sm.on = false;
+                                for (_, id) in sm.unacked.drain(..) {
+                                    crate::delivery::retry_later(&server, &id);
+                                }
+                            }
+                            Some(SmEvent::Enabled) => tracing::debug!("stream management enabled"),
+                            None => {}
+                        }
+                        continue;
+                    }
                     _ = tokio::time::sleep_until(last_write + keepalive) => {
                         if wr.write_all(b" ").await.and(wr.flush().await).is_err() {
                             continue 'connect;
@@ -608,11 +705,19 @@ async fn session(
             let mut durable = Vec::new();
             for s in &pending {
                 wbuf.extend_from_slice(&s.raw);
+                sm.sent = sm.sent.wrapping_add(1);
                 if s.durable
                     && let Some(id) = &s.id
                 {
-                    durable.push(id.clone());
+                    if sm.on {
+                        sm.unacked.push_back((sm.sent, id.clone()));
+                    } else {
+                        durable.push(id.clone());
+                    }
                 }
+            }
+            if sm.on && !sm.unacked.is_empty() {
+                wbuf.extend_from_slice(format!("<r xmlns='{NS_SM}'/>").as_bytes());
             }
             if !durable.is_empty() {
                 // The answer to this ping confirms every stanza before it (see delivery).
@@ -642,5 +747,37 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sm_acks_release_in_order_and_wrap() {
+        let mut sm = SmState {
+            on: true,
+            sent: 0,
+            unacked: [(1, "a"), (3, "b"), (4, "c")]
+                .into_iter()
+                .map(|(n, id)| (n, id.to_string()))
+                .collect(),
+        };
+        assert_eq!(sm.acked(0), Vec::<String>::new());
+        assert_eq!(sm.acked(3), vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(sm.acked(4), vec!["c".to_string()]);
+        let mut wrap = SmState {
+            on: true,
+            sent: 0,
+            unacked: [
+                (u32::MAX, "x".to_string()),
+                (0, "y".to_string()),
+                (1, "z".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        assert_eq!(wrap.acked(0), vec!["x".to_string(), "y".to_string()]);
     }
 }

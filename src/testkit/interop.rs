@@ -388,7 +388,7 @@ ssl = {{ certificate = "{cert}"; key = "{key}"; cafile = "{ca}"; }}
 authentication = "internal_hashed"
 storage = "internal"
 allow_registration = false
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; }}
 modules_disabled = {{ "dialback" }}
 VirtualHost "{domain}"
 "#,

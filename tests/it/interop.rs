@@ -453,6 +453,17 @@ async fn prosody() {
 
     lab.messaging(&wire, &spec, "alice", "alicepw").await;
     lab.subscriptions(&wire, &spec, "alice", "alicepw").await;
+    // Delivery to Prosody was confirmed with XEP-0198 acks (it offers them on s2s).
+    let log = prosody.log_text();
+    // (Prosody logs attributes in no fixed order.)
+    let logged = |start: &str| {
+        log.lines()
+            .any(|l| l.contains(start) && l.contains("urn:xmpp:sm:3"))
+    };
+    assert!(
+        logged("Received[s2sin]: <enable") && logged("Sending[s2sin]: <a "),
+        "stream management was not used with Prosody"
+    );
     lab.refusals(spec.s2s(), "prosody.test").await;
     wire.shutdown().await;
     drop(prosody);
