@@ -436,3 +436,47 @@ async fn subscriptions_both_ways_and_presence_between_two_instances() {
     alpha.shutdown().await;
     beta.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_message_expires_with_an_event() {
+    let net = Net::new().await;
+    let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
+    ac.timeouts.retry_window_secs = 1;
+    ac.delivery.retry_secs = 1;
+    ac.delivery.expire_secs = 2;
+    let alpha = net.start(ac).await;
+    let (s, _, _) = http(
+        alpha.api,
+        "PUT",
+        "/v1/users/a1",
+        Some(TOKEN),
+        Some(r#"{"handle":"alice"}"#),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, b, _) = http(
+        alpha.api,
+        "POST",
+        "/v1/messages",
+        Some(TOKEN),
+        Some(&json!({"from":"a1","to":"bob@down.test","body":"lost?"}).to_string()),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let ev = wait_event(alpha.api, |e| e["type"] == "expired").await;
+    assert_eq!(ev["id"], id.as_str());
+    assert_eq!(ev["to"], "bob@down.test");
+    assert!(alpha.server.store.queued().unwrap().is_empty());
+    // Neither bounced nor delivered: the only outcome is the expiry.
+    let (_, b, _) = http(alpha.api, "GET", "/v1/events?after=0", Some(TOKEN), None).await;
+    let outcomes: Vec<_> = b["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["id"] == id.as_str())
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(outcomes, vec!["expired".to_string()]);
+    alpha.shutdown().await;
+}
