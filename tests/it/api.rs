@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use serde_json::json;
 use xmpp_federator::testkit::certs::Eku;
 
-use crate::support::{Net, TOKEN, http, wait_event};
+use crate::support::{Net, TOKEN, create_user, http, send_message, wait_event};
 
 const ALPHA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 41);
 const BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 42);
@@ -213,16 +213,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(b["exists"], false);
 
     // A message to a user that does not exist bounces with service-unavailable.
-    let (s, b, _) = http(
-        alpha.api,
-        "POST",
-        "/v1/messages",
-        Some(TOKEN),
-        Some(&json!({"from":"a1","to":"nobody@beta.test","body":"?"}).to_string()),
-    )
-    .await;
-    assert_eq!(s, 202, "{b}");
-    let nid = b["id"].as_str().unwrap().to_string();
+    let nid = send_message(alpha.api, "a1", "nobody@beta.test", "?").await;
     let bounced = wait_event(alpha.api, |e| {
         e["type"] == "bounced" && e["id"] == nid.as_str()
     })
@@ -256,26 +247,9 @@ async fn a_message_waits_for_a_peer_that_is_down_and_arrives_once() {
     ac.timeouts.retry_window_secs = 1;
     ac.delivery.retry_secs = 1;
     let alpha = net.start(ac).await;
-    let (s, _, _) = http(
-        alpha.api,
-        "PUT",
-        "/v1/users/a1",
-        Some(TOKEN),
-        Some(r#"{"handle":"alice"}"#),
-    )
-    .await;
-    assert_eq!(s, 201);
+    create_user(alpha.api, "a1", "alice").await;
     // beta.test is not up: DNS has no record yet (the catch-all points at a closed port).
-    let (s, b, _) = http(
-        alpha.api,
-        "POST",
-        "/v1/messages",
-        Some(TOKEN),
-        Some(&json!({"from":"a1","to":"bob@beta.test","body":"are you there?"}).to_string()),
-    )
-    .await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["id"].as_str().unwrap().to_string();
+    let id = send_message(alpha.api, "a1", "bob@beta.test", "are you there?").await;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(
         alpha.server.store.queued().unwrap().len(),
@@ -284,15 +258,7 @@ async fn a_message_waits_for_a_peer_that_is_down_and_arrives_once() {
     );
 
     let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
-    let (s, _, _) = http(
-        beta.api,
-        "PUT",
-        "/v1/users/b1",
-        Some(TOKEN),
-        Some(r#"{"handle":"bob"}"#),
-    )
-    .await;
-    assert_eq!(s, 201);
+    create_user(beta.api, "b1", "bob").await;
     let delivered = wait_event(alpha.api, |e| e["type"] == "delivered").await;
     assert_eq!(delivered["id"], id.as_str());
     let got = wait_event(beta.api, |e| e["type"] == "message").await;
@@ -445,25 +411,8 @@ async fn an_undeliverable_message_expires_with_an_event() {
     ac.delivery.retry_secs = 1;
     ac.delivery.expire_secs = 2;
     let alpha = net.start(ac).await;
-    let (s, _, _) = http(
-        alpha.api,
-        "PUT",
-        "/v1/users/a1",
-        Some(TOKEN),
-        Some(r#"{"handle":"alice"}"#),
-    )
-    .await;
-    assert_eq!(s, 201);
-    let (s, b, _) = http(
-        alpha.api,
-        "POST",
-        "/v1/messages",
-        Some(TOKEN),
-        Some(&json!({"from":"a1","to":"bob@down.test","body":"lost?"}).to_string()),
-    )
-    .await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["id"].as_str().unwrap().to_string();
+    create_user(alpha.api, "a1", "alice").await;
+    let id = send_message(alpha.api, "a1", "bob@down.test", "lost?").await;
     let ev = wait_event(alpha.api, |e| e["type"] == "expired").await;
     assert_eq!(ev["id"], id.as_str());
     assert_eq!(ev["to"], "bob@down.test");

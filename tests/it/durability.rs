@@ -9,7 +9,7 @@ use serde_json::json;
 use xmpp_federator::testkit::certs::Eku;
 use xmpp_federator::testkit::process::{InstanceFiles, ServerProcess, free_port, instance_toml};
 
-use crate::support::{Net, TOKEN, http, wait_event};
+use crate::support::{Net, TOKEN, create_user, http, wait_event};
 
 const BIN: &str = env!("CARGO_BIN_EXE_xmpp-federator");
 
@@ -74,15 +74,7 @@ async fn sigkill_loses_nothing() {
 
     // Inbound messages from gamma.test to alice: events, not acknowledged.
     let gamma = net.start(net.config("gamma.test", GAMMA, Eku::Both)).await;
-    let (s, _, _) = http(
-        gamma.api,
-        "PUT",
-        "/v1/users/g1",
-        Some(TOKEN),
-        Some(r#"{"handle":"gus"}"#),
-    )
-    .await;
-    assert_eq!(s, 201);
+    create_user(gamma.api, "g1", "gus").await;
     for i in 0..5 {
         let body =
             json!({"from":"g1","to":"alice@alpha.test","body": format!("in{i}")}).to_string();
@@ -119,15 +111,7 @@ async fn sigkill_loses_nothing() {
 
     // beta comes up: every queued message arrives, once.
     let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
-    let (s, _, _) = http(
-        beta.api,
-        "PUT",
-        "/v1/users/b1",
-        Some(TOKEN),
-        Some(r#"{"handle":"bob"}"#),
-    )
-    .await;
-    assert_eq!(s, 201);
+    create_user(beta.api, "b1", "bob").await;
     for id in &ids {
         let id = id.clone();
         wait_event(api, move |e| {

@@ -149,3 +149,25 @@ pub async fn wait_event(
         after = body["cursor"].as_u64().unwrap();
     }
 }
+
+/// Create a local user through the API (it must not exist yet).
+pub async fn create_user(api: std::net::SocketAddr, id: &str, handle: &str) {
+    let body = serde_json::json!({ "handle": handle }).to_string();
+    let (s, b, _) = http(
+        api,
+        "PUT",
+        &format!("/v1/users/{id}"),
+        Some(TOKEN),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(s, 201, "creating {id}: {b}");
+}
+
+/// Send a message through the API (it must be accepted); returns its id.
+pub async fn send_message(api: std::net::SocketAddr, from: &str, to: &str, body: &str) -> String {
+    let req = serde_json::json!({ "from": from, "to": to, "body": body }).to_string();
+    let (s, b, _) = http(api, "POST", "/v1/messages", Some(TOKEN), Some(&req)).await;
+    assert_eq!(s, 202, "sending to {to}: {b}");
+    b["id"].as_str().unwrap_or_default().to_string()
+}
