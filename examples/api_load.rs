@@ -17,14 +17,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use xmpp_federator::server::start;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::request as http;
-use xmpp_federator::testkit::instance_config;
 use xmpp_federator::testkit::process::{
     InstanceFiles, ServerProcess, binary_beside_example, free_port, instance_toml,
 };
+use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "load-token-0123456789";
 
@@ -66,22 +65,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 81), Ipv4Addr::new(127, 0, 0, 82));
 
-    let bf = ca
-        .leaf("beta.test", Eku::Both, false)
-        .write(dir.path(), "beta.test");
-    let mut bc = instance_config(
-        "beta.test",
-        SocketAddr::new(b_ip.into(), 0),
-        None,
-        &bf.cert,
-        &bf.key,
-        &ca_path,
-    );
-    bc.dns.nameserver = Some(dns.addr);
-    bc.api.token = Some(TOKEN.into());
-    bc.limits.outbound_queue = 1_000_000;
-    let beta = start(bc).await?;
-    dns.add("beta.test", b_ip, Some(beta.starttls[0].port()), None);
+    let beta = start_instance(&ca, dir.path(), "beta.test", b_ip, &dns, TOKEN, |c| {
+        c.limits.outbound_queue = 1_000_000
+    })
+    .await?;
     http(
         beta.api,
         "PUT",

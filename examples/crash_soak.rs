@@ -23,14 +23,13 @@ use std::time::{Duration, Instant};
 
 use rand::RngExt;
 use serde_json::json;
-use xmpp_federator::server::start;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::request as http;
-use xmpp_federator::testkit::instance_config;
 use xmpp_federator::testkit::process::{
     InstanceFiles, ServerProcess, binary_beside_example, free_port, instance_toml,
 };
+use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "soak-token-0123456789";
 
@@ -78,21 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 71), Ipv4Addr::new(127, 0, 0, 72));
 
     // beta.test: the peer, in this process, up throughout.
-    let bf = ca
-        .leaf("beta.test", Eku::Both, false)
-        .write(dir.path(), "beta.test");
-    let mut bc = instance_config(
-        "beta.test",
-        SocketAddr::new(b_ip.into(), 0),
-        None,
-        &bf.cert,
-        &bf.key,
-        &ca_path,
-    );
-    bc.dns.nameserver = Some(dns.addr);
-    bc.api.token = Some(TOKEN.into());
-    let beta = start(bc).await?;
-    dns.add("beta.test", b_ip, Some(beta.starttls[0].port()), None);
+    let beta = start_instance(&ca, dir.path(), "beta.test", b_ip, &dns, TOKEN, |_| {}).await?;
     http(
         beta.api,
         "PUT",

@@ -10,18 +10,17 @@
 //! body is the send time, the client prints the difference when it receives it
 //! (same machine, same clock). Prints p50/p99/max over the messages.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::json;
-use xmpp_federator::server::start;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::request as http;
-use xmpp_federator::testkit::instance_config;
 use xmpp_federator::testkit::interop::{
     BackgroundClient, Prosody, ServerSpec, Work, ensure_packages, ensure_venv,
 };
+use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "latency-token-0123456789";
 
@@ -65,21 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     prosody.register("carol", "carolpw")?;
 
     let w_ip = Ipv4Addr::new(127, 0, 0, 142);
-    let wf = ca
-        .leaf("wire.test", Eku::Both, false)
-        .write(&certs, "wire.test");
-    let mut wc = instance_config(
-        "wire.test",
-        SocketAddr::new(w_ip.into(), 0),
-        None,
-        &wf.cert,
-        &wf.key,
-        &ca_path,
-    );
-    wc.dns.nameserver = Some(dns.addr);
-    wc.api.token = Some(TOKEN.into());
-    let wire = start(wc).await?;
-    dns.add("wire.test", w_ip, Some(wire.starttls[0].port()), None);
+    let wire = start_instance(&ca, &certs, "wire.test", w_ip, &dns, TOKEN, |_| {}).await?;
     http(
         wire.api,
         "PUT",

@@ -51,3 +51,33 @@ pub fn instance_config(
     c.api.listen = SocketAddr::new(starttls.ip(), 0);
     c
 }
+
+/// Start an in-process instance of ours for `domain` on `ip`, with a certificate
+/// from `ca` (it and the CA written into `dir`), resolving through `dns` (where it
+/// is published), the API token `token`; `tweak` adjusts the config first.
+pub async fn start_instance(
+    ca: &certs::TestCa,
+    dir: &Path,
+    domain: &str,
+    ip: std::net::Ipv4Addr,
+    dns: &dns::DnsServer,
+    token: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<crate::server::Running, crate::server::StartError> {
+    let ca_path = ca.write_ca(dir);
+    let f = ca.leaf(domain, certs::Eku::Both, false).write(dir, domain);
+    let mut c = instance_config(
+        domain,
+        SocketAddr::new(ip.into(), 0),
+        None,
+        &f.cert,
+        &f.key,
+        &ca_path,
+    );
+    c.dns.nameserver = Some(dns.addr);
+    c.api.token = Some(token.into());
+    tweak(&mut c);
+    let r = crate::server::start(c).await?;
+    dns.add(domain, ip, Some(r.starttls[0].port()), None);
+    Ok(r)
+}
