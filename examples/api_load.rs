@@ -17,9 +17,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use xmpp_federator::server::metric_names;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
 use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::http::request as http;
+use xmpp_federator::testkit::http::{get_text, request as http};
 use xmpp_federator::testkit::process::{
     InstanceFiles, ServerProcess, binary_beside_example, free_port, instance_toml,
 };
@@ -36,19 +37,11 @@ fn arg(name: &str, default: &str) -> String {
 }
 
 async fn metric(api: SocketAddr, name: &str) -> u64 {
-    // /metrics is text; the minimal client only parses JSON, so read it raw.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut tcp) = tokio::net::TcpStream::connect(api).await else {
-        return 0;
-    };
-    let _ = tcp
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await;
-    let mut out = String::new();
-    let _ = tcp.read_to_string(&mut out).await;
-    out.lines()
+    let text = get_text(api, "/metrics")
+        .await
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
@@ -121,7 +114,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              wrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {TOKEN}\"\n"
         ),
     )?;
-    let commits0 = metric(api, "xmpp_store_commits_total").await;
+    let commits0 = metric(api, metric_names::STORE_COMMITS).await;
     let t0 = Instant::now();
     let out = Command::new("wrk")
         .args([
@@ -138,13 +131,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .arg(format!("http://{api}/v1/messages"))
         .output()?;
     let wrk_text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let commits = metric(api, "xmpp_store_commits_total").await - commits0;
+    let commits = metric(api, metric_names::STORE_COMMITS).await - commits0;
     // Wait until the queue has drained: stanzas written stop increasing.
-    let mut delivered = metric(api, "xmpp_stanzas_out_total").await;
+    let mut delivered = metric(api, metric_names::STANZAS_OUT).await;
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        let now = metric(api, "xmpp_stanzas_out_total").await;
+        let now = metric(api, metric_names::STANZAS_OUT).await;
         if now == delivered {
             break;
         }

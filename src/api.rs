@@ -765,8 +765,9 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     for (name, v) in st.server.metrics.snapshot() {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
+    let commits = crate::server::metric_names::STORE_COMMITS;
     out.push_str(&format!(
-        "# TYPE xmpp_store_commits_total counter\nxmpp_store_commits_total {}\n",
+        "# TYPE {commits} counter\n{commits} {}\n",
         st.server.store.commits()
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

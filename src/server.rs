@@ -52,6 +52,28 @@ pub enum StartError {
     },
 }
 
+/// Metric names, stable (Prometheus text at the API's `/metrics`).
+pub mod metric_names {
+    /// Inbound connections accepted.
+    pub const INBOUND_CONNECTIONS: &str = "xmpp_inbound_connections_total";
+    /// Inbound streams authenticated.
+    pub const INBOUND_AUTHENTICATED: &str = "xmpp_inbound_authenticated_total";
+    /// Inbound connections refused by a cap.
+    pub const INBOUND_REFUSED_CAPS: &str = "xmpp_inbound_refused_caps_total";
+    /// Stanzas routed from authenticated peers.
+    pub const STANZAS_IN: &str = "xmpp_stanzas_in_total";
+    /// Stanzas written to outbound streams.
+    pub const STANZAS_OUT: &str = "xmpp_stanzas_out_total";
+    /// Stanzas bounced with an error.
+    pub const STANZAS_BOUNCED: &str = "xmpp_stanzas_bounced_total";
+    /// Outbound streams established.
+    pub const OUTBOUND_ESTABLISHED: &str = "xmpp_outbound_established_total";
+    /// Failed outbound connection attempts.
+    pub const OUTBOUND_FAILURES: &str = "xmpp_outbound_failures_total";
+    /// Store group commits (one transaction and fsync each).
+    pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
+}
+
 /// Counters (exported by name; see [`Metrics::snapshot`]).
 #[derive(Debug, Default)]
 pub struct Metrics {

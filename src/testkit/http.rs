@@ -87,3 +87,29 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// GET a text resource (e.g. `/metrics`); returns the status and the body.
+pub async fn get_text(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = |e: std::io::Error| e.to_string();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.map_err(e)?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.map_err(e)?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.map_err(e)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {head:.80}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}

@@ -234,8 +234,21 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(s, 204);
     let (_, b, _) = http(beta.api, "GET", "/v1/events", Some(TOKEN), None).await;
     assert!(b["events"].as_array().unwrap().is_empty(), "{b}");
-    let (s, b, _) = http(alpha.api, "GET", "/metrics", None, None).await;
-    let _ = (s, b);
+    // The counters are scraped as Prometheus text.
+    let (s, text) = xmpp_federator::testkit::http::get_text(alpha.api, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    };
+    use xmpp_federator::server::metric_names as m;
+    assert!(value(m::STANZAS_OUT) >= 2, "{text}");
+    assert!(value(m::OUTBOUND_ESTABLISHED) >= 1, "{text}");
+    assert!(value(m::STORE_COMMITS) >= 1, "{text}");
     alpha.shutdown().await;
     beta.shutdown().await;
 }
