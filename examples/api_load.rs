@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use xmpp_federator::server::metric_names;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::{get_text, request as http};
 use xmpp_federator::testkit::process::{
@@ -27,14 +28,6 @@ use xmpp_federator::testkit::process::{
 use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "load-token-0123456789";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 async fn metric(api: SocketAddr, name: &str) -> u64 {
     let text = get_text(api, "/metrics")

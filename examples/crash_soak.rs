@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use rand::RngExt;
 use serde_json::json;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::request as http;
 use xmpp_federator::testkit::process::{
@@ -32,14 +33,6 @@ use xmpp_federator::testkit::process::{
 use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "soak-token-0123456789";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 async fn all_events(api: SocketAddr) -> Vec<serde_json::Value> {
     let mut out = Vec::new();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::request as http;
 use xmpp_federator::testkit::interop::{
@@ -23,14 +24,6 @@ use xmpp_federator::testkit::interop::{
 use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "latency-token-0123456789";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

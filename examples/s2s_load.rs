@@ -17,17 +17,10 @@ use std::time::Duration;
 
 use xmpp_federator::load::run_with;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::instance_config;
 use xmpp_federator::testkit::interop::{Ejabberd, Prosody, ServerSpec, Work, ensure_packages};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 /// Our server as a child process; killed on drop.
 struct Ours(std::process::Child);

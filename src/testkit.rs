@@ -81,3 +81,13 @@ pub async fn start_instance(
     dns.add(domain, ip, Some(r.starttls[0].port()), None);
     Ok(r)
 }
+
+/// The value after `--name` on the command line, or `default` (for the examples:
+/// they take a few flags and need no argument parser).
+pub fn cli_arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}

@@ -365,13 +365,7 @@ pub fn children(el: &Element) -> Vec<Child> {
             }
             XEvent::GeneralRef(r) if depth >= 2 => {
                 if let Some(c) = out.last_mut() {
-                    let s = match r.resolve_char_ref() {
-                        Ok(Some(ch)) => ch.to_string(),
-                        _ => quick_xml::escape::resolve_predefined_entity(&r.into_inner())
-                            .unwrap_or("")
-                            .to_string(),
-                    };
-                    c.text.push_str(&s);
+                    push_ref(&mut c.text, r);
                 }
             }
             XEvent::Eof => break,
@@ -379,6 +373,18 @@ pub fn children(el: &Element) -> Vec<Child> {
         }
     }
     out
+}
+
+/// Append the text a (validated) character or predefined entity reference stands for.
+fn push_ref(out: &mut String, r: quick_xml::events::BytesRef<'_>) {
+    match r.resolve_char_ref() {
+        Ok(Some(c)) => out.push(c),
+        _ => {
+            if let Some(s) = quick_xml::escape::resolve_predefined_entity(&r.into_inner()) {
+                out.push_str(s);
+            }
+        }
+    }
 }
 
 /// The text of the first descendant element named `name` (any namespace), if it
@@ -400,13 +406,7 @@ pub fn first_text(el: &Element, name: &str) -> Option<String> {
             XEvent::Text(t) if inside > 0 => out.push_str(&t.xml10_content()),
             XEvent::CData(t) if inside > 0 => out.push_str(&t.xml10_content()),
             XEvent::GeneralRef(r) if inside > 0 => {
-                if let Ok(Some(c)) = r.resolve_char_ref() {
-                    out.push(c);
-                } else if let Some(s) =
-                    quick_xml::escape::resolve_predefined_entity(&r.into_inner())
-                {
-                    out.push_str(s);
-                }
+                push_ref(&mut out, r);
             }
             XEvent::Eof => break,
             _ => {}
@@ -428,13 +428,7 @@ pub fn text_of(el: &Element) -> String {
             XEvent::Text(t) if depth == 1 => out.push_str(&t.xml10_content()),
             XEvent::CData(t) if depth == 1 => out.push_str(&t.xml10_content()),
             XEvent::GeneralRef(r) if depth == 1 => {
-                if let Ok(Some(c)) = r.resolve_char_ref() {
-                    out.push(c);
-                } else if let Some(s) =
-                    quick_xml::escape::resolve_predefined_entity(&r.into_inner())
-                {
-                    out.push_str(s);
-                }
+                push_ref(&mut out, r);
             }
             XEvent::Eof => break,
             _ => {}
