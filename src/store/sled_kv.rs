@@ -16,13 +16,27 @@ pub struct SledKv {
 
 impl SledKv {
     /// Open (or create) the database directory.
+    /// sled holds an exclusive file lock, released a moment after the previous
+    /// `Db` (its flusher thread) is gone; waiting up to 3 s for it covers a restart
+    /// (or a reopen in the same process) racing the old instance's exit.
     pub fn open(path: &Path) -> Result<SledKv, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(err)?;
-        Ok(SledKv { db })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => return Ok(SledKv { db }),
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
     }
 }
 
