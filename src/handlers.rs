@@ -98,26 +98,17 @@ fn domain_iq(server: &Arc<Server>, stanza: Stanza) {
     };
     let reply = match (type_, &*ns, &*name) {
         ("get", NS_PING, "ping") => Stanza::iq_result(&stanza, ""),
-        ("get", NS_DISCO_INFO, "query") => {
-            if query_node(&stanza).is_some() {
-                return bounce(
-                    server,
-                    &stanza,
-                    StanzaCondition::ItemNotFound,
-                    "no such node",
-                );
-            }
-            Stanza::iq_result(&stanza, &disco_info())
+        ("get", NS_DISCO_INFO | NS_DISCO_ITEMS, "query") if query_node(&stanza).is_some() => {
+            // The domain has no disco nodes.
+            return bounce(
+                server,
+                &stanza,
+                StanzaCondition::ItemNotFound,
+                "no such node",
+            );
         }
+        ("get", NS_DISCO_INFO, "query") => Stanza::iq_result(&stanza, &disco_info()),
         ("get", NS_DISCO_ITEMS, "query") => {
-            if query_node(&stanza).is_some() {
-                return bounce(
-                    server,
-                    &stanza,
-                    StanzaCondition::ItemNotFound,
-                    "no such node",
-                );
-            }
             Stanza::iq_result(&stanza, &format!("<query xmlns='{NS_DISCO_ITEMS}'/>"))
         }
         ("get", NS_VERSION, "query") => Stanza::iq_result(
