@@ -4,13 +4,14 @@
 //! ```sh
 //! apt-get install wrk
 //! cargo build --release --bin xmpp-federator --example api_load
-//! target/release/examples/api_load --backend sled --seconds 10 --connections 64
+//! target/release/examples/api_load --backend redb --seconds 10 --connections 64 --batch 1
 //! ```
 //!
 //! Our server (the release binary, its own process, log level warn) hosts
 //! alpha.test; a peer instance (beta.test) runs in this process. `wrk` POSTs
-//! `/v1/messages` from alice@alpha.test to bob@beta.test; every 202 means the
-//! message is on disk (group commit). Then we wait until every accepted message is
+//! `/v1/messages` (or, with `--batch N` above 1, `/v1/messages/batch` with N
+//! messages per request) from alice@alpha.test to bob@beta.test; every 202 means
+//! the messages are on disk (group commit). Then we wait until every accepted message is
 //! confirmed delivered and report both rates and the messages per commit.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -45,6 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backend = arg("--backend", "sled");
     let seconds = arg("--seconds", "10");
     let connections = arg("--connections", "64");
+    let batch: usize = arg("--batch", "1").parse()?;
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new("Load CA");
     let ca_path = ca.write_ca(dir.path());
@@ -100,10 +102,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await;
 
     let script = dir.path().join("post.lua");
+    let one = r#"{"from":"a1","to":"bob@beta.test","body":"load test message"}"#;
+    let (path, body) = if batch > 1 {
+        (
+            "/v1/messages/batch",
+            format!("{{\"messages\":[{}]}}", vec![one; batch].join(",")),
+        )
+    } else {
+        ("/v1/messages", one.to_string())
+    };
     std::fs::write(
         &script,
         format!(
-            "wrk.method = \"POST\"\nwrk.body = '{{\"from\":\"a1\",\"to\":\"bob@beta.test\",\"body\":\"load test message\"}}'\n\
+            "wrk.method = \"POST\"\nwrk.body = '{body}'\n\
              wrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {TOKEN}\"\n"
         ),
     )?;
@@ -121,21 +132,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "-s",
         ])
         .arg(&script)
-        .arg(format!("http://{api}/v1/messages"))
+        .arg(format!("http://{api}{path}"))
         .output()?;
     let wrk_text = String::from_utf8_lossy(&out.stdout).into_owned();
     let commits = metric(api, metric_names::STORE_COMMITS).await - commits0;
-    // Wait until the queue has drained: stanzas written stop increasing.
-    let mut delivered = metric(api, metric_names::STANZAS_OUT).await;
+    // Wait until every accepted message is settled (confirmed by the peer).
     let deadline = Instant::now() + Duration::from_secs(300);
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let now = metric(api, metric_names::STANZAS_OUT).await;
-        if now == delivered {
-            break;
-        }
-        delivered = now;
+    while Instant::now() < deadline && metric(api, metric_names::DELIVERY_QUEUED).await > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let delivered = metric(api, metric_names::STANZAS_OUT).await;
     let drained = t0.elapsed();
     let requests: f64 = wrk_text
         .lines()
@@ -159,16 +165,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .lines()
         .filter(|l| l.trim_start().starts_with("50%") || l.trim_start().starts_with("99%"))
         .collect();
+    let accepted = total * batch as u64;
+    let left = metric(api, metric_names::DELIVERY_QUEUED).await;
     println!(
-        "backend={backend} connections={connections} accepted={total} rate={requests:.0}/s non_2xx={non2xx} \
-         commits={commits} msgs_per_commit={:.1} api_latency=[{}] stanzas_out={delivered} drained_in={:.1}s",
-        total as f64 / commits.max(1) as f64,
+        "backend={backend} connections={connections} batch={batch} accepted={accepted} \
+         rate={:.0} msgs/s ({requests:.0} requests/s) non_2xx={non2xx} commits={commits} \
+         msgs_per_commit={:.1} api_latency=[{}] stanzas_out={delivered} \
+         all_delivered_in={:.1}s ({:.0} msgs/s) still_queued={left}",
+        requests * batch as f64,
+        accepted as f64 / commits.max(1) as f64,
         latency
             .iter()
             .map(|l| l.trim())
             .collect::<Vec<_>>()
             .join(", "),
-        drained.as_secs_f64()
+        drained.as_secs_f64(),
+        accepted as f64 / drained.as_secs_f64()
     );
     child.terminate();
     beta.shutdown().await;

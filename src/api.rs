@@ -6,10 +6,13 @@
 //!   and a stable id (UUID v5 of the bare JID).
 //! - `POST /v1/messages`: a 1:1 message from a local user; persisted before the
 //!   answer (202); delivery outcomes arrive as events.
+//! - `POST /v1/messages/batch {messages: [...]}`: several, all or none, in one
+//!   transaction.
 //! - `GET /v1/events?after=&limit=&wait=`: the durable event queue (long-poll);
 //!   `POST /v1/events/ack {up_to}` deletes events up to a cursor.
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +49,12 @@ impl Problem {
             title,
             detail: detail.into(),
         }
+    }
+
+    /// The same problem about one part of the request (`where: detail`).
+    pub fn at(mut self, part: &str) -> Problem {
+        self.detail = format!("{part}: {}", self.detail);
+        self
     }
 }
 
@@ -159,6 +168,7 @@ pub fn router(server: Arc<Server>, token: &str) -> Router {
         .route("/v1/users/{id}/roster/{jid}/{action}", post(roster_action))
         .route("/v1/remote/{jid}", get(remote))
         .route("/v1/messages", post(post_message))
+        .route("/v1/messages/batch", post(post_batch))
         .route("/v1/events", get(events))
         .route("/v1/events/ack", post(ack))
         .layer(middleware::from_fn_with_state(st.clone(), auth));
@@ -594,16 +604,28 @@ struct MessageIn {
     extensions: Vec<String>,
 }
 
-async fn post_message(
-    State(st): State<ApiState>,
-    Body(m): Body<MessageIn>,
-) -> Result<Response, Problem> {
-    let server = &st.server;
-    let user = server
-        .store
-        .user(&m.from)
-        .map_err(internal)?
-        .ok_or_else(|| unknown_user(&m.from))?;
+/// A validated message, ready to be queued.
+struct Prepared {
+    out: Outgoing,
+    stanza: Stanza,
+}
+
+/// Validate one message and build its stanza; `users` caches sender lookups within
+/// a request.
+fn prepare(
+    server: &Server,
+    users: &mut HashMap<String, User>,
+    m: MessageIn,
+) -> Result<Prepared, Problem> {
+    if !users.contains_key(&m.from) {
+        let user = server
+            .store
+            .user(&m.from)
+            .map_err(internal)?
+            .ok_or_else(|| unknown_user(&m.from))?;
+        users.insert(m.from.clone(), user);
+    }
+    let user = &users[&m.from];
     let to = jid::Jid::new(&m.to).map_err(|e| {
         Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -676,10 +698,14 @@ async fn post_message(
     let to_s = to.to_string();
     let mut inner = String::new();
     if let Some(b) = &m.body {
-        inner.push_str(&format!("<body>{}</body>", escape(b)));
+        inner.push_str("<body>");
+        inner.push_str(&escape(b));
+        inner.push_str("</body>");
     }
     if let Some(t) = &m.thread {
-        inner.push_str(&format!("<thread>{}</thread>", escape(t)));
+        inner.push_str("<thread>");
+        inner.push_str(&escape(t));
+        inner.push_str("</thread>");
     }
     for x in &m.extensions {
         inner.push_str(x);
@@ -690,26 +716,91 @@ async fn post_message(
         .attr("type", Some(message_type))
         .attr("id", Some(&id))
         .children(&inner);
+    // Every part was validated above, so the routing fields are known without
+    // parsing the stanza again.
+    let stanza = Stanza {
+        raw: bytes::Bytes::from(xml.clone().into_bytes()),
+        kind: crate::stanza::Kind::Message,
+        to: Some(to_s.clone()),
+        from: Some(from.clone()),
+        id: Some(id.clone()),
+        type_: Some(message_type.to_string()),
+        payload: None,
+        durable: true,
+    };
     let now = now_ms();
-    server.delivery.mark(&id);
-    let queued = server
-        .store
-        .enqueue(Outgoing {
+    Ok(Prepared {
+        out: Outgoing {
             seq: 0,
             domain,
-            id: id.clone(),
+            id,
             from,
             to: to_s,
             xml,
             accepted_ms: now,
             expires_ms: now + server.config.delivery.expire_secs * 1000,
-        })
-        .await
-        .map_err(internal)?;
-    crate::delivery::submit(server, &queued);
+        },
+        stanza,
+    })
+}
+
+/// Persist prepared messages in one transaction, then hand them to delivery.
+async fn queue(server: &Arc<Server>, prepared: Vec<Prepared>) -> Result<Vec<String>, Problem> {
+    let (outs, stanzas): (Vec<Outgoing>, Vec<Stanza>) =
+        prepared.into_iter().map(|p| (p.out, p.stanza)).unzip();
+    let queued = server.store.enqueue(outs).await.map_err(internal)?;
+    let ids = queued.iter().map(|m| m.id.clone()).collect();
+    crate::delivery::submit_new(server, &queued, stanzas);
+    Ok(ids)
+}
+
+async fn post_message(
+    State(st): State<ApiState>,
+    Body(m): Body<MessageIn>,
+) -> Result<Response, Problem> {
+    let prepared = prepare(&st.server, &mut HashMap::new(), m)?;
+    let ids = queue(&st.server, vec![prepared]).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "status": "queued" })),
+        Json(json!({ "id": ids[0], "status": "queued" })),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchIn {
+    messages: Vec<MessageIn>,
+}
+
+/// Several messages in one request, all or none: each is validated as
+/// `POST /v1/messages` would; the first invalid one refuses the whole batch (its
+/// index is in the detail) and nothing is written.
+async fn post_batch(
+    State(st): State<ApiState>,
+    Body(b): Body<BatchIn>,
+) -> Result<Response, Problem> {
+    let server = &st.server;
+    let max = server.config.api.max_batch;
+    if b.messages.is_empty() || b.messages.len() > max {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid batch",
+            format!(
+                "a batch holds 1 to {max} messages, not {}",
+                b.messages.len()
+            ),
+        ));
+    }
+    let mut users = HashMap::new();
+    let mut prepared = Vec::with_capacity(b.messages.len());
+    for (i, m) in b.messages.into_iter().enumerate() {
+        prepared.push(prepare(server, &mut users, m).map_err(|p| p.at(&format!("messages[{i}]")))?);
+    }
+    let ids = queue(server, prepared).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "ids": ids, "status": "queued" })),
     )
         .into_response())
 }
@@ -769,6 +860,11 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     out.push_str(&format!(
         "# TYPE {commits} counter\n{commits} {}\n",
         st.server.store.commits()
+    ));
+    let queued = crate::server::metric_names::DELIVERY_QUEUED;
+    out.push_str(&format!(
+        "# TYPE {queued} gauge\n{queued} {}\n",
+        st.server.delivery.queued()
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

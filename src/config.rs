@@ -103,6 +103,8 @@ pub struct Api {
     pub max_body_bytes: usize,
     /// Largest total size of a message's extension elements.
     pub max_extension_bytes: usize,
+    /// Most messages in one `POST /v1/messages/batch`.
+    pub max_batch: usize,
 }
 
 impl Default for Api {
@@ -112,6 +114,7 @@ impl Default for Api {
             token: None,
             max_body_bytes: 256 * 1024,
             max_extension_bytes: 64 * 1024,
+            max_batch: 1000,
         }
     }
 }
@@ -444,6 +447,7 @@ impl Config {
             ("limits.max_connections", l.max_connections, 1),
             ("limits.max_connections_per_ip", l.max_connections_per_ip, 1),
             ("limits.outbound_queue", l.outbound_queue, 1),
+            ("api.max_batch", self.api.max_batch, 1),
         ] {
             if v < min {
                 return Err(invalid(field, format!("must be at least {min}")));

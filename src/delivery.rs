@@ -1,7 +1,11 @@
 //! Durable delivery of the backend's outgoing messages.
 //!
 //! A message is persisted in the store's outbound queue before the API answers
-//! (`Store::enqueue`), then submitted to the router as a `durable` stanza. The
+//! (`Store::enqueue`), then submitted to the router as a `durable` stanza. Every
+//! queued message is also tracked in memory (id -> sequence, recipient, expiry,
+//! when last submitted), loaded from the store at startup: settling and sweeping
+//! never read or scan the store, and whoever removes the entry settles the message,
+//! so it is settled once. The
 //! outbound session writes it and has it confirmed: by XEP-0198 acks where the peer
 //! offers stream management, otherwise by an XEP-0199 ping after the batch: a
 //! stream is processed in order (RFC 6120 §10.1), so the answer to the ping (a
@@ -19,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::router;
@@ -32,85 +36,129 @@ const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Prefix of our confirmation pings' ids.
 const CONFIRM_PREFIX: &str = "dlv-";
 
+/// What delivery keeps in memory about a queued message.
+#[derive(Debug, Clone)]
+struct Tracked {
+    seq: u64,
+    to: String,
+    expires_ms: u64,
+    /// When it was last handed to the router; `None`: due now.
+    submitted: Option<Instant>,
+}
+
 /// In-memory delivery state (the store holds the durable part).
 #[derive(Debug, Default)]
 pub struct Delivery {
-    /// Stanza id -> when it was last submitted.
-    inflight: Mutex<HashMap<String, Instant>>,
+    /// Stanza id -> every queued message, settled or not yet.
+    queue: Mutex<HashMap<String, Tracked>>,
     /// Confirmation ping id -> stanza ids it confirms.
     confirms: Mutex<HashMap<String, Vec<String>>>,
     next: AtomicU64,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Delivery {
+    /// Track what the store holds at startup (all due at once).
+    pub fn load(&self, queued: &[Outgoing]) {
+        let mut q = lock(&self.queue);
+        for m in queued {
+            q.insert(m.id.clone(), tracked(m, None));
+        }
+    }
+
+    /// How many messages are queued (persisted, not yet settled).
+    pub fn queued(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
     /// Register a confirmation for `ids`; returns the ping id to send after them.
     pub fn register_confirm(&self, ids: Vec<String>) -> String {
         let id = format!(
             "{CONFIRM_PREFIX}{}",
             self.next.fetch_add(1, Ordering::Relaxed)
         );
-        self.confirms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), ids);
+        lock(&self.confirms).insert(id.clone(), ids);
         id
     }
 
     fn take_confirm(&self, ping_id: &str) -> Option<Vec<String>> {
-        self.confirms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(ping_id)
+        lock(&self.confirms).remove(ping_id)
     }
 
-    /// Mark a message as in flight (before it is persisted, so the sweeper never
-    /// submits it a second time while the API is still submitting it).
-    pub fn mark(&self, id: &str) {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), Instant::now());
+    /// Make a message due again (its stream failed before the confirmation).
+    fn unsubmit(&self, id: &str) {
+        if let Some(t) = lock(&self.queue).get_mut(id) {
+            t.submitted = None;
+        }
     }
 
-    fn forget(&self, id: &str) {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-    }
-
-    fn due(&self, id: &str) -> bool {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .is_none_or(|t| t.elapsed() > INFLIGHT_TIMEOUT)
+    /// One sweep: the ids that expired, and the sequence numbers of what is due
+    /// (marked as submitted now).
+    fn sweep(&self, now_ms: u64) -> (Vec<String>, Vec<u64>) {
+        let (mut expired, mut due) = (Vec::new(), Vec::new());
+        for (id, t) in lock(&self.queue).iter_mut() {
+            if now_ms >= t.expires_ms {
+                expired.push(id.clone());
+            } else if t.submitted.is_none_or(|s| s.elapsed() > INFLIGHT_TIMEOUT) {
+                t.submitted = Some(Instant::now());
+                due.push(t.seq);
+            }
+        }
+        due.sort_unstable();
+        (expired, due)
     }
 }
 
-/// Submit a queued message to the router.
-pub fn submit(server: &Arc<Server>, m: &Outgoing) {
+fn tracked(m: &Outgoing, submitted: Option<Instant>) -> Tracked {
+    Tracked {
+        seq: m.seq,
+        to: m.to.clone(),
+        expires_ms: m.expires_ms,
+        submitted,
+    }
+}
+
+/// Track and submit messages the API has just persisted (`stanzas[i]` is
+/// `queued[i]`'s stanza, built by the API from validated parts).
+pub fn submit_new(server: &Arc<Server>, queued: &[Outgoing], stanzas: Vec<Stanza>) {
+    {
+        let now = Instant::now();
+        let mut q = lock(&server.delivery.queue);
+        for m in queued {
+            q.insert(m.id.clone(), tracked(m, Some(now)));
+        }
+    }
+    for mut s in stanzas {
+        s.durable = true;
+        router::route(server, s);
+    }
+}
+
+/// Submit a queued message again (after a restart, or after its stream failed).
+fn resubmit(server: &Arc<Server>, m: &Outgoing) {
     let Some(mut stanza) = Stanza::parse(&m.xml) else {
-        tracing::error!(id = %m.id, "queued message does not parse; dropping it from delivery");
+        tracing::error!(id = %m.id, "queued message does not parse; it will expire");
         return;
     };
     stanza.durable = true;
-    server.delivery.mark(&m.id);
     router::route(server, stanza);
 }
 
 /// A submitted message could not be handed over (peer unreachable...): let the
 /// sweeper resubmit it on its next round.
 pub fn retry_later(server: &Arc<Server>, id: &str) {
-    server.delivery.forget(id);
+    server.delivery.unsubmit(id);
 }
 
-/// Settle messages by stanza id with an outcome built from the queued record, in
+/// Settle messages by stanza id with an outcome built from `(id, recipient)`, in
 /// the background.
 pub fn settle(
     server: &Arc<Server>,
     ids: Vec<String>,
-    outcome: impl Fn(&Outgoing) -> EventKind + Send + 'static,
+    outcome: impl Fn(&str, &str) -> EventKind + Send + 'static,
 ) {
     let server = server.clone();
     tokio::spawn(async move { settle_now(&server, ids, outcome).await });
@@ -118,28 +166,36 @@ pub fn settle(
 
 /// Settle messages by stanza id, now (the inbox task awaits this so outcomes keep
 /// the order in which the peer sent them: an error reply before the confirmation).
+/// Returns the ids that were not queued (already settled, or never ours).
 pub async fn settle_now(
     server: &Arc<Server>,
     ids: Vec<String>,
-    outcome: impl Fn(&Outgoing) -> EventKind,
-) {
+    outcome: impl Fn(&str, &str) -> EventKind,
+) -> Vec<String> {
+    let mut done = Vec::new();
+    let mut taken = Vec::new();
+    let mut unknown = Vec::new();
     {
-        let mut done = Vec::new();
+        let mut q = lock(&server.delivery.queue);
         for id in ids {
-            server.delivery.forget(&id);
-            match server.store.queued_by_id(&id) {
-                Ok(Some(m)) => {
-                    let k = outcome(&m);
-                    done.push((m, k));
+            match q.remove(&id) {
+                Some(t) => {
+                    done.push((t.seq, outcome(&id, &t.to)));
+                    taken.push((id, t));
                 }
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
+                None => unknown.push(id),
             }
         }
-        if let Err(e) = server.store.settle(done).await {
-            tracing::error!(error = %e, "recording delivery outcomes");
+    }
+    if let Err(e) = server.store.settle(done).await {
+        tracing::error!(error = %e, "recording delivery outcomes; they will be retried");
+        let mut q = lock(&server.delivery.queue);
+        for (id, mut t) in taken {
+            t.submitted = None;
+            q.insert(id, t);
         }
     }
+    unknown
 }
 
 /// Whether an iq id is one of our confirmation pings.
@@ -169,10 +225,10 @@ pub fn on_iq_response(server: &Arc<Server>, stanza: &Stanza) -> bool {
 }
 
 /// The outcome of a confirmed message.
-pub fn delivered(m: &Outgoing) -> EventKind {
+pub fn delivered(id: &str, to: &str) -> EventKind {
     EventKind::Delivered {
-        id: m.id.clone(),
-        to: m.to.clone(),
+        id: id.to_string(),
+        to: to.to_string(),
     }
 }
 
@@ -199,25 +255,19 @@ pub async fn sweeper(server: Arc<Server>, every: Duration) {
                 tracing::error!(error = %e, "pruning dedup keys");
             }
         }
-        match server.store.queued() {
-            Ok(queued) => {
-                let now = now_ms();
-                let mut expired = Vec::new();
-                for m in queued {
-                    if now >= m.expires_ms {
-                        expired.push(m.id.clone());
-                    } else if server.delivery.due(&m.id) {
-                        submit(&server, &m);
-                    }
-                }
-                if !expired.is_empty() {
-                    settle(&server, expired, |m| EventKind::Expired {
-                        id: m.id.clone(),
-                        to: m.to.clone(),
-                    });
-                }
+        let (expired, due) = server.delivery.sweep(now_ms());
+        if !expired.is_empty() {
+            settle(&server, expired, |id, to| EventKind::Expired {
+                id: id.to_string(),
+                to: to.to_string(),
+            });
+        }
+        for seq in due {
+            match server.store.queued_by_seq(seq) {
+                Ok(Some(m)) => resubmit(&server, &m),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
             }
-            Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -72,6 +72,8 @@ pub mod metric_names {
     pub const OUTBOUND_FAILURES: &str = "xmpp_outbound_failures_total";
     /// Store group commits (one transaction and fsync each).
     pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
+    /// Outgoing messages persisted and not yet settled (a gauge).
+    pub const DELIVERY_QUEUED: &str = "xmpp_delivery_queued";
 }
 
 /// Counters (exported by name; see [`Metrics::snapshot`]).
@@ -247,6 +249,10 @@ impl Server {
 
     /// Start the background tasks: the users' inbox and the delivery sweeper.
     pub fn spawn_workers(self: &Arc<Self>) {
+        match self.store.queued() {
+            Ok(q) => self.delivery.load(&q),
+            Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
+        }
         if let Some(rx) = self
             .inbox_rx
             .lock()

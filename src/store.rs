@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 /// The on-disk schema version this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Errors of the store.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -275,7 +275,8 @@ const T_META: u8 = b'm';
 const T_USER: u8 = b'u';
 const T_HANDLE: u8 = b'h';
 const T_OUT: u8 = b'q';
-const T_OUT_ID: u8 = b'i';
+/// Schema 1's outbound id index (gone in 2: delivery tracks ids in memory).
+const T_OUT_ID_V1: u8 = b'i';
 const T_EVENT: u8 = b'e';
 const T_ACK: u8 = b'a';
 const T_DEDUP: u8 = b'd';
@@ -356,17 +357,28 @@ fn last_seq(kv: &dyn Kv, tree: u8) -> Result<u64, StoreError> {
 impl Store {
     /// Open on a backend, check or write the schema version, start the committer.
     pub fn open(kv: Arc<dyn Kv>) -> Result<Arc<Store>, StoreError> {
+        let version = Op::Put(
+            key(T_META, b"schema"),
+            SCHEMA_VERSION.to_string().into_bytes(),
+        );
         match kv.get(&key(T_META, b"schema"))? {
-            Some(v) => {
-                let found = String::from_utf8_lossy(&v).parse::<u32>().unwrap_or(0);
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema { found });
+            Some(v) => match String::from_utf8_lossy(&v).parse::<u32>().unwrap_or(0) {
+                SCHEMA_VERSION => {}
+                1 => {
+                    // 1 -> 2: drop the outbound id index, in one transaction with
+                    // the new version.
+                    let mut ops: Vec<Op> = kv
+                        .range(&[T_OUT_ID_V1], &[T_OUT_ID_V1 + 1], usize::MAX)?
+                        .into_iter()
+                        .map(|(k, _)| Op::Delete(k))
+                        .collect();
+                    ops.push(version);
+                    kv.apply(&ops)?;
+                    tracing::info!(from = 1, to = SCHEMA_VERSION, "store schema migrated");
                 }
-            }
-            None => kv.apply(&[Op::Put(
-                key(T_META, b"schema"),
-                SCHEMA_VERSION.to_string().into_bytes(),
-            )])?,
+                found => return Err(StoreError::Schema { found }),
+            },
+            None => kv.apply(&[version])?,
         }
         let acked = match kv.get(&key(T_ACK, b"events"))? {
             Some(v) if v.len() == 8 => {
@@ -462,15 +474,16 @@ impl Store {
 
     // ---- outbound queue ----
 
-    /// Persist a message for delivery; returns it with its sequence number.
-    pub async fn enqueue(&self, mut m: Outgoing) -> Result<Outgoing, StoreError> {
-        m.seq = self.next_out.fetch_add(1, Ordering::Relaxed);
-        self.write(vec![
-            Op::Put(seq_key(T_OUT, m.seq), json(&m)),
-            Op::Put(key(T_OUT_ID, m.id.as_bytes()), m.seq.to_be_bytes().to_vec()),
-        ])
-        .await?;
-        Ok(m)
+    /// Persist messages for delivery in one transaction; returns them with their
+    /// sequence numbers.
+    pub async fn enqueue(&self, mut ms: Vec<Outgoing>) -> Result<Vec<Outgoing>, StoreError> {
+        let mut ops = Vec::with_capacity(ms.len());
+        for m in &mut ms {
+            m.seq = self.next_out.fetch_add(1, Ordering::Relaxed);
+            ops.push(Op::Put(seq_key(T_OUT, m.seq), json(&*m)));
+        }
+        self.write(ops).await?;
+        Ok(ms)
     }
 
     /// Every queued message, in order.
@@ -493,32 +506,24 @@ impl Store {
         Ok(out)
     }
 
-    /// A queued message by stanza id.
-    pub fn queued_by_id(&self, id: &str) -> Result<Option<Outgoing>, StoreError> {
-        let Some(seq) = self.kv.get(&key(T_OUT_ID, id.as_bytes()))? else {
-            return Ok(None);
-        };
-        if seq.len() != 8 {
-            return Err(StoreError::Corrupt("outbound id index".into()));
-        }
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&seq);
+    /// A queued message by sequence number.
+    pub fn queued_by_seq(&self, seq: u64) -> Result<Option<Outgoing>, StoreError> {
         self.kv
-            .get(&seq_key(T_OUT, u64::from_be_bytes(b)))?
+            .get(&seq_key(T_OUT, seq))?
             .map(|v| parse(&v))
             .transpose()
     }
 
-    /// Remove queued messages and record what happened to them, atomically.
-    pub async fn settle(&self, done: Vec<(Outgoing, EventKind)>) -> Result<(), StoreError> {
+    /// Remove queued messages (by sequence number) and record what happened to
+    /// them, atomically.
+    pub async fn settle(&self, done: Vec<(u64, EventKind)>) -> Result<(), StoreError> {
         if done.is_empty() {
             return Ok(());
         }
-        let mut ops = Vec::new();
-        let mut kinds = Vec::new();
-        for (m, kind) in done {
-            ops.push(Op::Delete(seq_key(T_OUT, m.seq)));
-            ops.push(Op::Delete(key(T_OUT_ID, m.id.as_bytes())));
+        let mut ops = Vec::with_capacity(done.len());
+        let mut kinds = Vec::with_capacity(done.len());
+        for (seq, kind) in done {
+            ops.push(Op::Delete(seq_key(T_OUT, seq)));
             kinds.push(kind);
         }
         self.push_events_with(ops, kinds).await
@@ -752,6 +757,32 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) async fn suite(open: impl Fn() -> Arc<dyn Kv>) {
+        // A schema 1 store (with its outbound id index) is migrated on open.
+        {
+            let kv = open();
+            kv.apply(&[
+                Op::Put(key(T_META, b"schema"), b"1".to_vec()),
+                Op::Put(key(T_OUT_ID_V1, b"old"), 7u64.to_be_bytes().to_vec()),
+            ])
+            .unwrap();
+            drop(Store::open(kv.clone()).unwrap());
+            assert_eq!(
+                kv.get(&key(T_META, b"schema")).unwrap(),
+                Some(SCHEMA_VERSION.to_string().into_bytes())
+            );
+            assert!(kv.get(&key(T_OUT_ID_V1, b"old")).unwrap().is_none());
+            kv.apply(&[Op::Put(key(T_META, b"schema"), b"99".to_vec())])
+                .unwrap();
+            assert!(matches!(
+                Store::open(kv.clone()),
+                Err(StoreError::Schema { found: 99 })
+            ));
+            kv.apply(&[Op::Put(
+                key(T_META, b"schema"),
+                SCHEMA_VERSION.to_string().into_bytes(),
+            )])
+            .unwrap();
+        }
         let store = Store::open(open()).unwrap();
         let alice = User {
             id: "u1".into(),
@@ -773,7 +804,7 @@ pub(crate) mod tests {
         for i in 0..200u64 {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
-                s.enqueue(Outgoing {
+                s.enqueue(vec![Outgoing {
                     seq: 0,
                     domain: "r.test".into(),
                     id: format!("m{i}"),
@@ -782,7 +813,7 @@ pub(crate) mod tests {
                     xml: "<message/>".into(),
                     accepted_ms: 1,
                     expires_ms: 2,
-                })
+                }])
                 .await
                 .unwrap()
             }));
@@ -798,10 +829,11 @@ pub(crate) mod tests {
         let q = store.queued().unwrap();
         assert_eq!(q.len(), 200);
         assert!(q.windows(2).all(|w| w[0].seq < w[1].seq));
-        let m5 = store.queued_by_id("m5").unwrap().unwrap();
+        let m5 = q.iter().find(|m| m.id == "m5").unwrap().clone();
+        assert_eq!(store.queued_by_seq(m5.seq).unwrap().as_ref(), Some(&m5));
         store
             .settle(vec![(
-                m5.clone(),
+                m5.seq,
                 EventKind::Delivered {
                     id: m5.id.clone(),
                     to: m5.to.clone(),
@@ -809,7 +841,7 @@ pub(crate) mod tests {
             )])
             .await
             .unwrap();
-        assert!(store.queued_by_id("m5").unwrap().is_none());
+        assert!(store.queued_by_seq(m5.seq).unwrap().is_none());
         assert_eq!(store.queued().unwrap().len(), 199);
         let ev = store.events_after(0, 10).unwrap();
         assert_eq!(ev.len(), 1);

@@ -295,27 +295,28 @@ async fn bounced(server: &Arc<Server>, stanza: &Stanza) {
             }
         }
     }
-    if server.store.queued_by_id(&id).ok().flatten().is_none() {
+    let to = stanza.from.clone().unwrap_or_default();
+    let (c, t) = (condition.clone(), text.clone());
+    let unknown = delivery::settle_now(server, vec![id], move |id, to| EventKind::Bounced {
+        id: id.to_string(),
+        to: to.to_string(),
+        condition: c.clone(),
+        text: t.clone(),
+    })
+    .await;
+    if let Some(id) = unknown.into_iter().next() {
         // Already settled (e.g. acknowledged by XEP-0198 before the peer's error
         // arrived on its own stream): still tell the backend.
         let ev = EventKind::Bounced {
             id,
-            to: stanza.from.clone().unwrap_or_default(),
+            to,
             condition,
             text,
         };
         if let Err(e) = server.store.push_events(vec![ev]).await {
             tracing::error!(error = %e, "storing a bounce");
         }
-        return;
     }
-    delivery::settle_now(server, vec![id], move |m| EventKind::Bounced {
-        id: m.id.clone(),
-        to: m.to.clone(),
-        condition: condition.clone(),
-        text: text.clone(),
-    })
-    .await;
 }
 
 fn error_text(el: &crate::xml::framer::Element) -> Option<String> {

@@ -118,6 +118,27 @@ async fn every_error_is_a_problem_response_and_nothing_is_half_written() {
     }
     let (s, b, c) = http(api, "POST", "/v1/messages", Some(TOKEN), Some("{not json")).await;
     assert!(is_problem(s, &b, &c, 400), "{s} {b}");
+    // A batch is all or nothing: one bad message refuses it, naming its index.
+    let ok = json!({"from":"u1","to":"bob@beta.test","body":"fine"});
+    let bad = json!({"from":"u1","to":"not a jid@@","body":"hi"});
+    let too_many = vec![ok.clone(); 1001];
+    for (batch, code, detail) in [
+        (json!({"messages":[ok.clone(), bad]}), 422, "messages[1]: "),
+        (json!({"messages":[]}), 422, "1 to 1000"),
+        (json!({"messages": too_many}), 422, "not 1001"),
+        (json!({"messages":[ok.clone()], "extra": 1}), 422, ""),
+    ] {
+        let (s, b, c) = http(
+            api,
+            "POST",
+            "/v1/messages/batch",
+            Some(TOKEN),
+            Some(&batch.to_string()),
+        )
+        .await;
+        assert!(is_problem(s, &b, &c, code), "{s} {b}");
+        assert!(b["detail"].as_str().unwrap().contains(detail), "{b}");
+    }
     assert!(
         alpha.server.store.queued().unwrap().is_empty(),
         "no refused message was queued"
@@ -178,7 +199,46 @@ async fn messages_cross_between_two_instances_with_outcomes() {
 
     let delivered = wait_event(alpha.api, |e| e["type"] == "delivered").await;
     assert_eq!(delivered["id"], id.as_str());
+
+    // A batch: every message arrives, in order, and each is confirmed.
+    let batch: Vec<_> = (0..3)
+        .map(|i| json!({"from":"a1","to":"bob@beta.test","body":format!("batch {i}")}))
+        .collect();
+    let (s, b, _) = http(
+        alpha.api,
+        "POST",
+        "/v1/messages/batch",
+        Some(TOKEN),
+        Some(&json!({ "messages": batch }).to_string()),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let ids: Vec<String> = b["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let last = wait_event(beta.api, |e| e["body"] == "batch 2").await;
+    assert_eq!(last["id"], ids[2].as_str());
+    let (_, evs, _) = http(beta.api, "GET", "/v1/events?limit=1000", Some(TOKEN), None).await;
+    let bodies: Vec<&str> = evs["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["body"].as_str())
+        .filter(|b| b.starts_with("batch"))
+        .collect();
+    assert_eq!(bodies, ["batch 0", "batch 1", "batch 2"]);
+    for id in &ids {
+        wait_event(alpha.api, |e| {
+            e["type"] == "delivered" && e["id"] == id.as_str()
+        })
+        .await;
+    }
     assert!(alpha.server.store.queued().unwrap().is_empty());
+    assert_eq!(alpha.server.delivery.queued(), 0);
 
     // Remote lookup: exists, display name from the vCard, a stable id.
     let (s, b, _) = http(
@@ -249,6 +309,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert!(value(m::STANZAS_OUT) >= 2, "{text}");
     assert!(value(m::OUTBOUND_ESTABLISHED) >= 1, "{text}");
     assert!(value(m::STORE_COMMITS) >= 1, "{text}");
+    assert_eq!(value(m::DELIVERY_QUEUED), 0, "{text}");
     alpha.shutdown().await;
     beta.shutdown().await;
 }
