@@ -847,6 +847,15 @@ struct AckIn {
 }
 
 async fn ack(State(st): State<ApiState>, Body(a): Body<AckIn>) -> Result<StatusCode, Problem> {
+    let last = st.server.store.last_event();
+    if a.up_to > last {
+        // It would also swallow events not written yet.
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Cursor ahead",
+            format!("up_to {} is beyond the newest event, {last}", a.up_to),
+        ));
+    }
     st.server.store.ack(a.up_to).await.map_err(internal)?;
     Ok(StatusCode::NO_CONTENT)
 }

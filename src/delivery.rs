@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::router;
 use crate::server::Server;
 use crate::stanza::Stanza;
-use crate::store::{EventKind, Outgoing, now_ms};
+use crate::store::{EventKind, Outgoing, Writes, now_ms};
 
 /// How long a submitted message may stay unconfirmed before it is resubmitted.
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -164,38 +164,64 @@ pub fn settle(
     tokio::spawn(async move { settle_now(&server, ids, outcome).await });
 }
 
-/// Settle messages by stanza id, now (the inbox task awaits this so outcomes keep
-/// the order in which the peer sent them: an error reply before the confirmation).
-/// Returns the ids that were not queued (already settled, or never ours).
-pub async fn settle_now(
-    server: &Arc<Server>,
-    ids: Vec<String>,
-    outcome: impl Fn(&str, &str) -> EventKind,
-) -> Vec<String> {
-    let mut done = Vec::new();
-    let mut taken = Vec::new();
-    let mut unknown = Vec::new();
-    {
+/// Messages taken out of the in-memory queue by [`take`], until their outcomes are
+/// durable.
+#[derive(Debug, Default)]
+pub struct Taken(Vec<(String, Tracked)>);
+
+impl Taken {
+    /// The write with their outcomes failed: track them again (due now), so they
+    /// are settled later rather than forgotten.
+    pub fn restore(self, server: &Server) {
         let mut q = lock(&server.delivery.queue);
-        for id in ids {
-            match q.remove(&id) {
-                Some(t) => {
-                    done.push((t.seq, outcome(&id, &t.to)));
-                    taken.push((id, t));
-                }
-                None => unknown.push(id),
-            }
-        }
-    }
-    if let Err(e) = server.store.settle(done).await {
-        tracing::error!(error = %e, "recording delivery outcomes; they will be retried");
-        let mut q = lock(&server.delivery.queue);
-        for (id, mut t) in taken {
+        for (id, mut t) in self.0 {
             t.submitted = None;
             q.insert(id, t);
         }
     }
+}
+
+/// Take messages by stanza id out of the queue and add their removal and outcome
+/// (built from `(id, recipient)`) to `w`; whoever takes a message settles it.
+/// Returns the ids that were not queued (already settled, or never ours).
+pub fn take(
+    server: &Server,
+    ids: Vec<String>,
+    outcome: impl Fn(&str, &str) -> EventKind,
+    w: &mut Writes,
+    taken: &mut Taken,
+) -> Vec<String> {
+    let mut unknown = Vec::new();
+    let mut q = lock(&server.delivery.queue);
+    for id in ids {
+        match q.remove(&id) {
+            Some(t) => {
+                w.settle(t.seq, &outcome(&id, &t.to));
+                taken.0.push((id, t));
+            }
+            None => unknown.push(id),
+        }
+    }
     unknown
+}
+
+/// Make `w` durable; if that fails, `taken` goes back to the queue.
+pub async fn commit(server: &Server, w: Writes, taken: Taken) {
+    if let Err(e) = server.store.commit(w).await {
+        tracing::error!(error = %e, "recording delivery outcomes; they will be retried");
+        taken.restore(server);
+    }
+}
+
+/// Settle messages by stanza id, now.
+pub async fn settle_now(
+    server: &Arc<Server>,
+    ids: Vec<String>,
+    outcome: impl Fn(&str, &str) -> EventKind,
+) {
+    let (mut w, mut taken) = (Writes::default(), Taken::default());
+    take(server, ids, outcome, &mut w, &mut taken);
+    commit(server, w, taken).await;
 }
 
 /// Whether an iq id is one of our confirmation pings.
@@ -232,10 +258,11 @@ pub fn delivered(id: &str, to: &str) -> EventKind {
     }
 }
 
-/// The inbox's half of [`on_iq_response`]: settle what the confirmation covers.
-pub async fn confirmed(server: &Arc<Server>, ping_id: &str) {
+/// The inbox's half of [`on_iq_response`]: settle what the confirmation covers
+/// (into `w`, which the inbox commits with the rest of its batch).
+pub fn confirmed(server: &Server, ping_id: &str, w: &mut Writes, taken: &mut Taken) {
     if let Some(ids) = server.delivery.take_confirm(ping_id) {
-        settle_now(server, ids, delivered).await;
+        take(server, ids, delivered, w, taken);
     }
 }
 

@@ -15,9 +15,9 @@ pub mod redb_kv;
 pub mod sled_kv;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -187,6 +187,7 @@ pub struct Outgoing {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Position in the queue (the cursor).
+    #[serde(default)]
     pub seq: u64,
     /// When it happened (unix ms).
     pub at_ms: u64,
@@ -313,12 +314,60 @@ pub fn now_ms() -> u64 {
 
 type Pending = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
 
+/// Writes to make together in one transaction: queue removals, events and dedup
+/// keys (see [`Store::commit`]).
+#[derive(Debug, Default)]
+pub struct Writes {
+    ops: Vec<Op>,
+    events: Vec<Vec<u8>>,
+}
+
+impl Writes {
+    /// Remove the queued message `seq` and record what happened to it.
+    pub fn settle(&mut self, seq: u64, outcome: &EventKind) {
+        self.ops.push(Op::Delete(seq_key(T_OUT, seq)));
+        self.event(outcome);
+    }
+
+    /// Append an event.
+    pub fn event(&mut self, kind: &EventKind) {
+        self.events.push(json(&StoredEvent {
+            at_ms: now_ms(),
+            kind,
+        }));
+    }
+
+    /// Record an inbound stanza's dedup key.
+    pub fn dedup(&mut self, k: &str) {
+        self.ops.push(Op::Put(
+            key(T_DEDUP, k.as_bytes()),
+            now_ms().to_be_bytes().to_vec(),
+        ));
+    }
+
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.events.is_empty()
+    }
+}
+
+/// An event as stored: its sequence number is its key.
+#[derive(Serialize)]
+struct StoredEvent<'a> {
+    at_ms: u64,
+    #[serde(flatten)]
+    kind: &'a EventKind,
+}
+
 /// The typed store with group commit.
 pub struct Store {
     kv: Arc<dyn Kv>,
     committer: Option<std_mpsc::Sender<Pending>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    next_event: AtomicU64,
+    /// The next event sequence number; locked while it is assigned and the write
+    /// is queued, so events commit in sequence order (a reader that has seen
+    /// event n never misses an n-1 committed later).
+    next_event: Mutex<u64>,
     next_out: AtomicU64,
     /// Wakes long-polling event readers.
     pub events_changed: tokio::sync::Notify,
@@ -401,7 +450,7 @@ impl Store {
             kv,
             committer: Some(tx),
             thread: Some(thread),
-            next_event: AtomicU64::new(next_event),
+            next_event: Mutex::new(next_event),
             next_out: AtomicU64::new(next_out),
             events_changed: tokio::sync::Notify::new(),
             commits,
@@ -514,45 +563,47 @@ impl Store {
             .transpose()
     }
 
-    /// Remove queued messages (by sequence number) and record what happened to
-    /// them, atomically.
-    pub async fn settle(&self, done: Vec<(u64, EventKind)>) -> Result<(), StoreError> {
-        if done.is_empty() {
-            return Ok(());
-        }
-        let mut ops = Vec::with_capacity(done.len());
-        let mut kinds = Vec::with_capacity(done.len());
-        for (seq, kind) in done {
-            ops.push(Op::Delete(seq_key(T_OUT, seq)));
-            kinds.push(kind);
-        }
-        self.push_events_with(ops, kinds).await
-    }
-
     // ---- events ----
 
     /// Append events durably.
     pub async fn push_events(&self, kinds: Vec<EventKind>) -> Result<(), StoreError> {
-        self.push_events_with(Vec::new(), kinds).await
+        let mut w = Writes::default();
+        for k in &kinds {
+            w.event(k);
+        }
+        self.commit(w).await
     }
 
-    /// Append events together with other ops, atomically.
-    pub async fn push_events_with(
-        &self,
-        mut ops: Vec<Op>,
-        kinds: Vec<EventKind>,
-    ) -> Result<(), StoreError> {
-        let at_ms = now_ms();
-        for kind in kinds {
-            let seq = self.next_event.fetch_add(1, Ordering::Relaxed);
-            ops.push(Op::Put(
-                seq_key(T_EVENT, seq),
-                json(&Event { seq, at_ms, kind }),
-            ));
+    /// Make `w`'s writes durably, in one transaction.
+    pub async fn commit(&self, w: Writes) -> Result<(), StoreError> {
+        if w.is_empty() {
+            return Ok(());
         }
-        self.write(ops).await?;
-        self.events_changed.notify_waiters();
+        let Writes { mut ops, events } = w;
+        let has_events = !events.is_empty();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut next = self.next_event.lock().unwrap_or_else(|e| e.into_inner());
+            for v in events {
+                ops.push(Op::Put(seq_key(T_EVENT, *next), v));
+                *next += 1;
+            }
+            self.committer
+                .as_ref()
+                .ok_or(StoreError::Closed)?
+                .send((ops, tx))
+                .map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)??;
+        if has_events {
+            self.events_changed.notify_waiters();
+        }
         Ok(())
+    }
+
+    /// The sequence number of the newest event (0 if there was none yet).
+    pub fn last_event(&self) -> u64 {
+        *self.next_event.lock().unwrap_or_else(|e| e.into_inner()) - 1
     }
 
     /// Events after `cursor`, at most `limit`.
@@ -561,7 +612,16 @@ impl Store {
         self.kv
             .range(&from, &[T_EVENT + 1], limit)?
             .iter()
-            .map(|(_, v)| parse(v))
+            .map(|(k, v)| {
+                let mut e: Event = parse(v)?;
+                // The key is the sequence number (schema 1 also stored it inside).
+                e.seq = k
+                    .get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt("event key".into()))?;
+                Ok(e)
+            })
             .collect()
     }
 
@@ -641,11 +701,15 @@ impl Store {
         events: Vec<EventKind>,
     ) -> Result<(), StoreError> {
         let k = Self::roster_key(user_id, jid);
-        let op = match item {
+        let mut w = Writes::default();
+        w.ops.push(match item {
             Some(i) => Op::Put(k, json(i)),
             None => Op::Delete(k),
-        };
-        self.push_events_with(vec![op], events).await
+        });
+        for e in &events {
+            w.event(e);
+        }
+        self.commit(w).await
     }
 
     /// A user's presence.
@@ -669,20 +733,6 @@ impl Store {
     /// Whether an inbound stanza key was already stored.
     pub fn seen(&self, k: &str) -> Result<bool, StoreError> {
         Ok(self.kv.get(&key(T_DEDUP, k.as_bytes()))?.is_some())
-    }
-
-    /// Append inbound events and record their dedup keys, atomically.
-    pub async fn push_inbound(
-        &self,
-        kinds: Vec<EventKind>,
-        dedup: Vec<String>,
-    ) -> Result<(), StoreError> {
-        let now = now_ms().to_be_bytes().to_vec();
-        let ops = dedup
-            .into_iter()
-            .map(|k| Op::Put(key(T_DEDUP, k.as_bytes()), now.clone()))
-            .collect();
-        self.push_events_with(ops, kinds).await
     }
 
     /// Forget dedup keys recorded before `before_ms` (a retransmission older than
@@ -831,16 +881,15 @@ pub(crate) mod tests {
         assert!(q.windows(2).all(|w| w[0].seq < w[1].seq));
         let m5 = q.iter().find(|m| m.id == "m5").unwrap().clone();
         assert_eq!(store.queued_by_seq(m5.seq).unwrap().as_ref(), Some(&m5));
-        store
-            .settle(vec![(
-                m5.seq,
-                EventKind::Delivered {
-                    id: m5.id.clone(),
-                    to: m5.to.clone(),
-                },
-            )])
-            .await
-            .unwrap();
+        let mut w = Writes::default();
+        w.settle(
+            m5.seq,
+            &EventKind::Delivered {
+                id: m5.id.clone(),
+                to: m5.to.clone(),
+            },
+        );
+        store.commit(w).await.unwrap();
         assert!(store.queued_by_seq(m5.seq).unwrap().is_none());
         assert_eq!(store.queued().unwrap().len(), 199);
         let ev = store.events_after(0, 10).unwrap();

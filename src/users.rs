@@ -21,7 +21,7 @@ use crate::router::{bounce, route};
 use crate::s2s::conn::{children, text_of};
 use crate::server::Server;
 use crate::stanza::{Kind, Stanza, StanzaCondition};
-use crate::store::{EventKind, User};
+use crate::store::{EventKind, User, Writes};
 use crate::xml::writer::escape;
 
 /// XEP-0054.
@@ -147,22 +147,27 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 Err(_) => break,
             }
         }
-        let mut events = Vec::new();
-        let mut dedup = Vec::new();
+        // Everything the batch settles or stores goes into one transaction, made
+        // before any refusal is sent and before a presence is handled (so stored
+        // outcomes and events keep the peer's order).
+        let mut w = Writes::default();
+        let mut taken = delivery::Taken::default();
+        let mut dedup: Vec<String> = Vec::new();
         let mut refused = Vec::new();
         for stanza in batch.drain(..) {
             if stanza.kind == Kind::Iq {
                 if let Some(id) = stanza.id.as_deref() {
-                    delivery::confirmed(&server, id).await;
+                    delivery::confirmed(&server, id, &mut w, &mut taken);
                 }
                 continue;
             }
             if stanza.kind == Kind::Presence {
+                delivery::commit(&server, std::mem::take(&mut w), std::mem::take(&mut taken)).await;
                 presence_in(&server, &stanza).await;
                 continue;
             }
             if stanza.is_error() {
-                bounced(&server, &stanza).await;
+                bounced(&server, &stanza, &mut w, &mut taken);
                 continue;
             }
             let user = stanza
@@ -178,22 +183,18 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                         if dedup.contains(&k) || server.store.seen(&k).unwrap_or(false) {
                             continue;
                         }
+                        w.dedup(&k);
                         dedup.push(k);
                     }
-                    events.push(message_event(&user, &stanza))
+                    w.event(&message_event(&user, &stanza));
                 }
                 None => refused.push(stanza),
             }
         }
-        if !events.is_empty()
-            && let Err(e) = server
-                .store
-                .push_inbound(events, std::mem::take(&mut dedup))
-                .await
-        {
-            // Not stored: the senders must know (RFC 6120 §8.3.3.8).
-            tracing::error!(error = %e, "storing inbound messages");
-        }
+        // A failure is logged there; the senders get no confirmation for what was
+        // not stored, so they send it again (RFC 6120 §8.3.3.8 would be an error
+        // per stanza; a broken store helps nobody with that).
+        delivery::commit(&server, w, taken).await;
         for s in refused {
             bounce(
                 &server,
@@ -276,7 +277,7 @@ fn message_event(user: &User, stanza: &Stanza) -> EventKind {
 }
 
 /// An error message: if it answers one of our queued messages, that one bounced.
-async fn bounced(server: &Arc<Server>, stanza: &Stanza) {
+fn bounced(server: &Server, stanza: &Stanza, w: &mut Writes, taken: &mut delivery::Taken) {
     let Some(id) = stanza.id.clone() else { return };
     let (mut condition, mut text) = ("undefined-condition".to_string(), None);
     if let Ok(el) = crate::xml::framer::parse_element(&stanza.raw) {
@@ -295,27 +296,16 @@ async fn bounced(server: &Arc<Server>, stanza: &Stanza) {
             }
         }
     }
-    let to = stanza.from.clone().unwrap_or_default();
-    let (c, t) = (condition.clone(), text.clone());
-    let unknown = delivery::settle_now(server, vec![id], move |id, to| EventKind::Bounced {
+    let outcome = |id: &str, to: &str| EventKind::Bounced {
         id: id.to_string(),
         to: to.to_string(),
-        condition: c.clone(),
-        text: t.clone(),
-    })
-    .await;
-    if let Some(id) = unknown.into_iter().next() {
+        condition: condition.clone(),
+        text: text.clone(),
+    };
+    for id in delivery::take(server, vec![id], outcome, w, taken) {
         // Already settled (e.g. acknowledged by XEP-0198 before the peer's error
         // arrived on its own stream): still tell the backend.
-        let ev = EventKind::Bounced {
-            id,
-            to,
-            condition,
-            text,
-        };
-        if let Err(e) = server.store.push_events(vec![ev]).await {
-            tracing::error!(error = %e, "storing a bounce");
-        }
+        w.event(&outcome(&id, stanza.from.as_deref().unwrap_or_default()));
     }
 }
 

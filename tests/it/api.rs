@@ -144,6 +144,18 @@ async fn every_error_is_a_problem_response_and_nothing_is_half_written() {
         "no refused message was queued"
     );
 
+    let (s, b, c) = http(
+        api,
+        "POST",
+        "/v1/events/ack",
+        Some(TOKEN),
+        Some(r#"{"up_to":1000000}"#),
+    )
+    .await;
+    assert!(
+        is_problem(s, &b, &c, 422),
+        "acking unwritten events: {s} {b}"
+    );
     let (s, b, c) = http(api, "GET", "/v1/nope", Some(TOKEN), None).await;
     assert!(is_problem(s, &b, &c, 404), "{s} {b}");
     let (s, b, c) = http(api, "GET", "/v1/events?after=x", Some(TOKEN), None).await;
