@@ -18,6 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use xmpp_federator::load::cpu_of;
 use xmpp_federator::server::metric_names;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
 use xmpp_federator::testkit::cli_arg as arg;
@@ -118,6 +119,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              wrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {TOKEN}\"\n"
         ),
     )?;
+    let pid = child.pid().map(|p| p.to_string()).unwrap_or_default();
+    let (server_cpu0, peer_cpu0) = (cpu_of(&pid), cpu_of("self"));
     let commits0 = metric(api, metric_names::STORE_COMMITS).await;
     let t0 = Instant::now();
     let out = Command::new("wrk")
@@ -143,6 +146,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let delivered = metric(api, metric_names::STANZAS_OUT).await;
     let drained = t0.elapsed();
+    let server_cpu = cpu_of(&pid) - server_cpu0;
+    let peer_cpu = cpu_of("self") - peer_cpu0;
     let requests: f64 = wrk_text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
@@ -166,12 +171,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|l| l.trim_start().starts_with("50%") || l.trim_start().starts_with("99%"))
         .collect();
     let accepted = total * batch as u64;
+    // Outcomes, from the events (every accepted message has exactly one).
+    let (mut delivered_ev, mut bounced_ev, mut other_ev, mut after) = (0u64, 0u64, 0u64, 0u64);
+    loop {
+        let (_, page, _) = http(
+            api,
+            "GET",
+            &format!("/v1/events?after={after}&limit=1000"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        if events.is_empty() {
+            break;
+        }
+        for e in &events {
+            match e["type"].as_str() {
+                Some("delivered") => delivered_ev += 1,
+                Some("bounced") => bounced_ev += 1,
+                _ => other_ev += 1,
+            }
+        }
+        after = page["cursor"].as_u64().unwrap_or(after);
+    }
     let left = metric(api, metric_names::DELIVERY_QUEUED).await;
     println!(
         "backend={backend} connections={connections} batch={batch} accepted={accepted} \
          rate={:.0} msgs/s ({requests:.0} requests/s) non_2xx={non2xx} commits={commits} \
          msgs_per_commit={:.1} api_latency=[{}] stanzas_out={delivered} \
-         all_delivered_in={:.1}s ({:.0} msgs/s) still_queued={left}",
+         all_delivered_in={:.1}s ({:.0} msgs/s) still_queued={left} \
+         server_cpu={:.1}s ({:.1} us/msg) peer_cpu={:.1}s ({:.1} us/msg) \
+         events: delivered={delivered_ev} bounced={bounced_ev} other={other_ev}",
         requests * batch as f64,
         accepted as f64 / commits.max(1) as f64,
         latency
@@ -180,7 +211,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Vec<_>>()
             .join(", "),
         drained.as_secs_f64(),
-        accepted as f64 / drained.as_secs_f64()
+        accepted as f64 / drained.as_secs_f64(),
+        server_cpu.as_secs_f64(),
+        server_cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
+        peer_cpu.as_secs_f64(),
+        peer_cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
     );
     child.terminate();
     beta.shutdown().await;

@@ -237,8 +237,8 @@ pub fn on_iq_response(server: &Arc<Server>, stanza: &Stanza) -> bool {
     if !stanza.id.as_deref().is_some_and(is_confirmation) {
         return false;
     }
-    if let Err(e) = server.inbox.try_send(stanza.clone()) {
-        tracing::warn!(error = %e, "inbox full; confirmation handled out of order");
+    if server.to_inbox(stanza.clone()).is_some() {
+        tracing::warn!("inbox full; confirmation handled out of order");
         if let Some(ids) = stanza
             .id
             .as_deref()

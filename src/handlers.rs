@@ -7,6 +7,7 @@
 //!   confirmations, remote lookups, the `check`/`load` hook).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::router::{bounce, route};
 use crate::s2s::conn::children;
@@ -97,7 +98,18 @@ fn domain_iq(server: &Arc<Server>, stanza: Stanza) {
         );
     };
     let reply = match (type_, &*ns, &*name) {
-        ("get", NS_PING, "ping") => Stanza::iq_result(&stanza, ""),
+        ("get", NS_PING, "ping") => {
+            // Senders use a ping to confirm the stanzas before it (ours do, see
+            // delivery): while messages wait to be stored, it waits behind them.
+            if server.inbox_uncommitted.load(Ordering::SeqCst) > 0 {
+                match server.to_inbox(stanza) {
+                    None => return,
+                    Some(s) => Stanza::iq_result(&s, ""),
+                }
+            } else {
+                Stanza::iq_result(&stanza, "")
+            }
+        }
         ("get", NS_DISCO_INFO | NS_DISCO_ITEMS, "query") if query_node(&stanza).is_some() => {
             // The domain has no disco nodes.
             return bounce(

@@ -104,7 +104,13 @@ pub enum LoadError {
 
 /// CPU time (user + system) of this process, from /proc (Linux).
 fn process_cpu() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_of("self")
+}
+
+/// CPU time (user + system) of process `pid` (a number, or `self`), from /proc
+/// (Linux); zero where that cannot be read.
+pub fn cpu_of(pid: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
     // Fields after the parenthesised command: utime is the 14th field overall.

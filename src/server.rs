@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -152,9 +152,12 @@ pub struct Server {
     pub store: Arc<crate::store::Store>,
     /// Outgoing delivery state.
     pub delivery: crate::delivery::Delivery,
-    /// Messages for local users, stored in order by the inbox task.
+    /// Messages for local users, stored in order by the inbox task (send with
+    /// [`Server::to_inbox`]).
     pub inbox: mpsc::Sender<Stanza>,
     inbox_rx: Mutex<Option<mpsc::Receiver<Stanza>>>,
+    /// Stanzas sent to the inbox whose batch is not committed yet.
+    pub inbox_uncommitted: AtomicUsize,
     /// Our own iq requests waiting for their answer, by id.
     pub pending_iqs: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Stanza>>>,
     conn_limit: Arc<Semaphore>,
@@ -180,6 +183,7 @@ impl Server {
             delivery: crate::delivery::Delivery::default(),
             inbox,
             inbox_rx: Mutex::new(Some(inbox_rx)),
+            inbox_uncommitted: AtomicUsize::new(0),
             pending_iqs: Mutex::new(HashMap::new()),
             policy: Policy::new(&config.federation),
             conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
@@ -193,6 +197,27 @@ impl Server {
             iq_results: Mutex::new(None),
             per_ip: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Queue a stanza for the inbox task; gives it back if the inbox is full.
+    pub fn to_inbox(&self, stanza: Stanza) -> Option<Stanza> {
+        self.inbox_uncommitted.fetch_add(1, Ordering::SeqCst);
+        match self.inbox.try_send(stanza) {
+            Ok(()) => None,
+            Err(e) => {
+                self.inbox_uncommitted.fetch_sub(1, Ordering::SeqCst);
+                Some(e.into_inner())
+            }
+        }
+    }
+
+    /// Wait while the inbox is nearly full (a peer's stream stops being read
+    /// rather than having its stanzas refused).
+    pub async fn inbox_room(&self) {
+        const HEADROOM: usize = 256;
+        if self.inbox.capacity() < HEADROOM {
+            let _ = self.inbox.reserve_many(HEADROOM).await;
+        }
     }
 
     /// Whether we host `domain` (ASCII case-insensitive).

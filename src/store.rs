@@ -14,6 +14,7 @@
 pub mod redb_kv;
 pub mod sled_kv;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -62,10 +63,18 @@ pub type Pair = (Vec<u8>, Vec<u8>);
 pub trait Kv: Send + Sync + 'static {
     /// Read one key.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Read several keys (at one point in time where the backend can).
+    fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
     /// Keys in `[from, to)`, in order, at most `limit`.
     fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError>;
     /// Apply all ops atomically and durably (fsync) before returning.
-    fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
+    fn apply_all(&self, ops: &mut dyn Iterator<Item = &Op>) -> Result<(), StoreError>;
+    /// [`Kv::apply_all`] on a slice.
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        self.apply_all(&mut ops.iter())
+    }
 }
 
 /// Which backend to use.
@@ -351,6 +360,19 @@ impl Writes {
     }
 }
 
+/// Found users, by id and by handle. Cleared on every user write, which bumps
+/// `generation`; a reader caches what it read only if no write happened since it
+/// started, so the cache never holds what a write replaced.
+#[derive(Debug, Default)]
+struct UserCache {
+    generation: u64,
+    by_id: HashMap<String, User>,
+    by_handle: HashMap<String, User>,
+}
+
+/// Most users cached (per map); the cache is emptied when full.
+const USER_CACHE_MAX: usize = 65_536;
+
 /// An event as stored: its sequence number is its key.
 #[derive(Serialize)]
 struct StoredEvent<'a> {
@@ -369,6 +391,8 @@ pub struct Store {
     /// event n never misses an n-1 committed later).
     next_event: Mutex<u64>,
     next_out: AtomicU64,
+    /// Users by id and by handle, read on every inbound message.
+    users: Mutex<UserCache>,
     /// Wakes long-polling event readers.
     pub events_changed: tokio::sync::Notify,
     commits: Arc<AtomicU64>,
@@ -451,6 +475,7 @@ impl Store {
             committer: Some(tx),
             thread: Some(thread),
             next_event: Mutex::new(next_event),
+            users: Mutex::new(UserCache::default()),
             next_out: AtomicU64::new(next_out),
             events_changed: tokio::sync::Notify::new(),
             commits,
@@ -477,18 +502,66 @@ impl Store {
 
     /// A user by backend id.
     pub fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
-        self.kv
+        let generation = {
+            let c = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(u) = c.by_id.get(id) {
+                return Ok(Some(u.clone()));
+            }
+            c.generation
+        };
+        let found: Option<User> = self
+            .kv
             .get(&key(T_USER, id.as_bytes()))?
             .map(|v| parse(&v))
-            .transpose()
+            .transpose()?;
+        if let Some(u) = &found {
+            self.cache_user(generation, u, false);
+        }
+        Ok(found)
     }
 
     /// A user by handle (localpart).
     pub fn user_by_handle(&self, handle: &str) -> Result<Option<User>, StoreError> {
-        match self.kv.get(&key(T_HANDLE, handle.as_bytes()))? {
-            Some(id) => self.user(&String::from_utf8_lossy(&id)),
-            None => Ok(None),
+        let generation = {
+            let c = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(u) = c.by_handle.get(handle) {
+                return Ok(Some(u.clone()));
+            }
+            c.generation
+        };
+        let found = match self.kv.get(&key(T_HANDLE, handle.as_bytes()))? {
+            Some(id) => self.user(&String::from_utf8_lossy(&id))?,
+            None => None,
+        };
+        if let Some(u) = &found {
+            self.cache_user(generation, u, true);
         }
+        Ok(found)
+    }
+
+    fn cache_user(&self, generation: u64, u: &User, by_handle: bool) {
+        let mut c = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if c.generation != generation {
+            return;
+        }
+        let map = if by_handle {
+            &mut c.by_handle
+        } else {
+            &mut c.by_id
+        };
+        if map.len() >= USER_CACHE_MAX {
+            map.clear();
+        }
+        let k = if by_handle { &u.handle } else { &u.id };
+        map.insert(k.clone(), u.clone());
+    }
+
+    /// A user write committed: forget every cached user.
+    fn users_changed(&self) {
+        let mut c = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        c.generation += 1;
+        c.by_id.clear();
+        c.by_handle.clear();
     }
 
     /// Create or update a user; the handle index follows. The caller checks that the
@@ -505,7 +578,9 @@ impl Store {
             key(T_HANDLE, user.handle.as_bytes()),
             user.id.as_bytes().to_vec(),
         ));
-        self.write(ops).await
+        let r = self.write(ops).await;
+        self.users_changed();
+        r
     }
 
     /// Delete a user; `false` if there was none.
@@ -513,12 +588,14 @@ impl Store {
         let Some(old) = self.user(id)? else {
             return Ok(false);
         };
-        self.write(vec![
-            Op::Delete(key(T_USER, id.as_bytes())),
-            Op::Delete(key(T_HANDLE, old.handle.as_bytes())),
-        ])
-        .await?;
-        Ok(true)
+        let r = self
+            .write(vec![
+                Op::Delete(key(T_USER, id.as_bytes())),
+                Op::Delete(key(T_HANDLE, old.handle.as_bytes())),
+            ])
+            .await;
+        self.users_changed();
+        r.map(|()| true)
     }
 
     // ---- outbound queue ----
@@ -730,9 +807,15 @@ impl Store {
 
     // ---- dedup ----
 
-    /// Whether an inbound stanza key was already stored.
-    pub fn seen(&self, k: &str) -> Result<bool, StoreError> {
-        Ok(self.kv.get(&key(T_DEDUP, k.as_bytes()))?.is_some())
+    /// Whether each inbound stanza key was already stored, in one read.
+    pub fn seen_many(&self, ks: &[&str]) -> Result<Vec<bool>, StoreError> {
+        let keys: Vec<Vec<u8>> = ks.iter().map(|k| key(T_DEDUP, k.as_bytes())).collect();
+        Ok(self
+            .kv
+            .get_many(&keys)?
+            .into_iter()
+            .map(|v| v.is_some())
+            .collect())
     }
 
     /// Forget dedup keys recorded before `before_ms` (a retransmission older than
@@ -789,11 +872,7 @@ fn committer(kv: Arc<dyn Kv>, rx: std_mpsc::Receiver<Pending>, commits: Arc<Atom
                 break;
             }
         }
-        let ops: Vec<Op> = group
-            .iter()
-            .flat_map(|(ops, _)| ops.iter().cloned())
-            .collect();
-        let result = kv.apply(&ops);
+        let result = kv.apply_all(&mut group.iter().flat_map(|(ops, _)| ops.iter()));
         commits.fetch_add(1, Ordering::Relaxed);
         for (_, tx) in group {
             let _ = tx.send(result.clone());

@@ -38,7 +38,7 @@ pub fn handle_of(jid: &str) -> Option<String> {
 pub fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
     match stanza.kind {
         Kind::Presence => {
-            if server.inbox.try_send(stanza).is_err() {
+            if server.to_inbox(stanza).is_some() {
                 tracing::warn!("inbox full: presence dropped");
             }
         }
@@ -61,7 +61,10 @@ pub fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
                     );
                 }
             }
-            if let Err(mpsc::error::TrySendError::Full(s)) = server.inbox.try_send(stanza) {
+            if let Some(s) = server.to_inbox(stanza) {
+                if s.is_error() {
+                    tracing::warn!(stanza = s.as_str(), "inbox full: error reply dropped");
+                }
                 bounce(
                     server,
                     &s,
@@ -152,11 +155,37 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
         // outcomes and events keep the peer's order).
         let mut w = Writes::default();
         let mut taken = delivery::Taken::default();
-        let mut dedup: Vec<String> = Vec::new();
+        let mut dedup = std::collections::HashSet::new();
         let mut refused = Vec::new();
+        let mut replies = Vec::new();
+        let n = batch.len();
+        // Dedup keys of the batch's messages, looked up in one read.
+        let keys: Vec<Option<String>> = batch
+            .iter()
+            .map(|s| {
+                (s.kind == Kind::Message && !s.is_error())
+                    .then(|| dedup_key(s))
+                    .flatten()
+            })
+            .collect();
+        let present: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+        let mut seen = server
+            .store
+            .seen_many(&present)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading dedup keys");
+                vec![false; present.len()]
+            })
+            .into_iter();
+        let mut keys = keys.into_iter();
         for stanza in batch.drain(..) {
+            let dedup_key = keys.next().flatten();
+            let already = dedup_key.is_some() && seen.next().unwrap_or(false);
             if stanza.kind == Kind::Iq {
-                if let Some(id) = stanza.id.as_deref() {
+                if matches!(stanza.type_.as_deref(), Some("get")) {
+                    // A ping that followed messages: answered once they are stored.
+                    replies.push(Stanza::iq_result(&stanza, ""));
+                } else if let Some(id) = stanza.id.as_deref() {
                     delivery::confirmed(&server, id, &mut w, &mut taken);
                 }
                 continue;
@@ -179,12 +208,11 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 Some(user) => {
                     // A sender that retries after a broken stream may send a message
                     // twice with the same id: store it once.
-                    if let Some(k) = dedup_key(&stanza) {
-                        if dedup.contains(&k) || server.store.seen(&k).unwrap_or(false) {
+                    if let Some(k) = dedup_key {
+                        if already || !dedup.insert(k.clone()) {
                             continue;
                         }
                         w.dedup(&k);
-                        dedup.push(k);
                     }
                     w.event(&message_event(&user, &stanza));
                 }
@@ -195,6 +223,12 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
         // not stored, so they send it again (RFC 6120 §8.3.3.8 would be an error
         // per stanza; a broken store helps nobody with that).
         delivery::commit(&server, w, taken).await;
+        server
+            .inbox_uncommitted
+            .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+        for r in replies {
+            route(&server, r);
+        }
         for s in refused {
             bounce(
                 &server,

@@ -453,6 +453,7 @@ pub async fn run(server: &Arc<Server>, auth: Authenticated) {
         };
         match Stanza::from_element(el) {
             Some(stanza) => {
+                server.inbox_room().await;
                 if let Err((condition, text)) = route_inbound(server, &peer_domain, stanza) {
                     let e = StreamFailure::Protocol { condition, text };
                     return fail_with(&mut xs, &header, e).await;

@@ -43,6 +43,18 @@ impl Kv for RedbKv {
         Ok(t.get(key).map_err(err)?.map(|v| v.value().to_vec()))
     }
 
+    fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(TABLE).map_err(err)?;
+        keys.iter()
+            .map(|k| {
+                Ok(t.get(k.as_slice())
+                    .map_err(err)?
+                    .map(|v| v.value().to_vec()))
+            })
+            .collect()
+    }
+
     fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
         let t = tx.open_table(TABLE).map_err(err)?;
@@ -54,7 +66,7 @@ impl Kv for RedbKv {
         Ok(out)
     }
 
-    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+    fn apply_all(&self, ops: &mut dyn Iterator<Item = &Op>) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(err)?;
         tx.set_durability(Durability::Immediate).map_err(err)?;
         {

@@ -53,7 +53,7 @@ impl Kv for SledKv {
             .collect()
     }
 
-    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+    fn apply_all(&self, ops: &mut dyn Iterator<Item = &Op>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for op in ops {
             match op {
