@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Our server (the release binary, its own process, log level warn) hosts
-//! alpha.test; a peer instance (beta.test) runs in this process. `wrk` POSTs
+//! alpha.test; the peer, beta.test, is the release binary too, in a process of its
+//! own, so the CPU time of each is measured apart (this process only runs the
+//! DNS responder and reads metrics). `wrk` POSTs
 //! `/v1/messages` (or, with `--batch N` above 1, `/v1/messages/batch` with N
 //! messages per request) from alice@alpha.test to bob@beta.test; every 202 means
 //! the messages are on disk (group commit). Then we wait until every accepted message is
@@ -20,14 +22,11 @@ use std::time::{Duration, Instant};
 
 use xmpp_federator::load::cpu_of;
 use xmpp_federator::server::metric_names;
-use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::certs::TestCa;
 use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::{get_text, request as http};
-use xmpp_federator::testkit::process::{
-    InstanceFiles, ServerProcess, binary_beside_example, free_port, instance_toml,
-};
-use xmpp_federator::testkit::start_instance;
+use xmpp_federator::testkit::process::BinaryInstance;
 
 const TOKEN: &str = "load-token-0123456789";
 
@@ -50,57 +49,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch: usize = arg("--batch", "1").parse()?;
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new("Load CA");
-    let ca_path = ca.write_ca(dir.path());
     let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
-    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 81), Ipv4Addr::new(127, 0, 0, 82));
-
-    let beta = start_instance(&ca, dir.path(), "beta.test", b_ip, &dns, TOKEN, |c| {
-        c.limits.outbound_queue = 1_000_000
-    })
-    .await?;
-    http(
-        beta.api,
-        "PUT",
-        "/v1/users/b1",
-        Some(TOKEN),
-        Some(r#"{"handle":"bob"}"#),
-    )
-    .await;
-
-    let af = ca
-        .leaf("alpha.test", Eku::Both, false)
-        .write(dir.path(), "alpha.test");
-    let s2s = SocketAddr::new(a_ip.into(), free_port(a_ip));
-    let api = SocketAddr::new(a_ip.into(), free_port(a_ip));
-    dns.add("alpha.test", a_ip, Some(s2s.port()), None);
-    let cfg = dir.path().join("alpha.toml");
-    let store = dir.path().join("alpha-data");
-    let files = InstanceFiles {
-        domain: "alpha.test",
-        s2s,
-        api,
-        token: TOKEN,
-        cert: &af.cert,
-        key: &af.key,
-        ca: &ca_path,
-        dns: dns.addr,
-        store: &store,
-        backend: &backend,
+    let extra = "[limits]\noutbound_queue = 1000000\n";
+    let setup = |domain, ip| {
+        BinaryInstance::prepare(&ca, dir.path(), domain, ip, &dns, TOKEN, &backend, extra)
     };
-    std::fs::write(
-        &cfg,
-        instance_toml(&files, "[limits]\noutbound_queue = 1000000\n"),
-    )?;
-    let bin = binary_beside_example().ok_or("no binary path")?;
-    let mut child = ServerProcess::start(&bin, &cfg, "warn")?;
-    http(
-        api,
-        "PUT",
-        "/v1/users/a1",
-        Some(TOKEN),
-        Some(r#"{"handle":"alice"}"#),
-    )
-    .await;
+    let alpha = setup("alpha.test", Ipv4Addr::new(127, 0, 0, 81))?;
+    let beta = setup("beta.test", Ipv4Addr::new(127, 0, 0, 82))?;
+    let mut child = alpha.start("warn")?;
+    let mut peer = beta.start("warn")?;
+    let api = alpha.api;
+    for (api, id, handle) in [(alpha.api, "a1", "alice"), (beta.api, "b1", "bob")] {
+        let body = format!(r#"{{"handle":"{handle}"}}"#);
+        http(
+            api,
+            "PUT",
+            &format!("/v1/users/{id}"),
+            Some(TOKEN),
+            Some(&body),
+        )
+        .await;
+    }
 
     let script = dir.path().join("post.lua");
     let one = r#"{"from":"a1","to":"bob@beta.test","body":"load test message"}"#;
@@ -120,7 +89,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
     )?;
     let pid = child.pid().map(|p| p.to_string()).unwrap_or_default();
-    let (server_cpu0, peer_cpu0) = (cpu_of(&pid), cpu_of("self"));
+    let peer_pid = peer.pid().map(|p| p.to_string()).unwrap_or_default();
+    let (server_cpu0, peer_cpu0) = (cpu_of(&pid), cpu_of(&peer_pid));
     let commits0 = metric(api, metric_names::STORE_COMMITS).await;
     let t0 = Instant::now();
     let out = Command::new("wrk")
@@ -147,7 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let delivered = metric(api, metric_names::STANZAS_OUT).await;
     let drained = t0.elapsed();
     let server_cpu = cpu_of(&pid) - server_cpu0;
-    let peer_cpu = cpu_of("self") - peer_cpu0;
+    let peer_cpu = cpu_of(&peer_pid) - peer_cpu0;
     let requests: f64 = wrk_text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
@@ -218,6 +188,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         peer_cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
     );
     child.terminate();
-    beta.shutdown().await;
+    peer.terminate();
     Ok(())
 }

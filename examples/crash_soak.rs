@@ -23,13 +23,11 @@ use std::time::{Duration, Instant};
 
 use rand::RngExt;
 use serde_json::json;
-use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator::testkit::certs::TestCa;
 use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
 use xmpp_federator::testkit::http::request as http;
-use xmpp_federator::testkit::process::{
-    InstanceFiles, ServerProcess, binary_beside_example, free_port, instance_toml,
-};
+use xmpp_federator::testkit::process::BinaryInstance;
 use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "soak-token-0123456789";
@@ -65,7 +63,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds: usize = arg("--rounds", "20").parse()?;
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new("Soak CA");
-    let ca_path = ca.write_ca(dir.path());
     let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 71), Ipv4Addr::new(127, 0, 0, 72));
 
@@ -81,34 +78,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await;
 
     // alpha.test: the release binary, killed and restarted.
-    let af = ca
-        .leaf("alpha.test", Eku::Both, false)
-        .write(dir.path(), "alpha.test");
-    let s2s = SocketAddr::new(a_ip.into(), free_port(a_ip));
-    let api = SocketAddr::new(a_ip.into(), free_port(a_ip));
-    dns.add("alpha.test", a_ip, Some(s2s.port()), None);
-    let cfg = dir.path().join("alpha.toml");
-    let store = dir.path().join("alpha-data");
-    let files = InstanceFiles {
-        domain: "alpha.test",
-        s2s,
-        api,
-        token: TOKEN,
-        cert: &af.cert,
-        key: &af.key,
-        ca: &ca_path,
-        dns: dns.addr,
-        store: &store,
-        backend: &backend,
-    };
-    std::fs::write(&cfg, instance_toml(&files, "[delivery]\nretry_secs = 1\n"))?;
-    let bin = binary_beside_example().ok_or("no binary path")?;
+    let alpha = BinaryInstance::prepare(
+        &ca,
+        dir.path(),
+        "alpha.test",
+        a_ip,
+        &dns,
+        TOKEN,
+        &backend,
+        "[delivery]\nretry_secs = 1\n",
+    )?;
+    let api = alpha.api;
 
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut open_failures = 0;
     let t0 = Instant::now();
     for round in 0..rounds {
-        let mut child = match ServerProcess::start(&bin, &cfg, "warn") {
+        let mut child = match alpha.start("warn") {
             Ok(c) => c,
             Err(e) => {
                 open_failures += 1;
@@ -157,7 +143,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // Final run: let everything drain.
-    let mut child = ServerProcess::start(&bin, &cfg, "warn")?;
+    let mut child = alpha.start("warn")?;
     let accepted = accepted.lock().unwrap().clone();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut delivered: HashMap<String, usize> = HashMap::new();

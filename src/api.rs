@@ -693,7 +693,9 @@ fn prepare(
             }
         }
     }
-    let id = new_id();
+    // Time-ordered (UUIDv7): a receiver that indexes ids (ours dedups by sender and
+    // id) appends to its index instead of writing all over it.
+    let id = uuid::Uuid::now_v7().to_string();
     let from = format!("{}@{}", user.handle, server.config.domains[0]);
     let to_s = to.to_string();
     let mut inner = String::new();

@@ -144,3 +144,61 @@ impl Drop for ServerProcess {
         self.kill9();
     }
 }
+
+/// A domain served by the release binary, set up for tests and benchmarks: a
+/// certificate from `ca`, listeners on free ports of `ip`, a DNS entry, a config
+/// file and a store under `dir`. Start it (again) with [`BinaryInstance::start`].
+#[derive(Debug, Clone)]
+pub struct BinaryInstance {
+    /// The config file.
+    pub config: PathBuf,
+    /// The API listener.
+    pub api: SocketAddr,
+    /// The STARTTLS listener.
+    pub s2s: SocketAddr,
+}
+
+impl BinaryInstance {
+    /// Write the files; `extra` is appended to the config (more sections).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare(
+        ca: &crate::testkit::certs::TestCa,
+        dir: &Path,
+        domain: &str,
+        ip: Ipv4Addr,
+        dns: &crate::testkit::dns::DnsServer,
+        token: &str,
+        backend: &str,
+        extra: &str,
+    ) -> std::io::Result<BinaryInstance> {
+        let leaf = ca
+            .leaf(domain, crate::testkit::certs::Eku::Both, false)
+            .write(dir, domain);
+        let ca_path = ca.write_ca(dir);
+        let s2s = SocketAddr::new(ip.into(), free_port(ip));
+        let api = SocketAddr::new(ip.into(), free_port(ip));
+        dns.add(domain, ip, Some(s2s.port()), None);
+        let config = dir.join(format!("{domain}.toml"));
+        let store = dir.join(format!("{domain}-data"));
+        let files = InstanceFiles {
+            domain,
+            s2s,
+            api,
+            token,
+            cert: &leaf.cert,
+            key: &leaf.key,
+            ca: &ca_path,
+            dns: dns.addr,
+            store: &store,
+            backend,
+        };
+        std::fs::write(&config, instance_toml(&files, extra))?;
+        Ok(BinaryInstance { config, api, s2s })
+    }
+
+    /// Start the binary beside the running example on this config.
+    pub fn start(&self, log: &str) -> Result<ServerProcess, String> {
+        let bin = binary_beside_example().ok_or("no binary path")?;
+        ServerProcess::start(&bin, &self.config, log)
+    }
+}
