@@ -604,6 +604,16 @@ struct MessageIn {
     extensions: Vec<String>,
 }
 
+/// A UUIDv7 from the thread's RNG (`Uuid::now_v7` asks the OS for randomness on
+/// every call, a system call per message).
+fn message_id() -> String {
+    use rand::RngExt;
+    let random: [u8; 10] = rand::rng().random();
+    uuid::Builder::from_unix_timestamp_millis(now_ms(), &random)
+        .into_uuid()
+        .to_string()
+}
+
 /// A validated message, ready to be queued.
 struct Prepared {
     out: Outgoing,
@@ -695,7 +705,7 @@ fn prepare(
     }
     // Time-ordered (UUIDv7): a receiver that indexes ids (ours dedups by sender and
     // id) appends to its index instead of writing all over it.
-    let id = uuid::Uuid::now_v7().to_string();
+    let id = message_id();
     let from = format!("{}@{}", user.handle, server.config.domains[0]);
     let to_s = to.to_string();
     let mut inner = String::new();
@@ -882,4 +892,22 @@ async fn metrics(State(st): State<ApiState>) -> Response {
 
 async fn openapi() -> Json<serde_json::Value> {
     Json(serde_json::from_str(include_str!("api/openapi.json")).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn message_ids_are_time_ordered_uuids_v7() {
+        let a = super::message_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = super::message_id();
+        let (ua, ub) = (
+            uuid::Uuid::parse_str(&a).unwrap(),
+            uuid::Uuid::parse_str(&b).unwrap(),
+        );
+        assert_eq!(ua.get_version_num(), 7);
+        assert_eq!(ub.get_version_num(), 7);
+        assert!(a < b, "{a} then {b}");
+        assert_ne!(super::message_id(), super::message_id());
+    }
 }
