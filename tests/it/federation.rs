@@ -501,3 +501,45 @@ async fn several_hosted_domains_each_get_their_certificate_by_sni() {
     alpha.shutdown().await;
     beta.shutdown().await;
 }
+
+/// More messages than the receiver's inbox holds, then a ping: none is refused
+/// (the stream waits for room instead), and the ping is answered only once every
+/// message before it is stored (a ping answer confirms delivery to senders like
+/// ours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_stored_whole_before_the_following_ping_is_answered() {
+    const N: usize = 20_000;
+    let net = Net::new().await;
+    let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
+    ac.limits.outbound_queue = 2 * N;
+    let alpha = net.start(ac).await;
+    let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
+    let bob = xmpp_federator::store::User {
+        id: "b1".into(),
+        handle: "bob".into(),
+        display_name: String::new(),
+    };
+    beta.server.store.put_user(&bob).await.unwrap();
+    let mut rx = capture(&alpha);
+    for i in 0..N {
+        let xml = format!(
+            "<message from='a@alpha.test' to='bob@beta.test' id='m{i}'><body>{i}</body></message>"
+        );
+        xmpp_federator::router::route(
+            &alpha.server,
+            xmpp_federator::stanza::Stanza::parse(&xml).unwrap(),
+        );
+    }
+    let pong = iq_round_trip(&alpha, &mut rx, "beta.test", PING).await;
+    assert_eq!(pong.type_.as_deref(), Some("result"));
+    let stored = beta.server.store.events_after(0, 2 * N).unwrap();
+    assert_eq!(stored.len(), N, "every message stored when the pong came");
+    let bounced = beta
+        .server
+        .metrics
+        .stanzas_bounced
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(bounced, 0, "nothing refused");
+    alpha.shutdown().await;
+    beta.shutdown().await;
+}
