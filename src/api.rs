@@ -9,7 +9,8 @@
 //! - `POST /v1/messages/batch {messages: [...]}`: several, all or none, in one
 //!   transaction.
 //! - `GET /v1/events?after=&limit=&wait=`: the durable event queue (long-poll);
-//!   `POST /v1/events/ack {up_to}` deletes events up to a cursor.
+//!   `GET /v1/events/stream?after=`: the same as Server-Sent Events (resumes after
+//!   `Last-Event-ID`); `POST /v1/events/ack {up_to}` deletes events up to a cursor.
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
 
 use std::collections::HashMap;
@@ -170,6 +171,7 @@ pub fn router(server: Arc<Server>, token: &str) -> Router {
         .route("/v1/messages", post(post_message))
         .route("/v1/messages/batch", post(post_batch))
         .route("/v1/events", get(events))
+        .route("/v1/events/stream", get(events_stream))
         .route("/v1/events/ack", post(ack))
         .layer(middleware::from_fn_with_state(st.clone(), auth));
     Router::new()
@@ -850,6 +852,83 @@ async fn events(
     }
     let cursor = evs.last().map(|e| e.seq).unwrap_or(after);
     Ok(Json(json!({ "events": evs, "cursor": cursor })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    after: Option<u64>,
+}
+
+/// The event queue as Server-Sent Events: each event once, in order, with its
+/// sequence number as the SSE id, starting after `Last-Event-ID` (a reconnecting
+/// client's last one), else `after`, else the last acknowledged event. Events are
+/// still acknowledged with `POST /v1/events/ack`; the stream ends at shutdown or
+/// on a store error (the client reconnects with its `Last-Event-ID`).
+async fn events_stream(
+    State(st): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    q: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let Query(q) =
+        q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Invalid query", e.body_text()))?;
+    let last_id = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "Invalid Last-Event-ID",
+                        "Last-Event-ID is an event sequence number",
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let server = st.server.clone();
+    let after = match last_id.or(q.after) {
+        Some(a) => a,
+        None => server.store.acked().map_err(internal)?,
+    };
+    let state = (server, after, std::collections::VecDeque::new());
+    let stream = futures_util::stream::unfold(state, |(server, mut cursor, mut buf)| async move {
+        loop {
+            if let Some(e) = buf.pop_front() {
+                let e: crate::store::Event = e;
+                let v = serde_json::to_value(&e).unwrap_or_default();
+                let ev = SseEvent::default()
+                    .id(e.seq.to_string())
+                    .event(v["type"].as_str().unwrap_or("event"))
+                    .data(v.to_string());
+                return Some((Ok::<_, std::convert::Infallible>(ev), (server, cursor, buf)));
+            }
+            let notified = server.store.events_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match server.store.events_after(cursor, 1000) {
+                Ok(evs) if !evs.is_empty() => {
+                    cursor = evs.last().map_or(cursor, |e| e.seq);
+                    buf.extend(evs);
+                }
+                Ok(_) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = server.shutdown.cancelled() => return None,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading events for a stream; ending it");
+                    return None;
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,8 +2,10 @@
 //! instances of ours with delivery outcomes, durability across a peer outage.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use serde_json::json;
+use xmpp_federator::store::EventKind;
 use xmpp_federator::testkit::certs::Eku;
 
 use crate::support::{Net, TOKEN, create_user, http, send_message, wait_event};
@@ -513,5 +515,66 @@ async fn an_undeliverable_message_expires_with_an_event() {
         .map(|e| e["type"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(outcomes, vec!["expired".to_string()]);
+    alpha.shutdown().await;
+}
+
+/// Read from a raw HTTP connection until `needle` shows up (10 s at most).
+async fn read_until(tcp: &mut tokio::net::TcpStream, got: &mut String, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    while !got.contains(needle) {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no `{needle}` in:\n{got}"))
+            .unwrap();
+        assert!(n > 0, "stream closed before `{needle}`:\n{got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+async fn open_stream(api: std::net::SocketAddr, extra: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+    let req = format!(
+        "GET /v1/events/stream HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {TOKEN}\r\n{extra}\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    read_until(&mut tcp, &mut got, "\r\n\r\n").await;
+    (tcp, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_as_server_sent_events_and_resume_after_the_last_id() {
+    let net = Net::new().await;
+    let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
+    let expired = |id: &str| EventKind::Expired {
+        id: id.into(),
+        to: "bob@beta.test".into(),
+    };
+    let store = &alpha.server.store;
+    store.push_events(vec![expired("first")]).await.unwrap();
+
+    let (mut tcp, mut got) = open_stream(alpha.api, "").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("text/event-stream"), "{got}");
+    read_until(&mut tcp, &mut got, "\"id\":\"first\"").await;
+    assert!(got.contains("event: expired"), "{got}");
+    // A later event arrives on the open stream.
+    store.push_events(vec![expired("second")]).await.unwrap();
+    read_until(&mut tcp, &mut got, "\"id\":\"second\"").await;
+    drop(tcp);
+
+    // Resuming after the first event's id gives the second one first.
+    let first = store.events_after(0, 10).unwrap()[0].seq;
+    let (mut tcp, mut got) = open_stream(alpha.api, &format!("Last-Event-ID: {first}\r\n")).await;
+    read_until(&mut tcp, &mut got, "\"id\":\"second\"").await;
+    assert!(!got.contains("\"id\":\"first\""), "{got}");
+
+    // Bad resumption point, no token.
+    let (_, got) = open_stream(alpha.api, "Last-Event-ID: x\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    let (s, _, _) = http(alpha.api, "GET", "/v1/events/stream", None, None).await;
+    assert_eq!(s, 401);
     alpha.shutdown().await;
 }
