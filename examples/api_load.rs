@@ -25,7 +25,7 @@ use xmpp_federator::server::metric_names;
 use xmpp_federator::testkit::certs::TestCa;
 use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::http::{get_text, request as http};
+use xmpp_federator::testkit::http::{all_events, get_text, request as http};
 use xmpp_federator::testkit::process::BinaryInstance;
 
 const TOKEN: &str = "load-token-0123456789";
@@ -142,28 +142,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let accepted = total * batch as u64;
     // Outcomes, from the events (every accepted message has exactly one).
-    let (mut delivered_ev, mut bounced_ev, mut other_ev, mut after) = (0u64, 0u64, 0u64, 0u64);
-    loop {
-        let (_, page, _) = http(
-            api,
-            "GET",
-            &format!("/v1/events?after={after}&limit=1000"),
-            Some(TOKEN),
-            None,
-        )
-        .await;
-        let events = page["events"].as_array().cloned().unwrap_or_default();
-        if events.is_empty() {
-            break;
+    let (mut delivered_ev, mut bounced_ev, mut other_ev) = (0u64, 0u64, 0u64);
+    for e in all_events(api, TOKEN).await {
+        match e["type"].as_str() {
+            Some("delivered") => delivered_ev += 1,
+            Some("bounced") => bounced_ev += 1,
+            _ => other_ev += 1,
         }
-        for e in &events {
-            match e["type"].as_str() {
-                Some("delivered") => delivered_ev += 1,
-                Some("bounced") => bounced_ev += 1,
-                _ => other_ev += 1,
-            }
-        }
-        after = page["cursor"].as_u64().unwrap_or(after);
     }
     let left = metric(api, metric_names::DELIVERY_QUEUED).await;
     println!(

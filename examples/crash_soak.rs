@@ -26,36 +26,11 @@ use serde_json::json;
 use xmpp_federator::testkit::certs::TestCa;
 use xmpp_federator::testkit::cli_arg as arg;
 use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::http::request as http;
+use xmpp_federator::testkit::http::{all_events, request as http};
 use xmpp_federator::testkit::process::BinaryInstance;
 use xmpp_federator::testkit::start_instance;
 
 const TOKEN: &str = "soak-token-0123456789";
-
-async fn all_events(api: SocketAddr) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let (s, b, _) = http(
-            api,
-            "GET",
-            &format!("/v1/events?after={after}&limit=1000"),
-            Some(TOKEN),
-            None,
-        )
-        .await;
-        if s != 200 {
-            break;
-        }
-        let evs = b["events"].as_array().cloned().unwrap_or_default();
-        if evs.is_empty() {
-            break;
-        }
-        after = b["cursor"].as_u64().unwrap_or(after);
-        out.extend(evs);
-    }
-    out
-}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -149,7 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut delivered: HashMap<String, usize> = HashMap::new();
     while Instant::now() < deadline {
         delivered.clear();
-        for e in all_events(api).await {
+        for e in all_events(api, TOKEN).await {
             if e["type"] == "delivered" {
                 *delivered
                     .entry(e["id"].as_str().unwrap_or("").to_string())
@@ -167,7 +142,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .count();
     let dup_events = delivered.values().filter(|n| **n > 1).count();
     let mut received: HashMap<String, usize> = HashMap::new();
-    for e in all_events(beta.api).await {
+    for e in all_events(beta.api, TOKEN).await {
         if e["type"] == "message" {
             *received
                 .entry(e["id"].as_str().unwrap_or("").to_string())

@@ -41,6 +41,8 @@ const CONFIRM_PREFIX: &str = "dlv-";
 struct Tracked {
     seq: u64,
     to: String,
+    /// The recipient's domain.
+    domain: String,
     expires_ms: u64,
     /// When it was last handed to the router; `None`: due now.
     submitted: Option<Instant>,
@@ -61,12 +63,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Delivery {
-    /// Track what the store holds at startup (all due at once).
-    pub fn load(&self, queued: &[Outgoing]) {
-        let mut q = lock(&self.queue);
-        for m in queued {
-            q.insert(m.id.clone(), tracked(m, None));
-        }
+    /// Track a message the store holds at startup (due at once).
+    pub fn load(&self, m: &Outgoing) {
+        lock(&self.queue).insert(m.id.clone(), tracked(m, None));
     }
 
     /// How many messages are queued (persisted, not yet settled).
@@ -95,20 +94,25 @@ impl Delivery {
         }
     }
 
-    /// One sweep: the ids that expired, and the sequence numbers of what is due
-    /// (marked as submitted now).
-    fn sweep(&self, now_ms: u64) -> (Vec<String>, Vec<u64>) {
+    /// One sweep: the ids that expired, and what is due (sequence number, id,
+    /// domain), oldest first.
+    fn sweep(&self, now_ms: u64) -> (Vec<String>, Vec<(u64, String, String)>) {
         let (mut expired, mut due) = (Vec::new(), Vec::new());
-        for (id, t) in lock(&self.queue).iter_mut() {
+        for (id, t) in lock(&self.queue).iter() {
             if now_ms >= t.expires_ms {
                 expired.push(id.clone());
             } else if t.submitted.is_none_or(|s| s.elapsed() > INFLIGHT_TIMEOUT) {
-                t.submitted = Some(Instant::now());
-                due.push(t.seq);
+                due.push((t.seq, id.clone(), t.domain.clone()));
             }
         }
         due.sort_unstable();
         (expired, due)
+    }
+
+    fn mark_submitted(&self, id: &str) {
+        if let Some(t) = lock(&self.queue).get_mut(id) {
+            t.submitted = Some(Instant::now());
+        }
     }
 }
 
@@ -116,6 +120,7 @@ fn tracked(m: &Outgoing, submitted: Option<Instant>) -> Tracked {
     Tracked {
         seq: m.seq,
         to: m.to.clone(),
+        domain: m.domain.clone(),
         expires_ms: m.expires_ms,
         submitted,
     }
@@ -289,15 +294,45 @@ pub async fn sweeper(server: Arc<Server>, every: Duration) {
                 to: to.to_string(),
             });
         }
-        for seq in due {
+        // Resubmit no faster than the sessions take them: a domain whose session
+        // queue is three-quarters full waits for a later round (a backlog after a
+        // long outage must not be bounced off a full queue, nor read in vain).
+        let margin = (server.config.limits.outbound_queue / 4).max(1);
+        let mut full = std::collections::HashSet::new();
+        let (mut resubmitted, mut held) = (0usize, 0usize);
+        for (seq, id, domain) in due {
+            if full.contains(&domain) {
+                held += 1;
+                continue;
+            }
             match server.store.queued_by_seq(seq) {
-                Ok(Some(m)) => resubmit(&server, &m),
+                Ok(Some(m)) => {
+                    let local = crate::stanza::domain_of(&m.from);
+                    if server
+                        .outbound
+                        .room(local, &domain)
+                        .is_some_and(|r| r < margin)
+                    {
+                        full.insert(domain);
+                        held += 1;
+                        continue;
+                    }
+                    server.delivery.mark_submitted(&id);
+                    resubmit(&server, &m);
+                    resubmitted += 1;
+                }
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
             }
         }
+        // Held back while sessions are taking them: come back soon.
+        let wait = if held > 0 && resubmitted > 0 {
+            every.min(Duration::from_millis(200))
+        } else {
+            every
+        };
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = server.shutdown.cancelled() => return,
         }
     }

@@ -103,7 +103,7 @@ pub fn bounce(server: &Arc<Server>, stanza: &Stanza, condition: StanzaCondition,
         )
     {
         if let Some(id) = stanza.id.as_deref() {
-            tracing::info!(%id, %condition, "durable message kept for retry");
+            tracing::debug!(%id, %condition, "durable message kept for retry");
             crate::delivery::retry_later(server, id);
         }
         return;

@@ -274,9 +274,8 @@ impl Server {
 
     /// Start the background tasks: the users' inbox and the delivery sweeper.
     pub fn spawn_workers(self: &Arc<Self>) {
-        match self.store.queued() {
-            Ok(q) => self.delivery.load(&q),
-            Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
+        if let Err(e) = self.store.each_queued(|m| self.delivery.load(&m)) {
+            tracing::error!(error = %e, "reading the outbound queue");
         }
         if let Some(rx) = self
             .inbox_rx

@@ -681,21 +681,27 @@ impl Store {
     /// Every queued message, in order.
     pub fn queued(&self) -> Result<Vec<Outgoing>, StoreError> {
         let mut out = Vec::new();
+        self.each_queued(|m| out.push(m))?;
+        Ok(out)
+    }
+
+    /// Every queued message, in order, read a chunk at a time (a large backlog is
+    /// never all in memory at once).
+    pub fn each_queued(&self, mut f: impl FnMut(Outgoing)) -> Result<(), StoreError> {
         let mut from = vec![T_OUT];
         loop {
             let chunk = self.kv.range(&from, &[T_OUT + 1], 1024)?;
             for (k, v) in &chunk {
-                out.push(decode_outgoing(k, v)?);
+                f(decode_outgoing(k, v)?);
             }
             match chunk.last() {
                 Some((k, _)) if chunk.len() == 1024 => {
                     from = k.clone();
                     from.push(0);
                 }
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        Ok(out)
     }
 
     /// A queued message by sequence number.

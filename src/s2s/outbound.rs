@@ -428,6 +428,17 @@ impl Sessions {
         self.len() == 0
     }
 
+    /// Room left in the queue of the session from `local` to `remote`; `None`
+    /// when there is no session (a new one starts empty).
+    pub fn room(&self, local: &str, remote: &str) -> Option<usize> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(local)
+            .and_then(|m| m.get(remote))
+            .map(|h| h.tx.capacity())
+    }
+
     fn remove(&self, key: &(String, String), id: u64) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = map.get_mut(&key.0)

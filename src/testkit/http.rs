@@ -113,3 +113,23 @@ pub async fn get_text(addr: std::net::SocketAddr, path: &str) -> Result<(u16, St
     };
     Ok((status, body))
 }
+
+/// Every event in the queue (not acknowledging any), paging through
+/// `GET /v1/events`; stops at the first error.
+pub async fn all_events(api: std::net::SocketAddr, token: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let path = format!("/v1/events?after={after}&limit=1000");
+        let Ok((200, b, _)) = try_request(api, "GET", &path, Some(token), None).await else {
+            break;
+        };
+        let evs = b["events"].as_array().cloned().unwrap_or_default();
+        if evs.is_empty() {
+            break;
+        }
+        after = b["cursor"].as_u64().unwrap_or(after);
+        out.extend(evs);
+    }
+    out
+}

@@ -329,19 +329,33 @@ async fn messages_cross_between_two_instances_with_outcomes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_waits_for_a_peer_that_is_down_and_arrives_once() {
+async fn messages_wait_for_a_peer_that_is_down_and_arrive_once() {
     let net = Net::new().await;
     let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
     ac.timeouts.retry_window_secs = 1;
     ac.delivery.retry_secs = 1;
+    // A backlog ten times the session queue must drain without bounces.
+    ac.limits.outbound_queue = 20;
     let alpha = net.start(ac).await;
     create_user(alpha.api, "a1", "alice").await;
     // beta.test is not up: DNS has no record yet (the catch-all points at a closed port).
     let id = send_message(alpha.api, "a1", "bob@beta.test", "are you there?").await;
+    let backlog: Vec<_> = (0..200)
+        .map(|i| json!({"from":"a1","to":"bob@beta.test","body":format!("backlog {i}")}))
+        .collect();
+    let (s, b, _) = http(
+        alpha.api,
+        "POST",
+        "/v1/messages/batch",
+        Some(TOKEN),
+        Some(&json!({ "messages": backlog }).to_string()),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(
         alpha.server.store.queued().unwrap().len(),
-        1,
+        201,
         "still queued while beta is down"
     );
 
@@ -351,16 +365,22 @@ async fn a_message_waits_for_a_peer_that_is_down_and_arrives_once() {
     assert_eq!(delivered["id"], id.as_str());
     let got = wait_event(beta.api, |e| e["type"] == "message").await;
     assert_eq!(got["body"], "are you there?");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while alpha.server.delivery.queued() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backlog drained in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Exactly once: give the sweeper a few rounds, then count.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    let (_, b, _) = http(beta.api, "GET", "/v1/events?after=0", Some(TOKEN), None).await;
-    let n = b["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "message")
-        .count();
-    assert_eq!(n, 1, "{b}");
+    let all = xmpp_federator::testkit::http::all_events(beta.api, TOKEN).await;
+    let n = all.iter().filter(|e| e["type"] == "message").count();
+    assert_eq!(n, 201, "each message stored once");
+    let outcomes = xmpp_federator::testkit::http::all_events(alpha.api, TOKEN).await;
+    let count = |t: &str| outcomes.iter().filter(|e| e["type"] == t).count();
+    assert_eq!((count("delivered"), count("bounced")), (201, 0));
     alpha.shutdown().await;
     beta.shutdown().await;
 }
