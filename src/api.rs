@@ -395,8 +395,9 @@ async fn put_presence(
         show: p.show,
         status: p.status,
     };
-    crate::presence::set(&st.server, &user, presence)
-        .await
+    let server = st.server.clone();
+    detached(async move { crate::presence::set(&server, &user, presence).await })
+        .await?
         .map_err(internal)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -445,9 +446,21 @@ async fn contact_action(
 ) -> Result<crate::store::RosterItem, Problem> {
     let user = user_or_404(st, id)?;
     let contact = parse_remote(&st.server, jid)?;
-    crate::presence::act(&st.server, &user, &contact.to_string(), action)
-        .await
-        .map_err(internal)
+    let server = st.server.clone();
+    detached(
+        async move { crate::presence::act(&server, &user, &contact.to_string(), action).await },
+    )
+    .await?
+    .map_err(internal)
+}
+
+/// Run a write and what must follow it (stanzas to send, delivery to track) to
+/// the end in a task of its own: hyper drops a request's future when the client
+/// goes away, and a committed write must not be left half done.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::spawn(f).await.map_err(internal)
 }
 
 // ---- remote users ----
@@ -758,14 +771,20 @@ fn prepare(
     })
 }
 
-/// Persist prepared messages in one transaction, then hand them to delivery.
+/// Persist prepared messages in one transaction, then hand them to delivery
+/// (detached: delivery tracks queued messages in memory, and one that missed it
+/// would wait for the next restart).
 async fn queue(server: &Arc<Server>, prepared: Vec<Prepared>) -> Result<Vec<String>, Problem> {
-    let (outs, stanzas): (Vec<Outgoing>, Vec<Stanza>) =
-        prepared.into_iter().map(|p| (p.out, p.stanza)).unzip();
-    let queued = server.store.enqueue(outs).await.map_err(internal)?;
-    let ids = queued.iter().map(|m| m.id.clone()).collect();
-    crate::delivery::submit_new(server, &queued, stanzas);
-    Ok(ids)
+    let server = server.clone();
+    detached(async move {
+        let (outs, stanzas): (Vec<Outgoing>, Vec<Stanza>) =
+            prepared.into_iter().map(|p| (p.out, p.stanza)).unzip();
+        let queued = server.store.enqueue(outs).await.map_err(internal)?;
+        let ids = queued.iter().map(|m| m.id.clone()).collect();
+        crate::delivery::submit_new(&server, &queued, stanzas);
+        Ok(ids)
+    })
+    .await?
 }
 
 async fn post_message(
