@@ -127,6 +127,9 @@ pub struct DeliveryConfig {
     pub expire_secs: u64,
     /// How often undelivered messages are retried (seconds).
     pub retry_secs: u64,
+    /// A domain that stays unreachable is retried after `retry_secs`, then twice
+    /// as long each time (with jitter), up to this many seconds between attempts.
+    pub max_retry_secs: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -134,6 +137,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             expire_secs: 7 * 24 * 3600,
             retry_secs: 5,
+            max_retry_secs: 900,
         }
     }
 }
@@ -469,6 +473,12 @@ impl Config {
         }
         if self.delivery.retry_secs == 0 {
             return Err(invalid("delivery.retry_secs", "must be at least 1"));
+        }
+        if self.delivery.max_retry_secs < self.delivery.retry_secs {
+            return Err(invalid(
+                "delivery.max_retry_secs",
+                "must be at least delivery.retry_secs",
+            ));
         }
         if self.listen.starttls.is_empty() && self.listen.direct_tls.is_empty() {
             return Err(invalid("listen", "needs at least one listener"));

@@ -56,6 +56,27 @@ pub struct Delivery {
     /// Confirmation ping id -> stanza ids it confirms.
     confirms: Mutex<HashMap<String, Vec<String>>>,
     next: AtomicU64,
+    /// Domains found unreachable, and when to try each again.
+    backoff: Mutex<HashMap<String, Backoff>>,
+}
+
+/// Retry state of an unreachable domain.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    next: Instant,
+}
+
+/// How long to wait after `failures` failed attempts: `base` doubled each time,
+/// at most `max`, minus up to a quarter at random (peers that went down together
+/// are not all retried at once).
+fn retry_after(failures: u32, base: Duration, max: Duration) -> Duration {
+    let full = base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(max);
+    use rand::RngExt;
+    let jitter = rand::rng().random_range(0.0..0.25);
+    full.mul_f64(1.0 - jitter)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,6 +130,35 @@ impl Delivery {
         (expired, due)
     }
 
+    /// Messages to `domain` failed because it could not be reached: hold it back,
+    /// longer after each failed attempt (failures reported before the current
+    /// wait is over are the same attempt's).
+    pub fn unreachable(&self, domain: &str, base: Duration, max: Duration) {
+        let now = Instant::now();
+        let mut b = lock(&self.backoff);
+        let e = b.entry(domain.to_string()).or_insert(Backoff {
+            failures: 0,
+            next: now,
+        });
+        if now >= e.next {
+            e.failures += 1;
+            e.next = now + retry_after(e.failures, base, max);
+            tracing::info!(%domain, failures = e.failures, retry_in = ?(e.next - now), "domain unreachable; holding its messages");
+        }
+    }
+
+    /// A stream to `domain` was established: no more holding back.
+    pub fn reachable(&self, domain: &str) {
+        lock(&self.backoff).remove(domain);
+    }
+
+    /// Whether messages to `domain` wait for a later attempt.
+    fn held(&self, domain: &str) -> bool {
+        lock(&self.backoff)
+            .get(domain)
+            .is_some_and(|b| Instant::now() < b.next)
+    }
+
     fn mark_submitted(&self, id: &str) {
         if let Some(t) = lock(&self.queue).get_mut(id) {
             t.submitted = Some(Instant::now());
@@ -129,16 +179,23 @@ fn tracked(m: &Outgoing, submitted: Option<Instant>) -> Tracked {
 /// Track and submit messages the API has just persisted (`stanzas[i]` is
 /// `queued[i]`'s stanza, built by the API from validated parts).
 pub fn submit_new(server: &Arc<Server>, queued: &[Outgoing], stanzas: Vec<Stanza>) {
+    // A domain being held back gets them from the sweeper when its wait is over.
+    let held: Vec<bool> = queued
+        .iter()
+        .map(|m| server.delivery.held(&m.domain))
+        .collect();
     {
         let now = Instant::now();
         let mut q = lock(&server.delivery.queue);
-        for m in queued {
-            q.insert(m.id.clone(), tracked(m, Some(now)));
+        for (m, held) in queued.iter().zip(&held) {
+            q.insert(m.id.clone(), tracked(m, (!held).then_some(now)));
         }
     }
-    for mut s in stanzas {
-        s.durable = true;
-        router::route(server, s);
+    for (mut s, held) in stanzas.into_iter().zip(held) {
+        if !held {
+            s.durable = true;
+            router::route(server, s);
+        }
     }
 }
 
@@ -305,6 +362,9 @@ pub async fn sweeper(server: Arc<Server>, every: Duration) {
                 held += 1;
                 continue;
             }
+            if server.delivery.held(&domain) {
+                continue;
+            }
             match server.store.queued_by_seq(seq) {
                 Ok(Some(m)) => {
                     let local = crate::stanza::domain_of(&m.from);
@@ -335,5 +395,42 @@ pub async fn sweeper(server: Arc<Server>, every: Duration) {
             _ = tokio::time::sleep(wait) => {}
             _ = server.shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_double_up_to_the_cap_with_jitter() {
+        let (base, max) = (Duration::from_secs(5), Duration::from_secs(900));
+        for (failures, full) in [(1, 5), (2, 10), (3, 20), (8, 640), (9, 900), (60, 900)] {
+            let w = retry_after(failures, base, max);
+            let full = Duration::from_secs(full);
+            assert!(w <= full && w >= full.mul_f64(0.75), "{failures}: {w:?}");
+        }
+    }
+
+    #[test]
+    fn a_domain_is_held_until_its_wait_is_over_and_released_when_reachable() {
+        let d = Delivery::default();
+        let (base, max) = (Duration::from_secs(60), Duration::from_secs(600));
+        assert!(!d.held("r.test"));
+        d.unreachable("r.test", base, max);
+        assert!(d.held("r.test"));
+        assert!(!d.held("other.test"));
+        // More failures of the same attempt do not lengthen the wait.
+        d.unreachable("r.test", base, max);
+        assert_eq!(lock(&d.backoff)["r.test"].failures, 1);
+        d.reachable("r.test");
+        assert!(!d.held("r.test"));
+        // An attempt after the wait that fails again waits longer.
+        let short = Duration::from_millis(1);
+        d.unreachable("s.test", short, max);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!d.held("s.test"));
+        d.unreachable("s.test", short, max);
+        assert_eq!(lock(&d.backoff)["s.test"].failures, 2);
     }
 }

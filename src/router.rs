@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::handlers;
 use crate::server::Server;
@@ -105,6 +106,18 @@ pub fn bounce(server: &Arc<Server>, stanza: &Stanza, condition: StanzaCondition,
         if let Some(id) = stanza.id.as_deref() {
             tracing::debug!(%id, %condition, "durable message kept for retry");
             crate::delivery::retry_later(server, id);
+        }
+        if matches!(
+            condition,
+            StanzaCondition::RemoteServerNotFound | StanzaCondition::RemoteServerTimeout
+        ) && let Some(to) = stanza.to.as_deref()
+        {
+            let d = &server.config.delivery;
+            server.delivery.unreachable(
+                domain_of(to),
+                Duration::from_secs(d.retry_secs),
+                Duration::from_secs(d.max_retry_secs),
+            );
         }
         return;
     }

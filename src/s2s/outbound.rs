@@ -584,6 +584,7 @@ async fn session(
             .outbound_established
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(endpoint = %connected.endpoint.addr, "outbound stream established");
+        server.delivery.reachable(&remote);
         let (io, mut framer) = connected.xs.into_parts();
         let (mut rd, mut wr) = tokio::io::split(io);
         // The peer sends only whitespace and stream management answers on our
