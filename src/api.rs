@@ -971,20 +971,37 @@ async fn ack(State(st): State<ApiState>, Body(a): Body<AckIn>) -> Result<StatusC
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
+    use crate::server::metric_names as m;
+    let server = &st.server;
     let mut out = String::new();
-    for (name, v) in st.server.metrics.snapshot() {
+    for (name, v) in server.metrics.snapshot() {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
-    let commits = crate::server::metric_names::STORE_COMMITS;
-    out.push_str(&format!(
-        "# TYPE {commits} counter\n{commits} {}\n",
-        st.server.store.commits()
-    ));
-    let queued = crate::server::metric_names::DELIVERY_QUEUED;
-    out.push_str(&format!(
-        "# TYPE {queued} gauge\n{queued} {}\n",
-        st.server.delivery.queued()
-    ));
+    let acked = server.store.acked().unwrap_or(0);
+    for (name, kind, v) in [
+        (m::STORE_COMMITS, "counter", server.store.commits()),
+        (m::DELIVERY_QUEUED, "gauge", server.delivery.queued() as u64),
+        (
+            m::DELIVERY_HELD_DOMAINS,
+            "gauge",
+            server.delivery.held_domains() as u64,
+        ),
+        (m::OUTBOUND_SESSIONS, "gauge", server.outbound.len() as u64),
+        (
+            m::INBOX_PENDING,
+            "gauge",
+            server
+                .inbox_uncommitted
+                .load(std::sync::atomic::Ordering::Relaxed) as u64,
+        ),
+        (
+            m::EVENTS_UNACKED,
+            "gauge",
+            server.store.last_event().saturating_sub(acked),
+        ),
+    ] {
+        out.push_str(&format!("# TYPE {name} {kind}\n{name} {v}\n"));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -152,6 +152,15 @@ impl Delivery {
         lock(&self.backoff).remove(domain);
     }
 
+    /// How many domains are held back now.
+    pub fn held_domains(&self) -> usize {
+        let now = Instant::now();
+        lock(&self.backoff)
+            .values()
+            .filter(|b| now < b.next)
+            .count()
+    }
+
     /// Whether messages to `domain` wait for a later attempt.
     fn held(&self, domain: &str) -> bool {
         lock(&self.backoff)

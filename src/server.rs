@@ -74,6 +74,14 @@ pub mod metric_names {
     pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
     /// Outgoing messages persisted and not yet settled (a gauge).
     pub const DELIVERY_QUEUED: &str = "xmpp_delivery_queued";
+    /// Remote domains held back after failing to connect (a gauge).
+    pub const DELIVERY_HELD_DOMAINS: &str = "xmpp_delivery_held_domains";
+    /// Live outbound sessions (a gauge).
+    pub const OUTBOUND_SESSIONS: &str = "xmpp_outbound_sessions";
+    /// Stanzas for local users received and not yet committed (a gauge).
+    pub const INBOX_PENDING: &str = "xmpp_inbox_pending";
+    /// Events the backend has not acknowledged yet (a gauge; an upper bound).
+    pub const EVENTS_UNACKED: &str = "xmpp_events_unacked";
 }
 
 /// Counters (exported by name; see [`Metrics::snapshot`]).

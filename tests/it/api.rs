@@ -324,6 +324,10 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert!(value(m::OUTBOUND_ESTABLISHED) >= 1, "{text}");
     assert!(value(m::STORE_COMMITS) >= 1, "{text}");
     assert_eq!(value(m::DELIVERY_QUEUED), 0, "{text}");
+    assert_eq!(value(m::DELIVERY_HELD_DOMAINS), 0, "{text}");
+    assert_eq!(value(m::INBOX_PENDING), 0, "{text}");
+    assert!(value(m::OUTBOUND_SESSIONS) >= 1, "{text}");
+    assert!(value(m::EVENTS_UNACKED) >= 2, "{text}");
     alpha.shutdown().await;
     beta.shutdown().await;
 }
