@@ -276,11 +276,16 @@ pub fn take(
     unknown
 }
 
-/// Make `w` durable; if that fails, `taken` goes back to the queue.
-pub async fn commit(server: &Server, w: Writes, taken: Taken) {
-    if let Err(e) = server.store.commit(w).await {
-        tracing::error!(error = %e, "recording delivery outcomes; they will be retried");
-        taken.restore(server);
+/// Make `w` durable; if that fails, `taken` goes back to the queue. Whether it
+/// was stored.
+pub async fn commit(server: &Server, w: Writes, taken: Taken) -> bool {
+    match server.store.commit(w).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "storing; outcomes will be retried, inbound stanzas stay unconfirmed");
+            taken.restore(server);
+            false
+        }
     }
 }
 

@@ -135,13 +135,18 @@ fn vcard(user: &User) -> String {
     )
 }
 
-/// The inbox task: messages to users, in order, committed in groups.
+/// The inbox task: messages to users, in order, committed in groups. At shutdown
+/// it stores what was already received before it ends.
 pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
     let mut batch = Vec::new();
     loop {
         let first = tokio::select! {
+            biased;
             m = rx.recv() => match m { Some(m) => m, None => return },
-            _ = server.shutdown.cancelled() => return,
+            _ = server.shutdown.cancelled() => match rx.try_recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            },
         };
         batch.push(first);
         while batch.len() < 1024 {
@@ -178,6 +183,7 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
             })
             .into_iter();
         let mut keys = keys.into_iter();
+        let mut stored = true;
         for stanza in batch.drain(..) {
             let dedup_key = keys.next().flatten();
             let already = dedup_key.is_some() && seen.next().unwrap_or(false);
@@ -191,7 +197,9 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 continue;
             }
             if stanza.kind == Kind::Presence {
-                delivery::commit(&server, std::mem::take(&mut w), std::mem::take(&mut taken)).await;
+                stored &=
+                    delivery::commit(&server, std::mem::take(&mut w), std::mem::take(&mut taken))
+                        .await;
                 presence_in(&server, &stanza).await;
                 continue;
             }
@@ -219,15 +227,22 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 None => refused.push(stanza),
             }
         }
-        // A failure is logged there; the senders get no confirmation for what was
-        // not stored, so they send it again (RFC 6120 §8.3.3.8 would be an error
-        // per stanza; a broken store helps nobody with that).
-        delivery::commit(&server, w, taken).await;
+        stored &= delivery::commit(&server, w, taken).await;
         server
             .inbox_uncommitted
             .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
-        for r in replies {
-            route(&server, r);
+        if stored {
+            for r in replies {
+                route(&server, r);
+            }
+        } else {
+            // Not stored (logged where it failed): the pings that followed go
+            // unanswered, so the senders' messages stay unconfirmed and are sent
+            // again.
+            tracing::warn!(
+                pings = replies.len(),
+                "not answering pings: the messages before them were not stored"
+            );
         }
         for s in refused {
             bounce(
