@@ -8,7 +8,7 @@ use serde_json::json;
 use xmpp_federator::store::EventKind;
 use xmpp_federator::testkit::certs::Eku;
 
-use crate::support::{Net, TOKEN, create_user, http, send_message, wait_event};
+use crate::support::{Net, TOKEN, create_user, http, send_batch, send_message, wait_event};
 
 const ALPHA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 41);
 const BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 42);
@@ -215,24 +215,13 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(delivered["id"], id.as_str());
 
     // A batch: every message arrives, in order, and each is confirmed.
-    let batch: Vec<_> = (0..3)
-        .map(|i| json!({"from":"a1","to":"bob@beta.test","body":format!("batch {i}")}))
-        .collect();
-    let (s, b, _) = http(
+    let ids = send_batch(
         alpha.api,
-        "POST",
-        "/v1/messages/batch",
-        Some(TOKEN),
-        Some(&json!({ "messages": batch }).to_string()),
+        "a1",
+        "bob@beta.test",
+        (0..3).map(|i| format!("batch {i}")),
     )
     .await;
-    assert_eq!(s, 202, "{b}");
-    let ids: Vec<String> = b["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
     assert_eq!(ids.len(), 3);
     let last = wait_event(beta.api, |e| e["body"] == "batch 2").await;
     assert_eq!(last["id"], ids[2].as_str());
@@ -344,18 +333,14 @@ async fn messages_wait_for_a_peer_that_is_down_and_arrive_once() {
     create_user(alpha.api, "a1", "alice").await;
     // beta.test is not up: DNS has no record yet (the catch-all points at a closed port).
     let id = send_message(alpha.api, "a1", "bob@beta.test", "are you there?").await;
-    let backlog: Vec<_> = (0..200)
-        .map(|i| json!({"from":"a1","to":"bob@beta.test","body":format!("backlog {i}")}))
-        .collect();
-    let (s, b, _) = http(
+    let backlog = send_batch(
         alpha.api,
-        "POST",
-        "/v1/messages/batch",
-        Some(TOKEN),
-        Some(&json!({ "messages": backlog }).to_string()),
+        "a1",
+        "bob@beta.test",
+        (0..200).map(|i| format!("backlog {i}")),
     )
     .await;
-    assert_eq!(s, 202, "{b}");
+    assert_eq!(backlog.len(), 200);
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(
         alpha.server.store.queued().unwrap().len(),

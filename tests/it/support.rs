@@ -171,3 +171,27 @@ pub async fn send_message(api: std::net::SocketAddr, from: &str, to: &str, body:
     assert_eq!(s, 202, "sending to {to}: {b}");
     b["id"].as_str().unwrap_or_default().to_string()
 }
+
+/// Send one batch of messages `from` -> `to` with these bodies (it must be
+/// accepted); returns their ids in order.
+pub async fn send_batch(
+    api: std::net::SocketAddr,
+    from: &str,
+    to: &str,
+    bodies: impl Iterator<Item = String>,
+) -> Vec<String> {
+    let messages: Vec<_> = bodies
+        .map(|body| serde_json::json!({ "from": from, "to": to, "body": body }))
+        .collect();
+    let req = serde_json::json!({ "messages": messages }).to_string();
+    let (s, b, _) = http(api, "POST", "/v1/messages/batch", Some(TOKEN), Some(&req)).await;
+    assert_eq!(s, 202, "sending a batch to {to}: {b}");
+    b["ids"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
