@@ -5,7 +5,8 @@
 //! - `GET /v1/remote/{jid}`: does a remote JID exist, its display name (XEP-0054),
 //!   and a stable id (UUID v5 of the bare JID).
 //! - `POST /v1/messages`: a 1:1 message from a local user; persisted before the
-//!   answer (202); delivery outcomes arrive as events.
+//!   answer (202); delivery outcomes arrive as events; an optional idempotency
+//!   key makes a retried request return the first message's id instead.
 //! - `POST /v1/messages/batch {messages: [...]}`: several, all or none, in one
 //!   transaction.
 //! - `GET /v1/events?after=&limit=&wait=`: the durable event queue (long-poll);
@@ -121,6 +122,8 @@ where
 struct ApiState {
     server: Arc<Server>,
     token: Arc<str>,
+    /// Idempotency keys (sender id NUL key) of requests being written now.
+    keys_in_flight: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
@@ -154,6 +157,7 @@ pub fn router(server: Arc<Server>, token: &str) -> Router {
     let st = ApiState {
         server: server.clone(),
         token: token.into(),
+        keys_in_flight: Arc::default(),
     };
     let v1 = Router::new()
         .route(
@@ -617,6 +621,9 @@ struct MessageIn {
     /// Extension elements, each one serialized XML element.
     #[serde(default)]
     extensions: Vec<String>,
+    /// The backend's own key for this message: a message with a key already
+    /// accepted from the same sender is not sent again (a retried request).
+    idempotency_key: Option<String>,
 }
 
 /// A UUIDv7 from the thread's RNG (`Uuid::now_v7` asks the OS for randomness on
@@ -633,6 +640,8 @@ fn message_id() -> String {
 struct Prepared {
     out: Outgoing,
     stanza: Stanza,
+    /// (sender id, idempotency key).
+    key: Option<(String, String)>,
 }
 
 /// Validate one message and build its stanza; `users` caches sender lookups within
@@ -679,6 +688,15 @@ fn prepare(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Invalid type",
             "type is chat, normal or headline",
+        ));
+    }
+    if let Some(k) = &m.idempotency_key
+        && (k.is_empty() || k.len() > 128 || k.chars().any(char::is_control))
+    {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid idempotency key",
+            "an idempotency key is 1 to 128 characters without control characters",
         ));
     }
     if m.body.is_none() && m.extensions.is_empty() {
@@ -768,23 +786,72 @@ fn prepare(
             expires_ms: now + server.config.delivery.expire_secs * 1000,
         },
         stanza,
+        key: m.idempotency_key.map(|k| (user.id.clone(), k)),
     })
 }
 
 /// Persist prepared messages in one transaction, then hand them to delivery
 /// (detached: delivery tracks queued messages in memory, and one that missed it
-/// would wait for the next restart).
-async fn queue(server: &Arc<Server>, prepared: Vec<Prepared>) -> Result<Vec<String>, Problem> {
-    let server = server.clone();
+/// would wait for the next restart). Returns each message's stanza id and
+/// whether it is a repeat: an idempotency key already accepted from that sender
+/// gives back the first message's id and queues nothing.
+async fn queue(st: &ApiState, prepared: Vec<Prepared>) -> Result<Vec<(String, bool)>, Problem> {
+    let server = st.server.clone();
+    let in_flight = st.keys_in_flight.clone();
     detached(async move {
-        let (outs, stanzas): (Vec<Outgoing>, Vec<Stanza>) =
-            prepared.into_iter().map(|p| (p.out, p.stanza)).unzip();
-        let queued = server.store.enqueue(outs).await.map_err(internal)?;
-        let ids = queued.iter().map(|m| m.id.clone()).collect();
-        crate::delivery::submit_new(&server, &queued, stanzas);
-        Ok(ids)
+        // A key being written by another request now: refuse rather than race it.
+        let flight_keys: Vec<String> = prepared
+            .iter()
+            .filter_map(|p| p.key.as_ref().map(|(u, k)| format!("{u}\0{k}")))
+            .collect();
+        {
+            let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if flight_keys.iter().any(|k| f.contains(k)) {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "Idempotency key in use",
+                    "a request with the same idempotency key is being handled; retry it",
+                ));
+            }
+            f.extend(flight_keys.iter().cloned());
+        }
+        let result = queue_keyed(&server, prepared).await;
+        let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for k in &flight_keys {
+            f.remove(k);
+        }
+        result
     })
     .await?
+}
+
+async fn queue_keyed(
+    server: &Arc<Server>,
+    prepared: Vec<Prepared>,
+) -> Result<Vec<(String, bool)>, Problem> {
+    let mut result = Vec::with_capacity(prepared.len());
+    let (mut outs, mut stanzas, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+    for p in prepared {
+        if let Some((user, k)) = &p.key
+            && let Some(first) = server.store.idempotent(user, k).map_err(internal)?
+        {
+            result.push((first, true));
+            continue;
+        }
+        result.push((p.out.id.clone(), false));
+        outs.push(p.out);
+        stanzas.push(p.stanza);
+        keys.push(p.key);
+    }
+    if !outs.is_empty() {
+        let queued = server
+            .store
+            .enqueue_keyed(outs, &keys)
+            .await
+            .map_err(internal)?;
+        crate::delivery::submit_new(server, &queued, stanzas);
+    }
+    Ok(result)
 }
 
 async fn post_message(
@@ -792,12 +859,21 @@ async fn post_message(
     Body(m): Body<MessageIn>,
 ) -> Result<Response, Problem> {
     let prepared = prepare(&st.server, &mut HashMap::new(), m)?;
-    let ids = queue(&st.server, vec![prepared]).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": ids[0], "status": "queued" })),
-    )
-        .into_response())
+    let queued = queue(&st, vec![prepared]).await?;
+    let (id, repeat) = &queued[0];
+    Ok(if *repeat {
+        (
+            StatusCode::OK,
+            Json(json!({ "id": id, "status": "duplicate" })),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": id, "status": "queued" })),
+        )
+            .into_response()
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -830,10 +906,28 @@ async fn post_batch(
     for (i, m) in b.messages.into_iter().enumerate() {
         prepared.push(prepare(server, &mut users, m).map_err(|p| p.at(&format!("messages[{i}]")))?);
     }
-    let ids = queue(server, prepared).await?;
+    let mut seen_keys = std::collections::HashSet::new();
+    for (i, p) in prepared.iter().enumerate() {
+        if let Some((_, k)) = &p.key
+            && !seen_keys.insert(k.as_str())
+        {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid batch",
+                format!("messages[{i}]: idempotency key `{k}` appears twice in the batch"),
+            ));
+        }
+    }
+    let queued = queue(&st, prepared).await?;
+    let duplicates: Vec<usize> = queued
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, repeat))| repeat.then_some(i))
+        .collect();
+    let ids: Vec<&String> = queued.iter().map(|(id, _)| id).collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "ids": ids, "status": "queued" })),
+        Json(json!({ "ids": ids, "status": "queued", "duplicates": duplicates })),
     )
         .into_response())
 }

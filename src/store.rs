@@ -290,6 +290,8 @@ const T_OUT_ID_V1: u8 = b'i';
 const T_EVENT: u8 = b'e';
 const T_ACK: u8 = b'a';
 const T_DEDUP: u8 = b'd';
+/// Idempotency keys of accepted API messages (sender id, key) -> stanza id.
+const T_IDEM: u8 = b'k';
 const T_ROSTER: u8 = b'r';
 const T_PRESENCE: u8 = b'p';
 
@@ -668,11 +670,30 @@ impl Store {
 
     /// Persist messages for delivery in one transaction; returns them with their
     /// sequence numbers.
-    pub async fn enqueue(&self, mut ms: Vec<Outgoing>) -> Result<Vec<Outgoing>, StoreError> {
+    pub async fn enqueue(&self, ms: Vec<Outgoing>) -> Result<Vec<Outgoing>, StoreError> {
+        let none = vec![None; ms.len()];
+        self.enqueue_keyed(ms, &none).await
+    }
+
+    /// [`Store::enqueue`], recording for each message with `Some((sender id,
+    /// key))` its idempotency key, in the same transaction.
+    pub async fn enqueue_keyed(
+        &self,
+        mut ms: Vec<Outgoing>,
+        keys: &[Option<(String, String)>],
+    ) -> Result<Vec<Outgoing>, StoreError> {
         let mut ops = Vec::with_capacity(ms.len());
-        for m in &mut ms {
+        for (m, k) in ms
+            .iter_mut()
+            .zip(keys.iter().chain(std::iter::repeat(&None)))
+        {
             m.seq = self.next_out.fetch_add(1, Ordering::Relaxed);
             ops.push(Op::Put(seq_key(T_OUT, m.seq), encode_outgoing(m)));
+            if let Some((user, k)) = k {
+                let mut v = m.accepted_ms.to_be_bytes().to_vec();
+                v.extend_from_slice(m.id.as_bytes());
+                ops.push(Op::Put(Self::idem_key(user, k), v));
+            }
         }
         self.write(ops).await?;
         Ok(ms)
@@ -894,22 +915,55 @@ impl Store {
     /// Forget dedup keys recorded before `before_ms` (a retransmission older than
     /// the senders' retry window cannot come any more). Returns how many.
     pub async fn prune_dedup(&self, before_ms: u64) -> Result<usize, StoreError> {
-        let mut ops = Vec::new();
-        for (k, v) in self.kv.range(&[T_DEDUP], &[T_DEDUP + 1], usize::MAX)? {
-            let at = v
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            if at < before_ms {
-                ops.push(Op::Delete(k));
+        Ok(self.prune(T_DEDUP, before_ms).await? + self.prune(T_IDEM, before_ms).await?)
+    }
+
+    /// Delete the entries of `tree` whose value starts with a time (u64 BE ms)
+    /// before `before_ms`, a chunk at a time.
+    async fn prune(&self, tree: u8, before_ms: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let mut from = vec![tree];
+        loop {
+            let chunk = self.kv.range(&from, &[tree + 1], 4096)?;
+            let ops: Vec<Op> = chunk
+                .iter()
+                .filter(|(_, v)| {
+                    v.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0)
+                        < before_ms
+                })
+                .map(|(k, _)| Op::Delete(k.clone()))
+                .collect();
+            n += ops.len();
+            if !ops.is_empty() {
+                self.write(ops).await?;
+            }
+            match chunk.last() {
+                Some((k, _)) if chunk.len() == 4096 => {
+                    from = k.clone();
+                    from.push(0);
+                }
+                _ => return Ok(n),
             }
         }
-        let n = ops.len();
-        if n > 0 {
-            self.write(ops).await?;
-        }
-        Ok(n)
+    }
+
+    fn idem_key(user_id: &str, k: &str) -> Vec<u8> {
+        let mut rest = user_id.as_bytes().to_vec();
+        rest.push(0);
+        rest.extend_from_slice(k.as_bytes());
+        key(T_IDEM, &rest)
+    }
+
+    /// The stanza id of the message `user_id` sent with idempotency key `k`, if
+    /// one was accepted (within the retention window).
+    pub fn idempotent(&self, user_id: &str, k: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.kv.get(&Self::idem_key(user_id, k))?.and_then(|v| {
+            v.get(8..)
+                .map(|id| String::from_utf8_lossy(id).into_owned())
+        }))
     }
 
     /// Record an inbound stanza key; `false` if it was already seen.
@@ -1083,9 +1137,31 @@ pub(crate) mod tests {
         let rest = store.events_after(0, 10).unwrap();
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].seq, all[1].seq);
+        // Idempotency keys: recorded with the message, found by sender and key,
+        // pruned with the dedup keys.
+        let keyed = Outgoing {
+            seq: 0,
+            domain: "r.test".into(),
+            id: "stanza-1".into(),
+            from: "alicia@l.test".into(),
+            to: "bob@r.test".into(),
+            xml: "<message/>".into(),
+            accepted_ms: now_ms(),
+            expires_ms: now_ms() + 1000,
+        };
+        store
+            .enqueue_keyed(vec![keyed], &[Some(("u1".into(), "k-1".into()))])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.idempotent("u1", "k-1").unwrap().as_deref(),
+            Some("stanza-1")
+        );
+        assert_eq!(store.idempotent("u2", "k-1").unwrap(), None);
         assert!(store.first_sighting("a/1").await.unwrap());
         assert!(!store.first_sighting("a/1").await.unwrap());
-        assert_eq!(store.prune_dedup(now_ms() + 1).await.unwrap(), 1);
+        assert_eq!(store.prune_dedup(now_ms() + 1).await.unwrap(), 2);
+        assert_eq!(store.idempotent("u1", "k-1").unwrap(), None);
         assert!(store.first_sighting("a/1").await.unwrap());
         assert!(store.delete_user("u1").await.unwrap());
         assert!(!store.delete_user("u1").await.unwrap());
@@ -1093,7 +1169,7 @@ pub(crate) mod tests {
 
         // Reopen: sequence numbers continue, nothing is lost.
         let store = Store::open(open()).unwrap();
-        assert_eq!(store.queued().unwrap().len(), 199);
+        assert_eq!(store.queued().unwrap().len(), 200, "199 and the keyed one");
         let ev = store.events_after(store.acked().unwrap(), 10).unwrap();
         assert_eq!(ev.len(), 1);
         store

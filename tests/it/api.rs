@@ -114,6 +114,10 @@ async fn every_error_is_a_problem_response_and_nothing_is_half_written() {
             json!({"from":"u1","to":"carol@alpha.test","body":"local"}),
             422,
         ),
+        (
+            json!({"from":"u1","to":"bob@beta.test","body":"x","idempotency_key":""}),
+            422,
+        ),
     ] {
         let (s, b, c) = msg(body.clone()).await;
         assert!(is_problem(s, &b, &c, code), "{body}: {s} {b}");
@@ -129,6 +133,14 @@ async fn every_error_is_a_problem_response_and_nothing_is_half_written() {
         (json!({"messages":[]}), 422, "1 to 1000"),
         (json!({"messages": too_many}), 422, "not 1001"),
         (json!({"messages":[ok.clone()], "extra": 1}), 422, ""),
+        (
+            json!({"messages":[
+                {"from":"u1","to":"bob@beta.test","body":"a","idempotency_key":"same"},
+                {"from":"u1","to":"bob@beta.test","body":"b","idempotency_key":"same"}
+            ]}),
+            422,
+            "messages[1]: idempotency key `same` appears twice",
+        ),
     ] {
         let (s, b, c) = http(
             api,
@@ -213,6 +225,46 @@ async fn messages_cross_between_two_instances_with_outcomes() {
 
     let delivered = wait_event(alpha.api, |e| e["type"] == "delivered").await;
     assert_eq!(delivered["id"], id.as_str());
+
+    // A retried request (same idempotency key, same sender) is not sent again: it
+    // gets the first message's id back.
+    let keyed =
+        json!({"from":"a1","to":"bob@beta.test","body":"once only","idempotency_key":"msg-42"})
+            .to_string();
+    let (s, first, _) = http(alpha.api, "POST", "/v1/messages", Some(TOKEN), Some(&keyed)).await;
+    assert_eq!(
+        (s, first["status"].as_str()),
+        (202, Some("queued")),
+        "{first}"
+    );
+    let (s, again, _) = http(alpha.api, "POST", "/v1/messages", Some(TOKEN), Some(&keyed)).await;
+    assert_eq!(
+        (s, again["status"].as_str()),
+        (200, Some("duplicate")),
+        "{again}"
+    );
+    assert_eq!(first["id"], again["id"]);
+    let (s, b, _) = http(
+        alpha.api,
+        "POST",
+        "/v1/messages/batch",
+        Some(TOKEN),
+        Some(
+            &json!({"messages":[
+                {"from":"a1","to":"bob@beta.test","body":"once only","idempotency_key":"msg-42"},
+                {"from":"a1","to":"bob@beta.test","body":"new","idempotency_key":"msg-43"}
+            ]})
+            .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(b["duplicates"], json!([0]));
+    assert_eq!(b["ids"][0], first["id"]);
+    wait_event(beta.api, |e| e["body"] == "new").await;
+    let all = xmpp_federator::testkit::http::all_events(beta.api, TOKEN).await;
+    let n = all.iter().filter(|e| e["body"] == "once only").count();
+    assert_eq!(n, 1, "the keyed message arrived once");
 
     // A batch: every message arrives, in order, and each is confirmed.
     let ids = send_batch(
