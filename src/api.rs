@@ -123,7 +123,7 @@ struct ApiState {
     server: Arc<Server>,
     token: Arc<str>,
     /// Idempotency keys (sender id NUL key) of requests being written now.
-    keys_in_flight: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    keys_in_flight: KeysInFlight,
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
@@ -815,14 +815,25 @@ async fn queue(st: &ApiState, prepared: Vec<Prepared>) -> Result<Vec<(String, bo
             }
             f.extend(flight_keys.iter().cloned());
         }
-        let result = queue_keyed(&server, prepared).await;
-        let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        for k in &flight_keys {
-            f.remove(k);
-        }
-        result
+        let _release = Release(in_flight, flight_keys);
+        queue_keyed(&server, prepared).await
     })
     .await?
+}
+
+type KeysInFlight = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// Takes its keys out of the in-flight set when dropped, however the request
+/// ends.
+struct Release(KeysInFlight, Vec<String>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for k in &self.1 {
+            f.remove(k);
+        }
+    }
 }
 
 async fn queue_keyed(
