@@ -5,16 +5,19 @@
 //! queued message is also tracked in memory (id -> sequence, recipient, expiry,
 //! when last submitted), loaded from the store at startup: settling and sweeping
 //! never read or scan the store, and whoever removes the entry settles the message,
-//! so it is settled once. The
-//! outbound session writes it and has it confirmed: by XEP-0198 acks where the peer
-//! offers stream management, otherwise by an XEP-0199 ping after the batch: a
+//! so it is settled once.
+//!
+//! The outbound session writes it and has it confirmed: by XEP-0198 acks where the
+//! peer offers stream management, otherwise by an XEP-0199 ping after the batch: a
 //! stream is processed in order (RFC 6120 §10.1), so the answer to the ping (a
 //! result or an error, either way) confirms that the peer took every stanza before
 //! it. Only then is the message removed from the queue, atomically with a
 //! `delivered` event.
 //! An error reply for the message's id removes it with a `bounced` event. A sweeper
 //! resubmits what is neither confirmed nor in flight (after a restart, or after a
-//! stream broke before the confirmation) and expires what is too old.
+//! stream broke before the confirmation), no faster than the sessions take them,
+//! and expires what is too old. A domain that could not be reached is held back,
+//! its wait doubling per failed attempt up to `delivery.max_retry_secs`.
 //!
 //! What this does not give: exactly-once. A stream that breaks after the peer took
 //! a message but before the confirmation makes us send it again (with the same
