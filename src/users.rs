@@ -34,6 +34,12 @@ pub fn handle_of(jid: &str) -> Option<String> {
     j.node().map(|n| n.as_str().to_string())
 }
 
+/// The local user a stanza is addressed to, if there is one.
+fn recipient(server: &Server, stanza: &Stanza) -> Option<User> {
+    let handle = handle_of(stanza.to.as_deref()?)?;
+    server.store.user_by_handle(&handle).ok().flatten()
+}
+
 /// Deliver a stanza addressed to a user of a hosted domain.
 pub fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
     match stanza.kind {
@@ -46,12 +52,7 @@ pub fn deliver_to_user(server: &Arc<Server>, stanza: Stanza) {
             // Refuse at once (in stream order, before any later iq is answered) when
             // the user does not exist; the inbox only stores.
             if !stanza.is_error() {
-                let exists = stanza
-                    .to
-                    .as_deref()
-                    .and_then(handle_of)
-                    .and_then(|h| server.store.user_by_handle(&h).ok().flatten())
-                    .is_some();
+                let exists = recipient(server, &stanza).is_some();
                 if !exists {
                     return bounce(
                         server,
@@ -86,11 +87,7 @@ fn user_iq(server: &Arc<Server>, stanza: Stanza) {
         Some("get") | Some("set") => {}
         _ => return bounce(server, &stanza, StanzaCondition::BadRequest, "bad iq type"),
     }
-    let user = stanza
-        .to
-        .as_deref()
-        .and_then(handle_of)
-        .and_then(|h| server.store.user_by_handle(&h).ok().flatten());
+    let user = recipient(server, &stanza);
     let Some(user) = user else {
         return bounce(
             server,
@@ -207,11 +204,7 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
                 bounced(&server, &stanza, &mut w, &mut taken);
                 continue;
             }
-            let user = stanza
-                .to
-                .as_deref()
-                .and_then(handle_of)
-                .and_then(|h| server.store.user_by_handle(&h).ok().flatten());
+            let user = recipient(&server, &stanza);
             match user {
                 Some(user) => {
                     // A sender that retries after a broken stream may send a message
@@ -256,11 +249,7 @@ pub async fn inbox(server: Arc<Server>, mut rx: mpsc::Receiver<Stanza>) {
 }
 
 async fn presence_in(server: &Arc<Server>, stanza: &Stanza) {
-    let user = stanza
-        .to
-        .as_deref()
-        .and_then(handle_of)
-        .and_then(|h| server.store.user_by_handle(&h).ok().flatten());
+    let user = recipient(server, stanza);
     match user {
         Some(user) => {
             if let Err(e) = crate::presence::inbound(server, &user, stanza).await {
