@@ -232,10 +232,12 @@ pub fn retry_later(server: &Arc<Server>, id: &str) {
 pub fn settle(
     server: &Arc<Server>,
     ids: Vec<String>,
-    outcome: impl Fn(&str, &str) -> EventKind + Send + 'static,
+    outcome: impl Fn(&str, &str) -> EventKind,
 ) {
+    let (mut w, mut taken) = (Writes::default(), Taken::default());
+    take(server, ids, outcome, &mut w, &mut taken);
     let server = server.clone();
-    tokio::spawn(async move { settle_now(&server, ids, outcome).await });
+    tokio::spawn(async move { commit(&server, w, taken).await });
 }
 
 /// Messages taken out of the in-memory queue by [`take`], until their outcomes are
@@ -290,17 +292,6 @@ pub async fn commit(server: &Server, w: Writes, taken: Taken) -> bool {
             false
         }
     }
-}
-
-/// Settle messages by stanza id, now.
-pub async fn settle_now(
-    server: &Arc<Server>,
-    ids: Vec<String>,
-    outcome: impl Fn(&str, &str) -> EventKind,
-) {
-    let (mut w, mut taken) = (Writes::default(), Taken::default());
-    take(server, ids, outcome, &mut w, &mut taken);
-    commit(server, w, taken).await;
 }
 
 /// Whether an iq id is one of our confirmation pings.

@@ -965,17 +965,6 @@ impl Store {
                 .map(|id| String::from_utf8_lossy(id).into_owned())
         }))
     }
-
-    /// Record an inbound stanza key; `false` if it was already seen.
-    pub async fn first_sighting(&self, k: &str) -> Result<bool, StoreError> {
-        let dk = key(T_DEDUP, k.as_bytes());
-        if self.kv.get(&dk)?.is_some() {
-            return Ok(false);
-        }
-        self.write(vec![Op::Put(dk, now_ms().to_be_bytes().to_vec())])
-            .await?;
-        Ok(true)
-    }
 }
 
 impl Drop for Store {
@@ -1158,11 +1147,15 @@ pub(crate) mod tests {
             Some("stanza-1")
         );
         assert_eq!(store.idempotent("u2", "k-1").unwrap(), None);
-        assert!(store.first_sighting("a/1").await.unwrap());
-        assert!(!store.first_sighting("a/1").await.unwrap());
+        // Dedup keys, as the inbox records them: not seen, recorded, seen.
+        assert_eq!(store.seen_many(&["a/1", "a/2"]).unwrap(), [false, false]);
+        let mut w = Writes::default();
+        w.dedup("a/1");
+        store.commit(w).await.unwrap();
+        assert_eq!(store.seen_many(&["a/1", "a/2"]).unwrap(), [true, false]);
         assert_eq!(store.prune_dedup(now_ms() + 1).await.unwrap(), 2);
         assert_eq!(store.idempotent("u1", "k-1").unwrap(), None);
-        assert!(store.first_sighting("a/1").await.unwrap());
+        assert_eq!(store.seen_many(&["a/1"]).unwrap(), [false]);
         assert!(store.delete_user("u1").await.unwrap());
         assert!(!store.delete_user("u1").await.unwrap());
         drop(store);
