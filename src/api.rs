@@ -251,12 +251,14 @@ fn user_out(server: &Server, u: User) -> UserOut {
     }
 }
 
-fn check_id(id: &str) -> Result<(), Problem> {
+/// A backend-chosen identifier (`title`, `what`: how a refusal names it): 1 to
+/// 128 bytes without control characters.
+fn check_id(id: &str, title: &'static str, what: &str) -> Result<(), Problem> {
     if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "Invalid id",
-            "a user id is 1 to 128 characters without control characters",
+            title,
+            format!("{what} is 1 to 128 characters without control characters"),
         ));
     }
     Ok(())
@@ -267,7 +269,7 @@ async fn put_user(
     Path(id): Path<String>,
     Body(input): Body<UserIn>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
+    check_id(&id, "Invalid id", "a user id")?;
     let domain = &st.server.config.domains[0];
     let handle = match jid::BareJid::new(&format!("{}@{domain}", input.handle)) {
         Ok(j) if !input.handle.is_empty() && !input.handle.contains(['@', '/']) => {
@@ -690,14 +692,8 @@ fn prepare(
             "type is chat, normal or headline",
         ));
     }
-    if let Some(k) = &m.idempotency_key
-        && (k.is_empty() || k.len() > 128 || k.chars().any(char::is_control))
-    {
-        return Err(Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Invalid idempotency key",
-            "an idempotency key is 1 to 128 characters without control characters",
-        ));
+    if let Some(k) = &m.idempotency_key {
+        check_id(k, "Invalid idempotency key", "an idempotency key")?;
     }
     if m.body.is_none() && m.extensions.is_empty() {
         return Err(Problem::new(

@@ -229,11 +229,7 @@ pub fn retry_later(server: &Arc<Server>, id: &str) {
 
 /// Settle messages by stanza id with an outcome built from `(id, recipient)`, in
 /// the background.
-pub fn settle(
-    server: &Arc<Server>,
-    ids: Vec<String>,
-    outcome: impl Fn(&str, &str) -> EventKind,
-) {
+pub fn settle(server: &Arc<Server>, ids: Vec<String>, outcome: impl Fn(&str, &str) -> EventKind) {
     let (mut w, mut taken) = (Writes::default(), Taken::default());
     take(server, ids, outcome, &mut w, &mut taken);
     let server = server.clone();
