@@ -837,7 +837,7 @@ async fn queue_keyed(
     prepared: Vec<Prepared>,
 ) -> Result<Vec<(String, bool)>, Problem> {
     let mut result = Vec::with_capacity(prepared.len());
-    let (mut outs, mut stanzas, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut items, mut stanzas) = (Vec::new(), Vec::new());
     for p in prepared {
         if let Some((user, k)) = &p.key
             && let Some(first) = server.store.idempotent(user, k).map_err(internal)?
@@ -846,16 +846,11 @@ async fn queue_keyed(
             continue;
         }
         result.push((p.out.id.clone(), false));
-        outs.push(p.out);
+        items.push((p.out, p.key));
         stanzas.push(p.stanza);
-        keys.push(p.key);
     }
-    if !outs.is_empty() {
-        let queued = server
-            .store
-            .enqueue_keyed(outs, &keys)
-            .await
-            .map_err(internal)?;
+    if !items.is_empty() {
+        let queued = server.store.enqueue(items).await.map_err(internal)?;
         crate::delivery::submit_new(server, &queued, stanzas);
     }
     Ok(result)

@@ -668,32 +668,24 @@ impl Store {
 
     // ---- outbound queue ----
 
-    /// Persist messages for delivery in one transaction; returns them with their
-    /// sequence numbers.
-    pub async fn enqueue(&self, ms: Vec<Outgoing>) -> Result<Vec<Outgoing>, StoreError> {
-        let none = vec![None; ms.len()];
-        self.enqueue_keyed(ms, &none).await
-    }
-
-    /// [`Store::enqueue`], recording for each message with `Some((sender id,
-    /// key))` its idempotency key, in the same transaction.
-    pub async fn enqueue_keyed(
+    /// Persist messages for delivery in one transaction, each with its
+    /// idempotency key `(sender id, key)` if it has one; returns the messages
+    /// with their sequence numbers.
+    pub async fn enqueue(
         &self,
-        mut ms: Vec<Outgoing>,
-        keys: &[Option<(String, String)>],
+        items: Vec<(Outgoing, Option<(String, String)>)>,
     ) -> Result<Vec<Outgoing>, StoreError> {
-        let mut ops = Vec::with_capacity(ms.len());
-        for (m, k) in ms
-            .iter_mut()
-            .zip(keys.iter().chain(std::iter::repeat(&None)))
-        {
+        let mut ops = Vec::with_capacity(items.len());
+        let mut ms = Vec::with_capacity(items.len());
+        for (mut m, k) in items {
             m.seq = self.next_out.fetch_add(1, Ordering::Relaxed);
-            ops.push(Op::Put(seq_key(T_OUT, m.seq), encode_outgoing(m)));
+            ops.push(Op::Put(seq_key(T_OUT, m.seq), encode_outgoing(&m)));
             if let Some((user, k)) = k {
                 let mut v = m.accepted_ms.to_be_bytes().to_vec();
                 v.extend_from_slice(m.id.as_bytes());
-                ops.push(Op::Put(Self::idem_key(user, k), v));
+                ops.push(Op::Put(Self::idem_key(&user, &k), v));
             }
+            ms.push(m);
         }
         self.write(ops).await?;
         Ok(ms)
@@ -1072,16 +1064,19 @@ pub(crate) mod tests {
         for i in 0..200u64 {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
-                s.enqueue(vec![Outgoing {
-                    seq: 0,
-                    domain: "r.test".into(),
-                    id: format!("m{i}"),
-                    from: "alicia@l.test".into(),
-                    to: "bob@r.test".into(),
-                    xml: "<message/>".into(),
-                    accepted_ms: 1,
-                    expires_ms: 2,
-                }])
+                s.enqueue(vec![(
+                    Outgoing {
+                        seq: 0,
+                        domain: "r.test".into(),
+                        id: format!("m{i}"),
+                        from: "alicia@l.test".into(),
+                        to: "bob@r.test".into(),
+                        xml: "<message/>".into(),
+                        accepted_ms: 1,
+                        expires_ms: 2,
+                    },
+                    None,
+                )])
                 .await
                 .unwrap()
             }));
@@ -1139,7 +1134,7 @@ pub(crate) mod tests {
             expires_ms: now_ms() + 1000,
         };
         store
-            .enqueue_keyed(vec![keyed], &[Some(("u1".into(), "k-1".into()))])
+            .enqueue(vec![(keyed, Some(("u1".into(), "k-1".into())))])
             .await
             .unwrap();
         assert_eq!(
