@@ -29,10 +29,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::s2s::conn::{children, new_id};
+use crate::s2s::conn::new_id;
 use crate::server::Server;
 use crate::stanza::Stanza;
 use crate::store::{Outgoing, User, now_ms};
+use crate::xml::children::children;
 use crate::xml::writer::{ElementBuilder, escape};
 
 /// An RFC 9457 problem response.
@@ -232,6 +233,8 @@ struct UserIn {
     handle: String,
     #[serde(default)]
     display_name: String,
+    /// The hosted domain the user lives on; the first hosted domain when absent.
+    domain: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -242,9 +245,9 @@ struct UserOut {
     jid: String,
 }
 
-fn user_out(server: &Server, u: User) -> UserOut {
+fn user_out(u: User) -> UserOut {
     UserOut {
-        jid: format!("{}@{}", u.handle, server.config.domains[0]),
+        jid: u.jid(),
         id: u.id,
         handle: u.handle,
         display_name: u.display_name,
@@ -270,7 +273,23 @@ async fn put_user(
     Body(input): Body<UserIn>,
 ) -> Result<Response, Problem> {
     check_id(&id, "Invalid id", "a user id")?;
-    let domain = &st.server.config.domains[0];
+    let domain = match &input.domain {
+        None => st.server.config.domains[0].clone(),
+        Some(d) => st
+            .server
+            .config
+            .domains
+            .iter()
+            .find(|h| h.eq_ignore_ascii_case(d))
+            .cloned()
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid domain",
+                    format!("`{d}` is not a domain hosted here"),
+                )
+            })?,
+    };
     let handle = match jid::BareJid::new(&format!("{}@{domain}", input.handle)) {
         Ok(j) if !input.handle.is_empty() && !input.handle.contains(['@', '/']) => {
             j.node().map(|n| n.as_str().to_string()).unwrap_or_default()
@@ -298,19 +317,20 @@ async fn put_user(
         ));
     }
     let store = &st.server.store;
-    if let Some(other) = store.user_by_handle(&handle).map_err(internal)?
+    if let Some(other) = store.user_by_handle(&domain, &handle).map_err(internal)?
         && other.id != id
     {
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "Handle taken",
-            format!("handle `{handle}` belongs to another user"),
+            format!("handle `{handle}` on {domain} belongs to another user"),
         ));
     }
     let existed = store.user(&id).map_err(internal)?.is_some();
     let user = User {
         id,
         handle,
+        domain,
         display_name: input.display_name,
     };
     store.put_user(&user).await.map_err(internal)?;
@@ -319,7 +339,7 @@ async fn put_user(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(user_out(&st.server, user))).into_response())
+    Ok((status, Json(user_out(user))).into_response())
 }
 
 async fn get_user(
@@ -327,7 +347,7 @@ async fn get_user(
     Path(id): Path<String>,
 ) -> Result<Json<UserOut>, Problem> {
     match st.server.store.user(&id).map_err(internal)? {
-        Some(u) => Ok(Json(user_out(&st.server, u))),
+        Some(u) => Ok(Json(user_out(u))),
         None => Err(unknown_user(&id)),
     }
 }
@@ -402,9 +422,11 @@ async fn put_presence(
         status: p.status,
     };
     let server = st.server.clone();
-    detached(async move { crate::presence::set(&server, &user, presence).await })
-        .await?
-        .map_err(internal)?;
+    detached(async move {
+        crate::services::presence::set(&server.store, &server.outbox, &user, presence).await
+    })
+    .await?
+    .map_err(internal)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -422,9 +444,9 @@ async fn roster_action(
     Path((id, jid, action)): Path<(String, String, String)>,
 ) -> Result<Json<crate::store::RosterItem>, Problem> {
     let action = match action.as_str() {
-        "subscribe" => crate::presence::Action::Subscribe,
-        "approve" => crate::presence::Action::Approve,
-        "deny" => crate::presence::Action::Deny,
+        "subscribe" => crate::services::presence::Action::Subscribe,
+        "approve" => crate::services::presence::Action::Approve,
+        "deny" => crate::services::presence::Action::Deny,
         _ => {
             return Err(Problem::new(
                 StatusCode::NOT_FOUND,
@@ -440,7 +462,7 @@ async fn delete_contact(
     State(st): State<ApiState>,
     Path((id, jid)): Path<(String, String)>,
 ) -> Result<StatusCode, Problem> {
-    contact_action(&st, &id, &jid, crate::presence::Action::Remove).await?;
+    contact_action(&st, &id, &jid, crate::services::presence::Action::Remove).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -448,14 +470,15 @@ async fn contact_action(
     st: &ApiState,
     id: &str,
     jid: &str,
-    action: crate::presence::Action,
+    action: crate::services::presence::Action,
 ) -> Result<crate::store::RosterItem, Problem> {
     let user = user_or_404(st, id)?;
     let contact = parse_remote(&st.server, jid)?;
     let server = st.server.clone();
-    detached(
-        async move { crate::presence::act(&server, &user, &contact.to_string(), action).await },
-    )
+    detached(async move {
+        let contact = contact.to_string();
+        crate::services::presence::act(&server.store, &server.outbox, &user, &contact, action).await
+    })
     .await?
     .map_err(internal)
 }
@@ -486,7 +509,7 @@ fn parse_remote(server: &Server, jid: &str) -> Result<jid::BareJid, Problem> {
             format!("`{jid}` has no localpart: a user JID is needed"),
         ));
     }
-    if server.is_hosted(j.domain().as_str()) {
+    if server.outbox.table().hosted(j.domain().as_str()).is_some() {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Local JID",
@@ -507,28 +530,16 @@ pub fn remote_id(bare: &str) -> uuid::Uuid {
 
 async fn ask(server: &Arc<Server>, to: &str, payload: &str) -> Result<Stanza, Problem> {
     let id = format!("api-{}", new_id());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    server
-        .pending_iqs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), tx);
     let from = &server.config.domains[0];
-    crate::router::route(server, Stanza::iq("get", from, to, &id, payload));
-    let r = tokio::time::timeout(Duration::from_secs(15), rx).await;
-    server
-        .pending_iqs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&id);
-    match r {
-        Ok(Ok(s)) => Ok(s),
-        _ => Err(Problem::new(
+    let iq = Stanza::iq("get", from, to, &id, payload);
+    let timeout = Duration::from_secs(15);
+    server.outbox.ask(iq, timeout).await.map_err(|_| {
+        Problem::new(
             StatusCode::GATEWAY_TIMEOUT,
             "Remote timeout",
             format!("{to} did not answer within 15 s"),
-        )),
-    }
+        )
+    })
 }
 
 fn error_condition(s: &Stanza) -> Option<String> {
@@ -596,8 +607,8 @@ async fn remote(
         Ok(v) if !v.is_error() => crate::xml::framer::parse_element(&v.raw)
             .ok()
             .and_then(|el| {
-                crate::s2s::conn::first_text(&el, "FN")
-                    .or_else(|| crate::s2s::conn::first_text(&el, "NICKNAME"))
+                crate::xml::children::first_text(&el, "FN")
+                    .or_else(|| crate::xml::children::first_text(&el, "NICKNAME"))
             }),
         _ => None,
     };
@@ -670,7 +681,7 @@ fn prepare(
         )
     })?;
     let domain = to.domain().as_str().to_string();
-    if server.is_hosted(&domain) {
+    if server.outbox.table().hosted(&domain).is_some() {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Local recipient",
@@ -735,7 +746,7 @@ fn prepare(
     // Time-ordered (UUIDv7): a receiver that indexes ids (ours dedups by sender and
     // id) appends to its index instead of writing all over it.
     let id = message_id();
-    let from = format!("{}@{}", user.handle, server.config.domains[0]);
+    let from = user.jid();
     let to_s = to.to_string();
     let mut inner = String::new();
     if let Some(b) = &m.body {
@@ -762,12 +773,11 @@ fn prepare(
     let stanza = Stanza {
         raw: bytes::Bytes::from(xml.clone().into_bytes()),
         kind: crate::stanza::Kind::Message,
-        to: Some(to_s.clone()),
-        from: Some(from.clone()),
+        to: Some(crate::address::Addr::trusted(to_s.as_str())),
+        from: Some(crate::address::Addr::trusted(from.as_str())),
         id: Some(id.clone()),
         type_: Some(message_type.to_string()),
         payload: None,
-        durable: true,
     };
     let now = now_ms();
     Ok(Prepared {
@@ -851,7 +861,7 @@ async fn queue_keyed(
     }
     if !items.is_empty() {
         let queued = server.store.enqueue(items).await.map_err(internal)?;
-        crate::delivery::submit_new(server, &queued, stanzas);
+        server.delivery.submit_new(&server.outbox, &queued, stanzas);
     }
     Ok(result)
 }
@@ -1082,14 +1092,12 @@ async fn metrics(State(st): State<ApiState>) -> Response {
             "gauge",
             server.delivery.held_domains() as u64,
         ),
-        (m::OUTBOUND_SESSIONS, "gauge", server.outbound.len() as u64),
         (
-            m::INBOX_PENDING,
+            m::OUTBOUND_SESSIONS,
             "gauge",
-            server
-                .inbox_uncommitted
-                .load(std::sync::atomic::Ordering::Relaxed) as u64,
+            server.s2s.sessions.len() as u64,
         ),
+        (m::INBOX_PENDING, "gauge", server.inbox.uncommitted() as u64),
         (
             m::EVENTS_UNACKED,
             "gauge",

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -61,7 +60,7 @@ pub async fn run(
     // A throwaway store: check never touches the server's data.
     config.store.path = scratch.path.join("store");
     let server = Server::new(config)?;
-    if server.tls.generated {
+    if server.s2s.tls.generated {
         out("note: no certificate configured; using a generated self-signed one, which peers will refuse".into());
     }
     if !server.policy.allows(&remote) {
@@ -85,9 +84,7 @@ pub async fn run(
             false
         }
     };
-    let (tx, mut rx) = mpsc::channel(16);
-    *server.iq_results.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-    let result = ping(&server, &local, &remote, can_receive, &mut rx, out).await;
+    let result = ping(&server, &local, &remote, can_receive, out).await;
     server.shutdown.cancel();
     server.tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(3), server.tracker.wait()).await;
@@ -99,17 +96,18 @@ async fn ping(
     local: &str,
     remote: &str,
     can_receive: bool,
-    rx: &mut mpsc::Receiver<Stanza>,
     out: &mut (dyn FnMut(String) + Send),
 ) -> Result<(), CheckError> {
     let t0 = Instant::now();
-    let mut conn = outbound::connect(server, local, remote, out).await?;
+    let mut conn = outbound::connect(&server.s2s, local, remote, out).await?;
     out(format!(
         "outbound stream to {remote} authenticated in {:.1} ms",
         t0.elapsed().as_secs_f64() * 1000.0
     ));
     let id = format!("check-{}", new_id());
     let iq = Stanza::iq("get", local, remote, &id, "<ping xmlns='urn:xmpp:ping'/>");
+    // The pong comes back on the peer's stream to us, to our domain's service.
+    let mut pong = server.outbox.expect(&id);
     let sent = Instant::now();
     conn.xs
         .send(&iq.raw)
@@ -122,27 +120,22 @@ async fn ping(
     }
     out("ping sent; waiting for the pong on the peer's stream to us".into());
     let deadline = sent + Duration::from_secs(20);
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(s)) if s.id.as_deref() == Some(id.as_str()) => {
-                let rtt = sent.elapsed().as_secs_f64() * 1000.0;
-                conn.xs.close().await;
-                if s.is_error() {
-                    return Err(CheckError::Ping(format!("error reply: {}", s.as_str())));
-                }
-                out(format!(
-                    "pong from {remote}: round trip {rtt:.1} ms (includes the peer connecting back to us)"
-                ));
-                out("OK".into());
-                return Ok(());
-            }
-            Ok(Some(_)) => continue,
-            Ok(None) | Err(_) => {
-                conn.xs.close().await;
-                return Err(CheckError::Ping(
-                    "no pong within 20 s (can the peer resolve and authenticate us?)".into(),
-                ));
-            }
+    let answer = tokio::time::timeout_at(deadline, pong.answer()).await;
+    let rtt = sent.elapsed().as_secs_f64() * 1000.0;
+    conn.xs.close().await;
+    match answer {
+        Ok(Some(s)) if s.is_error() => {
+            Err(CheckError::Ping(format!("error reply: {}", s.as_str())))
         }
+        Ok(Some(_)) => {
+            out(format!(
+                "pong from {remote}: round trip {rtt:.1} ms (includes the peer connecting back to us)"
+            ));
+            out("OK".into());
+            Ok(())
+        }
+        Ok(None) | Err(_) => Err(CheckError::Ping(
+            "no pong within 20 s (can the peer resolve and authenticate us?)".into(),
+        )),
     }
 }

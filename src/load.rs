@@ -185,7 +185,7 @@ pub async fn run_with(
     let server = Server::new(config)?;
     let mut listeners = server.bind().await?;
     let (tx, mut rx) = mpsc::channel::<(Vec<u64>, u64)>(1024);
-    for (listener, direct) in Server::take_listeners(&mut listeners) {
+    for (listener, direct) in listeners.take() {
         let (server, tx) = (server.clone(), tx.clone());
         server.clone().tracker.spawn(async move {
             loop {
@@ -197,7 +197,9 @@ pub async fn run_with(
                 tokio::spawn(async move {
                     let _ = tcp.set_nodelay(true);
                     let deadline = Instant::now() + server.config.timeouts.negotiation();
-                    let Some(auth) = inbound::negotiate(&server, tcp, direct, deadline).await
+                    let table = server.outbox.table();
+                    let Some(auth) =
+                        inbound::negotiate(&server.s2s, table, tcp, direct, deadline).await
                     else {
                         return;
                     };
@@ -240,7 +242,8 @@ async fn drive(
     warmup: u64,
     rx: &mut mpsc::Receiver<(Vec<u64>, u64)>,
 ) -> Result<Report, LoadError> {
-    let conn = outbound::connect(server, local, target, &mut |l| tracing::debug!("{l}")).await?;
+    let conn =
+        outbound::connect(&server.s2s, local, target, &mut |l| tracing::debug!("{l}")).await?;
     let (io, _framer) = conn.xs.into_parts();
     let (_rd, mut wr) = tokio::io::split(io);
     let total = count + warmup;

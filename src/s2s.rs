@@ -1,13 +1,109 @@
 //! Server-to-server streams (RFC 6120): listeners, negotiation, TLS, resolution.
 //!
 //! - [`conn`]: an XML stream over a byte stream (framer + I/O), stream errors.
+//! - [`listen`]: listeners, connection caps, the accept loops.
 //! - [`inbound`]: receiving-side negotiation and the stanza read loop.
 //! - [`outbound`]: initiating-side negotiation and per-domain sessions.
 //! - [`resolve`]: SRV / XEP-0368 / static overrides.
 //! - [`tls`]: certificates, trust roots, our peer verifier.
+//!
+//! The s2s layer knows the routing layer only: inbound stanzas go to
+//! [`Outbox::route_inbound`] with the [`crate::routing::Peer`] negotiation
+//! proved; outbound stanzas come in through [`Link`] (the outbox's
+//! [`Remote`]); what happens to tracked messages and remote domains goes back
+//! as [`crate::routing::Report`]s. It never imports services or the store.
 
 pub mod conn;
 pub mod inbound;
+pub mod listen;
 pub mod outbound;
 pub mod resolve;
 pub mod tls;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::routing::{Outbox, Outgoing, Refused, Remote};
+
+/// Errors setting up the s2s layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum S2sError {
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// DNS resolver.
+    #[error(transparent)]
+    Resolve(#[from] resolve::ResolveError),
+}
+
+/// What the s2s layer works with (shared by every stream and session).
+#[derive(Debug)]
+pub struct S2s {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// TLS configs and the peer verifier.
+    pub tls: tls::TlsContext,
+    /// DNS.
+    pub resolver: resolve::Resolver,
+    /// Federation policy (checked on inbound stream headers).
+    pub policy: Arc<Policy>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Outbound sessions, one per (local, remote) domain pair.
+    pub sessions: outbound::Sessions,
+    /// Inbound connection caps.
+    pub caps: listen::Caps,
+    /// Root shutdown token.
+    pub shutdown: CancellationToken,
+    /// Connection and session tasks.
+    pub tracker: TaskTracker,
+}
+
+impl S2s {
+    /// Load certificates and set up DNS.
+    pub fn new(
+        config: Arc<Config>,
+        policy: Arc<Policy>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Arc<S2s>, S2sError> {
+        Ok(Arc::new(S2s {
+            tls: tls::TlsContext::from_config(&config)?,
+            resolver: resolve::Resolver::new(config.clone())?,
+            caps: listen::Caps::new(&config.limits),
+            config,
+            policy,
+            metrics,
+            sessions: outbound::Sessions::default(),
+            shutdown,
+            tracker,
+        }))
+    }
+}
+
+/// The s2s layer as the outbox's way to remote domains.
+#[derive(Debug, Clone)]
+pub struct Link(pub Arc<S2s>);
+
+impl Remote for Link {
+    fn send(
+        &self,
+        outbox: &Outbox,
+        local: &str,
+        remote: &str,
+        item: Outgoing,
+    ) -> Result<(), Box<Refused>> {
+        outbound::send(&self.0, outbox, local, remote, item)
+    }
+
+    fn room(&self, local: &str, remote: &str) -> Option<usize> {
+        self.0.sessions.room(local, remote)
+    }
+}

@@ -1,39 +1,40 @@
-//! The running server: shared state, listeners, and lifecycle.
+//! The composition root: builds the store, the services, the address table, the
+//! outbox and the s2s layer, wires them together, and runs them.
 //!
-//! One root `CancellationToken` stops everything; each connection task is tracked by
-//! a `TaskTracker`; a `Semaphore` and a per-IP count cap inbound connections
-//! before any byte is read.
+//! Nothing else builds these parts or knows how they fit: services get the outbox
+//! they answer through, the s2s layer gets the outbox to route into, the outbox
+//! gets the table, the s2s link and delivery (its tracker). One root
+//! `CancellationToken` stops everything; one `TaskTracker` holds every task.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::s2s::outbound::Sessions;
-use crate::s2s::resolve::Resolver;
-use crate::s2s::tls::TlsContext;
-use crate::s2s::{inbound, tls};
-use crate::stanza::Stanza;
+use crate::routing::{Outbox, Table};
+use crate::s2s::listen::{self, BindError, Listeners};
+use crate::s2s::{Link, S2s, S2sError};
+use crate::services::accounts::Accounts;
+use crate::services::delivery::Delivery;
+use crate::services::domain::Domain;
+use crate::services::inbox::{self, Inbox, InboxRx, InboxTask};
+use crate::store::Store;
+
+pub use crate::metrics::metric_names;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
-    /// TLS material.
+    /// TLS material or DNS.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    /// DNS resolver.
-    #[error(transparent)]
-    Resolve(#[from] crate::s2s::resolve::ResolveError),
+    S2s(#[from] S2sError),
     /// The store could not be opened.
     #[error("store at {path}: {source}")]
     Store {
@@ -43,348 +44,126 @@ pub enum StartError {
         source: crate::store::StoreError,
     },
     /// A listener could not bind.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
-/// Metric names, stable (Prometheus text at the API's `/metrics`).
-pub mod metric_names {
-    /// Inbound connections accepted.
-    pub const INBOUND_CONNECTIONS: &str = "xmpp_inbound_connections_total";
-    /// Inbound streams authenticated.
-    pub const INBOUND_AUTHENTICATED: &str = "xmpp_inbound_authenticated_total";
-    /// Inbound connections refused by a cap.
-    pub const INBOUND_REFUSED_CAPS: &str = "xmpp_inbound_refused_caps_total";
-    /// Stanzas routed from authenticated peers.
-    pub const STANZAS_IN: &str = "xmpp_stanzas_in_total";
-    /// Stanzas written to outbound streams.
-    pub const STANZAS_OUT: &str = "xmpp_stanzas_out_total";
-    /// Stanzas bounced with an error.
-    pub const STANZAS_BOUNCED: &str = "xmpp_stanzas_bounced_total";
-    /// Outbound streams established.
-    pub const OUTBOUND_ESTABLISHED: &str = "xmpp_outbound_established_total";
-    /// Failed outbound connection attempts.
-    pub const OUTBOUND_FAILURES: &str = "xmpp_outbound_failures_total";
-    /// Store group commits (one transaction and fsync each).
-    pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
-    /// Outgoing messages persisted and not yet settled (a gauge).
-    pub const DELIVERY_QUEUED: &str = "xmpp_delivery_queued";
-    /// Remote domains held back after failing to connect (a gauge).
-    pub const DELIVERY_HELD_DOMAINS: &str = "xmpp_delivery_held_domains";
-    /// Live outbound sessions (a gauge).
-    pub const OUTBOUND_SESSIONS: &str = "xmpp_outbound_sessions";
-    /// Stanzas for local users received and not yet committed (a gauge).
-    pub const INBOX_PENDING: &str = "xmpp_inbox_pending";
-    /// Events the backend has not acknowledged yet (a gauge; an upper bound).
-    pub const EVENTS_UNACKED: &str = "xmpp_events_unacked";
-}
+/// How many stanzas for local accounts may wait to be stored.
+const INBOX_CAPACITY: usize = 16 * 1024;
 
-/// Counters (exported by name; see [`Metrics::snapshot`]).
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Inbound connections accepted.
-    pub inbound_connections: AtomicU64,
-    /// Inbound streams authenticated.
-    pub inbound_authenticated: AtomicU64,
-    /// Inbound connections refused by a connection cap.
-    pub inbound_refused_caps: AtomicU64,
-    /// Stanzas received from authenticated peers.
-    pub stanzas_in: AtomicU64,
-    /// Stanzas written to outbound streams.
-    pub stanzas_out: AtomicU64,
-    /// Stanzas bounced with an error.
-    pub stanzas_bounced: AtomicU64,
-    /// Outbound streams established.
-    pub outbound_established: AtomicU64,
-    /// Outbound connection attempts that failed.
-    pub outbound_failures: AtomicU64,
-}
-
-impl Metrics {
-    /// `(name, value)` pairs; names are stable.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
-            (
-                "xmpp_inbound_connections_total",
-                l(&self.inbound_connections),
-            ),
-            (
-                "xmpp_inbound_authenticated_total",
-                l(&self.inbound_authenticated),
-            ),
-            (
-                "xmpp_inbound_refused_caps_total",
-                l(&self.inbound_refused_caps),
-            ),
-            ("xmpp_stanzas_in_total", l(&self.stanzas_in)),
-            ("xmpp_stanzas_out_total", l(&self.stanzas_out)),
-            ("xmpp_stanzas_bounced_total", l(&self.stanzas_bounced)),
-            (
-                "xmpp_outbound_established_total",
-                l(&self.outbound_established),
-            ),
-            ("xmpp_outbound_failures_total", l(&self.outbound_failures)),
-        ]
-    }
-}
-
-/// Shared state of one server instance.
+/// One server instance: its parts, as wired by [`Server::new`].
 #[derive(Debug)]
 pub struct Server {
     /// The configuration.
     pub config: Arc<Config>,
-    /// TLS configs and the peer verifier.
-    pub tls: TlsContext,
-    /// DNS.
-    pub resolver: Resolver,
+    /// The durable store.
+    pub store: Arc<Store>,
+    /// The s2s layer (TLS, DNS, sessions, connection caps).
+    pub s2s: Arc<S2s>,
+    /// The way out for every stanza we emit, and the address table.
+    pub outbox: Outbox,
+    /// Outgoing delivery state.
+    pub delivery: Arc<Delivery>,
+    /// What peers send to local accounts, waiting to be stored.
+    pub inbox: Inbox,
     /// Federation policy.
-    pub policy: Policy,
-    /// Outbound sessions, one per (local, remote) domain pair.
-    pub outbound: Sessions,
+    pub policy: Arc<Policy>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
     /// Root shutdown token.
     pub shutdown: CancellationToken,
-    /// Connection tasks.
+    /// Every task.
     pub tracker: TaskTracker,
-    /// Counters.
-    pub metrics: Metrics,
-    /// iq results/errors addressed to a hosted domain itself are passed here when
-    /// set (the `check` and `load` tools wait for their pongs this way).
-    pub iq_results: Mutex<Option<mpsc::Sender<Stanza>>>,
-    /// The durable store.
-    pub store: Arc<crate::store::Store>,
-    /// Outgoing delivery state.
-    pub delivery: crate::delivery::Delivery,
-    /// Messages for local users, stored in order by the inbox task (send with
-    /// [`Server::to_inbox`]).
-    pub inbox: mpsc::Sender<Stanza>,
-    inbox_rx: Mutex<Option<mpsc::Receiver<Stanza>>>,
-    /// Stanzas sent to the inbox whose batch is not committed yet.
-    pub inbox_uncommitted: AtomicUsize,
-    /// Our own iq requests waiting for their answer, by id.
-    pub pending_iqs: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Stanza>>>,
-    conn_limit: Arc<Semaphore>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    inbox_rx: Mutex<Option<InboxRx>>,
 }
 
 impl Server {
-    /// Build the shared state (loads certificates, sets up DNS).
+    /// Build and wire every part (loads certificates, opens the store, sets up
+    /// DNS); starts nothing.
     pub fn new(config: Config) -> Result<Arc<Server>, StartError> {
         let config = Arc::new(config);
-        let tls = TlsContext::from_config(&config)?;
-        let resolver = Resolver::new(config.clone())?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let policy = Arc::new(Policy::new(&config.federation));
+        let s2s = S2s::new(
+            config.clone(),
+            policy.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        )?;
         let store_err = |source| StartError::Store {
             path: config.store.path.display().to_string(),
             source,
         };
         let kv =
             crate::store::open_kv(config.store.backend, &config.store.path).map_err(store_err)?;
-        let store = crate::store::Store::open(kv).map_err(store_err)?;
-        let (inbox, inbox_rx) = mpsc::channel(16 * 1024);
+        let store = Store::open(kv, &config.domains[0]).map_err(store_err)?;
+        let delivery = Arc::new(Delivery::new(store.clone(), config.clone()));
+        let (inbox, inbox_rx) = Inbox::new(INBOX_CAPACITY);
+        let domain = Arc::new(Domain::new(inbox.clone(), delivery.clone()));
+        let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
+        let mut table = Table::default();
+        for d in &config.domains {
+            table.add_host(d, domain.clone(), accounts.clone());
+        }
+        let outbox = Outbox::new(
+            table,
+            Arc::new(Link(s2s.clone())),
+            Arc::new(delivery.clone()),
+            Some(Arc::new(inbox.clone())),
+            policy.clone(),
+            metrics.clone(),
+        );
         Ok(Arc::new(Server {
-            store,
-            delivery: crate::delivery::Delivery::default(),
-            inbox,
-            inbox_rx: Mutex::new(Some(inbox_rx)),
-            inbox_uncommitted: AtomicUsize::new(0),
-            pending_iqs: Mutex::new(HashMap::new()),
-            policy: Policy::new(&config.federation),
-            conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
-            tls,
-            resolver,
-            outbound: Sessions::default(),
-            shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            metrics: Metrics::default(),
-            iq_results: Mutex::new(None),
-            per_ip: Mutex::new(HashMap::new()),
+            store,
+            s2s,
+            outbox,
+            delivery,
+            inbox,
+            policy,
+            metrics,
+            shutdown,
+            tracker,
+            inbox_rx: Mutex::new(Some(inbox_rx)),
         }))
     }
 
-    /// Queue a stanza for the inbox task; gives it back if the inbox is full.
-    pub fn to_inbox(&self, stanza: Stanza) -> Option<Stanza> {
-        self.inbox_uncommitted.fetch_add(1, Ordering::SeqCst);
-        match self.inbox.try_send(stanza) {
-            Ok(()) => None,
-            Err(e) => {
-                self.inbox_uncommitted.fetch_sub(1, Ordering::SeqCst);
-                Some(e.into_inner())
-            }
-        }
-    }
-
-    /// Wait while the inbox is nearly full (a peer's stream stops being read
-    /// rather than having its stanzas refused).
-    pub async fn inbox_room(&self) {
-        const HEADROOM: usize = 256;
-        if self.inbox.capacity() < HEADROOM {
-            let _ = self.inbox.reserve_many(HEADROOM).await;
-        }
-    }
-
-    /// Whether we host `domain` (ASCII case-insensitive).
-    pub fn is_hosted(&self, domain: &str) -> bool {
-        self.config
-            .domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(domain))
-    }
-
-    /// The configured spelling of a hosted domain.
-    pub fn hosted(&self, domain: &str) -> Option<&str> {
-        self.config
-            .domains
-            .iter()
-            .find(|d| d.eq_ignore_ascii_case(domain))
-            .map(String::as_str)
-    }
-
     /// Bind every configured listener.
-    pub async fn bind(self: &Arc<Self>) -> Result<Listeners, StartError> {
-        let mut out = Listeners::default();
-        for (addrs, direct) in [
-            (&self.config.listen.starttls, false),
-            (&self.config.listen.direct_tls, true),
-        ] {
-            for addr in addrs {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: *addr,
-                        source,
-                    })?;
-                let local = l.local_addr().map_err(|source| StartError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
-                if direct {
-                    out.direct_tls.push(local);
-                } else {
-                    out.starttls.push(local);
-                }
-                out.listeners.push((l, direct));
-            }
-        }
-        Ok(out)
+    pub async fn bind(&self) -> Result<Listeners, StartError> {
+        Ok(listen::bind(&self.s2s).await?)
     }
 
-    /// Take the bound listeners (with whether each is direct TLS) to accept on them
-    /// yourself (the `load` tool does).
-    pub fn take_listeners(listeners: &mut Listeners) -> Vec<(TcpListener, bool)> {
-        listeners.listeners.drain(..).collect()
-    }
-
-    /// Start the background tasks: the users' inbox and the delivery sweeper.
-    pub fn spawn_workers(self: &Arc<Self>) {
-        if let Err(e) = self.store.each_queued(|m| self.delivery.load(&m)) {
-            tracing::error!(error = %e, "reading the outbound queue");
-        }
+    /// Start the background tasks: the inbox and the delivery sweeper.
+    pub fn spawn_workers(&self) {
+        self.delivery.load();
         if let Some(rx) = self
             .inbox_rx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            self.tracker.spawn(crate::users::inbox(self.clone(), rx));
+            let task = InboxTask {
+                store: self.store.clone(),
+                delivery: self.delivery.clone(),
+                outbox: self.outbox.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            self.tracker.spawn(inbox::run(task, rx));
         }
-        let every = Duration::from_secs(self.config.delivery.retry_secs);
-        self.tracker
-            .spawn(crate::delivery::sweeper(self.clone(), every));
+        self.tracker.spawn(
+            self.delivery
+                .clone()
+                .sweeper(self.outbox.clone(), self.shutdown.clone()),
+        );
     }
 
     /// Accept on the bound listeners until shutdown.
-    pub fn spawn_accept_loops(self: &Arc<Self>, listeners: &mut Listeners) {
-        for (l, direct) in listeners.listeners.drain(..) {
-            let server = self.clone();
-            self.tracker
-                .spawn(async move { server.accept_loop(l, direct).await });
-        }
+    pub fn spawn_accept_loops(&self, listeners: &mut Listeners) {
+        listen::spawn_accept_loops(&self.s2s, &self.outbox, listeners);
     }
-
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, direct_tls: bool) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some(guard) = self.admit(peer.ip()) else {
-                self.metrics
-                    .inbound_refused_caps
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, "connection refused: connection cap reached");
-                drop(tcp);
-                continue;
-            };
-            self.metrics
-                .inbound_connections
-                .fetch_add(1, Ordering::Relaxed);
-            let server = self.clone();
-            self.tracker.spawn(async move {
-                inbound::serve(server, tcp, peer, direct_tls).await;
-                drop(guard);
-            });
-        }
-    }
-
-    /// Count a new inbound connection against the caps.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
-        let permit = self.conn_limit.clone().try_acquire_owned().ok()?;
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.config.limits.max_connections_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(ConnGuard {
-            server: self.clone(),
-            ip,
-            _permit: permit,
-        })
-    }
-}
-
-/// Releases a connection's slot in the caps.
-struct ConnGuard {
-    server: Arc<Server>,
-    ip: IpAddr,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        let mut per_ip = self.server.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Bound listeners and their actual addresses.
-#[derive(Debug, Default)]
-pub struct Listeners {
-    /// STARTTLS listener addresses.
-    pub starttls: Vec<SocketAddr>,
-    /// Direct TLS listener addresses.
-    pub direct_tls: Vec<SocketAddr>,
-    listeners: Vec<(TcpListener, bool)>,
 }
 
 /// A started server (for tests and tools).
@@ -418,7 +197,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     server.spawn_workers();
     let api = crate::api::spawn(&server)
         .await
-        .map_err(|source| StartError::Bind {
+        .map_err(|source| BindError {
             addr: server.config.api.listen,
             source,
         })?;
@@ -433,7 +212,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// Run until `shutdown` completes, then stop gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let running = start(config).await?;
-    if running.server.tls.generated {
+    if running.server.s2s.tls.generated {
         tracing::warn!(
             domains = ?running.server.config.domains,
             "no certificate configured: using a generated self-signed development certificate \
@@ -449,7 +228,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(addr = %running.api, "backend API on http://{}", running.api);
     tracing::info!(
         domains = ?running.server.config.domains,
-        roots = running.server.tls.verifier.root_count(),
+        roots = running.server.s2s.tls.verifier.root_count(),
         "serving"
     );
     shutdown.await;

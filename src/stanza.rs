@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 pub use error::{StanzaCondition, StanzaErrorType, StreamCondition};
 
+use crate::address::{Addr, AddrError};
 use crate::xml::framer::Element;
 use crate::xml::writer::{ElementBuilder, escape};
 use crate::xml::{NS_SERVER, NS_STANZAS_ERR};
@@ -46,31 +47,46 @@ pub struct Stanza {
     /// Which stanza.
     pub kind: Kind,
     /// `to`
-    pub to: Option<String>,
+    pub to: Option<Addr>,
     /// `from`
-    pub from: Option<String>,
+    pub from: Option<Addr>,
     /// `id`
     pub id: Option<String>,
     /// `type`
     pub type_: Option<String>,
     /// Namespace and name of the first child element (an iq's payload).
     pub payload: Option<(Cow<'static, str>, Cow<'static, str>)>,
-    /// Set on messages persisted in the outbound queue: the session confirms their
-    /// delivery with an iq round trip after writing them (see `delivery`).
-    pub durable: bool,
+}
+
+/// Why a top-level element is not a stanza we route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotRoutable {
+    /// Not `message`, `presence` or `iq` in `jabber:server`.
+    #[error("only message, presence and iq are accepted")]
+    NotAStanza,
+    /// A `to` or `from` that is not an XMPP address (RFC 6120 §4.9.3.10).
+    #[error("'{attr}' is not an XMPP address: {error}")]
+    BadAddress {
+        /// `to` or `from`.
+        attr: &'static str,
+        /// Why.
+        error: AddrError,
+    },
 }
 
 impl Stanza {
-    /// Classify a top-level element; `None` if it is not a `jabber:server` stanza.
-    pub fn from_element(el: Element) -> Option<Stanza> {
+    /// Classify a top-level element: a `jabber:server` stanza with well-formed
+    /// addresses, or why not.
+    pub fn from_element(el: Element) -> Result<Stanza, NotRoutable> {
         if el.ns != NS_SERVER {
-            return None;
+            return Err(NotRoutable::NotAStanza);
         }
         let kind = match &*el.name {
             "message" => Kind::Message,
             "presence" => Kind::Presence,
             "iq" => Kind::Iq,
-            _ => return None,
+            _ => return Err(NotRoutable::NotAStanza),
         };
         let mut s = Stanza {
             raw: el.raw,
@@ -80,25 +96,26 @@ impl Stanza {
             id: None,
             type_: None,
             payload: el.first_child,
-            durable: false,
         };
+        let addr =
+            |attr, v| Addr::parse(v).map_err(|error| NotRoutable::BadAddress { attr, error });
         for (k, v) in el.attrs {
             match k.as_str() {
-                "to" => s.to = Some(v),
-                "from" => s.from = Some(v),
+                "to" => s.to = Some(addr("to", v)?),
+                "from" => s.from = Some(addr("from", v)?),
                 "id" => s.id = Some(v),
                 "type" => s.type_ = Some(v),
                 _ => {}
             }
         }
-        Some(s)
+        Ok(s)
     }
 
     /// Parse our own serialization (tests, handlers); panics never: returns `None` on bad XML.
     pub fn parse(xml: &str) -> Option<Stanza> {
         crate::xml::framer::parse_element(xml.as_bytes())
             .ok()
-            .and_then(Stanza::from_element)
+            .and_then(|el| Stanza::from_element(el).ok())
     }
 
     /// Whether this is an error stanza (never answered with an error, RFC 6120 §8.3.1).
@@ -144,7 +161,6 @@ impl Stanza {
             id: self.id.clone(),
             type_: Some("error".into()),
             payload: Some((Cow::Borrowed(NS_SERVER), Cow::Borrowed("error"))),
-            durable: false,
         })
     }
 
@@ -168,7 +184,6 @@ impl Stanza {
             id: request.id.clone(),
             type_: Some("result".into()),
             payload: None,
-            durable: false,
         }
     }
 
@@ -183,30 +198,13 @@ impl Stanza {
         Stanza {
             raw: Bytes::from(xml),
             kind: Kind::Iq,
-            to: Some(to.into()),
-            from: Some(from.into()),
+            to: Some(Addr::trusted(to)),
+            from: Some(Addr::trusted(from)),
             id: Some(id.into()),
             type_: Some(type_.into()),
             payload: None,
-            durable: false,
         }
     }
-}
-
-/// The domain part of a JID string (`[local@]domain[/resource]`), lower-cased
-/// only when it needs to be (RFC 7622 §3.2: domainparts compare case-insensitively).
-pub fn domain_of(jid: &str) -> &str {
-    let bare = jid.split('/').next().unwrap_or(jid);
-    match bare.rsplit_once('@') {
-        Some((_, d)) => d,
-        None => bare,
-    }
-}
-
-/// The localpart of a JID string, if any.
-pub fn local_of(jid: &str) -> Option<&str> {
-    let bare = jid.split('/').next().unwrap_or(jid);
-    bare.rsplit_once('@').map(|(l, _)| l)
 }
 
 #[cfg(test)]
@@ -214,12 +212,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jid_parts() {
-        assert_eq!(domain_of("a@b.test/r@x"), "b.test");
-        assert_eq!(domain_of("b.test"), "b.test");
-        assert_eq!(domain_of("b.test/res"), "b.test");
-        assert_eq!(local_of("a@b.test/r"), Some("a"));
-        assert_eq!(local_of("b.test"), None);
+    fn bad_addresses_are_not_routable() {
+        let el = crate::xml::framer::parse_element(
+            b"<iq xmlns='jabber:server' to='nobody@@d' from='a.test' id='1' type='get'/>",
+        )
+        .unwrap();
+        assert!(matches!(
+            Stanza::from_element(el),
+            Err(NotRoutable::BadAddress { attr: "to", .. })
+        ));
     }
 
     #[test]

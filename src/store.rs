@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 /// The on-disk schema version this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Errors of the store.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -93,6 +93,12 @@ pub enum Backend {
     Redb,
 }
 
+/// A store backend in memory (nothing survives the process): for tests of the
+/// code above the store.
+pub fn memory_kv() -> Result<Arc<dyn Kv>, StoreError> {
+    Ok(Arc::new(redb_kv::RedbKv::in_memory()?))
+}
+
 /// Open a backend at `path` (a directory for sled, a file for redb).
 pub fn open_kv(backend: Backend, path: &Path) -> Result<Arc<dyn Kv>, StoreError> {
     Ok(match backend {
@@ -108,8 +114,19 @@ pub struct User {
     pub id: String,
     /// The handle: the JID's localpart (normalized).
     pub handle: String,
+    /// The hosted domain the user lives on (the JID's domainpart). Schema 2
+    /// records had none: they are given the first hosted domain on migration.
+    #[serde(default)]
+    pub domain: String,
     /// Display name (served as vCard FN).
     pub display_name: String,
+}
+
+impl User {
+    /// The user's bare JID, `handle@domain`.
+    pub fn jid(&self) -> String {
+        format!("{}@{}", self.handle, self.domain)
+    }
 }
 
 /// Subscription state of a roster item (RFC 6121 §2.1.2.5, pending states apart).
@@ -283,6 +300,7 @@ pub enum EventKind {
 
 const T_META: u8 = b'm';
 const T_USER: u8 = b'u';
+/// `handle@domain` -> user id (schema 2 keyed the handle alone).
 const T_HANDLE: u8 = b'h';
 const T_OUT: u8 = b'q';
 /// Schema 1's outbound id index (gone in 2: delivery tracks ids in memory).
@@ -496,8 +514,10 @@ fn last_seq(kv: &dyn Kv, tree: u8) -> Result<u64, StoreError> {
 }
 
 impl Store {
-    /// Open on a backend, check or write the schema version, start the committer.
-    pub fn open(kv: Arc<dyn Kv>) -> Result<Arc<Store>, StoreError> {
+    /// Open on a backend, check or write the schema version (migrating older
+    /// ones; users of a schema 2 store live on `default_domain`, the first hosted
+    /// domain), start the committer.
+    pub fn open(kv: Arc<dyn Kv>, default_domain: &str) -> Result<Arc<Store>, StoreError> {
         let version = Op::Put(
             key(T_META, b"schema"),
             SCHEMA_VERSION.to_string().into_bytes(),
@@ -505,17 +525,31 @@ impl Store {
         match kv.get(&key(T_META, b"schema"))? {
             Some(v) => match String::from_utf8_lossy(&v).parse::<u32>().unwrap_or(0) {
                 SCHEMA_VERSION => {}
-                1 => {
-                    // 1 -> 2: drop the outbound id index, in one transaction with
-                    // the new version.
+                found @ (1 | 2) => {
+                    // In one transaction with the new version: 1 -> 2 drops the
+                    // outbound id index; 2 -> 3 puts every user on the default
+                    // domain and keys the handle index by `handle@domain`.
                     let mut ops: Vec<Op> = kv
                         .range(&[T_OUT_ID_V1], &[T_OUT_ID_V1 + 1], usize::MAX)?
                         .into_iter()
                         .map(|(k, _)| Op::Delete(k))
                         .collect();
+                    for (k, id) in kv.range(&[T_HANDLE], &[T_HANDLE + 1], usize::MAX)? {
+                        let handle = String::from_utf8_lossy(&k[1..]).into_owned();
+                        ops.push(Op::Delete(k));
+                        let jid = format!("{handle}@{default_domain}");
+                        ops.push(Op::Put(key(T_HANDLE, jid.as_bytes()), id));
+                    }
+                    for (k, v) in kv.range(&[T_USER], &[T_USER + 1], usize::MAX)? {
+                        let mut u: User = parse(&v)?;
+                        if u.domain.is_empty() {
+                            u.domain = default_domain.to_string();
+                            ops.push(Op::Put(k, json(&u)));
+                        }
+                    }
                     ops.push(version);
                     kv.apply(&ops)?;
-                    tracing::info!(from = 1, to = SCHEMA_VERSION, "store schema migrated");
+                    tracing::info!(from = found, to = SCHEMA_VERSION, "store schema migrated");
                 }
                 found => return Err(StoreError::Schema { found }),
             },
@@ -588,16 +622,17 @@ impl Store {
         Ok(found)
     }
 
-    /// A user by handle (localpart).
-    pub fn user_by_handle(&self, handle: &str) -> Result<Option<User>, StoreError> {
+    /// A user by domain and handle (the normalized parts of its JID).
+    pub fn user_by_handle(&self, domain: &str, handle: &str) -> Result<Option<User>, StoreError> {
+        let jid = format!("{handle}@{domain}");
         let generation = {
             let c = self.users.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(u) = c.by_handle.get(handle) {
+            if let Some(u) = c.by_handle.get(&jid) {
                 return Ok(Some(u.clone()));
             }
             c.generation
         };
-        let found = match self.kv.get(&key(T_HANDLE, handle.as_bytes()))? {
+        let found = match self.kv.get(&key(T_HANDLE, jid.as_bytes()))? {
             Some(id) => self.user(&String::from_utf8_lossy(&id))?,
             None => None,
         };
@@ -620,8 +655,8 @@ impl Store {
         if map.len() >= USER_CACHE_MAX {
             map.clear();
         }
-        let k = if by_handle { &u.handle } else { &u.id };
-        map.insert(k.clone(), u.clone());
+        let k = if by_handle { u.jid() } else { u.id.clone() };
+        map.insert(k, u.clone());
     }
 
     /// A user write committed: forget every cached user.
@@ -637,13 +672,13 @@ impl Store {
     pub async fn put_user(&self, user: &User) -> Result<(), StoreError> {
         let mut ops = Vec::new();
         if let Some(old) = self.user(&user.id)?
-            && old.handle != user.handle
+            && old.jid() != user.jid()
         {
-            ops.push(Op::Delete(key(T_HANDLE, old.handle.as_bytes())));
+            ops.push(Op::Delete(key(T_HANDLE, old.jid().as_bytes())));
         }
         ops.push(Op::Put(key(T_USER, user.id.as_bytes()), json(user)));
         ops.push(Op::Put(
-            key(T_HANDLE, user.handle.as_bytes()),
+            key(T_HANDLE, user.jid().as_bytes()),
             user.id.as_bytes().to_vec(),
         ));
         let r = self.write(ops).await;
@@ -659,7 +694,7 @@ impl Store {
         let r = self
             .write(vec![
                 Op::Delete(key(T_USER, id.as_bytes())),
-                Op::Delete(key(T_HANDLE, old.handle.as_bytes())),
+                Op::Delete(key(T_HANDLE, old.jid().as_bytes())),
             ])
             .await;
         self.users_changed();
@@ -1025,7 +1060,7 @@ pub(crate) mod tests {
                 Op::Put(key(T_OUT_ID_V1, b"old"), 7u64.to_be_bytes().to_vec()),
             ])
             .unwrap();
-            drop(Store::open(kv.clone()).unwrap());
+            drop(Store::open(kv.clone(), "d.test").unwrap());
             assert_eq!(
                 kv.get(&key(T_META, b"schema")).unwrap(),
                 Some(SCHEMA_VERSION.to_string().into_bytes())
@@ -1034,7 +1069,7 @@ pub(crate) mod tests {
             kv.apply(&[Op::Put(key(T_META, b"schema"), b"99".to_vec())])
                 .unwrap();
             assert!(matches!(
-                Store::open(kv.clone()),
+                Store::open(kv.clone(), "d.test"),
                 Err(StoreError::Schema { found: 99 })
             ));
             kv.apply(&[Op::Put(
@@ -1043,20 +1078,61 @@ pub(crate) mod tests {
             )])
             .unwrap();
         }
-        let store = Store::open(open()).unwrap();
+        // A schema 2 store's users move to the default domain.
+        {
+            let kv = open();
+            kv.apply(&[
+                Op::Put(key(T_META, b"schema"), b"2".to_vec()),
+                Op::Put(
+                    key(T_USER, b"u9"),
+                    br#"{"id":"u9","handle":"old","display_name":"Old"}"#.to_vec(),
+                ),
+                Op::Put(key(T_HANDLE, b"old"), b"u9".to_vec()),
+            ])
+            .unwrap();
+            let store = Store::open(kv.clone(), "d.test").unwrap();
+            let u = store.user_by_handle("d.test", "old").unwrap().unwrap();
+            assert_eq!((u.id.as_str(), u.jid()), ("u9", "old@d.test".to_string()));
+            assert!(kv.get(&key(T_HANDLE, b"old")).unwrap().is_none());
+            drop(store);
+            let store = Store::open(kv.clone(), "other.test").unwrap();
+            assert_eq!(store.user("u9").unwrap().unwrap().domain, "d.test");
+        }
+        let store = Store::open(open(), "d.test").unwrap();
         let alice = User {
             id: "u1".into(),
             handle: "alice".into(),
+            domain: "d.test".into(),
             display_name: "Alice".into(),
         };
         store.put_user(&alice).await.unwrap();
-        assert_eq!(store.user_by_handle("alice").unwrap(), Some(alice.clone()));
+        assert_eq!(
+            store.user_by_handle("d.test", "alice").unwrap(),
+            Some(alice.clone())
+        );
+        assert_eq!(store.user_by_handle("e.test", "alice").unwrap(), None);
         let renamed = User {
             handle: "alicia".into(),
             ..alice.clone()
         };
         store.put_user(&renamed).await.unwrap();
-        assert_eq!(store.user_by_handle("alice").unwrap(), None);
+        assert_eq!(store.user_by_handle("d.test", "alice").unwrap(), None);
+        // The same handle on another hosted domain is another user.
+        let other = User {
+            id: "u2".into(),
+            domain: "e.test".into(),
+            ..renamed.clone()
+        };
+        store.put_user(&other).await.unwrap();
+        assert_eq!(
+            store.user_by_handle("e.test", "alicia").unwrap(),
+            Some(other.clone())
+        );
+        assert_eq!(
+            store.user_by_handle("d.test", "alicia").unwrap(),
+            Some(renamed.clone())
+        );
+        store.delete_user("u2").await.unwrap();
         assert_eq!(store.user("u1").unwrap(), Some(renamed.clone()));
 
         // Concurrent writers share commits.
@@ -1156,7 +1232,7 @@ pub(crate) mod tests {
         drop(store);
 
         // Reopen: sequence numbers continue, nothing is lost.
-        let store = Store::open(open()).unwrap();
+        let store = Store::open(open(), "d.test").unwrap();
         assert_eq!(store.queued().unwrap().len(), 200, "199 and the keyed one");
         let ev = store.events_after(store.acked().unwrap(), 10).unwrap();
         assert_eq!(ev.len(), 1);

@@ -4,6 +4,7 @@
 //! (RFC 6120 §4, §11). This makes every-byte-split tests, fuzzing and benchmarks
 //! cheap.
 
+pub mod children;
 pub mod framer;
 pub mod writer;
 

@@ -1,8 +1,10 @@
 //! Inbound s2s streams: the receiving entity's side of RFC 6120 negotiation.
 //!
-//! Typestate: [`negotiate`] is the only way to get an [`Authenticated`] stream, and
-//! only an `Authenticated` stream's stanzas reach the router. Sequence (RFC 6120
-//! §4.3, §5, §6; XEP-0178; XEP-0368 for direct TLS):
+//! Typestate: [`negotiate`] is the only way to get an [`Authenticated`] stream
+//! (and the [`Peer`] that routing needs), and only an `Authenticated` stream's
+//! stanzas reach the router. Negotiation is generic over the byte stream, so it
+//! can be scripted over `tokio::io::duplex`. Sequence (RFC 6120 §4.3, §5, §6;
+//! XEP-0178; XEP-0368 for direct TLS), one function per step:
 //!
 //! 1. header (`jabber:server`, version 1.0, `to` hosted, `from` allowed by policy);
 //! 2. STARTTLS required (or TLS first on the direct TLS port);
@@ -17,33 +19,44 @@ use std::time::SystemTime;
 
 use base64::Engine as _;
 use rustls::pki_types::{CertificateDer, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::S2s;
 use super::conn::{StreamFailure, XmlStream, header_xml, new_id};
-use crate::router::route_inbound;
-use crate::server::Server;
-use crate::stanza::{Stanza, StreamCondition};
+use crate::routing::{Outbox, Peer, Table};
+use crate::stanza::{NotRoutable, Stanza, StreamCondition};
 use crate::xml::{Event, NS_SASL, NS_SERVER, NS_TLS, StreamHeader};
 
-/// TLS-wrapped inbound transport.
-pub type TlsIn = tokio_rustls::server::TlsStream<TcpStream>;
+/// TLS-wrapped inbound transport over `IO`.
+pub type TlsIn<IO = TcpStream> = tokio_rustls::server::TlsStream<IO>;
 
-/// An inbound stream whose peer authenticated as `peer_domain` to `local_domain`.
+/// A byte stream negotiation can run on.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// An inbound stream whose peer authenticated as `peer` to `local_domain`.
 #[derive(Debug)]
-pub struct Authenticated {
+pub struct Authenticated<IO = TcpStream> {
     /// The stream, after the final restart.
-    pub xs: XmlStream<TlsIn>,
+    pub xs: XmlStream<TlsIn<IO>>,
     /// The domain the peer proved with its certificate.
-    pub peer_domain: String,
+    pub peer: Peer,
     /// Our hosted domain the stream is for.
     pub local_domain: String,
 }
 
 /// Serve one accepted connection to the end.
-pub async fn serve(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+pub async fn serve(
+    s2s: Arc<S2s>,
+    outbox: Outbox,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!(
         "s2s",
@@ -53,19 +66,18 @@ pub async fn serve(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct
         peer.domain = tracing::field::Empty
     );
     async move {
-        let deadline = Instant::now() + server.config.timeouts.negotiation();
+        let deadline = Instant::now() + s2s.config.timeouts.negotiation();
         let auth = tokio::select! {
-            a = negotiate(&server, tcp, direct_tls, deadline) => a,
-            _ = server.shutdown.cancelled() => return,
+            a = negotiate(&s2s, outbox.table(), tcp, direct_tls, deadline) => a,
+            _ = s2s.shutdown.cancelled() => return,
         };
         let Some(auth) = auth else { return };
-        tracing::Span::current().record("peer.domain", auth.peer_domain.as_str());
-        server
-            .metrics
+        tracing::Span::current().record("peer.domain", auth.peer.domain());
+        s2s.metrics
             .inbound_authenticated
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(local = %auth.local_domain, "inbound stream authenticated (SASL EXTERNAL)");
-        run(&server, auth).await;
+        run(&s2s, &outbox, auth).await;
     }
     .instrument(span)
     .await
@@ -81,8 +93,14 @@ async fn by<T>(
         .unwrap_or(Err(StreamFailure::Timeout))
 }
 
+/// What negotiation needs to know: our TLS and limits, the policy, what we host.
+struct Cx<'a> {
+    s2s: &'a S2s,
+    table: &'a Table,
+}
+
 /// Check a peer's stream header; returns our hosted domain it is for.
-fn check_header(server: &Server, h: &StreamHeader) -> Result<String, (StreamCondition, String)> {
+fn check_header(cx: &Cx<'_>, h: &StreamHeader) -> Result<String, (StreamCondition, String)> {
     if h.default_ns.as_deref() != Some(NS_SERVER) {
         return Err((
             StreamCondition::InvalidNamespace,
@@ -104,14 +122,14 @@ fn check_header(server: &Server, h: &StreamHeader) -> Result<String, (StreamCond
             "the stream header has no 'to'".into(),
         ));
     };
-    let Some(local) = server.hosted(to) else {
+    let Some(local) = cx.table.hosted(to) else {
         return Err((
             StreamCondition::HostUnknown,
             format!("{to} is not served here"),
         ));
     };
     if let Some(from) = h.from.as_deref()
-        && !server.policy.allows(&from.to_ascii_lowercase())
+        && !cx.s2s.policy.allows(&from.to_ascii_lowercase())
     {
         return Err((
             StreamCondition::PolicyViolation,
@@ -121,11 +139,11 @@ fn check_header(server: &Server, h: &StreamHeader) -> Result<String, (StreamCond
     Ok(local.to_string())
 }
 
-fn reply_header(server: &Server, h: Option<&StreamHeader>) -> String {
+fn reply_header(cx: &Cx<'_>, h: Option<&StreamHeader>) -> String {
     let from = h
         .and_then(|h| h.to.as_deref())
-        .and_then(|t| server.hosted(t))
-        .unwrap_or(&server.config.domains[0]);
+        .and_then(|t| cx.table.hosted(t))
+        .unwrap_or(&cx.s2s.config.domains[0]);
     header_xml(from, h.and_then(|h| h.from.as_deref()), Some(&new_id()))
 }
 
@@ -144,87 +162,105 @@ where
 
 /// Negotiate an inbound stream up to authentication. Errors are sent to the peer
 /// and logged here; `None` means the connection is over.
-pub async fn negotiate(
-    server: &Arc<Server>,
-    tcp: TcpStream,
+pub async fn negotiate<IO: Io>(
+    s2s: &S2s,
+    table: &Table,
+    io: IO,
     direct_tls: bool,
     deadline: Instant,
-) -> Option<Authenticated> {
-    let pre = server.config.framer_limits(false);
+) -> Option<Authenticated<IO>> {
+    let cx = Cx { s2s, table };
     let tls = if direct_tls {
-        accept_tls(&server.tls.server_direct, tcp, deadline).await?
+        accept_tls(&s2s.tls.server_direct, io, deadline).await?
     } else {
-        let mut xs = XmlStream::new(tcp, pre);
-        let h = match by(deadline, xs.next_header()).await {
-            Ok(h) => h,
-            Err(e) => {
-                fail_with(&mut xs, &reply_header(server, None), e).await;
-                return None;
-            }
-        };
-        let header = reply_header(server, Some(&h));
-        if let Err((c, text)) = check_header(server, &h) {
-            fail_with(
-                &mut xs,
-                &header,
-                StreamFailure::Protocol { condition: c, text },
-            )
-            .await;
-            return None;
-        }
-        let features = format!(
-            "<stream:features><starttls xmlns='{NS_TLS}'><required/></starttls></stream:features>"
-        );
-        if xs.send_header_with(&header, &features).await.is_err() {
-            return None;
-        }
-        match by(deadline, xs.next_element()).await {
-            Ok(el) if el.is("starttls", NS_TLS) => {}
-            Ok(_) => {
-                let e = StreamFailure::protocol(
-                    StreamCondition::NotAuthorized,
-                    "STARTTLS is required before anything else",
-                );
-                fail_with(&mut xs, &header, e).await;
-                return None;
-            }
-            Err(e) => {
-                fail_with(&mut xs, &header, e).await;
-                return None;
-            }
-        }
-        if xs
-            .send(format!("<proceed xmlns='{NS_TLS}'/>").as_bytes())
-            .await
-            .is_err()
-        {
-            return None;
-        }
-        let tcp = match xs.into_inner() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::info!(reason = %e, "bad STARTTLS");
-                return None;
-            }
-        };
-        accept_tls(&server.tls.server_starttls, tcp, deadline).await?
+        let io = starttls(&cx, io, deadline).await?;
+        accept_tls(&s2s.tls.server_starttls, io, deadline).await?
     };
+    let (xs, peer, local, header) = authenticate(&cx, tls, deadline).await?;
+    restart_after_auth(&cx, xs, peer, local, &header, deadline).await
+}
+
+/// Step 1 on the STARTTLS port: the plaintext header, `<starttls/>` required,
+/// `<proceed/>`; gives the transport back for the TLS handshake.
+async fn starttls<IO: Io>(cx: &Cx<'_>, io: IO, deadline: Instant) -> Option<IO> {
+    let mut xs = XmlStream::new(io, cx.s2s.config.framer_limits(false));
+    let h = match by(deadline, xs.next_header()).await {
+        Ok(h) => h,
+        Err(e) => {
+            fail_with(&mut xs, &reply_header(cx, None), e).await;
+            return None;
+        }
+    };
+    let header = reply_header(cx, Some(&h));
+    if let Err((c, text)) = check_header(cx, &h) {
+        fail_with(
+            &mut xs,
+            &header,
+            StreamFailure::Protocol { condition: c, text },
+        )
+        .await;
+        return None;
+    }
+    let features = format!(
+        "<stream:features><starttls xmlns='{NS_TLS}'><required/></starttls></stream:features>"
+    );
+    if xs.send_header_with(&header, &features).await.is_err() {
+        return None;
+    }
+    match by(deadline, xs.next_element()).await {
+        Ok(el) if el.is("starttls", NS_TLS) => {}
+        Ok(_) => {
+            let e = StreamFailure::protocol(
+                StreamCondition::NotAuthorized,
+                "STARTTLS is required before anything else",
+            );
+            fail_with(&mut xs, &header, e).await;
+            return None;
+        }
+        Err(e) => {
+            fail_with(&mut xs, &header, e).await;
+            return None;
+        }
+    }
+    if xs
+        .send(format!("<proceed xmlns='{NS_TLS}'/>").as_bytes())
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    match xs.into_inner() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::info!(reason = %e, "bad STARTTLS");
+            None
+        }
+    }
+}
+
+/// Step 2, over TLS: the header, the certificate checked for its `from`, SASL
+/// EXTERNAL. Returns the stream, the peer's domain, our domain and our header.
+async fn authenticate<IO: Io>(
+    cx: &Cx<'_>,
+    tls: TlsIn<IO>,
+    deadline: Instant,
+) -> Option<(XmlStream<TlsIn<IO>>, String, String, String)> {
     let certs: Vec<CertificateDer<'static>> = tls
         .get_ref()
         .1
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
-    let mut xs = XmlStream::new(tls, pre);
+    let mut xs = XmlStream::new(tls, cx.s2s.config.framer_limits(false));
     let h = match by(deadline, xs.next_header()).await {
         Ok(h) => h,
         Err(e) => {
-            fail_with(&mut xs, &reply_header(server, None), e).await;
+            fail_with(&mut xs, &reply_header(cx, None), e).await;
             return None;
         }
     };
-    let header = reply_header(server, Some(&h));
-    let local = match check_header(server, &h) {
+    let header = reply_header(cx, Some(&h));
+    let local = match check_header(cx, &h) {
         Ok(l) => l,
         Err((condition, text)) => {
             fail_with(
@@ -249,7 +285,7 @@ pub async fn negotiate(
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
     );
-    if let Err(why) = server.tls.verifier.authenticate(&certs, &peer, now) {
+    if let Err(why) = cx.s2s.tls.verifier.authenticate(&certs, &peer, now) {
         let e = StreamFailure::protocol(
             StreamCondition::NotAuthorized,
             format!(
@@ -265,13 +301,25 @@ pub async fn negotiate(
     if xs.send_header_with(&header, &features).await.is_err() {
         return None;
     }
+    sasl_external(&mut xs, &header, &peer, deadline).await?;
+    Some((xs, peer, local, header))
+}
+
+/// The SASL EXTERNAL exchange (XEP-0178 §3): the authzid empty or the peer's
+/// domain; three failed attempts close the stream.
+async fn sasl_external<S: Io>(
+    xs: &mut XmlStream<S>,
+    header: &str,
+    peer: &str,
+    deadline: Instant,
+) -> Option<()> {
     let mut attempts = 0;
     loop {
         attempts += 1;
         let el = match by(deadline, xs.next_element()).await {
             Ok(el) => el,
             Err(e) => {
-                fail_with(&mut xs, &header, e).await;
+                fail_with(xs, header, e).await;
                 return None;
             }
         };
@@ -281,7 +329,7 @@ pub async fn negotiate(
             } else {
                 match sasl_authzid(&super::conn::text_of(&el)) {
                     Err(()) => Some("incorrect-encoding"),
-                    Ok(Some(a)) if !a.eq_ignore_ascii_case(&peer) => Some("invalid-authzid"),
+                    Ok(Some(a)) if !a.eq_ignore_ascii_case(peer) => Some("invalid-authzid"),
                     Ok(_) => None,
                 }
             }
@@ -292,19 +340,15 @@ pub async fn negotiate(
                 StreamCondition::NotAuthorized,
                 "authenticate (SASL EXTERNAL) before sending stanzas",
             );
-            fail_with(&mut xs, &header, e).await;
+            fail_with(xs, header, e).await;
             return None;
         };
         match failure {
             None => {
-                if xs
+                return xs
                     .send(format!("<success xmlns='{NS_SASL}'/>").as_bytes())
                     .await
-                    .is_err()
-                {
-                    return None;
-                }
-                break;
+                    .ok();
             }
             Some(cond) => {
                 let msg = format!("<failure xmlns='{NS_SASL}'><{cond}/></failure>");
@@ -316,17 +360,29 @@ pub async fn negotiate(
                         StreamCondition::PolicyViolation,
                         "too many authentication attempts",
                     );
-                    fail_with(&mut xs, &header, e).await;
+                    fail_with(xs, header, e).await;
                     return None;
                 }
             }
         }
     }
-    xs.restart(server.config.framer_limits(false));
+}
+
+/// Step 3: the restarted stream must keep its `from` and `to`; empty features;
+/// the authenticated limits apply from here.
+async fn restart_after_auth<IO: Io>(
+    cx: &Cx<'_>,
+    mut xs: XmlStream<TlsIn<IO>>,
+    peer: String,
+    local: String,
+    header: &str,
+    deadline: Instant,
+) -> Option<Authenticated<IO>> {
+    xs.restart(cx.s2s.config.framer_limits(false));
     let h2 = match by(deadline, xs.next_header()).await {
         Ok(h) => h,
         Err(e) => {
-            fail_with(&mut xs, &header, e).await;
+            fail_with(&mut xs, header, e).await;
             return None;
         }
     };
@@ -361,21 +417,21 @@ pub async fn negotiate(
     {
         return None;
     }
-    xs.set_limits(server.config.framer_limits(true));
+    xs.set_limits(cx.s2s.config.framer_limits(true));
     Some(Authenticated {
         xs,
-        peer_domain: peer,
+        peer: Peer::authenticated(&peer),
         local_domain: local,
     })
 }
 
 /// The TLS handshake as server, by the negotiation deadline; failures are logged.
-async fn accept_tls(
+async fn accept_tls<IO: Io>(
     config: &Arc<rustls::ServerConfig>,
-    tcp: TcpStream,
+    io: IO,
     deadline: Instant,
-) -> Option<TlsIn> {
-    match tokio::time::timeout_at(deadline, TlsAcceptor::from(config.clone()).accept(tcp)).await {
+) -> Option<TlsIn<IO>> {
+    match tokio::time::timeout_at(deadline, TlsAcceptor::from(config.clone()).accept(io)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::info!(error = %e, "TLS handshake failed");
@@ -402,14 +458,14 @@ fn sasl_authzid(text: &str) -> Result<Option<String>, ()> {
 }
 
 /// Route the stanzas of an authenticated stream until it ends.
-pub async fn run(server: &Arc<Server>, auth: Authenticated) {
+pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
     let Authenticated {
         mut xs,
-        peer_domain,
+        peer,
         local_domain,
     } = auth;
-    let header = header_xml(&local_domain, Some(&peer_domain), None);
-    let idle = server.config.timeouts.idle();
+    let header = header_xml(&local_domain, Some(peer.domain()), None);
+    let idle = s2s.config.timeouts.idle();
     // One timer for the whole stream, re-armed only when it fires (arming a timer
     // per stanza costs more than the stanza).
     let mut last_activity = Instant::now();
@@ -417,7 +473,7 @@ pub async fn run(server: &Arc<Server>, auth: Authenticated) {
     tokio::pin!(idle_timer);
     loop {
         let ev = tokio::select! {
-            _ = server.shutdown.cancelled() => {
+            _ = s2s.shutdown.cancelled() => {
                 xs.fail(&header, StreamCondition::SystemShutdown, "server shutting down").await;
                 return;
             }
@@ -451,21 +507,16 @@ pub async fn run(server: &Arc<Server>, auth: Authenticated) {
                 return fail_with(&mut xs, &header, e).await;
             }
         };
-        match Stanza::from_element(el) {
-            Some(stanza) => {
-                server.inbox_room().await;
-                if let Err((condition, text)) = route_inbound(server, &peer_domain, stanza) {
-                    let e = StreamFailure::Protocol { condition, text };
-                    return fail_with(&mut xs, &header, e).await;
-                }
+        let refusal = match Stanza::from_element(el) {
+            Ok(stanza) => outbox.route_inbound(&peer, stanza).await.err(),
+            Err(e @ NotRoutable::BadAddress { .. }) => {
+                Some((StreamCondition::ImproperAddressing, e.to_string()))
             }
-            None => {
-                let e = StreamFailure::protocol(
-                    StreamCondition::UnsupportedStanzaType,
-                    "only message, presence and iq are accepted",
-                );
-                return fail_with(&mut xs, &header, e).await;
-            }
+            Err(e) => Some((StreamCondition::UnsupportedStanzaType, e.to_string())),
+        };
+        if let Some((condition, text)) = refusal {
+            let e = StreamFailure::Protocol { condition, text };
+            return fail_with(&mut xs, &header, e).await;
         }
     }
 }

@@ -24,10 +24,11 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
+use super::S2s;
 use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
+use super::inbound::Io;
 use super::resolve::{Endpoint, ResolveError};
-use crate::router::bounce;
-use crate::server::Server;
+use crate::routing::{Outbox, Outgoing, Refused, Report};
 use crate::stanza::{Stanza, StanzaCondition};
 use crate::xml::{Event, NS_SASL, NS_STREAM, NS_TLS};
 
@@ -66,8 +67,8 @@ impl SmState {
     }
 }
 
-/// TLS-wrapped outbound transport.
-pub type TlsOut = tokio_rustls::client::TlsStream<TcpStream>;
+/// TLS-wrapped outbound transport over `IO`.
+pub type TlsOut<IO = TcpStream> = tokio_rustls::client::TlsStream<IO>;
 
 /// Why an outbound stream could not be established.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -121,9 +122,9 @@ fn stream_err(e: StreamFailure) -> ConnectError {
 
 /// An established, authenticated outbound stream.
 #[derive(Debug)]
-pub struct Connected {
+pub struct Connected<IO = TcpStream> {
     /// The stream after the last restart.
-    pub xs: XmlStream<TlsOut>,
+    pub xs: XmlStream<TlsOut<IO>>,
     /// The peer offers XEP-0198 stream management.
     pub sm: bool,
     /// Where we connected.
@@ -162,12 +163,12 @@ fn describe_chain(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Vec<String
 
 /// Resolve, connect and authenticate to `remote` as `local`. `log` gets one line per step.
 pub async fn connect(
-    server: &Server,
+    s2s: &S2s,
     local: &str,
     remote: &str,
     log: &mut (dyn FnMut(String) + Send),
 ) -> Result<Connected, ConnectError> {
-    let endpoints = server.resolver.resolve(remote, log).await?;
+    let endpoints = s2s.resolver.resolve(remote, log).await?;
     let mut last = ConnectError::Unreachable(format!("no endpoint for {remote}"));
     for ep in endpoints {
         log(format!(
@@ -181,28 +182,27 @@ pub async fn connect(
             }
         ));
         let t0 = Instant::now();
-        let tcp = match tokio::time::timeout(
-            server.config.timeouts.connect(),
-            TcpStream::connect(ep.addr),
-        )
-        .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                log(format!("  TCP: {e}"));
-                last = ConnectError::Unreachable(format!("{}: {e}", ep.addr));
-                continue;
-            }
-            Err(_) => {
-                log("  TCP: timed out".into());
-                last = ConnectError::Timeout(format!("TCP connect to {}", ep.addr));
-                continue;
-            }
-        };
+        let tcp =
+            match tokio::time::timeout(s2s.config.timeouts.connect(), TcpStream::connect(ep.addr))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    log(format!("  TCP: {e}"));
+                    last = ConnectError::Unreachable(format!("{}: {e}", ep.addr));
+                    continue;
+                }
+                Err(_) => {
+                    log("  TCP: timed out".into());
+                    last = ConnectError::Timeout(format!("TCP connect to {}", ep.addr));
+                    continue;
+                }
+            };
         let _ = tcp.set_nodelay(true);
         log(format!("  TCP connected in {:.1} ms", ms(t0.elapsed())));
-        let deadline = Instant::now() + server.config.timeouts.negotiation();
-        match tokio::time::timeout_at(deadline, negotiate(server, tcp, &ep, local, remote, log))
+        let deadline = Instant::now() + s2s.config.timeouts.negotiation();
+        let direct = ep.direct_tls;
+        match tokio::time::timeout_at(deadline, negotiate(s2s, tcp, direct, local, remote, log))
             .await
         {
             Ok(Ok((xs, sm))) => {
@@ -229,85 +229,115 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn negotiate(
-    server: &Server,
-    tcp: TcpStream,
-    ep: &Endpoint,
+fn send_err(e: std::io::Error) -> ConnectError {
+    ConnectError::Stream(e.to_string())
+}
+
+/// Negotiate an outbound stream on `io` (generic, so it can be scripted over
+/// `tokio::io::duplex`): STARTTLS unless `direct_tls`, TLS for the XMPP domain
+/// `remote`, SASL EXTERNAL as `local`, restart. Returns the stream and whether
+/// the peer offers XEP-0198.
+pub async fn negotiate<IO: Io>(
+    s2s: &S2s,
+    io: IO,
+    direct_tls: bool,
     local: &str,
     remote: &str,
     log: &mut (dyn FnMut(String) + Send),
-) -> Result<(XmlStream<TlsOut>, bool), ConnectError> {
-    let (starttls_cfg, direct_cfg) = server
+) -> Result<(XmlStream<TlsOut<IO>>, bool), ConnectError> {
+    let (starttls_cfg, direct_cfg) = s2s
         .tls
         .clients
         .get(local)
         .cloned()
         .ok_or_else(|| ConnectError::NoCertificate(local.to_string()))?;
+    let header = header_xml(local, Some(remote), None);
+    let (io, cfg) = if direct_tls {
+        (io, direct_cfg)
+    } else {
+        (starttls(s2s, io, &header, log).await?, starttls_cfg)
+    };
+    let mut xs = tls_handshake(s2s, io, cfg, remote, log).await?;
+    sasl_external(&mut xs, &header, local, log).await?;
+    let sm = restart(s2s, &mut xs, &header, log).await?;
+    Ok((xs, sm))
+}
+
+/// Step 1 on a STARTTLS endpoint: header, features, `<starttls/>`, `<proceed/>`.
+async fn starttls<IO: Io>(
+    s2s: &S2s,
+    io: IO,
+    header: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<IO, ConnectError> {
+    let mut xs = XmlStream::new(io, s2s.config.framer_limits(false));
+    xs.send_header(header).await.map_err(send_err)?;
+    let h = xs.next_header().await.map_err(stream_err)?;
+    if h.version.as_deref() != Some("1.0") {
+        return Err(ConnectError::Stream(format!(
+            "peer stream version {:?}",
+            h.version
+        )));
+    }
+    let features = xs.next_element().await.map_err(stream_err)?;
+    let kids = feature_children(&features)?;
+    log(format!("  features: {}", summarize(&kids)));
+    if !kids.iter().any(|c| c.ns == NS_TLS && c.name == "starttls") {
+        return Err(ConnectError::Tls("peer does not offer STARTTLS".into()));
+    }
+    xs.send(format!("<starttls xmlns='{NS_TLS}'/>").as_bytes())
+        .await
+        .map_err(send_err)?;
+    let el = xs.next_element().await.map_err(stream_err)?;
+    if !el.is("proceed", NS_TLS) {
+        return Err(ConnectError::Tls(format!(
+            "peer answered STARTTLS with <{}>",
+            el.name
+        )));
+    }
+    xs.into_inner().map_err(stream_err)
+}
+
+/// Step 2: TLS with the XMPP domain as the identity (RFC 6120 §13.7.2.1), our
+/// certificate presented; logs the chain (for `check`).
+async fn tls_handshake<IO: Io>(
+    s2s: &S2s,
+    io: IO,
+    cfg: Arc<rustls::ClientConfig>,
+    remote: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<XmlStream<TlsOut<IO>>, ConnectError> {
     let name = ServerName::try_from(remote.to_string())
         .map_err(|e| ConnectError::Tls(format!("bad server name {remote}: {e}")))?;
-    let pre = server.config.framer_limits(false);
-    let header = header_xml(local, Some(remote), None);
-    let tcp = if ep.direct_tls {
-        tcp
-    } else {
-        let mut xs = XmlStream::new(tcp, pre);
-        xs.send_header(&header)
-            .await
-            .map_err(|e| ConnectError::Stream(e.to_string()))?;
-        let h = xs.next_header().await.map_err(stream_err)?;
-        if h.version.as_deref() != Some("1.0") {
-            return Err(ConnectError::Stream(format!(
-                "peer stream version {:?}",
-                h.version
-            )));
-        }
-        let features = xs.next_element().await.map_err(stream_err)?;
-        let kids = feature_children(&features)?;
-        log(format!("  features: {}", summarize(&kids)));
-        if !kids.iter().any(|c| c.ns == NS_TLS && c.name == "starttls") {
-            return Err(ConnectError::Tls("peer does not offer STARTTLS".into()));
-        }
-        xs.send(format!("<starttls xmlns='{NS_TLS}'/>").as_bytes())
-            .await
-            .map_err(|e| ConnectError::Stream(e.to_string()))?;
-        let el = xs.next_element().await.map_err(stream_err)?;
-        if !el.is("proceed", NS_TLS) {
-            return Err(ConnectError::Tls(format!(
-                "peer answered STARTTLS with <{}>",
-                el.name
-            )));
-        }
-        xs.into_inner().map_err(stream_err)?
-    };
-    let cfg = if ep.direct_tls {
-        direct_cfg
-    } else {
-        starttls_cfg
-    };
     let t0 = Instant::now();
     let tls = TlsConnector::from(cfg)
-        .connect(name, tcp)
+        .connect(name, io)
         .await
         .map_err(|e| ConnectError::Tls(e.to_string()))?;
-    {
-        let conn = tls.get_ref().1;
-        log(format!(
-            "  TLS {:?} {:?} in {:.1} ms, ALPN {:?}; certificate verified for {remote}",
-            conn.protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default(),
-            conn.negotiated_cipher_suite().map(|s| s.suite()),
-            ms(t0.elapsed()),
-            conn.alpn_protocol().map(String::from_utf8_lossy),
-        ));
-        for line in describe_chain(conn.peer_certificates().unwrap_or_default()) {
-            log(line);
-        }
+    let conn = tls.get_ref().1;
+    log(format!(
+        "  TLS {:?} {:?} in {:.1} ms, ALPN {:?}; certificate verified for {remote}",
+        conn.protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        conn.negotiated_cipher_suite().map(|s| s.suite()),
+        ms(t0.elapsed()),
+        conn.alpn_protocol().map(String::from_utf8_lossy),
+    ));
+    for line in describe_chain(conn.peer_certificates().unwrap_or_default()) {
+        log(line);
     }
-    let mut xs = XmlStream::new(tls, pre);
-    xs.send_header(&header)
-        .await
-        .map_err(|e| ConnectError::Stream(e.to_string()))?;
+    Ok(XmlStream::new(tls, s2s.config.framer_limits(false)))
+}
+
+/// Step 3: the header over TLS, SASL EXTERNAL offered and accepted (XEP-0178).
+async fn sasl_external<S: Io>(
+    xs: &mut XmlStream<S>,
+    header: &str,
+    local: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<(), ConnectError> {
+    xs.send_header(header).await.map_err(send_err)?;
     xs.next_header().await.map_err(stream_err)?;
     let features = xs.next_element().await.map_err(stream_err)?;
     let kids = feature_children(&features)?;
@@ -324,7 +354,7 @@ async fn negotiate(
     let t0 = Instant::now();
     xs.send(format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>").as_bytes())
         .await
-        .map_err(|e| ConnectError::Stream(e.to_string()))?;
+        .map_err(send_err)?;
     let el = xs.next_element().await.map_err(stream_err)?;
     if !el.is("success", NS_SASL) {
         let why = children(&el)
@@ -344,10 +374,18 @@ async fn negotiate(
         "  SASL EXTERNAL succeeded in {:.1} ms",
         ms(t0.elapsed())
     ));
-    xs.restart(pre);
-    xs.send_header(&header)
-        .await
-        .map_err(|e| ConnectError::Stream(e.to_string()))?;
+    Ok(())
+}
+
+/// Step 4: the restarted stream's features; whether the peer offers XEP-0198.
+async fn restart<S: Io>(
+    s2s: &S2s,
+    xs: &mut XmlStream<S>,
+    header: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<bool, ConnectError> {
+    xs.restart(s2s.config.framer_limits(false));
+    xs.send_header(header).await.map_err(send_err)?;
     xs.next_header().await.map_err(stream_err)?;
     let features = xs.next_element().await.map_err(stream_err)?;
     let kids = feature_children(&features)?;
@@ -355,8 +393,7 @@ async fn negotiate(
         "  features after authentication: {}",
         summarize(&kids)
     ));
-    let sm = kids.iter().any(|c| c.ns == NS_SM && c.name == "sm");
-    Ok((xs, sm))
+    Ok(kids.iter().any(|c| c.ns == NS_SM && c.name == "sm"))
 }
 
 fn feature_children(el: &crate::xml::framer::Element) -> Result<Vec<Child>, ConnectError> {
@@ -401,7 +438,7 @@ fn children_texts(c: &Child) -> Vec<String> {
 #[derive(Debug, Clone)]
 struct Handle {
     id: u64,
-    tx: mpsc::Sender<Stanza>,
+    tx: mpsc::Sender<Outgoing>,
 }
 
 /// All outbound sessions.
@@ -410,6 +447,8 @@ pub struct Sessions {
     /// local domain -> remote domain -> session (nested so lookups need no allocation).
     map: Mutex<HashMap<String, HashMap<String, Handle>>>,
     next_id: AtomicU64,
+    /// Numbers the confirmation pings (their ids are `dlv-<n>`).
+    next_ping: AtomicU64,
 }
 
 impl Sessions {
@@ -449,21 +488,24 @@ impl Sessions {
     }
 }
 
-/// Queue `stanza` for `remote`, starting a session if needed.
-pub fn send(server: &Arc<Server>, local: &str, remote: &str, stanza: Stanza) {
-    let mut stanza = stanza;
+/// Queue `item` for `remote`, starting a session if needed; gives it back when
+/// the queue is full or no session can take it.
+pub fn send(
+    s2s: &Arc<S2s>,
+    outbox: &Outbox,
+    local: &str,
+    remote: &str,
+    item: Outgoing,
+) -> Result<(), Box<Refused>> {
+    let mut item = item;
     for _ in 0..3 {
         let handle = {
-            let mut map = server
-                .outbound
-                .map
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut map = s2s.sessions.map.lock().unwrap_or_else(|e| e.into_inner());
             match map.get(local).and_then(|m| m.get(remote)) {
                 Some(h) => h.clone(),
                 None => {
-                    let (tx, rx) = mpsc::channel(server.config.limits.outbound_queue);
-                    let id = server.outbound.next_id.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = mpsc::channel(s2s.config.limits.outbound_queue);
+                    let id = s2s.sessions.next_id.fetch_add(1, Ordering::Relaxed);
                     let h = Handle { id, tx };
                     map.entry(local.to_string())
                         .or_default()
@@ -474,38 +516,41 @@ pub fn send(server: &Arc<Server>, local: &str, remote: &str, stanza: Stanza) {
                         local = %local,
                         peer.domain = %remote
                     );
-                    let key = (local.to_string(), remote.to_string());
-                    server
-                        .tracker
-                        .spawn(session(server.clone(), key, id, rx).instrument(span));
+                    let session = Session {
+                        s2s: s2s.clone(),
+                        outbox: outbox.clone(),
+                        key: (local.to_string(), remote.to_string()),
+                        id,
+                        rx,
+                        pending: VecDeque::new(),
+                        sm: SmState::default(),
+                    };
+                    s2s.tracker.spawn(session.run().instrument(span));
                     h
                 }
             }
         };
-        match handle.tx.try_send(stanza) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(s)) => {
-                return bounce(
-                    server,
-                    &s,
-                    StanzaCondition::ResourceConstraint,
-                    "too many stanzas queued for this domain",
-                );
+        match handle.tx.try_send(item) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                return Err(Box::new(Refused {
+                    item,
+                    condition: StanzaCondition::ResourceConstraint,
+                    text: "too many stanzas queued for this domain",
+                }));
             }
             Err(mpsc::error::TrySendError::Closed(s)) => {
-                server
-                    .outbound
+                s2s.sessions
                     .remove(&(local.to_string(), remote.to_string()), handle.id);
-                stanza = s;
+                item = s;
             }
         }
     }
-    bounce(
-        server,
-        &stanza,
-        StanzaCondition::InternalServerError,
-        "outbound session unavailable",
-    );
+    Err(Box::new(Refused {
+        item,
+        condition: StanzaCondition::InternalServerError,
+        text: "outbound session unavailable",
+    }))
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -514,77 +559,118 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base / 2 + jitter)
 }
 
-/// Bounce everything queued, after the session was removed from the map.
-fn bounce_all(
-    server: &Arc<Server>,
-    pending: &mut VecDeque<Stanza>,
-    rx: &mut mpsc::Receiver<Stanza>,
-    condition: StanzaCondition,
-    text: &str,
-) {
-    rx.close();
-    while let Ok(s) = rx.try_recv() {
-        pending.push_back(s);
-    }
-    for s in pending.drain(..) {
-        bounce(server, &s, condition, text);
-    }
+/// How a stream of a session ended.
+enum StreamEnd {
+    /// Connect again (the stream broke with stanzas waiting).
+    Reconnect,
+    /// The session is over (idle, shutdown, or the stream ended with nothing
+    /// waiting).
+    Done,
 }
 
-async fn session(
-    server: Arc<Server>,
+/// One outbound session: a queue to one remote domain from one of ours, and the
+/// streams that carry it.
+struct Session {
+    s2s: Arc<S2s>,
+    outbox: Outbox,
     key: (String, String),
     id: u64,
-    mut rx: mpsc::Receiver<Stanza>,
-) {
-    let (local, remote) = (key.0.clone(), key.1.clone());
-    // Stanzas taken off the queue but not yet written.
-    let mut pending: VecDeque<Stanza> = VecDeque::new();
-    let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut sm = SmState::default();
-    'connect: loop {
+    rx: mpsc::Receiver<Outgoing>,
+    /// Taken off the queue, not yet written.
+    pending: VecDeque<Outgoing>,
+    sm: SmState,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        loop {
+            let Some(connected) = self.connect_with_retry().await else {
+                return;
+            };
+            match self.run_stream(connected, &mut wbuf).await {
+                StreamEnd::Reconnect => continue,
+                StreamEnd::Done => return,
+            }
+        }
+    }
+
+    /// Stop taking stanzas and hand back everything queued as not sent.
+    fn give_up(&mut self, condition: StanzaCondition, text: &str, unreachable: bool) {
+        self.s2s.sessions.remove(&self.key, self.id);
+        self.rx.close();
+        while let Ok(s) = self.rx.try_recv() {
+            self.pending.push_back(s);
+        }
+        let items: Vec<Outgoing> = self.pending.drain(..).collect();
+        let remote = unreachable.then_some(self.key.1.as_str());
+        self.outbox.not_sent(items, condition, text, remote);
+    }
+
+    /// The session ends while the remote is fine: what raced into the queue goes
+    /// to a new session.
+    fn hand_over(&mut self) {
+        self.s2s.sessions.remove(&self.key, self.id);
+        self.rx.close();
+        while let Ok(item) = self.rx.try_recv() {
+            if let Err(r) = send(&self.s2s, &self.outbox, &self.key.0, &self.key.1, item) {
+                self.outbox
+                    .not_sent(vec![r.item], r.condition, r.text, None);
+            }
+        }
+    }
+
+    /// Connect, retrying with jittered backoff within the retry window; `None`
+    /// when the session is over (shutdown, or the domain unreachable: everything
+    /// queued was handed back).
+    async fn connect_with_retry(&mut self) -> Option<Connected> {
+        let (local, remote) = (self.key.0.clone(), self.key.1.clone());
         let window_start = Instant::now();
         let mut attempt = 0u32;
-        let connected = loop {
+        loop {
             let mut log = |line: String| tracing::debug!("{line}");
             let r = tokio::select! {
-                r = connect(&server, &local, &remote, &mut log) => r,
-                _ = server.shutdown.cancelled() => {
-                    server.outbound.remove(&key, id);
-                    bounce_all(&server, &mut pending, &mut rx, StanzaCondition::RemoteServerTimeout, "server shutting down");
-                    return;
+                r = connect(&self.s2s, &local, &remote, &mut log) => r,
+                _ = self.s2s.shutdown.cancelled() => {
+                    self.give_up(StanzaCondition::RemoteServerTimeout, "server shutting down", false);
+                    return None;
                 }
             };
             match r {
-                Ok(c) => break c,
+                Ok(c) => {
+                    self.s2s
+                        .metrics
+                        .outbound_established
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(endpoint = %c.endpoint.addr, "outbound stream established");
+                    self.outbox.report(Report::Reachable { remote });
+                    return Some(c);
+                }
                 Err(e) => {
-                    server
+                    self.s2s
                         .metrics
                         .outbound_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %e, attempt, "outbound connection failed");
-                    let window = server.config.timeouts.retry_window();
+                    let window = self.s2s.config.timeouts.retry_window();
                     let wait = backoff(attempt).min(window.saturating_sub(window_start.elapsed()));
                     attempt += 1;
                     if window_start.elapsed() >= window {
-                        server.outbound.remove(&key, id);
                         let text = format!("cannot reach {remote}: {e}");
-                        bounce_all(&server, &mut pending, &mut rx, e.condition(), &text);
-                        return;
+                        self.give_up(e.condition(), &text, true);
+                        return None;
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = server.shutdown.cancelled() => {}
+                        _ = self.s2s.shutdown.cancelled() => {}
                     }
                 }
             }
-        };
-        server
-            .metrics
-            .outbound_established
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(endpoint = %connected.endpoint.addr, "outbound stream established");
-        server.delivery.reachable(&remote);
+        }
+    }
+
+    /// Carry the queue over one established stream until it ends.
+    async fn run_stream(&mut self, connected: Connected, wbuf: &mut Vec<u8>) -> StreamEnd {
         let (io, mut framer) = connected.xs.into_parts();
         let (mut rd, mut wr) = tokio::io::split(io);
         // The peer sends only whitespace and stream management answers on our
@@ -613,141 +699,88 @@ async fn session(
             }
         });
         // XEP-0198: acks confirm delivery where the peer offers them; otherwise an
-        // iq round trip after each batch does (see delivery).
-        // Durable stanzas the previous stream did not get acknowledged are resent
-        // by the delivery sweeper (they are still queued).
-        for (_, id) in sm.unacked.drain(..) {
-            crate::delivery::retry_later(&server, &id);
-        }
-        sm = SmState {
+        // iq round trip after each batch does (see delivery). Tracked stanzas the
+        // previous stream did not get acknowledged are resent by delivery.
+        self.forget_unacked();
+        self.sm = SmState {
             on: connected.sm,
             ..SmState::default()
         };
-        if sm.on
+        if self.sm.on
             && wr
                 .write_all(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
                 .await
                 .is_err()
         {
-            continue 'connect;
+            reader.abort();
+            return StreamEnd::Reconnect;
         }
-        let keepalive = server.config.timeouts.keepalive();
-        let idle = server.config.timeouts.idle();
+        let keepalive = self.s2s.config.timeouts.keepalive();
+        let idle = self.s2s.config.timeouts.idle();
         let mut last_write = Instant::now();
         let mut last_stanza = Instant::now();
         loop {
-            if pending.is_empty() {
+            if self.pending.is_empty() {
                 tokio::select! {
                     biased;
-                    _ = server.shutdown.cancelled() => {
+                    _ = self.s2s.shutdown.cancelled() => {
                         let _ = wr.write_all(b"</stream:stream>").await;
                         let _ = wr.shutdown().await;
                         reader.abort();
-                        server.outbound.remove(&key, id);
-                        bounce_all(&server, &mut pending, &mut rx, StanzaCondition::RemoteServerTimeout, "server shutting down");
-                        return;
+                        self.forget_unacked();
+                        self.give_up(StanzaCondition::RemoteServerTimeout, "server shutting down", false);
+                        return StreamEnd::Done;
                     }
                     r = &mut reader => {
                         let why = r.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
                         tracing::info!(reason = %why, "outbound stream ended");
-                        if rx.is_empty() {
-                            server.outbound.remove(&key, id);
-                            // Anything that raced in is delivered by a new session.
-                            rx.close();
-                            while let Ok(s) = rx.try_recv() {
-                                send(&server, &local, &remote, s);
-                            }
-                            return;
+                        if self.rx.is_empty() {
+                            self.forget_unacked();
+                            self.hand_over();
+                            return StreamEnd::Done;
                         }
-                        continue 'connect;
+                        return StreamEnd::Reconnect;
                     }
-                    m = rx.recv() => match m {
-                        Some(s) => pending.push_back(s),
-                        None => return,
+                    m = self.rx.recv() => match m {
+                        Some(s) => self.pending.push_back(s),
+                        None => return StreamEnd::Done,
                     },
                     ev = sm_rx.recv() => {
-                        match ev {
-                            Some(SmEvent::Ack(h)) => {
-                                let ids = sm.acked(h);
-                                if !ids.is_empty() {
-                                    crate::delivery::settle(&server, ids, crate::delivery::delivered);
-                                }
-                            }
-                            Some(SmEvent::Failed) => {
-                                tracing::info!("peer refused stream management; confirming by iq");
-                                sm.on = false;
-                                for (_, id) in sm.unacked.drain(..) {
-                                    crate::delivery::retry_later(&server, &id);
-                                }
-                            }
-                            Some(SmEvent::Enabled) => tracing::debug!("stream management enabled"),
-                            None => {}
-                        }
+                        self.on_sm(ev);
                         continue;
                     }
                     _ = tokio::time::sleep_until(last_write + keepalive) => {
                         if wr.write_all(b" ").await.and(wr.flush().await).is_err() {
-                            continue 'connect;
+                            reader.abort();
+                            return StreamEnd::Reconnect;
                         }
                         last_write = Instant::now();
                         continue;
                     }
                     _ = tokio::time::sleep_until(last_stanza + idle) => {
                         tracing::info!("closing idle outbound stream");
-                        server.outbound.remove(&key, id);
                         let _ = wr.write_all(b"</stream:stream>").await;
                         let _ = wr.shutdown().await;
                         reader.abort();
-                        rx.close();
-                        while let Ok(s) = rx.try_recv() {
-                            send(&server, &local, &remote, s);
-                        }
-                        return;
+                        self.forget_unacked();
+                        self.hand_over();
+                        return StreamEnd::Done;
                     }
                 }
             }
             // Batch everything available into one write and one flush.
-            while let Ok(s) = rx.try_recv() {
-                pending.push_back(s);
-                if pending.len() >= 512 {
+            while let Ok(s) = self.rx.try_recv() {
+                self.pending.push_back(s);
+                if self.pending.len() >= 512 {
                     break;
                 }
             }
-            wbuf.clear();
-            let mut durable = Vec::new();
-            for s in &pending {
-                wbuf.extend_from_slice(&s.raw);
-                sm.sent = sm.sent.wrapping_add(1);
-                if s.durable
-                    && let Some(id) = &s.id
-                {
-                    if sm.on {
-                        sm.unacked.push_back((sm.sent, id.clone()));
-                    } else {
-                        durable.push(id.clone());
-                    }
-                }
-            }
-            if sm.on && !sm.unacked.is_empty() {
-                wbuf.extend_from_slice(format!("<r xmlns='{NS_SM}'/>").as_bytes());
-            }
-            if !durable.is_empty() {
-                // The answer to this ping confirms every stanza before it (see delivery).
-                let ping_id = server.delivery.register_confirm(durable);
-                let ping = Stanza::iq(
-                    "get",
-                    &local,
-                    &remote,
-                    &ping_id,
-                    "<ping xmlns='urn:xmpp:ping'/>",
-                );
-                wbuf.extend_from_slice(&ping.raw);
-            }
-            let n = pending.len() as u64;
-            match wr.write_all(&wbuf).await.and(wr.flush().await) {
+            self.encode_batch(wbuf);
+            let n = self.pending.len() as u64;
+            match wr.write_all(wbuf).await.and(wr.flush().await) {
                 Ok(()) => {
-                    server.metrics.stanzas_out.fetch_add(n, Ordering::Relaxed);
-                    pending.clear();
+                    self.s2s.metrics.stanzas_out.fetch_add(n, Ordering::Relaxed);
+                    self.pending.clear();
                     last_write = Instant::now();
                     last_stanza = last_write;
                 }
@@ -755,9 +788,80 @@ async fn session(
                     // Not known to be delivered: written again on the next stream.
                     tracing::info!(error = %e, stanzas = n, "write failed; reconnecting");
                     reader.abort();
-                    continue 'connect;
+                    return StreamEnd::Reconnect;
                 }
             }
+        }
+    }
+
+    /// Tracked stanzas written on a stream that ended without acknowledging
+    /// them: delivery sends them again.
+    fn forget_unacked(&mut self) {
+        let ids: Vec<String> = self.sm.unacked.drain(..).map(|(_, id)| id).collect();
+        if !ids.is_empty() {
+            self.outbox.report(Report::Unsent {
+                ids,
+                unreachable: None,
+            });
+        }
+    }
+
+    fn on_sm(&mut self, ev: Option<SmEvent>) {
+        match ev {
+            Some(SmEvent::Ack(h)) => {
+                let ids = self.sm.acked(h);
+                if !ids.is_empty() {
+                    self.outbox.report(Report::Acked { ids });
+                }
+            }
+            Some(SmEvent::Failed) => {
+                tracing::info!("peer refused stream management; confirming by iq");
+                self.sm.on = false;
+                self.forget_unacked();
+            }
+            Some(SmEvent::Enabled) => tracing::debug!("stream management enabled"),
+            None => {}
+        }
+    }
+
+    /// The pending stanzas as one write: with `<r/>` after them when stream
+    /// management is on, else with a confirmation ping after the tracked ones
+    /// (reported before it is written: its answer may come at once).
+    fn encode_batch(&mut self, wbuf: &mut Vec<u8>) {
+        wbuf.clear();
+        let mut tracked = Vec::new();
+        for item in &self.pending {
+            wbuf.extend_from_slice(&item.stanza.raw);
+            self.sm.sent = self.sm.sent.wrapping_add(1);
+            if item.tracked
+                && let Some(id) = &item.stanza.id
+            {
+                if self.sm.on {
+                    self.sm.unacked.push_back((self.sm.sent, id.clone()));
+                } else {
+                    tracked.push(id.clone());
+                }
+            }
+        }
+        if self.sm.on && !self.sm.unacked.is_empty() {
+            wbuf.extend_from_slice(format!("<r xmlns='{NS_SM}'/>").as_bytes());
+        }
+        if !tracked.is_empty() {
+            let n = self.s2s.sessions.next_ping.fetch_add(1, Ordering::Relaxed);
+            let ping_id = format!("dlv-{n}");
+            let (local, remote) = (&self.key.0, &self.key.1);
+            let ping = Stanza::iq(
+                "get",
+                local,
+                remote,
+                &ping_id,
+                "<ping xmlns='urn:xmpp:ping'/>",
+            );
+            self.outbox.report(Report::AwaitingPing {
+                ping_id,
+                ids: tracked,
+            });
+            wbuf.extend_from_slice(&ping.raw);
         }
     }
 }

@@ -28,7 +28,19 @@ impl RedbKv {
         } else {
             path.to_owned()
         };
-        let db = Database::create(file).map_err(err)?;
+        RedbKv::init(Database::create(file).map_err(err)?)
+    }
+
+    /// A database in memory (tests, and tools that keep nothing).
+    pub fn in_memory() -> Result<RedbKv, StoreError> {
+        RedbKv::init(
+            Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .map_err(err)?,
+        )
+    }
+
+    fn init(db: Database) -> Result<RedbKv, StoreError> {
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(TABLE).map_err(err)?;
         tx.commit().map_err(err)?;

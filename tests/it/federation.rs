@@ -10,7 +10,7 @@ use xmpp_federator::s2s::outbound;
 use xmpp_federator::stanza::StreamCondition;
 use xmpp_federator::testkit::certs::{Eku, TestCa};
 
-use crate::support::{Net, PING, capture, iq_round_trip};
+use crate::support::{Net, PING, iq_round_trip};
 
 const ALPHA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 21);
 const BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 22);
@@ -24,19 +24,16 @@ async fn alpha_and_beta_ping_and_disco_each_other_over_starttls() {
     let beta = net
         .start(net.config("beta.test", BETA, Eku::ServerOnly))
         .await;
-    let mut a_rx = capture(&alpha);
-    let mut b_rx = capture(&beta);
 
-    let pong = iq_round_trip(&alpha, &mut a_rx, "beta.test", PING).await;
+    let pong = iq_round_trip(&alpha, "beta.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
     assert_eq!(pong.from.as_deref(), Some("beta.test"));
 
-    let pong = iq_round_trip(&beta, &mut b_rx, "alpha.test", PING).await;
+    let pong = iq_round_trip(&beta, "alpha.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
 
     let info = iq_round_trip(
         &alpha,
-        &mut a_rx,
         "beta.test",
         "<query xmlns='http://jabber.org/protocol/disco#info'/>",
     )
@@ -47,21 +44,15 @@ async fn alpha_and_beta_ping_and_disco_each_other_over_starttls() {
     );
     assert!(info.as_str().contains("urn:xmpp:ping"));
 
-    let version = iq_round_trip(
-        &alpha,
-        &mut a_rx,
-        "beta.test",
-        "<query xmlns='jabber:iq:version'/>",
-    )
-    .await;
+    let version = iq_round_trip(&alpha, "beta.test", "<query xmlns='jabber:iq:version'/>").await;
     assert!(version.as_str().contains("<name>xmpp-federator</name>"));
 
-    let unsupported = iq_round_trip(&alpha, &mut a_rx, "beta.test", "<x xmlns='urn:nope'/>").await;
+    let unsupported = iq_round_trip(&alpha, "beta.test", "<x xmlns='urn:nope'/>").await;
     assert_eq!(unsupported.type_.as_deref(), Some("error"));
     assert!(unsupported.as_str().contains("<service-unavailable"));
 
     // A user that does not exist: service-unavailable (RFC 6121 §8.5.2.2).
-    let user = iq_round_trip(&alpha, &mut a_rx, "nobody@beta.test", PING).await;
+    let user = iq_round_trip(&alpha, "nobody@beta.test", PING).await;
     assert!(
         user.as_str().contains("<service-unavailable"),
         "{}",
@@ -69,8 +60,8 @@ async fn alpha_and_beta_ping_and_disco_each_other_over_starttls() {
     );
 
     // One outbound session per remote domain, reused.
-    assert_eq!(alpha.server.outbound.len(), 1);
-    assert_eq!(beta.server.outbound.len(), 1);
+    assert_eq!(alpha.server.s2s.sessions.len(), 1);
+    assert_eq!(beta.server.s2s.sessions.len(), 1);
     alpha.shutdown().await;
     beta.shutdown().await;
 }
@@ -85,9 +76,8 @@ async fn direct_tls_with_alpn() {
         vec![format!("tls://{}", beta.direct_tls[0])],
     );
     let alpha = net.start(ac).await;
-    let mut a_rx = capture(&alpha);
     let mut lines = Vec::new();
-    let conn = outbound::connect(&alpha.server, "alpha.test", "beta.test", &mut |l| {
+    let conn = outbound::connect(&alpha.server.s2s, "alpha.test", "beta.test", &mut |l| {
         lines.push(l)
     })
     .await
@@ -100,7 +90,7 @@ async fn direct_tls_with_alpn() {
         "{lines:?}"
     );
     drop(conn);
-    let pong = iq_round_trip(&alpha, &mut a_rx, "beta.test", PING).await;
+    let pong = iq_round_trip(&alpha, "beta.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"));
     alpha.shutdown().await;
     beta.shutdown().await;
@@ -122,7 +112,7 @@ async fn peers_with_bad_certificates_are_refused_and_stanzas_bounced() {
     gc.tls.ca_files = vec![net.ca_path.clone()];
     gc.timeouts.retry_window_secs = 1;
     let gamma = net.start(gc).await;
-    let err = outbound::connect(&gamma.server, "gamma.test", "beta.test", &mut |_| {})
+    let err = outbound::connect(&gamma.server.s2s, "gamma.test", "beta.test", &mut |_| {})
         .await
         .expect_err("rogue CA refused");
     let msg = err.to_string();
@@ -130,8 +120,7 @@ async fn peers_with_bad_certificates_are_refused_and_stanzas_bounced() {
         msg.contains("not-authorized") && msg.contains("unknown CA"),
         "{msg}"
     );
-    let mut g_rx = capture(&gamma);
-    let bounce = iq_round_trip(&gamma, &mut g_rx, "beta.test", PING).await;
+    let bounce = iq_round_trip(&gamma, "beta.test", PING).await;
     assert_eq!(bounce.type_.as_deref(), Some("error"));
     assert!(
         bounce.as_str().contains("<remote-server-not-found"),
@@ -269,7 +258,7 @@ async fn authenticated_peer_cannot_spoof_other_domains() {
             StreamCondition::RestrictedXml,
         ),
     ] {
-        let mut conn = outbound::connect(&alpha.server, "alpha.test", "beta.test", &mut |_| {})
+        let mut conn = outbound::connect(&alpha.server.s2s, "alpha.test", "beta.test", &mut |_| {})
             .await
             .expect("alpha authenticates to beta");
         conn.xs.send(stanza.as_bytes()).await.unwrap();
@@ -381,21 +370,19 @@ async fn federation_policy_is_enforced_both_ways() {
     ac.federation.allowlist = vec!["beta.test".into()];
     let alpha = net.start(ac).await;
     // Inbound: beta refuses alpha at the stream header.
-    let err = outbound::connect(&alpha.server, "alpha.test", "beta.test", &mut |_| {})
+    let err = outbound::connect(&alpha.server.s2s, "alpha.test", "beta.test", &mut |_| {})
         .await
         .expect_err("blocked");
     assert!(err.to_string().contains("policy-violation"), "{err}");
     // Outbound: alpha does not send to a domain outside its allowlist.
-    let mut a_rx = capture(&alpha);
-    let bounce = iq_round_trip(&alpha, &mut a_rx, "gamma.test", PING).await;
+    let bounce = iq_round_trip(&alpha, "gamma.test", PING).await;
     assert!(
         bounce.as_str().contains("<policy-violation"),
         "{}",
         bounce.as_str()
     );
     // And beta does not send to a blocked domain.
-    let mut b_rx = capture(&beta);
-    let bounce = iq_round_trip(&beta, &mut b_rx, "alpha.test", PING).await;
+    let bounce = iq_round_trip(&beta, "alpha.test", PING).await;
     assert!(
         bounce.as_str().contains("<policy-violation"),
         "{}",
@@ -411,10 +398,9 @@ async fn unreachable_domain_is_bounced_after_the_retry_window() {
     let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
     ac.timeouts.retry_window_secs = 1;
     let alpha = net.start(ac).await;
-    let mut a_rx = capture(&alpha);
     // down.test resolves (DNS catch-all) to a closed port.
     let t0 = std::time::Instant::now();
-    let bounce = iq_round_trip(&alpha, &mut a_rx, "down.test", PING).await;
+    let bounce = iq_round_trip(&alpha, "down.test", PING).await;
     assert!(
         bounce.as_str().contains("<remote-server-not-found"),
         "{}",
@@ -424,7 +410,7 @@ async fn unreachable_domain_is_bounced_after_the_retry_window() {
         t0.elapsed() >= Duration::from_millis(500),
         "retried before bouncing"
     );
-    assert_eq!(alpha.server.outbound.len(), 0, "failed session is gone");
+    assert_eq!(alpha.server.s2s.sessions.len(), 0, "failed session is gone");
     alpha.shutdown().await;
 }
 
@@ -485,9 +471,11 @@ async fn several_hosted_domains_each_get_their_certificate_by_sni() {
     // alpha verifies the server certificate for the domain it asked for.
     for domain in ["beta.test", "other.test"] {
         let mut lines = Vec::new();
-        outbound::connect(&alpha.server, "alpha.test", domain, &mut |l| lines.push(l))
-            .await
-            .unwrap_or_else(|e| panic!("{domain}: {e} {lines:?}"));
+        outbound::connect(&alpha.server.s2s, "alpha.test", domain, &mut |l| {
+            lines.push(l)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{domain}: {e} {lines:?}"));
         assert!(
             lines
                 .iter()
@@ -495,8 +483,7 @@ async fn several_hosted_domains_each_get_their_certificate_by_sni() {
             "{lines:?}"
         );
     }
-    let mut a_rx = capture(&alpha);
-    let pong = iq_round_trip(&alpha, &mut a_rx, "other.test", PING).await;
+    let pong = iq_round_trip(&alpha, "other.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
     alpha.shutdown().await;
     beta.shutdown().await;
@@ -517,20 +504,20 @@ async fn a_burst_is_stored_whole_before_the_following_ping_is_answered() {
     let bob = xmpp_federator::store::User {
         id: "b1".into(),
         handle: "bob".into(),
+        domain: "beta.test".into(),
         display_name: String::new(),
     };
     beta.server.store.put_user(&bob).await.unwrap();
-    let mut rx = capture(&alpha);
     for i in 0..N {
         let xml = format!(
             "<message from='a@alpha.test' to='bob@beta.test' id='m{i}'><body>{i}</body></message>"
         );
-        xmpp_federator::router::route(
-            &alpha.server,
-            xmpp_federator::stanza::Stanza::parse(&xml).unwrap(),
-        );
+        alpha
+            .server
+            .outbox
+            .send(xmpp_federator::stanza::Stanza::parse(&xml).unwrap());
     }
-    let pong = iq_round_trip(&alpha, &mut rx, "beta.test", PING).await;
+    let pong = iq_round_trip(&alpha, "beta.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"));
     let stored = beta.server.store.events_after(0, 2 * N).unwrap();
     assert_eq!(stored.len(), N, "every message stored when the pong came");

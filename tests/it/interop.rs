@@ -21,7 +21,7 @@ use xmpp_federator::testkit::raw::{self, Outcome};
 use serde_json::json;
 use xmpp_federator::testkit::interop::BackgroundClient;
 
-use crate::support::{PING, TOKEN, capture, http, iq_round_trip, wait_event};
+use crate::support::{PING, TOKEN, http, iq_round_trip, wait_event};
 
 const WIRE: &str = "wire.test";
 
@@ -407,12 +407,10 @@ async fn prosody() {
     }
 
     let wire = lab.start_wire().await;
-    let mut rx = capture(&wire);
-    let pong = iq_round_trip(&wire, &mut rx, "prosody.test", PING).await;
+    let pong = iq_round_trip(&wire, "prosody.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
     let info = iq_round_trip(
         &wire,
-        &mut rx,
         "prosody.test",
         "<query xmlns='http://jabber.org/protocol/disco#info'/>",
     )
@@ -495,12 +493,10 @@ async fn ejabberd() {
     }
 
     let wire = lab.start_wire().await;
-    let mut rx = capture(&wire);
-    let pong = iq_round_trip(&wire, &mut rx, "ejabberd.test", PING).await;
+    let pong = iq_round_trip(&wire, "ejabberd.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
     let info = iq_round_trip(
         &wire,
-        &mut rx,
         "ejabberd.test",
         "<query xmlns='http://jabber.org/protocol/disco#info'/>",
     )

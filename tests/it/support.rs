@@ -4,7 +4,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use xmpp_federator::config::Config;
 use xmpp_federator::server::{Running, start};
 use xmpp_federator::stanza::Stanza;
@@ -68,34 +67,16 @@ impl Net {
     }
 }
 
-/// Capture iq results/errors addressed to the instance's domain.
-pub fn capture(r: &Running) -> mpsc::Receiver<Stanza> {
-    let (tx, rx) = mpsc::channel(1024);
-    *r.server.iq_results.lock().unwrap() = Some(tx);
-    rx
-}
-
 /// Send an iq get from `r`'s domain to `to` and wait for the answer with its id.
-pub async fn iq_round_trip(
-    r: &Running,
-    rx: &mut mpsc::Receiver<Stanza>,
-    to: &str,
-    payload: &str,
-) -> Stanza {
+pub async fn iq_round_trip(r: &Running, to: &str, payload: &str) -> Stanza {
     let id = format!("t{}", rand_id());
     let from = r.server.config.domains[0].clone();
     let iq = Stanza::iq("get", &from, to, &id, payload);
-    xmpp_federator::router::route(&r.server, iq);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .expect("answer within 20 s")
-            .expect("channel open");
-        if s.id.as_deref() == Some(id.as_str()) {
-            return s;
-        }
-    }
+    r.server
+        .outbox
+        .ask(iq, Duration::from_secs(20))
+        .await
+        .expect("answer within 20 s")
 }
 
 pub fn rand_id() -> u64 {

@@ -1,30 +1,20 @@
 //! Presence and subscriptions of local users (RFC 6121 §3 subscriptions, §4
 //! presence), with the roster kept in the store.
 //!
-//! Inbound presence stanzas are handled in the users' inbox task, in stream order.
+//! Inbound presence stanzas are handled in the inbox task, in stream order.
 //! A backend user appears on the network as `handle@domain/backend` (one resource)
 //! when the backend sets it available.
 
-use std::sync::Arc;
-
-use crate::router::route;
-use crate::server::Server;
+use crate::routing::Outbox;
 use crate::stanza::Stanza;
-use crate::store::{EventKind, Presence, RosterItem, StoreError, Subscription, User};
+use crate::store::{EventKind, Presence, RosterItem, Store, StoreError, Subscription, User};
 use crate::xml::writer::{ElementBuilder, escape};
 
 /// The resource under which backend users' presence is published.
 pub const RESOURCE: &str = "backend";
 
-fn bare(jid: &str) -> &str {
-    jid.split('/').next().unwrap_or(jid)
-}
-
-fn user_bare(server: &Server, user: &User) -> String {
-    format!("{}@{}", user.handle, server.config.domains[0])
-}
-
-fn presence_xml(from: &str, to: &str, type_: Option<&str>, p: Option<&Presence>) -> Stanza {
+/// A presence stanza from `from` to `to`.
+pub fn presence_xml(from: &str, to: &str, type_: Option<&str>, p: Option<&Presence>) -> Stanza {
     let mut inner = String::new();
     if let Some(p) = p {
         if let Some(show) = &p.show {
@@ -47,18 +37,18 @@ fn presence_xml(from: &str, to: &str, type_: Option<&str>, p: Option<&Presence>)
     Stanza::parse(&xml).unwrap_or_else(|| Stanza::iq("error", from, to, "", ""))
 }
 
-fn send(server: &Arc<Server>, from: &str, to: &str, type_: Option<&str>, p: Option<&Presence>) {
-    route(server, presence_xml(from, to, type_, p));
+fn send(outbox: &Outbox, from: &str, to: &str, type_: Option<&str>, p: Option<&Presence>) {
+    outbox.send(presence_xml(from, to, type_, p));
 }
 
 /// Send the user's current presence (or unavailable) to one contact.
-fn send_current(server: &Arc<Server>, user: &User, to: &str) -> Result<(), StoreError> {
-    let p = server.store.presence(&user.id)?;
-    let from = format!("{}/{RESOURCE}", user_bare(server, user));
+fn send_current(store: &Store, outbox: &Outbox, user: &User, to: &str) -> Result<(), StoreError> {
+    let p = store.presence(&user.id)?;
+    let from = format!("{}/{RESOURCE}", user.jid());
     if p.available {
-        send(server, &from, to, None, Some(&p));
+        send(outbox, &from, to, None, Some(&p));
     } else {
-        send(server, &from, to, Some("unavailable"), None);
+        send(outbox, &from, to, Some("unavailable"), None);
     }
     Ok(())
 }
@@ -90,26 +80,31 @@ fn remove_from(s: Subscription) -> Subscription {
 
 fn text_child(stanza: &Stanza, name: &str) -> Option<String> {
     let el = crate::xml::framer::parse_element(&stanza.raw).ok()?;
-    crate::s2s::conn::children(&el)
+    crate::xml::children::children(&el)
         .into_iter()
         .find(|c| c.name == name && c.ns == crate::xml::NS_SERVER)
         .map(|c| c.text)
 }
 
 /// A presence stanza from a contact to a local user (inbox task, in order).
-pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Result<(), StoreError> {
-    let Some(from_full) = stanza.from.as_deref() else {
+pub async fn inbound(
+    store: &Store,
+    outbox: &Outbox,
+    user: &User,
+    stanza: &Stanza,
+) -> Result<(), StoreError> {
+    let Some(from) = stanza.from.as_ref() else {
         return Ok(());
     };
-    let contact = bare(from_full).to_string();
-    let store = &server.store;
+    let from_full = from.as_str();
+    let contact = from.bare().to_string();
     let mut item = store
         .roster_item(&user.id, &contact)?
         .unwrap_or(RosterItem {
             jid: contact.clone(),
             ..RosterItem::default()
         });
-    let me = user_bare(server, user);
+    let me = user.jid();
     let event = |action: &str, item: &RosterItem| EventKind::Subscription {
         user_id: user.id.clone(),
         from: contact.clone(),
@@ -120,7 +115,7 @@ pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Resu
         Some("subscribe") => {
             if item.subscription.contact_sees_user() {
                 // Already approved: answer for the user (RFC 6121 §3.1.3).
-                send(server, &me, &contact, Some("subscribed"), None);
+                send(outbox, &me, &contact, Some("subscribed"), None);
             } else if !item.pending_in {
                 item.pending_in = true;
                 let ev = event("subscribe", &item);
@@ -158,13 +153,13 @@ pub async fn inbound(server: &Arc<Server>, user: &User, stanza: &Stanza) -> Resu
                     .await?;
                 if had {
                     let from = format!("{me}/{RESOURCE}");
-                    send(server, &from, &contact, Some("unavailable"), None);
+                    send(outbox, &from, &contact, Some("unavailable"), None);
                 }
             }
         Some("probe")
             // Only contacts with a subscription learn the user's presence (§4.3.2).
             if item.subscription.contact_sees_user() => {
-                send_current(server, user, from_full)?;
+                send_current(store, outbox, user, from_full)?;
             }
         None | Some("unavailable")
             if item.subscription.user_sees_contact() => {
@@ -198,13 +193,13 @@ pub enum Action {
 
 /// Apply a backend action to a user's roster and tell the contact.
 pub async fn act(
-    server: &Arc<Server>,
+    store: &Store,
+    outbox: &Outbox,
     user: &User,
     contact: &str,
     action: Action,
 ) -> Result<RosterItem, StoreError> {
-    let store = &server.store;
-    let me = user_bare(server, user);
+    let me = user.jid();
     let mut item = store.roster_item(&user.id, contact)?.unwrap_or(RosterItem {
         jid: contact.to_string(),
         ..RosterItem::default()
@@ -217,7 +212,7 @@ pub async fn act(
             store
                 .put_roster_item(&user.id, contact, Some(&item), vec![])
                 .await?;
-            send(server, &me, contact, Some("subscribe"), None);
+            send(outbox, &me, contact, Some("subscribe"), None);
         }
         Action::Approve => {
             item.pending_in = false;
@@ -225,8 +220,8 @@ pub async fn act(
             store
                 .put_roster_item(&user.id, contact, Some(&item), vec![])
                 .await?;
-            send(server, &me, contact, Some("subscribed"), None);
-            send_current(server, user, contact)?;
+            send(outbox, &me, contact, Some("subscribed"), None);
+            send_current(store, outbox, user, contact)?;
         }
         Action::Deny => {
             item.pending_in = false;
@@ -234,14 +229,14 @@ pub async fn act(
             store
                 .put_roster_item(&user.id, contact, Some(&item), vec![])
                 .await?;
-            send(server, &me, contact, Some("unsubscribed"), None);
+            send(outbox, &me, contact, Some("unsubscribed"), None);
         }
         Action::Remove => {
             if item.subscription.user_sees_contact() || item.pending_out {
-                send(server, &me, contact, Some("unsubscribe"), None);
+                send(outbox, &me, contact, Some("unsubscribe"), None);
             }
             if item.subscription.contact_sees_user() || item.pending_in {
-                send(server, &me, contact, Some("unsubscribed"), None);
+                send(outbox, &me, contact, Some("unsubscribed"), None);
             }
             store
                 .put_roster_item(&user.id, contact, None, vec![])
@@ -257,26 +252,25 @@ pub async fn act(
 
 /// Set a user's presence and send it to every contact allowed to see it; when it
 /// becomes available, probe the contacts the user is subscribed to (§4.2.1).
-pub async fn set(server: &Arc<Server>, user: &User, p: Presence) -> Result<(), StoreError> {
-    let was = server.store.presence(&user.id)?;
-    server.store.set_presence(&user.id, &p).await?;
-    let from = format!("{}/{RESOURCE}", user_bare(server, user));
-    for item in server.store.roster(&user.id)? {
+pub async fn set(
+    store: &Store,
+    outbox: &Outbox,
+    user: &User,
+    p: Presence,
+) -> Result<(), StoreError> {
+    let was = store.presence(&user.id)?;
+    store.set_presence(&user.id, &p).await?;
+    let from = format!("{}/{RESOURCE}", user.jid());
+    for item in store.roster(&user.id)? {
         if item.subscription.contact_sees_user() {
             if p.available {
-                send(server, &from, &item.jid, None, Some(&p));
+                send(outbox, &from, &item.jid, None, Some(&p));
             } else {
-                send(server, &from, &item.jid, Some("unavailable"), None);
+                send(outbox, &from, &item.jid, Some("unavailable"), None);
             }
         }
         if p.available && !was.available && item.subscription.user_sees_contact() {
-            send(
-                server,
-                &user_bare(server, user),
-                &item.jid,
-                Some("probe"),
-                None,
-            );
+            send(outbox, &user.jid(), &item.jid, Some("probe"), None);
         }
     }
     Ok(())

@@ -1,0 +1,25 @@
+//! Address dispatch: which service owns a hosted address, and the one outbox that
+//! every stanza we emit goes through.
+//!
+//! This layer knows hosted addresses and nothing of sockets or the store:
+//! - [`table`]: a table from hosted domain to the services that own its
+//!   addresses (the domain itself, its accounts' bare and full JIDs, components
+//!   such as `conference.<domain>`), looked up by the most specific match, and the
+//!   [`Service`] trait they implement. It also holds the inbound invariants
+//!   (RFC 6120 §8.1, §13.7): a stanza from a peer is routed only if its
+//!   from-domain is the domain that peer authenticated as ([`Peer`], which only
+//!   negotiation makes) and only to an address hosted here.
+//! - [`outbox`]: [`Outbox`], the only way services send, bounce and ask: local
+//!   addresses loop back through the table, remote ones go to the s2s layer
+//!   through the narrow [`Remote`] trait; the rule "errors are never answered
+//!   with errors" (RFC 6120 §8.3.1) lives there once. Tracked messages (the
+//!   backend's durable ones) are never bounced for passing failures: their fate
+//!   is reported to a [`Tracker`] (delivery) as [`Report`]s.
+//! - [`iq`]: the one tracker of our own iq requests awaiting their answer.
+
+pub mod iq;
+pub mod outbox;
+pub mod table;
+
+pub use outbox::{AskError, Gate, Outbox, Outgoing, Refused, Remote, Report, Tracker};
+pub use table::{Identity, Peer, Service, Table};

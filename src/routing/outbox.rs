@@ -1,0 +1,310 @@
+//! The outbox: every stanza we emit, whoever emits it.
+//!
+//! - [`Outbox::send`]: a hosted address loops back through the [`Table`]; any other
+//!   goes to the s2s layer ([`Remote`]) if the federation policy allows its domain,
+//!   from a hosted domain only; what cannot go is bounced.
+//! - [`Outbox::send_tracked`]: the same for a message whose outcome a [`Tracker`]
+//!   settles (the backend's durable messages). It is never bounced for a failure
+//!   that may pass (unreachable, queue full, shutdown): the tracker gets a
+//!   [`Report`] and resends it later. A refusal that will not pass (the policy) is
+//!   bounced like any other, and the bounce comes back to the sender's account.
+//! - [`Outbox::bounce`]: the error reply to a stanza, never to an error
+//!   (RFC 6120 §8.3.1).
+//! - [`Outbox::ask`]: an iq request and its answer ([`super::iq::IqTracker`]).
+//! - [`Outbox::route_inbound`]: a stanza from an authenticated peer, checked by
+//!   the table, after waiting for room where a [`Gate`] says the receiving side is
+//!   full (TCP backpressure instead of refusals).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::address::Addr;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::stanza::{Stanza, StanzaCondition};
+
+use super::iq::{IqTracker, Waiting};
+use super::table::{Peer, Refusal, Service, Table};
+
+/// A stanza on its way to a remote domain.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The stanza.
+    pub stanza: Stanza,
+    /// Its outcome is the [`Tracker`]'s (confirmed by the session, reported back),
+    /// never a bounce for a passing failure.
+    pub tracked: bool,
+}
+
+/// What the s2s layer tells about tracked messages and remote domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A stream to `remote` was established.
+    Reachable {
+        /// The remote domain.
+        remote: String,
+    },
+    /// Tracked messages (by stanza id) not known to be delivered: send them again
+    /// later. `unreachable`: because that remote domain could not be reached.
+    Unsent {
+        /// Their stanza ids.
+        ids: Vec<String>,
+        /// The domain that could not be reached, if that was why.
+        unreachable: Option<String>,
+    },
+    /// Tracked messages written; the answer (result or error) to the iq
+    /// `ping_id` that follows them confirms them all (a stream is processed in
+    /// order, RFC 6120 §10.1). Reported before the ping is written.
+    AwaitingPing {
+        /// The id of the ping after them.
+        ping_id: String,
+        /// Their stanza ids.
+        ids: Vec<String>,
+    },
+    /// Tracked messages acknowledged with XEP-0198.
+    Acked {
+        /// Their stanza ids.
+        ids: Vec<String>,
+    },
+}
+
+/// A stanza the s2s layer could not queue, given back with why.
+#[derive(Debug)]
+pub struct Refused {
+    /// The stanza.
+    pub item: Outgoing,
+    /// The condition to bounce it with (if it is not tracked).
+    pub condition: StanzaCondition,
+    /// Why, for people.
+    pub text: &'static str,
+}
+
+/// Whoever settles tracked messages (delivery).
+pub trait Tracker: Send + Sync + 'static {
+    /// Take a report (synchronously: a ping's answer may follow at once).
+    fn report(&self, outbox: &Outbox, report: Report);
+}
+
+/// The s2s layer as the outbox sees it.
+pub trait Remote: Send + Sync + 'static {
+    /// Queue `item` for `remote`, from hosted `local`; gives it back with the
+    /// condition when it cannot be queued.
+    fn send(
+        &self,
+        outbox: &Outbox,
+        local: &str,
+        remote: &str,
+        item: Outgoing,
+    ) -> Result<(), Box<Refused>>;
+
+    /// Room left in the queue from `local` to `remote`; `None` without a session.
+    fn room(&self, local: &str, remote: &str) -> Option<usize>;
+}
+
+/// Where the receiving side may be full: inbound streams wait for room before
+/// their next stanza is routed.
+pub trait Gate: Send + Sync + 'static {
+    /// Whether a stanza should wait before it is routed.
+    fn full(&self) -> bool;
+    /// Wait until there is room.
+    fn room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// Why an [`Outbox::ask`] got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AskError {
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The request has no id to wait for.
+    #[error("the request has no id")]
+    NoId,
+}
+
+struct Inner {
+    table: Table,
+    remote: Arc<dyn Remote>,
+    tracker: Arc<dyn Tracker>,
+    gate: Option<Arc<dyn Gate>>,
+    policy: Arc<Policy>,
+    iqs: IqTracker,
+    metrics: Arc<Metrics>,
+}
+
+/// The one way out for stanzas we emit (cheap to clone).
+#[derive(Clone)]
+pub struct Outbox(Arc<Inner>);
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("table", &self.0.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Build the outbox over a complete table.
+    pub fn new(
+        table: Table,
+        remote: Arc<dyn Remote>,
+        tracker: Arc<dyn Tracker>,
+        gate: Option<Arc<dyn Gate>>,
+        policy: Arc<Policy>,
+        metrics: Arc<Metrics>,
+    ) -> Outbox {
+        Outbox(Arc::new(Inner {
+            table,
+            remote,
+            tracker,
+            gate,
+            policy,
+            iqs: IqTracker::default(),
+            metrics,
+        }))
+    }
+
+    /// The address table.
+    pub fn table(&self) -> &Table {
+        &self.0.table
+    }
+
+    /// Route a stanza an authenticated peer sent. An `Err` is the stream error
+    /// to close that peer's stream with.
+    pub async fn route_inbound(&self, peer: &Peer, stanza: Stanza) -> Result<(), Refusal> {
+        if let Some(g) = &self.0.gate
+            && g.full()
+        {
+            g.room().await;
+        }
+        let service = self.0.table.check_inbound(peer, &stanza)?;
+        self.0.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
+        service.handle(stanza, self);
+        Ok(())
+    }
+
+    /// Send a stanza we originate (a reply, a bounce, a presence...).
+    pub fn send(&self, stanza: Stanza) {
+        self.dispatch(stanza, false)
+    }
+
+    /// Send a message whose outcome the tracker settles.
+    pub fn send_tracked(&self, stanza: Stanza) {
+        self.dispatch(stanza, true)
+    }
+
+    fn local_service(&self, to: &Addr) -> Option<&Arc<dyn Service>> {
+        self.0.table.service_for(to)
+    }
+
+    fn dispatch(&self, stanza: Stanza, tracked: bool) {
+        let Some(to) = stanza.to.as_ref() else {
+            tracing::warn!(stanza = stanza.as_str(), "dropping stanza without 'to'");
+            return;
+        };
+        if let Some(service) = self.local_service(to) {
+            return service.clone().handle(stanza, self);
+        }
+        let to_domain = to.domain();
+        let Some(local) = stanza
+            .from
+            .as_ref()
+            .and_then(|f| self.0.table.hosted(f.domain()))
+        else {
+            tracing::warn!(
+                stanza = stanza.as_str(),
+                "dropping stanza not from a hosted domain"
+            );
+            return;
+        };
+        // Domains are case-insensitive; keep one spelling per session.
+        let remote = to_domain.to_ascii_lowercase();
+        if !self.0.policy.allows(&remote) {
+            return self.bounce(
+                &stanza,
+                StanzaCondition::PolicyViolation,
+                "federation with this domain is not allowed",
+            );
+        }
+        let local = local.to_string();
+        let item = Outgoing { stanza, tracked };
+        if let Err(r) = self.0.remote.send(self, &local, &remote, item) {
+            self.not_sent(vec![r.item], r.condition, r.text, None);
+        }
+    }
+
+    /// Stanzas the s2s layer could not send: tracked ones are reported to the
+    /// tracker (sent again later), the others bounced with `condition`.
+    /// `unreachable`: the remote domain that could not be reached, if that is why.
+    pub fn not_sent(
+        &self,
+        items: Vec<Outgoing>,
+        condition: StanzaCondition,
+        text: &str,
+        unreachable: Option<&str>,
+    ) {
+        let mut ids = Vec::new();
+        for item in items {
+            if item.tracked {
+                if let Some(id) = item.stanza.id {
+                    tracing::debug!(%id, %condition, "tracked message kept for retry");
+                    ids.push(id);
+                }
+            } else {
+                self.bounce(&item.stanza, condition, text);
+            }
+        }
+        if !ids.is_empty() || unreachable.is_some() {
+            self.report(Report::Unsent {
+                ids,
+                unreachable: unreachable.map(str::to_string),
+            });
+        }
+    }
+
+    /// Pass a report to the tracker.
+    pub fn report(&self, report: Report) {
+        self.0.tracker.report(self, report);
+    }
+
+    /// Answer a stanza with an error, unless it is itself an error.
+    pub fn bounce(&self, stanza: &Stanza, condition: StanzaCondition, text: &str) {
+        if let Some(reply) = stanza.error_reply(condition, Some(text)) {
+            self.0
+                .metrics
+                .stanzas_bounced
+                .fetch_add(1, Ordering::Relaxed);
+            self.send(reply);
+        }
+    }
+
+    /// Register a wait for the answer to an iq with `id` (send it after this).
+    pub fn expect(&self, id: &str) -> Waiting {
+        self.0.iqs.expect(id)
+    }
+
+    /// Send an iq request and wait up to `timeout` for its answer (a result or an
+    /// error stanza).
+    pub async fn ask(&self, iq: Stanza, timeout: Duration) -> Result<Stanza, AskError> {
+        let mut waiting = self.expect(iq.id.as_deref().ok_or(AskError::NoId)?);
+        self.send(iq);
+        match tokio::time::timeout(timeout, waiting.answer()).await {
+            Ok(Some(s)) => Ok(s),
+            _ => Err(AskError::Timeout(timeout)),
+        }
+    }
+
+    /// Hand an iq result or error to its waiter; gives it back if none waits.
+    pub fn answer(&self, stanza: Stanza) -> Option<Stanza> {
+        self.0.iqs.answer(stanza)
+    }
+
+    /// Room left in the session queue from `local` to `remote`.
+    pub fn room(&self, local: &str, remote: &str) -> Option<usize> {
+        self.0.remote.room(local, remote)
+    }
+}

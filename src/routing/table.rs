@@ -1,0 +1,227 @@
+//! The table from hosted address to service.
+//!
+//! Like hickory-dns' catalog or ejabberd's `register_route`: every hosted domain
+//! registers the service for the domain itself and the one for its accounts
+//! (`user@domain`, bare or full); every component (`conference.<domain>`, later)
+//! registers the service that owns the component domain and every address in it.
+//! The table never knows what a user or a room is.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::address::Addr;
+use crate::stanza::{Stanza, StreamCondition};
+
+use super::Outbox;
+
+/// Something that owns hosted addresses. It gets a stanza and an outbox and
+/// answers only through the outbox; it never reaches for a socket, the server or
+/// a store backend.
+pub trait Service: Send + Sync + 'static {
+    /// Handle a stanza addressed to an address this service owns.
+    fn handle(&self, stanza: Stanza, outbox: &Outbox);
+
+    /// The disco identity of the service's own domain (XEP-0030), shown in the
+    /// parent domain's disco#items for components.
+    fn identity(&self) -> Identity;
+
+    /// The disco#info features of the service's own domain.
+    fn features(&self) -> Vec<&'static str>;
+}
+
+/// A disco#info identity (XEP-0030 §3.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `server`, `account`, `conference`, ...
+    pub category: &'static str,
+    /// `im`, `registered`, `text`, ...
+    pub type_: &'static str,
+    /// Human-readable name.
+    pub name: String,
+}
+
+/// A peer domain proven by negotiation (a certificate, later dialback). Only the
+/// s2s layer makes one, once a stream is authenticated; routing a peer's stanza
+/// needs it, so an unauthenticated stream has nothing to route with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    domain: String,
+}
+
+impl Peer {
+    /// For the s2s layer's negotiation only (a test checks that nothing else calls
+    /// it): `domain` has been authenticated on this stream.
+    pub(crate) fn authenticated(domain: &str) -> Peer {
+        Peer {
+            domain: domain.to_ascii_lowercase(),
+        }
+    }
+
+    /// The authenticated domain (lower case).
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+}
+
+/// One hosted domain and the owners of its addresses.
+struct Host {
+    domain: String,
+    server: Arc<dyn Service>,
+    accounts: Arc<dyn Service>,
+}
+
+/// A component: a domain of its own under a host, one service for all of it.
+struct Component {
+    domain: String,
+    host: usize,
+    service: Arc<dyn Service>,
+}
+
+enum Entry {
+    Host(usize),
+    Component(usize),
+}
+
+/// Hosted domains, their accounts and components.
+#[derive(Default)]
+pub struct Table {
+    hosts: Vec<Host>,
+    components: Vec<Component>,
+    /// Lower-case domain -> entry.
+    by_domain: HashMap<String, Entry>,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field(
+                "hosts",
+                &self.hosts.iter().map(|h| &h.domain).collect::<Vec<_>>(),
+            )
+            .field(
+                "components",
+                &self
+                    .components
+                    .iter()
+                    .map(|c| &c.domain)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Why an inbound stanza cannot be routed: the stream error to close with.
+pub type Refusal = (StreamCondition, String);
+
+impl Table {
+    /// Host `domain`: `server` owns the domain's own address, `accounts` its
+    /// `user@domain` addresses.
+    pub fn add_host(&mut self, domain: &str, server: Arc<dyn Service>, accounts: Arc<dyn Service>) {
+        self.by_domain
+            .insert(domain.to_ascii_lowercase(), Entry::Host(self.hosts.len()));
+        self.hosts.push(Host {
+            domain: domain.to_string(),
+            server,
+            accounts,
+        });
+    }
+
+    /// Host a component domain under `host` (which must be hosted already).
+    pub fn add_component(&mut self, domain: &str, host: &str, service: Arc<dyn Service>) {
+        let Some(Entry::Host(h)) = self.lookup(host) else {
+            panic!("component {domain}: {host} is not a hosted domain (a configuration bug)");
+        };
+        let h = *h;
+        self.by_domain.insert(
+            domain.to_ascii_lowercase(),
+            Entry::Component(self.components.len()),
+        );
+        self.components.push(Component {
+            domain: domain.to_string(),
+            host: h,
+            service,
+        });
+    }
+
+    fn lookup(&self, domain: &str) -> Option<&Entry> {
+        // Hosted names are kept in lower case; most stanzas are written that way.
+        match self.by_domain.get(domain) {
+            Some(e) => Some(e),
+            None if domain.bytes().any(|b| b.is_ascii_uppercase()) => {
+                self.by_domain.get(&domain.to_ascii_lowercase())
+            }
+            None => None,
+        }
+    }
+
+    /// The configured spelling of a hosted domain or component, if hosted.
+    pub fn hosted(&self, domain: &str) -> Option<&str> {
+        self.lookup(domain).map(|e| match e {
+            Entry::Host(i) => self.hosts[*i].domain.as_str(),
+            Entry::Component(i) => self.components[*i].domain.as_str(),
+        })
+    }
+
+    /// The hosted domains where accounts live, in configuration order.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.hosts.iter().map(|h| h.domain.as_str())
+    }
+
+    /// The components under `host`, with their identities (disco#items).
+    pub fn components_of(&self, host: &str) -> Vec<(&str, Identity)> {
+        let Some(Entry::Host(h)) = self.lookup(host) else {
+            return Vec::new();
+        };
+        self.components
+            .iter()
+            .filter(|c| c.host == *h)
+            .map(|c| (c.domain.as_str(), c.service.identity()))
+            .collect()
+    }
+
+    /// The service that owns `to`, if it is hosted here.
+    pub fn service_for(&self, to: &Addr) -> Option<&Arc<dyn Service>> {
+        match self.lookup(to.domain())? {
+            Entry::Host(i) => {
+                let h = &self.hosts[*i];
+                Some(if to.local().is_some() {
+                    &h.accounts
+                } else {
+                    &h.server
+                })
+            }
+            Entry::Component(i) => Some(&self.components[*i].service),
+        }
+    }
+
+    /// Check a stanza an authenticated peer sent: both addresses present, from the
+    /// peer's domain, to an address hosted here.
+    pub fn check_inbound<'a>(
+        &'a self,
+        peer: &Peer,
+        stanza: &Stanza,
+    ) -> Result<&'a Arc<dyn Service>, Refusal> {
+        let (Some(from), Some(to)) = (stanza.from.as_ref(), stanza.to.as_ref()) else {
+            return Err((
+                StreamCondition::ImproperAddressing,
+                "s2s stanzas need both 'from' and 'to'".into(),
+            ));
+        };
+        if !from.is_in(peer.domain()) {
+            return Err((
+                StreamCondition::InvalidFrom,
+                format!(
+                    "this stream is authenticated for {}, not {}",
+                    peer.domain(),
+                    from.domain()
+                ),
+            ));
+        }
+        self.service_for(to).ok_or_else(|| {
+            (
+                StreamCondition::HostUnknown,
+                format!("{} is not served here", to.domain()),
+            )
+        })
+    }
+}

@@ -1,0 +1,476 @@
+//! Durable delivery of the backend's outgoing messages.
+//!
+//! A message is persisted in the store's outbound queue before the API answers
+//! (`Store::enqueue`), then submitted through the outbox as a tracked message
+//! ([`Outbox::send_tracked`]): the s2s layer reports its fate back as
+//! [`Report`]s ([`Delivery`] is the outbox's [`Tracker`]). Every
+//! queued message is also tracked in memory (id -> sequence, recipient, expiry,
+//! when last submitted), loaded from the store at startup: settling and sweeping
+//! never read or scan the store, and whoever removes the entry settles the message,
+//! so it is settled once.
+//!
+//! The outbound session writes it and has it confirmed: by XEP-0198 acks where the
+//! peer offers stream management, otherwise by an XEP-0199 ping after the batch: a
+//! stream is processed in order (RFC 6120 §10.1), so the answer to the ping (a
+//! result or an error, either way) confirms that the peer took every stanza before
+//! it. Only then is the message removed from the queue, atomically with a
+//! `delivered` event.
+//! An error reply for the message's id removes it with a `bounced` event. A sweeper
+//! resubmits what is neither confirmed nor in flight (after a restart, or after a
+//! stream broke before the confirmation), no faster than the sessions take them,
+//! and expires what is too old. A domain that could not be reached is held back,
+//! its wait doubling per failed attempt up to `delivery.max_retry_secs`.
+//!
+//! What this does not give: exactly-once. A stream that breaks after the peer took
+//! a message but before the confirmation makes us send it again (with the same
+//! stanza id, so a receiver can drop the duplicate; ours do). XEP-0198 resumption
+//! would close that window; it is not implemented.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::routing::{Outbox, Report, Tracker};
+use crate::stanza::Stanza;
+use crate::store::{EventKind, Outgoing, Store, Writes, now_ms};
+
+/// How long a submitted message may stay unconfirmed before it is resubmitted.
+const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What delivery keeps in memory about a queued message.
+#[derive(Debug, Clone)]
+struct Tracked {
+    seq: u64,
+    to: String,
+    /// The recipient's domain.
+    domain: String,
+    expires_ms: u64,
+    /// When it was last handed to the router; `None`: due now.
+    submitted: Option<Instant>,
+}
+
+/// In-memory delivery state (the store holds the durable part).
+#[derive(Debug)]
+pub struct Delivery {
+    store: Arc<Store>,
+    config: Arc<Config>,
+    /// Stanza id -> every queued message, settled or not yet.
+    queue: Mutex<HashMap<String, Tracked>>,
+    /// Confirmation ping id -> stanza ids it confirms.
+    confirms: Mutex<HashMap<String, Vec<String>>>,
+    /// Domains found unreachable, and when to try each again.
+    backoff: Backoffs,
+}
+
+/// Unreachable domains and their retry state.
+#[derive(Debug, Default)]
+struct Backoffs(Mutex<HashMap<String, Backoff>>);
+
+/// Retry state of an unreachable domain.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    next: Instant,
+}
+
+/// How long to wait after `failures` failed attempts: `base` doubled each time,
+/// at most `max`, minus up to a quarter at random (peers that went down together
+/// are not all retried at once).
+fn retry_after(failures: u32, base: Duration, max: Duration) -> Duration {
+    let full = base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(max);
+    use rand::RngExt;
+    let jitter = rand::rng().random_range(0.0..0.25);
+    full.mul_f64(1.0 - jitter)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Delivery {
+    /// Delivery over `store`, with `config`'s delivery settings; call
+    /// [`Delivery::load`] before anything is submitted.
+    pub fn new(store: Arc<Store>, config: Arc<Config>) -> Delivery {
+        Delivery {
+            store,
+            config,
+            queue: Mutex::default(),
+            confirms: Mutex::default(),
+            backoff: Backoffs::default(),
+        }
+    }
+
+    /// Track every message the store holds (at startup; due at once).
+    pub fn load(&self) {
+        let r = self.store.each_queued(|m| {
+            lock(&self.queue).insert(m.id.clone(), tracked(&m, None));
+        });
+        if let Err(e) = r {
+            tracing::error!(error = %e, "reading the outbound queue");
+        }
+    }
+
+    /// How many messages are queued (persisted, not yet settled).
+    pub fn queued(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
+    fn take_confirm(&self, ping_id: &str) -> Option<Vec<String>> {
+        lock(&self.confirms).remove(ping_id)
+    }
+
+    /// Whether an iq id is one of our confirmation pings still waiting.
+    pub fn is_confirmation(&self, id: &str) -> bool {
+        lock(&self.confirms).contains_key(id)
+    }
+
+    /// Make a message due again (its stream failed before the confirmation).
+    fn unsubmit(&self, id: &str) {
+        if let Some(t) = lock(&self.queue).get_mut(id) {
+            t.submitted = None;
+        }
+    }
+
+    /// One sweep: the ids that expired, and what is due (sequence number, id,
+    /// domain), oldest first.
+    fn sweep(&self, now_ms: u64) -> (Vec<String>, Vec<(u64, String, String)>) {
+        let (mut expired, mut due) = (Vec::new(), Vec::new());
+        for (id, t) in lock(&self.queue).iter() {
+            if now_ms >= t.expires_ms {
+                expired.push(id.clone());
+            } else if t.submitted.is_none_or(|s| s.elapsed() > INFLIGHT_TIMEOUT) {
+                due.push((t.seq, id.clone(), t.domain.clone()));
+            }
+        }
+        due.sort_unstable();
+        (expired, due)
+    }
+
+    fn unreachable_now(&self, domain: &str) {
+        let d = &self.config.delivery;
+        self.backoff.unreachable(
+            domain,
+            Duration::from_secs(d.retry_secs),
+            Duration::from_secs(d.max_retry_secs),
+        );
+    }
+
+    /// A stream to `domain` was established: no more holding back.
+    pub fn reachable(&self, domain: &str) {
+        self.backoff.reachable(domain)
+    }
+
+    /// How many domains are held back now.
+    pub fn held_domains(&self) -> usize {
+        self.backoff.held_domains()
+    }
+
+    fn held(&self, domain: &str) -> bool {
+        self.backoff.held(domain)
+    }
+
+    fn mark_submitted(&self, id: &str) {
+        if let Some(t) = lock(&self.queue).get_mut(id) {
+            t.submitted = Some(Instant::now());
+        }
+    }
+}
+
+impl Backoffs {
+    /// Messages to `domain` failed because it could not be reached: hold it back,
+    /// longer after each failed attempt (failures reported before the current
+    /// wait is over are the same attempt's).
+    pub fn unreachable(&self, domain: &str, base: Duration, max: Duration) {
+        let now = Instant::now();
+        let mut b = lock(&self.0);
+        let e = b.entry(domain.to_string()).or_insert(Backoff {
+            failures: 0,
+            next: now,
+        });
+        if now >= e.next {
+            e.failures += 1;
+            e.next = now + retry_after(e.failures, base, max);
+            tracing::info!(%domain, failures = e.failures, retry_in = ?(e.next - now), "domain unreachable; holding its messages");
+        }
+    }
+
+    /// A stream to `domain` was established: no more holding back.
+    pub fn reachable(&self, domain: &str) {
+        lock(&self.0).remove(domain);
+    }
+
+    /// How many domains are held back now.
+    pub fn held_domains(&self) -> usize {
+        let now = Instant::now();
+        lock(&self.0).values().filter(|b| now < b.next).count()
+    }
+
+    /// Whether messages to `domain` wait for a later attempt.
+    pub fn held(&self, domain: &str) -> bool {
+        lock(&self.0)
+            .get(domain)
+            .is_some_and(|b| Instant::now() < b.next)
+    }
+}
+
+fn tracked(m: &Outgoing, submitted: Option<Instant>) -> Tracked {
+    Tracked {
+        seq: m.seq,
+        to: m.to.clone(),
+        domain: m.domain.clone(),
+        expires_ms: m.expires_ms,
+        submitted,
+    }
+}
+
+impl Delivery {
+    /// Track and submit messages the API has just persisted (`stanzas[i]` is
+    /// `queued[i]`'s stanza, built by the API from validated parts).
+    pub fn submit_new(&self, outbox: &Outbox, queued: &[Outgoing], stanzas: Vec<Stanza>) {
+        // A domain being held back gets them from the sweeper when its wait is over.
+        let held: Vec<bool> = queued.iter().map(|m| self.held(&m.domain)).collect();
+        {
+            let now = Instant::now();
+            let mut q = lock(&self.queue);
+            for (m, held) in queued.iter().zip(&held) {
+                q.insert(m.id.clone(), tracked(m, (!held).then_some(now)));
+            }
+        }
+        for (s, held) in stanzas.into_iter().zip(held) {
+            if !held {
+                outbox.send_tracked(s);
+            }
+        }
+    }
+
+    /// Settle messages by stanza id with an outcome built from `(id, recipient)`,
+    /// in the background.
+    pub fn settle(self: &Arc<Self>, ids: Vec<String>, outcome: impl Fn(&str, &str) -> EventKind) {
+        let (mut w, mut taken) = (Writes::default(), Taken::default());
+        self.take(ids, outcome, &mut w, &mut taken);
+        let this = self.clone();
+        tokio::spawn(async move { this.commit(w, taken).await });
+    }
+
+    /// Take messages by stanza id out of the queue and add their removal and
+    /// outcome (built from `(id, recipient)`) to `w`; whoever takes a message
+    /// settles it. Returns the ids that were not queued (already settled, or
+    /// never ours).
+    pub fn take(
+        &self,
+        ids: Vec<String>,
+        outcome: impl Fn(&str, &str) -> EventKind,
+        w: &mut Writes,
+        taken: &mut Taken,
+    ) -> Vec<String> {
+        let mut unknown = Vec::new();
+        let mut q = lock(&self.queue);
+        for id in ids {
+            match q.remove(&id) {
+                Some(t) => {
+                    w.settle(t.seq, &outcome(&id, &t.to));
+                    taken.0.push((id, t));
+                }
+                None => unknown.push(id),
+            }
+        }
+        unknown
+    }
+
+    /// Make `w` durable; if that fails, `taken` goes back to the queue. Whether it
+    /// was stored.
+    pub async fn commit(&self, w: Writes, taken: Taken) -> bool {
+        match self.store.commit(w).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "storing; outcomes will be retried, inbound stanzas stay unconfirmed");
+                taken.restore(self);
+                false
+            }
+        }
+    }
+
+    /// The answer to confirmation ping `ping_id` arrived (in the inbox, behind the
+    /// peer's earlier stanzas): settle what it confirms into `w`, which the inbox
+    /// commits with the rest of its batch.
+    pub fn confirmed(&self, ping_id: &str, w: &mut Writes, taken: &mut Taken) {
+        if let Some(ids) = self.take_confirm(ping_id) {
+            self.take(ids, delivered, w, taken);
+        }
+    }
+
+    /// The answer to a confirmation ping, when it cannot wait in the inbox (full):
+    /// settled at once, out of order.
+    pub fn confirmed_now(self: &Arc<Self>, ping_id: &str) {
+        if let Some(ids) = self.take_confirm(ping_id) {
+            self.settle(ids, delivered);
+        }
+    }
+
+    /// Resubmit what is due and expire what is too old, every `retry_secs`, until
+    /// `shutdown`; once an hour, forget inbound dedup keys older than the expiry
+    /// window.
+    pub async fn sweeper(self: Arc<Self>, outbox: Outbox, shutdown: CancellationToken) {
+        let every = Duration::from_secs(self.config.delivery.retry_secs);
+        let mut last_prune = Instant::now();
+        loop {
+            if last_prune.elapsed() > Duration::from_secs(3600) {
+                last_prune = Instant::now();
+                let window_ms = self.config.delivery.expire_secs.saturating_mul(2000);
+                if let Err(e) = self
+                    .store
+                    .prune_dedup(now_ms().saturating_sub(window_ms))
+                    .await
+                {
+                    tracing::error!(error = %e, "pruning dedup keys");
+                }
+            }
+            let wait = self.sweep_once(&outbox, every);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One round of the sweeper; how long to wait for the next.
+    fn sweep_once(self: &Arc<Self>, outbox: &Outbox, every: Duration) -> Duration {
+        let (expired, due) = self.sweep(now_ms());
+        if !expired.is_empty() {
+            self.settle(expired, |id, to| EventKind::Expired {
+                id: id.to_string(),
+                to: to.to_string(),
+            });
+        }
+        // Resubmit no faster than the sessions take them: a domain whose session
+        // queue is three-quarters full waits for a later round (a backlog after a
+        // long outage must not be bounced off a full queue, nor read in vain).
+        let margin = (self.config.limits.outbound_queue / 4).max(1);
+        let mut full = std::collections::HashSet::new();
+        let (mut resubmitted, mut held) = (0usize, 0usize);
+        for (seq, id, domain) in due {
+            if full.contains(&domain) {
+                held += 1;
+                continue;
+            }
+            if self.held(&domain) {
+                continue;
+            }
+            match self.store.queued_by_seq(seq) {
+                Ok(Some(m)) => {
+                    let local = crate::address::Addr::trusted(m.from.as_str());
+                    if outbox
+                        .room(local.domain(), &domain)
+                        .is_some_and(|r| r < margin)
+                    {
+                        full.insert(domain);
+                        held += 1;
+                        continue;
+                    }
+                    let Some(stanza) = Stanza::parse(&m.xml) else {
+                        tracing::error!(id = %m.id, "queued message does not parse; it will expire");
+                        continue;
+                    };
+                    self.mark_submitted(&id);
+                    outbox.send_tracked(stanza);
+                    resubmitted += 1;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
+            }
+        }
+        // Held back while sessions are taking them: come back soon.
+        if held > 0 && resubmitted > 0 {
+            every.min(Duration::from_millis(200))
+        } else {
+            every
+        }
+    }
+}
+
+impl Tracker for Arc<Delivery> {
+    fn report(&self, _outbox: &Outbox, report: Report) {
+        match report {
+            Report::Reachable { remote } => self.reachable(&remote),
+            Report::Unsent { ids, unreachable } => {
+                for id in &ids {
+                    self.unsubmit(id);
+                }
+                if let Some(d) = unreachable {
+                    self.unreachable_now(&d);
+                }
+            }
+            Report::AwaitingPing { ping_id, ids } => {
+                lock(&self.confirms).insert(ping_id, ids);
+            }
+            Report::Acked { ids } => self.settle(ids, delivered),
+        }
+    }
+}
+
+/// Messages taken out of the in-memory queue by [`Delivery::take`], until their
+/// outcomes are durable.
+#[derive(Debug, Default)]
+pub struct Taken(Vec<(String, Tracked)>);
+
+impl Taken {
+    /// The write with their outcomes failed: track them again (due now), so they
+    /// are settled later rather than forgotten.
+    pub fn restore(self, delivery: &Delivery) {
+        let mut q = lock(&delivery.queue);
+        for (id, mut t) in self.0 {
+            t.submitted = None;
+            q.insert(id, t);
+        }
+    }
+}
+
+/// The outcome of a confirmed message.
+pub fn delivered(id: &str, to: &str) -> EventKind {
+    EventKind::Delivered {
+        id: id.to_string(),
+        to: to.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_double_up_to_the_cap_with_jitter() {
+        let (base, max) = (Duration::from_secs(5), Duration::from_secs(900));
+        for (failures, full) in [(1, 5), (2, 10), (3, 20), (8, 640), (9, 900), (60, 900)] {
+            let w = retry_after(failures, base, max);
+            let full = Duration::from_secs(full);
+            assert!(w <= full && w >= full.mul_f64(0.75), "{failures}: {w:?}");
+        }
+    }
+
+    #[test]
+    fn a_domain_is_held_until_its_wait_is_over_and_released_when_reachable() {
+        let d = Backoffs::default();
+        let (base, max) = (Duration::from_secs(60), Duration::from_secs(600));
+        assert!(!d.held("r.test"));
+        d.unreachable("r.test", base, max);
+        assert!(d.held("r.test"));
+        assert!(!d.held("other.test"));
+        // More failures of the same attempt do not lengthen the wait.
+        d.unreachable("r.test", base, max);
+        assert_eq!(lock(&d.0)["r.test"].failures, 1);
+        d.reachable("r.test");
+        assert!(!d.held("r.test"));
+        // An attempt after the wait that fails again waits longer.
+        let short = Duration::from_millis(1);
+        d.unreachable("s.test", short, max);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!d.held("s.test"));
+        d.unreachable("s.test", short, max);
+        assert_eq!(lock(&d.0)["s.test"].failures, 2);
+    }
+}
