@@ -17,6 +17,5 @@ pub mod s2s;
 pub mod server;
 pub mod stanza;
 pub mod store;
-pub mod testkit;
 pub mod users;
 pub mod xml;

@@ -8,9 +8,9 @@ use tokio::sync::mpsc;
 use xmpp_federator::config::Config;
 use xmpp_federator::server::{Running, start};
 use xmpp_federator::stanza::Stanza;
-use xmpp_federator::testkit::certs::{Eku, TestCa};
-use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::instance_config;
+use xmpp_federator_testkit::certs::{Eku, TestCa};
+use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::instance_config;
 
 pub struct Net {
     pub dir: tempfile::TempDir,
@@ -116,7 +116,7 @@ pub fn init_log() {
     }
 }
 
-pub use xmpp_federator::testkit::http::request as http;
+pub use xmpp_federator_testkit::http::request as http;
 
 pub const TOKEN: &str = "test-token-0123456789";
 
