@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 
 use xmpp_federator::load::cpu_of;
 use xmpp_federator::server::metric_names;
-use xmpp_federator::testkit::certs::TestCa;
-use xmpp_federator::testkit::cli_arg as arg;
-use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::http::{all_events, get_text, request as http};
-use xmpp_federator::testkit::process::BinaryInstance;
+use xmpp_federator_testkit::certs::TestCa;
+use xmpp_federator_testkit::cli_arg as arg;
+use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::http::{all_events, get_text, request as http};
+use xmpp_federator_testkit::process::BinaryInstance;
 
 const TOKEN: &str = "load-token-0123456789";
 

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use rand::RngExt;
 use serde_json::json;
-use xmpp_federator::testkit::certs::TestCa;
-use xmpp_federator::testkit::cli_arg as arg;
-use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::http::{all_events, request as http};
-use xmpp_federator::testkit::process::BinaryInstance;
-use xmpp_federator::testkit::start_instance;
+use xmpp_federator_testkit::certs::TestCa;
+use xmpp_federator_testkit::cli_arg as arg;
+use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::http::{all_events, request as http};
+use xmpp_federator_testkit::process::BinaryInstance;
+use xmpp_federator_testkit::start_instance;
 
 const TOKEN: &str = "soak-token-0123456789";
 

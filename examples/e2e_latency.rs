@@ -14,14 +14,14 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::json;
-use xmpp_federator::testkit::certs::{Eku, TestCa};
-use xmpp_federator::testkit::cli_arg as arg;
-use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::http::request as http;
-use xmpp_federator::testkit::interop::{
+use xmpp_federator_testkit::certs::{Eku, TestCa};
+use xmpp_federator_testkit::cli_arg as arg;
+use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::http::request as http;
+use xmpp_federator_testkit::interop::{
     BackgroundClient, Prosody, ServerSpec, Work, ensure_packages, ensure_venv,
 };
-use xmpp_federator::testkit::start_instance;
+use xmpp_federator_testkit::start_instance;
 
 const TOKEN: &str = "latency-token-0123456789";
 

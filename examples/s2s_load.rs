@@ -16,11 +16,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use xmpp_federator::load::run_with;
-use xmpp_federator::testkit::certs::{Eku, TestCa};
-use xmpp_federator::testkit::cli_arg as arg;
-use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::instance_config;
-use xmpp_federator::testkit::interop::{Ejabberd, Prosody, ServerSpec, Work, ensure_packages};
+use xmpp_federator_testkit::certs::{Eku, TestCa};
+use xmpp_federator_testkit::cli_arg as arg;
+use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::instance_config;
+use xmpp_federator_testkit::interop::{Ejabberd, Prosody, ServerSpec, Work, ensure_packages};
 
 /// Our server as a child process; killed on drop.
 struct Ours(std::process::Child);

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use xmpp_federator::testkit::http::try_request;
+use xmpp_federator_testkit::http::try_request;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();

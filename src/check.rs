@@ -55,10 +55,14 @@ pub async fn run(
     };
     out(format!("checking s2s from {local} to {remote}"));
     let mut config = config;
-    let scratch = crate::testkit::interop::Work::new("check")
+    // A throwaway store: check never touches the server's data. Removed when
+    // `scratch` drops, unless XMPP_FEDERATOR_KEEP_WORK is set.
+    let scratch = tempfile::Builder::new()
+        .prefix("xmpp-federator-check-")
+        .disable_cleanup(std::env::var_os("XMPP_FEDERATOR_KEEP_WORK").is_some())
+        .tempdir()
         .map_err(|e| CheckError::Ping(format!("cannot make a scratch directory: {e}")))?;
-    // A throwaway store: check never touches the server's data.
-    config.store.path = scratch.path.join("store");
+    config.store.path = scratch.path().join("store");
     let server = Server::new(config)?;
     if server.s2s.tls.generated {
         out("note: no certificate configured; using a generated self-signed one, which peers will refuse".into());

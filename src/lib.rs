@@ -30,5 +30,4 @@ pub mod server;
 pub mod services;
 pub mod stanza;
 pub mod store;
-pub mod testkit;
 pub mod xml;

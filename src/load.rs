@@ -179,9 +179,14 @@ pub async fn run_with(
 ) -> Result<Report, LoadError> {
     let local = config.domains[0].clone();
     let mut config = config;
-    let scratch = crate::testkit::interop::Work::new("load").map_err(LoadError::Run)?;
-    // A throwaway store: the load tool never touches a server's data.
-    config.store.path = scratch.path.join("store");
+    // A throwaway store: the load tool never touches a server's data. Removed when
+    // `scratch` drops, unless XMPP_FEDERATOR_KEEP_WORK is set.
+    let scratch = tempfile::Builder::new()
+        .prefix("xmpp-federator-load-")
+        .disable_cleanup(std::env::var_os("XMPP_FEDERATOR_KEEP_WORK").is_some())
+        .tempdir()
+        .map_err(|e| LoadError::Run(format!("cannot make a scratch directory: {e}")))?;
+    config.store.path = scratch.path().join("store");
     let server = Server::new(config)?;
     let mut listeners = server.bind().await?;
     let (tx, mut rx) = mpsc::channel::<(Vec<u64>, u64)>(1024);

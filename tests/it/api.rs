@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use xmpp_federator::store::EventKind;
-use xmpp_federator::testkit::certs::Eku;
+use xmpp_federator_testkit::certs::Eku;
 
 use crate::support::{Net, TOKEN, create_user, http, send_batch, send_message, wait_event};
 
@@ -262,7 +262,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(b["duplicates"], json!([0]));
     assert_eq!(b["ids"][0], first["id"]);
     wait_event(beta.api, |e| e["body"] == "new").await;
-    let all = xmpp_federator::testkit::http::all_events(beta.api, TOKEN).await;
+    let all = xmpp_federator_testkit::http::all_events(beta.api, TOKEN).await;
     let n = all.iter().filter(|e| e["body"] == "once only").count();
     assert_eq!(n, 1, "the keyed message arrived once");
 
@@ -350,7 +350,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     let (_, b, _) = http(beta.api, "GET", "/v1/events", Some(TOKEN), None).await;
     assert!(b["events"].as_array().unwrap().is_empty(), "{b}");
     // The counters are scraped as Prometheus text.
-    let (s, text) = xmpp_federator::testkit::http::get_text(alpha.api, "/metrics")
+    let (s, text) = xmpp_federator_testkit::http::get_text(alpha.api, "/metrics")
         .await
         .unwrap();
     assert_eq!(s, 200);
@@ -416,10 +416,10 @@ async fn messages_wait_for_a_peer_that_is_down_and_arrive_once() {
     }
     // Exactly once: give the sweeper a few rounds, then count.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    let all = xmpp_federator::testkit::http::all_events(beta.api, TOKEN).await;
+    let all = xmpp_federator_testkit::http::all_events(beta.api, TOKEN).await;
     let n = all.iter().filter(|e| e["type"] == "message").count();
     assert_eq!(n, 201, "each message stored once");
-    let outcomes = xmpp_federator::testkit::http::all_events(alpha.api, TOKEN).await;
+    let outcomes = xmpp_federator_testkit::http::all_events(alpha.api, TOKEN).await;
     let count = |t: &str| outcomes.iter().filter(|e| e["type"] == t).count();
     assert_eq!((count("delivered"), count("bounced")), (201, 0));
     alpha.shutdown().await;

@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use serde_json::json;
-use xmpp_federator::testkit::certs::Eku;
-use xmpp_federator::testkit::process::{InstanceFiles, ServerProcess, free_port, instance_toml};
+use xmpp_federator_testkit::certs::Eku;
+use xmpp_federator_testkit::process::{InstanceFiles, ServerProcess, free_port, instance_toml};
 
 use crate::support::{Net, TOKEN, create_user, http, wait_event};
 

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use xmpp_federator::s2s::conn::StreamFailure;
 use xmpp_federator::s2s::outbound;
 use xmpp_federator::stanza::StreamCondition;
-use xmpp_federator::testkit::certs::{Eku, TestCa};
+use xmpp_federator_testkit::certs::{Eku, TestCa};
 
 use crate::support::{Net, PING, iq_round_trip};
 
@@ -220,7 +220,7 @@ async fn raw_tls_initiator(
     addr: SocketAddr,
     from: &str,
     to: &str,
-    files: &xmpp_federator::testkit::certs::LeafFiles,
+    files: &xmpp_federator_testkit::certs::LeafFiles,
     net: &Net,
 ) -> String {
     let tcp = starttls_prelude(addr, from, to).await;

@@ -10,16 +10,16 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use xmpp_federator::server::{Running, start};
-use xmpp_federator::testkit::certs::{Eku, LeafFiles, TestCa};
-use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::instance_config;
-use xmpp_federator::testkit::interop::{
+use xmpp_federator_testkit::certs::{Eku, LeafFiles, TestCa};
+use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::instance_config;
+use xmpp_federator_testkit::interop::{
     self, Ejabberd, Prosody, ServerSpec, Work, ensure_packages, ensure_venv,
 };
-use xmpp_federator::testkit::raw::{self, Outcome};
+use xmpp_federator_testkit::raw::{self, Outcome};
 
 use serde_json::json;
-use xmpp_federator::testkit::interop::BackgroundClient;
+use xmpp_federator_testkit::interop::BackgroundClient;
 
 use crate::support::{PING, TOKEN, http, iq_round_trip, wait_event};
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 use xmpp_federator::config::Config;
 use xmpp_federator::server::{Running, start};
 use xmpp_federator::stanza::Stanza;
-use xmpp_federator::testkit::certs::{Eku, TestCa};
-use xmpp_federator::testkit::dns::DnsServer;
-use xmpp_federator::testkit::instance_config;
+use xmpp_federator_testkit::certs::{Eku, TestCa};
+use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::instance_config;
 
 pub struct Net {
     pub dir: tempfile::TempDir,
@@ -97,7 +97,7 @@ pub fn init_log() {
     }
 }
 
-pub use xmpp_federator::testkit::http::request as http;
+pub use xmpp_federator_testkit::http::request as http;
 
 pub const TOKEN: &str = "test-token-0123456789";
 

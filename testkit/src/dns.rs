@@ -186,8 +186,8 @@ fn answer(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::s2s::resolve::Resolver;
+    use xmpp_federator::config::Config;
+    use xmpp_federator::s2s::resolve::Resolver;
 
     #[tokio::test]
     async fn srv_and_a_through_our_resolver() {

@@ -162,17 +162,17 @@ impl BinaryInstance {
     /// Write the files; `extra` is appended to the config (more sections).
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
-        ca: &crate::testkit::certs::TestCa,
+        ca: &crate::certs::TestCa,
         dir: &Path,
         domain: &str,
         ip: Ipv4Addr,
-        dns: &crate::testkit::dns::DnsServer,
+        dns: &crate::dns::DnsServer,
         token: &str,
         backend: &str,
         extra: &str,
     ) -> std::io::Result<BinaryInstance> {
         let leaf = ca
-            .leaf(domain, crate::testkit::certs::Eku::Both, false)
+            .leaf(domain, crate::certs::Eku::Both, false)
             .write(dir, domain);
         let ca_path = ca.write_ca(dir);
         let s2s = SocketAddr::new(ip.into(), free_port(ip));

@@ -2,8 +2,11 @@
 //! (rcgen), an in-process loopback DNS responder, configs, and real Prosody and
 //! ejabberd processes that are stopped when dropped.
 //!
-//! It lives in the library (not `tests/`) so the `load` benchmarks in `examples/`
-//! can use the same harness as the tests.
+//! It is its own crate in the workspace, a dev-dependency of `xmpp-federator`
+//! only: `tests/` and the benchmarks in `examples/` share it, and the shipped
+//! library and binary do not contain it (nothing here writes `policy-rc.d` or runs
+//! `apt-get` from a production build). It uses only the public API of
+//! `xmpp-federator`.
 
 pub mod certs;
 pub mod dns;
@@ -15,7 +18,7 @@ pub mod raw;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::config::{CertificateFiles, Config};
+use xmpp_federator::config::{CertificateFiles, Config};
 
 /// A config for a test instance of ours hosting `domain`, listening on `ip` (port 0
 /// picks free ports), trusting only `ca`, with static DNS overrides.
@@ -44,10 +47,10 @@ pub fn instance_config(
     c.timeouts.negotiation_secs = 10;
     c.timeouts.shutdown_grace_secs = 2;
     // Each instance its own store beside its certificate.
-    c.store.path = cert
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(format!("data-{domain}-{}", crate::s2s::conn::new_id()));
+    c.store.path = cert.parent().unwrap_or(Path::new(".")).join(format!(
+        "data-{domain}-{}",
+        xmpp_federator::s2s::conn::new_id()
+    ));
     c.api.listen = SocketAddr::new(starttls.ip(), 0);
     c
 }
@@ -63,7 +66,7 @@ pub async fn start_instance(
     dns: &dns::DnsServer,
     token: &str,
     tweak: impl FnOnce(&mut Config),
-) -> Result<crate::server::Running, crate::server::StartError> {
+) -> Result<xmpp_federator::server::Running, xmpp_federator::server::StartError> {
     let ca_path = ca.write_ca(dir);
     let f = ca.leaf(domain, certs::Eku::Both, false).write(dir, domain);
     let mut c = instance_config(
@@ -77,7 +80,7 @@ pub async fn start_instance(
     c.dns.nameserver = Some(dns.addr);
     c.api.token = Some(token.into());
     tweak(&mut c);
-    let r = crate::server::start(c).await?;
+    let r = xmpp_federator::server::start(c).await?;
     dns.add(domain, ip, Some(r.starttls[0].port()), None);
     Ok(r)
 }

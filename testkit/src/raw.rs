@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::s2s::tls::{self, PeerVerifier};
+use xmpp_federator::s2s::tls::{self, PeerVerifier};
 
 const NS: &str = "xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'";
 

@@ -83,10 +83,17 @@ pub fn ensure_packages() -> Result<(), String> {
     result.map(|_| ())
 }
 
-/// A Python with slixmpp: `target/interop-venv`, created on first use.
+/// The repository root (this crate is `testkit/` in it): the venv and the client
+/// script live there, not under `testkit/`.
+fn repo_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// A Python with slixmpp: `target/interop-venv` at the repository root, created on
+/// first use.
 pub fn ensure_venv() -> Result<PathBuf, String> {
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop-venv");
+    let venv = repo_root().join("target/interop-venv");
     let python = venv.join("bin/python");
     let ok = |p: &Path| {
         Command::new(p)
@@ -114,7 +121,7 @@ pub fn ensure_venv() -> Result<PathBuf, String> {
 
 /// The client script (fixtures/interop/client.py).
 pub fn client_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/interop/client.py")
+    repo_root().join("fixtures/interop/client.py")
 }
 
 fn client_command(python: &Path, jid: &str, password: &str, c2s: SocketAddr, ca: &Path) -> Command {
