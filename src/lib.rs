@@ -16,9 +16,11 @@
 //! - [`s2s`]: streams, negotiation, TLS, DNS, sessions. Imports routing, never
 //!   services or the store.
 //! - [`server`]: the composition root; [`api`]: the backend HTTP API over it;
-//!   [`check`] and [`load`]: the operator tools.
+//!   [`app`]: both started and stopped together; [`check`] and [`load`]: the
+//!   operator tools.
 pub mod address;
 pub mod api;
+pub mod app;
 pub mod check;
 pub mod config;
 pub mod load;

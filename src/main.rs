@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             init_tracing();
             let r = rt.block_on(async {
                 let signal = shutdown_signal();
-                xmpp_federator::server::run(config, signal).await
+                xmpp_federator::app::run(config, signal).await
             });
             match r {
                 Ok(()) => ExitCode::SUCCESS,

@@ -29,3 +29,20 @@ pub const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 pub const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 /// XEP-0092.
 pub const NS_VERSION: &str = "jabber:iq:version";
+
+/// The normalized localpart and domain of a JID string, or `None` if it is not a
+/// valid JID with a localpart (PRECIS, through the `jid` crate).
+pub fn account_of(jid: &str) -> Option<(String, String)> {
+    let j = jid::Jid::new(jid).ok()?;
+    let node = j.node()?.as_str().to_string();
+    Some((node, j.domain().as_str().to_string()))
+}
+
+/// The local user a stanza is addressed to, if there is one.
+pub fn recipient(
+    store: &crate::store::Store,
+    stanza: &crate::stanza::Stanza,
+) -> Option<crate::store::User> {
+    let (handle, domain) = account_of(stanza.to.as_deref()?)?;
+    store.user_by_handle(&domain, &handle).ok().flatten()
+}

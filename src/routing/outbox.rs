@@ -26,8 +26,9 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::stanza::{Stanza, StanzaCondition};
 
+use super::Service;
 use super::iq::{IqTracker, Waiting};
-use super::table::{Peer, Refusal, Service, Table};
+use super::table::{Peer, Refusal, Table};
 
 /// A stanza on its way to a remote domain.
 #[derive(Debug, Clone)]

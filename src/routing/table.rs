@@ -12,33 +12,7 @@ use std::sync::Arc;
 use crate::address::Addr;
 use crate::stanza::{Stanza, StreamCondition};
 
-use super::Outbox;
-
-/// Something that owns hosted addresses. It gets a stanza and an outbox and
-/// answers only through the outbox; it never reaches for a socket, the server or
-/// a store backend.
-pub trait Service: Send + Sync + 'static {
-    /// Handle a stanza addressed to an address this service owns.
-    fn handle(&self, stanza: Stanza, outbox: &Outbox);
-
-    /// The disco identity of the service's own domain (XEP-0030), shown in the
-    /// parent domain's disco#items for components.
-    fn identity(&self) -> Identity;
-
-    /// The disco#info features of the service's own domain.
-    fn features(&self) -> Vec<&'static str>;
-}
-
-/// A disco#info identity (XEP-0030 §3.1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// `server`, `account`, `conference`, ...
-    pub category: &'static str,
-    /// `im`, `registered`, `text`, ...
-    pub type_: &'static str,
-    /// Human-readable name.
-    pub name: String,
-}
+use super::{Identity, Service};
 
 /// A peer domain proven by negotiation (a certificate, later dialback). Only the
 /// s2s layer makes one, once a stream is authenticated; routing a peer's stanza

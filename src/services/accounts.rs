@@ -18,24 +18,10 @@ use crate::store::{Store, User};
 use crate::xml::writer::escape;
 
 use super::inbox::Inbox;
-use super::{NS_DISCO_INFO, NS_PING};
+use super::{NS_DISCO_INFO, NS_PING, recipient};
 
 /// XEP-0054.
 pub const NS_VCARD: &str = "vcard-temp";
-
-/// The normalized localpart and domain of a JID string, or `None` if it is not a
-/// valid JID with a localpart (PRECIS, through the `jid` crate).
-pub fn account_of(jid: &str) -> Option<(String, String)> {
-    let j = jid::Jid::new(jid).ok()?;
-    let node = j.node()?.as_str().to_string();
-    Some((node, j.domain().as_str().to_string()))
-}
-
-/// The local user a stanza is addressed to, if there is one.
-pub fn recipient(store: &Store, stanza: &Stanza) -> Option<User> {
-    let (handle, domain) = account_of(stanza.to.as_deref()?)?;
-    store.user_by_handle(&domain, &handle).ok().flatten()
-}
 
 /// The accounts of every hosted domain.
 #[derive(Debug)]

@@ -29,8 +29,8 @@ use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{EventKind, Store, User, Writes};
 use crate::xml::children::{children, text_of};
 
-use super::accounts::recipient;
 use super::delivery::{Delivery, Taken};
+use super::recipient;
 
 /// Free slots below which peers' streams wait.
 const HEADROOM: usize = 256;

@@ -66,7 +66,7 @@ pub async fn start_instance(
     dns: &dns::DnsServer,
     token: &str,
     tweak: impl FnOnce(&mut Config),
-) -> Result<xmpp_federator::server::Running, xmpp_federator::server::StartError> {
+) -> Result<xmpp_federator::app::Running, xmpp_federator::server::StartError> {
     let ca_path = ca.write_ca(dir);
     let f = ca.leaf(domain, certs::Eku::Both, false).write(dir, domain);
     let mut c = instance_config(
@@ -80,7 +80,7 @@ pub async fn start_instance(
     c.dns.nameserver = Some(dns.addr);
     c.api.token = Some(token.into());
     tweak(&mut c);
-    let r = xmpp_federator::server::start(c).await?;
+    let r = xmpp_federator::app::start(c).await?;
     dns.add(domain, ip, Some(r.starttls[0].port()), None);
     Ok(r)
 }

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 
-use xmpp_federator::server::{Running, start};
+use xmpp_federator::app::{Running, start};
 use xmpp_federator_testkit::certs::{Eku, LeafFiles, TestCa};
 use xmpp_federator_testkit::dns::DnsServer;
 use xmpp_federator_testkit::instance_config;

@@ -6,4 +6,5 @@ mod binary;
 mod durability;
 mod federation;
 mod interop;
+mod layout;
 mod support;

@@ -4,8 +4,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use xmpp_federator::app::{Running, start};
 use xmpp_federator::config::Config;
-use xmpp_federator::server::{Running, start};
 use xmpp_federator::stanza::Stanza;
 use xmpp_federator_testkit::certs::{Eku, TestCa};
 use xmpp_federator_testkit::dns::DnsServer;
