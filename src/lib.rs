@@ -10,6 +10,7 @@ pub mod config;
 pub mod delivery;
 pub mod handlers;
 pub mod load;
+pub mod metrics;
 pub mod policy;
 pub mod presence;
 pub mod router;

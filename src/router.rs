@@ -6,7 +6,6 @@
 //! with errors (§8.3.1).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::handlers;
@@ -40,7 +39,7 @@ pub fn route_inbound(
             format!("{to_domain} is not served here"),
         ));
     }
-    server.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
+    server.metrics.stanzas_in.inc();
     handlers::deliver_local(server, stanza);
     Ok(())
 }
@@ -122,10 +121,7 @@ pub fn bounce(server: &Arc<Server>, stanza: &Stanza, condition: StanzaCondition,
         return;
     }
     if let Some(reply) = stanza.error_reply(condition, Some(text)) {
-        server
-            .metrics
-            .stanzas_bounced
-            .fetch_add(1, Ordering::Relaxed);
+        server.metrics.stanzas_bounced.inc();
         route(server, reply);
     }
 }

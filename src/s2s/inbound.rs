@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use base64::Engine as _;
@@ -60,10 +59,7 @@ pub async fn serve(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct
         };
         let Some(auth) = auth else { return };
         tracing::Span::current().record("peer.domain", auth.peer_domain.as_str());
-        server
-            .metrics
-            .inbound_authenticated
-            .fetch_add(1, Ordering::Relaxed);
+        server.metrics.inbound_authenticated.inc();
         tracing::info!(local = %auth.local_domain, "inbound stream authenticated (SASL EXTERNAL)");
         run(&server, auth).await;
     }

@@ -558,10 +558,7 @@ async fn session(
             match r {
                 Ok(c) => break c,
                 Err(e) => {
-                    server
-                        .metrics
-                        .outbound_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    server.metrics.outbound_failures.inc();
                     tracing::info!(error = %e, attempt, "outbound connection failed");
                     let window = server.config.timeouts.retry_window();
                     let wait = backoff(attempt).min(window.saturating_sub(window_start.elapsed()));
@@ -579,10 +576,7 @@ async fn session(
                 }
             }
         };
-        server
-            .metrics
-            .outbound_established
-            .fetch_add(1, Ordering::Relaxed);
+        server.metrics.outbound_established.inc();
         tracing::info!(endpoint = %connected.endpoint.addr, "outbound stream established");
         server.delivery.reachable(&remote);
         let (io, mut framer) = connected.xs.into_parts();
@@ -746,7 +740,7 @@ async fn session(
             let n = pending.len() as u64;
             match wr.write_all(&wbuf).await.and(wr.flush().await) {
                 Ok(()) => {
-                    server.metrics.stanzas_out.fetch_add(n, Ordering::Relaxed);
+                    server.metrics.stanzas_out.inc_by(n);
                     pending.clear();
                     last_write = Instant::now();
                     last_stanza = last_write;

@@ -360,7 +360,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
     };
-    use xmpp_federator::server::metric_names as m;
+    use xmpp_federator::metrics::names as m;
     assert!(value(m::STANZAS_OUT) >= 2, "{text}");
     assert!(value(m::OUTBOUND_ESTABLISHED) >= 1, "{text}");
     assert!(value(m::STORE_COMMITS) >= 1, "{text}");
