@@ -9,10 +9,19 @@
 //!
 //! Invariants:
 //! - A name is written once, in [`names`]; registration and tests use the constant.
+//! - The `domain` label has bounded cardinality: at most [`MAX_DOMAIN_LABELS`]
+//!   remote domains get their own series, every later one counts as
+//!   [`OTHER_DOMAIN`].
+//! - The stanza hot path does no lookup: a stream fetches its domain's counter
+//!   once ([`Metrics::domain_stanzas_in`]) and bumps that handle per stanza.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -38,6 +47,10 @@ pub mod names {
     pub const OUTBOUND_ESTABLISHED: &str = "xmpp_outbound_established_total";
     /// Failed outbound connection attempts.
     pub const OUTBOUND_FAILURES: &str = "xmpp_outbound_failures_total";
+    /// [`STANZAS_IN`] by remote domain (label `domain`, bounded).
+    pub const STANZAS_IN_BY_DOMAIN: &str = "xmpp_stanzas_in_by_domain_total";
+    /// [`STANZAS_OUT`] by remote domain (label `domain`, bounded).
+    pub const STANZAS_OUT_BY_DOMAIN: &str = "xmpp_stanzas_out_by_domain_total";
     /// Store group commits (one transaction and fsync each).
     pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
     /// Outgoing messages persisted and not yet settled (a gauge).
@@ -54,6 +67,26 @@ pub mod names {
 
 /// The `Content-Type` of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How many remote domains get a `domain` label value of their own.
+///
+/// Each value is a series kept for the life of the process and written in every
+/// scrape. Peers are authenticated, but with open federation anyone holding a
+/// certificate for some domain can connect, so the number of domains must not be
+/// what sizes the scrape. A thousand covers real federations (a busy server talks
+/// to hundreds of domains) and keeps a scrape around 100 KB; domains first seen
+/// after that share [`OTHER_DOMAIN`].
+pub const MAX_DOMAIN_LABELS: usize = 1000;
+
+/// The `domain` label value of every domain past [`MAX_DOMAIN_LABELS`].
+pub const OTHER_DOMAIN: &str = "other";
+
+/// The label set of the per-domain families.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabel {
+    /// The remote domain, lowercase, or [`OTHER_DOMAIN`].
+    pub domain: String,
+}
 
 /// Gauge over a `u64` (every gauge here is a count).
 type CountGauge = Gauge<u64, AtomicU64>;
@@ -85,9 +118,9 @@ pub struct Metrics {
     pub inbound_authenticated: Counter,
     /// [`names::INBOUND_REFUSED_CAPS`].
     pub inbound_refused_caps: Counter,
-    /// [`names::STANZAS_IN`].
+    /// [`names::STANZAS_IN`] (all domains; per domain see [`Metrics::domain_stanzas_in`]).
     pub stanzas_in: Counter,
-    /// [`names::STANZAS_OUT`].
+    /// [`names::STANZAS_OUT`] (all domains; per domain see [`Metrics::domain_stanzas_out`]).
     pub stanzas_out: Counter,
     /// [`names::STANZAS_BOUNCED`].
     pub stanzas_bounced: Counter,
@@ -95,6 +128,12 @@ pub struct Metrics {
     pub outbound_established: Counter,
     /// [`names::OUTBOUND_FAILURES`].
     pub outbound_failures: Counter,
+    stanzas_in_by_domain: Family<DomainLabel, Counter>,
+    stanzas_out_by_domain: Family<DomainLabel, Counter>,
+    /// Domains that have a label value of their own (at most
+    /// [`MAX_DOMAIN_LABELS`]); the lock makes check-and-insert one step, and is
+    /// taken once per stream, not per stanza.
+    labelled: Mutex<HashSet<String>>,
     store_commits: Counter,
     delivery_queued: CountGauge,
     delivery_held_domains: CountGauge,
@@ -149,6 +188,17 @@ impl Default for Metrics {
                 names::OUTBOUND_FAILURES,
                 "Failed outbound connection attempts",
             ),
+            stanzas_in_by_domain: counter(
+                &mut r,
+                names::STANZAS_IN_BY_DOMAIN,
+                "Stanzas routed from authenticated peers, by remote domain",
+            ),
+            stanzas_out_by_domain: counter(
+                &mut r,
+                names::STANZAS_OUT_BY_DOMAIN,
+                "Stanzas written to outbound streams, by remote domain",
+            ),
+            labelled: Mutex::new(HashSet::new()),
             store_commits: counter(
                 &mut r,
                 names::STORE_COMMITS,
@@ -201,6 +251,36 @@ fn gauge(r: &mut Registry, name: &str, help: &str) -> CountGauge {
 }
 
 impl Metrics {
+    /// The counter of stanzas routed from `domain`'s streams.
+    ///
+    /// A `Family` lookup takes a read lock and hashes the label, which would put a
+    /// shared lock's cache line on a path that counts ~600k stanzas/s; a stream
+    /// fetches this handle once when it is authenticated instead (a `Counter` is an
+    /// `Arc`), and bumps it per stanza alongside [`Metrics::stanzas_in`].
+    pub fn domain_stanzas_in(&self, domain: &str) -> Counter {
+        self.stanzas_in_by_domain
+            .get_or_create_owned(&self.label(domain))
+    }
+
+    /// The counter of stanzas written to `domain`'s outbound streams; fetched once
+    /// per session for the same reason as [`Metrics::domain_stanzas_in`].
+    pub fn domain_stanzas_out(&self, domain: &str) -> Counter {
+        self.stanzas_out_by_domain
+            .get_or_create_owned(&self.label(domain))
+    }
+
+    /// The label for `domain`: its own while fewer than [`MAX_DOMAIN_LABELS`]
+    /// domains have one (or it already has one), else [`OTHER_DOMAIN`].
+    fn label(&self, domain: &str) -> DomainLabel {
+        let domain = domain.to_ascii_lowercase();
+        let mut labelled = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
+        let own = labelled.contains(&domain)
+            || (labelled.len() < MAX_DOMAIN_LABELS && labelled.insert(domain.clone()));
+        DomainLabel {
+            domain: if own { domain } else { OTHER_DOMAIN.into() },
+        }
+    }
+
     /// The OpenMetrics text of every metric, with `now`'s values set first.
     pub fn encode(&self, now: &Sampled) -> String {
         // The store keeps its own commit count; mirror it into the registered
@@ -238,6 +318,8 @@ mod tests {
         m.stanzas_in.inc();
         m.stanzas_out.inc_by(3);
         m.outbound_failures.inc();
+        m.domain_stanzas_in("Beta.Test").inc();
+        m.domain_stanzas_out("beta.test").inc_by(3);
         let text = m.encode(&Sampled {
             store_commits: 7,
             delivery_queued: 2,
@@ -268,8 +350,52 @@ mod tests {
             let samples = text.lines().filter(|l| l.starts_with(name)).count();
             assert_eq!(samples, 1, "{name} once in\n{text}");
         }
+        let by = |name: &str, d: &str| value(&text, &format!("{name}{{domain=\"{d}\"}}"));
+        assert_eq!(
+            by(names::STANZAS_IN_BY_DOMAIN, "beta.test"),
+            Some(1),
+            "{text}"
+        );
+        assert_eq!(
+            by(names::STANZAS_OUT_BY_DOMAIN, "beta.test"),
+            Some(3),
+            "{text}"
+        );
         // Counters are typed as counters, gauges as gauges.
         assert!(text.contains("# TYPE xmpp_stanzas_in counter\n"), "{text}");
         assert!(text.contains("# TYPE xmpp_inbox_pending gauge\n"), "{text}");
+    }
+
+    #[test]
+    fn domain_labels_are_bounded() {
+        let m = Metrics::default();
+        for i in 0..MAX_DOMAIN_LABELS {
+            m.domain_stanzas_in(&format!("d{i}.test")).inc();
+        }
+        // Past the bound, new domains share "other", in both directions...
+        m.domain_stanzas_in("late.test").inc();
+        m.domain_stanzas_in("later.test").inc();
+        m.domain_stanzas_out("late.test").inc();
+        // ...while domains that have a label keep it, in either direction.
+        m.domain_stanzas_in("D0.test").inc();
+        m.domain_stanzas_out("d1.test").inc();
+        let other = DomainLabel {
+            domain: OTHER_DOMAIN.into(),
+        };
+        assert_eq!(m.stanzas_in_by_domain.get_or_create(&other).get(), 2);
+        assert_eq!(m.stanzas_out_by_domain.get_or_create(&other).get(), 1);
+        let d0 = DomainLabel {
+            domain: "d0.test".into(),
+        };
+        assert_eq!(m.stanzas_in_by_domain.get_or_create(&d0).get(), 2);
+        assert_eq!(m.labelled.lock().unwrap().len(), MAX_DOMAIN_LABELS);
+        let text = m.encode(&Sampled::default());
+        let series = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(series(names::STANZAS_IN_BY_DOMAIN), MAX_DOMAIN_LABELS + 1);
+        assert_eq!(
+            series(names::STANZAS_OUT_BY_DOMAIN),
+            2,
+            "late.test as other, d1.test"
+        );
     }
 }

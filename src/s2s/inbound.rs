@@ -405,6 +405,8 @@ pub async fn run(server: &Arc<Server>, auth: Authenticated) {
         local_domain,
     } = auth;
     let header = header_xml(&local_domain, Some(&peer_domain), None);
+    // Fetched once: a per-stanza label lookup would cost more (see `metrics`).
+    let domain_in = server.metrics.domain_stanzas_in(&peer_domain);
     let idle = server.config.timeouts.idle();
     // One timer for the whole stream, re-armed only when it fires (arming a timer
     // per stanza costs more than the stanza).
@@ -454,6 +456,7 @@ pub async fn run(server: &Arc<Server>, auth: Authenticated) {
                     let e = StreamFailure::Protocol { condition, text };
                     return fail_with(&mut xs, &header, e).await;
                 }
+                domain_in.inc();
             }
             None => {
                 let e = StreamFailure::protocol(

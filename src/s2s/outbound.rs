@@ -538,6 +538,8 @@ async fn session(
     mut rx: mpsc::Receiver<Stanza>,
 ) {
     let (local, remote) = (key.0.clone(), key.1.clone());
+    // Fetched once: a per-write label lookup would cost more (see `metrics`).
+    let domain_out = server.metrics.domain_stanzas_out(&remote);
     // Stanzas taken off the queue but not yet written.
     let mut pending: VecDeque<Stanza> = VecDeque::new();
     let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
@@ -741,6 +743,7 @@ async fn session(
             match wr.write_all(&wbuf).await.and(wr.flush().await) {
                 Ok(()) => {
                     server.metrics.stanzas_out.inc_by(n);
+                    domain_out.inc_by(n);
                     pending.clear();
                     last_write = Instant::now();
                     last_stanza = last_write;

@@ -369,6 +369,8 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(value(m::INBOX_PENDING), 0, "{text}");
     assert!(value(m::OUTBOUND_SESSIONS) >= 1, "{text}");
     assert!(value(m::EVENTS_UNACKED) >= 2, "{text}");
+    let to_beta = format!("{}{{domain=\"beta.test\"}}", m::STANZAS_OUT_BY_DOMAIN);
+    assert!(value(&to_beta) >= 2, "{text}");
     alpha.shutdown().await;
     beta.shutdown().await;
 }
