@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use xmpp_federator::load::cpu_of;
-use xmpp_federator::server::metric_names;
+use xmpp_federator::metrics::names as metric_names;
 use xmpp_federator_testkit::certs::TestCa;
 use xmpp_federator_testkit::cli_arg as arg;
 use xmpp_federator_testkit::dns::DnsServer;

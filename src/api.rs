@@ -1077,36 +1077,17 @@ async fn ack(State(st): State<ApiState>, Body(a): Body<AckIn>) -> Result<StatusC
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    use crate::server::metric_names as m;
     let server = &st.server;
-    let mut out = String::new();
-    for (name, v) in server.metrics.snapshot() {
-        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
-    }
     let acked = server.store.acked().unwrap_or(0);
-    for (name, kind, v) in [
-        (m::STORE_COMMITS, "counter", server.store.commits()),
-        (m::DELIVERY_QUEUED, "gauge", server.delivery.queued() as u64),
-        (
-            m::DELIVERY_HELD_DOMAINS,
-            "gauge",
-            server.delivery.held_domains() as u64,
-        ),
-        (
-            m::OUTBOUND_SESSIONS,
-            "gauge",
-            server.s2s.sessions.len() as u64,
-        ),
-        (m::INBOX_PENDING, "gauge", server.inbox.uncommitted() as u64),
-        (
-            m::EVENTS_UNACKED,
-            "gauge",
-            server.store.last_event().saturating_sub(acked),
-        ),
-    ] {
-        out.push_str(&format!("# TYPE {name} {kind}\n{name} {v}\n"));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let text = server.metrics.encode(&crate::metrics::Sampled {
+        store_commits: server.store.commits(),
+        delivery_queued: server.delivery.queued() as u64,
+        delivery_held_domains: server.delivery.held_domains() as u64,
+        outbound_sessions: server.s2s.sessions.len() as u64,
+        inbox_pending: server.inbox.uncommitted() as u64,
+        events_unacked: server.store.last_event().saturating_sub(acked),
+    });
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn openapi() -> Json<serde_json::Value> {

@@ -1,11 +1,36 @@
-//! Counters and metric names (Prometheus text at the API's `/metrics`).
+//! Metrics: every counter and gauge, registered once in a `prometheus-client`
+//! [`Registry`] and encoded as OpenMetrics text for the API's `/metrics`.
 //!
-//! A leaf: every layer counts here, none of them imports another to do so.
+//! A leaf module: it knows names, help texts and types, not the server. Counters
+//! that the code bumps are fields ([`Metrics::stanzas_in`]...); values that live in
+//! other state (the delivery queue, the store's commit count...) are handed in at
+//! scrape time as a [`Sampled`] and set just before encoding, so they too are
+//! registered here and nowhere else spells a name out.
+//!
+//! Invariants:
+//! - A name is written once, in [`names`]; registration and tests use the constant.
+//! - The `domain` label has bounded cardinality: at most [`MAX_DOMAIN_LABELS`]
+//!   remote domains get their own series, every later one counts as
+//!   [`OTHER_DOMAIN`].
+//! - The stanza hot path does no lookup: a stream fetches its domain's counter
+//!   once ([`Metrics::domain_stanzas_in`]) and bumps that handle per stanza.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Metric names, stable (Prometheus text at the API's `/metrics`).
-pub mod metric_names {
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Exposed metric names, stable (dashboards and alerts use them).
+///
+/// These are the names as scraped. `prometheus-client` appends `_total` to a
+/// counter's name itself, so counters are registered without it (see
+/// `Metrics::default`).
+pub mod names {
     /// Inbound connections accepted.
     pub const INBOUND_CONNECTIONS: &str = "xmpp_inbound_connections_total";
     /// Inbound streams authenticated.
@@ -22,6 +47,10 @@ pub mod metric_names {
     pub const OUTBOUND_ESTABLISHED: &str = "xmpp_outbound_established_total";
     /// Failed outbound connection attempts.
     pub const OUTBOUND_FAILURES: &str = "xmpp_outbound_failures_total";
+    /// [`STANZAS_IN`] by remote domain (label `domain`, bounded).
+    pub const STANZAS_IN_BY_DOMAIN: &str = "xmpp_stanzas_in_by_domain_total";
+    /// [`STANZAS_OUT`] by remote domain (label `domain`, bounded).
+    pub const STANZAS_OUT_BY_DOMAIN: &str = "xmpp_stanzas_out_by_domain_total";
     /// Store group commits (one transaction and fsync each).
     pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
     /// Outgoing messages persisted and not yet settled (a gauge).
@@ -36,52 +65,337 @@ pub mod metric_names {
     pub const EVENTS_UNACKED: &str = "xmpp_events_unacked";
 }
 
-/// Counters (exported by name; see [`Metrics::snapshot`]).
-#[derive(Debug, Default)]
+/// The `Content-Type` of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How many remote domains get a `domain` label value of their own.
+///
+/// Each value is a series kept for the life of the process and written in every
+/// scrape. Peers are authenticated, but with open federation anyone holding a
+/// certificate for some domain can connect, so the number of domains must not be
+/// what sizes the scrape. A thousand covers real federations (a busy server talks
+/// to hundreds of domains) and keeps a scrape around 100 KB; domains first seen
+/// after that share [`OTHER_DOMAIN`].
+pub const MAX_DOMAIN_LABELS: usize = 1000;
+
+/// The `domain` label value of every domain past [`MAX_DOMAIN_LABELS`].
+pub const OTHER_DOMAIN: &str = "other";
+
+/// The label set of the per-domain families.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabel {
+    /// The remote domain, lowercase, or [`OTHER_DOMAIN`].
+    pub domain: String,
+}
+
+/// Gauge over a `u64` (every gauge here is a count).
+type CountGauge = Gauge<u64, AtomicU64>;
+
+/// Values read from other state when `/metrics` is scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sampled {
+    /// The store's group commits so far (a counter kept by the store).
+    pub store_commits: u64,
+    /// Outgoing messages persisted and not yet settled.
+    pub delivery_queued: u64,
+    /// Remote domains held back after failing to connect.
+    pub delivery_held_domains: u64,
+    /// Live outbound sessions.
+    pub outbound_sessions: u64,
+    /// Stanzas sent to the inbox whose batch is not committed yet.
+    pub inbox_pending: u64,
+    /// Events not acknowledged by the backend.
+    pub events_unacked: u64,
+}
+
+/// The server's metrics: the registry and handles on what it holds.
+#[derive(Debug)]
 pub struct Metrics {
-    /// Inbound connections accepted.
-    pub inbound_connections: AtomicU64,
-    /// Inbound streams authenticated.
-    pub inbound_authenticated: AtomicU64,
-    /// Inbound connections refused by a connection cap.
-    pub inbound_refused_caps: AtomicU64,
-    /// Stanzas received from authenticated peers.
-    pub stanzas_in: AtomicU64,
-    /// Stanzas written to outbound streams.
-    pub stanzas_out: AtomicU64,
-    /// Stanzas bounced with an error.
-    pub stanzas_bounced: AtomicU64,
-    /// Outbound streams established.
-    pub outbound_established: AtomicU64,
-    /// Outbound connection attempts that failed.
-    pub outbound_failures: AtomicU64,
+    registry: Registry,
+    /// [`names::INBOUND_CONNECTIONS`].
+    pub inbound_connections: Counter,
+    /// [`names::INBOUND_AUTHENTICATED`].
+    pub inbound_authenticated: Counter,
+    /// [`names::INBOUND_REFUSED_CAPS`].
+    pub inbound_refused_caps: Counter,
+    /// [`names::STANZAS_IN`] (all domains; per domain see [`Metrics::domain_stanzas_in`]).
+    pub stanzas_in: Counter,
+    /// [`names::STANZAS_OUT`] (all domains; per domain see [`Metrics::domain_stanzas_out`]).
+    pub stanzas_out: Counter,
+    /// [`names::STANZAS_BOUNCED`].
+    pub stanzas_bounced: Counter,
+    /// [`names::OUTBOUND_ESTABLISHED`].
+    pub outbound_established: Counter,
+    /// [`names::OUTBOUND_FAILURES`].
+    pub outbound_failures: Counter,
+    stanzas_in_by_domain: Family<DomainLabel, Counter>,
+    stanzas_out_by_domain: Family<DomainLabel, Counter>,
+    /// Domains that have a label value of their own (at most
+    /// [`MAX_DOMAIN_LABELS`]); the lock makes check-and-insert one step, and is
+    /// taken once per stream, not per stanza.
+    labelled: Mutex<HashSet<String>>,
+    store_commits: Counter,
+    delivery_queued: CountGauge,
+    delivery_held_domains: CountGauge,
+    outbound_sessions: CountGauge,
+    inbox_pending: CountGauge,
+    events_unacked: CountGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut r = Registry::default();
+        // Fields are initialized in the order written: `registry` moves in last,
+        // after every metric is registered in it.
+        Metrics {
+            inbound_connections: counter(
+                &mut r,
+                names::INBOUND_CONNECTIONS,
+                "Inbound connections accepted",
+            ),
+            inbound_authenticated: counter(
+                &mut r,
+                names::INBOUND_AUTHENTICATED,
+                "Inbound streams authenticated",
+            ),
+            inbound_refused_caps: counter(
+                &mut r,
+                names::INBOUND_REFUSED_CAPS,
+                "Inbound connections refused by a connection cap",
+            ),
+            stanzas_in: counter(
+                &mut r,
+                names::STANZAS_IN,
+                "Stanzas routed from authenticated peers",
+            ),
+            stanzas_out: counter(
+                &mut r,
+                names::STANZAS_OUT,
+                "Stanzas written to outbound streams",
+            ),
+            stanzas_bounced: counter(
+                &mut r,
+                names::STANZAS_BOUNCED,
+                "Stanzas bounced with an error",
+            ),
+            outbound_established: counter(
+                &mut r,
+                names::OUTBOUND_ESTABLISHED,
+                "Outbound streams established",
+            ),
+            outbound_failures: counter(
+                &mut r,
+                names::OUTBOUND_FAILURES,
+                "Failed outbound connection attempts",
+            ),
+            stanzas_in_by_domain: counter(
+                &mut r,
+                names::STANZAS_IN_BY_DOMAIN,
+                "Stanzas routed from authenticated peers, by remote domain",
+            ),
+            stanzas_out_by_domain: counter(
+                &mut r,
+                names::STANZAS_OUT_BY_DOMAIN,
+                "Stanzas written to outbound streams, by remote domain",
+            ),
+            labelled: Mutex::new(HashSet::new()),
+            store_commits: counter(
+                &mut r,
+                names::STORE_COMMITS,
+                "Store group commits (one transaction and fsync each)",
+            ),
+            delivery_queued: gauge(
+                &mut r,
+                names::DELIVERY_QUEUED,
+                "Outgoing messages persisted and not yet settled",
+            ),
+            delivery_held_domains: gauge(
+                &mut r,
+                names::DELIVERY_HELD_DOMAINS,
+                "Remote domains held back after failing to connect",
+            ),
+            outbound_sessions: gauge(&mut r, names::OUTBOUND_SESSIONS, "Live outbound sessions"),
+            inbox_pending: gauge(
+                &mut r,
+                names::INBOX_PENDING,
+                "Stanzas for local users received and not yet committed",
+            ),
+            events_unacked: gauge(
+                &mut r,
+                names::EVENTS_UNACKED,
+                "Events the backend has not acknowledged yet (an upper bound)",
+            ),
+            registry: r,
+        }
+    }
+}
+
+/// Register a counter (or a family of them) under its exposed `name`, minus the
+/// `_total` that encoding appends.
+fn counter<M>(r: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let base = name.strip_suffix("_total");
+    debug_assert!(base.is_some(), "counter name {name} must end in _total");
+    let m = M::default();
+    r.register(base.unwrap_or(name), help, m.clone());
+    m
+}
+
+/// Register a gauge under `name`.
+fn gauge(r: &mut Registry, name: &str, help: &str) -> CountGauge {
+    let g = CountGauge::default();
+    r.register(name, help, g.clone());
+    g
 }
 
 impl Metrics {
-    /// `(name, value)` pairs; names are stable.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
-            (
-                "xmpp_inbound_connections_total",
-                l(&self.inbound_connections),
-            ),
-            (
-                "xmpp_inbound_authenticated_total",
-                l(&self.inbound_authenticated),
-            ),
-            (
-                "xmpp_inbound_refused_caps_total",
-                l(&self.inbound_refused_caps),
-            ),
-            ("xmpp_stanzas_in_total", l(&self.stanzas_in)),
-            ("xmpp_stanzas_out_total", l(&self.stanzas_out)),
-            ("xmpp_stanzas_bounced_total", l(&self.stanzas_bounced)),
-            (
-                "xmpp_outbound_established_total",
-                l(&self.outbound_established),
-            ),
-            ("xmpp_outbound_failures_total", l(&self.outbound_failures)),
-        ]
+    /// The counter of stanzas routed from `domain`'s streams.
+    ///
+    /// A `Family` lookup takes a read lock and hashes the label, which would put a
+    /// shared lock's cache line on a path that counts ~600k stanzas/s; a stream
+    /// fetches this handle once when it is authenticated instead (a `Counter` is an
+    /// `Arc`), and bumps it per stanza alongside [`Metrics::stanzas_in`].
+    pub fn domain_stanzas_in(&self, domain: &str) -> Counter {
+        self.stanzas_in_by_domain
+            .get_or_create_owned(&self.label(domain))
+    }
+
+    /// The counter of stanzas written to `domain`'s outbound streams; fetched once
+    /// per session for the same reason as [`Metrics::domain_stanzas_in`].
+    pub fn domain_stanzas_out(&self, domain: &str) -> Counter {
+        self.stanzas_out_by_domain
+            .get_or_create_owned(&self.label(domain))
+    }
+
+    /// The label for `domain`: its own while fewer than [`MAX_DOMAIN_LABELS`]
+    /// domains have one (or it already has one), else [`OTHER_DOMAIN`].
+    fn label(&self, domain: &str) -> DomainLabel {
+        let domain = domain.to_ascii_lowercase();
+        let mut labelled = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
+        let own = labelled.contains(&domain)
+            || (labelled.len() < MAX_DOMAIN_LABELS && labelled.insert(domain.clone()));
+        DomainLabel {
+            domain: if own { domain } else { OTHER_DOMAIN.into() },
+        }
+    }
+
+    /// The OpenMetrics text of every metric, with `now`'s values set first.
+    pub fn encode(&self, now: &Sampled) -> String {
+        // The store keeps its own commit count; mirror it into the registered
+        // counter (`Counter` has no `set`; its atomic is the documented way in).
+        self.store_commits
+            .inner()
+            .store(now.store_commits, Ordering::Relaxed);
+        self.delivery_queued.set(now.delivery_queued);
+        self.delivery_held_domains.set(now.delivery_held_domains);
+        self.outbound_sessions.set(now.outbound_sessions);
+        self.inbox_pending.set(now.inbox_pending);
+        self.events_unacked.set(now.events_unacked);
+        let mut out = String::new();
+        // Writing to a String cannot fail, and nothing registered here (no
+        // histogram) makes the encoder fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample value of `series` (a name, with labels if any) in `text`.
+    fn value(text: &str, series: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn every_name_is_exposed_once_with_its_value() {
+        let m = Metrics::default();
+        m.stanzas_in.inc();
+        m.stanzas_out.inc_by(3);
+        m.outbound_failures.inc();
+        m.domain_stanzas_in("Beta.Test").inc();
+        m.domain_stanzas_out("beta.test").inc_by(3);
+        let text = m.encode(&Sampled {
+            store_commits: 7,
+            delivery_queued: 2,
+            delivery_held_domains: 1,
+            outbound_sessions: 4,
+            inbox_pending: 5,
+            events_unacked: 6,
+        });
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let expect = [
+            (names::INBOUND_CONNECTIONS, 0),
+            (names::INBOUND_AUTHENTICATED, 0),
+            (names::INBOUND_REFUSED_CAPS, 0),
+            (names::STANZAS_IN, 1),
+            (names::STANZAS_OUT, 3),
+            (names::STANZAS_BOUNCED, 0),
+            (names::OUTBOUND_ESTABLISHED, 0),
+            (names::OUTBOUND_FAILURES, 1),
+            (names::STORE_COMMITS, 7),
+            (names::DELIVERY_QUEUED, 2),
+            (names::DELIVERY_HELD_DOMAINS, 1),
+            (names::OUTBOUND_SESSIONS, 4),
+            (names::INBOX_PENDING, 5),
+            (names::EVENTS_UNACKED, 6),
+        ];
+        for (name, v) in expect {
+            assert_eq!(value(&text, name), Some(v), "{name} in\n{text}");
+            let samples = text.lines().filter(|l| l.starts_with(name)).count();
+            assert_eq!(samples, 1, "{name} once in\n{text}");
+        }
+        let by = |name: &str, d: &str| value(&text, &format!("{name}{{domain=\"{d}\"}}"));
+        assert_eq!(
+            by(names::STANZAS_IN_BY_DOMAIN, "beta.test"),
+            Some(1),
+            "{text}"
+        );
+        assert_eq!(
+            by(names::STANZAS_OUT_BY_DOMAIN, "beta.test"),
+            Some(3),
+            "{text}"
+        );
+        // Counters are typed as counters, gauges as gauges.
+        assert!(text.contains("# TYPE xmpp_stanzas_in counter\n"), "{text}");
+        assert!(text.contains("# TYPE xmpp_inbox_pending gauge\n"), "{text}");
+    }
+
+    #[test]
+    fn domain_labels_are_bounded() {
+        let m = Metrics::default();
+        for i in 0..MAX_DOMAIN_LABELS {
+            m.domain_stanzas_in(&format!("d{i}.test")).inc();
+        }
+        // Past the bound, new domains share "other", in both directions...
+        m.domain_stanzas_in("late.test").inc();
+        m.domain_stanzas_in("later.test").inc();
+        m.domain_stanzas_out("late.test").inc();
+        // ...while domains that have a label keep it, in either direction.
+        m.domain_stanzas_in("D0.test").inc();
+        m.domain_stanzas_out("d1.test").inc();
+        let other = DomainLabel {
+            domain: OTHER_DOMAIN.into(),
+        };
+        assert_eq!(m.stanzas_in_by_domain.get_or_create(&other).get(), 2);
+        assert_eq!(m.stanzas_out_by_domain.get_or_create(&other).get(), 1);
+        let d0 = DomainLabel {
+            domain: "d0.test".into(),
+        };
+        assert_eq!(m.stanzas_in_by_domain.get_or_create(&d0).get(), 2);
+        assert_eq!(m.labelled.lock().unwrap().len(), MAX_DOMAIN_LABELS);
+        let text = m.encode(&Sampled::default());
+        let series = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(series(names::STANZAS_IN_BY_DOMAIN), MAX_DOMAIN_LABELS + 1);
+        assert_eq!(
+            series(names::STANZAS_OUT_BY_DOMAIN),
+            2,
+            "late.test as other, d1.test"
+        );
     }
 }

@@ -23,8 +23,6 @@ use crate::services::domain::Domain;
 use crate::services::inbox::{self, Inbox, InboxRx, InboxTask};
 use crate::store::Store;
 
-pub use crate::metrics::metric_names;
-
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

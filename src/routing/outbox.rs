@@ -18,7 +18,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::address::Addr;
@@ -183,7 +182,7 @@ impl Outbox {
             g.room().await;
         }
         let service = self.0.table.check_inbound(peer, &stanza)?;
-        self.0.metrics.stanzas_in.fetch_add(1, Ordering::Relaxed);
+        self.0.metrics.stanzas_in.inc();
         service.handle(stanza, self);
         Ok(())
     }
@@ -275,10 +274,7 @@ impl Outbox {
     /// Answer a stanza with an error, unless it is itself an error.
     pub fn bounce(&self, stanza: &Stanza, condition: StanzaCondition, text: &str) {
         if let Some(reply) = stanza.error_reply(condition, Some(text)) {
-            self.0
-                .metrics
-                .stanzas_bounced
-                .fetch_add(1, Ordering::Relaxed);
+            self.0.metrics.stanzas_bounced.inc();
             self.send(reply);
         }
     }

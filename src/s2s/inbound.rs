@@ -14,7 +14,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use base64::Engine as _;
@@ -73,9 +72,7 @@ pub async fn serve(
         };
         let Some(auth) = auth else { return };
         tracing::Span::current().record("peer.domain", auth.peer.domain());
-        s2s.metrics
-            .inbound_authenticated
-            .fetch_add(1, Ordering::Relaxed);
+        s2s.metrics.inbound_authenticated.inc();
         tracing::info!(local = %auth.local_domain, "inbound stream authenticated (SASL EXTERNAL)");
         run(&s2s, &outbox, auth).await;
     }
@@ -466,6 +463,8 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
     } = auth;
     let header = header_xml(&local_domain, Some(peer.domain()), None);
     let idle = s2s.config.timeouts.idle();
+    // This peer's stanzas-in counter, looked up once per stream.
+    let domain_in = s2s.metrics.domain_stanzas_in(peer.domain());
     // One timer for the whole stream, re-armed only when it fires (arming a timer
     // per stanza costs more than the stanza).
     let mut last_activity = Instant::now();
@@ -508,7 +507,13 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             }
         };
         let refusal = match Stanza::from_element(el) {
-            Ok(stanza) => outbox.route_inbound(&peer, stanza).await.err(),
+            Ok(stanza) => {
+                let r = outbox.route_inbound(&peer, stanza).await.err();
+                if r.is_none() {
+                    domain_in.inc();
+                }
+                r
+            }
             Err(e @ NotRoutable::BadAddress { .. }) => {
                 Some((StreamCondition::ImproperAddressing, e.to_string()))
             }

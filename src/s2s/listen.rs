@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,16 +148,12 @@ async fn accept_loop(s2s: Arc<S2s>, outbox: Outbox, listener: TcpListener, direc
             }
         };
         let Some(guard) = s2s.caps.admit(peer.ip()) else {
-            s2s.metrics
-                .inbound_refused_caps
-                .fetch_add(1, Ordering::Relaxed);
+            s2s.metrics.inbound_refused_caps.inc();
             tracing::info!(%peer, "connection refused: connection cap reached");
             drop(tcp);
             continue;
         };
-        s2s.metrics
-            .inbound_connections
-            .fetch_add(1, Ordering::Relaxed);
+        s2s.metrics.inbound_connections.inc();
         let (s2s2, outbox) = (s2s.clone(), outbox.clone());
         s2s.tracker.spawn(async move {
             inbound::serve(s2s2, outbox, tcp, peer, direct_tls).await;

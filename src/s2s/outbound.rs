@@ -524,6 +524,7 @@ pub fn send(
                         rx,
                         pending: VecDeque::new(),
                         sm: SmState::default(),
+                        domain_out: s2s.metrics.domain_stanzas_out(remote),
                     };
                     s2s.tracker.spawn(session.run().instrument(span));
                     h
@@ -579,6 +580,8 @@ struct Session {
     /// Taken off the queue, not yet written.
     pending: VecDeque<Outgoing>,
     sm: SmState,
+    /// This remote domain's stanzas-out counter (looked up once per session).
+    domain_out: prometheus_client::metrics::counter::Counter,
 }
 
 impl Session {
@@ -638,19 +641,13 @@ impl Session {
             };
             match r {
                 Ok(c) => {
-                    self.s2s
-                        .metrics
-                        .outbound_established
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.s2s.metrics.outbound_established.inc();
                     tracing::info!(endpoint = %c.endpoint.addr, "outbound stream established");
                     self.outbox.report(Report::Reachable { remote });
                     return Some(c);
                 }
                 Err(e) => {
-                    self.s2s
-                        .metrics
-                        .outbound_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.s2s.metrics.outbound_failures.inc();
                     tracing::info!(error = %e, attempt, "outbound connection failed");
                     let window = self.s2s.config.timeouts.retry_window();
                     let wait = backoff(attempt).min(window.saturating_sub(window_start.elapsed()));
@@ -779,7 +776,8 @@ impl Session {
             let n = self.pending.len() as u64;
             match wr.write_all(wbuf).await.and(wr.flush().await) {
                 Ok(()) => {
-                    self.s2s.metrics.stanzas_out.fetch_add(n, Ordering::Relaxed);
+                    self.s2s.metrics.stanzas_out.inc_by(n);
+                    self.domain_out.inc_by(n);
                     self.pending.clear();
                     last_write = Instant::now();
                     last_stanza = last_write;

@@ -360,7 +360,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
     };
-    use xmpp_federator::server::metric_names as m;
+    use xmpp_federator::metrics::names as m;
     assert!(value(m::STANZAS_OUT) >= 2, "{text}");
     assert!(value(m::OUTBOUND_ESTABLISHED) >= 1, "{text}");
     assert!(value(m::STORE_COMMITS) >= 1, "{text}");
@@ -369,6 +369,8 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(value(m::INBOX_PENDING), 0, "{text}");
     assert!(value(m::OUTBOUND_SESSIONS) >= 1, "{text}");
     assert!(value(m::EVENTS_UNACKED) >= 2, "{text}");
+    let to_beta = format!("{}{{domain=\"beta.test\"}}", m::STANZAS_OUT_BY_DOMAIN);
+    assert!(value(&to_beta) >= 2, "{text}");
     alpha.shutdown().await;
     beta.shutdown().await;
 }

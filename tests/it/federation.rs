@@ -432,13 +432,7 @@ async fn connection_caps_and_negotiation_timeout() {
         .expect("closed promptly")
         .unwrap_or(0);
     assert_eq!(n, 0, "third connection must be refused");
-    assert_eq!(
-        beta.server
-            .metrics
-            .inbound_refused_caps
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(beta.server.metrics.inbound_refused_caps.get(), 1);
     // A silent peer is cut off after the negotiation timeout with a stream error.
     let mut out = Vec::new();
     let t0 = std::time::Instant::now();
@@ -521,11 +515,7 @@ async fn a_burst_is_stored_whole_before_the_following_ping_is_answered() {
     assert_eq!(pong.type_.as_deref(), Some("result"));
     let stored = beta.server.store.events_after(0, 2 * N).unwrap();
     assert_eq!(stored.len(), N, "every message stored when the pong came");
-    let bounced = beta
-        .server
-        .metrics
-        .stanzas_bounced
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let bounced = beta.server.metrics.stanzas_bounced.get();
     assert_eq!(bounced, 0, "nothing refused");
     alpha.shutdown().await;
     beta.shutdown().await;
