@@ -60,14 +60,32 @@ impl Problem {
     }
 }
 
+/// An RFC 9457 problem document (§3.1): the body of every error response.
+#[derive(Serialize)]
+struct ProblemBody<'a> {
+    /// A URI naming the kind of problem (from the title).
+    #[serde(rename = "type")]
+    type_: String,
+    /// Short, the same for every occurrence of the kind.
+    title: &'a str,
+    /// The HTTP status code.
+    status: u16,
+    /// What went wrong this time; a refused batch names the message
+    /// (`messages[i]: ...`).
+    detail: &'a str,
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("https://xmpp-federator.invalid/problems/{}", self.title.to_lowercase().replace(' ', "-")),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
+        let body = ProblemBody {
+            type_: format!(
+                "https://xmpp-federator.invalid/problems/{}",
+                self.title.to_lowercase().replace(' ', "-")
+            ),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+        };
         let mut r = (self.status, Json(body)).into_response();
         r.headers_mut().insert(
             header::CONTENT_TYPE,
