@@ -13,6 +13,11 @@
 //!   `GET /v1/events/stream?after=`: the same as Server-Sent Events (resumes after
 //!   `Last-Event-ID`); `POST /v1/events/ack {up_to}` deletes events up to a cursor.
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
+//!
+//! The OpenAPI document is derived, not written: every route is registered with
+//! `utoipa_axum::routes!` from its handler's `#[utoipa::path]` (path, method,
+//! parameters, body, responses), so registering a route and documenting it are the
+//! same line, and the request/response types derive their schemas.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,10 +29,13 @@ use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::s2s::conn::new_id;
 use crate::server::Server;
@@ -61,14 +69,34 @@ impl Problem {
     }
 }
 
+/// An RFC 9457 problem document (§3.1): the body of every error response.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Problem)]
+struct ProblemBody<'a> {
+    /// A URI naming the kind of problem (from the title).
+    #[serde(rename = "type")]
+    #[schema(format = "uri")]
+    type_: String,
+    /// Short, the same for every occurrence of the kind.
+    title: &'a str,
+    /// The HTTP status code.
+    status: u16,
+    /// What went wrong this time; a refused batch names the message
+    /// (`messages[i]: ...`).
+    detail: &'a str,
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("https://xmpp-federator.invalid/problems/{}", self.title.to_lowercase().replace(' ', "-")),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
+        let body = ProblemBody {
+            type_: format!(
+                "https://xmpp-federator.invalid/problems/{}",
+                self.title.to_lowercase().replace(' ', "-")
+            ),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+        };
         let mut r = (self.status, Json(body)).into_response();
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -153,6 +181,73 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
     }
 }
 
+/// The document's root: what [`api_routes`] adds paths and schemas to.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "xmpp-federator backend API",
+        version = "1.0.0",
+        description = "How a chat backend registers users, sends messages to the XMPP \
+            network and consumes inbound events. Every /v1 endpoint needs \
+            `Authorization: Bearer <api.token>`. Errors are RFC 9457 problem documents \
+            (application/problem+json).",
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "users", description = "Local users"),
+        (name = "roster", description = "Presence, contacts and subscriptions (RFC 6121)"),
+        (name = "remote", description = "Users of other XMPP domains"),
+        (name = "messages", description = "Outgoing 1:1 messages"),
+        (name = "events", description = "The durable queue of inbound messages and outcomes"),
+        (name = "service", description = "The document and counters (no token)"),
+    )
+)]
+struct ApiDoc;
+
+/// The `bearer` security scheme that the `/v1` operations require.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        doc.components.get_or_insert_default().add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// Every route, with its documentation: `routes!` registers each handler at the
+/// path and methods of its `#[utoipa::path]` and adds that operation (and the
+/// schemas it names) to the document, so no route is served undocumented. (One
+/// `routes!` per path: it registers all its handlers at each of their paths.)
+/// `guard` wraps the `/v1` routes: the token check, or nothing for
+/// [`openapi_doc`].
+fn api_routes(
+    guard: impl FnOnce(OpenApiRouter<ApiState>) -> OpenApiRouter<ApiState>,
+) -> OpenApiRouter<ApiState> {
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(put_user, get_user, delete_user))
+        .routes(routes!(put_presence))
+        .routes(routes!(get_roster))
+        .routes(routes!(delete_contact))
+        .routes(routes!(roster_action))
+        .routes(routes!(remote))
+        .routes(routes!(post_message))
+        .routes(routes!(post_batch))
+        .routes(routes!(events))
+        .routes(routes!(events_stream))
+        .routes(routes!(ack));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(guard(v1))
+        .routes(routes!(openapi))
+        .routes(routes!(metrics))
+}
+
+/// The OpenAPI document of the routes [`router`] serves.
+fn openapi_doc() -> utoipa::openapi::OpenApi {
+    api_routes(|v1| v1).into_openapi()
+}
+
 /// The API router.
 pub fn router(server: Arc<Server>, token: &str) -> Router {
     let st = ApiState {
@@ -160,29 +255,8 @@ pub fn router(server: Arc<Server>, token: &str) -> Router {
         token: token.into(),
         keys_in_flight: Arc::default(),
     };
-    let v1 = Router::new()
-        .route(
-            "/v1/users/{id}",
-            put(put_user).get(get_user).delete(delete_user),
-        )
-        .route("/v1/users/{id}/presence", put(put_presence))
-        .route("/v1/users/{id}/roster", get(get_roster))
-        .route(
-            "/v1/users/{id}/roster/{jid}",
-            axum::routing::delete(delete_contact),
-        )
-        .route("/v1/users/{id}/roster/{jid}/{action}", post(roster_action))
-        .route("/v1/remote/{jid}", get(remote))
-        .route("/v1/messages", post(post_message))
-        .route("/v1/messages/batch", post(post_batch))
-        .route("/v1/events", get(events))
-        .route("/v1/events/stream", get(events_stream))
-        .route("/v1/events/ack", post(ack))
-        .layer(middleware::from_fn_with_state(st.clone(), auth));
-    Router::new()
-        .merge(v1)
-        .route("/openapi.json", get(openapi))
-        .route("/metrics", get(metrics))
+    let routes = api_routes(|v1| v1.layer(middleware::from_fn_with_state(st.clone(), auth)));
+    Router::from(routes)
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "Not found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -227,21 +301,29 @@ pub async fn spawn(server: &Arc<Server>) -> std::io::Result<SocketAddr> {
 
 // ---- users ----
 
-#[derive(Debug, Deserialize)]
+/// A local user as the backend sets it.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UserIn {
+    /// The JID's localpart; normalized (PRECIS), so the stored one may differ.
     handle: String,
+    /// Served as the vCard's FN; at most 1024 bytes.
     #[serde(default)]
     display_name: String,
     /// The hosted domain the user lives on; the first hosted domain when absent.
     domain: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A local user.
+#[derive(Debug, Serialize, ToSchema)]
 struct UserOut {
+    /// The backend's id for the user.
     id: String,
+    /// The normalized handle.
     handle: String,
+    /// Display name (vCard FN).
     display_name: String,
+    /// `handle@domain`.
     jid: String,
 }
 
@@ -267,6 +349,28 @@ fn check_id(id: &str, title: &'static str, what: &str) -> Result<(), Problem> {
     Ok(())
 }
 
+/// Create or update a local user
+///
+/// The JID is `handle@domain` (the first configured domain).
+#[utoipa::path(
+    put,
+    path = "/v1/users/{id}",
+    tag = "users",
+    params(("id", description = "The backend's id for the user: 1 to 128 characters, no control characters")),
+    request_body = UserIn,
+    responses(
+        (status = 200, description = "Updated", body = UserOut),
+        (status = 201, description = "Created", body = UserOut),
+        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "The handle belongs to another user", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large (api.max_body_bytes)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid id, handle, display name or fields", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn put_user(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -342,6 +446,20 @@ async fn put_user(
     Ok((status, Json(user_out(user))).into_response())
 }
 
+/// Read a local user
+#[utoipa::path(
+    get,
+    path = "/v1/users/{id}",
+    tag = "users",
+    params(("id", description = "The backend's id for the user")),
+    responses(
+        (status = 200, description = "The user", body = UserOut),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_user(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -360,6 +478,20 @@ fn unknown_user(id: &str) -> Problem {
     )
 }
 
+/// Delete a local user
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{id}",
+    tag = "users",
+    params(("id", description = "The backend's id for the user")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn delete_user(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -373,12 +505,18 @@ async fn delete_user(
 
 // ---- presence and roster ----
 
-#[derive(Debug, Deserialize)]
+/// A user's own presence, broadcast to the contacts subscribed to it.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PresenceIn {
+    /// Online or not (default: online).
     #[serde(default = "yes")]
+    #[schema(default = true)]
     available: bool,
+    /// What kind of available (RFC 6121 §4.7.2.1).
+    #[schema(value_type = Option<schema::Show>)]
     show: Option<String>,
+    /// Status text; at most 1024 bytes.
     status: Option<String>,
 }
 
@@ -394,6 +532,25 @@ fn user_or_404(st: &ApiState, id: &str) -> Result<User, Problem> {
         .ok_or_else(|| unknown_user(id))
 }
 
+/// Set a user's presence
+#[utoipa::path(
+    put,
+    path = "/v1/users/{id}/presence",
+    tag = "roster",
+    params(("id", description = "The backend's id for the user")),
+    request_body = PresenceIn,
+    responses(
+        (status = 204, description = "Set and sent to the subscribed contacts"),
+        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large (api.max_body_bytes)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid show, status or fields", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn put_presence(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -430,6 +587,20 @@ async fn put_presence(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Read a user's roster
+#[utoipa::path(
+    get,
+    path = "/v1/users/{id}/roster",
+    tag = "roster",
+    params(("id", description = "The backend's id for the user")),
+    responses(
+        (status = 200, description = "The contacts", body = schema::Roster),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_roster(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -439,6 +610,28 @@ async fn get_roster(
     Ok(Json(json!({ "items": items })))
 }
 
+/// Subscribe to a contact's presence, or answer a contact's request
+///
+/// `subscribe` asks to see the contact's presence; `approve` lets the contact see
+/// the user's (answering its request), `deny` refuses or revokes that (RFC 6121 §3).
+#[utoipa::path(
+    post,
+    path = "/v1/users/{id}/roster/{jid}/{action}",
+    tag = "roster",
+    params(
+        ("id", description = "The backend's id for the user"),
+        ("jid", description = "The contact's bare JID (a remote user)"),
+        ("action" = inline(schema::RosterAction), Path, description = "What to do"),
+    ),
+    responses(
+        (status = 200, description = "The contact's roster item after the action", body = crate::store::RosterItem),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown user, or not one of the actions", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid JID, or a local one", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn roster_action(
     State(st): State<ApiState>,
     Path((id, jid, action)): Path<(String, String, String)>,
@@ -458,6 +651,24 @@ async fn roster_action(
     contact_action(&st, &id, &jid, action).await.map(Json)
 }
 
+/// Remove a contact (cancelling both subscriptions)
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{id}/roster/{jid}",
+    tag = "roster",
+    params(
+        ("id", description = "The backend's id for the user"),
+        ("jid", description = "The contact's bare JID (a remote user)"),
+    ),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid JID, or a local one", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn delete_contact(
     State(st): State<ApiState>,
     Path((id, jid)): Path<(String, String)>,
@@ -555,6 +766,25 @@ fn error_condition(s: &Stanza) -> Option<String> {
         })
 }
 
+/// Look up a remote user
+///
+/// Whether the JID exists (disco#info, vCard), its display name (vCard FN or
+/// NICKNAME, XEP-0054) and a stable id (UUID v5 of the bare JID). Asks the remote
+/// server, so it can take up to 15 s.
+#[utoipa::path(
+    get,
+    path = "/v1/remote/{jid}",
+    tag = "remote",
+    params(("jid", description = "A remote user's bare JID")),
+    responses(
+        (status = 200, description = "The lookup's result (`exists` false for no such user)", body = schema::Remote),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid JID, no localpart, or a local one", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "The remote server cannot be reached", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "The remote server did not answer within 15 s", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn remote(
     State(st): State<ApiState>,
     Path(jid): Path<String>,
@@ -620,16 +850,21 @@ async fn remote(
 
 // ---- messages ----
 
-#[derive(Debug, Deserialize)]
+/// A 1:1 message from a local user to a remote JID.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MessageIn {
     /// Local user id of the sender.
     from: String,
     /// Recipient JID.
     to: String,
+    /// Body text.
     body: Option<String>,
+    /// Thread id.
     thread: Option<String>,
+    /// Message type (default `chat`).
     #[serde(rename = "type")]
+    #[schema(value_type = Option<schema::MessageType>)]
     message_type: Option<String>,
     /// Extension elements, each one serialized XML element.
     #[serde(default)]
@@ -866,6 +1101,30 @@ async fn queue_keyed(
     Ok(result)
 }
 
+/// Send a 1:1 message from a local user
+///
+/// Persisted before the answer; delivery outcomes (`delivered`, `bounced`,
+/// `expired`) arrive as events. The answer's id is the stanza id (a UUIDv7).
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    tag = "messages",
+    request_body = MessageIn,
+    responses(
+        (status = 200, description = "A repeat of an accepted idempotency key: nothing queued; the first message's id", body = schema::Queued),
+        (status = 202, description = "Queued", body = schema::Queued),
+        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The federation policy does not allow the recipient's domain", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown sender", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "A request with the same idempotency key is being handled; retry it", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body or extension elements too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid JID, type, idempotency key, extension or fields; a local recipient; no body nor extensions", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn post_message(
     State(st): State<ApiState>,
     Body(m): Body<MessageIn>,
@@ -888,15 +1147,38 @@ async fn post_message(
     })
 }
 
-#[derive(Debug, Deserialize)]
+/// Messages to send together.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchIn {
+    /// 1 to `api.max_batch` messages.
     messages: Vec<MessageIn>,
 }
 
+/// Send several 1:1 messages, all or none
+///
 /// Several messages in one request, all or none: each is validated as
 /// `POST /v1/messages` would; the first invalid one refuses the whole batch (its
 /// index is in the detail) and nothing is written.
+#[utoipa::path(
+    post,
+    path = "/v1/messages/batch",
+    tag = "messages",
+    request_body = BatchIn,
+    responses(
+        (status = 202, description = "All queued; ids in request order", body = schema::BatchQueued),
+        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The federation policy does not allow the recipient's domain", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown sender", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "A request with the same idempotency key is being handled; retry it", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body or extension elements too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Not 1 to api.max_batch messages, an idempotency key twice, or (for one message) Invalid JID, type, idempotency key, extension or fields; a local recipient; no body nor extensions", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn post_batch(
     State(st): State<ApiState>,
     Body(b): Body<BatchIn>,
@@ -946,14 +1228,38 @@ async fn post_batch(
 
 // ---- events ----
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// The cursor: events after this sequence number (default: the last
+    /// acknowledged event).
     after: Option<u64>,
+    /// At most this many events (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// Seconds to wait for an event when there is none yet (default 0, at most
+    /// 60).
+    #[param(maximum = 60)]
     wait: Option<u64>,
 }
 
+/// Events after a cursor (long-poll with `wait`)
+///
+/// Events stay until acknowledged with `POST /v1/events/ack`.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "Events in order, and the cursor to ask after next", body = schema::Events),
+        (status = 400, description = "Invalid query", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn events(
     State(st): State<ApiState>,
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
@@ -979,17 +1285,40 @@ async fn events(
     Ok(Json(json!({ "events": evs, "cursor": cursor })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct StreamQuery {
+    /// Start after this sequence number (default: the last acknowledged event);
+    /// `Last-Event-ID` wins.
     after: Option<u64>,
 }
 
+/// The event queue as Server-Sent Events
+///
 /// The event queue as Server-Sent Events: each event once, in order, with its
 /// sequence number as the SSE id, starting after `Last-Event-ID` (a reconnecting
 /// client's last one), else `after`, else the last acknowledged event. Events are
 /// still acknowledged with `POST /v1/events/ack`; the stream ends at shutdown or
-/// on a store error (the client reconnects with its `Last-Event-ID`).
+/// on a store error (the client reconnects with its `Last-Event-ID`). Each SSE
+/// event's name is the event's `type` and its data the event as JSON (an
+/// `Event`); keep-alive comments come every 15 s.
+#[utoipa::path(
+    get,
+    path = "/v1/events/stream",
+    tag = "events",
+    params(
+        StreamQuery,
+        ("Last-Event-ID" = Option<u64>, Header, nullable = false, description = "Resume after this event (sent by a reconnecting SSE client)"),
+    ),
+    responses(
+        (status = 200, description = "An endless stream of events", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "Invalid query or Last-Event-ID", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 async fn events_stream(
     State(st): State<ApiState>,
     headers: axum::http::HeaderMap,
@@ -1056,11 +1385,31 @@ async fn events_stream(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// How far the backend has consumed the events.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AckIn {
+    /// Delete the events up to this sequence number (inclusive).
     up_to: u64,
 }
+
+/// Acknowledge (delete) events up to a cursor
+#[utoipa::path(
+    post,
+    path = "/v1/events/ack",
+    tag = "events",
+    request_body = AckIn,
+    responses(
+        (status = 204, description = "Acknowledged"),
+        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large (api.max_body_bytes)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`up_to` is beyond the newest event, or invalid fields", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
 
 async fn ack(State(st): State<ApiState>, Body(a): Body<AckIn>) -> Result<StatusCode, Problem> {
     let last = st.server.store.last_event();
@@ -1076,6 +1425,15 @@ async fn ack(State(st): State<ApiState>, Body(a): Body<AckIn>) -> Result<StatusC
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Counters and gauges (Prometheus text)
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses(
+        (status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain; version=0.0.4"),
+    ),
+)]
 async fn metrics(State(st): State<ApiState>) -> Response {
     let server = &st.server;
     let acked = server.store.acked().unwrap_or(0);
@@ -1090,12 +1448,270 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
-async fn openapi() -> Json<serde_json::Value> {
-    Json(serde_json::from_str(include_str!("api/openapi.json")).unwrap_or_default())
+/// This document
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "service",
+    responses(
+        (status = 200, description = "The OpenAPI document of this API", body = Object),
+    ),
+)]
+async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
+    static DOC: std::sync::LazyLock<utoipa::openapi::OpenApi> =
+        std::sync::LazyLock::new(openapi_doc);
+    Json(&DOC)
+}
+
+/// Schemas of what the handlers build with `json!` or check by hand (strings
+/// with a fixed set of values): nothing constructs these, they only describe.
+#[allow(dead_code)]
+mod schema {
+    use utoipa::ToSchema;
+
+    use crate::store::{Event, RosterItem};
+
+    /// A user's contacts.
+    #[derive(ToSchema)]
+    pub struct Roster {
+        /// One per contact.
+        pub items: Vec<RosterItem>,
+    }
+
+    /// What a remote lookup found.
+    #[derive(ToSchema)]
+    pub struct Remote {
+        /// The bare JID looked up.
+        pub jid: String,
+        /// A stable id: UUID v5 (URL namespace) of `xmpp:JID`.
+        pub id: uuid::Uuid,
+        /// The JID's domain.
+        pub domain: String,
+        /// Whether the remote server knows the user.
+        pub exists: bool,
+        /// vCard FN (or NICKNAME), if it has one.
+        pub display_name: Option<String>,
+    }
+
+    /// An accepted message.
+    #[derive(ToSchema)]
+    pub struct Queued {
+        /// The stanza id (a UUIDv7).
+        pub id: String,
+        /// `queued`, or `duplicate` for a repeated idempotency key.
+        pub status: QueuedStatus,
+    }
+
+    /// Whether a message was queued now or before.
+    #[derive(ToSchema)]
+    #[schema(rename_all = "lowercase")]
+    pub enum QueuedStatus {
+        /// Queued by this request.
+        Queued,
+        /// A repeated idempotency key: queued by an earlier request.
+        Duplicate,
+    }
+
+    /// An accepted batch.
+    #[derive(ToSchema)]
+    pub struct BatchQueued {
+        /// The stanza ids, in request order (the first id for a duplicate).
+        pub ids: Vec<String>,
+        /// Always `queued`.
+        pub status: BatchStatus,
+        /// The indexes whose idempotency key was already accepted: nothing was
+        /// queued for them.
+        pub duplicates: Vec<usize>,
+    }
+
+    /// A batch is queued whole.
+    #[derive(ToSchema)]
+    #[schema(rename_all = "lowercase")]
+    pub enum BatchStatus {
+        /// Queued.
+        Queued,
+    }
+
+    /// A page of events.
+    #[derive(ToSchema)]
+    pub struct Events {
+        /// In sequence order.
+        pub events: Vec<Event>,
+        /// The last event's sequence number (or the `after` asked for): ask after
+        /// it next.
+        pub cursor: u64,
+    }
+
+    /// A message's type (RFC 6121 §5.2.2; `groupchat` and `error` are not sent).
+    #[derive(ToSchema)]
+    #[schema(rename_all = "lowercase")]
+    pub enum MessageType {
+        /// One-to-one chat.
+        Chat,
+        /// A standalone message.
+        Normal,
+        /// An alert; not stored offline.
+        Headline,
+    }
+
+    /// The kind of available presence (RFC 6121 §4.7.2.1).
+    #[derive(ToSchema)]
+    #[schema(rename_all = "lowercase")]
+    pub enum Show {
+        /// Away.
+        Away,
+        /// Free to chat.
+        Chat,
+        /// Do not disturb.
+        Dnd,
+        /// Extended away.
+        Xa,
+    }
+
+    /// A roster action.
+    #[derive(ToSchema)]
+    #[schema(rename_all = "lowercase")]
+    pub enum RosterAction {
+        /// Ask to see the contact's presence.
+        Subscribe,
+        /// Let the contact see the user's presence (answer its request).
+        Approve,
+        /// Refuse (or revoke) the contact's subscription.
+        Deny,
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::{Value, json};
+
+    /// Every route the API serves. The document must list exactly these; the
+    /// integration test `api::the_openapi_document_matches_the_routes_and_the_answers`
+    /// checks that the router serves exactly what the document lists.
+    const ROUTES: &[(&str, &str)] = &[
+        ("PUT", "/v1/users/{id}"),
+        ("GET", "/v1/users/{id}"),
+        ("DELETE", "/v1/users/{id}"),
+        ("PUT", "/v1/users/{id}/presence"),
+        ("GET", "/v1/users/{id}/roster"),
+        ("DELETE", "/v1/users/{id}/roster/{jid}"),
+        ("POST", "/v1/users/{id}/roster/{jid}/{action}"),
+        ("GET", "/v1/remote/{jid}"),
+        ("POST", "/v1/messages"),
+        ("POST", "/v1/messages/batch"),
+        ("GET", "/v1/events"),
+        ("GET", "/v1/events/stream"),
+        ("POST", "/v1/events/ack"),
+        ("GET", "/openapi.json"),
+        ("GET", "/metrics"),
+    ];
+
+    fn doc() -> Value {
+        serde_json::to_value(super::openapi_doc()).unwrap()
+    }
+
+    /// (method, path, operation) for every operation in the document.
+    fn operations(doc: &Value) -> Vec<(String, String, Value)> {
+        let mut ops = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                ops.push((method.to_uppercase(), path.clone(), op.clone()));
+            }
+        }
+        ops
+    }
+
+    #[test]
+    fn the_document_lists_every_route_and_no_other() {
+        let doc = doc();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let listed: BTreeSet<(String, String)> = operations(&doc)
+            .into_iter()
+            .map(|(m, p, _)| (m, p))
+            .collect();
+        let expected: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(listed, expected);
+    }
+
+    #[test]
+    fn v1_operations_need_the_token_and_answer_errors_as_problems() {
+        let doc = doc();
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"],
+            json!({ "type": "http", "scheme": "bearer" })
+        );
+        let problem = json!({ "application/problem+json": {
+            "schema": { "$ref": "#/components/schemas/Problem" }
+        }});
+        for (method, path, op) in operations(&doc) {
+            let at = format!("{method} {path}");
+            if path.starts_with("/v1/") {
+                assert_eq!(op["security"], json!([{ "bearer": [] }]), "{at}");
+                assert!(op["responses"]["401"].is_object(), "{at}: 401");
+            } else {
+                assert!(op["security"].is_null(), "{at} needs no token");
+            }
+            for (status, r) in op["responses"].as_object().unwrap() {
+                let error = status.parse::<u16>().unwrap() >= 400;
+                assert!(r["description"].is_string(), "{at} {status}");
+                if error {
+                    assert_eq!(r["content"], problem, "{at} {status}");
+                }
+            }
+            let names = |inn: &str| -> BTreeSet<String> {
+                op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == inn)
+                    .map(|p| p["name"].as_str().unwrap().to_string())
+                    .collect()
+            };
+            let in_path: BTreeSet<String> = path
+                .split('/')
+                .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                .map(str::to_string)
+                .collect();
+            assert_eq!(names("path"), in_path, "{at}: path parameters");
+        }
+    }
+
+    #[test]
+    fn schemas_the_document_names_are_in_it() {
+        let doc = doc();
+        let text = doc.to_string();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for r in text.split("\"#/components/schemas/").skip(1) {
+            let name = &r[..r.find('"').unwrap()];
+            assert!(
+                schemas.contains_key(name),
+                "{name} is referenced, not defined"
+            );
+        }
+        // The event JSON is described, variants and all.
+        let kinds = schemas["EventKind"]["oneOf"].as_array().unwrap();
+        let tags: BTreeSet<&str> = kinds
+            .iter()
+            .map(|k| k["properties"]["type"]["enum"][0].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            tags,
+            BTreeSet::from([
+                "message",
+                "delivered",
+                "bounced",
+                "presence",
+                "subscription",
+                "expired"
+            ])
+        );
+    }
+
     #[test]
     fn message_ids_are_time_ordered_uuids_v7() {
         let a = super::message_id();

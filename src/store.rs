@@ -130,7 +130,7 @@ impl User {
 }
 
 /// Subscription state of a roster item (RFC 6121 §2.1.2.5, pending states apart).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Subscription {
     /// Neither sees the other's presence.
@@ -165,7 +165,7 @@ impl Subscription {
 }
 
 /// One contact in a user's roster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct RosterItem {
     /// The contact's bare JID.
     pub jid: String,
@@ -210,10 +210,11 @@ pub struct Outgoing {
 }
 
 /// An event for the backend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Position in the queue (the cursor).
     #[serde(default)]
+    #[schema(required = true)]
     pub seq: u64,
     /// When it happened (unix ms).
     pub at_ms: u64,
@@ -223,7 +224,7 @@ pub struct Event {
 }
 
 /// Event payloads.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// A message for a local user.

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use xmpp_federator::store::EventKind;
 use xmpp_federator_testkit::certs::Eku;
 
@@ -296,7 +296,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(alpha.server.delivery.queued(), 0);
 
     // Remote lookup: exists, display name from the vCard, a stable id.
-    let (s, b, _) = http(
+    let (s, b, c) = http(
         alpha.api,
         "GET",
         "/v1/remote/bob@beta.test",
@@ -307,6 +307,8 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["exists"], true);
     assert_eq!(b["display_name"], "bob display");
+    let doc = openapi(alpha.api).await;
+    assert_documented(&doc, "GET", "/v1/remote/{jid}", s, &c, &b);
     let (_, b2, _) = http(
         alpha.api,
         "GET",
@@ -316,7 +318,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     )
     .await;
     assert_eq!(b["id"], b2["id"]);
-    let (s, b, _) = http(
+    let (s, b, c) = http(
         alpha.api,
         "GET",
         "/v1/remote/nobody@beta.test",
@@ -326,6 +328,7 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["exists"], false);
+    assert_documented(&doc, "GET", "/v1/remote/{jid}", s, &c, &b);
 
     // A message to a user that does not exist bounces with service-unavailable.
     let nid = send_message(alpha.api, "a1", "nobody@beta.test", "?").await;
@@ -640,4 +643,342 @@ async fn events_stream_as_server_sent_events_and_resume_after_the_last_id() {
     let (s, _, _) = http(alpha.api, "GET", "/v1/events/stream", None, None).await;
     assert_eq!(s, 401);
     alpha.shutdown().await;
+}
+
+/// The OpenAPI document and the router agree: each documented operation is
+/// routed to its handler (not to the 404/405 fallbacks), every other method on a
+/// documented path is refused with 405, and real answers, errors included, have a
+/// status, content type and shape the document gives for that operation. (Which
+/// operations there are is `api::tests::the_document_lists_every_route_and_no_other`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_routes_and_the_answers() {
+    let net = Net::new().await;
+    let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
+    let api = alpha.api;
+    let doc = openapi(api).await;
+    assert_eq!(doc["openapi"], "3.1.0");
+
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    assert!(documented.len() >= 15, "{documented:?}");
+    for (method, path) in &documented {
+        // Unknown ids and bad values: nothing is written. `after=x` makes the
+        // event stream answer at once (400) instead of streaming.
+        let url = path
+            .replace("{id}", "nobody")
+            .replace("{jid}", "x")
+            .replace("{action}", "subscribe")
+            + "?after=x";
+        let (s, b, _) = http(api, method, &url, Some(TOKEN), None).await;
+        assert!(
+            s != 405 && !(s == 404 && b["detail"] == "no such endpoint"),
+            "{method} {path} is documented but not served: {s} {b}"
+        );
+        for other in ["GET", "PUT", "POST", "DELETE", "PATCH"] {
+            if !documented.contains(&(other.to_string(), path.clone())) {
+                let (s, b, _) = http(api, other, &url, Some(TOKEN), None).await;
+                assert_eq!(s, 405, "{other} {path} is served but not documented: {b}");
+            }
+        }
+    }
+
+    let call =
+        |method: &'static str, path: &'static str, url: String, token, body: Option<Value>| {
+            let doc = &doc;
+            async move {
+                let body = body.map(|b| b.to_string());
+                let (s, b, c) = http(api, method, &url, token, body.as_deref()).await;
+                assert_documented(doc, method, path, s, &c, &b);
+                (s, b)
+            }
+        };
+    let user = json!({ "handle": "alice", "display_name": "Alice" });
+    let (s, _) = call(
+        "PUT",
+        "/v1/users/{id}",
+        "/v1/users/u1".into(),
+        Some(TOKEN),
+        Some(user.clone()),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _) = call(
+        "PUT",
+        "/v1/users/{id}",
+        "/v1/users/u1".into(),
+        Some(TOKEN),
+        Some(user.clone()),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = call(
+        "PUT",
+        "/v1/users/{id}",
+        "/v1/users/u2".into(),
+        Some(TOKEN),
+        Some(user),
+    )
+    .await;
+    assert_eq!(s, 409);
+    let (s, _) = call("GET", "/v1/users/{id}", "/v1/users/u1".into(), None, None).await;
+    assert_eq!(s, 401);
+    let (s, _) = call(
+        "GET",
+        "/v1/users/{id}",
+        "/v1/users/u1".into(),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let presence = json!({ "show": "chat", "status": "here" });
+    let (s, _) = call(
+        "PUT",
+        "/v1/users/{id}/presence",
+        "/v1/users/u1/presence".into(),
+        Some(TOKEN),
+        Some(presence),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (s, _) = call(
+        "GET",
+        "/v1/users/{id}/roster",
+        "/v1/users/u1/roster".into(),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = call(
+        "POST",
+        "/v1/users/{id}/roster/{jid}/{action}",
+        "/v1/users/u1/roster/bob@beta.test/wave".into(),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, _) = call(
+        "GET",
+        "/v1/remote/{jid}",
+        "/v1/remote/beta.test".into(),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 422);
+
+    // beta.test is not up: messages to it stay queued.
+    let keyed =
+        json!({ "from": "u1", "to": "bob@beta.test", "body": "hi", "idempotency_key": "k1" });
+    let (s, _) = call(
+        "POST",
+        "/v1/messages",
+        "/v1/messages".into(),
+        Some(TOKEN),
+        Some(keyed.clone()),
+    )
+    .await;
+    assert_eq!(s, 202);
+    let (s, _) = call(
+        "POST",
+        "/v1/messages",
+        "/v1/messages".into(),
+        Some(TOKEN),
+        Some(keyed.clone()),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let from_nobody = json!({ "from": "nobody", "to": "bob@beta.test", "body": "hi" });
+    let (s, _) = call(
+        "POST",
+        "/v1/messages",
+        "/v1/messages".into(),
+        Some(TOKEN),
+        Some(from_nobody),
+    )
+    .await;
+    assert_eq!(s, 404);
+    let batch = json!({ "messages": [keyed, { "from": "u1", "to": "bob@beta.test", "type": "normal", "body": "2" }] });
+    let (s, _) = call(
+        "POST",
+        "/v1/messages/batch",
+        "/v1/messages/batch".into(),
+        Some(TOKEN),
+        Some(batch),
+    )
+    .await;
+    assert_eq!(s, 202);
+
+    alpha
+        .server
+        .store
+        .push_events(vec![EventKind::Expired {
+            id: "gone".into(),
+            to: "bob@beta.test".into(),
+        }])
+        .await
+        .unwrap();
+    let (s, b) = call(
+        "GET",
+        "/v1/events",
+        "/v1/events?after=0".into(),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(!b["events"].as_array().unwrap().is_empty(), "{b}");
+    let (s, _) = call(
+        "GET",
+        "/v1/events",
+        "/v1/events?limit=x".into(),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 400);
+    let ack = json!({ "up_to": b["cursor"] });
+    let (s, _) = call(
+        "POST",
+        "/v1/events/ack",
+        "/v1/events/ack".into(),
+        Some(TOKEN),
+        Some(ack),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (s, _) = call(
+        "DELETE",
+        "/v1/users/{id}",
+        "/v1/users/u1".into(),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    alpha.shutdown().await;
+}
+
+async fn openapi(api: std::net::SocketAddr) -> Value {
+    let (s, doc, c) = http(api, "GET", "/openapi.json", None, None).await;
+    assert_eq!((s, c.as_str()), (200, "application/json"));
+    doc
+}
+
+/// Assert that the document gives this answer (status, content type, body shape)
+/// for the operation `method path`.
+fn assert_documented(
+    doc: &Value,
+    method: &str,
+    path: &str,
+    status: u16,
+    ctype: &str,
+    body: &Value,
+) {
+    let at = format!("{method} {path} answered {status} {body}");
+    let response = &doc["paths"][path][method.to_lowercase()]["responses"][status.to_string()];
+    assert!(response.is_object(), "{at}: that status is not documented");
+    let ctype = ctype.split(';').next().unwrap_or_default();
+    if body.is_null() {
+        return;
+    }
+    let schema = &response["content"][ctype]["schema"];
+    assert!(schema.is_object(), "{at}: {ctype} is not documented");
+    assert!(fits(doc, schema, body), "{at}: does not fit {schema}");
+}
+
+/// Whether `v` has the shape of `schema` (in `doc`): types, enums, objects' keys
+/// (each one a property, the required ones present), through `$ref`, `allOf`,
+/// `oneOf` and array items. Enough to catch a handler answering other than its
+/// documentation says.
+fn fits(doc: &Value, schema: &Value, v: &Value) -> bool {
+    let schema = resolve(doc, schema);
+    if let Some(alternatives) = schema["oneOf"].as_array() {
+        return alternatives.iter().any(|s| fits(doc, s, v));
+    }
+    let type_ok = |t: &Value| {
+        let name = match v {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_u64() || n.is_i64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        t == name || (t == "number" && name == "integer")
+    };
+    match &schema["type"] {
+        Value::Null => {}
+        Value::Array(ts) if ts.iter().any(type_ok) => {}
+        t @ Value::String(_) if type_ok(t) => {}
+        _ => return false,
+    }
+    if let Some(values) = schema["enum"].as_array()
+        && !values.contains(v)
+    {
+        return false;
+    }
+    match v {
+        Value::Object(o) => shapes(doc, schema).iter().any(|(properties, required)| {
+            required.iter().all(|k| o.contains_key(k))
+                && o.iter()
+                    .all(|(k, x)| properties.get(k).is_some_and(|s| fits(doc, s, x)))
+        }),
+        Value::Array(items) => items.iter().all(|x| fits(doc, &schema["items"], x)),
+        _ => schema["allOf"]
+            .as_array()
+            .is_none_or(|parts| parts.iter().all(|s| fits(doc, s, v))),
+    }
+}
+
+/// The object shapes a schema allows: (properties, required keys) for each
+/// alternative, `allOf` parts merged.
+fn shapes(doc: &Value, schema: &Value) -> Vec<(serde_json::Map<String, Value>, Vec<String>)> {
+    let schema = resolve(doc, schema);
+    if let Some(parts) = schema["allOf"].as_array() {
+        return parts.iter().fold(vec![Default::default()], |acc, part| {
+            let part = shapes(doc, part);
+            acc.iter()
+                .flat_map(|(p, r)| {
+                    part.iter().map(move |(p2, r2)| {
+                        let mut p = p.clone();
+                        p.extend(p2.clone());
+                        (p, r.iter().chain(r2).cloned().collect())
+                    })
+                })
+                .collect()
+        });
+    }
+    if let Some(alternatives) = schema["oneOf"].as_array() {
+        return alternatives.iter().flat_map(|s| shapes(doc, s)).collect();
+    }
+    let properties = schema["properties"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let required = schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str().map(str::to_string))
+        .collect();
+    vec![(properties, required)]
+}
+
+/// A schema with its `$ref` followed.
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"]
+        .as_str()
+        .and_then(|r| r.strip_prefix("#/components/schemas/"))
+    {
+        Some(name) => resolve(doc, &doc["components"]["schemas"][name]),
+        None => schema,
+    }
 }
