@@ -51,3 +51,6 @@ pub struct Identity {
     /// Human-readable name.
     pub name: String,
 }
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -305,3 +305,164 @@ impl Outbox {
         self.0.remote.room(local, remote)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::routing::testing::{World, stanza};
+
+    #[test]
+    fn local_addresses_loop_back_and_remote_ones_leave_from_a_hosted_domain() {
+        let w = World::new();
+        w.outbox
+            .send(stanza("<message from='u@a.test' to='v@b.test' id='1'/>"));
+        w.outbox.send(stanza(
+            "<message from='u@a.test' to='room@conference.a.test'/>",
+        ));
+        w.outbox.send(stanza(
+            "<message from='u@a.test' to='x@Remote.TEST/r' id='2'/>",
+        ));
+        assert_eq!(w.users_b.got().len(), 1);
+        assert_eq!(w.rooms.got().len(), 1);
+        assert!(w.domain_b.got().is_empty() && w.users_a.got().is_empty());
+        let sent = w.remote.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        let (local, remote, item) = &sent[0];
+        // One spelling per session: the remote domain in lower case.
+        assert_eq!((local.as_str(), remote.as_str()), ("a.test", "remote.test"));
+        assert!(!item.tracked);
+        drop(sent);
+        // Not from a hosted domain: dropped, never sent on anyone's behalf.
+        w.outbox
+            .send(stanza("<message from='u@forged.test' to='x@remote.test'/>"));
+        assert_eq!(w.remote.sent.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn policy_refusals_bounce_to_the_sender_and_errors_are_never_answered() {
+        let w = World::new();
+        w.outbox.send(stanza(
+            "<message from='u@a.test/r' to='x@blocked.test' id='m1'><body>hi</body></message>",
+        ));
+        let got = w.users_a.got();
+        assert_eq!(got.len(), 1, "the bounce reached the sender's account");
+        assert!(got[0].is_error());
+        assert_eq!(got[0].id.as_deref(), Some("m1"));
+        assert!(got[0].as_str().contains("<policy-violation"));
+        assert!(w.remote.sent.lock().unwrap().is_empty());
+        // An error to a refused domain is dropped, not answered with an error.
+        w.outbox.send(stanza(
+            "<message from='u@a.test' to='x@blocked.test' type='error' id='e1'/>",
+        ));
+        assert_eq!(w.users_a.got().len(), 1);
+        // And bounce() of an error does nothing.
+        w.outbox.bounce(
+            &stanza("<iq from='x@remote.test' to='a.test' type='error' id='e2'/>"),
+            StanzaCondition::ServiceUnavailable,
+            "no",
+        );
+        assert!(w.remote.sent.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn tracked_messages_are_reported_not_bounced_when_they_cannot_be_queued() {
+        let w = World::new();
+        *w.remote.refuse.lock().unwrap() = Some(StanzaCondition::ResourceConstraint);
+        w.outbox.send_tracked(stanza(
+            "<message from='u@a.test' to='x@remote.test' id='t1'/>",
+        ));
+        assert!(w.users_a.got().is_empty(), "not bounced");
+        assert_eq!(
+            *w.tracker.0.lock().unwrap(),
+            vec![Report::Unsent {
+                ids: vec!["t1".into()],
+                unreachable: None
+            }]
+        );
+        // The same refusal for an untracked stanza is a bounce.
+        w.outbox.send(stanza(
+            "<message from='u@a.test' to='x@remote.test' id='u1'/>",
+        ));
+        let got = w.users_a.got();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].as_str().contains("<resource-constraint"));
+        // A tracked message to a refused domain is bounced like any other: the
+        // bounce settles it when it reaches the sender's account.
+        *w.remote.refuse.lock().unwrap() = None;
+        w.outbox.send_tracked(stanza(
+            "<message from='u@a.test' to='x@blocked.test' id='t2'/>",
+        ));
+        assert!(w.users_a.got()[1].as_str().contains("<policy-violation"));
+        // What a session hands back: tracked ones reported with the unreachable
+        // domain, the others bounced.
+        let items = vec![
+            Outgoing {
+                stanza: stanza("<message from='u@a.test' to='x@down.test' id='t3'/>"),
+                tracked: true,
+            },
+            Outgoing {
+                stanza: stanza("<iq from='a.test' to='down.test' id='p' type='get'/>"),
+                tracked: false,
+            },
+        ];
+        w.outbox.not_sent(
+            items,
+            StanzaCondition::RemoteServerNotFound,
+            "cannot reach down.test",
+            Some("down.test"),
+        );
+        assert_eq!(
+            w.tracker.0.lock().unwrap().last(),
+            Some(&Report::Unsent {
+                ids: vec!["t3".into()],
+                unreachable: Some("down.test".into())
+            })
+        );
+        let bounce = w.domain_a.got().pop().unwrap();
+        assert!(bounce.as_str().contains("<remote-server-not-found"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_are_matched_to_requests_by_id() {
+        let w = World::new();
+        let outbox = w.outbox.clone();
+        let ask = tokio::spawn(async move {
+            outbox
+                .ask(
+                    stanza("<iq from='a.test' to='remote.test' id='q1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>"),
+                    Duration::from_secs(5),
+                )
+                .await
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(w.remote.sent.lock().unwrap().len(), 1);
+        // An answer to another id is nobody's: it is given back.
+        let other = stanza("<iq from='remote.test' to='a.test' id='zz' type='result'/>");
+        assert!(w.outbox.answer(other).is_some());
+        // The answer, as the domain service hands it over.
+        w.outbox.send(stanza(
+            "<iq from='remote.test' to='a.test' id='q1' type='error'/>",
+        ));
+        let answer = ask.await.unwrap().unwrap();
+        assert!(answer.is_error());
+        assert!(w.domain_a.got().is_empty(), "the answer went to the asker");
+        // No answer: a timeout after the wait, and the id is forgotten.
+        let r = w
+            .outbox
+            .ask(
+                stanza("<iq from='a.test' to='remote.test' id='q2' type='get'/>"),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(r, Err(AskError::Timeout(Duration::from_secs(5))));
+        let late = stanza("<iq from='remote.test' to='a.test' id='q2' type='result'/>");
+        assert!(w.outbox.answer(late).is_some(), "q2 is no longer awaited");
+        let no_id = stanza("<iq from='a.test' to='remote.test' type='get'/>");
+        assert_eq!(
+            w.outbox.ask(no_id, Duration::from_secs(1)).await,
+            Err(AskError::NoId)
+        );
+    }
+}

@@ -199,3 +199,92 @@ impl Table {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::address::Addr;
+    use crate::routing::testing::{World, stanza};
+    use crate::stanza::StreamCondition;
+
+    use super::Peer;
+
+    fn owner(w: &World, to: &str) -> Option<String> {
+        let a = Addr::parse(to).unwrap();
+        w.outbox.table().service_for(&a).map(|s| s.identity().name)
+    }
+
+    #[test]
+    fn addresses_go_to_their_owner_on_every_hosted_domain() {
+        let w = World::new();
+        for (to, who) in [
+            ("a.test", Some("a")),
+            ("a.test/res", Some("a")),
+            ("b.test", Some("b")),
+            ("A.Test", Some("a")),
+            ("u@a.test", Some("users a")),
+            ("u@a.test/phone", Some("users a")),
+            ("u@b.test", Some("users b")),
+            ("U@B.TEST/r", Some("users b")),
+            // A component owns its domain and every address in it: the table
+            // never mistakes a room for a user called "room".
+            ("room@conference.a.test", Some("rooms")),
+            ("room@conference.a.test/nick", Some("rooms")),
+            ("conference.a.test", Some("rooms")),
+            ("x@elsewhere.test", None),
+            ("conference.b.test", None),
+            ("a.test.evil", None),
+        ] {
+            assert_eq!(owner(&w, to).as_deref(), who, "{to}");
+        }
+        let t = w.outbox.table();
+        assert_eq!(t.hosted("CONFERENCE.a.test"), Some("conference.a.test"));
+        assert_eq!(t.hosts().collect::<Vec<_>>(), vec!["a.test", "b.test"]);
+        let items = t.components_of("a.test");
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].0, "conference.a.test");
+        assert!(t.components_of("b.test").is_empty());
+    }
+
+    #[test]
+    fn inbound_stanzas_must_be_from_the_peer_and_to_a_hosted_address() {
+        let w = World::new();
+        let t = w.outbox.table();
+        let peer = Peer::authenticated("Remote.test");
+        assert_eq!(peer.domain(), "remote.test");
+        let ok = stanza("<message from='x@remote.test/r' to='u@b.test'/>");
+        assert_eq!(
+            t.check_inbound(&peer, &ok).unwrap().identity().name,
+            "users b"
+        );
+        let upper = stanza("<message from='x@REMOTE.test' to='room@conference.a.test'/>");
+        assert!(t.check_inbound(&peer, &upper).is_ok());
+        for (xml, condition) in [
+            (
+                "<message from='x@other.test' to='u@a.test'/>",
+                StreamCondition::InvalidFrom,
+            ),
+            (
+                "<message from='x@remote.test' to='u@nowhere.test'/>",
+                StreamCondition::HostUnknown,
+            ),
+            (
+                "<message to='u@a.test'/>",
+                StreamCondition::ImproperAddressing,
+            ),
+            (
+                "<message from='x@remote.test'/>",
+                StreamCondition::ImproperAddressing,
+            ),
+            // A subdomain of the peer is not the peer.
+            (
+                "<message from='x@sub.remote.test' to='u@a.test'/>",
+                StreamCondition::InvalidFrom,
+            ),
+        ] {
+            match t.check_inbound(&peer, &stanza(xml)) {
+                Err((c, _)) => assert_eq!(c, condition, "{xml}"),
+                Ok(_) => panic!("{xml} was routed"),
+            }
+        }
+    }
+}

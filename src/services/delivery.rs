@@ -441,6 +441,189 @@ pub fn delivered(id: &str, to: &str) -> EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::testing::{FakeTracker, World};
+    use crate::store::Event;
+
+    fn message(id: &str, to: &str, expires_ms: u64) -> Outgoing {
+        let xml = format!("<message from='u@a.test' to='{to}' id='{id}'><body>x</body></message>");
+        Outgoing {
+            seq: 0,
+            domain: crate::address::Addr::parse(to)
+                .unwrap()
+                .domain()
+                .to_string(),
+            id: id.into(),
+            from: "u@a.test".into(),
+            to: to.into(),
+            xml,
+            accepted_ms: now_ms(),
+            expires_ms,
+        }
+    }
+
+    struct Setup {
+        store: Arc<Store>,
+        delivery: Arc<Delivery>,
+        w: World,
+    }
+
+    fn setup() -> Setup {
+        let store = Store::open(crate::store::memory_kv().unwrap(), "a.test").unwrap();
+        let config = Arc::new(Config {
+            domains: vec!["a.test".into()],
+            ..Config::default()
+        });
+        let delivery = Arc::new(Delivery::new(store.clone(), config));
+        let w = World::with_tracker(Arc::new(delivery.clone()), Arc::new(FakeTracker::default()));
+        Setup { store, delivery, w }
+    }
+
+    async fn queue(s: &Setup, ms: Vec<Outgoing>) {
+        let queued = s
+            .store
+            .enqueue(ms.into_iter().map(|m| (m, None)).collect())
+            .await
+            .unwrap();
+        let stanzas = queued
+            .iter()
+            .map(|m| Stanza::parse(&m.xml).unwrap())
+            .collect();
+        s.delivery.submit_new(&s.w.outbox, &queued, stanzas);
+    }
+
+    /// The outcome events so far, as (kind, id).
+    async fn outcomes(store: &Store, n: usize) -> Vec<(&'static str, String)> {
+        // Settling commits in the background: wait (bounded) for `n` events.
+        for _ in 0..200 {
+            if store.events_after(0, 1000).unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let events: Vec<Event> = store.events_after(0, 1000).unwrap();
+        events
+            .into_iter()
+            .map(|e| match e.kind {
+                EventKind::Delivered { id, .. } => ("delivered", id),
+                EventKind::Bounced { id, .. } => ("bounced", id),
+                EventKind::Expired { id, .. } => ("expired", id),
+                other => panic!("unexpected event {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn session_reports_settle_each_message_exactly_once() {
+        let s = setup();
+        let far = now_ms() + 3_600_000;
+        queue(
+            &s,
+            vec![
+                message("m1", "x@remote.test", far),
+                message("m2", "x@remote.test", far),
+                message("m3", "x@remote.test", far),
+            ],
+        )
+        .await;
+        assert_eq!(s.delivery.queued(), 3);
+        {
+            let sent = s.w.remote.sent.lock().unwrap();
+            assert_eq!(sent.len(), 3);
+            assert!(sent.iter().all(|(_, _, item)| item.tracked));
+        }
+        // m1 and m2 written with a ping after them; its answer reaches the inbox.
+        s.w.outbox.report(Report::AwaitingPing {
+            ping_id: "dlv-7".into(),
+            ids: vec!["m1".into(), "m2".into()],
+        });
+        assert!(s.delivery.is_confirmation("dlv-7"));
+        let (mut w, mut taken) = (Writes::default(), Taken::default());
+        s.delivery.confirmed("dlv-7", &mut w, &mut taken);
+        assert!(s.delivery.commit(w, taken).await);
+        assert!(!s.delivery.is_confirmation("dlv-7"));
+        // A second answer to the same ping (a peer that answers twice) settles
+        // nothing more.
+        let (mut w, mut taken) = (Writes::default(), Taken::default());
+        s.delivery.confirmed("dlv-7", &mut w, &mut taken);
+        assert!(w.is_empty());
+        // XEP-0198 acks for m2 (already settled) and m3.
+        s.w.outbox.report(Report::Acked {
+            ids: vec!["m2".into(), "m3".into()],
+        });
+        let got = outcomes(&s.store, 3).await;
+        assert_eq!(
+            got,
+            vec![
+                ("delivered", "m1".to_string()),
+                ("delivered", "m2".to_string()),
+                ("delivered", "m3".to_string())
+            ]
+        );
+        assert_eq!(s.delivery.queued(), 0);
+        assert!(s.store.queued().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unsent_messages_wait_for_their_domain_and_are_sent_again() {
+        let s = setup();
+        let far = now_ms() + 3_600_000;
+        queue(&s, vec![message("m1", "x@down.test", far)]).await;
+        assert_eq!(s.w.remote.sent.lock().unwrap().len(), 1);
+        // The session could not reach the domain.
+        s.w.outbox.report(Report::Unsent {
+            ids: vec!["m1".into()],
+            unreachable: Some("down.test".into()),
+        });
+        assert_eq!(s.delivery.held_domains(), 1);
+        let every = Duration::from_secs(60);
+        s.delivery.sweep_once(&s.w.outbox, every);
+        assert_eq!(s.w.remote.sent.lock().unwrap().len(), 1, "held back");
+        // New messages to a held domain wait too.
+        queue(&s, vec![message("m2", "x@down.test", far)]).await;
+        assert_eq!(s.w.remote.sent.lock().unwrap().len(), 1);
+        // A stream to it is established: both go out on the next sweep, once.
+        s.w.outbox.report(Report::Reachable {
+            remote: "down.test".into(),
+        });
+        assert_eq!(s.delivery.held_domains(), 0);
+        s.delivery.sweep_once(&s.w.outbox, every);
+        s.delivery.sweep_once(&s.w.outbox, every);
+        let ids: Vec<String> =
+            s.w.remote
+                .sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, _, i)| i.stanza.id.clone().unwrap())
+                .collect();
+        assert_eq!(ids, vec!["m1", "m1", "m2"]);
+        // Still queued: nothing settled them yet.
+        assert_eq!(s.delivery.queued(), 2);
+        assert!(s.store.events_after(0, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn expired_messages_get_one_expired_event_and_are_not_sent_again() {
+        let s = setup();
+        queue(&s, vec![message("old", "x@remote.test", now_ms() - 1)]).await;
+        s.w.outbox.report(Report::Unsent {
+            ids: vec!["old".into()],
+            unreachable: None,
+        });
+        s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
+        assert_eq!(
+            outcomes(&s.store, 1).await,
+            vec![("expired", "old".to_string())]
+        );
+        // A late confirmation of it settles nothing.
+        s.w.outbox.report(Report::Acked {
+            ids: vec!["old".into()],
+        });
+        s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(outcomes(&s.store, 1).await.len(), 1);
+        assert_eq!(s.w.remote.sent.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn retry_waits_double_up_to_the_cap_with_jitter() {

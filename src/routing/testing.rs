@@ -1,0 +1,167 @@
+//! Fakes for the routing layer's tests (and the services'): services that record
+//! what reaches them, a remote that records what leaves, a tracker that records
+//! reports.
+
+use std::sync::{Arc, Mutex};
+
+use super::{Identity, Outbox, Outgoing, Refused, Remote, Report, Service, Table, Tracker};
+use crate::config::{Federation, FederationMode};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::stanza::{Stanza, StanzaCondition};
+
+/// A service that records the stanzas it gets (and answers iqs if asked to).
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub name: &'static str,
+    pub got: Mutex<Vec<Stanza>>,
+    /// Answer iq gets with an empty result.
+    pub answer_iqs: bool,
+}
+
+impl Recorder {
+    pub fn named(name: &'static str) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            name,
+            ..Recorder::default()
+        })
+    }
+
+    pub fn got(&self) -> Vec<Stanza> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Service for Recorder {
+    fn handle(&self, stanza: Stanza, outbox: &Outbox) {
+        if self.answer_iqs && stanza.type_.as_deref() == Some("get") {
+            outbox.send(Stanza::iq_result(&stanza, ""));
+        }
+        let answer = matches!(stanza.type_.as_deref(), Some("result" | "error"))
+            && stanza.kind == crate::stanza::Kind::Iq;
+        let unclaimed = if answer {
+            outbox.answer(stanza)
+        } else {
+            Some(stanza)
+        };
+        if let Some(s) = unclaimed {
+            self.got.lock().unwrap().push(s);
+        }
+    }
+
+    fn identity(&self) -> Identity {
+        Identity {
+            category: "test",
+            type_: "fake",
+            name: self.name.into(),
+        }
+    }
+
+    fn features(&self) -> Vec<&'static str> {
+        vec!["urn:test"]
+    }
+}
+
+/// A remote that records what it is given, refusing while `refuse` is set.
+#[derive(Debug, Default)]
+pub struct FakeRemote {
+    pub sent: Mutex<Vec<(String, String, Outgoing)>>,
+    pub refuse: Mutex<Option<StanzaCondition>>,
+}
+
+impl Remote for Arc<FakeRemote> {
+    fn send(
+        &self,
+        _outbox: &Outbox,
+        local: &str,
+        remote: &str,
+        item: Outgoing,
+    ) -> Result<(), Box<Refused>> {
+        if let Some(condition) = *self.refuse.lock().unwrap() {
+            return Err(Box::new(Refused {
+                item,
+                condition,
+                text: "refused by the fake",
+            }));
+        }
+        self.sent
+            .lock()
+            .unwrap()
+            .push((local.into(), remote.into(), item));
+        Ok(())
+    }
+
+    fn room(&self, _local: &str, _remote: &str) -> Option<usize> {
+        None
+    }
+}
+
+/// A tracker that records reports.
+#[derive(Debug, Default)]
+pub struct FakeTracker(pub Mutex<Vec<Report>>);
+
+impl Tracker for Arc<FakeTracker> {
+    fn report(&self, _outbox: &Outbox, report: Report) {
+        self.0.lock().unwrap().push(report);
+    }
+}
+
+/// Hosts `a.test` and `b.test` (domain and accounts services each) and the
+/// component `conference.a.test`; refuses federation with `blocked.test`.
+pub struct World {
+    pub outbox: Outbox,
+    pub remote: Arc<FakeRemote>,
+    pub tracker: Arc<FakeTracker>,
+    pub domain_a: Arc<Recorder>,
+    pub users_a: Arc<Recorder>,
+    pub domain_b: Arc<Recorder>,
+    pub users_b: Arc<Recorder>,
+    pub rooms: Arc<Recorder>,
+}
+
+impl World {
+    pub fn new() -> World {
+        let tracker = Arc::new(FakeTracker::default());
+        World::with_tracker(Arc::new(tracker.clone()), tracker)
+    }
+
+    /// The same world with another tracker (delivery itself).
+    pub fn with_tracker(tracker: Arc<dyn Tracker>, fake: Arc<FakeTracker>) -> World {
+        let (domain_a, users_a) = (Recorder::named("a"), Recorder::named("users a"));
+        let (domain_b, users_b) = (Recorder::named("b"), Recorder::named("users b"));
+        let rooms = Recorder::named("rooms");
+        let mut table = Table::default();
+        table.add_host("a.test", domain_a.clone(), users_a.clone());
+        table.add_host("b.test", domain_b.clone(), users_b.clone());
+        table.add_component("conference.a.test", "a.test", rooms.clone());
+        let remote = Arc::new(FakeRemote::default());
+        let policy = Policy::new(&Federation {
+            mode: FederationMode::Open,
+            allowlist: vec![],
+            blocklist: vec!["blocked.test".into()],
+        });
+        let outbox = Outbox::new(
+            table,
+            Arc::new(remote.clone()),
+            tracker,
+            None,
+            Arc::new(policy),
+            Arc::new(Metrics::default()),
+        );
+        World {
+            outbox,
+            remote,
+            tracker: fake,
+            domain_a,
+            users_a,
+            domain_b,
+            users_b,
+            rooms,
+        }
+    }
+}
+
+/// A stanza from our own serialization.
+pub fn stanza(xml: &str) -> Stanza {
+    Stanza::parse(xml).unwrap_or_else(|| panic!("test stanza does not parse: {xml}"))
+}
