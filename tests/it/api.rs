@@ -584,6 +584,102 @@ async fn an_undeliverable_message_expires_with_an_event() {
     alpha.shutdown().await;
 }
 
+/// The ordering invariant: the peer's error reply to a message travels on its
+/// stream before its answer to the confirmation ping that followed, and the inbox
+/// settles them in that order, so the message is `bounced`, never `delivered`;
+/// the message written in the same batch after it is `delivered`. And a user on
+/// the second hosted domain sends and receives as itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reply_settles_a_message_before_the_confirmation_after_it() {
+    let net = Net::new().await;
+    let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
+    let alias = net
+        .ca
+        .leaf("alias.test", Eku::Both, false)
+        .write(net.dir.path(), "alias.test");
+    ac.domains.push("alias.test".into());
+    ac.tls
+        .certificates
+        .push(xmpp_federator::config::CertificateFiles {
+            cert: alias.cert,
+            key: alias.key,
+        });
+    let alpha = net.start(ac).await;
+    net.dns
+        .add("alias.test", ALPHA, Some(alpha.starttls[0].port()), None);
+    let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
+    create_user(alpha.api, "a1", "alice").await;
+    create_user(beta.api, "b1", "bob").await;
+    let ids = send_batch(
+        alpha.api,
+        "a1",
+        "nobody@beta.test",
+        ["to nobody".to_string()].into_iter(),
+    )
+    .await;
+    let ok = send_message(alpha.api, "a1", "bob@beta.test", "to bob").await;
+    let bounced = wait_event(alpha.api, |e| {
+        e["type"] == "bounced" && e["id"] == ids[0].as_str()
+    })
+    .await;
+    assert_eq!(bounced["condition"], "service-unavailable");
+    wait_event(alpha.api, |e| {
+        e["type"] == "delivered" && e["id"] == ok.as_str()
+    })
+    .await;
+    let all = xmpp_federator_testkit::http::all_events(alpha.api, TOKEN).await;
+    let outcomes: Vec<&str> = all
+        .iter()
+        .filter(|e| e["id"] == ids[0].as_str())
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, vec!["bounced"], "never delivered");
+
+    // A user on the second hosted domain: its own JID, and messages to it.
+    let body = json!({"handle": "carol", "display_name": "Carol", "domain": "alias.test"});
+    let (s, u, _) = http(
+        alpha.api,
+        "PUT",
+        "/v1/users/c1",
+        Some(TOKEN),
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(
+        (s, u["jid"].as_str()),
+        (201, Some("carol@alias.test")),
+        "{u}"
+    );
+    let bad = json!({"handle": "dave", "domain": "elsewhere.test"});
+    let (s, _, _) = http(
+        alpha.api,
+        "PUT",
+        "/v1/users/d1",
+        Some(TOKEN),
+        Some(&bad.to_string()),
+    )
+    .await;
+    assert_eq!(s, 422, "a domain not hosted here is refused");
+    send_message(alpha.api, "c1", "bob@beta.test", "from carol").await;
+    let got = wait_event(beta.api, |e| e["body"] == "from carol").await;
+    assert_eq!(got["from"], "carol@alias.test");
+    // alice lives on alpha.test only: alice@alias.test is nobody.
+    let reply = json!({"from": "b1", "to": "alice@alias.test", "body": "hi alias"});
+    let (s, _, _) = http(
+        beta.api,
+        "POST",
+        "/v1/messages",
+        Some(TOKEN),
+        Some(&reply.to_string()),
+    )
+    .await;
+    assert_eq!(s, 202);
+    let ev = wait_event(beta.api, |e| e["type"] == "bounced").await;
+    assert_eq!(ev["to"], "alice@alias.test");
+    alpha.shutdown().await;
+    beta.shutdown().await;
+}
+
 /// Read from a raw HTTP connection until `needle` shows up (10 s at most).
 async fn read_until(tcp: &mut tokio::net::TcpStream, got: &mut String, needle: &str) {
     use tokio::io::AsyncReadExt;
