@@ -230,9 +230,8 @@ impl Outbox {
                 "federation with this domain is not allowed",
             );
         }
-        let local = local.to_string();
         let item = Outgoing { stanza, tracked };
-        if let Err(r) = self.0.remote.send(self, &local, &remote, item) {
+        if let Err(r) = self.0.remote.send(self, local, &remote, item) {
             self.not_sent(vec![r.item], r.condition, r.text, None);
         }
     }

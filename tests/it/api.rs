@@ -593,20 +593,9 @@ async fn an_undeliverable_message_expires_with_an_event() {
 async fn an_error_reply_settles_a_message_before_the_confirmation_after_it() {
     let net = Net::new().await;
     let mut ac = net.config("alpha.test", ALPHA, Eku::Both);
-    let alias = net
-        .ca
-        .leaf("alias.test", Eku::Both, false)
-        .write(net.dir.path(), "alias.test");
-    ac.domains.push("alias.test".into());
-    ac.tls
-        .certificates
-        .push(xmpp_federator::config::CertificateFiles {
-            cert: alias.cert,
-            key: alias.key,
-        });
+    net.add_domain(&mut ac, "alias.test", Eku::Both, false);
     let alpha = net.start(ac).await;
-    net.dns
-        .add("alias.test", ALPHA, Some(alpha.starttls[0].port()), None);
+    net.publish("alias.test", &alpha);
     let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
     create_user(alpha.api, "a1", "alice").await;
     create_user(beta.api, "b1", "bob").await;

@@ -447,20 +447,9 @@ async fn connection_caps_and_negotiation_timeout() {
 async fn several_hosted_domains_each_get_their_certificate_by_sni() {
     let net = Net::new().await;
     let mut bc = net.config("beta.test", BETA, Eku::Both);
-    let other = net
-        .ca
-        .leaf("other.test", Eku::ServerOnly, true)
-        .write(net.dir.path(), "other.test");
-    bc.domains.push("other.test".into());
-    bc.tls
-        .certificates
-        .push(xmpp_federator::config::CertificateFiles {
-            cert: other.cert,
-            key: other.key,
-        });
+    net.add_domain(&mut bc, "other.test", Eku::ServerOnly, true);
     let beta = net.start(bc).await;
-    net.dns
-        .add("other.test", BETA, Some(beta.starttls[0].port()), None);
+    net.publish("other.test", &beta);
     let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
     // alpha verifies the server certificate for the domain it asked for.
     for domain in ["beta.test", "other.test"] {

@@ -53,16 +53,37 @@ impl Net {
         c
     }
 
+    /// Host one more domain in `config`, with its own certificate from our CA
+    /// (publish it with [`Net::publish`] once the instance runs).
+    pub fn add_domain(&self, config: &mut Config, domain: &str, eku: Eku, xmpp_addr: bool) {
+        let files = self
+            .ca
+            .leaf(domain, eku, xmpp_addr)
+            .write(self.dir.path(), domain);
+        config.domains.push(domain.into());
+        config
+            .tls
+            .certificates
+            .push(xmpp_federator::config::CertificateFiles {
+                cert: files.cert,
+                key: files.key,
+            });
+    }
+
+    /// Publish `domain` in DNS at `r`'s STARTTLS address.
+    pub fn publish(&self, domain: &str, r: &Running) {
+        let a = r.starttls[0];
+        let std::net::IpAddr::V4(ip) = a.ip() else {
+            unreachable!("tests use IPv4 loopback")
+        };
+        self.dns.add(domain, ip, Some(a.port()), None);
+    }
+
     /// Start an instance and publish its STARTTLS port in DNS.
     pub async fn start(&self, config: Config) -> Running {
         let domain = config.domains[0].clone();
         let r = start(config).await.expect("instance starts");
-        let a = r.starttls[0];
-        let ip = match a.ip() {
-            std::net::IpAddr::V4(v4) => v4,
-            _ => unreachable!("tests use IPv4 loopback"),
-        };
-        self.dns.add(&domain, ip, Some(a.port()), None);
+        self.publish(&domain, &r);
         r
     }
 }
