@@ -69,8 +69,9 @@ impl Addr {
         {
             return Err(AddrError::TooLong);
         }
-        if d.chars()
-            .any(|c| c == '@' || c == '/' || c.is_whitespace() || c.is_control())
+        let bad_ascii = |b: u8| b <= b' ' || b == b'@' || b == b'/' || b == 0x7f;
+        if d.bytes().any(bad_ascii)
+            || (!d.is_ascii() && d.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             return Err(AddrError::BadDomain(d.to_string()));
         }

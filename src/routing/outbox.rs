@@ -221,8 +221,14 @@ impl Outbox {
             );
             return;
         };
-        // Domains are case-insensitive; keep one spelling per session.
-        let remote = to_domain.to_ascii_lowercase();
+        // Domains are case-insensitive; keep one spelling per session (lower
+        // case, copied only when it is not).
+        let remote: std::borrow::Cow<'_, str> = if to_domain.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            to_domain.to_ascii_lowercase().into()
+        } else {
+            to_domain.into()
+        };
         if !self.0.policy.allows(&remote) {
             return self.bounce(
                 &stanza,
@@ -230,6 +236,8 @@ impl Outbox {
                 "federation with this domain is not allowed",
             );
         }
+        // `remote` borrows the stanza, which moves into the queue: one small copy.
+        let remote = remote.into_owned();
         let item = Outgoing { stanza, tracked };
         if let Err(r) = self.0.remote.send(self, local, &remote, item) {
             self.not_sent(vec![r.item], r.condition, r.text, None);

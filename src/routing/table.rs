@@ -6,7 +6,6 @@
 //! registers the service that owns the component domain and every address in it.
 //! The table never knows what a user or a room is.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::address::Addr;
@@ -61,8 +60,11 @@ enum Entry {
 pub struct Table {
     hosts: Vec<Host>,
     components: Vec<Component>,
-    /// Lower-case domain -> entry.
-    by_domain: HashMap<String, Entry>,
+    /// Every hosted domain (lower case) and its entry. A list, scanned: hosted
+    /// domains are a handful (rooms and users live inside them, not here), and
+    /// comparing a few short strings case-insensitively is cheaper than hashing
+    /// (lower-casing first) on every stanza.
+    by_domain: Vec<(String, Entry)>,
 }
 
 impl std::fmt::Debug for Table {
@@ -92,7 +94,7 @@ impl Table {
     /// `user@domain` addresses.
     pub fn add_host(&mut self, domain: &str, server: Arc<dyn Service>, accounts: Arc<dyn Service>) {
         self.by_domain
-            .insert(domain.to_ascii_lowercase(), Entry::Host(self.hosts.len()));
+            .push((domain.to_ascii_lowercase(), Entry::Host(self.hosts.len())));
         self.hosts.push(Host {
             domain: domain.to_string(),
             server,
@@ -106,10 +108,10 @@ impl Table {
             panic!("component {domain}: {host} is not a hosted domain (a configuration bug)");
         };
         let h = *h;
-        self.by_domain.insert(
+        self.by_domain.push((
             domain.to_ascii_lowercase(),
             Entry::Component(self.components.len()),
-        );
+        ));
         self.components.push(Component {
             domain: domain.to_string(),
             host: h,
@@ -118,14 +120,10 @@ impl Table {
     }
 
     fn lookup(&self, domain: &str) -> Option<&Entry> {
-        // Hosted names are kept in lower case; most stanzas are written that way.
-        match self.by_domain.get(domain) {
-            Some(e) => Some(e),
-            None if domain.bytes().any(|b| b.is_ascii_uppercase()) => {
-                self.by_domain.get(&domain.to_ascii_lowercase())
-            }
-            None => None,
-        }
+        self.by_domain
+            .iter()
+            .find(|(d, _)| d.eq_ignore_ascii_case(domain))
+            .map(|(_, e)| e)
     }
 
     /// The configured spelling of a hosted domain or component, if hosted.
