@@ -7,4 +7,5 @@ mod durability;
 mod federation;
 mod interop;
 mod layout;
+mod negotiation;
 mod support;
