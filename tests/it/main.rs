@@ -1,5 +1,6 @@
-//! Integration tests, one binary (keeps link time down): whole instances on
-//! loopback, the real binary, and real Prosody/ejabberd interop.
+//! Integration tests, one binary (keeps link time down): negotiation scripted
+//! over `duplex` with paused time, whole instances on loopback, the real binary,
+//! real Prosody/ejabberd interop, and the source's layering rules.
 
 mod api;
 mod binary;
@@ -7,4 +8,5 @@ mod durability;
 mod federation;
 mod interop;
 mod layout;
+mod negotiation;
 mod support;
