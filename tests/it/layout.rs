@@ -288,7 +288,11 @@ fn the_cycle_finder_finds_cycles() {
 fn only_negotiation_makes_an_authenticated_peer() {
     let makers: Vec<String> = sources()
         .into_iter()
-        .filter(|(_, text)| code(text).contains("Peer::authenticated("))
+        // Unit tests (at the end of a file) may make one for their fakes.
+        .filter(|(_, text)| {
+            let product = text.split("#[cfg(test)]").next().unwrap_or_default();
+            code(product).contains("Peer::authenticated(")
+        })
         .map(|(m, _)| m.join("/"))
         .collect();
     assert_eq!(makers, vec!["s2s/inbound".to_string()]);
