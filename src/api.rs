@@ -192,6 +192,19 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
             `Authorization: Bearer <api.token>`. Errors are RFC 9457 problem documents \
             (application/problem+json).",
     ),
+    components(responses(
+        problems::MalformedJson,
+        problems::Unauthorized,
+        problems::PolicyRefused,
+        problems::UnknownUser,
+        problems::UnknownSender,
+        problems::KeyInFlight,
+        problems::BodyTooLarge,
+        problems::MessageTooLarge,
+        problems::NotJson,
+        problems::InvalidContact,
+        problems::Internal,
+    )),
     modifiers(&BearerScheme),
     tags(
         (name = "users", description = "Local users"),
@@ -213,6 +226,75 @@ impl utoipa::Modify for BearerScheme {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+    }
+}
+
+/// The problem responses that several operations give alike, each a
+/// `#/components/responses/...` of [`ApiDoc`] that a `#[utoipa::path]` names as
+/// `(status = ..., response = problems::...)`; an answer particular to one
+/// operation stays there, as a `ProblemBody`. Nothing constructs these, they only
+/// describe: the doc comment is the description, the body a problem document.
+#[allow(dead_code)]
+mod problems {
+    use utoipa::{IntoResponses, ToResponse};
+
+    use super::ProblemBody;
+
+    /// One `ToResponse` type per `/// description` and name.
+    macro_rules! problem_responses {
+        ($(#[doc = $description:literal] $name:ident;)+) => {$(
+            #[doc = $description]
+            #[derive(ToResponse)]
+            #[response(content_type = "application/problem+json")]
+            pub struct $name(ProblemBody<'static>);
+        )+};
+    }
+
+    problem_responses! {
+        /// Malformed JSON
+        MalformedJson;
+        /// No valid bearer token
+        Unauthorized;
+        /// The federation policy does not allow the recipient's domain
+        PolicyRefused;
+        /// Unknown user
+        UnknownUser;
+        /// Unknown sender
+        UnknownSender;
+        /// A request with the same idempotency key is being handled; retry it
+        KeyInFlight;
+        /// Body too large (api.max_body_bytes)
+        BodyTooLarge;
+        /// Body or extension elements too large
+        MessageTooLarge;
+        /// Not JSON (Content-Type)
+        NotJson;
+        /// Invalid JID, or a local one
+        InvalidContact;
+        /// Internal error (a store failure); nothing was changed
+        Internal;
+    }
+
+    /// What `POST /v1/messages` and `POST /v1/messages/batch` refuse alike (all
+    /// but their own 422): references to the responses above.
+    #[derive(IntoResponses)]
+    pub enum SendRefusals {
+        #[response(status = 400)]
+        MalformedJson(#[ref_response] MalformedJson),
+        #[response(status = 401)]
+        Unauthorized(#[ref_response] Unauthorized),
+        #[response(status = 403)]
+        PolicyRefused(#[ref_response] PolicyRefused),
+        #[response(status = 404)]
+        UnknownSender(#[ref_response] UnknownSender),
+        #[response(status = 409)]
+        KeyInFlight(#[ref_response] KeyInFlight),
+        #[response(status = 413)]
+        MessageTooLarge(#[ref_response] MessageTooLarge),
+        #[response(status = 415)]
+        NotJson(#[ref_response] NotJson),
+        #[response(status = 500)]
+        Internal(#[ref_response] Internal),
     }
 }
 
@@ -361,13 +443,13 @@ fn check_id(id: &str, title: &'static str, what: &str) -> Result<(), Problem> {
     responses(
         (status = 200, description = "Updated", body = UserOut),
         (status = 201, description = "Created", body = UserOut),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 400, response = problems::MalformedJson),
+        (status = 401, response = problems::Unauthorized),
         (status = 409, description = "The handle belongs to another user", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large (api.max_body_bytes)", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, response = problems::BodyTooLarge),
+        (status = 415, response = problems::NotJson),
         (status = 422, description = "Invalid id, handle, display name or fields", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -454,9 +536,9 @@ async fn put_user(
     params(("id", description = "The backend's id for the user")),
     responses(
         (status = 200, description = "The user", body = UserOut),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
+        (status = 404, response = problems::UnknownUser),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -486,9 +568,9 @@ fn unknown_user(id: &str) -> Problem {
     params(("id", description = "The backend's id for the user")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
+        (status = 404, response = problems::UnknownUser),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -541,13 +623,13 @@ fn user_or_404(st: &ApiState, id: &str) -> Result<User, Problem> {
     request_body = PresenceIn,
     responses(
         (status = 204, description = "Set and sent to the subscribed contacts"),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large (api.max_body_bytes)", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 400, response = problems::MalformedJson),
+        (status = 401, response = problems::Unauthorized),
+        (status = 404, response = problems::UnknownUser),
+        (status = 413, response = problems::BodyTooLarge),
+        (status = 415, response = problems::NotJson),
         (status = 422, description = "Invalid show, status or fields", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -595,9 +677,9 @@ async fn put_presence(
     params(("id", description = "The backend's id for the user")),
     responses(
         (status = 200, description = "The contacts", body = schema::Roster),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
+        (status = 404, response = problems::UnknownUser),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -625,10 +707,10 @@ async fn get_roster(
     ),
     responses(
         (status = 200, description = "The contact's roster item after the action", body = crate::store::RosterItem),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
         (status = 404, description = "Unknown user, or not one of the actions", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid JID, or a local one", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, response = problems::InvalidContact),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -662,10 +744,10 @@ async fn roster_action(
     ),
     responses(
         (status = 204, description = "Removed"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown user", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid JID, or a local one", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
+        (status = 404, response = problems::UnknownUser),
+        (status = 422, response = problems::InvalidContact),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -778,7 +860,7 @@ fn error_condition(s: &Stanza) -> Option<String> {
     params(("jid", description = "A remote user's bare JID")),
     responses(
         (status = 200, description = "The lookup's result (`exists` false for no such user)", body = schema::Remote),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
         (status = 422, description = "Invalid JID, no localpart, or a local one", body = ProblemBody, content_type = "application/problem+json"),
         (status = 502, description = "The remote server cannot be reached", body = ProblemBody, content_type = "application/problem+json"),
         (status = 504, description = "The remote server did not answer within 15 s", body = ProblemBody, content_type = "application/problem+json"),
@@ -1113,15 +1195,8 @@ async fn queue_keyed(
     responses(
         (status = 200, description = "A repeat of an accepted idempotency key: nothing queued; the first message's id", body = schema::Queued),
         (status = 202, description = "Queued", body = schema::Queued),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "The federation policy does not allow the recipient's domain", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown sender", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "A request with the same idempotency key is being handled; retry it", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body or extension elements too large", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Invalid JID, type, idempotency key, extension or fields; a local recipient; no body nor extensions", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        problems::SendRefusals,
     ),
     security(("bearer" = [])),
 )]
@@ -1167,15 +1242,8 @@ struct BatchIn {
     request_body = BatchIn,
     responses(
         (status = 202, description = "All queued; ids in request order", body = schema::BatchQueued),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "The federation policy does not allow the recipient's domain", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown sender", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "A request with the same idempotency key is being handled; retry it", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body or extension elements too large", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Not 1 to api.max_batch messages, an idempotency key twice, or (for one message) Invalid JID, type, idempotency key, extension or fields; a local recipient; no body nor extensions", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        problems::SendRefusals,
     ),
     security(("bearer" = [])),
 )]
@@ -1255,8 +1323,8 @@ struct EventsQuery {
     responses(
         (status = 200, description = "Events in order, and the cursor to ask after next", body = schema::Events),
         (status = 400, description = "Invalid query", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -1314,8 +1382,8 @@ struct StreamQuery {
     responses(
         (status = 200, description = "An endless stream of events", body = String, content_type = "text/event-stream"),
         (status = 400, description = "Invalid query or Last-Event-ID", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, response = problems::Unauthorized),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -1401,12 +1469,12 @@ struct AckIn {
     request_body = AckIn,
     responses(
         (status = 204, description = "Acknowledged"),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "No valid bearer token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large (api.max_body_bytes)", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON (Content-Type)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 400, response = problems::MalformedJson),
+        (status = 401, response = problems::Unauthorized),
+        (status = 413, response = problems::BodyTooLarge),
+        (status = 415, response = problems::NotJson),
         (status = 422, description = "`up_to` is beyond the newest event, or invalid fields", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "Internal error (a store failure); nothing was changed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, response = problems::Internal),
     ),
     security(("bearer" = [])),
 )]
@@ -1623,6 +1691,18 @@ mod tests {
         ops
     }
 
+    /// A response with its `$ref` (to `#/components/responses/...`) followed;
+    /// null if it names none that is there.
+    fn response<'a>(doc: &'a Value, r: &'a Value) -> &'a Value {
+        match r["$ref"].as_str() {
+            Some(at) => match at.strip_prefix("#/components/responses/") {
+                Some(name) => &doc["components"]["responses"][name],
+                None => &Value::Null,
+            },
+            None => r,
+        }
+    }
+
     #[test]
     fn the_document_lists_every_route_and_no_other() {
         let doc = doc();
@@ -1657,6 +1737,7 @@ mod tests {
                 assert!(op["security"].is_null(), "{at} needs no token");
             }
             for (status, r) in op["responses"].as_object().unwrap() {
+                let r = response(&doc, r);
                 let error = status.parse::<u16>().unwrap() >= 400;
                 assert!(r["description"].is_string(), "{at} {status}");
                 if error {
@@ -1685,14 +1766,17 @@ mod tests {
     fn schemas_the_document_names_are_in_it() {
         let doc = doc();
         let text = doc.to_string();
-        let schemas = doc["components"]["schemas"].as_object().unwrap();
-        for r in text.split("\"#/components/schemas/").skip(1) {
-            let name = &r[..r.find('"').unwrap()];
-            assert!(
-                schemas.contains_key(name),
-                "{name} is referenced, not defined"
-            );
+        for kind in ["schemas", "responses"] {
+            let defined = doc["components"][kind].as_object().unwrap();
+            for r in text.split(&format!("\"#/components/{kind}/")).skip(1) {
+                let name = &r[..r.find('"').unwrap()];
+                assert!(
+                    defined.contains_key(name),
+                    "{kind} {name} is referenced, not defined"
+                );
+            }
         }
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
         // The event JSON is described, variants and all.
         let kinds = schemas["EventKind"]["oneOf"].as_array().unwrap();
         let tags: BTreeSet<&str> = kinds

@@ -771,135 +771,30 @@ async fn the_openapi_document_matches_the_routes_and_the_answers() {
         }
     }
 
-    let call =
-        |method: &'static str, path: &'static str, url: String, token, body: Option<Value>| {
-            let doc = &doc;
-            async move {
-                let body = body.map(|b| b.to_string());
-                let (s, b, c) = http(api, method, &url, token, body.as_deref()).await;
-                assert_documented(doc, method, path, s, &c, &b);
-                (s, b)
-            }
-        };
-    let user = json!({ "handle": "alice", "display_name": "Alice" });
-    let (s, _) = call(
-        "PUT",
-        "/v1/users/{id}",
-        "/v1/users/u1".into(),
-        Some(TOKEN),
-        Some(user.clone()),
-    )
-    .await;
-    assert_eq!(s, 201);
-    let (s, _) = call(
-        "PUT",
-        "/v1/users/{id}",
-        "/v1/users/u1".into(),
-        Some(TOKEN),
-        Some(user.clone()),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let (s, _) = call(
-        "PUT",
-        "/v1/users/{id}",
-        "/v1/users/u2".into(),
-        Some(TOKEN),
-        Some(user),
-    )
-    .await;
-    assert_eq!(s, 409);
-    let (s, _) = call("GET", "/v1/users/{id}", "/v1/users/u1".into(), None, None).await;
-    assert_eq!(s, 401);
-    let (s, _) = call(
-        "GET",
-        "/v1/users/{id}",
-        "/v1/users/u1".into(),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
-    let presence = json!({ "show": "chat", "status": "here" });
-    let (s, _) = call(
-        "PUT",
-        "/v1/users/{id}/presence",
-        "/v1/users/u1/presence".into(),
-        Some(TOKEN),
-        Some(presence),
-    )
-    .await;
-    assert_eq!(s, 204);
-    let (s, _) = call(
-        "GET",
-        "/v1/users/{id}/roster",
-        "/v1/users/u1/roster".into(),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
-    let (s, _) = call(
-        "POST",
-        "/v1/users/{id}/roster/{jid}/{action}",
-        "/v1/users/u1/roster/bob@beta.test/wave".into(),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(s, 404);
-    let (s, _) = call(
-        "GET",
-        "/v1/remote/{jid}",
-        "/v1/remote/beta.test".into(),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(s, 422);
+    // Each row: (method, documented path, URL, token, body, expected status).
+    // Every answer must be one the document gives for that operation.
+    type Row = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        Option<Value>,
+        u16,
+    );
+    // Answers the rows in order; the last answer's body.
+    let expect = async |rows: &[Row]| {
+        let mut last = Value::Null;
+        for (method, path, url, token, body, expected) in rows {
+            let body = body.as_ref().map(Value::to_string);
+            let (s, b, c) = http(api, method, url, *token, body.as_deref()).await;
+            assert_documented(&doc, method, path, s, &c, &b);
+            assert_eq!(s, *expected, "{method} {url}: {b}");
+            last = b;
+        }
+        last
+    };
 
-    // beta.test is not up: messages to it stay queued.
-    let keyed =
-        json!({ "from": "u1", "to": "bob@beta.test", "body": "hi", "idempotency_key": "k1" });
-    let (s, _) = call(
-        "POST",
-        "/v1/messages",
-        "/v1/messages".into(),
-        Some(TOKEN),
-        Some(keyed.clone()),
-    )
-    .await;
-    assert_eq!(s, 202);
-    let (s, _) = call(
-        "POST",
-        "/v1/messages",
-        "/v1/messages".into(),
-        Some(TOKEN),
-        Some(keyed.clone()),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let from_nobody = json!({ "from": "nobody", "to": "bob@beta.test", "body": "hi" });
-    let (s, _) = call(
-        "POST",
-        "/v1/messages",
-        "/v1/messages".into(),
-        Some(TOKEN),
-        Some(from_nobody),
-    )
-    .await;
-    assert_eq!(s, 404);
-    let batch = json!({ "messages": [keyed, { "from": "u1", "to": "bob@beta.test", "type": "normal", "body": "2" }] });
-    let (s, _) = call(
-        "POST",
-        "/v1/messages/batch",
-        "/v1/messages/batch".into(),
-        Some(TOKEN),
-        Some(batch),
-    )
-    .await;
-    assert_eq!(s, 202);
-
+    // An event for the `GET /v1/events` row to find.
     alpha
         .server
         .store
@@ -909,44 +804,41 @@ async fn the_openapi_document_matches_the_routes_and_the_answers() {
         }])
         .await
         .unwrap();
-    let (s, b) = call(
-        "GET",
-        "/v1/events",
-        "/v1/events?after=0".into(),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
-    assert!(!b["events"].as_array().unwrap().is_empty(), "{b}");
-    let (s, _) = call(
-        "GET",
-        "/v1/events",
-        "/v1/events?limit=x".into(),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(s, 400);
-    let ack = json!({ "up_to": b["cursor"] });
-    let (s, _) = call(
-        "POST",
-        "/v1/events/ack",
-        "/v1/events/ack".into(),
-        Some(TOKEN),
-        Some(ack),
-    )
-    .await;
-    assert_eq!(s, 204);
-    let (s, _) = call(
-        "DELETE",
-        "/v1/users/{id}",
-        "/v1/users/u1".into(),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(s, 204);
+    let user = json!({ "handle": "alice", "display_name": "Alice" });
+    let presence = json!({ "show": "chat", "status": "here" });
+    // beta.test is not up: messages to it stay queued.
+    let keyed =
+        json!({ "from": "u1", "to": "bob@beta.test", "body": "hi", "idempotency_key": "k1" });
+    let from_nobody = json!({ "from": "nobody", "to": "bob@beta.test", "body": "hi" });
+    let batch = json!({ "messages": [keyed, { "from": "u1", "to": "bob@beta.test", "type": "normal", "body": "2" }] });
+    let t = Some(TOKEN);
+    #[rustfmt::skip]
+    let rows = [
+        ("PUT", "/v1/users/{id}", "/v1/users/u1", t, Some(user.clone()), 201),
+        ("PUT", "/v1/users/{id}", "/v1/users/u1", t, Some(user.clone()), 200),
+        ("PUT", "/v1/users/{id}", "/v1/users/u2", t, Some(user), 409),
+        ("GET", "/v1/users/{id}", "/v1/users/u1", None, None, 401),
+        ("GET", "/v1/users/{id}", "/v1/users/u1", t, None, 200),
+        ("PUT", "/v1/users/{id}/presence", "/v1/users/u1/presence", t, Some(presence), 204),
+        ("GET", "/v1/users/{id}/roster", "/v1/users/u1/roster", t, None, 200),
+        ("POST", "/v1/users/{id}/roster/{jid}/{action}", "/v1/users/u1/roster/bob@beta.test/wave", t, None, 404),
+        ("GET", "/v1/remote/{jid}", "/v1/remote/beta.test", t, None, 422),
+        ("POST", "/v1/messages", "/v1/messages", t, Some(keyed.clone()), 202),
+        ("POST", "/v1/messages", "/v1/messages", t, Some(keyed), 200),
+        ("POST", "/v1/messages", "/v1/messages", t, Some(from_nobody), 404),
+        ("POST", "/v1/messages/batch", "/v1/messages/batch", t, Some(batch), 202),
+        ("GET", "/v1/events", "/v1/events?after=0", t, None, 200),
+    ];
+    let events = expect(&rows).await;
+    assert!(!events["events"].as_array().unwrap().is_empty(), "{events}");
+    let ack = json!({ "up_to": events["cursor"] });
+    #[rustfmt::skip]
+    let rows = [
+        ("GET", "/v1/events", "/v1/events?limit=x", t, None, 400),
+        ("POST", "/v1/events/ack", "/v1/events/ack", t, Some(ack), 204),
+        ("DELETE", "/v1/users/{id}", "/v1/users/u1", t, None, 204),
+    ];
+    expect(&rows).await;
     alpha.shutdown().await;
 }
 
@@ -967,7 +859,10 @@ fn assert_documented(
     body: &Value,
 ) {
     let at = format!("{method} {path} answered {status} {body}");
-    let response = &doc["paths"][path][method.to_lowercase()]["responses"][status.to_string()];
+    let response = resolve(
+        doc,
+        &doc["paths"][path][method.to_lowercase()]["responses"][status.to_string()],
+    );
     assert!(response.is_object(), "{at}: that status is not documented");
     let ctype = ctype.split(';').next().unwrap_or_default();
     if body.is_null() {
@@ -1057,13 +952,14 @@ fn shapes(doc: &Value, schema: &Value) -> Vec<(serde_json::Map<String, Value>, V
     vec![(properties, required)]
 }
 
-/// A schema with its `$ref` followed.
-fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
-    match schema["$ref"]
+/// A schema or response with its `$ref` (`#/components/...`) followed.
+fn resolve<'a>(doc: &'a Value, item: &'a Value) -> &'a Value {
+    match item["$ref"]
         .as_str()
-        .and_then(|r| r.strip_prefix("#/components/schemas/"))
+        .and_then(|r| r.strip_prefix("#/components/"))
+        .and_then(|r| r.split_once('/'))
     {
-        Some(name) => resolve(doc, &doc["components"]["schemas"][name]),
-        None => schema,
+        Some((kind, name)) => resolve(doc, &doc["components"][kind][name]),
+        None => item,
     }
 }
