@@ -182,6 +182,128 @@ pub fn condition(c: &DefinedCondition) -> StanzaCondition {
     }
 }
 
+/// Services wired to a real outbox over fakes of what lies beyond it: the
+/// stanzas they send to remote domains are kept, a tracker that settles nothing.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::{Arc, Mutex};
+
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::policy::Policy;
+    use crate::routing::{Identity, Outbox, Outgoing, Refused, Remote, Report, Service, Table};
+    use crate::stanza::Stanza;
+    use crate::store::{Store, User};
+
+    use super::accounts::Accounts;
+    use super::delivery::Delivery;
+    use super::domain::Domain;
+    use super::inbox::{Inbox, InboxRx};
+
+    /// Keeps what goes to remote domains.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<Stanza>>);
+
+    impl Remote for Sent {
+        fn send(&self, _: &Outbox, _: &str, _: &str, item: Outgoing) -> Result<(), Box<Refused>> {
+            self.0.lock().unwrap().push(item.stanza);
+            Ok(())
+        }
+
+        fn room(&self, _: &str, _: &str) -> Option<usize> {
+            None
+        }
+    }
+
+    struct NoTracker;
+
+    impl crate::routing::Tracker for NoTracker {
+        fn report(&self, _: &Outbox, _: Report) {}
+    }
+
+    /// A component that only has a disco identity (the domain's items).
+    struct Component(String);
+
+    impl Service for Component {
+        fn handle(&self, _: Stanza, _: &Outbox) {}
+
+        fn identity(&self) -> Identity {
+            Identity {
+                category: "conference",
+                type_: "text",
+                name: self.0.clone(),
+            }
+        }
+
+        fn features(&self) -> Vec<&'static str> {
+            Vec::new()
+        }
+    }
+
+    /// The domain and accounts services of some hosted domains.
+    pub struct Services {
+        outbox: Outbox,
+        sent: Arc<Sent>,
+        store: Arc<Store>,
+        _inbox: InboxRx,
+    }
+
+    impl Services {
+        /// `hosts`, with `components` (address, name) under the first.
+        pub fn new(hosts: &[&str], components: &[(&str, &str)]) -> Services {
+            let store = Store::open(crate::store::memory_kv().unwrap(), hosts[0]).unwrap();
+            let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+            let (inbox, rx) = Inbox::new(16);
+            let domain = Arc::new(Domain::new(inbox.clone(), delivery));
+            let accounts = Arc::new(Accounts::new(store.clone(), inbox));
+            let mut table = Table::default();
+            for h in hosts {
+                table.add_host(h, domain.clone(), accounts.clone());
+            }
+            for (address, name) in components {
+                table.add_component(address, hosts[0], Arc::new(Component(name.to_string())));
+            }
+            let sent = Arc::new(Sent::default());
+            let outbox = Outbox::new(
+                table,
+                sent.clone(),
+                Arc::new(NoTracker),
+                None,
+                Arc::new(Policy::new(&Default::default())),
+                Arc::new(Metrics::default()),
+            );
+            Services {
+                outbox,
+                sent,
+                store,
+                _inbox: rx,
+            }
+        }
+
+        /// Store a user `handle@domain`.
+        pub async fn user(&self, handle: &str, domain: &str, display_name: &str) {
+            let user = User {
+                id: format!("id-{handle}"),
+                handle: handle.into(),
+                domain: domain.into(),
+                display_name: display_name.into(),
+            };
+            self.store.put_user(&user).await.unwrap();
+        }
+
+        /// Route `request` (from a remote address to a hosted one) and return the
+        /// one stanza sent back, re-read from its bytes as a peer would.
+        pub fn answer(&self, request: &str) -> Stanza {
+            let request = Stanza::parse(request).expect("a stanza");
+            self.outbox.send(request);
+            let mut sent = std::mem::take(&mut *self.sent.0.lock().unwrap());
+            assert_eq!(sent.len(), 1, "one answer: {sent:?}");
+            let answer = sent.remove(0);
+            Stanza::parse(answer.as_str()).expect("the answer is a stanza")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
