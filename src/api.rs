@@ -39,9 +39,9 @@ use utoipa_axum::routes;
 
 use crate::s2s::conn::new_id;
 use crate::server::Server;
-use crate::stanza::Stanza;
+use crate::services::error_condition;
+use crate::stanza::{Stanza, StanzaCondition};
 use crate::store::{Outgoing, User, now_ms};
-use crate::xml::children::children;
 use crate::xml::writer::{ElementBuilder, escape};
 
 /// An RFC 9457 problem response.
@@ -835,19 +835,6 @@ async fn ask(server: &Arc<Server>, to: &str, payload: &str) -> Result<Stanza, Pr
     })
 }
 
-fn error_condition(s: &Stanza) -> Option<String> {
-    let el = crate::xml::framer::parse_element(&s.raw).ok()?;
-    children(&el)
-        .into_iter()
-        .find(|c| c.name == "error")
-        .and_then(|c| {
-            c.children
-                .into_iter()
-                .find(|(ns, n)| ns == crate::xml::NS_STANZAS_ERR && n != "text")
-                .map(|(_, n)| n)
-        })
-}
-
 /// Look up a remote user
 ///
 /// Whether the JID exists (disco#info, vCard), its display name (vCard FN or
@@ -882,13 +869,12 @@ async fn remote(
         ask(&st.server, &bare_s, "<vCard xmlns='vcard-temp'/>"),
     );
     let info = info?;
-    let info_condition = info
-        .is_error()
-        .then(|| error_condition(&info).unwrap_or_default());
-    if let Some(cond) = &info_condition
+    // Read with xmpp-parsers (RFC 6120 §8.3); `undefined-condition` if none.
+    let info_condition = info.is_error().then(|| error_condition(&info));
+    if let Some(cond) = info_condition
         && matches!(
-            cond.as_str(),
-            "remote-server-not-found" | "remote-server-timeout"
+            cond,
+            StanzaCondition::RemoteServerNotFound | StanzaCondition::RemoteServerTimeout
         )
     {
         return Err(Problem::new(
@@ -902,11 +888,14 @@ async fn remote(
     // a non-existent account gets service-unavailable or item-not-found.
     let vcard_ok = vcard.as_ref().is_ok_and(|v| !v.is_error());
     let exists = vcard_ok
-        || match &info_condition {
+        || match info_condition {
             None => true,
             Some(c) => matches!(
-                c.as_str(),
-                "subscription-required" | "forbidden" | "not-authorized" | "not-allowed"
+                c,
+                StanzaCondition::SubscriptionRequired
+                    | StanzaCondition::Forbidden
+                    | StanzaCondition::NotAuthorized
+                    | StanzaCondition::NotAllowed
             ),
         };
     if !exists {

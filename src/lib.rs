@@ -12,7 +12,8 @@
 //!   [`routing::Outbox`] everything is sent through. Knows no socket and no store.
 //! - [`services`]: the owners of hosted addresses (domain, accounts, the inbox,
 //!   presence, delivery). They never import the server, the s2s layer or a store
-//!   backend.
+//!   backend. Payloads off the hot path are read and written with `xmpp-parsers`
+//!   here (and in the API); framing, routing and the s2s layer keep to raw bytes.
 //! - [`s2s`]: streams, negotiation, TLS, DNS, sessions. Imports routing, never
 //!   services or the store.
 //! - [`server`]: the composition root; [`api`]: the backend HTTP API over it;

@@ -14,12 +14,25 @@
 //! the XML/stanza types, and each other; never the server, the s2s layer or a
 //! store backend (a test in `tests/it/layout.rs` checks it). They answer only
 //! through the [`crate::routing::Outbox`] they are handed.
+//!
+//! Payloads off the routing hot path (disco, version, vCard, the errors we
+//! receive) are read and written with `xmpp-parsers` over a `minidom` DOM of the
+//! stanza ([`dom`]), here and only here (and in the API, which reads answers to
+//! its lookups): routing, framing and ping answering keep to the raw bytes.
 
 pub mod accounts;
 pub mod delivery;
 pub mod domain;
 pub mod inbox;
 pub mod presence;
+
+use minidom::Element;
+use xmpp_parsers::disco::DiscoInfoResult;
+use xmpp_parsers::stanza_error::{DefinedCondition, StanzaError};
+
+use crate::routing::Outbox;
+use crate::stanza::{Stanza, StanzaCondition};
+use crate::xml::NS_SERVER;
 
 /// XEP-0199.
 pub const NS_PING: &str = "urn:xmpp:ping";
@@ -45,4 +58,415 @@ pub fn recipient(
 ) -> Option<crate::store::User> {
     let (handle, domain) = account_of(stanza.to.as_deref()?)?;
     store.user_by_handle(&domain, &handle).ok().flatten()
+}
+
+/// A stanza as a `minidom` DOM, for the handlers that read a payload with
+/// `xmpp-parsers` (never on the routing hot path). The framer keeps a stanza's
+/// raw bytes self-contained but for the stream's default namespace (it declares
+/// the prefixes bound on the stream header, not `xmlns='jabber:server'`), so the
+/// parse starts with `jabber:server` as the default namespace, as the stream
+/// header did; a stanza that declares its own keeps it. `None` only if minidom
+/// refuses bytes the framer accepted.
+pub fn dom(stanza: &Stanza) -> Option<Element> {
+    Element::from_reader_with_prefixes(&stanza.raw[..], NS_SERVER.to_string()).ok()
+}
+
+/// A stanza's first child element (an iq's payload) as an `xmpp-parsers` type;
+/// `None` if there is none or it is not a valid `T`.
+pub fn payload<T: TryFrom<Element>>(stanza: &Stanza) -> Option<T> {
+    let child = dom(stanza)?.unshift_child()?;
+    T::try_from(child).ok()
+}
+
+/// Serialize an `xmpp-parsers` payload (straight from the type, no DOM built;
+/// attributes in the type's order, as the XEPs' examples write them). It fails
+/// on text that XML cannot carry (control characters).
+pub fn xml(payload: &impl xso::AsXml) -> Result<String, xso::error::Error> {
+    let bytes = xso::to_vec(payload)?;
+    // Invariant: rxml writes UTF-8 (names and text come from Rust strings).
+    Ok(String::from_utf8(bytes).expect("rxml writes UTF-8"))
+}
+
+/// Answer `request` with an iq result carrying `payload`, or with
+/// `internal-server-error` if the payload cannot be written (see [`xml`]).
+pub fn send_result(outbox: &Outbox, request: &Stanza, payload: &impl xso::AsXml) {
+    match xml(payload) {
+        Ok(payload) => outbox.send(Stanza::iq_result(request, &payload)),
+        Err(error) => {
+            tracing::warn!(%error, "answer cannot be written as XML");
+            outbox.bounce(
+                request,
+                StanzaCondition::InternalServerError,
+                "answer cannot be written as XML",
+            );
+        }
+    }
+}
+
+/// A disco#info result (XEP-0030 §3.1): one identity and the features.
+pub fn disco_info(identity: &crate::routing::Identity, features: &[&str]) -> DiscoInfoResult {
+    DiscoInfoResult {
+        node: None,
+        identities: vec![xmpp_parsers::disco::Identity {
+            category: identity.category.to_string(),
+            type_: identity.type_.to_string(),
+            lang: None,
+            name: (!identity.name.is_empty()).then(|| identity.name.clone()),
+        }],
+        features: features.iter().map(|f| f.to_string()).collect(),
+        extensions: Vec::new(),
+    }
+}
+
+/// The `<error/>` an error stanza carries (RFC 6120 §8.3.2), read with
+/// `xmpp-parsers`. Its `StanzaError` is the `jabber:client` element, so ours (in
+/// `jabber:server`) is read as that; a missing or unknown `type` (which §8.3.2
+/// requires) is taken as `cancel`, so that it does not hide the condition and
+/// text, the parts we read.
+pub fn stanza_error(stanza: &Stanza) -> Option<StanzaError> {
+    let mut el = dom(stanza)?;
+    let mut error = el.remove_child("error", NS_SERVER)?;
+    let mut as_client = Element::builder("error", xmpp_parsers::ns::DEFAULT_NS).build();
+    *as_client.attrs_mut() = error.attrs().clone();
+    if !matches!(
+        error.attr("type"),
+        Some("auth" | "cancel" | "continue" | "modify" | "wait")
+    ) {
+        as_client.set_attr(
+            minidom::rxml::Namespace::NONE,
+            minidom::rxml::xml_ncname!("type").to_owned(),
+            "cancel",
+        );
+    }
+    for node in error.take_nodes() {
+        as_client.append_node(node);
+    }
+    StanzaError::try_from(as_client).ok()
+}
+
+/// The defined condition of an error stanza (RFC 6120 §8.3.3):
+/// `undefined-condition` when it has none we know.
+pub fn error_condition(stanza: &Stanza) -> StanzaCondition {
+    stanza_error(stanza).map_or(StanzaCondition::UndefinedCondition, |e| {
+        condition(&e.defined_condition)
+    })
+}
+
+/// An `xmpp-parsers` defined condition as ours (whose names are RFC 6120's).
+pub fn condition(c: &DefinedCondition) -> StanzaCondition {
+    use DefinedCondition as D;
+    use StanzaCondition as S;
+    match c {
+        D::BadRequest => S::BadRequest,
+        D::Conflict => S::Conflict,
+        D::FeatureNotImplemented => S::FeatureNotImplemented,
+        D::Forbidden => S::Forbidden,
+        D::Gone { .. } => S::Gone,
+        D::InternalServerError => S::InternalServerError,
+        D::ItemNotFound => S::ItemNotFound,
+        D::JidMalformed => S::JidMalformed,
+        D::NotAcceptable => S::NotAcceptable,
+        D::NotAllowed => S::NotAllowed,
+        D::NotAuthorized => S::NotAuthorized,
+        D::PolicyViolation => S::PolicyViolation,
+        D::RecipientUnavailable => S::RecipientUnavailable,
+        D::Redirect { .. } => S::Redirect,
+        D::RegistrationRequired => S::RegistrationRequired,
+        D::RemoteServerNotFound => S::RemoteServerNotFound,
+        D::RemoteServerTimeout => S::RemoteServerTimeout,
+        D::ResourceConstraint => S::ResourceConstraint,
+        D::ServiceUnavailable => S::ServiceUnavailable,
+        D::SubscriptionRequired => S::SubscriptionRequired,
+        D::UndefinedCondition => S::UndefinedCondition,
+        D::UnexpectedRequest => S::UnexpectedRequest,
+    }
+}
+
+/// Services wired to a real outbox over fakes of what lies beyond it: the
+/// stanzas they send to remote domains are kept, a tracker that settles nothing.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::{Arc, Mutex};
+
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::policy::Policy;
+    use crate::routing::{Identity, Outbox, Outgoing, Refused, Remote, Report, Service, Table};
+    use crate::stanza::Stanza;
+    use crate::store::{Store, User};
+
+    use super::accounts::Accounts;
+    use super::delivery::Delivery;
+    use super::domain::Domain;
+    use super::inbox::{Inbox, InboxRx};
+
+    /// Keeps what goes to remote domains.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<Stanza>>);
+
+    impl Remote for Sent {
+        fn send(&self, _: &Outbox, _: &str, _: &str, item: Outgoing) -> Result<(), Box<Refused>> {
+            self.0.lock().unwrap().push(item.stanza);
+            Ok(())
+        }
+
+        fn room(&self, _: &str, _: &str) -> Option<usize> {
+            None
+        }
+    }
+
+    struct NoTracker;
+
+    impl crate::routing::Tracker for NoTracker {
+        fn report(&self, _: &Outbox, _: Report) {}
+    }
+
+    /// A component that only has a disco identity (the domain's items).
+    struct Component(String);
+
+    impl Service for Component {
+        fn handle(&self, _: Stanza, _: &Outbox) {}
+
+        fn identity(&self) -> Identity {
+            Identity {
+                category: "conference",
+                type_: "text",
+                name: self.0.clone(),
+            }
+        }
+
+        fn features(&self) -> Vec<&'static str> {
+            Vec::new()
+        }
+    }
+
+    /// The domain and accounts services of some hosted domains.
+    pub struct Services {
+        outbox: Outbox,
+        sent: Arc<Sent>,
+        store: Arc<Store>,
+        _inbox: InboxRx,
+    }
+
+    impl Services {
+        /// `hosts`, with `components` (address, name) under the first.
+        pub fn new(hosts: &[&str], components: &[(&str, &str)]) -> Services {
+            let store = Store::open(crate::store::memory_kv().unwrap(), hosts[0]).unwrap();
+            let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+            let (inbox, rx) = Inbox::new(16);
+            let domain = Arc::new(Domain::new(inbox.clone(), delivery));
+            let accounts = Arc::new(Accounts::new(store.clone(), inbox));
+            let mut table = Table::default();
+            for h in hosts {
+                table.add_host(h, domain.clone(), accounts.clone());
+            }
+            for (address, name) in components {
+                table.add_component(address, hosts[0], Arc::new(Component(name.to_string())));
+            }
+            let sent = Arc::new(Sent::default());
+            let outbox = Outbox::new(
+                table,
+                sent.clone(),
+                Arc::new(NoTracker),
+                None,
+                Arc::new(Policy::new(&Default::default())),
+                Arc::new(Metrics::default()),
+            );
+            Services {
+                outbox,
+                sent,
+                store,
+                _inbox: rx,
+            }
+        }
+
+        /// Store a user `handle@domain`.
+        pub async fn user(&self, handle: &str, domain: &str, display_name: &str) {
+            let user = User {
+                id: format!("id-{handle}"),
+                handle: handle.into(),
+                domain: domain.into(),
+                display_name: display_name.into(),
+            };
+            self.store.put_user(&user).await.unwrap();
+        }
+
+        /// Route `request` (from a remote address to a hosted one) and return the
+        /// one stanza sent back, re-read from its bytes as a peer would.
+        pub fn answer(&self, request: &str) -> Stanza {
+            let request = Stanza::parse(request).expect("a stanza");
+            self.outbox.send(request);
+            let mut sent = std::mem::take(&mut *self.sent.0.lock().unwrap());
+            assert_eq!(sent.len(), 1, "one answer: {sent:?}");
+            let answer = sent.remove(0);
+            Stanza::parse(answer.as_str()).expect("the answer is a stanza")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xml::framer::{Event, Framer, Limits};
+
+    /// The stanzas of a stream whose header declares `jabber:server` and `db:`.
+    fn framed(stanzas: &str) -> Vec<Stanza> {
+        let mut f = Framer::new(Limits::default());
+        f.push(
+            format!(
+                "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' \
+                 xmlns:db='jabber:server:dialback' from='a.test' to='b.test' version='1.0'>{stanzas}"
+            )
+            .as_bytes(),
+        );
+        let mut out = Vec::new();
+        while let Some(ev) = f.next_event().unwrap() {
+            if let Event::Element(el) = ev {
+                out.push(Stanza::from_element(el).unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dom_of_framed_stanzas_is_in_the_stream_default_namespace() {
+        let s = framed(
+            "<message to='u@b.test' from='x@a.test' id='m1'><body>a &lt; b</body><db:x/></message>\
+             <iq xmlns='jabber:server' type='get' id='i1' to='b.test' from='a.test'>\
+             <query xmlns='jabber:iq:version'/></iq>",
+        );
+        // The framer keeps no default namespace declaration on the element...
+        assert!(
+            s[0].as_str()
+                .starts_with("<message xmlns:db='jabber:server:dialback' to=")
+        );
+        assert!(!s[0].as_str().contains("xmlns='jabber:server'"));
+        // ... and the DOM has it, as the stream header gave it.
+        let el = dom(&s[0]).unwrap();
+        assert!(el.is("message", NS_SERVER));
+        assert_eq!(el.attr("id"), Some("m1"));
+        assert_eq!(el.get_child("body", NS_SERVER).unwrap().text(), "a < b");
+        assert!(el.has_child("x", "jabber:server:dialback"));
+        // A stanza that declares it itself parses the same.
+        let el = dom(&s[1]).unwrap();
+        assert!(el.is("iq", NS_SERVER));
+        assert!(el.has_child("query", NS_VERSION));
+        assert_eq!(
+            payload::<xmpp_parsers::version::VersionQuery>(&s[1]),
+            Some(xmpp_parsers::version::VersionQuery)
+        );
+    }
+
+    /// RFC 6120 §8.3.3's examples (conditions in spec order) and §8.3.4's
+    /// application-specific condition, as a peer's stanzas.
+    #[test]
+    fn rfc6120_error_examples_give_their_condition_and_text() {
+        let cases = [
+            (
+                "<iq from='im.example.com' id='zj3v142b' to='juliet@im.example.com/balcony' type='error'>\
+                 <error type='modify'><bad-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+                "bad-request",
+                None,
+            ),
+            (
+                "<message from='romeo@example.net' id='sj2b371v' to='juliet@im.example.com/churchyard' \
+                 type='error'><error by='example.net' type='cancel'>\
+                 <gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>xmpp:romeo@afterlife.example.net</gone>\
+                 </error></message>",
+                "gone",
+                None,
+            ),
+            (
+                "<presence from='nosuchroom@conference.example.org/foo' id='pwb2n78i' \
+                 to='userfoo@example.com/bar' type='error'><error type='cancel'>\
+                 <item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>",
+                "item-not-found",
+                None,
+            ),
+            (
+                "<message from='bar@example.org' id='ud7n1f4h' to='romeo@example.net/home' type='error'>\
+                 <error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\
+                 </error></message>",
+                "remote-server-not-found",
+                None,
+            ),
+            (
+                "<message from='juliet@im.example.com/foo' to='romeo@example.net' type='error'>\n  \
+                 <error type='cancel'>\n    <service-unavailable\n        \
+                 xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\n  </error>\n</message>",
+                "service-unavailable",
+                None,
+            ),
+            (
+                "<message from='playwright@shakespeare.example.com' id='pa73b4n7' \
+                 to='romeo@example.net/orchard' type='error'><error type='auth'>\
+                 <subscription-required xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+                "subscription-required",
+                None,
+            ),
+            (
+                "<message type='error' id='7h3baci9'><error type='modify' by='romeo@example.net/foo'>\
+                 <undefined-condition xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\
+                 <text xml:lang='en' xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>\
+                 [ ... application-specific information ... ]</text>\
+                 <too-many-parameters xmlns='http://example.org/ns'/></error></message>",
+                "undefined-condition",
+                Some("[ ... application-specific information ... ]"),
+            ),
+        ];
+        for (xml, condition_name, text) in cases {
+            let stanza = framed(xml).pop().unwrap();
+            assert_eq!(error_condition(&stanza).as_str(), condition_name, "{xml}");
+            let e = stanza_error(&stanza).unwrap();
+            let t = e.texts.get("en").map(String::as_str);
+            assert_eq!(t, text, "{xml}");
+        }
+    }
+
+    #[test]
+    fn our_own_error_replies_read_back() {
+        let request = Stanza::parse("<message from='a@x.test' to='b@y.test' id='m1'/>").unwrap();
+        for c in [
+            StanzaCondition::ServiceUnavailable,
+            StanzaCondition::ResourceConstraint,
+            StanzaCondition::PolicyViolation,
+            StanzaCondition::RemoteServerTimeout,
+        ] {
+            let reply = request.error_reply(c, Some("why <not>")).unwrap();
+            let e = stanza_error(&reply).unwrap();
+            assert_eq!(condition(&e.defined_condition), c);
+            assert_eq!(e.type_.to_string(), c.error_type().as_str());
+            assert_eq!(e.texts.get("en").map(String::as_str), Some("why <not>"));
+        }
+    }
+
+    #[test]
+    fn errors_without_a_known_condition_are_undefined() {
+        for xml in [
+            // No <error/> at all.
+            "<message from='a@x.test' to='b@y.test' type='error'/>",
+            // A condition RFC 6120 does not define.
+            "<message from='a@x.test' to='b@y.test' type='error'><error type='cancel'>\
+             <no-such-thing xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+            // An <error/> in another namespace is not the stanza's error.
+            "<message from='a@x.test' to='b@y.test' type='error'><error xmlns='urn:other' type='cancel'>\
+             <gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+        ] {
+            let stanza = framed(xml).pop().unwrap();
+            assert_eq!(
+                error_condition(&stanza),
+                StanzaCondition::UndefinedCondition,
+                "{xml}"
+            );
+        }
+        // A missing or unknown type does not hide the condition.
+        for error in ["<error>", "<error type='fatal'>"] {
+            let xml = format!(
+                "<message from='a@x.test' to='b@y.test' type='error'>{error}\
+                 <item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+            );
+            let stanza = framed(&xml).pop().unwrap();
+            assert_eq!(error_condition(&stanza), StanzaCondition::ItemNotFound);
+        }
+    }
 }

@@ -8,17 +8,20 @@
 //! - presence goes to the inbox ([`super::presence`] handles it there, in order);
 //! - iqs: vCard (XEP-0054), disco#info (XEP-0030) and ping (XEP-0199) of the
 //!   user's bare JID from the profile; anything else `service-unavailable`;
-//!   results and errors are answers to our own requests (remote lookups).
+//!   results and errors are answers to our own requests (remote lookups); the
+//!   disco and vCard payloads are written with `xmpp-parsers`.
 
 use std::sync::Arc;
+
+use minidom::Element;
+use xmpp_parsers::vcard::VCard;
 
 use crate::routing::{Identity, Outbox, Service};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{Store, User};
-use crate::xml::writer::escape;
 
 use super::inbox::Inbox;
-use super::{NS_DISCO_INFO, NS_PING, recipient};
+use super::{NS_DISCO_INFO, NS_PING, disco_info, recipient, send_result};
 
 /// XEP-0054.
 pub const NS_VCARD: &str = "vcard-temp";
@@ -55,14 +58,13 @@ impl Accounts {
             stanza.type_.as_deref(),
             payload.as_ref().map(|(n, l)| (&**n, &**l)),
         ) {
-            (Some("get"), Some((NS_VCARD, "vCard"))) => Stanza::iq_result(&stanza, &vcard(&user)),
-            (Some("get"), Some((NS_DISCO_INFO, "query"))) => Stanza::iq_result(
-                &stanza,
-                &format!(
-                    "<query xmlns='{NS_DISCO_INFO}'><identity category='account' type='registered'/>\
-                     <feature var='{NS_DISCO_INFO}'/><feature var='{NS_VCARD}'/></query>"
-                ),
-            ),
+            (Some("get"), Some((NS_VCARD, "vCard"))) => {
+                return send_result(outbox, &stanza, &vcard(&user));
+            }
+            (Some("get"), Some((NS_DISCO_INFO, "query"))) => {
+                let info = disco_info(&self.identity(), &self.features());
+                return send_result(outbox, &stanza, &info);
+            }
             (Some("get"), Some((NS_PING, "ping"))) => Stanza::iq_result(&stanza, ""),
             _ => {
                 return outbox.bounce(
@@ -122,10 +124,131 @@ impl Service for Accounts {
     }
 }
 
-fn vcard(user: &User) -> String {
-    format!(
-        "<vCard xmlns='{NS_VCARD}'><FN>{}</FN><NICKNAME>{}</NICKNAME></vCard>",
-        escape(&user.display_name),
-        escape(&user.handle)
-    )
+/// The user's vCard (XEP-0054 §3.1) from the profile: `FN` (the display name)
+/// and `NICKNAME` (the handle). xmpp-parsers types only `PHOTO` of vcard-temp;
+/// the other fields are its `payloads`, plain elements in the vCard namespace.
+fn vcard(user: &User) -> VCard {
+    let field = |name: &str, text: &str| Element::builder(name, NS_VCARD).append(text).build();
+    VCard {
+        photo: None,
+        payloads: vec![
+            field("FN", &user.display_name),
+            field("NICKNAME", &user.handle),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use xmpp_parsers::disco::{DiscoInfoResult, Identity as DiscoIdentity};
+
+    use super::*;
+    use crate::services::fake::Services;
+    use crate::services::{error_condition, payload};
+
+    /// The text of each vCard field, by name.
+    fn fields(v: &VCard) -> Vec<(String, String)> {
+        v.payloads
+            .iter()
+            .filter(|p| p.ns() == NS_VCARD)
+            .map(|p| (p.name().to_string(), p.text()))
+            .collect()
+    }
+
+    /// XEP-0030 §3.1 Examples 5 and 6: the server answers for the bare JID.
+    #[tokio::test]
+    async fn disco_info_of_an_account() {
+        let s = Services::new(&["capulet.com"], &[]);
+        s.user("juliet", "capulet.com", "Juliet").await;
+        let answer = s.answer(
+            "<iq type='get'\n    from='shakespeare.lit'\n    to='juliet@capulet.com'\n    \
+             id='info2'>\n  <query xmlns='http://jabber.org/protocol/disco#info'/>\n</iq>",
+        );
+        assert_eq!(answer.id.as_deref(), Some("info2"));
+        assert_eq!(answer.from.as_deref(), Some("juliet@capulet.com"));
+        let info: DiscoInfoResult = payload(&answer).unwrap();
+        assert_eq!(
+            info.identities,
+            vec![DiscoIdentity {
+                category: "account".into(),
+                type_: "registered".into(),
+                lang: None,
+                name: None,
+            }]
+        );
+        let features: Vec<&str> = info.features.iter().map(String::as_str).collect();
+        assert_eq!(features, vec![NS_DISCO_INFO, NS_VCARD]);
+        // Nobody: service-unavailable (RFC 6121 §8.5.2.2.1).
+        let answer = s.answer(
+            "<iq type='get' from='shakespeare.lit' to='romeo@capulet.com' id='info3'>\
+             <query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        );
+        assert_eq!(
+            error_condition(&answer),
+            StanzaCondition::ServiceUnavailable
+        );
+    }
+
+    /// XEP-0054 §3.3 Examples 7 and 8 (the requester on another server): FN and
+    /// NICKNAME as in the XEP's result.
+    #[tokio::test]
+    async fn vcard_of_an_account() {
+        let s = Services::new(&["jabber.org"], &[]);
+        s.user("jer", "jabber.org", "JeremieMiller").await;
+        let answer = s.answer(
+            "<iq from='stpeter@stpeter.im/roundabout'\n    id='v3'\n    to='jer@jabber.org'\n    \
+             type='get'>\n  <vCard xmlns='vcard-temp'/>\n</iq>",
+        );
+        assert_eq!(answer.id.as_deref(), Some("v3"));
+        assert_eq!(answer.type_.as_deref(), Some("result"));
+        let ours: VCard = payload(&answer).unwrap();
+        let theirs = Stanza::parse(
+            "<iq from='jer@jabber.org' \n    to='stpeter@jabber.org/roundabout' \n    \
+             type='result'\n    id='v3'>\n  <vCard xmlns='vcard-temp'>\n    \
+             <FN>JeremieMiller</FN>\n    <N>\n      <GIVEN>Jeremie</GIVEN>\n      \
+             <FAMILY>Miller</FAMILY>\n      <MIDDLE/>\n    </N>\n    \
+             <NICKNAME>jer</NICKNAME>\n    \
+             <EMAIL><INTERNET/><PREF/><USERID>jeremie@jabber.org</USERID></EMAIL>\n    \
+             <JABBERID>jer@jabber.org</JABBERID>\n  </vCard>\n</iq>",
+        )
+        .unwrap();
+        let theirs: VCard = payload(&theirs).unwrap();
+        let wanted: Vec<(String, String)> = fields(&theirs)
+            .into_iter()
+            .filter(|(n, _)| n == "FN" || n == "NICKNAME")
+            .collect();
+        assert_eq!(fields(&ours), wanted);
+    }
+
+    #[tokio::test]
+    async fn a_vcard_xml_cannot_carry_is_an_internal_server_error() {
+        let s = Services::new(&["jabber.org"], &[]);
+        s.user("bell", "jabber.org", "ding \u{7}").await;
+        let answer = s.answer(
+            "<iq from='x@example.net/r' id='v5' to='bell@jabber.org' type='get'>\
+             <vCard xmlns='vcard-temp'/></iq>",
+        );
+        assert_eq!(
+            error_condition(&answer),
+            StanzaCondition::InternalServerError
+        );
+    }
+
+    #[tokio::test]
+    async fn vcard_text_is_escaped() {
+        let s = Services::new(&["jabber.org"], &[]);
+        s.user("amp", "jabber.org", "a <b> & 'c' \"d\"").await;
+        let answer = s.answer(
+            "<iq from='x@example.net/r' id='v4' to='amp@jabber.org' type='get'>\
+             <vCard xmlns='vcard-temp'/></iq>",
+        );
+        let v: VCard = payload(&answer).unwrap();
+        assert_eq!(
+            fields(&v),
+            vec![
+                ("FN".to_string(), "a <b> & 'c' \"d\"".to_string()),
+                ("NICKNAME".to_string(), "amp".to_string()),
+            ]
+        );
+    }
 }

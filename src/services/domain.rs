@@ -4,20 +4,25 @@
 //!   its answer confirms them to senders like ours), XEP-0030 disco#info/#items
 //!   (the components under the domain are its items), XEP-0092 version;
 //! - `service-unavailable` for any other iq get/set (RFC 6120 §8.4);
+//! - disco and version payloads are read and written with `xmpp-parsers`; ping,
+//!   measured in the hundreds of thousands a second, keeps to the raw bytes (its
+//!   payload name is all the framer needs);
 //! - iq results and errors are answers: to our confirmation pings (settled in the
 //!   inbox, behind the peer's earlier stanzas, so a peer's error reply to a
 //!   message settles it before the confirmation does), or to our own requests.
 
 use std::sync::Arc;
 
-use crate::routing::{Identity, Outbox, Service};
+use xmpp_parsers::disco::{DiscoInfoQuery, DiscoItemsQuery, DiscoItemsResult, Item};
+use xmpp_parsers::jid::Jid;
+use xmpp_parsers::version::VersionResult;
+
+use crate::routing::{Identity, Outbox, Service, Table};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
-use crate::xml::children::children;
-use crate::xml::writer::escape;
 
 use super::delivery::Delivery;
 use super::inbox::Inbox;
-use super::{NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION};
+use super::{NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, disco_info, payload, send_result};
 
 /// Features announced in disco#info for a hosted domain.
 pub const DOMAIN_FEATURES: &[&str] = &[NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION];
@@ -81,26 +86,15 @@ impl Domain {
                 // The domain has no disco nodes.
                 return outbox.bounce(&stanza, StanzaCondition::ItemNotFound, "no such node");
             }
-            ("get", NS_DISCO_INFO, "query") => Stanza::iq_result(&stanza, &disco_info()),
-            ("get", NS_DISCO_ITEMS, "query") => {
-                let mut q = format!("<query xmlns='{NS_DISCO_ITEMS}'>");
-                for (jid, id) in outbox.table().components_of(domain) {
-                    q.push_str(&format!(
-                        "<item jid='{}' name='{}'/>",
-                        escape(jid),
-                        escape(&id.name)
-                    ));
-                }
-                q.push_str("</query>");
-                Stanza::iq_result(&stanza, &q)
+            ("get", NS_DISCO_INFO, "query") => {
+                let info = disco_info(&self.identity(), DOMAIN_FEATURES);
+                return send_result(outbox, &stanza, &info);
             }
-            ("get", NS_VERSION, "query") => Stanza::iq_result(
-                &stanza,
-                &format!(
-                    "<query xmlns='{NS_VERSION}'><name>xmpp-federator</name><version>{}</version></query>",
-                    escape(env!("CARGO_PKG_VERSION"))
-                ),
-            ),
+            ("get", NS_DISCO_ITEMS, "query") => {
+                let items = disco_items(outbox.table(), domain);
+                return send_result(outbox, &stanza, &items);
+            }
+            ("get", NS_VERSION, "query") => return send_result(outbox, &stanza, &version()),
             _ => {
                 return outbox.bounce(
                     &stanza,
@@ -139,22 +133,197 @@ impl Service for Domain {
     }
 }
 
+/// The `node` of a disco#info or disco#items request (XEP-0030 §3.2, §4.2).
 fn query_node(stanza: &Stanza) -> Option<String> {
-    let el = crate::xml::framer::parse_element(&stanza.raw).ok()?;
-    children(&el)
-        .into_iter()
-        .next()
-        .and_then(|c| c.attrs.into_iter().find(|(k, _)| k == "node"))
-        .map(|(_, v)| v)
+    match stanza.payload.as_ref().map(|(ns, _)| &**ns) {
+        Some(NS_DISCO_INFO) => payload::<DiscoInfoQuery>(stanza)?.node,
+        Some(NS_DISCO_ITEMS) => payload::<DiscoItemsQuery>(stanza)?.node,
+        _ => None,
+    }
 }
 
-fn disco_info() -> String {
-    let mut s = format!(
-        "<query xmlns='{NS_DISCO_INFO}'><identity category='server' type='im' name='xmpp-federator'/>"
-    );
-    for f in DOMAIN_FEATURES {
-        s.push_str(&format!("<feature var='{f}'/>"));
+/// The domain's disco#items (XEP-0030 §4.1): its components.
+fn disco_items(table: &Table, domain: &str) -> DiscoItemsResult {
+    let items = table
+        .components_of(domain)
+        .into_iter()
+        .filter_map(|(jid, id)| match Jid::new(jid) {
+            Ok(jid) => Some(Item {
+                jid,
+                node: None,
+                name: Some(id.name),
+            }),
+            Err(error) => {
+                tracing::warn!(jid, %error, "component address is not a JID; not listed");
+                None
+            }
+        })
+        .collect();
+    DiscoItemsResult {
+        node: None,
+        items,
+        rsm: None,
     }
-    s.push_str("</query>");
-    s
+}
+
+/// Our software version (XEP-0092 §3).
+fn version() -> VersionResult {
+    VersionResult {
+        name: "xmpp-federator".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        os: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use xmpp_parsers::disco::{DiscoInfoResult, Identity as DiscoIdentity};
+
+    use super::*;
+    use crate::services::fake::Services;
+    use crate::services::{error_condition, payload};
+
+    fn services() -> Services {
+        Services::new(
+            &["shakespeare.lit", "plays.shakespeare.lit"],
+            &[
+                ("people.shakespeare.lit", "Directory of Characters"),
+                ("mim.shakespeare.lit", "Gateway to Marlowe IM"),
+            ],
+        )
+    }
+
+    /// XEP-0030 §3.1 Examples 1 and 2: the result names our identity and features.
+    #[test]
+    fn disco_info_is_the_servers_identity_and_features() {
+        let answer = services().answer(
+            "<iq type='get'\n    from='romeo@montague.net/orchard'\n    to='plays.shakespeare.lit'\n    \
+             id='info1'>\n  <query xmlns='http://jabber.org/protocol/disco#info'/>\n</iq>",
+        );
+        assert_eq!(answer.type_.as_deref(), Some("result"));
+        assert_eq!(answer.id.as_deref(), Some("info1"));
+        assert_eq!(answer.from.as_deref(), Some("plays.shakespeare.lit"));
+        assert_eq!(answer.to.as_deref(), Some("romeo@montague.net/orchard"));
+        let info: DiscoInfoResult = payload(&answer).unwrap();
+        assert_eq!(info.node, None);
+        assert_eq!(
+            info.identities,
+            vec![DiscoIdentity {
+                category: "server".into(),
+                type_: "im".into(),
+                lang: None,
+                name: Some("xmpp-federator".into()),
+            }]
+        );
+        let features: Vec<&str> = info.features.iter().map(String::as_str).collect();
+        let mut expected = DOMAIN_FEATURES.to_vec();
+        expected.sort();
+        assert_eq!(features, expected);
+    }
+
+    /// XEP-0030 §4.1 Examples 11 and 12: the domain's items are its components.
+    #[test]
+    fn disco_items_are_the_components() {
+        let s = services();
+        let answer = s.answer(
+            "<iq type='get'\n    from='romeo@montague.net/orchard'\n    to='shakespeare.lit'\n    \
+             id='items1'>\n  <query xmlns='http://jabber.org/protocol/disco#items'/>\n</iq>",
+        );
+        assert_eq!(answer.id.as_deref(), Some("items1"));
+        let items: DiscoItemsResult = payload(&answer).unwrap();
+        let got: Vec<(String, Option<&str>)> = items
+            .items
+            .iter()
+            .map(|i| (i.jid.to_string(), i.name.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "people.shakespeare.lit".into(),
+                    Some("Directory of Characters")
+                ),
+                ("mim.shakespeare.lit".into(), Some("Gateway to Marlowe IM")),
+            ]
+        );
+        // A domain without components: XEP-0030 §4.1 Example 13, the empty result.
+        let answer = s.answer(
+            "<iq type='get' from='romeo@montague.net/orchard' to='plays.shakespeare.lit' id='items2'>\
+             <query xmlns='http://jabber.org/protocol/disco#items'/></iq>",
+        );
+        let items: DiscoItemsResult = payload(&answer).unwrap();
+        assert!(items.items.is_empty());
+    }
+
+    /// XEP-0030 §3.2 Example 9 and §4.2 Example 18: the domain has no nodes.
+    #[test]
+    fn disco_nodes_are_item_not_found() {
+        let s = services();
+        for request in [
+            "<iq type='get'\n    from='romeo@montague.net/orchard'\n    to='shakespeare.lit'\n    \
+             id='info3'>\n  <query xmlns='http://jabber.org/protocol/disco#info' \n         \
+             node='http://jabber.org/protocol/commands'/>\n</iq>",
+            "<iq type='get'\n    from='romeo@montague.net/orchard'\n    to='shakespeare.lit'\n    \
+             id='items3'>\n  <query xmlns='http://jabber.org/protocol/disco#items' \n         \
+             node='music'/>\n</iq>",
+        ] {
+            let answer = s.answer(request);
+            assert_eq!(answer.type_.as_deref(), Some("error"), "{request}");
+            assert_eq!(error_condition(&answer), StanzaCondition::ItemNotFound);
+        }
+    }
+
+    /// XEP-0092 §3 Examples 1 and 2 (asked of the server).
+    #[test]
+    fn version_names_us() {
+        let answer = services().answer(
+            "<iq\n    type='get'\n    from='romeo@montague.net/orchard'\n    to='shakespeare.lit'\n    \
+             id='version_1'>\n  <query xmlns='jabber:iq:version'/>\n</iq>",
+        );
+        assert_eq!(answer.id.as_deref(), Some("version_1"));
+        let v: VersionResult = payload(&answer).unwrap();
+        assert_eq!(
+            v,
+            VersionResult {
+                name: "xmpp-federator".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                os: None,
+            }
+        );
+        // The XEP's own result parses into the same type.
+        let theirs = Stanza::parse(
+            "<iq\n    type='result'\n    to='romeo@montague.net/orchard'\n    \
+             from='juliet@capulet.com/balcony'\n    id='version_1'>\n  \
+             <query xmlns='jabber:iq:version'>\n    <name>Exodus</name>\n    \
+             <version>0.7.0.4</version>\n    <os>Windows-XP 5.01.2600</os>\n  </query>\n</iq>",
+        )
+        .unwrap();
+        let theirs: VersionResult = payload(&theirs).unwrap();
+        assert_eq!(theirs.name, "Exodus");
+        assert_eq!(theirs.os.as_deref(), Some("Windows-XP 5.01.2600"));
+    }
+
+    /// XEP-0199 §4.2 Examples 3 and 4: an empty result, from the raw bytes.
+    #[test]
+    fn ping_is_an_empty_result() {
+        let answer = services().answer(
+            "<iq from='capulet.lit' to='shakespeare.lit' id='s2s1' type='get'>\
+             <ping xmlns='urn:xmpp:ping'/></iq>",
+        );
+        assert_eq!(
+            answer.as_str(),
+            "<iq from='shakespeare.lit' to='capulet.lit' id='s2s1' type='result'/>"
+        );
+    }
+
+    #[test]
+    fn other_requests_are_service_unavailable() {
+        let answer = services().answer(
+            "<iq from='capulet.lit' to='shakespeare.lit' id='x1' type='get'><x xmlns='urn:nope'/></iq>",
+        );
+        assert_eq!(
+            error_condition(&answer),
+            StanzaCondition::ServiceUnavailable
+        );
+    }
 }

@@ -23,14 +23,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use xmpp_parsers::stanza_error::StanzaError;
 
 use crate::routing::{Gate, Outbox};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{EventKind, Store, User, Writes};
-use crate::xml::children::{children, text_of};
+use crate::xml::children::children;
 
 use super::delivery::{Delivery, Taken};
-use super::recipient;
+use super::{condition, recipient, stanza_error};
 
 /// Free slots below which peers' streams wait.
 const HEADROOM: usize = 256;
@@ -249,23 +250,16 @@ impl InboxTask {
     /// An error message: if it answers one of our queued messages, that one bounced.
     fn bounced(&self, stanza: &Stanza, w: &mut Writes, taken: &mut Taken) {
         let Some(id) = stanza.id.clone() else { return };
-        let (mut condition, mut text) = ("undefined-condition".to_string(), None);
-        if let Ok(el) = crate::xml::framer::parse_element(&stanza.raw) {
-            for c in children(&el) {
-                if c.name == "error" {
-                    if let Some((_, name)) = c
-                        .children
-                        .iter()
-                        .find(|(ns, n)| ns == crate::xml::NS_STANZAS_ERR && n != "text")
-                    {
-                        condition = name.clone();
-                    }
-                    if let Some(t) = error_text(&el) {
-                        text = Some(t);
-                    }
-                }
-            }
-        }
+        // RFC 6120 §8.3.2; `undefined-condition` when there is none we know.
+        let error = stanza_error(stanza);
+        let condition = error
+            .as_ref()
+            .map_or(StanzaCondition::UndefinedCondition, |e| {
+                condition(&e.defined_condition)
+            })
+            .as_str()
+            .to_string();
+        let text = error.as_ref().and_then(error_text);
         let outcome = |id: &str, to: &str| EventKind::Bounced {
             id: id.to_string(),
             to: to.to_string(),
@@ -318,14 +312,12 @@ fn message_event(user: &User, stanza: &Stanza) -> EventKind {
     }
 }
 
-fn error_text(el: &crate::xml::framer::Element) -> Option<String> {
-    // <error><text>...</text></error>: find the text element's content.
-    let raw = el.as_str();
-    let start = raw.find("<text")?;
-    let inner = &raw[start..];
-    let open_end = inner.find('>')?;
-    let close = inner.find("</text>")?;
-    let fragment = format!("<t>{}</t>", &inner[open_end + 1..close]);
-    let t = crate::xml::framer::parse_element(fragment.as_bytes()).ok()?;
-    Some(text_of(&t))
+/// The explanation of an error (RFC 6120 §8.3.2): the English text, else the one
+/// without a language, else any.
+fn error_text(error: &StanzaError) -> Option<String> {
+    let t = &error.texts;
+    t.get("en")
+        .or_else(|| t.get(""))
+        .or_else(|| t.values().next())
+        .cloned()
 }

@@ -2,8 +2,8 @@
 //! services never import the server, the s2s layer or a store backend; routing
 //! knows no socket and no store; the s2s layer never imports services or the
 //! store; no two modules import each other in a cycle (top-level modules, and
-//! the submodules of each); only negotiation makes an authenticated peer; and
-//! every module is in ARCHITECTURE.md's codemap.
+//! the submodules of each); only negotiation makes an authenticated peer; the
+//! routing path builds no DOM; and every module is in ARCHITECTURE.md's codemap.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -281,6 +281,30 @@ fn the_cycle_finder_finds_cycles() {
             vec!["c".into()],
             vec!["d".into(), "e".into()]
         ]
+    );
+}
+
+#[test]
+fn the_routing_path_builds_no_dom() {
+    // Framing, stanzas, addresses, routing and the s2s layer keep to raw bytes;
+    // payloads off the hot path are read with xmpp-parsers in services and the API.
+    let hot = ["xml", "stanza", "address", "routing", "s2s"];
+    let mut broken = Vec::new();
+    for (module, text) in sources() {
+        if !hot.contains(&module[0].as_str()) {
+            continue;
+        }
+        let code = code(&text);
+        for needle in ["minidom", "xmpp_parsers", "xso::"] {
+            if code.contains(needle) {
+                broken.push(format!("{} names {needle}", module.join("/")));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "a DOM on the routing path:\n{}",
+        broken.join("\n")
     );
 }
 
