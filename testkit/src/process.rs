@@ -85,7 +85,7 @@ impl ServerProcess {
             .arg(config)
             .env(
                 "XMPP_FEDERATOR_LOG",
-                format!("{log},xmpp_federator::server=info"),
+                format!("{log},xmpp_federator::app=info"),
             )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
