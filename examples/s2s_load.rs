@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use xmpp_federator::load::run_with;
+use xmpp_federator::load::{cpu_of, run_with};
 use xmpp_federator_testkit::certs::{Eku, TestCa};
 use xmpp_federator_testkit::cli_arg as arg;
 use xmpp_federator_testkit::dns::DnsServer;
@@ -164,8 +164,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let n = if name == "ours" { count } else { count / 2 };
+        // Our server's own CPU per round trip (warm-up included): steadier than
+        // the rate when the driver and the target share two cores.
+        let pid = (name == "ours").then(|| _ours.0.id().to_string());
+        let cpu0 = pid.as_deref().map(cpu_of);
         match run_with(dc.clone(), domain, n, window, n / 10).await {
-            Ok(r) => println!("{name:9} {r}"),
+            Ok(r) => match (pid.as_deref().map(cpu_of), cpu0) {
+                (Some(cpu), Some(cpu0)) => {
+                    let per = (cpu - cpu0).as_secs_f64() * 1e6 / (n + n / 10) as f64;
+                    println!("{name:9} {r} server_cpu={per:.2}us/round-trip");
+                }
+                _ => println!("{name:9} {r}"),
+            },
             Err(e) => println!("{name:9} FAILED: {e}"),
         }
         // Let the listener's port be released before the next run binds it again.
