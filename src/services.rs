@@ -103,6 +103,15 @@ pub fn send_result(outbox: &Outbox, request: &Stanza, payload: &impl xso::AsXml)
     }
 }
 
+/// Refuse a request a service does not answer (RFC 6120 §8.4).
+pub fn unsupported(outbox: &Outbox, request: &Stanza) {
+    outbox.bounce(
+        request,
+        StanzaCondition::ServiceUnavailable,
+        "not supported",
+    );
+}
+
 /// A disco#info result (XEP-0030 §3.1): one identity and the features.
 pub fn disco_info(identity: &crate::routing::Identity, features: &[&str]) -> DiscoInfoResult {
     DiscoInfoResult {
@@ -186,12 +195,13 @@ pub fn condition(c: &DefinedCondition) -> StanzaCondition {
 /// stanzas they send to remote domains are kept, a tracker that settles nothing.
 #[cfg(test)]
 pub(crate) mod fake {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use crate::config::Config;
     use crate::metrics::Metrics;
     use crate::policy::Policy;
-    use crate::routing::{Identity, Outbox, Outgoing, Refused, Remote, Report, Service, Table};
+    use crate::routing::testing::{FakeRemote, FakeTracker};
+    use crate::routing::{Identity, Outbox, Service, Table};
     use crate::stanza::Stanza;
     use crate::store::{Store, User};
 
@@ -199,27 +209,6 @@ pub(crate) mod fake {
     use super::delivery::Delivery;
     use super::domain::Domain;
     use super::inbox::{Inbox, InboxRx};
-
-    /// Keeps what goes to remote domains.
-    #[derive(Default)]
-    struct Sent(Mutex<Vec<Stanza>>);
-
-    impl Remote for Sent {
-        fn send(&self, _: &Outbox, _: &str, _: &str, item: Outgoing) -> Result<(), Box<Refused>> {
-            self.0.lock().unwrap().push(item.stanza);
-            Ok(())
-        }
-
-        fn room(&self, _: &str, _: &str) -> Option<usize> {
-            None
-        }
-    }
-
-    struct NoTracker;
-
-    impl crate::routing::Tracker for NoTracker {
-        fn report(&self, _: &Outbox, _: Report) {}
-    }
 
     /// A component that only has a disco identity (the domain's items).
     struct Component(String);
@@ -243,7 +232,7 @@ pub(crate) mod fake {
     /// The domain and accounts services of some hosted domains.
     pub struct Services {
         outbox: Outbox,
-        sent: Arc<Sent>,
+        sent: Arc<FakeRemote>,
         store: Arc<Store>,
         _inbox: InboxRx,
     }
@@ -263,11 +252,11 @@ pub(crate) mod fake {
             for (address, name) in components {
                 table.add_component(address, hosts[0], Arc::new(Component(name.to_string())));
             }
-            let sent = Arc::new(Sent::default());
+            let sent = Arc::new(FakeRemote::default());
             let outbox = Outbox::new(
                 table,
-                sent.clone(),
-                Arc::new(NoTracker),
+                Arc::new(sent.clone()),
+                Arc::new(Arc::new(FakeTracker::default())),
                 None,
                 Arc::new(Policy::new(&Default::default())),
                 Arc::new(Metrics::default()),
@@ -296,9 +285,10 @@ pub(crate) mod fake {
         pub fn answer(&self, request: &str) -> Stanza {
             let request = Stanza::parse(request).expect("a stanza");
             self.outbox.send(request);
-            let mut sent = std::mem::take(&mut *self.sent.0.lock().unwrap());
+            let mut sent = std::mem::take(&mut *self.sent.sent.lock().unwrap());
             assert_eq!(sent.len(), 1, "one answer: {sent:?}");
-            let answer = sent.remove(0);
+            let (_, _, answer) = sent.remove(0);
+            let answer = answer.stanza;
             Stanza::parse(answer.as_str()).expect("the answer is a stanza")
         }
     }

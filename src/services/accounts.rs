@@ -21,7 +21,7 @@ use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{Store, User};
 
 use super::inbox::Inbox;
-use super::{NS_DISCO_INFO, NS_PING, disco_info, recipient, send_result};
+use super::{NS_DISCO_INFO, NS_PING, disco_info, recipient, send_result, unsupported};
 
 /// XEP-0054.
 pub const NS_VCARD: &str = "vcard-temp";
@@ -66,13 +66,7 @@ impl Accounts {
                 return send_result(outbox, &stanza, &info);
             }
             (Some("get"), Some((NS_PING, "ping"))) => Stanza::iq_result(&stanza, ""),
-            _ => {
-                return outbox.bounce(
-                    &stanza,
-                    StanzaCondition::ServiceUnavailable,
-                    "not supported",
-                );
-            }
+            _ => return unsupported(outbox, &stanza),
         };
         outbox.send(reply);
     }

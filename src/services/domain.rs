@@ -22,7 +22,10 @@ use crate::stanza::{Kind, Stanza, StanzaCondition};
 
 use super::delivery::Delivery;
 use super::inbox::Inbox;
-use super::{NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, disco_info, payload, send_result};
+use super::{
+    NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, disco_info, payload, send_result,
+    unsupported,
+};
 
 /// Features announced in disco#info for a hosted domain.
 pub const DOMAIN_FEATURES: &[&str] = &[NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION];
@@ -95,13 +98,7 @@ impl Domain {
                 return send_result(outbox, &stanza, &items);
             }
             ("get", NS_VERSION, "query") => return send_result(outbox, &stanza, &version()),
-            _ => {
-                return outbox.bounce(
-                    &stanza,
-                    StanzaCondition::ServiceUnavailable,
-                    "not supported",
-                );
-            }
+            _ => return unsupported(outbox, &stanza),
         };
         outbox.send(reply);
     }

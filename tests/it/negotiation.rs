@@ -534,14 +534,7 @@ async fn trickling_peer_is_cut_off_at_the_deadline_not_per_read() {
         }
         read_rest(&mut peer).await
     };
-    let negotiation = async {
-        let auth = by_twice(
-            limit,
-            inbound::negotiate(&beta, &table, ours, false, t0 + limit),
-        )
-        .await;
-        (auth.is_none(), t0.elapsed())
-    };
+    let negotiation = refused_by_deadline(&beta, &table, ours, t0, limit);
     let (out, (refused, took)) = tokio::join!(trickle, negotiation);
     assert!(refused);
     assert_stream_error(&out, "connection-timeout", "trickling peer");
@@ -569,14 +562,7 @@ async fn peer_silent_after_tls_gets_connection_timeout_over_tls() {
         // No header over TLS: wait for the receiver to give up.
         read_rest(&mut tls).await
     };
-    let negotiation = async {
-        let auth = by_twice(
-            limit,
-            inbound::negotiate(&beta, &table, ours, false, t0 + limit),
-        )
-        .await;
-        (auth.is_none(), t0.elapsed())
-    };
+    let negotiation = refused_by_deadline(&beta, &table, ours, t0, limit);
     let (out, (refused, took)) = tokio::join!(script, negotiation);
     assert!(refused);
     assert_stream_error(&out, "connection-timeout", "silent after TLS");
@@ -781,4 +767,17 @@ async fn our_initiator_refuses_a_receiver_certificate_for_another_domain() {
         Err(ConnectError::Tls(m)) => assert!(m.contains("not valid for beta.test"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// The receiver negotiating on the STARTTLS port with a deadline `limit` after
+/// `t0`: whether it refused, and when it gave up.
+async fn refused_by_deadline(
+    s2s: &S2s,
+    table: &Table,
+    io: DuplexStream,
+    t0: Instant,
+    limit: Duration,
+) -> (bool, Duration) {
+    let auth = by_twice(limit, inbound::negotiate(s2s, table, io, false, t0 + limit)).await;
+    (auth.is_none(), t0.elapsed())
 }
