@@ -30,6 +30,7 @@ use super::inbound::Io;
 use super::resolve::{Endpoint, ResolveError};
 use crate::routing::{Outbox, Outgoing, Refused, Report};
 use crate::stanza::{Stanza, StanzaCondition};
+use crate::xml::children::all_texts;
 use crate::xml::{Event, NS_SASL, NS_STREAM, NS_TLS};
 
 /// XEP-0198 stream management.
@@ -342,9 +343,13 @@ async fn sasl_external<S: Io>(
     let features = xs.next_element().await.map_err(stream_err)?;
     let kids = feature_children(&features)?;
     log(format!("  features after TLS: {}", summarize(&kids)));
+    // Each offered mechanism by name (not a substring of their joined text).
     let external = kids
         .iter()
-        .any(|c| c.ns == NS_SASL && c.name == "mechanisms" && c.text.contains("EXTERNAL"));
+        .any(|c| c.ns == NS_SASL && c.name == "mechanisms")
+        && all_texts(&features, "mechanism")
+            .iter()
+            .any(|m| m == "EXTERNAL");
     if !external {
         return Err(ConnectError::Auth(format!(
             "peer does not offer SASL EXTERNAL for {local} (features: {})",

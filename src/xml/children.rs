@@ -107,17 +107,32 @@ fn push_ref(out: &mut String, r: quick_xml::events::BytesRef<'_>) {
 /// The text of the first descendant element named `name` (any namespace), if it
 /// has non-empty text.
 pub fn first_text(el: &Element, name: &str) -> Option<String> {
+    texts(el, name, 1).pop().filter(|t| !t.is_empty())
+}
+
+/// The texts (trimmed) of every descendant element named `name` (any
+/// namespace), in document order: e.g. each `<mechanism/>` a peer offers.
+pub fn all_texts(el: &Element, name: &str) -> Vec<String> {
+    texts(el, name, usize::MAX)
+}
+
+fn texts(el: &Element, name: &str, limit: usize) -> Vec<String> {
     let mut reader = quick_xml::reader::Reader::from_str(el.as_str());
     let mut inside = 0usize;
     let mut out = String::new();
-    while let Ok(ev) = reader.read_event() {
+    let mut found = Vec::new();
+    while found.len() < limit {
+        let Ok(ev) = reader.read_event() else { break };
         match ev {
             XEvent::Start(s) if inside == 0 && s.local_name().into_inner() == name => inside = 1,
+            XEvent::Empty(s) if inside == 0 && s.local_name().into_inner() == name => {
+                found.push(String::new())
+            }
             XEvent::Start(_) if inside > 0 => inside += 1,
             XEvent::End(_) if inside > 0 => {
                 inside -= 1;
                 if inside == 0 {
-                    break;
+                    found.push(std::mem::take(&mut out).trim().to_string());
                 }
             }
             XEvent::Text(t) if inside > 0 => out.push_str(&t.xml10_content()),
@@ -129,8 +144,7 @@ pub fn first_text(el: &Element, name: &str) -> Option<String> {
             _ => {}
         }
     }
-    let t = out.trim();
-    (!t.is_empty()).then(|| t.to_string())
+    found
 }
 
 /// The text directly inside an element (e.g. a SASL payload).
@@ -158,6 +172,19 @@ pub fn text_of(el: &Element) -> String {
 mod tests {
     use super::*;
     use crate::xml::framer::parse_element;
+
+    #[test]
+    fn texts_of_every_mechanism() {
+        let el = parse_element(
+            b"<stream:features xmlns:stream='http://etherx.jabber.org/streams'>\
+              <mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>X-EXTERNAL</mechanism>\
+              <mechanism> PLAIN </mechanism><mechanism/></mechanisms></stream:features>",
+        )
+        .unwrap();
+        assert_eq!(all_texts(&el, "mechanism"), vec!["X-EXTERNAL", "PLAIN", ""]);
+        assert_eq!(first_text(&el, "mechanism").as_deref(), Some("X-EXTERNAL"));
+        assert_eq!(first_text(&el, "nothing"), None);
+    }
 
     #[test]
     fn children_of_features() {
