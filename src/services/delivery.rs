@@ -28,7 +28,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (std's outside a runtime), so waits and backoff can be tested
+// under paused time.
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -635,8 +639,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_domain_is_held_until_its_wait_is_over_and_released_when_reachable() {
+    #[tokio::test(start_paused = true)]
+    async fn a_domain_is_held_until_its_wait_is_over_and_released_when_reachable() {
         let d = Backoffs::default();
         let (base, max) = (Duration::from_secs(60), Duration::from_secs(600));
         assert!(!d.held("r.test"));
@@ -646,14 +650,19 @@ mod tests {
         // More failures of the same attempt do not lengthen the wait.
         d.unreachable("r.test", base, max);
         assert_eq!(lock(&d.0)["r.test"].failures, 1);
+        // The wait is 45 to 60 s (jitter): still held at 44 s, free at 60 s.
+        tokio::time::advance(Duration::from_secs(44)).await;
+        assert!(d.held("r.test"));
+        tokio::time::advance(Duration::from_secs(16)).await;
+        assert!(!d.held("r.test"));
+        // The next attempt fails too: 90 to 120 s this time.
+        d.unreachable("r.test", base, max);
+        assert_eq!(lock(&d.0)["r.test"].failures, 2);
+        tokio::time::advance(Duration::from_secs(89)).await;
+        assert!(d.held("r.test"));
+        assert_eq!(d.held_domains(), 1);
         d.reachable("r.test");
         assert!(!d.held("r.test"));
-        // An attempt after the wait that fails again waits longer.
-        let short = Duration::from_millis(1);
-        d.unreachable("s.test", short, max);
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(!d.held("s.test"));
-        d.unreachable("s.test", short, max);
-        assert_eq!(lock(&d.0)["s.test"].failures, 2);
+        assert_eq!(d.held_domains(), 0);
     }
 }
