@@ -20,6 +20,8 @@ pub mod outbound;
 pub mod resolve;
 pub mod tls;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -42,8 +44,42 @@ pub enum S2sError {
     Resolve(#[from] resolve::ResolveError),
 }
 
-/// What the s2s layer works with (shared by every stream and session).
+/// How outbound sessions open a stream: [`Network`] resolves, connects and
+/// negotiates ([`outbound::connect`]); a test can put a script in its place to
+/// drive a session's retries under paused time.
+pub trait Connector: Send + Sync + 'static {
+    /// Open an authenticated stream from `local` to `remote`.
+    fn connect<'a>(
+        &'a self,
+        s2s: &'a S2s,
+        local: &'a str,
+        remote: &'a str,
+    ) -> Pin<
+        Box<dyn Future<Output = Result<outbound::Connected, outbound::ConnectError>> + Send + 'a>,
+    >;
+}
+
+/// The real thing: DNS, TCP, TLS, SASL EXTERNAL.
 #[derive(Debug)]
+pub struct Network;
+
+impl Connector for Network {
+    fn connect<'a>(
+        &'a self,
+        s2s: &'a S2s,
+        local: &'a str,
+        remote: &'a str,
+    ) -> Pin<
+        Box<dyn Future<Output = Result<outbound::Connected, outbound::ConnectError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let mut log = |line: String| tracing::debug!("{line}");
+            outbound::connect(s2s, local, remote, &mut log).await
+        })
+    }
+}
+
+/// What the s2s layer works with (shared by every stream and session).
 pub struct S2s {
     /// The configuration.
     pub config: Arc<Config>,
@@ -63,6 +99,16 @@ pub struct S2s {
     pub shutdown: CancellationToken,
     /// Connection and session tasks.
     pub tracker: TaskTracker,
+    /// How sessions connect ([`Network`] but in tests).
+    pub connector: Arc<dyn Connector>,
+}
+
+impl std::fmt::Debug for S2s {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S2s")
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
 }
 
 impl S2s {
@@ -84,6 +130,7 @@ impl S2s {
             sessions: outbound::Sessions::default(),
             shutdown,
             tracker,
+            connector: Arc::new(Network),
         }))
     }
 }

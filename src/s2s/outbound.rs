@@ -636,9 +636,8 @@ impl Session {
         let window_start = Instant::now();
         let mut attempt = 0u32;
         loop {
-            let mut log = |line: String| tracing::debug!("{line}");
             let r = tokio::select! {
-                r = connect(&self.s2s, &local, &remote, &mut log) => r,
+                r = self.s2s.connector.connect(&self.s2s, &local, &remote) => r,
                 _ = self.s2s.shutdown.cancelled() => {
                     self.give_up(StanzaCondition::RemoteServerTimeout, "server shutting down", false);
                     return None;

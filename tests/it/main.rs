@@ -9,4 +9,5 @@ mod federation;
 mod interop;
 mod layout;
 mod negotiation;
+mod sessions;
 mod support;
