@@ -64,6 +64,13 @@ pub enum Report {
         /// Their stanza ids.
         ids: Vec<String>,
     },
+    /// The batch before ping `ping_id` could not be written whole: its
+    /// messages go again on the next stream, after a ping of their own, and an
+    /// answer to this one confirms nothing.
+    PingVoid {
+        /// The ping's id.
+        ping_id: String,
+    },
     /// Tracked messages acknowledged with XEP-0198.
     Acked {
         /// Their stanza ids.

@@ -776,7 +776,7 @@ impl Session {
                     break;
                 }
             }
-            self.encode_batch(wbuf);
+            let ping = self.encode_batch(wbuf);
             let n = self.pending.len() as u64;
             match wr.write_all(wbuf).await.and(wr.flush().await) {
                 Ok(()) => {
@@ -787,8 +787,12 @@ impl Session {
                     last_stanza = last_write;
                 }
                 Err(e) => {
-                    // Not known to be delivered: written again on the next stream.
+                    // Not known to be delivered: written again on the next stream,
+                    // with a ping of its own; this batch's ping no longer counts.
                     tracing::info!(error = %e, stanzas = n, "write failed; reconnecting");
+                    if let Some(ping_id) = ping {
+                        self.outbox.report(Report::PingVoid { ping_id });
+                    }
                     reader.abort();
                     return StreamEnd::Reconnect;
                 }
@@ -828,8 +832,9 @@ impl Session {
 
     /// The pending stanzas as one write: with `<r/>` after them when stream
     /// management is on, else with a confirmation ping after the tracked ones
-    /// (reported before it is written: its answer may come at once).
-    fn encode_batch(&mut self, wbuf: &mut Vec<u8>) {
+    /// (reported before it is written: its answer may come at once). Returns
+    /// that ping's id.
+    fn encode_batch(&mut self, wbuf: &mut Vec<u8>) -> Option<String> {
         wbuf.clear();
         let mut tracked = Vec::new();
         for item in &self.pending {
@@ -860,11 +865,13 @@ impl Session {
                 "<ping xmlns='urn:xmpp:ping'/>",
             );
             self.outbox.report(Report::AwaitingPing {
-                ping_id,
+                ping_id: ping_id.clone(),
                 ids: tracked,
             });
             wbuf.extend_from_slice(&ping.raw);
+            return Some(ping_id);
         }
+        None
     }
 }
 

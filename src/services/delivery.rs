@@ -412,6 +412,9 @@ impl Tracker for Arc<Delivery> {
             Report::AwaitingPing { ping_id, ids } => {
                 lock(&self.confirms).insert(ping_id, ids);
             }
+            Report::PingVoid { ping_id } => {
+                lock(&self.confirms).remove(&ping_id);
+            }
             Report::Acked { ids } => self.settle(ids, delivered),
         }
     }
@@ -541,6 +544,16 @@ mod tests {
             ids: vec!["m1".into(), "m2".into()],
         });
         assert!(s.delivery.is_confirmation("dlv-7"));
+        // A ping whose batch could not be written is forgotten (its messages go
+        // again behind another): its answer would confirm nothing.
+        s.w.outbox.report(Report::AwaitingPing {
+            ping_id: "dlv-6".into(),
+            ids: vec!["m3".into()],
+        });
+        s.w.outbox.report(Report::PingVoid {
+            ping_id: "dlv-6".into(),
+        });
+        assert!(!s.delivery.is_confirmation("dlv-6"));
         let (mut w, mut taken) = (Writes::default(), Taken::default());
         s.delivery.confirmed("dlv-7", &mut w, &mut taken);
         assert!(s.delivery.commit(w, taken).await);
