@@ -31,7 +31,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -686,10 +685,10 @@ async fn put_presence(
 async fn get_roster(
     State(st): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, Problem> {
+) -> Result<Json<schema::Roster>, Problem> {
     let user = user_or_404(&st, &id)?;
     let items = st.server.store.roster(&user.id).map_err(internal)?;
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(schema::Roster { items }))
 }
 
 /// Subscribe to a contact's presence, or answer a contact's request
@@ -857,7 +856,7 @@ async fn ask(server: &Arc<Server>, to: &str, payload: &str) -> Result<Stanza, Pr
 async fn remote(
     State(st): State<ApiState>,
     Path(jid): Path<String>,
-) -> Result<Json<serde_json::Value>, Problem> {
+) -> Result<Json<schema::Remote>, Problem> {
     let bare = parse_remote(&st.server, &jid)?;
     let bare_s = bare.to_string();
     let (info, vcard) = tokio::join!(
@@ -898,11 +897,17 @@ async fn remote(
                     | StanzaCondition::NotAllowed
             ),
         };
+    let answer = |exists, display_name| {
+        Json(schema::Remote {
+            id: remote_id(&bare_s),
+            jid: bare_s.clone(),
+            domain: bare.domain().as_str().to_owned(),
+            exists,
+            display_name,
+        })
+    };
     if !exists {
-        return Ok(Json(json!({
-            "jid": bare_s, "id": remote_id(&bare_s), "domain": bare.domain().as_str(),
-            "exists": false, "display_name": null
-        })));
+        return Ok(answer(false, None));
     }
     let display_name = match vcard {
         Ok(v) if !v.is_error() => crate::xml::framer::parse_element(&v.raw)
@@ -913,10 +918,7 @@ async fn remote(
             }),
         _ => None,
     };
-    Ok(Json(json!({
-        "jid": bare_s, "id": remote_id(&bare_s), "domain": bare.domain().as_str(),
-        "exists": true, "display_name": display_name
-    })))
+    Ok(answer(true, display_name))
 }
 
 // ---- messages ----
@@ -1192,23 +1194,16 @@ async fn queue_keyed(
 async fn post_message(
     State(st): State<ApiState>,
     Body(m): Body<MessageIn>,
-) -> Result<Response, Problem> {
+) -> Result<(StatusCode, Json<schema::Queued>), Problem> {
     let prepared = prepare(&st.server, &mut HashMap::new(), m)?;
-    let queued = queue(&st, vec![prepared]).await?;
-    let (id, repeat) = &queued[0];
-    Ok(if *repeat {
-        (
-            StatusCode::OK,
-            Json(json!({ "id": id, "status": "duplicate" })),
-        )
-            .into_response()
+    let mut queued = queue(&st, vec![prepared]).await?;
+    let (id, repeat) = queued.swap_remove(0);
+    let (code, status) = if repeat {
+        (StatusCode::OK, schema::QueuedStatus::Duplicate)
     } else {
-        (
-            StatusCode::ACCEPTED,
-            Json(json!({ "id": id, "status": "queued" })),
-        )
-            .into_response()
-    })
+        (StatusCode::ACCEPTED, schema::QueuedStatus::Queued)
+    };
+    Ok((code, Json(schema::Queued { id, status })))
 }
 
 /// Messages to send together.
@@ -1239,7 +1234,7 @@ struct BatchIn {
 async fn post_batch(
     State(st): State<ApiState>,
     Body(b): Body<BatchIn>,
-) -> Result<Response, Problem> {
+) -> Result<(StatusCode, Json<schema::BatchQueued>), Problem> {
     let server = &st.server;
     let max = server.config.api.max_batch;
     if b.messages.is_empty() || b.messages.len() > max {
@@ -1275,12 +1270,15 @@ async fn post_batch(
         .enumerate()
         .filter_map(|(i, (_, repeat))| repeat.then_some(i))
         .collect();
-    let ids: Vec<&String> = queued.iter().map(|(id, _)| id).collect();
+    let ids: Vec<String> = queued.into_iter().map(|(id, _)| id).collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "ids": ids, "status": "queued", "duplicates": duplicates })),
-    )
-        .into_response())
+        Json(schema::BatchQueued {
+            ids,
+            status: schema::BatchStatus::Queued,
+            duplicates,
+        }),
+    ))
 }
 
 // ---- events ----
@@ -1320,7 +1318,7 @@ struct EventsQuery {
 async fn events(
     State(st): State<ApiState>,
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, Problem> {
+) -> Result<Json<schema::Events>, Problem> {
     let Query(q) =
         q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Invalid query", e.body_text()))?;
     let store = &st.server.store;
@@ -1339,7 +1337,10 @@ async fn events(
         evs = store.events_after(after, limit).map_err(internal)?;
     }
     let cursor = evs.last().map(|e| e.seq).unwrap_or(after);
-    Ok(Json(json!({ "events": evs, "cursor": cursor })))
+    Ok(Json(schema::Events {
+        events: evs,
+        cursor,
+    }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -1520,23 +1521,24 @@ async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
     Json(&DOC)
 }
 
-/// Schemas of what the handlers build with `json!` or check by hand (strings
-/// with a fixed set of values): nothing constructs these, they only describe.
-#[allow(dead_code)]
+/// The answers' bodies, each both what a handler serializes and its schema in
+/// the document (so the two cannot drift), and the strings with a fixed set of
+/// values that handlers check by hand, which only describe.
 mod schema {
+    use serde::Serialize;
     use utoipa::ToSchema;
 
     use crate::store::{Event, RosterItem};
 
     /// A user's contacts.
-    #[derive(ToSchema)]
+    #[derive(Debug, Serialize, ToSchema)]
     pub struct Roster {
         /// One per contact.
         pub items: Vec<RosterItem>,
     }
 
     /// What a remote lookup found.
-    #[derive(ToSchema)]
+    #[derive(Debug, Serialize, ToSchema)]
     pub struct Remote {
         /// The bare JID looked up.
         pub jid: String,
@@ -1551,7 +1553,7 @@ mod schema {
     }
 
     /// An accepted message.
-    #[derive(ToSchema)]
+    #[derive(Debug, Serialize, ToSchema)]
     pub struct Queued {
         /// The stanza id (a UUIDv7).
         pub id: String,
@@ -1560,8 +1562,8 @@ mod schema {
     }
 
     /// Whether a message was queued now or before.
-    #[derive(ToSchema)]
-    #[schema(rename_all = "lowercase")]
+    #[derive(Debug, Serialize, ToSchema)]
+    #[serde(rename_all = "lowercase")]
     pub enum QueuedStatus {
         /// Queued by this request.
         Queued,
@@ -1570,7 +1572,7 @@ mod schema {
     }
 
     /// An accepted batch.
-    #[derive(ToSchema)]
+    #[derive(Debug, Serialize, ToSchema)]
     pub struct BatchQueued {
         /// The stanza ids, in request order (the first id for a duplicate).
         pub ids: Vec<String>,
@@ -1582,15 +1584,15 @@ mod schema {
     }
 
     /// A batch is queued whole.
-    #[derive(ToSchema)]
-    #[schema(rename_all = "lowercase")]
+    #[derive(Debug, Serialize, ToSchema)]
+    #[serde(rename_all = "lowercase")]
     pub enum BatchStatus {
         /// Queued.
         Queued,
     }
 
     /// A page of events.
-    #[derive(ToSchema)]
+    #[derive(Debug, Serialize, ToSchema)]
     pub struct Events {
         /// In sequence order.
         pub events: Vec<Event>,
@@ -1600,6 +1602,10 @@ mod schema {
     }
 
     /// A message's type (RFC 6121 §5.2.2; `groupchat` and `error` are not sent).
+    // Only describes `MessageIn::message_type`, a string the
+    // handler checks by hand (with its own problem response): nothing
+    // constructs this.
+    #[allow(dead_code)]
     #[derive(ToSchema)]
     #[schema(rename_all = "lowercase")]
     pub enum MessageType {
@@ -1612,6 +1618,10 @@ mod schema {
     }
 
     /// The kind of available presence (RFC 6121 §4.7.2.1).
+    // Only describes `PresenceIn::show`, a string the
+    // handler checks by hand (with its own problem response): nothing
+    // constructs this.
+    #[allow(dead_code)]
     #[derive(ToSchema)]
     #[schema(rename_all = "lowercase")]
     pub enum Show {
@@ -1626,6 +1636,10 @@ mod schema {
     }
 
     /// A roster action.
+    // Only describes the roster action path segment, a string the
+    // handler checks by hand (with its own problem response): nothing
+    // constructs this.
+    #[allow(dead_code)]
     #[derive(ToSchema)]
     #[schema(rename_all = "lowercase")]
     pub enum RosterAction {
