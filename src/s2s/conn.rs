@@ -77,6 +77,12 @@ impl StreamFailure {
 
 /// Our stream header (RFC 6120 §4.7). `id` only on the responding side.
 pub fn header_xml(from: &str, to: Option<&str>, id: Option<&str>) -> String {
+    stream_header(from, to, id, true)
+}
+
+/// Our stream header; `version: false` answers a peer whose header had no
+/// `version` (RFC 6120 §4.7.5: then ours has none either).
+pub fn stream_header(from: &str, to: Option<&str>, id: Option<&str>, version: bool) -> String {
     let mut s = format!(
         "<?xml version='1.0'?><stream:stream xmlns='jabber:server' \
          xmlns:stream='http://etherx.jabber.org/streams' from='{}'",
@@ -88,7 +94,10 @@ pub fn header_xml(from: &str, to: Option<&str>, id: Option<&str>) -> String {
     if let Some(id) = id {
         s.push_str(&format!(" id='{}'", escape(id)));
     }
-    s.push_str(" version='1.0' xml:lang='en'>");
+    if version {
+        s.push_str(" version='1.0'");
+    }
+    s.push_str(" xml:lang='en'>");
     s
 }
 

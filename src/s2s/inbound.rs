@@ -25,7 +25,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::S2s;
-use super::conn::{StreamFailure, XmlStream, header_xml, new_id};
+use super::conn::{StreamFailure, XmlStream, header_xml, new_id, stream_header};
+use crate::address::Addr;
 use crate::routing::{Outbox, Peer, Table};
 use crate::stanza::{NotRoutable, Stanza, StreamCondition};
 use crate::xml::{Event, NS_SASL, NS_SERVER, NS_TLS, StreamHeader};
@@ -126,6 +127,14 @@ fn check_header(cx: &Cx<'_>, h: &StreamHeader) -> Result<String, (StreamConditio
         ));
     };
     if let Some(from) = h.from.as_deref()
+        && !is_domain(from)
+    {
+        return Err((
+            StreamCondition::InvalidFrom,
+            format!("'{from}' is not a domain"),
+        ));
+    }
+    if let Some(from) = h.from.as_deref()
         && !cx.s2s.policy.allows(&from.to_ascii_lowercase())
     {
         return Err((
@@ -136,12 +145,21 @@ fn check_header(cx: &Cx<'_>, h: &StreamHeader) -> Result<String, (StreamConditio
     Ok(local.to_string())
 }
 
+/// Whether a stream header's `from` is a domain (no localpart, no resource).
+fn is_domain(from: &str) -> bool {
+    Addr::parse(from).is_ok_and(|a| a.local().is_none() && a.resource().is_none())
+}
+
+/// Our answer to a peer's header: from the hosted domain it asked for, to its
+/// `from` if that is a domain, without `version` if it sent none (§4.7.5).
 fn reply_header(cx: &Cx<'_>, h: Option<&StreamHeader>) -> String {
     let from = h
         .and_then(|h| h.to.as_deref())
         .and_then(|t| cx.table.hosted(t))
         .unwrap_or(&cx.s2s.config.domains[0]);
-    header_xml(from, h.and_then(|h| h.from.as_deref()), Some(&new_id()))
+    let to = h.and_then(|h| h.from.as_deref()).filter(|f| is_domain(f));
+    let version = h.is_none_or(|h| h.version.is_some());
+    stream_header(from, to, Some(&new_id()), version)
 }
 
 async fn fail_with<S>(xs: &mut XmlStream<S>, header: &str, e: StreamFailure)

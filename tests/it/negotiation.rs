@@ -297,6 +297,16 @@ async fn receiver_refuses_bad_headers_and_stanzas_before_starttls() {
             "version 1.0 is required",
         ),
         (
+            header("nobody@@alpha.test", "beta.test"),
+            "invalid-from",
+            "is not a domain",
+        ),
+        (
+            header("alice@alpha.test", "beta.test"),
+            "invalid-from",
+            "is not a domain",
+        ),
+        (
             "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' \
              from='alpha.test' to='beta.test' version='1.0'>"
                 .to_string(),
@@ -327,6 +337,17 @@ async fn receiver_refuses_bad_headers_and_stanzas_before_starttls() {
         assert!(out.contains(text), "expected '{text}' for {input}: {out}");
         // Our header names us, even when the peer asked for a domain we do not host.
         assert!(out.contains("from='beta.test'"), "{out}");
+        // It names the peer only by a domain, and has a version only if the
+        // peer's had one (RFC 6120 §4.7.5).
+        let ours = &out[out.find("<stream:stream").unwrap()..];
+        let ours = &ours[..ours.find('>').unwrap()];
+        assert!(!ours.contains('@'), "{ours}");
+        let theirs = &input[..input.find('>').unwrap()];
+        assert_eq!(
+            ours.contains(" version="),
+            theirs.contains(" version="),
+            "{ours} for {theirs}"
+        );
     }
 }
 
