@@ -49,29 +49,19 @@ pub enum S2sError {
 /// drive a session's retries under paused time.
 pub trait Connector: Send + Sync + 'static {
     /// Open an authenticated stream from `local` to `remote`.
-    fn connect<'a>(
-        &'a self,
-        s2s: &'a S2s,
-        local: &'a str,
-        remote: &'a str,
-    ) -> Pin<
-        Box<dyn Future<Output = Result<outbound::Connected, outbound::ConnectError>> + Send + 'a>,
-    >;
+    fn connect<'a>(&'a self, s2s: &'a S2s, local: &'a str, remote: &'a str) -> Connecting<'a>;
 }
+
+/// A [`Connector`]'s attempt at a stream.
+pub type Connecting<'a> =
+    Pin<Box<dyn Future<Output = Result<outbound::Connected, outbound::ConnectError>> + Send + 'a>>;
 
 /// The real thing: DNS, TCP, TLS, SASL EXTERNAL.
 #[derive(Debug)]
 pub struct Network;
 
 impl Connector for Network {
-    fn connect<'a>(
-        &'a self,
-        s2s: &'a S2s,
-        local: &'a str,
-        remote: &'a str,
-    ) -> Pin<
-        Box<dyn Future<Output = Result<outbound::Connected, outbound::ConnectError>> + Send + 'a>,
-    > {
+    fn connect<'a>(&'a self, s2s: &'a S2s, local: &'a str, remote: &'a str) -> Connecting<'a> {
         Box::pin(async move {
             let mut log = |line: String| tracing::debug!("{line}");
             outbound::connect(s2s, local, remote, &mut log).await

@@ -20,12 +20,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::address::Addr;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::stanza::{Stanza, StanzaCondition};
 
-use super::Service;
 use super::iq::{IqTracker, Waiting};
 use super::table::{Peer, Refusal, Table};
 
@@ -204,8 +202,10 @@ impl Outbox {
         self.dispatch(stanza, true)
     }
 
-    fn local_service(&self, to: &Addr) -> Option<&Arc<dyn Service>> {
-        self.0.table.service_for(to)
+    /// Send again what a session took but could not carry (tracked or not, as it
+    /// was).
+    pub fn resend(&self, item: Outgoing) {
+        self.dispatch(item.stanza, item.tracked)
     }
 
     fn dispatch(&self, stanza: Stanza, tracked: bool) {
@@ -213,8 +213,8 @@ impl Outbox {
             tracing::warn!(stanza = stanza.as_str(), "dropping stanza without 'to'");
             return;
         };
-        if let Some(service) = self.local_service(to) {
-            return service.clone().handle(stanza, self);
+        if let Some(service) = self.0.table.service_for(to) {
+            return service.handle(stanza, self);
         }
         let to_domain = to.domain();
         let Some(local) = stanza
@@ -228,14 +228,9 @@ impl Outbox {
             );
             return;
         };
-        // Domains are case-insensitive; keep one spelling per session (lower
-        // case, copied only when it is not).
-        let remote: std::borrow::Cow<'_, str> = if to_domain.bytes().any(|b| b.is_ascii_uppercase())
-        {
-            to_domain.to_ascii_lowercase().into()
-        } else {
-            to_domain.into()
-        };
+        // Domains are case-insensitive; keep one spelling per session. (A copy:
+        // the domain is borrowed from the stanza, which moves into the queue.)
+        let remote = to_domain.to_ascii_lowercase();
         if !self.0.policy.allows(&remote) {
             return self.bounce(
                 &stanza,
@@ -243,8 +238,6 @@ impl Outbox {
                 "federation with this domain is not allowed",
             );
         }
-        // `remote` borrows the stanza, which moves into the queue: one small copy.
-        let remote = remote.into_owned();
         let item = Outgoing { stanza, tracked };
         if let Err(r) = self.0.remote.send(self, local, &remote, item) {
             self.not_sent(vec![r.item], r.condition, r.text, None);

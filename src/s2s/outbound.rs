@@ -605,27 +605,27 @@ impl Session {
 
     /// Stop taking stanzas and hand back everything queued as not sent.
     fn give_up(&mut self, condition: StanzaCondition, text: &str, unreachable: bool) {
-        self.s2s.sessions.remove(&self.key, self.id);
-        self.rx.close();
-        while let Ok(s) = self.rx.try_recv() {
-            self.pending.push_back(s);
-        }
-        let items: Vec<Outgoing> = self.pending.drain(..).collect();
+        let items = self.close();
         let remote = unreachable.then_some(self.key.1.as_str());
         self.outbox.not_sent(items, condition, text, remote);
     }
 
     /// The session ends while the remote is fine: what raced into the queue goes
-    /// to a new session.
+    /// out again (through a new session).
     fn hand_over(&mut self) {
+        for item in self.close() {
+            self.outbox.resend(item);
+        }
+    }
+
+    /// Leave the session map and stop taking stanzas; everything not written yet.
+    fn close(&mut self) -> Vec<Outgoing> {
         self.s2s.sessions.remove(&self.key, self.id);
         self.rx.close();
-        while let Ok(item) = self.rx.try_recv() {
-            if let Err(r) = send(&self.s2s, &self.outbox, &self.key.0, &self.key.1, item) {
-                self.outbox
-                    .not_sent(vec![r.item], r.condition, r.text, None);
-            }
+        while let Ok(s) = self.rx.try_recv() {
+            self.pending.push_back(s);
         }
+        self.pending.drain(..).collect()
     }
 
     /// Connect, retrying with jittered backoff within the retry window; `None`

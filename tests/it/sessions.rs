@@ -1,8 +1,6 @@
 //! An outbound session's retries under paused time: a scripted connector in place
 //! of DNS/TCP/TLS, the real session and outbox around it.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +11,8 @@ use xmpp_federator::config::Config;
 use xmpp_federator::metrics::Metrics;
 use xmpp_federator::policy::Policy;
 use xmpp_federator::routing::{Identity, Outbox, Report, Service, Table, Tracker};
-use xmpp_federator::s2s::outbound::{ConnectError, Connected};
-use xmpp_federator::s2s::{Connector, Link, S2s};
+use xmpp_federator::s2s::outbound::ConnectError;
+use xmpp_federator::s2s::{Connecting, Connector, Link, S2s};
 use xmpp_federator::stanza::Stanza;
 
 /// A remote that never answers: every attempt fails at once; when they happened.
@@ -22,12 +20,7 @@ use xmpp_federator::stanza::Stanza;
 struct Down(Mutex<Vec<Instant>>);
 
 impl Connector for Down {
-    fn connect<'a>(
-        &'a self,
-        _: &'a S2s,
-        _: &'a str,
-        remote: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send + 'a>> {
+    fn connect<'a>(&'a self, _: &'a S2s, _: &'a str, remote: &'a str) -> Connecting<'a> {
         self.0.lock().unwrap().push(Instant::now());
         let e = ConnectError::Unreachable(format!("{remote}: connection refused"));
         Box::pin(async move { Err(e) })
