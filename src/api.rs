@@ -462,11 +462,10 @@ async fn put_user(
         None => st.server.config.domains[0].clone(),
         Some(d) => st
             .server
-            .config
-            .domains
-            .iter()
-            .find(|h| h.eq_ignore_ascii_case(d))
-            .cloned()
+            .outbox
+            .table()
+            .host(d)
+            .map(str::to_string)
             .ok_or_else(|| {
                 Problem::new(
                     StatusCode::UNPROCESSABLE_ENTITY,

@@ -134,9 +134,13 @@ impl Table {
         })
     }
 
-    /// The hosted domains where accounts live, in configuration order.
-    pub fn hosts(&self) -> impl Iterator<Item = &str> {
-        self.hosts.iter().map(|h| h.domain.as_str())
+    /// The configured spelling of a hosted domain where accounts live (not a
+    /// component).
+    pub fn host(&self, domain: &str) -> Option<&str> {
+        match self.lookup(domain)? {
+            Entry::Host(i) => Some(self.hosts[*i].domain.as_str()),
+            Entry::Component(_) => None,
+        }
     }
 
     /// The components under `host`, with their identities (disco#items).
@@ -236,7 +240,13 @@ mod tests {
         }
         let t = w.outbox.table();
         assert_eq!(t.hosted("CONFERENCE.a.test"), Some("conference.a.test"));
-        assert_eq!(t.hosts().collect::<Vec<_>>(), vec!["a.test", "b.test"]);
+        assert_eq!(t.host("B.Test"), Some("b.test"));
+        assert_eq!(
+            t.host("conference.a.test"),
+            None,
+            "no accounts in a component"
+        );
+        assert_eq!(t.host("elsewhere.test"), None);
         let items = t.components_of("a.test");
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].0, "conference.a.test");
