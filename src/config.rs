@@ -69,6 +69,8 @@ pub struct Config {
     pub api: Api,
     /// Delivery of the backend's outgoing messages.
     pub delivery: DeliveryConfig,
+    /// Group conversations as rooms (XEP-0045).
+    pub rooms: RoomsConfig,
 }
 
 /// Where state lives.
@@ -142,6 +144,31 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// Group conversations: rooms on a component of each hosted domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// The rooms of `domain` live on `<subdomain>.<domain>`; empty: no rooms.
+    pub subdomain: String,
+    /// Messages of history sent on join when the client sets no limit.
+    pub history_default: usize,
+    /// The most messages of history sent on join, whatever the client asks.
+    pub history_max: usize,
+    /// Archived messages older than this many days are removed (0: kept forever).
+    pub archive_retention_days: u64,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            subdomain: "conference".into(),
+            history_default: 20,
+            history_max: 100,
+            archive_retention_days: 0,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -155,6 +182,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             api: Api::default(),
             delivery: DeliveryConfig::default(),
+            rooms: RoomsConfig::default(),
         }
     }
 }
@@ -386,6 +414,25 @@ impl Config {
         Config::from_toml(&text)
     }
 
+    /// The room services: (`<subdomain>.<domain>`, its hosted domain) for each
+    /// hosted domain; none when rooms are off.
+    pub fn room_services(&self) -> Vec<(String, String)> {
+        if self.rooms.subdomain.is_empty() {
+            return Vec::new();
+        }
+        self.domains
+            .iter()
+            .map(|d| (format!("{}.{d}", self.rooms.subdomain), d.clone()))
+            .collect()
+    }
+
+    /// Every domain we answer for: the hosted domains, then the room services.
+    pub fn served_domains(&self) -> Vec<String> {
+        let mut all = self.domains.clone();
+        all.extend(self.room_services().into_iter().map(|(s, _)| s));
+        all
+    }
+
     /// Check values and normalize domains in place.
     pub fn check(&mut self) -> Result<(), ConfigError> {
         if self.domains.is_empty() {
@@ -418,6 +465,32 @@ impl Config {
                     format!("`{d}` is hosted here and cannot be a federation peer"),
                 ));
             }
+        }
+        if !self.rooms.subdomain.is_empty() {
+            let sub = &self.rooms.subdomain;
+            match normalize_domain(sub) {
+                Some(n) if !n.contains('.') => self.rooms.subdomain = n,
+                _ => {
+                    return Err(invalid(
+                        "rooms.subdomain",
+                        format!("`{sub}` is not one DNS label (like `conference`)"),
+                    ));
+                }
+            }
+            for (service, _) in self.room_services() {
+                if self.domains.contains(&service) {
+                    return Err(invalid(
+                        "rooms.subdomain",
+                        format!("the room service `{service}` is also a hosted domain"),
+                    ));
+                }
+            }
+        }
+        if self.rooms.history_default > self.rooms.history_max {
+            return Err(invalid(
+                "rooms.history_default",
+                "must not be more than rooms.history_max",
+            ));
         }
         let mut overrides = BTreeMap::new();
         for (domain, targets) in &self.dns.overrides {

@@ -12,6 +12,7 @@
 //! scan in order. The schema version is stored under `m/schema` and checked on open.
 
 pub mod redb_kv;
+pub mod rooms;
 pub mod sled_kv;
 
 use std::collections::HashMap;
@@ -69,6 +70,9 @@ pub trait Kv: Send + Sync + 'static {
     }
     /// Keys in `[from, to)`, in order, at most `limit`.
     fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError>;
+    /// Keys in `[from, to)`, last first, at most `limit` (the newest page of an
+    /// archive).
+    fn range_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError>;
     /// Apply all ops atomically and durably (fsync) before returning.
     fn apply_all(&self, ops: &mut dyn Iterator<Item = &Op>) -> Result<(), StoreError>;
     /// [`Kv::apply_all`] on a slice.

@@ -50,7 +50,7 @@ pub enum TlsError {
     #[error("TLS: {0}")]
     Rustls(#[from] rustls::Error),
     /// A hosted domain has no certificate.
-    #[error("no certificate covers hosted domain `{0}`")]
+    #[error("no certificate covers `{0}` (a hosted domain or room service; set rooms.subdomain = \"\" to run without rooms)")]
     NoCertificate(String),
     /// Certificate generation failed.
     #[error("generating a development certificate: {0}")]
@@ -490,7 +490,7 @@ impl TlsContext {
             });
         }
         let mut by_domain = HashMap::new();
-        for d in &config.domains {
+        for d in &config.served_domains() {
             let c = ours
                 .iter()
                 .find(|c| c.names.matches(d))

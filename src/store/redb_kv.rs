@@ -78,6 +78,17 @@ impl Kv for RedbKv {
         Ok(out)
     }
 
+    fn range_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(TABLE).map_err(err)?;
+        let mut out = Vec::new();
+        for r in t.range(from..to).map_err(err)?.rev().take(limit) {
+            let (k, v) = r.map_err(err)?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     fn apply_all(&self, ops: &mut dyn Iterator<Item = &Op>) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(err)?;
         tx.set_durability(Durability::Immediate).map_err(err)?;

@@ -53,6 +53,15 @@ impl Kv for SledKv {
             .collect()
     }
 
+    fn range_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        self.db
+            .range(from..to)
+            .rev()
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(err))
+            .collect()
+    }
+
     fn apply_all(&self, ops: &mut dyn Iterator<Item = &Op>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for op in ops {
