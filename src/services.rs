@@ -25,6 +25,7 @@ pub mod delivery;
 pub mod domain;
 pub mod inbox;
 pub mod presence;
+pub mod rooms;
 
 use minidom::Element;
 use xmpp_parsers::disco::DiscoInfoResult;

@@ -90,6 +90,27 @@ impl Room {
     pub fn jid(&self) -> String {
         format!("{}@{}", self.id, self.service)
     }
+
+    /// The stanza id (XEP-0359, and the MAM id) of archived message `seq`: the
+    /// room's creation time and the sequence number, so that a room created again
+    /// under the same id never repeats an id clients have seen, and a MAM `after`
+    /// needs no index.
+    pub fn stanza_id(&self, seq: u64) -> String {
+        format!("{:x}-{seq}", self.created_ms)
+    }
+
+    /// The sequence number a stanza id of this room names (`None` for an id
+    /// that is not one of this room's).
+    pub fn seq_of(&self, stanza_id: &str) -> Option<u64> {
+        let (created, seq) = stanza_id.split_once('-')?;
+        if u64::from_str_radix(created, 16).ok()? != self.created_ms
+            || seq.starts_with('+')
+            || seq.starts_with('0')
+        {
+            return None;
+        }
+        seq.parse().ok()
+    }
 }
 
 /// A room member (any domain).
@@ -424,6 +445,10 @@ mod tests {
             .archived("conference.a.test", "r1", span(1, u64::MAX, 2, true))
             .unwrap();
         assert_eq!(got.iter().map(|a| a.seq).collect::<Vec<_>>(), [5, 4]);
+        assert_eq!(r1.seq_of(&r1.stanza_id(42)), Some(42));
+        for bad in ["", "2-2", "-1", "1-", "1-02", "1-+2", "x", "1-2-3"] {
+            assert_eq!(r1.seq_of(bad), None, "{bad}");
+        }
         store.delete_room(&r1, Vec::new()).await.unwrap();
         assert_eq!(store.room("conference.a.test", "r1").unwrap(), None);
         assert_eq!(store.archive_last("conference.a.test", "r1").unwrap(), 0);
