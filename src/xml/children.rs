@@ -25,10 +25,32 @@ pub struct Child {
 /// The direct children of an element (which was validated by the framer, so parse
 /// errors cannot happen; if they did, the children seen so far are returned).
 pub fn children(el: &Element) -> Vec<Child> {
-    let mut reader = NsReader::from_str(el.as_str());
-    let mut out: Vec<Child> = Vec::new();
+    parts(el.as_str()).children.into_iter().map(|(c, _)| c).collect()
+}
+
+/// An element's own namespace declarations and its direct children, each with
+/// its place in the text: enough to rebuild the element with other attributes
+/// around the same children, without a DOM (a room's copy of a message).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parts {
+    /// `xmlns` and `xmlns:prefix` declarations on the element's start tag (name,
+    /// value), which the children's raw text may rely on.
+    pub declarations: Vec<(String, String)>,
+    /// Each direct child and the byte range of its text.
+    pub children: Vec<(Child, std::ops::Range<usize>)>,
+}
+
+/// The [`Parts`] of a serialized element that the framer validated (or that we
+/// wrote); on a parse error, what was seen so far.
+pub fn parts(xml: &str) -> Parts {
+    let mut reader = NsReader::from_str(xml);
+    let mut out = Parts::default();
     let mut depth = 0usize;
-    while let Ok((ns, ev)) = reader.read_resolved_event() {
+    loop {
+        let before = reader.buffer_position() as usize;
+        let Ok((ns, ev)) = reader.read_resolved_event() else {
+            break;
+        };
         let ns = match ns {
             quick_xml::name::ResolveResult::Bound(n) => n.0.to_string(),
             // The element's own default namespace comes from the stream (jabber:server).
@@ -37,7 +59,21 @@ pub fn children(el: &Element) -> Vec<Child> {
         let empty = matches!(ev, XEvent::Empty(_));
         match ev {
             XEvent::Start(s) | XEvent::Empty(s) => {
-                if depth == 1 {
+                if depth == 0 {
+                    out.declarations = s
+                        .attributes()
+                        .flatten()
+                        .filter(|a| a.key.as_namespace_binding().is_some())
+                        .map(|a| {
+                            (
+                                a.key.0.to_string(),
+                                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                                    .map(|v| v.into_owned())
+                                    .unwrap_or_default(),
+                            )
+                        })
+                        .collect();
+                } else if depth == 1 {
                     let attrs = s
                         .attributes()
                         .flatten()
@@ -53,35 +89,50 @@ pub fn children(el: &Element) -> Vec<Child> {
                             )
                         })
                         .collect();
-                    out.push(Child {
+                    let child = Child {
                         ns,
                         name: s.local_name().into_inner().to_string(),
                         attrs,
                         ..Child::default()
-                    });
+                    };
+                    let end = if empty {
+                        reader.buffer_position() as usize
+                    } else {
+                        before
+                    };
+                    out.children.push((child, before..end));
                 } else if depth == 2
-                    && let Some(c) = out.last_mut()
+                    && let Some((c, _)) = out.children.last_mut()
                 {
-                    c.children
-                        .push((ns, s.local_name().into_inner().to_string()));
+                    c.children.push((
+                        ns,
+                        s.local_name().into_inner().to_string(),
+                    ));
                 }
                 if !empty {
                     depth += 1;
                 }
             }
-            XEvent::End(_) => depth = depth.saturating_sub(1),
+            XEvent::End(_) => {
+                depth = depth.saturating_sub(1);
+                if depth == 1
+                    && let Some((_, r)) = out.children.last_mut()
+                {
+                    r.end = reader.buffer_position() as usize;
+                }
+            }
             XEvent::Text(t) if depth >= 2 => {
-                if let Some(c) = out.last_mut() {
+                if let Some((c, _)) = out.children.last_mut() {
                     c.text.push_str(&t.xml10_content());
                 }
             }
             XEvent::CData(t) if depth >= 2 => {
-                if let Some(c) = out.last_mut() {
+                if let Some((c, _)) = out.children.last_mut() {
                     c.text.push_str(&t.xml10_content());
                 }
             }
             XEvent::GeneralRef(r) if depth >= 2 => {
-                if let Some(c) = out.last_mut() {
+                if let Some((c, _)) = out.children.last_mut() {
                     push_ref(&mut c.text, r);
                 }
             }
@@ -204,5 +255,35 @@ mod tests {
             c[1].children,
             vec![(crate::xml::NS_TLS.to_string(), "required".to_string())]
         );
+    }
+
+    #[test]
+    fn parts_give_each_child_its_exact_text() {
+        let xml = "<message xmlns:db='jabber:server:dialback' from='a@x' id='1'>\
+                   <body>a &amp; b</body> <db:x/><e:enc xmlns:e='urn:e'><p>1</p></e:enc></message>";
+        let p = parts(xml);
+        assert_eq!(
+            p.declarations,
+            vec![("xmlns:db".to_string(), "jabber:server:dialback".to_string())]
+        );
+        let texts: Vec<&str> = p.children.iter().map(|(_, r)| &xml[r.clone()]).collect();
+        assert_eq!(
+            texts,
+            vec![
+                "<body>a &amp; b</body>",
+                "<db:x/>",
+                "<e:enc xmlns:e='urn:e'><p>1</p></e:enc>"
+            ]
+        );
+        assert_eq!(p.children[0].0.text, "a & b");
+        assert_eq!(p.children[0].0.ns, crate::xml::NS_SERVER);
+        assert_eq!(p.children[1].0.ns, "jabber:server:dialback");
+        assert_eq!(p.children[2].0.ns, "urn:e");
+        assert_eq!(
+            p.children[2].0.children,
+            vec![(crate::xml::NS_SERVER.to_string(), "p".to_string())]
+        );
+        // Split anywhere, a bad tail gives what came before it.
+        assert_eq!(parts("<m><a/><b>").children.len(), 2);
     }
 }
