@@ -21,6 +21,7 @@ use crate::services::accounts::Accounts;
 use crate::services::delivery::Delivery;
 use crate::services::domain::Domain;
 use crate::services::inbox::{self, Inbox, InboxRx, InboxTask};
+use crate::services::rooms::{self, Rooms, RoomsRx, RoomsTask};
 use crate::store::Store;
 
 /// Errors starting the server.
@@ -45,6 +46,8 @@ pub enum StartError {
 
 /// How many stanzas for local accounts may wait to be stored.
 const INBOX_CAPACITY: usize = 16 * 1024;
+/// How many stanzas and calls for rooms may wait.
+const ROOMS_CAPACITY: usize = 16 * 1024;
 
 /// One server instance: its parts, as wired by [`Server::new`].
 #[derive(Debug)]
@@ -61,6 +64,8 @@ pub struct Server {
     pub delivery: Arc<Delivery>,
     /// What peers send to local accounts, waiting to be stored.
     pub inbox: Inbox,
+    /// The rooms (group conversations).
+    pub rooms: Rooms,
     /// Federation policy.
     pub policy: Arc<Policy>,
     /// Counters.
@@ -70,6 +75,7 @@ pub struct Server {
     /// Every task.
     pub tracker: TaskTracker,
     inbox_rx: Mutex<Option<InboxRx>>,
+    rooms_rx: Mutex<Option<RoomsRx>>,
 }
 
 impl Server {
@@ -103,6 +109,10 @@ impl Server {
         for d in &config.domains {
             table.add_host(d, domain.clone(), accounts.clone());
         }
+        let (rooms, rooms_rx) = Rooms::new(ROOMS_CAPACITY);
+        for (service, host) in config.room_services() {
+            table.add_component(&service, &host, Arc::new(rooms.clone()));
+        }
         let outbox = Outbox::new(
             table,
             Arc::new(Link(s2s.clone())),
@@ -118,11 +128,13 @@ impl Server {
             outbox,
             delivery,
             inbox,
+            rooms,
             policy,
             metrics,
             shutdown,
             tracker,
             inbox_rx: Mutex::new(Some(inbox_rx)),
+            rooms_rx: Mutex::new(Some(rooms_rx)),
         }))
     }
 
@@ -131,8 +143,23 @@ impl Server {
         Ok(listen::bind(&self.s2s).await?)
     }
 
-    /// Start the background tasks: the inbox and the delivery sweeper.
+    /// Start the background tasks: the inbox, the rooms and the delivery
+    /// sweeper.
     pub fn spawn_workers(&self) {
+        if let Some(rx) = self
+            .rooms_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let task = RoomsTask {
+                store: self.store.clone(),
+                outbox: self.outbox.clone(),
+                config: self.config.rooms.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            self.tracker.spawn(rooms::run(task, rx));
+        }
         self.delivery.load();
         if let Some(rx) = self
             .inbox_rx

@@ -301,6 +301,85 @@ pub enum EventKind {
         /// Recipient.
         to: String,
     },
+    /// A message in a conversation (room) from an XMPP occupant.
+    GroupMessage {
+        /// The conversation id (the room's localpart).
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The sender as the room shows it (`room@service/nick`).
+        from: String,
+        /// The sender's real bare JID.
+        jid: String,
+        /// The sender's stanza id, if any.
+        id: Option<String>,
+        /// The room's stanza id (XEP-0359), its place in the archive.
+        stanza_id: String,
+        /// Body text, if any.
+        body: Option<String>,
+        /// The room's copy of the stanza (extensions and E2EE payloads as sent).
+        xml: String,
+    },
+    /// An XMPP user joined a conversation's room.
+    MemberJoined {
+        /// The conversation id.
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The occupant's real full JID.
+        jid: String,
+        /// Its nick.
+        nick: String,
+    },
+    /// An XMPP user left a conversation's room (or was removed).
+    MemberLeft {
+        /// The conversation id.
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The occupant's real full JID.
+        jid: String,
+        /// Its nick.
+        nick: String,
+        /// `left`, `kicked`, `banned`, `removed` (membership lost), `gone`
+        /// (its server said it is unreachable).
+        reason: String,
+    },
+    /// An occupant changed its nick.
+    NickChanged {
+        /// The conversation id.
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The occupant's real full JID.
+        jid: String,
+        /// The old nick.
+        old: String,
+        /// The new nick.
+        new: String,
+    },
+    /// An occupant changed the subject (topic).
+    SubjectChanged {
+        /// The conversation id.
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The new subject (empty: none).
+        subject: String,
+        /// Who set it (real bare JID).
+        by: String,
+    },
+    /// An invitee declined an invitation to a conversation.
+    InviteDeclined {
+        /// The conversation id.
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// Who declined (bare JID).
+        from: String,
+        /// Its reason, if given.
+        reason: Option<String>,
+    },
 }
 
 const T_META: u8 = b'm';

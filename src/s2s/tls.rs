@@ -50,7 +50,9 @@ pub enum TlsError {
     #[error("TLS: {0}")]
     Rustls(#[from] rustls::Error),
     /// A hosted domain has no certificate.
-    #[error("no certificate covers `{0}` (a hosted domain or room service; set rooms.subdomain = \"\" to run without rooms)")]
+    #[error(
+        "no certificate covers `{0}` (a hosted domain or room service; set rooms.subdomain = \"\" to run without rooms)"
+    )]
     NoCertificate(String),
     /// Certificate generation failed.
     #[error("generating a development certificate: {0}")]

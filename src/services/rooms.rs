@@ -1,8 +1,1206 @@
 //! Rooms: the backend's group conversations as MUC rooms (XEP-0045) on
-//! `conference.<domain>`.
+//! `conference.<domain>`, one room per conversation
+//! (`<conversation-id>@conference.<domain>`).
 //!
 //! - [`state`]: one room's occupants and the rules of joining, leaving and
 //!   speaking, sans-IO;
 //! - [`mam`]: queries of a room's archive (XEP-0313 over XEP-0059 paging).
+//!
+//! [`Rooms`] is the service of every room service domain. It hands stanzas (and
+//! the backend's calls) to one task, [`run`], which owns every live room: it
+//! takes a batch, applies it to the rooms, commits what the batch changed
+//! (archive, members, subject, events) in one transaction, and only then sends
+//! what the batch produced, so nothing is fanned out that is not archived and
+//! every room sees its stanzas in the order they came.
+//!
+//! Rooms are loaded from the store on first use and stay in memory; occupants
+//! (XMPP sessions) live only in memory.
 
 pub mod mam;
+pub mod state;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use minidom::Element;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
+use xmpp_parsers::disco::{DiscoItemsResult, Item};
+
+use crate::address::Addr;
+use crate::config::RoomsConfig;
+use crate::routing::{Identity, Outbox, Service};
+use crate::stanza::{Kind, Stanza, StanzaCondition};
+use crate::store::rooms::{Affiliation, ArchiveSpan, Archived, Member, Room};
+use crate::store::{Store, StoreError, Writes, now_ms};
+use crate::xml::writer::escape;
+
+use super::{NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, dom, xml};
+use state::{
+    Cx, NS_MUC, NS_MUC_ADMIN, NS_MUC_OWNER, NS_MUC_USER, NS_OCCUPANT_ID, NS_SID, RoomState, built,
+    room_error,
+};
+
+/// XEP-0313.
+pub const NS_MAM: &str = "urn:xmpp:mam:2";
+/// XEP-0410.
+pub const NS_SELF_PING: &str = "http://jabber.org/protocol/muc#self-ping-optimization";
+
+/// Most stanzas and calls in one batch (one transaction).
+const MAX_BATCH: usize = 512;
+/// Most archive results in one MAM page.
+const MAM_PAGE: usize = 50;
+
+/// A member as the backend gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMember {
+    /// Bare JID (a local user's or a remote one).
+    pub jid: String,
+    /// The local user's id, for a backend user.
+    pub user_id: Option<String>,
+    /// Its affiliation.
+    pub affiliation: Affiliation,
+    /// Its preferred nick (a local user's handle, a remote JID's localpart).
+    pub nick: String,
+}
+
+/// What the backend asks of the rooms.
+#[derive(Debug)]
+pub enum Call {
+    /// Create a room, or update its name and settings; `members`, when given,
+    /// become exactly its members (added ones invited, missing ones removed).
+    Put {
+        /// The room service.
+        service: String,
+        /// The conversation id.
+        id: String,
+        /// Its name.
+        name: String,
+        /// Listed in disco#items.
+        public: bool,
+        /// Only members may join.
+        members_only: bool,
+        /// The members, if they are to be set.
+        members: Option<Vec<NewMember>>,
+    },
+    /// Set the subject as a backend member (or the room when `by` is `None`).
+    Subject {
+        /// The room service.
+        service: String,
+        /// The conversation id.
+        id: String,
+        /// The backend user's id.
+        by: Option<String>,
+        /// The subject.
+        subject: String,
+    },
+    /// Add or change one member.
+    AddMember {
+        /// The room service.
+        service: String,
+        /// The conversation id.
+        id: String,
+        /// The member.
+        member: NewMember,
+    },
+    /// Remove one member (kicked if present).
+    RemoveMember {
+        /// The room service.
+        service: String,
+        /// The conversation id.
+        id: String,
+        /// Its bare JID.
+        jid: String,
+    },
+    /// A backend member's message into the room.
+    Post {
+        /// The room service.
+        service: String,
+        /// The conversation id.
+        id: String,
+        /// The member's bare JID.
+        from: String,
+        /// The stanza id.
+        message_id: String,
+        /// The message's children (body, extensions), serialized.
+        inner: String,
+        /// The body, for the event.
+        body: Option<String>,
+    },
+    /// A room with its members and who is present.
+    Get {
+        /// The room service.
+        service: String,
+        /// The conversation id.
+        id: String,
+    },
+    /// Delete a room (its occupants are told it is gone).
+    Delete {
+        /// The room service.
+        service: String,
+        /// The conversation id.
+        id: String,
+    },
+}
+
+/// A room as the backend reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// The room.
+    pub room: Room,
+    /// Members, with the full JIDs present in the room for each.
+    pub members: Vec<(Member, Vec<String>)>,
+    /// Occupants who are not members (open rooms), by (nick, full JID).
+    pub guests: Vec<(String, String)>,
+}
+
+/// What a call gives back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The room (created or not, and how it is now).
+    Room {
+        /// Whether the call created it.
+        created: bool,
+        /// It.
+        view: View,
+    },
+    /// The message as archived.
+    Posted(Archived),
+    /// Done.
+    Done,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// No such room.
+    #[error("no such conversation")]
+    NotFound,
+    /// The call does not fit the room.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// Shutting down.
+    #[error("shutting down")]
+    Closed,
+}
+
+impl From<StoreError> for CallError {
+    fn from(e: StoreError) -> Self {
+        CallError::Store(e.to_string())
+    }
+}
+
+type Answer = oneshot::Sender<Result<Reply, CallError>>;
+
+enum Command {
+    Stanza(Stanza),
+    Call(Call, Answer),
+}
+
+/// The service of every room service domain (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Rooms {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Stanza(s) => f.debug_tuple("Stanza").field(&s.as_str()).finish(),
+            Command::Call(c, _) => f.debug_tuple("Call").field(c).finish(),
+        }
+    }
+}
+
+/// The receiving side, for [`run`].
+#[derive(Debug)]
+pub struct RoomsRx(mpsc::Receiver<Command>);
+
+impl Rooms {
+    /// The service and its queue of up to `capacity` stanzas and calls.
+    pub fn new(capacity: usize) -> (Rooms, RoomsRx) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Rooms { tx }, RoomsRx(rx))
+    }
+
+    /// Ask the rooms task.
+    pub async fn call(&self, call: Call) -> Result<Reply, CallError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Call(call, tx))
+            .await
+            .map_err(|_| CallError::Closed)?;
+        rx.await.map_err(|_| CallError::Closed)?
+    }
+}
+
+impl Service for Rooms {
+    fn handle(&self, stanza: Stanza, outbox: &Outbox) {
+        if let Err(e) = self.tx.try_send(Command::Stanza(stanza)) {
+            let (mpsc::error::TrySendError::Full(Command::Stanza(s))
+            | mpsc::error::TrySendError::Closed(Command::Stanza(s))) = e
+            else {
+                return;
+            };
+            outbox.bounce(
+                &s,
+                StanzaCondition::ResourceConstraint,
+                "the rooms are busy: try again",
+            );
+        }
+    }
+
+    fn identity(&self) -> Identity {
+        Identity {
+            category: "conference",
+            type_: "text",
+            name: "Conversations".into(),
+        }
+    }
+
+    fn features(&self) -> Vec<&'static str> {
+        vec![NS_MUC, NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING]
+    }
+}
+
+/// What the rooms task needs.
+#[derive(Debug)]
+pub struct RoomsTask {
+    /// The store.
+    pub store: Arc<Store>,
+    /// Where stanzas go.
+    pub outbox: Outbox,
+    /// Settings.
+    pub config: RoomsConfig,
+    /// Stops it (after the batch at hand).
+    pub shutdown: CancellationToken,
+}
+
+/// The live rooms.
+struct Live {
+    task: RoomsTask,
+    rooms: HashMap<(String, String), RoomState>,
+}
+
+/// Run the rooms until shutdown.
+pub async fn run(task: RoomsTask, rx: RoomsRx) {
+    let RoomsRx(mut rx) = rx;
+    let mut live = Live {
+        task,
+        rooms: HashMap::new(),
+    };
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let n = tokio::select! {
+            biased;
+            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+            _ = live.task.shutdown.cancelled() => return,
+        };
+        if n == 0 {
+            return;
+        }
+        live.batch(std::mem::take(&mut batch)).await;
+    }
+}
+
+impl Live {
+    async fn batch(&mut self, batch: Vec<Command>) {
+        let mut writes = Writes::default();
+        let mut out = Vec::new();
+        let mut answers = Vec::new();
+        let mut archived_from = Vec::new();
+        let config = self.task.config.clone();
+        for command in batch {
+            let mut cx = Cx {
+                now_ms: now_ms(),
+                writes: &mut writes,
+                out: &mut out,
+                config: &config,
+            };
+            match command {
+                Command::Stanza(s) => {
+                    let messages = s.kind == Kind::Message;
+                    self.stanza(&s, &mut cx);
+                    if messages {
+                        archived_from.push(s);
+                    }
+                }
+                Command::Call(call, answer) => {
+                    let r = self.call(call, &mut cx).await;
+                    answers.push((answer, r));
+                }
+            }
+        }
+        if !writes.is_empty()
+            && let Err(e) = self.task.store.commit(writes).await
+        {
+            // Nothing of the batch goes out: its messages were not archived.
+            // The rooms are read again from the store (their occupants are
+            // lost: their clients find out by self-ping, XEP-0410).
+            tracing::error!(error = %e, "storing a batch of room changes");
+            self.rooms.clear();
+            for s in &archived_from {
+                self.task.outbox.bounce(
+                    s,
+                    StanzaCondition::InternalServerError,
+                    "the message could not be stored",
+                );
+            }
+            for (answer, _) in answers {
+                let _ = answer.send(Err(CallError::Store(e.to_string())));
+            }
+            return;
+        }
+        for s in out {
+            self.task.outbox.send(s);
+        }
+        for (answer, r) in answers {
+            let _ = answer.send(r);
+        }
+    }
+
+    /// The live room, loaded from the store on first use.
+    fn room(&mut self, service: &str, id: &str) -> Result<Option<&mut RoomState>, StoreError> {
+        let key = (service.to_string(), id.to_string());
+        if !self.rooms.contains_key(&key) {
+            let store = &self.task.store;
+            let Some(room) = store.room(service, id)? else {
+                return Ok(None);
+            };
+            let members = store.members(service, id)?;
+            let last = store.archive_last(service, id)?;
+            let mut recent = store.archived(
+                service,
+                id,
+                ArchiveSpan {
+                    from: 1,
+                    to: last,
+                    limit: self.task.config.history_max,
+                    newest_first: true,
+                },
+            )?;
+            recent.reverse();
+            self.rooms
+                .insert(key.clone(), RoomState::new(room, members, last, recent));
+        }
+        Ok(self.rooms.get_mut(&key))
+    }
+
+    fn stanza(&mut self, s: &Stanza, cx: &mut Cx<'_>) {
+        let Some(to) = s.to.clone() else { return };
+        let service = to.domain().to_ascii_lowercase();
+        let Some(local) = to.local() else {
+            return self.service_stanza(s, &service, cx);
+        };
+        let id = local.to_lowercase();
+        let store = self.task.store.clone();
+        let room = match self.room(&service, &id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "reading a room");
+                cx.out.extend(room_error(
+                    s,
+                    StanzaCondition::InternalServerError,
+                    "wait",
+                    to.bare(),
+                    "the room could not be read",
+                    false,
+                ));
+                return;
+            }
+        };
+        let Some(room) = room else {
+            let join = s.kind == Kind::Presence && s.type_.is_none();
+            if s.kind == Kind::Presence && !join {
+                return;
+            }
+            cx.out.extend(room_error(
+                s,
+                StanzaCondition::ItemNotFound,
+                "cancel",
+                &service,
+                "no such conversation",
+                join,
+            ));
+            return;
+        };
+        match (to.resource(), s.kind) {
+            (Some(nick), Kind::Presence) => room.presence(s, nick, cx),
+            (Some(nick), _) => room.to_occupant(s, nick, cx),
+            (None, Kind::Message) => message_to_room(room, s, cx),
+            (None, Kind::Iq) => room_iq(room, &store, s, cx),
+            (None, Kind::Presence) => {
+                if s.type_.is_none() {
+                    cx.out.extend(room_error(
+                        s,
+                        StanzaCondition::JidMalformed,
+                        "modify",
+                        to.bare(),
+                        "join with a nick: room@service/nick",
+                        true,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A stanza to the service domain itself.
+    fn service_stanza(&mut self, s: &Stanza, service: &str, cx: &mut Cx<'_>) {
+        if s.kind != Kind::Iq {
+            return;
+        }
+        match s.type_.as_deref() {
+            Some("result" | "error") => {
+                if let Some(s) = self.task.outbox.answer(s.clone()) {
+                    tracing::debug!(stanza = s.as_str(), "iq answer nobody waits for");
+                }
+                return;
+            }
+            Some("get") => {}
+            _ => return unsupported(s, cx),
+        }
+        let payload = s.payload.as_ref().map(|(n, l)| (n.as_ref(), l.as_ref()));
+        match payload {
+            Some((NS_DISCO_INFO, "query")) => {
+                let service_identity = Identity {
+                    category: "conference",
+                    type_: "text",
+                    name: "Conversations".into(),
+                };
+                let info = super::disco_info(
+                    &service_identity,
+                    &[NS_MUC, NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING],
+                );
+                result(s, &info, cx);
+            }
+            Some((NS_DISCO_ITEMS, "query")) => {
+                let rooms = match self.task.store.rooms(service) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "listing rooms");
+                        Vec::new()
+                    }
+                };
+                let items = rooms
+                    .into_iter()
+                    .filter(|r| r.public)
+                    .filter_map(|r| {
+                        Some(Item {
+                            jid: r.jid().parse().ok()?,
+                            node: None,
+                            name: (!r.name.is_empty()).then(|| r.name.clone()),
+                        })
+                    })
+                    .collect();
+                result(
+                    s,
+                    &DiscoItemsResult {
+                        node: None,
+                        items,
+                        rsm: None,
+                    },
+                    cx,
+                );
+            }
+            Some((NS_PING, "ping")) => cx.out.push(Stanza::iq_result(s, "")),
+            _ => unsupported(s, cx),
+        }
+    }
+
+    async fn call(&mut self, call: Call, cx: &mut Cx<'_>) -> Result<Reply, CallError> {
+        match call {
+            Call::Put {
+                service,
+                id,
+                name,
+                public,
+                members_only,
+                members,
+            } => {
+                let created = self.room(&service, &id)?.is_none();
+                if created {
+                    let room = Room {
+                        service: service.clone(),
+                        id: id.clone(),
+                        name: name.clone(),
+                        subject: String::new(),
+                        subject_by: None,
+                        subject_at_ms: 0,
+                        members_only,
+                        public,
+                        created_ms: cx.now_ms,
+                    };
+                    cx.writes.put_room(&room);
+                    self.rooms.insert(
+                        (service.clone(), id.clone()),
+                        RoomState::new(room, Vec::new(), 0, Vec::new()),
+                    );
+                }
+                let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
+                if r.room.name != name
+                    || r.room.public != public
+                    || r.room.members_only != members_only
+                {
+                    r.room.name = name;
+                    r.room.public = public;
+                    r.room.members_only = members_only;
+                    cx.writes.put_room(&r.room);
+                }
+                if let Some(members) = members {
+                    let wanted: std::collections::HashSet<&str> =
+                        members.iter().map(|m| m.jid.as_str()).collect();
+                    let gone: Vec<String> = r
+                        .members
+                        .keys()
+                        .filter(|j| !wanted.contains(j.as_str()))
+                        .cloned()
+                        .collect();
+                    for j in gone {
+                        r.remove_member(&j, cx);
+                    }
+                    for m in members {
+                        add_member(r, m, cx);
+                    }
+                }
+                Ok(Reply::Room {
+                    created,
+                    view: view(r),
+                })
+            }
+            Call::Subject {
+                service,
+                id,
+                by,
+                subject,
+            } => {
+                let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
+                match by {
+                    Some(user_id) => {
+                        let m = r
+                            .members
+                            .values()
+                            .find(|m| m.user_id.as_deref() == Some(&user_id))
+                            .cloned()
+                            .ok_or_else(|| {
+                                CallError::Invalid(format!("user {user_id} is not a member"))
+                            })?;
+                        r.set_subject(&m.nick, &m.jid, &subject, cx);
+                    }
+                    None => {
+                        let jid = r.jid();
+                        r.room.subject_by = None;
+                        r.set_subject_by_room(&subject, &jid, cx);
+                    }
+                }
+                Ok(Reply::Room {
+                    created: false,
+                    view: view(r),
+                })
+            }
+            Call::AddMember {
+                service,
+                id,
+                member,
+            } => {
+                let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
+                add_member(r, member, cx);
+                Ok(Reply::Room {
+                    created: false,
+                    view: view(r),
+                })
+            }
+            Call::RemoveMember { service, id, jid } => {
+                let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
+                if !r.remove_member(&jid, cx) {
+                    return Err(CallError::Invalid(format!("{jid} is not a member")));
+                }
+                Ok(Reply::Room {
+                    created: false,
+                    view: view(r),
+                })
+            }
+            Call::Post {
+                service,
+                id,
+                from,
+                message_id,
+                inner,
+                body,
+            } => {
+                let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
+                let m = r
+                    .members
+                    .get(&from)
+                    .filter(|m| m.user_id.is_some() && m.affiliation >= Affiliation::Member)
+                    .cloned()
+                    .ok_or_else(|| CallError::Invalid(format!("{from} is not a member")))?;
+                r.post(&m, &message_id, &inner, body, cx)
+                    .map(Reply::Posted)
+                    .ok_or_else(|| CallError::Invalid(format!("{from} is not in the room")))
+            }
+            Call::Get { service, id } => {
+                let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
+                Ok(Reply::Room {
+                    created: false,
+                    view: view(r),
+                })
+            }
+            Call::Delete { service, id } => {
+                // Loaded first, so that live occupants are told.
+                let Some(mut r) = self
+                    .room(&service, &id)?
+                    .is_some()
+                    .then(|| self.rooms.remove(&(service.clone(), id.clone())))
+                    .flatten()
+                else {
+                    return Err(CallError::NotFound);
+                };
+                r.destroy(cx);
+                self.task.store.delete_room(&r.room, Vec::new()).await?;
+                Ok(Reply::Done)
+            }
+        }
+    }
+}
+
+/// Add or change a member from the backend: a new remote member gets a
+/// mediated invitation (XEP-0045 §7.8.2) from the room.
+fn add_member(r: &mut RoomState, m: NewMember, cx: &mut Cx<'_>) {
+    let existing = r.members.get(&m.jid).cloned();
+    let nick = match &existing {
+        Some(e) => e.nick.clone(),
+        None => free_nick(r, &m.nick, &m.jid),
+    };
+    let member = Member {
+        jid: m.jid.clone(),
+        affiliation: m.affiliation,
+        nick,
+        user_id: m.user_id.clone(),
+    };
+    if existing.as_ref() == Some(&member) {
+        return;
+    }
+    let invite = existing.is_none() && m.user_id.is_none() && m.affiliation >= Affiliation::Member;
+    r.put_member(member, cx);
+    if invite {
+        let room = r.jid();
+        let xml = format!(
+            "<message from='{}' to='{}'><x xmlns='{NS_MUC_USER}'><invite from='{}'><reason>{}</reason></invite></x>\
+             <x xmlns='jabber:x:conference' jid='{}'/></message>",
+            escape(&room),
+            escape(&m.jid),
+            escape(&room),
+            escape(&format!("You are a member of {}", r.room.name)),
+            escape(&room),
+        );
+        cx.out
+            .push(built(Kind::Message, xml, &room, &m.jid, None, None));
+    }
+}
+
+/// A nick for a new member: its own, else with its domain (`alice
+/// (prosody.test)`), else numbered; decided once (stored with the member).
+pub fn free_nick(r: &RoomState, wanted: &str, jid: &str) -> String {
+    let wanted = if wanted.trim().is_empty() {
+        Addr::trusted(jid).local().unwrap_or(jid).to_string()
+    } else {
+        wanted.to_string()
+    };
+    if r.nick_free(&wanted, jid) {
+        return wanted;
+    }
+    let domain = Addr::trusted(jid).domain().to_string();
+    let with_domain = format!("{wanted} ({domain})");
+    if r.nick_free(&with_domain, jid) {
+        return with_domain;
+    }
+    (2..)
+        .map(|n| format!("{wanted} ({domain}) {n}"))
+        .find(|n| r.nick_free(n, jid))
+        .unwrap_or(with_domain)
+}
+
+fn view(r: &RoomState) -> View {
+    let mut present: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut guests = Vec::new();
+    for o in r.occupants() {
+        if r.members.contains_key(&o.bare) {
+            present
+                .entry(o.bare.as_str())
+                .or_default()
+                .extend(o.sessions.iter().map(|s| s.full.clone()));
+        } else {
+            guests.extend(o.sessions.iter().map(|s| (o.nick.clone(), s.full.clone())));
+        }
+    }
+    let mut members: Vec<(Member, Vec<String>)> = r
+        .members
+        .values()
+        .map(|m| {
+            (
+                m.clone(),
+                present.remove(m.jid.as_str()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    members.sort_by(|a, b| a.0.jid.cmp(&b.0.jid));
+    View {
+        room: r.room.clone(),
+        members,
+        guests,
+    }
+}
+
+fn unsupported(s: &Stanza, cx: &mut Cx<'_>) {
+    if let Some(e) = s.error_reply(StanzaCondition::ServiceUnavailable, Some("not supported")) {
+        cx.out.push(e);
+    }
+}
+
+fn result(s: &Stanza, payload: &impl xso::AsXml, cx: &mut Cx<'_>) {
+    match xml(payload) {
+        Ok(p) => cx.out.push(Stanza::iq_result(s, &p)),
+        Err(e) => {
+            tracing::warn!(error = %e, "answer cannot be written as XML");
+            cx.out.extend(s.error_reply(
+                StanzaCondition::InternalServerError,
+                Some("answer cannot be written as XML"),
+            ));
+        }
+    }
+}
+
+/// A message to the room's bare JID: groupchat, or an invitation / decline.
+fn message_to_room(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
+    match s.type_.as_deref() {
+        Some("groupchat") => r.groupchat(s, cx),
+        Some("error") => {
+            // An occupant's server refusing our copy: that session is gone.
+            if let Some(from) = s.from.as_ref() {
+                tracing::debug!(from = from.as_str(), "error from an occupant's server");
+            }
+        }
+        _ => invitation(r, s, cx),
+    }
+}
+
+/// XEP-0045 §7.8.2 (invite) and §7.8.3... (decline) through the room.
+fn invitation(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
+    let Some(el) = dom(s) else { return };
+    let Some(x) = el.get_child("x", NS_MUC_USER) else {
+        cx.out.extend(room_error(
+            s,
+            StanzaCondition::BadRequest,
+            "modify",
+            &r.jid(),
+            "messages to the room are groupchat messages, invitations or declines",
+            false,
+        ));
+        return;
+    };
+    let from = s
+        .from
+        .as_ref()
+        .map(|f| f.bare().to_string())
+        .unwrap_or_default();
+    let room = r.jid();
+    let reason = |e: &Element| {
+        e.get_child("reason", NS_MUC_USER)
+            .map(|r| r.text())
+            .unwrap_or_default()
+    };
+    if let Some(invite) = x.get_child("invite", NS_MUC_USER) {
+        let Some(to) = invite.attr("to").and_then(|t| Addr::parse(t).ok()) else {
+            cx.out.extend(room_error(
+                s,
+                StanzaCondition::JidMalformed,
+                "modify",
+                &room,
+                "an invitation needs a valid 'to'",
+                false,
+            ));
+            return;
+        };
+        let inviter = r.affiliation(&from);
+        if r.occupant_of(s.from.as_deref().unwrap_or("")).is_none() && inviter < Affiliation::Member
+        {
+            cx.out.extend(room_error(
+                s,
+                StanzaCondition::Forbidden,
+                "auth",
+                &room,
+                "only members may invite",
+                false,
+            ));
+            return;
+        }
+        let invitee = to.bare().to_string();
+        if r.room.members_only
+            && inviter >= Affiliation::Admin
+            && r.affiliation(&invitee) < Affiliation::Member
+        {
+            let nick = Addr::trusted(invitee.as_str())
+                .local()
+                .unwrap_or("")
+                .to_string();
+            add_member(
+                r,
+                NewMember {
+                    jid: invitee.clone(),
+                    user_id: None,
+                    affiliation: Affiliation::Member,
+                    nick,
+                },
+                cx,
+            );
+            return;
+        }
+        let xml = format!(
+            "<message from='{}' to='{}'><x xmlns='{NS_MUC_USER}'><invite from='{}'><reason>{}</reason></invite></x></message>",
+            escape(&room),
+            escape(to.as_str()),
+            escape(&from),
+            escape(&reason(invite)),
+        );
+        cx.out
+            .push(built(Kind::Message, xml, &room, to.as_str(), None, None));
+    } else if let Some(decline) = x.get_child("decline", NS_MUC_USER) {
+        let why = reason(decline);
+        if let Some(to) = decline.attr("to").and_then(|t| Addr::parse(t).ok()) {
+            let xml = format!(
+                "<message from='{}' to='{}'><x xmlns='{NS_MUC_USER}'><decline from='{}'><reason>{}</reason></decline></x></message>",
+                escape(&room),
+                escape(to.as_str()),
+                escape(&from),
+                escape(&why),
+            );
+            cx.out
+                .push(built(Kind::Message, xml, &room, to.as_str(), None, None));
+        }
+        cx.writes.event(&crate::store::EventKind::InviteDeclined {
+            conversation: r.room.id.clone(),
+            room,
+            from,
+            reason: (!why.is_empty()).then_some(why),
+        });
+    }
+}
+
+/// The room's features (disco#info).
+fn room_features(r: &RoomState) -> Vec<&'static str> {
+    let room = &r.room;
+    vec![
+        NS_MUC,
+        "http://jabber.org/protocol/muc#stable_id",
+        NS_SELF_PING,
+        "muc_persistent",
+        if room.members_only {
+            "muc_membersonly"
+        } else {
+            "muc_open"
+        },
+        "muc_nonanonymous",
+        if room.public {
+            "muc_public"
+        } else {
+            "muc_hidden"
+        },
+        "muc_unmoderated",
+        "muc_unsecured",
+        NS_MAM,
+        NS_SID,
+        NS_OCCUPANT_ID,
+        NS_DISCO_INFO,
+    ]
+}
+
+fn roominfo(r: &RoomState) -> DataForm {
+    let text = |var: &str, value: String| Field {
+        var: Some(var.to_string()),
+        type_: FieldType::TextSingle,
+        label: None,
+        required: false,
+        desc: None,
+        options: Vec::new(),
+        values: vec![value],
+        media: Vec::new(),
+        validate: None,
+    };
+    let occupants = r.occupants().count();
+    DataForm::new(
+        DataFormType::Result_,
+        "http://jabber.org/protocol/muc#roominfo",
+        vec![
+            text("muc#roomconfig_roomname", r.room.name.clone()),
+            text("muc#roominfo_occupants", occupants.to_string()),
+            text("muc#roominfo_subject", r.room.subject.clone()),
+            Field {
+                type_: FieldType::Boolean,
+                ..text("muc#roomconfig_changesubject", "1".into())
+            },
+        ],
+    )
+}
+
+/// An iq to the room's bare JID.
+fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
+    let room = r.jid();
+    let requester = s
+        .from
+        .as_ref()
+        .map(|f| f.bare().to_string())
+        .unwrap_or_default();
+    let member = r.affiliation(&requester) >= Affiliation::Member
+        || r.occupant_of(s.from.as_deref().unwrap_or("")).is_some();
+    let payload = s.payload.as_ref().map(|(n, l)| (n.as_ref(), l.as_ref()));
+    let deny = |cx: &mut Cx<'_>, condition, type_, text| {
+        cx.out
+            .extend(room_error(s, condition, type_, &room, text, false));
+    };
+    match (s.type_.as_deref(), payload) {
+        (Some("result" | "error"), _) => {}
+        (Some("get"), Some((NS_DISCO_INFO, "query"))) => {
+            let mut info = super::disco_info(
+                &Identity {
+                    category: "conference",
+                    type_: "text",
+                    name: r.room.name.clone(),
+                },
+                &room_features(r),
+            );
+            info.extensions.push(roominfo(r));
+            result(s, &info, cx);
+        }
+        (Some("get"), Some((NS_DISCO_ITEMS, "query"))) => result(
+            s,
+            &DiscoItemsResult {
+                node: None,
+                items: Vec::new(),
+                rsm: None,
+            },
+            cx,
+        ),
+        (Some("get"), Some((NS_PING, "ping"))) => cx.out.push(Stanza::iq_result(s, "")),
+        (Some("get"), Some((NS_MUC_ADMIN, "query"))) => {
+            if !member {
+                return deny(
+                    cx,
+                    StanzaCondition::Forbidden,
+                    "auth",
+                    "only members may read the lists",
+                );
+            }
+            admin_get(r, s, cx);
+        }
+        (Some("set"), Some((NS_MUC_ADMIN, "query"))) => admin_set(r, s, cx),
+        (_, Some((NS_MUC_OWNER, "query"))) => {
+            if r.affiliation(&requester) < Affiliation::Owner {
+                return deny(
+                    cx,
+                    StanzaCondition::Forbidden,
+                    "auth",
+                    "only owners configure a room",
+                );
+            }
+            deny(
+                cx,
+                StanzaCondition::NotAllowed,
+                "cancel",
+                "this conversation's settings are managed by its backend",
+            )
+        }
+        (_, Some((NS_MAM, "query"))) => {
+            if !member {
+                return deny(
+                    cx,
+                    StanzaCondition::Forbidden,
+                    "auth",
+                    "only members may read the archive",
+                );
+            }
+            mam_query(r, store, s, cx);
+        }
+        _ => unsupported(s, cx),
+    }
+}
+
+fn mam_query(r: &RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
+    if s.type_.as_deref() == Some("get") {
+        return cx.out.push(mam::fields(s));
+    }
+    let answer = mam::parse(s).and_then(|q| mam::answer(store, &r.room, s, &q, MAM_PAGE));
+    match answer {
+        Ok(stanzas) => cx.out.extend(stanzas),
+        Err((condition, text)) => cx.out.extend(room_error(
+            s,
+            condition,
+            condition.error_type().as_str(),
+            &r.jid(),
+            text,
+            false,
+        )),
+    }
+}
+
+/// muc#admin lists (XEP-0045 §9.5, §8.5): by affiliation or role.
+fn admin_get(r: &RoomState, s: &Stanza, cx: &mut Cx<'_>) {
+    let Some(el) = dom(s) else { return };
+    let Some(q) = el.get_child("query", NS_MUC_ADMIN) else {
+        return;
+    };
+    let mut items = String::new();
+    for item in q.children().filter(|c| c.is("item", NS_MUC_ADMIN)) {
+        if let Some(a) = item.attr("affiliation") {
+            let Some(a) = Affiliation::parse(a) else {
+                return cx.out.extend(room_error(
+                    s,
+                    StanzaCondition::BadRequest,
+                    "modify",
+                    &r.jid(),
+                    "unknown affiliation",
+                    false,
+                ));
+            };
+            let mut ms: Vec<&Member> = r.members.values().filter(|m| m.affiliation == a).collect();
+            ms.sort_by(|x, y| x.jid.cmp(&y.jid));
+            for m in ms {
+                items.push_str(&format!(
+                    "<item affiliation='{}' jid='{}' nick='{}'/>",
+                    a.as_str(),
+                    escape(&m.jid),
+                    escape(&m.nick)
+                ));
+            }
+        } else if let Some(role) = item.attr("role") {
+            for o in r.occupants() {
+                let a = r.affiliation(&o.bare);
+                let orole = if a >= Affiliation::Admin {
+                    "moderator"
+                } else {
+                    "participant"
+                };
+                if orole == role {
+                    items.push_str(&format!(
+                        "<item affiliation='{}' role='{orole}' jid='{}' nick='{}'/>",
+                        a.as_str(),
+                        escape(&o.bare),
+                        escape(&o.nick)
+                    ));
+                }
+            }
+        }
+    }
+    cx.out.push(Stanza::iq_result(
+        s,
+        &format!("<query xmlns='{NS_MUC_ADMIN}'>{items}</query>"),
+    ));
+}
+
+/// muc#admin changes: kick (role none), ban (outcast), affiliation changes.
+fn admin_set(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
+    let room = r.jid();
+    let actor_bare = s
+        .from
+        .as_ref()
+        .map(|f| f.bare().to_string())
+        .unwrap_or_default();
+    let actor = r.affiliation(&actor_bare);
+    let Some(el) = dom(s) else { return };
+    let Some(q) = el.get_child("query", NS_MUC_ADMIN) else {
+        return;
+    };
+    if actor < Affiliation::Admin {
+        cx.out.extend(room_error(
+            s,
+            StanzaCondition::Forbidden,
+            "auth",
+            &room,
+            "only admins and owners may do this",
+            false,
+        ));
+        return;
+    }
+    for item in q.children().filter(|c| c.is("item", NS_MUC_ADMIN)) {
+        if item.attr("role") == Some("none") {
+            let Some(nick) = item.attr("nick") else {
+                continue;
+            };
+            let Some(target) = r.occupants().find(|o| o.nick == nick).cloned() else {
+                cx.out.extend(room_error(
+                    s,
+                    StanzaCondition::ItemNotFound,
+                    "cancel",
+                    &room,
+                    "no occupant has that nick",
+                    false,
+                ));
+                return;
+            };
+            if r.affiliation(&target.bare) >= actor && actor != Affiliation::Owner {
+                cx.out.extend(room_error(
+                    s,
+                    StanzaCondition::NotAllowed,
+                    "cancel",
+                    &room,
+                    "you cannot kick someone of your rank",
+                    false,
+                ));
+                return;
+            }
+            r.remove_occupant(&target.bare, 307, "kicked", cx);
+        } else if let Some(a) = item.attr("affiliation") {
+            let Some(a) = Affiliation::parse(a) else {
+                continue;
+            };
+            let Some(jid) = item.attr("jid").and_then(|j| Addr::parse(j).ok()) else {
+                cx.out.extend(room_error(
+                    s,
+                    StanzaCondition::BadRequest,
+                    "modify",
+                    &room,
+                    "an affiliation change needs a jid",
+                    false,
+                ));
+                return;
+            };
+            let bare = jid.bare().to_string();
+            let old = r.affiliation(&bare);
+            if (old >= Affiliation::Admin || a >= Affiliation::Admin) && actor != Affiliation::Owner
+            {
+                cx.out.extend(room_error(
+                    s,
+                    StanzaCondition::NotAllowed,
+                    "cancel",
+                    &room,
+                    "only owners change admins and owners",
+                    false,
+                ));
+                return;
+            }
+            if a == Affiliation::None {
+                r.remove_member(&bare, cx);
+            } else {
+                let existing = r.members.get(&bare).cloned();
+                let nick = existing
+                    .as_ref()
+                    .map(|m| m.nick.clone())
+                    .unwrap_or_else(|| free_nick(r, jid.local().unwrap_or(""), &bare));
+                r.put_member(
+                    Member {
+                        jid: bare,
+                        affiliation: a,
+                        nick,
+                        user_id: existing.and_then(|m| m.user_id),
+                    },
+                    cx,
+                );
+            }
+        }
+    }
+    cx.out.push(Stanza::iq_result(s, ""));
+}

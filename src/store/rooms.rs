@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Op, StoreError, Store, Writes, json, key, parse};
+use super::{Op, Store, StoreError, Writes, json, key, parse};
 
 const T_ROOM: u8 = b'R';
 const T_MEMBER: u8 = b'M';
@@ -21,7 +21,17 @@ const T_ARCHIVE: u8 = b'A';
 
 /// A member's standing in a room (XEP-0045 §5.2).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Affiliation {
@@ -185,7 +195,8 @@ fn span(tree: u8, service: &str, id: &str) -> (Vec<u8>, Vec<u8>) {
 
 fn encode_archived(a: &Archived) -> Vec<u8> {
     let fields = [&a.stanza_id, &a.nick, &a.jid];
-    let mut v = Vec::with_capacity(8 + fields.iter().map(|f| 4 + f.len()).sum::<usize>() + a.xml.len());
+    let mut v =
+        Vec::with_capacity(8 + fields.iter().map(|f| 4 + f.len()).sum::<usize>() + a.xml.len());
     v.extend_from_slice(&a.at_ms.to_be_bytes());
     for f in fields {
         v.extend_from_slice(&(f.len() as u32).to_be_bytes());
@@ -420,7 +431,10 @@ mod tests {
         }
         w.archive(&r10, &archived(1));
         store.commit(w).await.unwrap();
-        assert_eq!(store.room("conference.a.test", "r1").unwrap(), Some(r1.clone()));
+        assert_eq!(
+            store.room("conference.a.test", "r1").unwrap(),
+            Some(r1.clone())
+        );
         assert_eq!(store.rooms("conference.a.test").unwrap().len(), 2);
         assert!(store.rooms("conference.b.test").unwrap().is_empty());
         // "r1" is a prefix of "r10": the separator keeps them apart.

@@ -25,7 +25,11 @@ pub struct Child {
 /// The direct children of an element (which was validated by the framer, so parse
 /// errors cannot happen; if they did, the children seen so far are returned).
 pub fn children(el: &Element) -> Vec<Child> {
-    parts(el.as_str()).children.into_iter().map(|(c, _)| c).collect()
+    parts(el.as_str())
+        .children
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect()
 }
 
 /// An element's own namespace declarations and its direct children, each with
@@ -104,10 +108,8 @@ pub fn parts(xml: &str) -> Parts {
                 } else if depth == 2
                     && let Some((c, _)) = out.children.last_mut()
                 {
-                    c.children.push((
-                        ns,
-                        s.local_name().into_inner().to_string(),
-                    ));
+                    c.children
+                        .push((ns, s.local_name().into_inner().to_string()));
                 }
                 if !empty {
                     depth += 1;

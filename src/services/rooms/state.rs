@@ -1,0 +1,1814 @@
+//! One room's live state and the rules of XEP-0045, sans-IO: a stanza in, the
+//! stanzas to send and the store writes out (into a [`Cx`]). The caller commits
+//! the writes, then sends the stanzas (so nothing is fanned out that is not
+//! archived).
+//!
+//! What clients need, as Prosody 0.12, ejabberd 23.01 and the clients do it
+//! (`xeps/muc-behaviour.md` has the sources):
+//! - join order: the other occupants' presences, the joiner's own presence to
+//!   the others, self-presence (110, 100 non-anonymous, 210 when we changed the
+//!   nick), history (`<delay from=room>`, `<stanza-id by=room>`), then the subject,
+//!   always, empty when none (slixmpp's join waits for it);
+//! - join errors keep the presence `id` and carry `<x xmlns=muc>` (slixmpp and
+//!   Dino match join errors by them);
+//! - every groupchat message gets `<stanza-id by=room>` and `<occupant-id>`; a
+//!   sender's forged ones (and `<delay>`) are dropped;
+//! - self-ping (XEP-0410) is answered by the room.
+//!
+//! Backend users who are members are occupants without sessions: always present
+//! (a conversation's members are in it), speaking through the API.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::address::Addr;
+use crate::config::RoomsConfig;
+use crate::stanza::{Kind, Stanza, StanzaCondition};
+use crate::store::rooms::{Affiliation, Archived, Member, Room};
+use crate::store::{EventKind, Writes};
+use crate::xml::NS_STANZAS_ERR;
+use crate::xml::children::{Child, parts};
+use crate::xml::writer::escape;
+
+/// XEP-0045.
+pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
+/// XEP-0045.
+pub const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+/// XEP-0045.
+pub const NS_MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
+/// XEP-0045.
+pub const NS_MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+/// XEP-0359.
+pub const NS_SID: &str = "urn:xmpp:sid:0";
+/// XEP-0421.
+pub const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
+/// XEP-0203.
+pub const NS_DELAY: &str = "urn:xmpp:delay";
+/// XEP-0334.
+pub const NS_HINTS: &str = "urn:xmpp:hints";
+/// OMEMO (XEP-0384, both versions in use).
+const NS_OMEMO: [&str; 2] = ["eu.siacs.conversations.axolotl", "urn:xmpp:omemo:2"];
+
+/// An occupant's role (XEP-0045 §5.1); rooms are unmoderated, so no visitors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Admins and owners.
+    Moderator,
+    /// Everyone else in the room.
+    Participant,
+}
+
+impl Role {
+    fn of(a: Affiliation) -> Role {
+        if a >= Affiliation::Admin {
+            Role::Moderator
+        } else {
+            Role::Participant
+        }
+    }
+
+    /// The XEP-0045 name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Moderator => "moderator",
+            Role::Participant => "participant",
+        }
+    }
+}
+
+/// One client session in the room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Its full JID.
+    pub full: String,
+    /// The namespace declarations of its last presence, which the children may
+    /// rely on.
+    pub declarations: String,
+    /// The children of its last presence that others see (show, status, caps).
+    pub presence: String,
+}
+
+/// Someone in the room under a nick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Occupant {
+    /// The nick.
+    pub nick: String,
+    /// The real bare JID.
+    pub bare: String,
+    /// Its client sessions; none for a backend user (always present).
+    pub sessions: Vec<Session>,
+    /// XEP-0421: stable per room and bare JID.
+    pub occupant_id: String,
+}
+
+/// Where a handler puts what it does: store writes and stanzas to send after
+/// the commit.
+#[derive(Debug)]
+pub struct Cx<'a> {
+    /// Now (unix ms).
+    pub now_ms: u64,
+    /// The writes to commit.
+    pub writes: &'a mut Writes,
+    /// The stanzas to send once they are committed.
+    pub out: &'a mut Vec<Stanza>,
+    /// The rooms settings.
+    pub config: &'a RoomsConfig,
+}
+
+/// What a joining client asked of the history (XEP-0045 §7.2.13).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryRequest {
+    /// `maxchars`.
+    pub maxchars: Option<usize>,
+    /// `maxstanzas`.
+    pub maxstanzas: Option<usize>,
+    /// `seconds`.
+    pub seconds: Option<u64>,
+    /// `since`, in unix ms.
+    pub since_ms: Option<u64>,
+}
+
+/// One room, live.
+#[derive(Debug)]
+pub struct RoomState {
+    /// The room record.
+    pub room: Room,
+    /// Members by bare JID (outcasts too).
+    pub members: HashMap<String, Member>,
+    /// Occupants by nick.
+    occupants: HashMap<String, Occupant>,
+    /// Full JID -> nick.
+    by_full: HashMap<String, String>,
+    /// The newest archived message's sequence number.
+    pub last_seq: u64,
+    /// The newest archived messages (history for joins).
+    recent: VecDeque<Archived>,
+    /// Iqs forwarded between occupants: (answerer's full JID, id) -> asker's full
+    /// JID and the answerer's nick.
+    forwarded: HashMap<(String, String), String>,
+}
+
+/// The most iqs between occupants awaiting an answer (older ones are forgotten).
+const MAX_FORWARDED: usize = 1024;
+
+/// An XEP-0082 timestamp (UTC, milliseconds).
+pub fn stamp(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Parse an XEP-0082 timestamp to unix ms.
+pub fn parse_stamp(s: &str) -> Option<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(s.trim()).ok()?;
+    u64::try_from(t.timestamp_millis()).ok()
+}
+
+/// The occupant id of `bare` in `room` (XEP-0421 §4: stable, opaque):
+/// base64 of HMAC-SHA256 over the bare JID, keyed by the room and its creation.
+pub fn occupant_id(room: &Room, bare: &str) -> String {
+    use base64::Engine as _;
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        format!("{}\0{}", room.jid(), room.created_ms).as_bytes(),
+    );
+    let tag = ring::hmac::sign(&key, bare.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(&tag.as_ref()[..16])
+}
+
+/// A stanza we build, with its routing fields.
+pub fn built(
+    kind: Kind,
+    xml: String,
+    from: &str,
+    to: &str,
+    id: Option<&str>,
+    type_: Option<&str>,
+) -> Stanza {
+    Stanza {
+        raw: Bytes::from(xml),
+        kind,
+        to: Some(Addr::trusted(to)),
+        from: Some(Addr::trusted(from)),
+        id: id.map(str::to_string),
+        type_: type_.map(str::to_string),
+        payload: None,
+    }
+}
+
+/// `<message to='TO' ...` from an archived or fanned-out copy that starts with
+/// `<message ` and has no `to`.
+pub fn addressed(copy: &str, to: &str) -> String {
+    let rest = copy.strip_prefix("<message ").unwrap_or(copy);
+    let mut s = String::with_capacity(copy.len() + to.len() + 8);
+    s.push_str("<message to='");
+    s.push_str(&escape(to));
+    s.push_str("' ");
+    s.push_str(rest);
+    s
+}
+
+/// A stanza error with an explicit type (XEP-0045 gives types that differ from
+/// RFC 6120's usual ones), `by` the room, keeping the request's id and, for a
+/// join, echoing `<x xmlns=muc/>`.
+pub fn room_error(
+    request: &Stanza,
+    condition: StanzaCondition,
+    type_: &str,
+    by: &str,
+    text: &str,
+    echo_muc: bool,
+) -> Option<Stanza> {
+    if request.is_error() {
+        return None;
+    }
+    let (from, to) = (request.to.as_deref()?, request.from.as_deref()?);
+    let mut xml = format!(
+        "<{} from='{}' to='{}'",
+        request.kind.name(),
+        escape(from),
+        escape(to)
+    );
+    if let Some(id) = &request.id {
+        xml.push_str(&format!(" id='{}'", escape(id)));
+    }
+    xml.push_str(" type='error'>");
+    if echo_muc {
+        xml.push_str(&format!("<x xmlns='{NS_MUC}'/>"));
+    }
+    xml.push_str(&format!(
+        "<error type='{type_}' by='{}'><{} xmlns='{NS_STANZAS_ERR}'/><text xmlns='{NS_STANZAS_ERR}' xml:lang='en'>{}</text></error></{}>",
+        escape(by),
+        condition.as_str(),
+        escape(text),
+        request.kind.name()
+    ));
+    Some(built(
+        request.kind,
+        xml,
+        from,
+        to,
+        request.id.as_deref(),
+        Some("error"),
+    ))
+}
+
+fn child_is(c: &Child, ns: &str, name: &str) -> bool {
+    c.ns == ns && c.name == name
+}
+
+fn attr<'c>(c: &'c Child, name: &str) -> Option<&'c str> {
+    c.attrs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The declarations of an element's start tag, written out again.
+fn declarations(decls: &[(String, String)]) -> String {
+    let mut s = String::new();
+    for (k, v) in decls {
+        s.push_str(&format!(" {k}='{}'", escape(v)));
+    }
+    s
+}
+
+/// What a join presence asked of the history, from its `<x xmlns=muc>`.
+pub fn history_request(x: &str) -> HistoryRequest {
+    let p = parts(x);
+    let Some((h, _)) = p
+        .children
+        .iter()
+        .find(|(c, _)| child_is(c, NS_MUC, "history"))
+    else {
+        return HistoryRequest::default();
+    };
+    let num = |n: &str| attr(h, n).and_then(|v| v.trim().parse::<u64>().ok());
+    HistoryRequest {
+        maxchars: num("maxchars").map(|v| v as usize),
+        maxstanzas: num("maxstanzas").map(|v| v as usize),
+        seconds: num("seconds"),
+        since_ms: attr(h, "since").and_then(parse_stamp),
+    }
+}
+
+impl RoomState {
+    /// A room loaded from the store: its members (backend users among them
+    /// become occupants), its newest archive position and recent messages
+    /// (oldest first).
+    pub fn new(
+        room: Room,
+        members: Vec<Member>,
+        last_seq: u64,
+        recent: Vec<Archived>,
+    ) -> RoomState {
+        let mut s = RoomState {
+            room,
+            members: HashMap::new(),
+            occupants: HashMap::new(),
+            by_full: HashMap::new(),
+            last_seq,
+            recent: recent.into(),
+            forwarded: HashMap::new(),
+        };
+        for m in members {
+            s.members.insert(m.jid.clone(), m.clone());
+            s.seat_backend_user(&m);
+        }
+        s
+    }
+
+    fn seat_backend_user(&mut self, m: &Member) {
+        if m.user_id.is_some() && m.affiliation >= Affiliation::Member {
+            let occupant_id = occupant_id(&self.room, &m.jid);
+            self.occupants.insert(
+                m.nick.clone(),
+                Occupant {
+                    nick: m.nick.clone(),
+                    bare: m.jid.clone(),
+                    sessions: Vec::new(),
+                    occupant_id,
+                },
+            );
+        }
+    }
+
+    /// The room's bare JID.
+    pub fn jid(&self) -> String {
+        self.room.jid()
+    }
+
+    fn nick_jid(&self, nick: &str) -> String {
+        format!("{}@{}/{}", self.room.id, self.room.service, nick)
+    }
+
+    /// The affiliation of a bare JID.
+    pub fn affiliation(&self, bare: &str) -> Affiliation {
+        self.members
+            .get(bare)
+            .map_or(Affiliation::None, |m| m.affiliation)
+    }
+
+    /// Every occupant.
+    pub fn occupants(&self) -> impl Iterator<Item = &Occupant> {
+        self.occupants.values()
+    }
+
+    /// The occupant a full JID is in the room as.
+    pub fn occupant_of(&self, full: &str) -> Option<&Occupant> {
+        self.by_full.get(full).and_then(|n| self.occupants.get(n))
+    }
+
+    /// Every client session's full JID (the fan-out's recipients).
+    pub fn sessions(&self) -> impl Iterator<Item = &str> {
+        self.occupants
+            .values()
+            .flat_map(|o| o.sessions.iter().map(|s| s.full.as_str()))
+    }
+
+    /// The `<x xmlns=muc#user>` item of an occupant (non-anonymous: with its
+    /// JID), and the status codes.
+    fn user_x(&self, o: &Occupant, jid: &str, codes: &[u16]) -> String {
+        let a = self.affiliation(&o.bare);
+        let mut x = format!(
+            "<x xmlns='{NS_MUC_USER}'><item affiliation='{}' role='{}' jid='{}'/>",
+            a.as_str(),
+            Role::of(a).as_str(),
+            escape(jid)
+        );
+        for c in codes {
+            x.push_str(&format!("<status code='{c}'/>"));
+        }
+        x.push_str("</x>");
+        x
+    }
+
+    /// One occupant's presence (one session's, or a backend user's) to `to`.
+    fn presence_of(
+        &self,
+        o: &Occupant,
+        session: Option<&Session>,
+        to: &str,
+        id: Option<&str>,
+        codes: &[u16],
+    ) -> Stanza {
+        let from = self.nick_jid(&o.nick);
+        let jid = session.map_or(o.bare.as_str(), |s| s.full.as_str());
+        let decl = session.map_or("", |s| s.declarations.as_str());
+        let mut xml = format!(
+            "<presence{decl} from='{}' to='{}'",
+            escape(&from),
+            escape(to)
+        );
+        if let Some(id) = id {
+            xml.push_str(&format!(" id='{}'", escape(id)));
+        }
+        xml.push('>');
+        if let Some(s) = session {
+            xml.push_str(&s.presence);
+        }
+        xml.push_str(&self.user_x(o, jid, codes));
+        xml.push_str(&format!(
+            "<occupant-id xmlns='{NS_OCCUPANT_ID}' id='{}'/></presence>",
+            o.occupant_id
+        ));
+        built(Kind::Presence, xml, &from, to, id, None)
+    }
+
+    /// An occupant's unavailable presence to `to`, with status codes (and the new
+    /// nick for 303).
+    fn unavailable(
+        &self,
+        o: &Occupant,
+        session: Option<&Session>,
+        to: &str,
+        codes: &[u16],
+        new_nick: Option<&str>,
+    ) -> Stanza {
+        let from = self.nick_jid(&o.nick);
+        let jid = session.map_or(o.bare.as_str(), |s| s.full.as_str());
+        let a = self.affiliation(&o.bare);
+        let mut x = format!(
+            "<x xmlns='{NS_MUC_USER}'><item affiliation='{}' role='none' jid='{}'",
+            a.as_str(),
+            escape(jid)
+        );
+        if let Some(n) = new_nick {
+            x.push_str(&format!(" nick='{}'", escape(n)));
+        }
+        x.push_str("/>");
+        for c in codes {
+            x.push_str(&format!("<status code='{c}'/>"));
+        }
+        x.push_str("</x>");
+        let xml = format!(
+            "<presence from='{}' to='{}' type='unavailable'>{x}<occupant-id xmlns='{NS_OCCUPANT_ID}' id='{}'/></presence>",
+            escape(&from),
+            escape(to),
+            o.occupant_id
+        );
+        built(Kind::Presence, xml, &from, to, None, Some("unavailable"))
+    }
+
+    // ---- presence ----
+
+    /// A presence to `room/nick` from `from` (a full JID).
+    pub fn presence(&mut self, stanza: &Stanza, nick: &str, cx: &mut Cx<'_>) {
+        let Some(from) = stanza.from.as_ref().map(|f| f.as_str().to_string()) else {
+            return;
+        };
+        match stanza.type_.as_deref() {
+            None => self.available(stanza, &from, nick, cx),
+            Some("unavailable") => self.leave(&from, &[110], "left", cx),
+            // Its server says the session is gone (XEP-0045 §7.2 note: remove it).
+            Some("error") => self.leave(&from, &[333], "gone", cx),
+            // Subscriptions to a room mean nothing.
+            Some(_) => {}
+        }
+    }
+
+    fn available(&mut self, stanza: &Stanza, from: &str, nick: &str, cx: &mut Cx<'_>) {
+        let p = parts(stanza.as_str());
+        let xml = stanza.as_str();
+        let mut shown = String::new();
+        let mut muc_x = None;
+        for (c, r) in &p.children {
+            if child_is(c, NS_MUC, "x") {
+                muc_x = Some(&xml[r.clone()]);
+            } else if c.ns == NS_MUC_USER || c.ns == NS_OCCUPANT_ID {
+                // Ours to write.
+            } else {
+                shown.push_str(&xml[r.clone()]);
+            }
+        }
+        let session = Session {
+            full: from.to_string(),
+            declarations: declarations(&p.declarations),
+            presence: shown,
+        };
+        if let Some(current) = self.by_full.get(from).cloned() {
+            if current == nick {
+                return self.update(session, cx);
+            }
+            return self.change_nick(stanza, session, &current, nick, cx);
+        }
+        self.join(stanza, session, nick, muc_x, cx);
+    }
+
+    /// Why `bare` may not join as `nick` (XEP-0045 §7.2, in Prosody's order).
+    fn refuse_join(
+        &self,
+        bare: &str,
+        nick: &str,
+    ) -> Option<(StanzaCondition, &'static str, &'static str)> {
+        if nick.trim().is_empty() {
+            return Some((StanzaCondition::NotAllowed, "modify", "an empty nick"));
+        }
+        let a = self.affiliation(bare);
+        if self.room.members_only && a < Affiliation::Member && a != Affiliation::Outcast {
+            return Some((
+                StanzaCondition::RegistrationRequired,
+                "auth",
+                "this conversation is for its members only",
+            ));
+        }
+        if a == Affiliation::Outcast {
+            return Some((
+                StanzaCondition::Forbidden,
+                "auth",
+                "you are banned from this conversation",
+            ));
+        }
+        if let Some(o) = self.occupants.get(nick)
+            && o.bare != bare
+        {
+            return Some((StanzaCondition::Conflict, "cancel", "that nick is in use"));
+        }
+        if self
+            .members
+            .values()
+            .any(|m| m.nick == nick && m.jid != bare && m.user_id.is_some())
+        {
+            return Some((
+                StanzaCondition::Conflict,
+                "cancel",
+                "that nick belongs to another member",
+            ));
+        }
+        None
+    }
+
+    fn join(
+        &mut self,
+        stanza: &Stanza,
+        session: Session,
+        nick: &str,
+        muc_x: Option<&str>,
+        cx: &mut Cx<'_>,
+    ) {
+        let bare = Addr::trusted(session.full.as_str()).bare().to_string();
+        if let Some((condition, type_, text)) = self.refuse_join(&bare, nick) {
+            // Only a join (with <x xmlns=muc>) gets the echo; a presence to a
+            // room one is not in is answered the same way otherwise.
+            cx.out.extend(room_error(
+                stanza,
+                condition,
+                type_,
+                &self.jid(),
+                text,
+                muc_x.is_some(),
+            ));
+            return;
+        }
+        let to = session.full.clone();
+        // 1. The others' presences (every session of each).
+        for o in self.occupants.values() {
+            if o.nick == nick {
+                continue;
+            }
+            if o.sessions.is_empty() {
+                cx.out.push(self.presence_of(o, None, &to, None, &[]));
+            }
+            for s in &o.sessions {
+                cx.out.push(self.presence_of(o, Some(s), &to, None, &[]));
+            }
+        }
+        // 2. The joiner to the others (a second session of an occupant is not
+        // news to them).
+        let new_occupant = !self.occupants.contains_key(nick);
+        let occupant = self
+            .occupants
+            .entry(nick.to_string())
+            .or_insert_with(|| Occupant {
+                nick: nick.to_string(),
+                bare: bare.clone(),
+                sessions: Vec::new(),
+                occupant_id: String::new(),
+            });
+        if occupant.occupant_id.is_empty() {
+            occupant.occupant_id = occupant_id(&self.room, &bare);
+        }
+        occupant.sessions.push(session.clone());
+        self.by_full.insert(to.clone(), nick.to_string());
+        let o = &self.occupants[nick];
+        if new_occupant {
+            for other in self.sessions().filter(|f| *f != to) {
+                cx.out
+                    .push(self.presence_of(o, Some(&session), other, None, &[]));
+            }
+        }
+        // 3. Self-presence: 110, 100 (non-anonymous), keeping the join's id.
+        cx.out
+            .push(self.presence_of(o, Some(&session), &to, stanza.id.as_deref(), &[100, 110]));
+        // 4. History, 5. the subject.
+        let request = muc_x.map(history_request).unwrap_or_default();
+        self.history(&to, request, cx);
+        cx.out.push(self.subject_message(&to));
+        cx.writes.event(&EventKind::MemberJoined {
+            conversation: self.room.id.clone(),
+            room: self.jid(),
+            jid: to,
+            nick: nick.to_string(),
+        });
+    }
+
+    /// A presence update from an occupant's session (show, status).
+    fn update(&mut self, session: Session, _cx: &mut Cx<'_>) {
+        let Some(nick) = self.by_full.get(&session.full).cloned() else {
+            return;
+        };
+        let Some(o) = self.occupants.get_mut(&nick) else {
+            return;
+        };
+        if let Some(s) = o.sessions.iter_mut().find(|s| s.full == session.full) {
+            s.presence = session.presence.clone();
+        }
+        let o = &self.occupants[&nick];
+        for to in self.sessions() {
+            let codes: &[u16] = if to == session.full { &[110] } else { &[] };
+            _cx.out
+                .push(self.presence_of(o, Some(&session), to, None, codes));
+        }
+    }
+
+    /// A nick change (XEP-0045 §7.6): unavailable with 303 and the new nick, then
+    /// the presence under the new one.
+    fn change_nick(
+        &mut self,
+        stanza: &Stanza,
+        session: Session,
+        old: &str,
+        new: &str,
+        cx: &mut Cx<'_>,
+    ) {
+        let bare = Addr::trusted(session.full.as_str()).bare().to_string();
+        if let Some((condition, type_, text)) = self.refuse_join(&bare, new) {
+            cx.out.extend(room_error(
+                stanza,
+                condition,
+                type_,
+                &self.jid(),
+                text,
+                false,
+            ));
+            return;
+        }
+        let Some(mut o) = self.occupants.remove(old) else {
+            return;
+        };
+        if o.sessions.len() > 1 {
+            // One session of several cannot take another nick alone.
+            self.occupants.insert(old.to_string(), o);
+            cx.out.extend(room_error(
+                stanza,
+                StanzaCondition::NotAcceptable,
+                "cancel",
+                &self.jid(),
+                "change the nick of every session at once: leave with the others first",
+                false,
+            ));
+            return;
+        }
+        let recipients: Vec<String> = self
+            .sessions()
+            .map(str::to_string)
+            .chain(std::iter::once(session.full.clone()))
+            .collect();
+        for to in &recipients {
+            let codes: &[u16] = if *to == session.full {
+                &[303, 110]
+            } else {
+                &[303]
+            };
+            cx.out
+                .push(self.unavailable(&o, Some(&session), to, codes, Some(new)));
+        }
+        o.nick = new.to_string();
+        o.sessions = vec![session.clone()];
+        self.occupants.insert(new.to_string(), o);
+        self.by_full.insert(session.full.clone(), new.to_string());
+        let o = &self.occupants[new];
+        for to in &recipients {
+            let codes: &[u16] = if *to == session.full { &[110] } else { &[] };
+            cx.out
+                .push(self.presence_of(o, Some(&session), to, None, codes));
+        }
+        cx.writes.event(&EventKind::NickChanged {
+            conversation: self.room.id.clone(),
+            room: self.jid(),
+            jid: session.full,
+            old: old.to_string(),
+            new: new.to_string(),
+        });
+    }
+
+    /// A session leaves (or is gone): unavailable to everyone, `codes` to itself.
+    fn leave(&mut self, full: &str, self_codes: &[u16], reason: &str, cx: &mut Cx<'_>) {
+        let Some(nick) = self.by_full.remove(full) else {
+            return;
+        };
+        let Some(o) = self.occupants.get_mut(&nick) else {
+            return;
+        };
+        let Some(at) = o.sessions.iter().position(|s| s.full == full) else {
+            return;
+        };
+        let session = o.sessions.remove(at);
+        let gone = o.sessions.is_empty();
+        let o = if gone {
+            self.occupants.remove(&nick).expect("present")
+        } else {
+            o.clone()
+        };
+        if self_codes != [333] {
+            cx.out
+                .push(self.unavailable(&o, Some(&session), full, self_codes, None));
+        }
+        if gone {
+            let others: Vec<String> = self.sessions().map(str::to_string).collect();
+            let codes: &[u16] = if self_codes == [333] { &[333] } else { &[] };
+            for to in others {
+                cx.out
+                    .push(self.unavailable(&o, Some(&session), &to, codes, None));
+            }
+        }
+        cx.writes.event(&EventKind::MemberLeft {
+            conversation: self.room.id.clone(),
+            room: self.jid(),
+            jid: full.to_string(),
+            nick,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Remove every session of `bare` with status `code` (307 kicked, 301
+    /// banned, 321 membership lost).
+    pub fn remove_occupant(&mut self, bare: &str, code: u16, reason: &str, cx: &mut Cx<'_>) {
+        let Some(o) = self
+            .occupants
+            .values()
+            .find(|o| o.bare == bare && !o.sessions.is_empty())
+            .cloned()
+        else {
+            return;
+        };
+        self.occupants.remove(&o.nick);
+        for s in &o.sessions {
+            self.by_full.remove(&s.full);
+        }
+        for s in &o.sessions {
+            cx.out
+                .push(self.unavailable(&o, Some(s), &s.full, &[code, 110], None));
+        }
+        let others: Vec<String> = self.sessions().map(str::to_string).collect();
+        for to in others {
+            cx.out
+                .push(self.unavailable(&o, o.sessions.first(), &to, &[code], None));
+        }
+        for s in &o.sessions {
+            cx.writes.event(&EventKind::MemberLeft {
+                conversation: self.room.id.clone(),
+                room: self.jid(),
+                jid: s.full.clone(),
+                nick: o.nick.clone(),
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// Send `to` the history it asked for (XEP-0045 §7.2.14: whole stanzas, the
+    /// least that meets every criterion, at most `history_max`).
+    fn history(&self, to: &str, r: HistoryRequest, cx: &mut Cx<'_>) {
+        let mut limit = r
+            .maxstanzas
+            .unwrap_or(cx.config.history_default)
+            .min(cx.config.history_max);
+        if r.maxchars == Some(0) {
+            limit = 0;
+        }
+        let mut after = r.since_ms.unwrap_or(0);
+        if let Some(s) = r.seconds {
+            after = after.max(cx.now_ms.saturating_sub(s.saturating_mul(1000)));
+        }
+        let mut chosen: Vec<&Archived> = Vec::new();
+        let mut chars = 0usize;
+        for a in self.recent.iter().rev() {
+            if chosen.len() >= limit || a.at_ms < after {
+                break;
+            }
+            if let Some(max) = r.maxchars {
+                chars += a.xml.len();
+                if chars > max {
+                    break;
+                }
+            }
+            chosen.push(a);
+        }
+        let room = self.jid();
+        for a in chosen.into_iter().rev() {
+            let mut xml = addressed(&a.xml, to);
+            let delay = format!(
+                "<delay xmlns='{NS_DELAY}' from='{}' stamp='{}'/>",
+                escape(&room),
+                stamp(a.at_ms)
+            );
+            let at = xml.len() - "</message>".len();
+            xml.insert_str(at, &delay);
+            let from = self.nick_jid(&a.nick);
+            cx.out.push(built(
+                Kind::Message,
+                xml,
+                &from,
+                to,
+                None,
+                Some("groupchat"),
+            ));
+        }
+    }
+
+    /// The subject message (always sent on join: empty when none).
+    fn subject_message(&self, to: &str) -> Stanza {
+        let from = match &self.room.subject_by {
+            Some(n) => self.nick_jid(n),
+            None => self.jid(),
+        };
+        let mut xml = format!(
+            "<message from='{}' to='{}' type='groupchat'><subject>{}</subject>",
+            escape(&from),
+            escape(to),
+            escape(&self.room.subject)
+        );
+        if self.room.subject_at_ms > 0 {
+            xml.push_str(&format!(
+                "<delay xmlns='{NS_DELAY}' from='{}' stamp='{}'/>",
+                escape(&self.jid()),
+                stamp(self.room.subject_at_ms)
+            ));
+        }
+        xml.push_str("</message>");
+        built(Kind::Message, xml, &from, to, None, Some("groupchat"))
+    }
+
+    // ---- messages ----
+
+    /// A groupchat message to the room from an XMPP session.
+    pub fn groupchat(&mut self, stanza: &Stanza, cx: &mut Cx<'_>) {
+        let from = stanza.from.as_ref().map(|f| f.as_str()).unwrap_or("");
+        let Some(o) = self.occupant_of(from).cloned() else {
+            cx.out.extend(room_error(
+                stanza,
+                StanzaCondition::NotAcceptable,
+                "cancel",
+                &self.jid(),
+                "only occupants may send messages to the room: join it first",
+                false,
+            ));
+            return;
+        };
+        let xml = stanza.as_str();
+        let p = parts(xml);
+        let subject = p
+            .children
+            .iter()
+            .find(|(c, _)| child_is(c, crate::xml::NS_SERVER, "subject"));
+        let body = p
+            .children
+            .iter()
+            .find(|(c, _)| child_is(c, crate::xml::NS_SERVER, "body"));
+        if let (Some((s, _)), None) = (subject, body) {
+            let text = s.text.clone();
+            return self.set_subject(&o.nick, &o.bare, &text, cx);
+        }
+        let mut inner = String::new();
+        let mut keep = false;
+        for (c, r) in &p.children {
+            let forged = (c.ns == NS_SID
+                && c.name == "stanza-id"
+                && attr(c, "by") == Some(self.jid().as_str()))
+                || (c.ns == NS_DELAY)
+                || (c.ns == NS_OCCUPANT_ID);
+            if forged {
+                continue;
+            }
+            if child_is(c, crate::xml::NS_SERVER, "body")
+                || NS_OMEMO.contains(&c.ns.as_str())
+                || child_is(c, NS_HINTS, "store")
+            {
+                keep = true;
+            }
+            if child_is(c, NS_HINTS, "no-store") || child_is(c, NS_HINTS, "no-permanent-store") {
+                keep = false;
+            }
+            inner.push_str(&xml[r.clone()]);
+        }
+        let body = body.map(|(c, _)| c.text.clone());
+        let decl = declarations(&p.declarations);
+        self.speak(
+            &o,
+            stanza.id.as_deref(),
+            &decl,
+            &inner,
+            body,
+            keep,
+            true,
+            cx,
+        );
+    }
+
+    /// A message from the backend user `m` (a member) into the room; its
+    /// archived copy.
+    pub fn post(
+        &mut self,
+        m: &Member,
+        id: &str,
+        inner: &str,
+        body: Option<String>,
+        cx: &mut Cx<'_>,
+    ) -> Option<Archived> {
+        let o = self
+            .occupants
+            .get(&m.nick)
+            .filter(|o| o.bare == m.jid)
+            .cloned()?;
+        self.speak(&o, Some(id), "", inner, body, true, false, cx)
+    }
+
+    /// Archive (if `keep`) and fan out a message from `o`.
+    #[allow(clippy::too_many_arguments)]
+    fn speak(
+        &mut self,
+        o: &Occupant,
+        id: Option<&str>,
+        decl: &str,
+        inner: &str,
+        body: Option<String>,
+        keep: bool,
+        event: bool,
+        cx: &mut Cx<'_>,
+    ) -> Option<Archived> {
+        let room = self.jid();
+        let from = self.nick_jid(&o.nick);
+        let mut copy = format!("<message{decl} from='{}' type='groupchat'", escape(&from));
+        if let Some(id) = id {
+            copy.push_str(&format!(" id='{}'", escape(id)));
+        }
+        copy.push('>');
+        copy.push_str(inner);
+        let mut archived = None;
+        if keep {
+            self.last_seq += 1;
+            let sid = self.room.stanza_id(self.last_seq);
+            copy.push_str(&format!(
+                "<stanza-id xmlns='{NS_SID}' by='{}' id='{sid}'/>",
+                escape(&room)
+            ));
+            copy.push_str(&format!(
+                "<occupant-id xmlns='{NS_OCCUPANT_ID}' id='{}'/></message>",
+                o.occupant_id
+            ));
+            let a = Archived {
+                seq: self.last_seq,
+                stanza_id: sid.clone(),
+                at_ms: cx.now_ms,
+                nick: o.nick.clone(),
+                jid: o.bare.clone(),
+                xml: copy.clone(),
+            };
+            cx.writes.archive(&self.room, &a);
+            self.recent.push_back(a.clone());
+            while self.recent.len() > cx.config.history_max {
+                self.recent.pop_front();
+            }
+            if event {
+                cx.writes.event(&EventKind::GroupMessage {
+                    conversation: self.room.id.clone(),
+                    room: room.clone(),
+                    from: from.clone(),
+                    jid: o.bare.clone(),
+                    id: id.map(str::to_string),
+                    stanza_id: sid,
+                    body,
+                    xml: copy.clone(),
+                });
+            }
+            archived = Some(a);
+        } else {
+            copy.push_str(&format!(
+                "<occupant-id xmlns='{NS_OCCUPANT_ID}' id='{}'/></message>",
+                o.occupant_id
+            ));
+        }
+        // Without `to`, `copy` starts with "<message " only if there are no
+        // declarations first; `addressed` splices after "<message ".
+        for to in self.sessions() {
+            cx.out.push(built(
+                Kind::Message,
+                addressed(&copy, to),
+                &from,
+                to,
+                id,
+                Some("groupchat"),
+            ));
+        }
+        archived
+    }
+
+    /// Set the subject (by an occupant's nick and real JID).
+    pub fn set_subject(&mut self, nick: &str, bare: &str, subject: &str, cx: &mut Cx<'_>) {
+        self.room.subject = subject.to_string();
+        self.room.subject_by = Some(nick.to_string());
+        self.room.subject_at_ms = cx.now_ms;
+        cx.writes.put_room(&self.room);
+        let from = self.nick_jid(nick);
+        for to in self.sessions() {
+            let xml = format!(
+                "<message from='{}' to='{}' type='groupchat'><subject>{}</subject></message>",
+                escape(&from),
+                escape(to),
+                escape(subject)
+            );
+            cx.out.push(built(
+                Kind::Message,
+                xml,
+                &from,
+                to,
+                None,
+                Some("groupchat"),
+            ));
+        }
+        cx.writes.event(&EventKind::SubjectChanged {
+            conversation: self.room.id.clone(),
+            room: self.jid(),
+            subject: subject.to_string(),
+            by: bare.to_string(),
+        });
+    }
+
+    /// Set the subject in the room's own name (the backend).
+    pub fn set_subject_by_room(&mut self, subject: &str, by: &str, cx: &mut Cx<'_>) {
+        self.room.subject = subject.to_string();
+        self.room.subject_by = None;
+        self.room.subject_at_ms = cx.now_ms;
+        cx.writes.put_room(&self.room);
+        let from = self.jid();
+        for to in self.sessions() {
+            let xml = format!(
+                "<message from='{}' to='{}' type='groupchat'><subject>{}</subject></message>",
+                escape(&from),
+                escape(to),
+                escape(subject)
+            );
+            cx.out.push(built(
+                Kind::Message,
+                xml,
+                &from,
+                to,
+                None,
+                Some("groupchat"),
+            ));
+        }
+        let _ = by;
+    }
+
+    /// The room is deleted: every session is told (XEP-0045 §10.9, `<destroy/>`).
+    pub fn destroy(&mut self, cx: &mut Cx<'_>) {
+        let occupants: Vec<Occupant> = self.occupants.values().cloned().collect();
+        for o in &occupants {
+            for s in &o.sessions {
+                let from = self.nick_jid(&o.nick);
+                let xml = format!(
+                    "<presence from='{}' to='{}' type='unavailable'><x xmlns='{NS_MUC_USER}'>\
+                     <item affiliation='none' role='none'/><destroy><reason>the conversation was deleted</reason></destroy>\
+                     <status code='110'/></x></presence>",
+                    escape(&from),
+                    escape(&s.full)
+                );
+                cx.out.push(built(
+                    Kind::Presence,
+                    xml,
+                    &from,
+                    &s.full,
+                    None,
+                    Some("unavailable"),
+                ));
+            }
+        }
+        self.occupants.clear();
+        self.by_full.clear();
+    }
+
+    /// A private message to `room/nick` (XEP-0045 §7.5), or an iq to an occupant
+    /// and answers to one forwarded.
+    pub fn to_occupant(&mut self, stanza: &Stanza, nick: &str, cx: &mut Cx<'_>) {
+        let from = stanza
+            .from
+            .as_ref()
+            .map(|f| f.as_str().to_string())
+            .unwrap_or_default();
+        if stanza.kind == Kind::Iq && matches!(stanza.type_.as_deref(), Some("result" | "error")) {
+            // An answer to an iq we forwarded: from the answerer to room/asker.
+            let key = (from.clone(), stanza.id.clone().unwrap_or_default());
+            let Some(asker) = self.forwarded.remove(&key) else {
+                return;
+            };
+            let Some(answerer) = self.occupant_of(&from) else {
+                return;
+            };
+            let via = self.nick_jid(&answerer.nick);
+            return cx.out.push(readdressed(stanza, &via, &asker));
+        }
+        let Some(sender) = self.occupant_of(&from).cloned() else {
+            cx.out.extend(room_error(
+                stanza,
+                StanzaCondition::NotAcceptable,
+                "cancel",
+                &self.jid(),
+                "only occupants may send to occupants",
+                false,
+            ));
+            return;
+        };
+        let Some(target) = self.occupants.get(nick).cloned() else {
+            cx.out.extend(room_error(
+                stanza,
+                StanzaCondition::ItemNotFound,
+                "cancel",
+                &self.jid(),
+                "no occupant has that nick",
+                false,
+            ));
+            return;
+        };
+        let via = self.nick_jid(&sender.nick);
+        if stanza.kind == Kind::Iq {
+            // XEP-0410: a ping to one's own nick is answered by the room.
+            if target.nick == sender.nick
+                && stanza
+                    .payload
+                    .as_ref()
+                    .is_some_and(|(ns, n)| ns == crate::services::NS_PING && n == "ping")
+            {
+                return cx.out.push(Stanza::iq_result(stanza, ""));
+            }
+            let Some(s) = target.sessions.first() else {
+                return cx.out.extend(room_error(
+                    stanza,
+                    StanzaCondition::ServiceUnavailable,
+                    "cancel",
+                    &self.jid(),
+                    "this member takes part through the backend",
+                    false,
+                ));
+            };
+            if self.forwarded.len() >= MAX_FORWARDED {
+                self.forwarded.clear();
+            }
+            self.forwarded.insert(
+                (s.full.clone(), stanza.id.clone().unwrap_or_default()),
+                from.clone(),
+            );
+            return cx.out.push(readdressed(stanza, &via, &s.full));
+        }
+        if stanza.kind == Kind::Message {
+            if stanza.type_.as_deref() == Some("groupchat") {
+                cx.out.extend(room_error(
+                    stanza,
+                    StanzaCondition::BadRequest,
+                    "modify",
+                    &self.jid(),
+                    "groupchat messages go to the room's bare JID",
+                    false,
+                ));
+                return;
+            }
+            if target.sessions.is_empty() {
+                // A backend user: the message becomes an event for them.
+                if let Some(m) = self.members.get(&target.bare)
+                    && let Some(user_id) = &m.user_id
+                {
+                    let p = parts(stanza.as_str());
+                    let body = p
+                        .children
+                        .iter()
+                        .find(|(c, _)| child_is(c, crate::xml::NS_SERVER, "body"))
+                        .map(|(c, _)| c.text.clone());
+                    cx.writes.event(&EventKind::Message {
+                        user_id: user_id.clone(),
+                        from: via.clone(),
+                        to: target.bare.clone(),
+                        id: stanza.id.clone(),
+                        message_type: stanza.type_.clone().unwrap_or_else(|| "normal".into()),
+                        body,
+                        thread: None,
+                        xml: stanza.as_str().to_string(),
+                    });
+                }
+                return;
+            }
+            for s in &target.sessions {
+                cx.out.push(readdressed(stanza, &via, &s.full));
+            }
+        }
+        // Presence to an occupant's nick is the join path, not here.
+    }
+
+    // ---- membership (the backend's and muc#admin's) ----
+
+    /// Set a member (create or change), seating a backend user.
+    pub fn put_member(&mut self, m: Member, cx: &mut Cx<'_>) {
+        cx.writes.put_member(&self.room, &m);
+        let was = self.members.insert(m.jid.clone(), m.clone());
+        if m.user_id.is_some() {
+            if let Some(old) = &was {
+                self.occupants
+                    .retain(|_, o| !(o.bare == old.jid && o.sessions.is_empty()));
+            }
+            self.seat_backend_user(&m);
+        }
+        if m.affiliation == Affiliation::Outcast {
+            self.remove_occupant(&m.jid, 301, "banned", cx);
+        } else if self.room.members_only && m.affiliation < Affiliation::Member {
+            self.remove_occupant(&m.jid, 321, "removed", cx);
+        } else {
+            // An occupant whose affiliation changed: tell everyone its new item.
+            if let Some(o) = self
+                .occupants
+                .values()
+                .find(|o| o.bare == m.jid && !o.sessions.is_empty())
+                .cloned()
+            {
+                for s in &o.sessions {
+                    for to in self.sessions() {
+                        let codes: &[u16] = if to == s.full { &[110] } else { &[] };
+                        cx.out.push(self.presence_of(&o, Some(s), to, None, codes));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remove a member: it loses membership and, in a members-only room, its
+    /// sessions are removed (321).
+    pub fn remove_member(&mut self, bare: &str, cx: &mut Cx<'_>) -> bool {
+        let Some(m) = self.members.remove(bare) else {
+            return false;
+        };
+        cx.writes.delete_member(&self.room, bare);
+        if m.user_id.is_some() {
+            self.occupants
+                .retain(|_, o| !(o.bare == bare && o.sessions.is_empty()));
+            // Tell the others the backend user is gone.
+            let o = Occupant {
+                nick: m.nick.clone(),
+                bare: bare.to_string(),
+                sessions: Vec::new(),
+                occupant_id: occupant_id(&self.room, bare),
+            };
+            let others: Vec<String> = self.sessions().map(str::to_string).collect();
+            for to in others {
+                cx.out.push(self.unavailable(&o, None, &to, &[321], None));
+            }
+        }
+        if self.room.members_only {
+            self.remove_occupant(bare, 321, "removed", cx);
+        }
+        true
+    }
+
+    /// Whether `nick` is free for a new member with JID `bare`.
+    pub fn nick_free(&self, nick: &str, bare: &str) -> bool {
+        !self
+            .members
+            .values()
+            .any(|m| m.nick == nick && m.jid != bare)
+            && self.occupants.get(nick).is_none_or(|o| o.bare == bare)
+    }
+}
+
+/// A stanza sent on by the room: `from` and `to` replaced, everything else kept
+/// (the prefixes the children use are declared on the element, which is kept).
+fn readdressed(stanza: &Stanza, from: &str, to: &str) -> Stanza {
+    let xml = stanza.as_str();
+    let name = stanza.kind.name();
+    // Rebuild the start tag: our from/to, the original's other attributes.
+    let p = parts(xml);
+    let start_end = tag_end(xml);
+    let mut out = format!("<{name} from='{}' to='{}'", escape(from), escape(to));
+    out.push_str(&declarations(&p.declarations));
+    if let Some(id) = &stanza.id {
+        out.push_str(&format!(" id='{}'", escape(id)));
+    }
+    if let Some(t) = &stanza.type_ {
+        out.push_str(&format!(" type='{}'", escape(t)));
+    }
+    if xml[..start_end].ends_with("/>") {
+        out.push_str("/>");
+    } else {
+        out.push('>');
+        out.push_str(&xml[start_end..]);
+        if stanza.kind == Kind::Message && stanza.type_.as_deref() != Some("error") {
+            // XEP-0045 §7.5: a private message carries <x xmlns=muc#user/>.
+            let at = out.len() - format!("</{name}>").len();
+            out.insert_str(at, &format!("<x xmlns='{NS_MUC_USER}'/>"));
+        }
+    }
+    built(
+        stanza.kind,
+        out,
+        from,
+        to,
+        stanza.id.as_deref(),
+        stanza.type_.as_deref(),
+    )
+}
+
+/// The end of an element's start tag (just past its `>`), quotes respected.
+fn tag_end(xml: &str) -> usize {
+    let mut quote = None;
+    for (i, b) in xml.bytes().enumerate() {
+        match (quote, b) {
+            (None, b'\'' | b'"') => quote = Some(b),
+            (Some(q), b2) if b2 == q => quote = None,
+            (None, b'>') => return i + 1,
+            _ => {}
+        }
+    }
+    xml.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOM: &str = "c1@conference.wire.test";
+
+    fn room(members_only: bool) -> Room {
+        Room {
+            service: "conference.wire.test".into(),
+            id: "c1".into(),
+            name: "Team".into(),
+            subject: String::new(),
+            subject_by: None,
+            subject_at_ms: 0,
+            members_only,
+            public: false,
+            created_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn member(jid: &str, a: Affiliation, nick: &str, user: Option<&str>) -> Member {
+        Member {
+            jid: jid.into(),
+            affiliation: a,
+            nick: nick.into(),
+            user_id: user.map(str::to_string),
+        }
+    }
+
+    /// A room with backend user alice (owner) and remote members bob and carol.
+    fn state() -> RoomState {
+        RoomState::new(
+            room(true),
+            vec![
+                member(
+                    "alice@wire.test",
+                    Affiliation::Owner,
+                    "alice",
+                    Some("u-alice"),
+                ),
+                member("bob@prosody.test", Affiliation::Member, "bob", None),
+                member("carol@ejabberd.test", Affiliation::Member, "carol", None),
+                member("mallory@evil.test", Affiliation::Outcast, "mallory", None),
+            ],
+            0,
+            Vec::new(),
+        )
+    }
+
+    struct Run {
+        writes: Writes,
+        out: Vec<Stanza>,
+        config: RoomsConfig,
+        now_ms: u64,
+    }
+
+    impl Run {
+        fn new() -> Run {
+            Run {
+                writes: Writes::default(),
+                out: Vec::new(),
+                config: RoomsConfig::default(),
+                now_ms: 1_800_000_000_000,
+            }
+        }
+
+        fn cx(&mut self) -> Cx<'_> {
+            Cx {
+                now_ms: self.now_ms,
+                writes: &mut self.writes,
+                out: &mut self.out,
+                config: &self.config,
+            }
+        }
+
+        /// Feed one stanza to the room, as the rooms service routes it; what
+        /// it sent, re-read as a peer would.
+        fn feed(&mut self, r: &mut RoomState, xml: &str) -> Vec<Stanza> {
+            let s = Stanza::parse(xml).expect("a stanza");
+            let to = s.to.clone().unwrap();
+            let mut cx = self.cx();
+            match (to.resource(), s.kind) {
+                (Some(n), Kind::Presence) => r.presence(&s, n, &mut cx),
+                (Some(n), _) => r.to_occupant(&s, n, &mut cx),
+                (None, Kind::Message) => r.groupchat(&s, &mut cx),
+                _ => panic!("not a room stanza"),
+            }
+            std::mem::take(&mut self.out)
+                .into_iter()
+                .map(|s| Stanza::parse(s.as_str()).expect("we send well-formed stanzas"))
+                .collect()
+        }
+    }
+
+    fn join(nick: &str, from: &str, history: &str) -> String {
+        format!(
+            "<presence from='{from}' to='{ROOM}/{nick}' id='j1'><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='v'/>\
+             <x xmlns='{NS_MUC}'>{history}</x></presence>"
+        )
+    }
+
+    fn to_of(s: &Stanza) -> &str {
+        s.to.as_deref().unwrap()
+    }
+
+    fn from_of(s: &Stanza) -> &str {
+        s.from.as_deref().unwrap()
+    }
+
+    fn condition(s: &Stanza) -> String {
+        crate::services::error_condition(s).as_str().to_string()
+    }
+
+    /// XEP-0045 §7.2: others' presences, self-presence (110, 100) with the
+    /// join's id, history, then the subject (empty, always).
+    #[test]
+    fn join_order_is_occupants_self_history_subject() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        // Carol speaks, so there is history.
+        run.feed(
+            &mut r,
+            &format!("<message from='carol@ejabberd.test/pc' to='{ROOM}' type='groupchat' id='m1'><body>hi</body></message>"),
+        );
+        let out = run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        let to_bob: Vec<&Stanza> = out
+            .iter()
+            .filter(|s| to_of(s) == "bob@prosody.test/phone")
+            .collect();
+        let kinds: Vec<String> = to_bob
+            .iter()
+            .map(|s| format!("{}:{}", s.kind.name(), from_of(s)))
+            .collect();
+        // Alice (a backend user, always present) and carol, in any order, then
+        // bob's own presence, the history, the subject.
+        assert_eq!(kinds.len(), 5, "{kinds:?}");
+        let mut first_two = kinds[..2].to_vec();
+        first_two.sort();
+        assert_eq!(
+            first_two,
+            vec![
+                format!("presence:{ROOM}/alice"),
+                format!("presence:{ROOM}/carol")
+            ]
+        );
+        assert_eq!(kinds[2], format!("presence:{ROOM}/bob"));
+        let own = to_bob[2].as_str();
+        assert!(
+            own.contains("<status code='100'/><status code='110'/>"),
+            "{own}"
+        );
+        assert!(own.contains("jid='bob@prosody.test/phone'"), "{own}");
+        assert!(
+            own.contains("affiliation='member' role='participant'"),
+            "{own}"
+        );
+        assert!(
+            own.contains("<c xmlns='http://jabber.org/protocol/caps'"),
+            "{own}"
+        );
+        assert!(own.contains(NS_OCCUPANT_ID), "{own}");
+        assert_eq!(to_bob[2].id.as_deref(), Some("j1"));
+        // History: from carol's nick, with delay from the room, stanza-id by the room.
+        let h = to_bob[3].as_str();
+        assert_eq!(kinds[3], format!("message:{ROOM}/carol"));
+        assert!(h.contains("<body>hi</body>"), "{h}");
+        assert!(
+            h.contains(&format!(
+                "<delay xmlns='{NS_DELAY}' from='{ROOM}' stamp='2027-01-15T08:00:00.000Z'/>"
+            )),
+            "{h}"
+        );
+        assert!(
+            h.contains(&format!(
+                "<stanza-id xmlns='{NS_SID}' by='{ROOM}' id='{}'/>",
+                r.room.stanza_id(1)
+            )),
+            "{h}"
+        );
+        // The subject, from the room, empty.
+        assert_eq!(kinds[4], format!("message:{ROOM}"));
+        assert!(to_bob[4].as_str().contains("<subject></subject>"));
+        assert!(!to_bob[4].as_str().contains("<body"));
+        // Carol is told bob came, without 110.
+        let to_carol: Vec<&Stanza> = out
+            .iter()
+            .filter(|s| to_of(s) == "carol@ejabberd.test/pc")
+            .collect();
+        assert_eq!(to_carol.len(), 1);
+        assert_eq!(from_of(to_carol[0]), format!("{ROOM}/bob"));
+        assert!(!to_carol[0].as_str().contains("110"));
+    }
+
+    #[test]
+    fn join_errors_keep_the_id_echo_muc_and_have_the_types_clients_need() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        for (nick, from, cond, type_) in [
+            // The nick of another occupant.
+            ("carol", "bob@prosody.test/phone", "conflict", "cancel"),
+            // A backend member's nick.
+            ("alice", "bob@prosody.test/phone", "conflict", "cancel"),
+            (
+                "dave",
+                "dave@prosody.test/x",
+                "registration-required",
+                "auth",
+            ),
+            ("mal", "mallory@evil.test/x", "forbidden", "auth"),
+        ] {
+            let out = run.feed(&mut r, &join(nick, from, ""));
+            assert_eq!(out.len(), 1, "{nick} {from}");
+            let e = &out[0];
+            assert_eq!(condition(e), cond, "{nick} {from}");
+            assert!(
+                e.as_str()
+                    .contains(&format!("<error type='{type_}' by='{ROOM}'>")),
+                "{}",
+                e.as_str()
+            );
+            assert!(e.as_str().contains(&format!("<x xmlns='{NS_MUC}'/>")));
+            assert_eq!(e.id.as_deref(), Some("j1"));
+            assert_eq!(to_of(e), from);
+            assert_eq!(from_of(e), format!("{ROOM}/{nick}"));
+        }
+        // The same bare JID under its nick again is another session, not a conflict.
+        let out = run.feed(&mut r, &join("carol", "carol@ejabberd.test/phone", ""));
+        assert!(out.iter().all(|s| !s.is_error()));
+        assert_eq!(r.sessions().count(), 2);
+    }
+
+    #[test]
+    fn history_honours_every_limit() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        for i in 0..30u64 {
+            run.now_ms = 1_800_000_000_000 + i * 60_000;
+            run.feed(
+                &mut r,
+                &format!("<message from='carol@ejabberd.test/pc' to='{ROOM}' type='groupchat' id='m{i}'><body>{i}</body></message>"),
+            );
+        }
+        run.now_ms = 1_800_000_000_000 + 30 * 60_000;
+        let count = |run: &mut Run, r: &mut RoomState, history: &str| -> Vec<String> {
+            let out = run.feed(r, &join("bob", "bob@prosody.test/phone", history));
+            let bodies = out
+                .iter()
+                .filter(|s| s.as_str().contains("<delay"))
+                .filter(|s| s.as_str().contains("<body>"))
+                .map(|s| {
+                    crate::xml::children::parts(s.as_str()).children[0]
+                        .0
+                        .text
+                        .clone()
+                })
+                .collect();
+            run.feed(
+                r,
+                &format!(
+                    "<presence from='bob@prosody.test/phone' to='{ROOM}/bob' type='unavailable'/>"
+                ),
+            );
+            bodies
+        };
+        // Default: 20, the newest.
+        let got = count(&mut run, &mut r, "");
+        assert_eq!(got.len(), 20);
+        assert_eq!(got[0], "10");
+        assert_eq!(got[19], "29");
+        assert_eq!(
+            count(&mut run, &mut r, "<history maxstanzas='3'/>"),
+            ["27", "28", "29"]
+        );
+        assert!(count(&mut run, &mut r, "<history maxchars='0'/>").is_empty());
+        // The last 150 seconds: messages at -3, -2, -1 minutes.
+        assert_eq!(
+            count(&mut run, &mut r, "<history seconds='150'/>"),
+            ["28", "29"]
+        );
+        let since = stamp(1_800_000_000_000 + 27 * 60_000);
+        assert_eq!(
+            count(&mut run, &mut r, &format!("<history since='{since}'/>")),
+            ["27", "28", "29"]
+        );
+        // All criteria together: the least history.
+        assert_eq!(
+            count(
+                &mut run,
+                &mut r,
+                &format!("<history since='{since}' maxstanzas='1'/>")
+            ),
+            ["29"]
+        );
+        // More than the server's maximum is capped (100 configured, 30 here).
+        assert_eq!(
+            count(&mut run, &mut r, "<history maxstanzas='1000'/>").len(),
+            30
+        );
+    }
+
+    #[test]
+    fn messages_go_to_every_session_with_room_ids_and_forgeries_dropped() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        let out = run.feed(
+            &mut r,
+            &format!(
+                "<message from='bob@prosody.test/phone' to='{ROOM}' type='groupchat' id='orig'>\
+                 <body>hello</body><stanza-id xmlns='{NS_SID}' by='{ROOM}' id='forged'/>\
+                 <occupant-id xmlns='{NS_OCCUPANT_ID}' id='forged'/><origin-id xmlns='{NS_SID}' id='o1'/>\
+                 <encrypted xmlns='eu.siacs.conversations.axolotl'><payload>x</payload></encrypted></message>"
+            ),
+        );
+        let mut tos: Vec<&str> = out.iter().map(to_of).collect();
+        tos.sort();
+        assert_eq!(tos, ["bob@prosody.test/phone", "carol@ejabberd.test/pc"]);
+        for s in &out {
+            let x = s.as_str();
+            assert_eq!(from_of(s), format!("{ROOM}/bob"));
+            assert_eq!(s.id.as_deref(), Some("orig"));
+            assert!(!x.contains("forged"), "{x}");
+            assert!(x.contains(&format!(
+                "<stanza-id xmlns='{NS_SID}' by='{ROOM}' id='{}'/>",
+                r.room.stanza_id(1)
+            )));
+            assert!(x.contains(&format!("<origin-id xmlns='{NS_SID}' id='o1'/>")));
+            assert!(x.contains("<payload>x</payload>"));
+            assert!(x.contains(&format!(
+                "<occupant-id xmlns='{NS_OCCUPANT_ID}' id='{}'/>",
+                occupant_id(&r.room, "bob@prosody.test")
+            )));
+        }
+        assert_eq!(r.last_seq, 1);
+        // A chat state is fanned out, not archived.
+        let out = run.feed(
+            &mut r,
+            &format!("<message from='bob@prosody.test/phone' to='{ROOM}' type='groupchat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"),
+        );
+        assert_eq!(out.len(), 2);
+        assert!(!out[0].as_str().contains("stanza-id"));
+        assert_eq!(r.last_seq, 1);
+        // A non-occupant may not speak.
+        let out = run.feed(
+            &mut r,
+            &format!("<message from='bob@prosody.test/laptop' to='{ROOM}' type='groupchat' id='x'><body>hi</body></message>"),
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(condition(&out[0]), "not-acceptable");
+    }
+
+    /// XEP-0410: answered by the room when joined, `not-acceptable` otherwise,
+    /// `item-not-found` for an absent nick.
+    #[test]
+    fn self_ping() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        let ping = |from: &str, nick: &str| {
+            format!(
+                "<iq from='{from}' to='{ROOM}/{nick}' id='p' type='get'><ping xmlns='urn:xmpp:ping'/></iq>"
+            )
+        };
+        let out = run.feed(&mut r, &ping("bob@prosody.test/phone", "bob"));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].type_.as_deref(), Some("result"));
+        assert_eq!(from_of(&out[0]), format!("{ROOM}/bob"));
+        let out = run.feed(&mut r, &ping("bob@prosody.test/laptop", "bob"));
+        assert_eq!(condition(&out[0]), "not-acceptable");
+        assert!(out[0].as_str().contains("<error type='cancel'"));
+        let out = run.feed(&mut r, &ping("bob@prosody.test/phone", "nobody"));
+        assert_eq!(condition(&out[0]), "item-not-found");
+    }
+
+    #[test]
+    fn leaving_nick_changes_and_subject() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        // Nick change: 303 with the new nick, then the new presence.
+        let out = run.feed(
+            &mut r,
+            &format!("<presence from='bob@prosody.test/phone' to='{ROOM}/bobby'/>"),
+        );
+        let to_carol: Vec<&Stanza> = out
+            .iter()
+            .filter(|s| to_of(s) == "carol@ejabberd.test/pc")
+            .collect();
+        assert_eq!(to_carol.len(), 2);
+        assert!(to_carol[0].as_str().contains("<status code='303'/>"));
+        assert!(to_carol[0].as_str().contains("nick='bobby'"));
+        assert_eq!(from_of(to_carol[1]), format!("{ROOM}/bobby"));
+        // Subject change by an occupant.
+        let out = run.feed(
+            &mut r,
+            &format!("<message from='bob@prosody.test/phone' to='{ROOM}' type='groupchat'><subject>Plans</subject></message>"),
+        );
+        assert_eq!(out.len(), 2);
+        assert!(out[0].as_str().contains("<subject>Plans</subject>"));
+        assert_eq!(r.room.subject, "Plans");
+        assert_eq!(r.room.subject_by.as_deref(), Some("bobby"));
+        // Leaving: 110 to itself, unavailable to the others.
+        let out = run.feed(
+            &mut r,
+            &format!(
+                "<presence from='bob@prosody.test/phone' to='{ROOM}/bobby' type='unavailable'/>"
+            ),
+        );
+        assert_eq!(out.len(), 2);
+        let own = out
+            .iter()
+            .find(|s| to_of(s) == "bob@prosody.test/phone")
+            .unwrap();
+        assert!(own.as_str().contains("<status code='110'/>"));
+        assert_eq!(own.type_.as_deref(), Some("unavailable"));
+        assert!(r.occupant_of("bob@prosody.test/phone").is_none());
+        // A later joiner sees the subject with who set it.
+        let out = run.feed(
+            &mut r,
+            &join("bob", "bob@prosody.test/phone", "<history maxchars='0'/>"),
+        );
+        let subject = out.last().unwrap();
+        assert!(subject.as_str().contains("<subject>Plans</subject>"));
+        assert_eq!(from_of(subject), format!("{ROOM}/bobby"));
+        assert!(subject.as_str().contains("<delay"));
+    }
+
+    #[test]
+    fn private_messages_and_kicks() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        let out = run.feed(
+            &mut r,
+            &format!("<message from='bob@prosody.test/phone' to='{ROOM}/carol' type='chat' id='pm'><body>psst</body></message>"),
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(to_of(&out[0]), "carol@ejabberd.test/pc");
+        assert_eq!(from_of(&out[0]), format!("{ROOM}/bob"));
+        assert!(
+            out[0]
+                .as_str()
+                .contains(&format!("<x xmlns='{NS_MUC_USER}'/></message>"))
+        );
+        // A private message to a backend user becomes an event for them.
+        let out = run.feed(
+            &mut r,
+            &format!("<message from='bob@prosody.test/phone' to='{ROOM}/alice' type='chat' id='pm2'><body>hey</body></message>"),
+        );
+        assert!(out.is_empty());
+        assert!(!run.writes.is_empty());
+        // Removing bob's membership removes him (321) in a members-only room.
+        let mut cx = run.cx();
+        assert!(r.remove_member("bob@prosody.test", &mut cx));
+        let out = std::mem::take(&mut run.out);
+        let own = out
+            .iter()
+            .find(|s| to_of(s) == "bob@prosody.test/phone")
+            .unwrap();
+        assert!(
+            own.as_str()
+                .contains("<status code='321'/><status code='110'/>")
+        );
+        assert!(out.iter().any(|s| to_of(s) == "carol@ejabberd.test/pc"));
+        assert!(r.occupant_of("bob@prosody.test/phone").is_none());
+        let out = run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        assert_eq!(condition(&out[0]), "registration-required");
+    }
+}
