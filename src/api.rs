@@ -956,6 +956,42 @@ fn message_id() -> String {
         .to_string()
 }
 
+/// Extension elements as the backend gives them: within
+/// `api.max_extension_bytes`, each one well-formed element in its own namespace.
+fn check_extensions(server: &Server, extensions: &[String]) -> Result<(), Problem> {
+    let ext_bytes: usize = extensions.iter().map(String::len).sum();
+    if ext_bytes > server.config.api.max_extension_bytes {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Extensions too large",
+            format!(
+                "{ext_bytes} bytes of extension elements; at most {}",
+                server.config.api.max_extension_bytes
+            ),
+        ));
+    }
+    for (i, x) in extensions.iter().enumerate() {
+        match crate::xml::framer::parse_element(x.as_bytes()) {
+            Ok(el) if el.ns != crate::xml::NS_SERVER && !el.ns.is_empty() => {}
+            Ok(_) => {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid extension",
+                    format!("extensions[{i}] needs its own namespace (xmlns)"),
+                ));
+            }
+            Err(e) => {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid extension",
+                    format!("extensions[{i}] is not one well-formed XML element: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A validated message, ready to be queued.
 struct Prepared {
     out: Outgoing,
@@ -1020,36 +1056,7 @@ fn prepare(
             "a message needs a body or extension elements",
         ));
     }
-    let ext_bytes: usize = m.extensions.iter().map(String::len).sum();
-    if ext_bytes > server.config.api.max_extension_bytes {
-        return Err(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Extensions too large",
-            format!(
-                "{ext_bytes} bytes of extension elements; at most {}",
-                server.config.api.max_extension_bytes
-            ),
-        ));
-    }
-    for (i, x) in m.extensions.iter().enumerate() {
-        match crate::xml::framer::parse_element(x.as_bytes()) {
-            Ok(el) if el.ns != crate::xml::NS_SERVER && !el.ns.is_empty() => {}
-            Ok(_) => {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid extension",
-                    format!("extensions[{i}] needs its own namespace (xmlns)"),
-                ));
-            }
-            Err(e) => {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid extension",
-                    format!("extensions[{i}] is not one well-formed XML element: {e}"),
-                ));
-            }
-        }
-    }
+    check_extensions(server, &m.extensions)?;
     // Time-ordered (UUIDv7): a receiver that indexes ids (ours dedups by sender and
     // id) appends to its index instead of writing all over it.
     let id = message_id();

@@ -524,6 +524,14 @@ impl Writes {
         ));
     }
 
+    /// Record that `user_id`'s request with idempotency key `k` made message
+    /// `id` (see [`Store::idempotent`]).
+    pub fn idempotency(&mut self, user_id: &str, k: &str, id: &str) {
+        let mut v = now_ms().to_be_bytes().to_vec();
+        v.extend_from_slice(id.as_bytes());
+        self.ops.push(Op::Put(Store::idem_key(user_id, k), v));
+    }
+
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.events.is_empty()
