@@ -12,6 +12,7 @@
 //! - `GET /v1/events?after=&limit=&wait=`: the durable event queue (long-poll);
 //!   `GET /v1/events/stream?after=`: the same as Server-Sent Events (resumes after
 //!   `Last-Event-ID`); `POST /v1/events/ack {up_to}` deletes events up to a cursor.
+//! - `/v1/conversations/...`: group conversations as rooms ([`conversations`]).
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
 //!
 //! The OpenAPI document is derived, not written: every route is registered with
@@ -35,6 +36,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+
+mod conversations;
 
 use crate::s2s::conn::new_id;
 use crate::server::Server;
@@ -317,7 +320,19 @@ fn api_routes(
         .routes(routes!(post_batch))
         .routes(routes!(events))
         .routes(routes!(events_stream))
-        .routes(routes!(ack));
+        .routes(routes!(ack))
+        .routes(routes!(
+            conversations::put_conversation,
+            conversations::get_conversation,
+            conversations::delete_conversation
+        ))
+        .routes(routes!(conversations::put_subject))
+        .routes(routes!(conversations::put_member))
+        .routes(routes!(conversations::delete_member))
+        .routes(routes!(
+            conversations::post_group_message,
+            conversations::get_archive
+        ));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
         .routes(routes!(openapi))
@@ -1681,6 +1696,14 @@ mod tests {
         ("GET", "/v1/events"),
         ("GET", "/v1/events/stream"),
         ("POST", "/v1/events/ack"),
+        ("PUT", "/v1/conversations/{id}"),
+        ("GET", "/v1/conversations/{id}"),
+        ("DELETE", "/v1/conversations/{id}"),
+        ("PUT", "/v1/conversations/{id}/subject"),
+        ("PUT", "/v1/conversations/{id}/members"),
+        ("DELETE", "/v1/conversations/{id}/members/{member}"),
+        ("POST", "/v1/conversations/{id}/messages"),
+        ("GET", "/v1/conversations/{id}/messages"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
     ];
@@ -1800,7 +1823,13 @@ mod tests {
                 "bounced",
                 "presence",
                 "subscription",
-                "expired"
+                "expired",
+                "group_message",
+                "member_joined",
+                "member_left",
+                "nick_changed",
+                "subject_changed",
+                "invite_declined",
             ])
         );
     }

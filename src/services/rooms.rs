@@ -127,6 +127,9 @@ pub enum Call {
         inner: String,
         /// The body, for the event.
         body: Option<String>,
+        /// (user id, idempotency key): a key already accepted gives back the
+        /// first message's id and posts nothing.
+        key: Option<(String, String)>,
     },
     /// A room with its members and who is present.
     Get {
@@ -167,6 +170,8 @@ pub enum Reply {
     },
     /// The message as archived.
     Posted(Archived),
+    /// A repeat of an accepted idempotency key: the first message's id.
+    Repeat(String),
     /// Done.
     Done,
 }
@@ -631,7 +636,13 @@ impl Live {
                 message_id,
                 inner,
                 body,
+                key,
             } => {
+                if let Some((user, k)) = &key
+                    && let Some(first) = self.task.store.idempotent(user, k)?
+                {
+                    return Ok(Reply::Repeat(first));
+                }
                 let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
                 let m = r
                     .members
@@ -639,9 +650,13 @@ impl Live {
                     .filter(|m| m.user_id.is_some() && m.affiliation >= Affiliation::Member)
                     .cloned()
                     .ok_or_else(|| CallError::Invalid(format!("{from} is not a member")))?;
-                r.post(&m, &message_id, &inner, body, cx)
-                    .map(Reply::Posted)
-                    .ok_or_else(|| CallError::Invalid(format!("{from} is not in the room")))
+                let posted = r
+                    .post(&m, &message_id, &inner, body, cx)
+                    .ok_or_else(|| CallError::Invalid(format!("{from} is not in the room")))?;
+                if let Some((user, k)) = &key {
+                    cx.writes.idempotency(user, k, &message_id);
+                }
+                Ok(Reply::Posted(posted))
             }
             Call::Get { service, id } => {
                 let r = self.room(&service, &id)?.ok_or(CallError::NotFound)?;
