@@ -4,6 +4,7 @@
 
 mod api;
 mod binary;
+mod conversations;
 mod durability;
 mod federation;
 mod interop;
