@@ -6,7 +6,12 @@
 //! - `T_ROOM S\0R` -> [`Room`] (JSON);
 //! - `T_MEMBER S\0R\0jid` -> [`Member`] (JSON);
 //! - `T_ARCHIVE S\0R\0seq` (u64 BE) -> [`Archived`] (binary: the stanza is most
-//!   of it, and JSON would escape every quote of it).
+//!   of it, and JSON would escape every quote of it);
+//! - `T_SESSION S\0R\0full-jid` -> [`StoredSession`]: who is in the room, so
+//!   that a restart (or a crash) does not silently drop occupants whose clients
+//!   still think they are in;
+//! - `T_FANOUT S\0R\0domain` -> u64 BE: the newest archived message that domain
+//!   is known to have taken (durable fan-out resumes after it).
 //!
 //! Writes go through [`Writes`], so a room change commits atomically with the
 //! events it causes.
@@ -18,6 +23,8 @@ use super::{Op, Store, StoreError, Writes, json, key, parse};
 const T_ROOM: u8 = b'R';
 const T_MEMBER: u8 = b'M';
 const T_ARCHIVE: u8 = b'A';
+const T_SESSION: u8 = b'O';
+const T_FANOUT: u8 = b'F';
 
 /// A member's standing in a room (XEP-0045 §5.2).
 #[derive(
@@ -367,7 +374,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut w = Writes::default();
         w.ops.push(Op::Delete(room_key(&room.service, &room.id)));
-        for tree in [T_MEMBER, T_ARCHIVE] {
+        for tree in [T_MEMBER, T_ARCHIVE, T_SESSION, T_FANOUT] {
             let (start, end) = span(tree, &room.service, &room.id);
             for (k, _) in self.kv.range(&start, &end, usize::MAX)? {
                 w.ops.push(Op::Delete(k));
@@ -377,6 +384,95 @@ impl Store {
             w.event(e);
         }
         self.commit(w).await
+    }
+}
+
+/// An occupant's client session as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSession {
+    /// Its full JID.
+    pub full: String,
+    /// Its nick.
+    pub nick: String,
+    /// The namespace declarations its presence's children rely on.
+    pub declarations: String,
+    /// The children of its presence that others see.
+    pub presence: String,
+}
+
+fn session_key(service: &str, id: &str, full: &str) -> Vec<u8> {
+    let mut k = room_prefix(service, id);
+    k.extend_from_slice(full.as_bytes());
+    key(T_SESSION, &k)
+}
+
+fn fanout_key(service: &str, id: &str, domain: &str) -> Vec<u8> {
+    let mut k = room_prefix(service, id);
+    k.extend_from_slice(domain.as_bytes());
+    key(T_FANOUT, &k)
+}
+
+impl Writes {
+    /// Record (or update) a session in a room.
+    pub fn put_session(&mut self, room: &Room, s: &StoredSession) {
+        self.ops.push(Op::Put(
+            session_key(&room.service, &room.id, &s.full),
+            json(s),
+        ));
+    }
+
+    /// A session left the room.
+    pub fn delete_session(&mut self, room: &Room, full: &str) {
+        self.ops
+            .push(Op::Delete(session_key(&room.service, &room.id, full)));
+    }
+
+    /// `domain` has taken every archived message up to `seq`.
+    pub fn fanout_cursor(&mut self, room: &Room, domain: &str, seq: u64) {
+        self.ops.push(Op::Put(
+            fanout_key(&room.service, &room.id, domain),
+            seq.to_be_bytes().to_vec(),
+        ));
+    }
+
+    /// Forget a domain's cursor (no occupant of it is left).
+    pub fn delete_fanout_cursor(&mut self, room: &Room, domain: &str) {
+        self.ops
+            .push(Op::Delete(fanout_key(&room.service, &room.id, domain)));
+    }
+}
+
+impl Store {
+    /// The sessions in a room.
+    pub fn sessions(&self, service: &str, id: &str) -> Result<Vec<StoredSession>, StoreError> {
+        let (start, end) = span(T_SESSION, service, id);
+        self.kv
+            .range(&start, &end, usize::MAX)?
+            .iter()
+            .map(|(_, v)| parse(v))
+            .collect()
+    }
+
+    /// The fan-out cursors of a room, by remote domain.
+    pub fn fanout_cursors(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let (start, end) = span(T_FANOUT, service, id);
+        self.kv
+            .range(&start, &end, usize::MAX)?
+            .iter()
+            .map(|(k, v)| {
+                let domain = String::from_utf8_lossy(&k[start.len()..]).into_owned();
+                let seq = v
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("fan-out cursor".into()))?;
+                Ok((domain, seq))
+            })
+            .collect()
     }
 }
 
