@@ -576,9 +576,9 @@ mod tests {
         let at = |seq: u64| (seq / 3) * 10; // three messages per 10 ms
         assert_eq!(store.archive_seq_from(&r.service, &r.id, 0).unwrap(), None);
         let mut w = Writes::default();
-        for seq in 4..=40 {
+        for seq in 4..=40u64 {
             // Holes where seq % 7 == 0.
-            if seq % 7 != 0 {
+            if !seq.is_multiple_of(7) {
                 w.archive(
                     &r,
                     &Archived {
@@ -589,7 +589,7 @@ mod tests {
             }
         }
         store.commit(w).await.unwrap();
-        let present = |seq: &u64| seq % 7 != 0;
+        let present = |seq: &u64| !seq.is_multiple_of(7);
         for t in 0..=140 {
             let expected = (4..=40).filter(present).find(|&s| at(s) >= t);
             assert_eq!(

@@ -1305,7 +1305,7 @@ mod tests {
         let n = SCAN_CHUNK as u64 * 2 + 5;
         let (store, room) = archive(n).await;
         let inner = form(&[("with", "witch3@shakespeare.lit")]);
-        let all: Vec<u64> = (1..=n).filter(|s| s % 3 == 0).collect();
+        let all: Vec<u64> = (1..=n).filter(|s| s.is_multiple_of(3)).collect();
         assert_eq!(run(&store, &room, &inner, 1000).unwrap().seqs, all);
         let got = run(
             &store,
