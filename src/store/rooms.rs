@@ -277,6 +277,10 @@ impl Writes {
     }
 }
 
+/// At most this many archived messages are deleted in one transaction by
+/// [`Store::prune_archive`].
+pub const PRUNE_CHUNK: usize = 512;
+
 /// Which archived messages to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ArchiveSpan {
@@ -364,6 +368,107 @@ impl Store {
             self.kv.range(&start, &end, s.limit)?
         };
         pairs.iter().map(|(k, v)| decode_archived(k, v)).collect()
+    }
+
+    /// Archived message `seq`, if it is (still) in the archive.
+    pub fn archived_one(
+        &self,
+        service: &str,
+        id: &str,
+        seq: u64,
+    ) -> Result<Option<Archived>, StoreError> {
+        let k = archive_key(service, id, seq);
+        self.kv
+            .get(&k)?
+            .map(|v| decode_archived(&k, &v))
+            .transpose()
+    }
+
+    /// The first archived message taken at or after `at_ms` (`None` if every
+    /// one is older). Sequence numbers increase with `at_ms`, so this is a
+    /// binary search over them, one point read per step (a missing number
+    /// reads as the next one there is): XEP-0313 `start`/`end`, retention.
+    pub fn archive_seq_from(
+        &self,
+        service: &str,
+        id: &str,
+        at_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let last = self.archive_last(service, id)?;
+        if last == 0 {
+            return Ok(None);
+        }
+        // The first message at or after `seq` (there is one up to `last`).
+        let next = |seq: u64| -> Result<Option<Archived>, StoreError> {
+            Ok(self
+                .archived(
+                    service,
+                    id,
+                    ArchiveSpan {
+                        from: seq,
+                        to: last,
+                        limit: 1,
+                        newest_first: false,
+                    },
+                )?
+                .pop())
+        };
+        let (mut lo, mut hi) = (self.archive_first(service, id)?, last);
+        match next(hi)? {
+            Some(a) if a.at_ms >= at_ms => {}
+            _ => return Ok(None),
+        }
+        // Invariant: the answer is the first message at or after some seq in
+        // [lo, hi], and the one at or after hi qualifies.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match next(mid)? {
+                Some(a) if a.at_ms >= at_ms => hi = mid,
+                Some(a) => lo = a.seq + 1,
+                None => return Ok(None),
+            }
+        }
+        Ok(next(lo)?.map(|a| a.seq))
+    }
+
+    /// Delete a room's archived messages taken before `before_ms` (retention),
+    /// in transactions of at most [`PRUNE_CHUNK`] messages; the number deleted.
+    ///
+    /// The newest message is kept even if it is older: the room numbers its
+    /// next message after [`Store::archive_last`], and XEP-0313 §3.2 forbids
+    /// reusing the id of a deleted one. Only the oldest go, so the archive
+    /// keeps no holes (§3.2 again).
+    pub async fn prune_archive(
+        &self,
+        service: &str,
+        id: &str,
+        before_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let last = self.archive_last(service, id)?;
+        if last == 0 {
+            return Ok(0);
+        }
+        let end = match self.archive_seq_from(service, id, before_ms)? {
+            Some(seq) => seq.min(last),
+            None => last,
+        };
+        let (mut from, end) = (archive_key(service, id, 0), archive_key(service, id, end));
+        let mut deleted = 0;
+        loop {
+            let chunk = self.kv.range(&from, &end, PRUNE_CHUNK)?;
+            let Some((k, _)) = chunk.last() else { break };
+            from = k.clone();
+            from.push(0);
+            let n = chunk.len();
+            let mut w = Writes::default();
+            w.ops.extend(chunk.into_iter().map(|(k, _)| Op::Delete(k)));
+            self.commit(w).await?;
+            deleted += n;
+            if n < PRUNE_CHUNK {
+                break;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Delete a room, its members and its archive, with `events`.
@@ -559,10 +664,83 @@ mod tests {
         for bad in ["", "2-2", "-1", "1-", "1-02", "1-+2", "x", "1-2-3"] {
             assert_eq!(r1.seq_of(bad), None, "{bad}");
         }
+        assert_eq!(
+            store.archived_one("conference.a.test", "r1", 3).unwrap(),
+            Some(archived(3))
+        );
+        assert_eq!(
+            store.archived_one("conference.a.test", "r1", 6).unwrap(),
+            None
+        );
         store.delete_room(&r1, Vec::new()).await.unwrap();
         assert_eq!(store.room("conference.a.test", "r1").unwrap(), None);
         assert_eq!(store.archive_last("conference.a.test", "r1").unwrap(), 0);
         assert!(store.members("conference.a.test", "r1").unwrap().is_empty());
         assert_eq!(store.archive_last("conference.a.test", "r10").unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_first_message_at_a_time_is_found_over_holes() {
+        let store = Store::open(crate::store::memory_kv().unwrap(), "a.test").unwrap();
+        let r = room("r");
+        let at = |seq: u64| (seq / 3) * 10; // three messages per 10 ms
+        assert_eq!(store.archive_seq_from(&r.service, &r.id, 0).unwrap(), None);
+        let mut w = Writes::default();
+        for seq in 4..=40u64 {
+            // Holes where seq % 7 == 0.
+            if !seq.is_multiple_of(7) {
+                w.archive(
+                    &r,
+                    &Archived {
+                        at_ms: at(seq),
+                        ..archived(seq)
+                    },
+                );
+            }
+        }
+        store.commit(w).await.unwrap();
+        let present = |seq: &u64| !seq.is_multiple_of(7);
+        for t in 0..=140 {
+            let expected = (4..=40).filter(present).find(|&s| at(s) >= t);
+            assert_eq!(
+                store.archive_seq_from(&r.service, &r.id, t).unwrap(),
+                expected,
+                "t={t}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn prune_removes_the_oldest_in_chunks_but_never_the_newest() {
+        let store = Store::open(crate::store::memory_kv().unwrap(), "a.test").unwrap();
+        let (r, other) = (room("r"), room("s"));
+        let n = PRUNE_CHUNK as u64 * 2 + 10;
+        let mut w = Writes::default();
+        for seq in 1..=n {
+            w.archive(&r, &archived(seq)); // at 1000 + seq
+        }
+        w.archive(&other, &archived(1));
+        store.commit(w).await.unwrap();
+        let (service, id) = (r.service.as_str(), r.id.as_str());
+        assert_eq!(store.prune_archive(service, id, 1000).await.unwrap(), 0);
+        assert_eq!(store.prune_archive(service, id, 1011).await.unwrap(), 10);
+        assert_eq!(store.archive_first(service, id).unwrap(), 11);
+        // Everything older: all but the newest, over several chunks.
+        let left = n as usize - 10;
+        assert_eq!(
+            store.prune_archive(service, id, u64::MAX).await.unwrap(),
+            left - 1
+        );
+        assert_eq!(store.archive_first(service, id).unwrap(), n);
+        assert_eq!(store.archive_last(service, id).unwrap(), n);
+        assert_eq!(store.prune_archive(service, id, u64::MAX).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .prune_archive(&other.service, "none", u64::MAX)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(store.archive_last(&other.service, &other.id).unwrap(), 1);
     }
 }
