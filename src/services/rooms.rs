@@ -795,8 +795,11 @@ fn message_to_room(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
     match s.type_.as_deref() {
         Some("groupchat") => r.groupchat(s, cx),
         Some("error") => {
-            // An occupant's server refusing our copy: that session is gone.
-            if let Some(from) = s.from.as_ref() {
+            // An occupant's server refusing what the room sent (a subject, an
+            // invitation): that session may be gone.
+            if !r.remove_gone(s, cx)
+                && let Some(from) = s.from.as_ref()
+            {
                 tracing::debug!(from = from.as_str(), "error from an occupant's server");
             }
         }

@@ -742,6 +742,39 @@ impl RoomState {
         });
     }
 
+    /// An error message from an occupant's session (to the room or to a nick):
+    /// its server refusing what the room sent it. When the error says the
+    /// session is gone, the session is removed (333 to the others), as Prosody
+    /// 0.12 does (`is_kickable_error`, `handle_kickable`); whether it was.
+    pub fn remove_gone(&mut self, stanza: &Stanza, cx: &mut Cx<'_>) -> bool {
+        let Some(from) = stanza.from.as_ref().map(|f| f.as_str().to_string()) else {
+            return false;
+        };
+        if !self.by_full.contains_key(&from) {
+            return false;
+        }
+        // An error without a condition we can read counts (Prosody: "malformed
+        // error").
+        let gone = crate::services::stanza_error(stanza).is_none_or(|e| {
+            matches!(
+                crate::services::condition(&e.defined_condition),
+                StanzaCondition::Gone
+                    | StanzaCondition::InternalServerError
+                    | StanzaCondition::ItemNotFound
+                    | StanzaCondition::JidMalformed
+                    | StanzaCondition::RecipientUnavailable
+                    | StanzaCondition::Redirect
+                    | StanzaCondition::RemoteServerNotFound
+                    | StanzaCondition::RemoteServerTimeout
+                    | StanzaCondition::ServiceUnavailable
+            )
+        });
+        if gone {
+            self.leave(&from, &[333], "gone", cx);
+        }
+        gone
+    }
+
     /// Remove every session of `bare` with status `code` (307 kicked, 301
     /// banned, 321 membership lost).
     pub fn remove_occupant(&mut self, bare: &str, code: u16, reason: &str, cx: &mut Cx<'_>) {
@@ -1118,6 +1151,9 @@ impl RoomState {
             let via = self.nick_jid(&answerer.nick);
             return cx.out.push(readdressed(stanza, &via, &asker));
         }
+        if stanza.kind == Kind::Message && stanza.is_error() && self.remove_gone(stanza, cx) {
+            return;
+        }
         let Some(sender) = self.occupant_of(&from).cloned() else {
             cx.out.extend(room_error(
                 stanza,
@@ -1183,6 +1219,10 @@ impl RoomState {
                 return;
             }
             if target.sessions.is_empty() {
+                if stanza.is_error() {
+                    // Nothing the backend sent: nothing to tell it.
+                    return;
+                }
                 // A backend user: the message becomes an event for them.
                 if let Some(m) = self.members.get(&target.bare)
                     && let Some(user_id) = &m.user_id
@@ -1810,5 +1850,40 @@ mod tests {
         assert!(r.occupant_of("bob@prosody.test/phone").is_none());
         let out = run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
         assert_eq!(condition(&out[0]), "registration-required");
+    }
+
+    /// An error from an occupant's session to a nick is its server refusing what
+    /// the room sent: never passed on (a backend user gets no event of it), and
+    /// one that says the session is gone removes it (333 to the others), as
+    /// Prosody does.
+    #[test]
+    fn errors_from_a_gone_session_remove_it_and_are_not_passed_on() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        run.writes = Writes::default();
+        let error = |cond: &str| {
+            format!(
+                "<message from='bob@prosody.test/phone' to='{ROOM}/alice' type='error' id='m3'>\
+                 <error type='cancel'><{cond} xmlns='{NS_STANZAS_ERR}'/></error></message>"
+            )
+        };
+        // Not one that means gone: dropped, nothing stored.
+        let out = run.feed(&mut r, &error("not-acceptable"));
+        assert!(out.is_empty(), "{out:?}");
+        assert!(run.writes.is_empty());
+        assert!(r.occupant_of("bob@prosody.test/phone").is_some());
+        // Bob's server restarted: his session is gone.
+        let out = run.feed(&mut r, &error("service-unavailable"));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(to_of(&out[0]), "carol@ejabberd.test/pc");
+        assert_eq!(from_of(&out[0]), format!("{ROOM}/bob"));
+        assert_eq!(out[0].type_.as_deref(), Some("unavailable"));
+        assert!(out[0].as_str().contains("<status code='333'/>"));
+        assert!(r.occupant_of("bob@prosody.test/phone").is_none());
+        // The same from a session not in the room: nothing.
+        let out = run.feed(&mut r, &error("service-unavailable"));
+        assert!(out.is_empty(), "{out:?}");
     }
 }
