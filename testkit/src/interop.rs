@@ -151,10 +151,12 @@ pub fn client(
     run(client_command(python, jid, password, c2s, ca).args(args))
 }
 
-/// A client running in the background (e.g. `wait-message`); killed on drop.
+/// A client running in the background (e.g. `wait-message`, `muc-join`); killed
+/// on drop. Its stderr is discarded unless `XMPP_FEDERATOR_CLIENT_STDERR` is set.
 #[derive(Debug)]
 pub struct BackgroundClient {
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
 }
@@ -171,11 +173,19 @@ impl BackgroundClient {
     ) -> Result<BackgroundClient, String> {
         let mut child = client_command(python, jid, password, c2s, ca)
             .args(args)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(
+                if std::env::var_os("XMPP_FEDERATOR_CLIENT_STDERR").is_some() {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                },
+            )
             .spawn()
             .map_err(|e| e.to_string())?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
+        let stdin = child.stdin.take();
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -188,11 +198,28 @@ impl BackgroundClient {
         });
         let mut bg = BackgroundClient {
             child,
+            stdin,
             lines,
             seen: Vec::new(),
         };
         bg.wait_line("READY", Duration::from_secs(30))?;
         Ok(bg)
+    }
+
+    /// Every line it printed so far that a wait consumed (those before `READY`
+    /// among them), in order.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Write one line (a command) to its stdin.
+    pub fn send_line(&mut self, line: &str) -> Result<(), String> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().ok_or("stdin is closed")?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|e| format!("writing {line:?} to the client: {e}"))
     }
 
     /// Wait for a line starting with `prefix`; returns it.
@@ -290,6 +317,10 @@ fn signal(pid: u32, sig: &str) {
 }
 
 fn stop_child(child: &mut Child, group: bool) {
+    if !group && matches!(child.try_wait(), Ok(Some(_))) {
+        // Already gone (and reaped): its pid may be another process's now.
+        return;
+    }
     let target = if group {
         format!("-{}", child.id())
     } else {
@@ -453,6 +484,14 @@ VirtualHost "{domain}"
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kill it with SIGKILL (a crash: its sessions end without a word to anyone)
+    /// and wait for it; start it again with [`Prosody::start`] on the same work
+    /// directory (accounts are kept).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
