@@ -23,9 +23,9 @@ use xmpp_federator_testkit::interop::BackgroundClient;
 
 use crate::support::{PING, TOKEN, http, iq_round_trip, wait_event};
 
-const WIRE: &str = "wire.test";
+pub(crate) const WIRE: &str = "wire.test";
 
-fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     if std::env::var("XMPP_FEDERATOR_SKIP_INTEROP").as_deref() == Ok("1") {
         eprintln!("SKIPPED: interop test (XMPP_FEDERATOR_SKIP_INTEROP=1)");
         return false;
@@ -36,23 +36,23 @@ fn enabled() -> bool {
     true
 }
 
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
 /// Certificates, DNS, our instance and the slixmpp venv for one real peer.
-struct Lab {
-    work: Work,
+pub(crate) struct Lab {
+    pub(crate) work: Work,
     ca: TestCa,
-    ca_path: PathBuf,
-    dns: DnsServer,
+    pub(crate) ca_path: PathBuf,
+    pub(crate) dns: DnsServer,
     wire_files: LeafFiles,
-    wire_ip: Ipv4Addr,
-    python: PathBuf,
+    pub(crate) wire_ip: Ipv4Addr,
+    pub(crate) python: PathBuf,
 }
 
 impl Lab {
-    async fn new(name: &str, wire_ip: Ipv4Addr) -> Lab {
+    pub(crate) async fn new(name: &str, wire_ip: Ipv4Addr) -> Lab {
         let work = Work::new(name).expect("work dir");
         let certs = work.path.join("certs");
         let ca = TestCa::new("Interop Test CA");
@@ -73,7 +73,7 @@ impl Lab {
         }
     }
 
-    fn spec(&self, domain: &str, ip: Ipv4Addr) -> ServerSpec {
+    pub(crate) fn spec(&self, domain: &str, ip: Ipv4Addr) -> ServerSpec {
         // The peer's certificate carries only the serverAuth EKU, as Let's Encrypt
         // issues them since 2026; it is also its s2s client certificate.
         let f = self
@@ -110,7 +110,7 @@ impl Lab {
         c
     }
 
-    async fn start_wire(&self) -> Running {
+    pub(crate) async fn start_wire(&self) -> Running {
         // The same fixed port as `check`, so peers' cached SRV answers stay right.
         let r = start(self.wire_config(5269))
             .await
@@ -160,7 +160,13 @@ impl Lab {
         self.client_args(jid, pw, c2s, &[cmd, target])
     }
 
-    fn client_args(&self, jid: &str, pw: &str, c2s: SocketAddr, args: &[&str]) -> String {
+    pub(crate) fn client_args(
+        &self,
+        jid: &str,
+        pw: &str,
+        c2s: SocketAddr,
+        args: &[&str],
+    ) -> String {
         interop::client(&self.python, jid, pw, c2s, &self.ca_path, args)
             .unwrap_or_else(|e| panic!("slixmpp {args:?}: {e}"))
     }

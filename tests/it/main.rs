@@ -10,5 +10,6 @@ mod federation;
 mod interop;
 mod layout;
 mod negotiation;
+mod rooms;
 mod sessions;
 mod support;
