@@ -489,7 +489,10 @@ impl RoomState {
         };
         if let Some(current) = self.by_full.get(from).cloned() {
             if current == nick {
-                return self.update(session, cx);
+                return match muc_x {
+                    Some(x) => self.resync(stanza, session, nick, x, cx),
+                    None => self.update(session, cx),
+                };
             }
             return self.change_nick(stanza, session, &current, nick, cx);
         }
@@ -563,17 +566,7 @@ impl RoomState {
         }
         let to = session.full.clone();
         // 1. The others' presences (every session of each).
-        for o in self.occupants.values() {
-            if o.nick == nick {
-                continue;
-            }
-            if o.sessions.is_empty() {
-                cx.out.push(self.presence_of(o, None, &to, None, &[]));
-            }
-            for s in &o.sessions {
-                cx.out.push(self.presence_of(o, Some(s), &to, None, &[]));
-            }
-        }
+        self.occupant_list(&to, nick, cx);
         // 2. The joiner to the others (a second session of an occupant is not
         // news to them).
         let new_occupant = !self.occupants.contains_key(nick);
@@ -611,6 +604,56 @@ impl RoomState {
             jid: to,
             nick: nick.to_string(),
         });
+    }
+
+    /// The presences of everyone but `nick` (every session of each), to `to`.
+    fn occupant_list(&self, to: &str, nick: &str, cx: &mut Cx<'_>) {
+        for o in self.occupants.values() {
+            if o.nick == nick {
+                continue;
+            }
+            if o.sessions.is_empty() {
+                cx.out.push(self.presence_of(o, None, to, None, &[]));
+            }
+            for s in &o.sessions {
+                cx.out.push(self.presence_of(o, Some(s), to, None, &[]));
+            }
+        }
+    }
+
+    /// A join (`<x xmlns=muc>`) from a session already in the room under that
+    /// nick: its client thinks it lost the room (a reconnect it resumed, a
+    /// failed self-ping) and waits for the join's stanzas, the subject last
+    /// (slixmpp's join does). Its presence is updated for the others and it gets
+    /// what a join gets again: the occupants, self-presence with the join's id,
+    /// the history it asks for, the subject; as Prosody 0.12 does for a
+    /// "desynced" session (`handle_normal_presence`, `orig_occupant == nil or
+    /// muc_x`). It is no new member of the conversation: no event.
+    fn resync(
+        &mut self,
+        stanza: &Stanza,
+        session: Session,
+        nick: &str,
+        muc_x: &str,
+        cx: &mut Cx<'_>,
+    ) {
+        let Some(o) = self.occupants.get_mut(nick) else {
+            return;
+        };
+        if let Some(s) = o.sessions.iter_mut().find(|s| s.full == session.full) {
+            *s = session.clone();
+        }
+        let to = session.full.clone();
+        self.occupant_list(&to, nick, cx);
+        let o = &self.occupants[nick];
+        for other in self.sessions().filter(|f| *f != to) {
+            cx.out
+                .push(self.presence_of(o, Some(&session), other, None, &[]));
+        }
+        cx.out
+            .push(self.presence_of(o, Some(&session), &to, stanza.id.as_deref(), &[100, 110]));
+        self.history(&to, history_request(muc_x), cx);
+        cx.out.push(self.subject_message(&to));
     }
 
     /// A presence update from an occupant's session (show, status).
@@ -1850,6 +1893,60 @@ mod tests {
         assert!(r.occupant_of("bob@prosody.test/phone").is_none());
         let out = run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
         assert_eq!(condition(&out[0]), "registration-required");
+    }
+
+    /// A join from a session already in the room under that nick gets the
+    /// join's stanzas again (slixmpp's join waits for the subject); the others
+    /// see a presence update; nothing is stored.
+    #[test]
+    fn a_join_from_a_session_in_the_room_gets_the_join_again() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        run.writes = Writes::default();
+        let out = run.feed(
+            &mut r,
+            &join("bob", "bob@prosody.test/phone", "<history maxstanzas='0'/>"),
+        );
+        let to_bob: Vec<String> = out
+            .iter()
+            .filter(|s| to_of(s) == "bob@prosody.test/phone")
+            .map(|s| format!("{}:{}", s.kind.name(), from_of(s)))
+            .collect();
+        let mut others = to_bob[..2].to_vec();
+        others.sort();
+        assert_eq!(
+            others,
+            [
+                format!("presence:{ROOM}/alice"),
+                format!("presence:{ROOM}/carol")
+            ]
+        );
+        assert_eq!(
+            to_bob[2..],
+            [format!("presence:{ROOM}/bob"), format!("message:{ROOM}")]
+        );
+        let own = out
+            .iter()
+            .find(|s| to_of(s) == "bob@prosody.test/phone" && from_of(s) == format!("{ROOM}/bob"))
+            .unwrap();
+        assert_eq!(own.id.as_deref(), Some("j1"));
+        assert!(own.as_str().contains("<status code='110'/>"));
+        let to_carol: Vec<&Stanza> = out
+            .iter()
+            .filter(|s| to_of(s) == "carol@ejabberd.test/pc")
+            .collect();
+        assert_eq!(to_carol.len(), 1);
+        assert!(!to_carol[0].as_str().contains("110"));
+        assert!(run.writes.is_empty());
+        assert_eq!(
+            r.occupant_of("bob@prosody.test/phone")
+                .unwrap()
+                .sessions
+                .len(),
+            1
+        );
     }
 
     /// An error from an occupant's session to a nick is its server refusing what
