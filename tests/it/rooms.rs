@@ -7,10 +7,13 @@
 //! and carol (ejabberd) are members, dave (Prosody) and erin (ejabberd) are not.
 //! What the clients see of a join (occupants, self-presence, history, subject, in
 //! that order), messages both ways between them and the backend, join errors
-//! (conflict, registration-required), subject changes both ways, the archive
-//! paged with MAM (XEP-0313 + RSM), a removed member kicked (321), a history
-//! limit on a rejoin, and the ghost of a session whose server crashed removed
-//! (333) once that server refuses the room's next message to it.
+//! (conflict, registration-required), subject changes both ways, a join again
+//! from a session in the room, private messages (to a client, to the backend
+//! member), self-ping, disco#info, a nick change, the archive paged with MAM
+//! (XEP-0313 + RSM), a removed member kicked (321), a history limit on a
+//! rejoin, the ghost of a session whose server crashed removed (333) once that
+//! server refuses the room's next message to it, a second session's client
+//! dying, and leaving.
 //!
 //! Every wait is bounded (client lines, events: 30 s); the servers and clients
 //! stop when dropped.
@@ -244,19 +247,14 @@ async fn rooms(
         ],
     );
     bob.expect("JOINS carol");
-    let view = api(wire, "GET", "/v1/conversations/c1", None, 200).await;
     for (member, occupant) in [("bob@prosody.test", &bob), ("carol@ejabberd.test", &carol)] {
-        let m = view["members"]
-            .as_array()
-            .and_then(|ms| ms.iter().find(|m| m["jid"] == member))
-            .unwrap_or_else(|| panic!("{member} is not listed: {view}"));
-        let present = m["present"].as_array().cloned().unwrap_or_default();
+        let present = present(wire, member).await;
         assert!(
             present.len() == 1
                 && present[0]
                     .as_str()
                     .is_some_and(|f| f.starts_with(&format!("{}/", occupant.jid))),
-            "{member} present: {m}"
+            "{member} present: {present:?}"
         );
     }
 
@@ -355,6 +353,81 @@ async fn rooms(
     bob.expect("SUBJECT Plans for tomorrow");
     carol.expect("SUBJECT Plans for tomorrow");
 
+    // A client that thinks it lost the room joins again from the same session
+    // (Prosody: "desynced"): it gets the join's stanzas again, not just a
+    // presence update.
+    let before = carol.client.seen().len();
+    carol.send("rejoin 10");
+    carol.expect("REJOINED");
+    let again: Vec<String> = carol.client.seen()[before..]
+        .iter()
+        .filter(|l| *l != "REJOINED")
+        .cloned()
+        .collect();
+    let mut occupants: Vec<&String> = again.iter().filter(|l| l.starts_with("OCCUPANT")).collect();
+    occupants.sort();
+    assert_eq!(occupants, ["OCCUPANT alice", "OCCUPANT bob"], "{again:?}");
+    assert_eq!(
+        again.last().map(String::as_str),
+        Some("SUBJECT Plans for tomorrow"),
+        "{again:?}"
+    );
+    assert!(
+        again.iter().any(|l| l.starts_with("SELF carol")),
+        "{again:?}"
+    );
+
+    // Private messages through the room: to an XMPP occupant, and to the
+    // backend member (an event for alice).
+    bob.send("pm carol psst");
+    carol.expect("PM bob: psst");
+    carol.send("pm alice hello alice");
+    let ev = wait_event(wire.api, |e| {
+        e["type"] == "message" && e["body"] == "hello alice"
+    })
+    .await;
+    assert_eq!(ev["user_id"], "u-alice", "{ev}");
+    assert_eq!(ev["from"], format!("{ROOM}/carol"), "{ev}");
+    // Self-ping (XEP-0410) is answered by the room; a ping of the backend
+    // member cannot be passed on.
+    bob.send("ping");
+    bob.expect("PONG");
+    carol.send("ping alice");
+    carol.expect("PING-ERROR service-unavailable");
+    // The room's disco#info as a client reads it.
+    carol.send("disco");
+    let mut features = Vec::new();
+    loop {
+        let l = carol.wait("");
+        if l == "DISCO-DONE" {
+            break;
+        }
+        features.extend(l.strip_prefix("FEATURE ").map(str::to_string));
+    }
+    for f in [
+        "http://jabber.org/protocol/muc",
+        "muc_membersonly",
+        "muc_nonanonymous",
+        "urn:xmpp:mam:2",
+        "urn:xmpp:sid:0",
+    ] {
+        assert!(features.iter().any(|x| x == f), "{f} not in {features:?}");
+    }
+    // A nick change: the other occupant sees it, the backend gets an event, and
+    // the new nick speaks.
+    bob.send("nick bobby");
+    bob.expect("NICK bob -> bobby");
+    carol.expect("NICK bob -> bobby");
+    wait_event(wire.api, |e| {
+        e["type"] == "nick_changed" && e["new"] == "bobby"
+    })
+    .await;
+    bob.send("say renamed");
+    carol.expect("MSG bobby: renamed");
+    bob.send("nick bob");
+    bob.expect("NICK bobby -> bob");
+    carol.expect("NICK bobby -> bob");
+
     // The archive through MAM, in pages of 3 (RSM): every message, oldest
     // first.
     let mut all = vec![
@@ -362,6 +435,7 @@ async fn rooms(
         "MAM alice: hello from the backend",
         "MAM bob: hi from prosody",
         "MAM carol: hi from ejabberd",
+        "MAM bobby: renamed",
     ];
     mam_query(&mut bob, &all);
 
@@ -407,10 +481,7 @@ async fn rooms(
         .collect();
     assert_eq!(
         history,
-        [
-            "HISTORY bob: hi from prosody",
-            "HISTORY carol: hi from ejabberd"
-        ],
+        ["HISTORY carol: hi from ejabberd", "HISTORY bobby: renamed"],
         "{:?}",
         bob.join_lines()
     );
@@ -443,7 +514,7 @@ async fn rooms(
     })
     .await;
     let bogus = event_so_far(wire.api, |e| {
-        e["type"] == "message" && e["user_id"] == "u-alice"
+        e["type"] == "message" && e["message_type"] == "error"
     })
     .await;
     assert!(
@@ -453,6 +524,28 @@ async fn rooms(
 
     all.push("MAM alice: anyone still there?");
     mam_query(&mut carol, &all);
+
+    // A second session of carol under the same nick: the others are not told;
+    // when its client dies, ejabberd says it is unavailable, and only that
+    // session goes.
+    let carol2 = Occupant::join(lab, espec, "carol", "carol", &["--maxstanzas", "0"]);
+    assert!(
+        carol2
+            .join_lines()
+            .contains(&"SELF carol codes=100,110".to_string()),
+        "{:?}",
+        carol2.join_lines()
+    );
+    assert_eq!(present(wire, "carol@ejabberd.test").await.len(), 2);
+    drop(carol2);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while present(wire, "carol@ejabberd.test").await.len() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "carol's second session is still in the room"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Leaving: unavailable with 110 to the leaver.
     carol.send("leave");
@@ -468,6 +561,16 @@ async fn rooms(
     .await;
 
     api(wire, "DELETE", "/v1/conversations/c1", None, 204).await;
+}
+
+/// The full JIDs present in the room for member `jid`, as the API says.
+async fn present(wire: &Running, jid: &str) -> Vec<Value> {
+    let view = api(wire, "GET", "/v1/conversations/c1", None, 200).await;
+    view["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["jid"] == jid))
+        .and_then(|m| m["present"].as_array().cloned())
+        .unwrap_or_default()
 }
 
 /// The first of the events so far that matches `pred` (no waiting).
