@@ -37,13 +37,12 @@ use crate::store::{Store, StoreError, Writes, now_ms};
 use crate::xml::writer::escape;
 
 use super::{NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, dom, xml};
+use mam::NS_MAM;
 use state::{
     Cx, NS_MUC, NS_MUC_ADMIN, NS_MUC_OWNER, NS_MUC_USER, NS_OCCUPANT_ID, NS_SID, RoomState, built,
     room_error,
 };
 
-/// XEP-0313.
-pub const NS_MAM: &str = "urn:xmpp:mam:2";
 /// XEP-0410.
 pub const NS_SELF_PING: &str = "http://jabber.org/protocol/muc#self-ping-optimization";
 
@@ -927,7 +926,8 @@ fn room_features(r: &RoomState) -> Vec<&'static str> {
         },
         "muc_unmoderated",
         "muc_unsecured",
-        NS_MAM,
+        mam::FEATURES[0],
+        mam::FEATURES[1],
         NS_SID,
         NS_OCCUPANT_ID,
         NS_DISCO_INFO,
@@ -1029,7 +1029,7 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
                 "this conversation's settings are managed by its backend",
             )
         }
-        (_, Some((NS_MAM, "query"))) => {
+        (_, Some((NS_MAM, "query" | "metadata"))) => {
             if !member {
                 return deny(
                     cx,
@@ -1045,10 +1045,12 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
 }
 
 fn mam_query(r: &RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
-    if s.type_.as_deref() == Some("get") {
-        return cx.out.push(mam::fields(s));
-    }
-    let answer = mam::parse(s).and_then(|q| mam::answer(store, &r.room, s, &q, MAM_PAGE));
+    let metadata = s.payload.as_ref().is_some_and(|(_, n)| n == "metadata");
+    let answer = match s.type_.as_deref() {
+        Some("get") if metadata => mam::metadata(store, &r.room, s).map(|a| vec![a]),
+        Some("get") => Ok(vec![mam::fields(s)]),
+        _ => mam::parse(s).and_then(|q| mam::answer(store, &r.room, s, &q, MAM_PAGE)),
+    };
     match answer {
         Ok(stanzas) => cx.out.extend(stanzas),
         Err((condition, text)) => cx.out.extend(room_error(

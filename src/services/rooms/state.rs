@@ -152,17 +152,13 @@ pub struct RoomState {
 /// The most iqs between occupants awaiting an answer (older ones are forgotten).
 const MAX_FORWARDED: usize = 1024;
 
-/// An XEP-0082 timestamp (UTC, milliseconds).
-pub fn stamp(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
+pub use super::mam::stamp;
 
 /// Parse an XEP-0082 timestamp to unix ms.
 pub fn parse_stamp(s: &str) -> Option<u64> {
-    let t = chrono::DateTime::parse_from_rfc3339(s.trim()).ok()?;
-    u64::try_from(t.timestamp_millis()).ok()
+    use std::str::FromStr as _;
+    let t = xmpp_parsers::date::DateTime::from_str(s.trim()).ok()?;
+    u64::try_from(t.0.timestamp_millis()).ok()
 }
 
 /// The occupant id of `bare` in `room` (XEP-0421 §4: stable, opaque):
@@ -886,8 +882,10 @@ impl RoomState {
             let forged = (c.ns == NS_SID
                 && c.name == "stanza-id"
                 && attr(c, "by") == Some(self.jid().as_str()))
-                || (c.ns == NS_DELAY)
-                || (c.ns == NS_OCCUPANT_ID);
+                || c.ns == NS_DELAY
+                || c.ns == NS_OCCUPANT_ID
+                // XEP-0313 §9.3: the archive puts the real JID in a muc#user <x/>.
+                || c.ns == NS_MUC_USER;
             if forged {
                 continue;
             }
@@ -1506,7 +1504,7 @@ mod tests {
         assert!(h.contains("<body>hi</body>"), "{h}");
         assert!(
             h.contains(&format!(
-                "<delay xmlns='{NS_DELAY}' from='{ROOM}' stamp='2027-01-15T08:00:00.000Z'/>"
+                "<delay xmlns='{NS_DELAY}' from='{ROOM}' stamp='2027-01-15T08:00:00Z'/>"
             )),
             "{h}"
         );
