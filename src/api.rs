@@ -12,7 +12,7 @@
 //! - `GET /v1/events?after=&limit=&wait=`: the durable event queue (long-poll);
 //!   `GET /v1/events/stream?after=`: the same as Server-Sent Events (resumes after
 //!   `Last-Event-ID`); `POST /v1/events/ack {up_to}` deletes events up to a cursor.
-//! - `/v1/conversations/...`: group conversations as rooms ([`conversations`]).
+//! - `/v1/conversations/...`: group conversations as rooms (`api/conversations.rs`).
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
 //!
 //! The OpenAPI document is derived, not written: every route is registered with

@@ -156,6 +156,14 @@ impl Server {
                 store: self.store.clone(),
                 outbox: self.outbox.clone(),
                 config: self.config.rooms.clone(),
+                services: self
+                    .config
+                    .room_services()
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect(),
+                expire: std::time::Duration::from_secs(self.config.delivery.expire_secs),
+                retry: std::time::Duration::from_secs(self.config.delivery.retry_secs),
                 shutdown: self.shutdown.clone(),
             };
             self.tracker.spawn(rooms::run(task, rx));

@@ -37,13 +37,12 @@ use crate::store::{Store, StoreError, Writes, now_ms};
 use crate::xml::writer::escape;
 
 use super::{NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, dom, xml};
+use mam::NS_MAM;
 use state::{
     Cx, NS_MUC, NS_MUC_ADMIN, NS_MUC_OWNER, NS_MUC_USER, NS_OCCUPANT_ID, NS_SID, RoomState, built,
     room_error,
 };
 
-/// XEP-0313.
-pub const NS_MAM: &str = "urn:xmpp:mam:2";
 /// XEP-0410.
 pub const NS_SELF_PING: &str = "http://jabber.org/protocol/muc#self-ping-optimization";
 
@@ -207,10 +206,24 @@ enum Command {
     Call(Call, Answer),
 }
 
+/// What the s2s layer reports about fan-out copies (by [`state::Copy::key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// The remote server took these copies.
+    Confirmed(Vec<String>),
+    /// These copies were not (known to be) taken: their domains catch up.
+    Unsent(Vec<String>),
+    /// A stream to this domain is up: domains catching up go on at once.
+    Reachable(String),
+}
+
 /// The service of every room service domain (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Rooms {
     tx: mpsc::Sender<Command>,
+    /// Unbounded: a report is never dropped (there is at most one per copy in
+    /// flight, and copies in flight are bounded by the sessions' queues).
+    settle: mpsc::UnboundedSender<Settle>,
 }
 
 impl std::fmt::Debug for Command {
@@ -224,13 +237,19 @@ impl std::fmt::Debug for Command {
 
 /// The receiving side, for [`run`].
 #[derive(Debug)]
-pub struct RoomsRx(mpsc::Receiver<Command>);
+pub struct RoomsRx(mpsc::Receiver<Command>, mpsc::UnboundedReceiver<Settle>);
 
 impl Rooms {
     /// The service and its queue of up to `capacity` stanzas and calls.
     pub fn new(capacity: usize) -> (Rooms, RoomsRx) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Rooms { tx }, RoomsRx(rx))
+        let (settle, settle_rx) = mpsc::unbounded_channel();
+        (Rooms { tx, settle }, RoomsRx(rx, settle_rx))
+    }
+
+    /// Report what became of fan-out copies.
+    pub fn settle(&self, s: Settle) {
+        let _ = self.settle.send(s);
     }
 
     /// Ask the rooms task.
@@ -282,9 +301,20 @@ pub struct RoomsTask {
     pub outbox: Outbox,
     /// Settings.
     pub config: RoomsConfig,
+    /// The room service domains (their rooms with sessions are loaded at start).
+    pub services: Vec<String>,
+    /// Fan-out copies older than this are not delivered (delivery.expire_secs).
+    pub expire: std::time::Duration,
+    /// How often domains that are behind are retried (delivery.retry_secs).
+    pub retry: std::time::Duration,
     /// Stops it (after the batch at hand).
     pub shutdown: CancellationToken,
 }
+
+/// Most archived messages sent to a domain that catches up, per round.
+const CATCH_UP_WINDOW: usize = 256;
+/// A copy not confirmed in this long is taken as lost (its domain catches up).
+const STALE_MS: u64 = 60_000;
 
 /// The live rooms.
 struct Live {
@@ -294,29 +324,170 @@ struct Live {
 
 /// Run the rooms until shutdown.
 pub async fn run(task: RoomsTask, rx: RoomsRx) {
-    let RoomsRx(mut rx) = rx;
+    let RoomsRx(mut rx, mut settle_rx) = rx;
+    let mut tick = tokio::time::interval(task.retry);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut live = Live {
         task,
         rooms: HashMap::new(),
     };
+    live.load_occupied();
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut settles = Vec::new();
     loop {
-        let n = tokio::select! {
+        tokio::select! {
             biased;
-            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
             _ = live.task.shutdown.cancelled() => return,
-        };
-        if n == 0 {
-            return;
+            n = settle_rx.recv_many(&mut settles, MAX_BATCH) => {
+                if n == 0 {
+                    return;
+                }
+                live.settle(std::mem::take(&mut settles)).await;
+            }
+            n = rx.recv_many(&mut batch, MAX_BATCH) => {
+                if n == 0 {
+                    return;
+                }
+                live.batch(std::mem::take(&mut batch)).await;
+            }
+            _ = tick.tick() => live.catch_up(None).await,
         }
-        live.batch(std::mem::take(&mut batch)).await;
     }
 }
 
 impl Live {
+    /// Load every room that has sessions stored (a restart: their occupants
+    /// are back, and domains that had not confirmed everything catch up).
+    fn load_occupied(&mut self) {
+        for service in self.task.services.clone() {
+            let rooms = match self.task.store.rooms(&service) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, %service, "listing rooms at start");
+                    continue;
+                }
+            };
+            for r in rooms {
+                let occupied = self
+                    .task
+                    .store
+                    .sessions(&service, &r.id)
+                    .is_ok_and(|s| !s.is_empty());
+                if occupied && let Err(e) = self.room(&service, &r.id) {
+                    tracing::error!(error = %e, room = %r.jid(), "loading a room at start");
+                }
+            }
+        }
+    }
+
+    /// Reports on fan-out copies.
+    async fn settle(&mut self, settles: Vec<Settle>) {
+        let mut writes = Writes::default();
+        let mut reachable = Vec::new();
+        let config = self.task.config.clone();
+        let (mut out, mut tracked) = (Vec::new(), Vec::new());
+        let mut cx = Cx {
+            now_ms: now_ms(),
+            writes: &mut writes,
+            out: &mut out,
+            tracked: &mut tracked,
+            config: &config,
+        };
+        for s in settles {
+            let (keys, confirmed) = match s {
+                Settle::Confirmed(k) => (k, true),
+                Settle::Unsent(k) => (k, false),
+                Settle::Reachable(d) => {
+                    reachable.push(d);
+                    continue;
+                }
+            };
+            for key in keys {
+                let Some(c) = state::Copy::from_key(&key) else {
+                    continue;
+                };
+                let Some(r) = self.rooms.get_mut(&(c.service.clone(), c.room.clone())) else {
+                    continue;
+                };
+                if confirmed {
+                    r.confirmed(&c.domain, c.seq, &mut cx);
+                } else {
+                    r.unsent(&c.domain, c.seq);
+                }
+            }
+        }
+        if !writes.is_empty()
+            && let Err(e) = self.task.store.commit(writes).await
+        {
+            // The cursors stay where they were: a restart sends again.
+            tracing::error!(error = %e, "storing fan-out cursors");
+        }
+        for d in reachable {
+            self.catch_up(Some(&d)).await;
+        }
+    }
+
+    /// Send what domains that are behind have not confirmed, from the archive.
+    async fn catch_up(&mut self, only: Option<&str>) {
+        let mut writes = Writes::default();
+        let config = self.task.config.clone();
+        let (mut out, mut tracked) = (Vec::new(), Vec::new());
+        let mut cx = Cx {
+            now_ms: now_ms(),
+            writes: &mut writes,
+            out: &mut out,
+            tracked: &mut tracked,
+            config: &config,
+        };
+        let expire_ms = self.task.expire.as_millis() as u64;
+        let store = self.task.store.clone();
+        for r in self.rooms.values_mut().filter(|r| r.behind()) {
+            let (service, id) = (r.room.service.clone(), r.room.id.clone());
+            let read = |from: u64, to: u64, limit: usize| {
+                store
+                    .archived(
+                        &service,
+                        &id,
+                        ArchiveSpan {
+                            from,
+                            to,
+                            limit,
+                            newest_first: false,
+                        },
+                    )
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "reading the archive to catch up");
+                        Vec::new()
+                    })
+            };
+            r.catch_up(&read, CATCH_UP_WINDOW, STALE_MS, expire_ms, only, &mut cx);
+        }
+        if !writes.is_empty()
+            && let Err(e) = self.task.store.commit(writes).await
+        {
+            tracing::error!(error = %e, "storing fan-out cursors");
+        }
+        self.send(out, tracked);
+    }
+
+    /// Send what a batch produced: fan-out copies tracked, the rest as is.
+    fn send(&self, out: Vec<Stanza>, tracked: Vec<(usize, state::Copy)>) {
+        let mut tracked = tracked.into_iter().peekable();
+        for (i, s) in out.into_iter().enumerate() {
+            match tracked.next_if(|(at, _)| *at == i) {
+                // Until the outbox carries tracks for other owners than
+                // delivery, a copy goes untracked (its domain's cursor then
+                // advances only by catching up).
+                Some((_, _copy)) => self.task.outbox.send(s),
+                None => self.task.outbox.send(s),
+            }
+        }
+    }
+
     async fn batch(&mut self, batch: Vec<Command>) {
         let mut writes = Writes::default();
         let mut out = Vec::new();
+        let mut tracked = Vec::new();
         let mut answers = Vec::new();
         let mut archived_from = Vec::new();
         let config = self.task.config.clone();
@@ -325,6 +496,7 @@ impl Live {
                 now_ms: now_ms(),
                 writes: &mut writes,
                 out: &mut out,
+                tracked: &mut tracked,
                 config: &config,
             };
             match command {
@@ -361,9 +533,7 @@ impl Live {
             }
             return;
         }
-        for s in out {
-            self.task.outbox.send(s);
-        }
+        self.send(out, tracked);
         for (answer, r) in answers {
             let _ = answer.send(r);
         }
@@ -390,8 +560,11 @@ impl Live {
                 },
             )?;
             recent.reverse();
-            self.rooms
-                .insert(key.clone(), RoomState::new(room, members, last, recent));
+            let sessions = store.sessions(service, id)?;
+            let cursors = store.fanout_cursors(service, id)?;
+            let mut r = RoomState::new(room, members, last, recent);
+            r.restore(sessions, cursors);
+            self.rooms.insert(key.clone(), r);
         }
         Ok(self.rooms.get_mut(&key))
     }
@@ -930,7 +1103,8 @@ fn room_features(r: &RoomState) -> Vec<&'static str> {
         },
         "muc_unmoderated",
         "muc_unsecured",
-        NS_MAM,
+        mam::FEATURES[0],
+        mam::FEATURES[1],
         NS_SID,
         NS_OCCUPANT_ID,
         NS_DISCO_INFO,
@@ -1032,7 +1206,7 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
                 "this conversation's settings are managed by its backend",
             )
         }
-        (_, Some((NS_MAM, "query"))) => {
+        (_, Some((NS_MAM, "query" | "metadata"))) => {
             if !member {
                 return deny(
                     cx,
@@ -1048,10 +1222,12 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
 }
 
 fn mam_query(r: &RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
-    if s.type_.as_deref() == Some("get") {
-        return cx.out.push(mam::fields(s));
-    }
-    let answer = mam::parse(s).and_then(|q| mam::answer(store, &r.room, s, &q, MAM_PAGE));
+    let metadata = s.payload.as_ref().is_some_and(|(_, n)| n == "metadata");
+    let answer = match s.type_.as_deref() {
+        Some("get") if metadata => mam::metadata(store, &r.room, s).map(|a| vec![a]),
+        Some("get") => Ok(vec![mam::fields(s)]),
+        _ => mam::parse(s).and_then(|q| mam::answer(store, &r.room, s, &q, MAM_PAGE)),
+    };
     match answer {
         Ok(stanzas) => cx.out.extend(stanzas),
         Err((condition, text)) => cx.out.extend(room_error(

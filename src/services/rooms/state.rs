@@ -25,7 +25,7 @@ use bytes::Bytes;
 use crate::address::Addr;
 use crate::config::RoomsConfig;
 use crate::stanza::{Kind, Stanza, StanzaCondition};
-use crate::store::rooms::{Affiliation, Archived, Member, Room};
+use crate::store::rooms::{Affiliation, Archived, Member, Room, StoredSession};
 use crate::store::{EventKind, Writes};
 use crate::xml::NS_STANZAS_ERR;
 use crate::xml::children::{Child, parts};
@@ -82,6 +82,8 @@ impl Role {
 pub struct Session {
     /// Its full JID.
     pub full: String,
+    /// Its domain (lower case): where its copies go.
+    pub domain: String,
     /// The namespace declarations of its last presence, which the children may
     /// rely on.
     pub declarations: String,
@@ -112,8 +114,60 @@ pub struct Cx<'a> {
     pub writes: &'a mut Writes,
     /// The stanzas to send once they are committed.
     pub out: &'a mut Vec<Stanza>,
+    /// The fan-out copies among them (their index in `out`), settled by the
+    /// remote domain's confirmation.
+    pub tracked: &'a mut Vec<(usize, Copy)>,
     /// The rooms settings.
     pub config: &'a RoomsConfig,
+}
+
+/// A fan-out copy: archived message `seq` of a room, to `domain`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Copy {
+    /// The room service.
+    pub service: String,
+    /// The room.
+    pub room: String,
+    /// The remote domain (lower case).
+    pub domain: String,
+    /// The archived message.
+    pub seq: u64,
+}
+
+impl Copy {
+    /// As one string (a tracking key).
+    pub fn key(&self) -> String {
+        format!(
+            "{}\0{}\0{}\0{}",
+            self.service, self.room, self.domain, self.seq
+        )
+    }
+
+    /// From [`Copy::key`].
+    pub fn from_key(key: &str) -> Option<Copy> {
+        let mut p = key.split('\0');
+        let (service, room, domain, seq) = (p.next()?, p.next()?, p.next()?, p.next()?);
+        Some(Copy {
+            service: service.into(),
+            room: room.into(),
+            domain: domain.into(),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// Where one remote domain stands in the room's archive (durable fan-out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Every archived message up to this one is confirmed taken (stored).
+    pub confirmed: u64,
+    /// Every archived message up to this one has been handed to the outbox.
+    pub sent: u64,
+    /// Its live copies stopped (a copy was not confirmed): it catches up from
+    /// the archive, in order, before live copies go again.
+    pub behind: bool,
+    /// When the newest unconfirmed copy was handed over (unix ms).
+    pub sent_at_ms: u64,
 }
 
 /// What a joining client asked of the history (XEP-0045 §7.2.13).
@@ -147,22 +201,20 @@ pub struct RoomState {
     /// Iqs forwarded between occupants: (answerer's full JID, id) -> asker's full
     /// JID and the answerer's nick.
     forwarded: HashMap<(String, String), String>,
+    /// Each remote domain with sessions in the room, and where it stands.
+    pub fanout: HashMap<String, Fanout>,
 }
 
 /// The most iqs between occupants awaiting an answer (older ones are forgotten).
 const MAX_FORWARDED: usize = 1024;
 
-/// An XEP-0082 timestamp (UTC, milliseconds).
-pub fn stamp(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
+pub use super::mam::stamp;
 
 /// Parse an XEP-0082 timestamp to unix ms.
 pub fn parse_stamp(s: &str) -> Option<u64> {
-    let t = chrono::DateTime::parse_from_rfc3339(s.trim()).ok()?;
-    u64::try_from(t.timestamp_millis()).ok()
+    use std::str::FromStr as _;
+    let t = xmpp_parsers::date::DateTime::from_str(s.trim()).ok()?;
+    u64::try_from(t.0.timestamp_millis()).ok()
 }
 
 /// The occupant id of `bare` in `room` (XEP-0421 §4: stable, opaque):
@@ -311,12 +363,104 @@ impl RoomState {
             last_seq,
             recent: recent.into(),
             forwarded: HashMap::new(),
+            fanout: HashMap::new(),
         };
         for m in members {
             s.members.insert(m.jid.clone(), m.clone());
             s.seat_backend_user(&m);
         }
         s
+    }
+
+    /// Seat the sessions that were in the room (stored), with each domain's
+    /// fan-out cursor: a domain that had not confirmed the newest messages
+    /// catches up from the archive.
+    pub fn restore(&mut self, sessions: Vec<StoredSession>, cursors: Vec<(String, u64)>) {
+        let cursors: HashMap<String, u64> = cursors.into_iter().collect();
+        for st in sessions {
+            let bare = Addr::trusted(st.full.as_str()).bare().to_string();
+            let a = self.affiliation(&bare);
+            if a == Affiliation::Outcast || (self.room.members_only && a < Affiliation::Member) {
+                continue;
+            }
+            let session = Session {
+                domain: Addr::trusted(st.full.as_str())
+                    .domain()
+                    .to_ascii_lowercase(),
+                full: st.full,
+                declarations: st.declarations,
+                presence: st.presence,
+            };
+            let confirmed = cursors
+                .get(&session.domain)
+                .copied()
+                .unwrap_or(self.last_seq);
+            self.fanout.entry(session.domain.clone()).or_insert(Fanout {
+                confirmed,
+                sent: confirmed,
+                behind: confirmed < self.last_seq,
+                sent_at_ms: 0,
+            });
+            let occupant_id = occupant_id(&self.room, &bare);
+            let o = self
+                .occupants
+                .entry(st.nick.clone())
+                .or_insert_with(|| Occupant {
+                    nick: st.nick.clone(),
+                    bare,
+                    sessions: Vec::new(),
+                    occupant_id,
+                });
+            self.by_full.insert(session.full.clone(), st.nick);
+            o.sessions.push(session);
+        }
+    }
+
+    fn stored(&self, nick: &str, s: &Session) -> StoredSession {
+        StoredSession {
+            full: s.full.clone(),
+            nick: nick.to_string(),
+            declarations: s.declarations.clone(),
+            presence: s.presence.clone(),
+        }
+    }
+
+    /// A session came in (or changed nick): stored, and its domain gets a
+    /// fan-out entry starting after the archive's newest message (what came
+    /// before is history, sent at the join).
+    fn seated(&mut self, nick: &str, s: &Session, cx: &mut Cx<'_>) {
+        cx.writes.put_session(&self.room, &self.stored(nick, s));
+        if !self.fanout.contains_key(&s.domain) {
+            self.fanout.insert(
+                s.domain.clone(),
+                Fanout {
+                    confirmed: self.last_seq,
+                    sent: self.last_seq,
+                    behind: false,
+                    sent_at_ms: 0,
+                },
+            );
+            cx.writes
+                .fanout_cursor(&self.room, &s.domain, self.last_seq);
+        }
+    }
+
+    /// A session is gone: forgotten, and its domain's entry too when it was
+    /// the domain's last.
+    fn unseated(&mut self, s: &Session, cx: &mut Cx<'_>) {
+        cx.writes.delete_session(&self.room, &s.full);
+        if !self.sessions_of(&s.domain).any(|_| true) {
+            self.fanout.remove(&s.domain);
+            cx.writes.delete_fanout_cursor(&self.room, &s.domain);
+        }
+    }
+
+    /// The sessions of one domain.
+    fn sessions_of<'s>(&'s self, domain: &'s str) -> impl Iterator<Item = &'s Session> + 's {
+        self.occupants
+            .values()
+            .flat_map(|o| o.sessions.iter())
+            .filter(move |s| s.domain == domain)
     }
 
     fn seat_backend_user(&mut self, m: &Member) {
@@ -484,6 +628,7 @@ impl RoomState {
         }
         let session = Session {
             full: from.to_string(),
+            domain: Addr::trusted(from).domain().to_ascii_lowercase(),
             declarations: declarations(&p.declarations),
             presence: shown,
         };
@@ -584,6 +729,7 @@ impl RoomState {
         }
         occupant.sessions.push(session.clone());
         self.by_full.insert(to.clone(), nick.to_string());
+        self.seated(nick, &session, cx);
         let o = &self.occupants[nick];
         if new_occupant {
             for other in self.sessions().filter(|f| *f != to) {
@@ -731,6 +877,7 @@ impl RoomState {
         o.sessions = vec![session.clone()];
         self.occupants.insert(new.to_string(), o);
         self.by_full.insert(session.full.clone(), new.to_string());
+        self.seated(new, &session, cx);
         let o = &self.occupants[new];
         for to in &recipients {
             let codes: &[u16] = if *to == session.full { &[110] } else { &[] };
@@ -764,6 +911,7 @@ impl RoomState {
         } else {
             o.clone()
         };
+        self.unseated(&session, cx);
         if self_codes != [333] {
             cx.out
                 .push(self.unavailable(&o, Some(&session), full, self_codes, None));
@@ -832,6 +980,7 @@ impl RoomState {
         self.occupants.remove(&o.nick);
         for s in &o.sessions {
             self.by_full.remove(&s.full);
+            self.unseated(s, cx);
         }
         for s in &o.sessions {
             cx.out
@@ -962,8 +1111,10 @@ impl RoomState {
             let forged = (c.ns == NS_SID
                 && c.name == "stanza-id"
                 && attr(c, "by") == Some(self.jid().as_str()))
-                || (c.ns == NS_DELAY)
-                || (c.ns == NS_OCCUPANT_ID);
+                || c.ns == NS_DELAY
+                || c.ns == NS_OCCUPANT_ID
+                // XEP-0313 §9.3: the archive puts the real JID in a muc#user <x/>.
+                || c.ns == NS_MUC_USER;
             if forged {
                 continue;
             }
@@ -1075,19 +1226,158 @@ impl RoomState {
                 o.occupant_id
             ));
         }
-        // Without `to`, `copy` starts with "<message " only if there are no
-        // declarations first; `addressed` splices after "<message ".
-        for to in self.sessions() {
+        match &archived {
+            // Archived: durable fan-out, domain by domain, in archive order.
+            Some(a) => {
+                let seq = a.seq;
+                let domains: Vec<String> = self.fanout.keys().cloned().collect();
+                for domain in domains {
+                    let f = self.fanout.get_mut(&domain).expect("listed");
+                    if f.behind || f.sent + 1 != seq {
+                        // Catching up: this one goes in its turn.
+                        f.behind = true;
+                        continue;
+                    }
+                    f.sent = seq;
+                    f.sent_at_ms = cx.now_ms;
+                    self.copies(&domain, &copy, &from, id, seq, cx);
+                }
+            }
+            None => {
+                for to in self.sessions() {
+                    cx.out.push(built(
+                        Kind::Message,
+                        addressed(&copy, to),
+                        &from,
+                        to,
+                        id,
+                        Some("groupchat"),
+                    ));
+                }
+            }
+        }
+        archived
+    }
+
+    /// The copies of archived message `seq` for `domain`'s sessions.
+    fn copies(
+        &self,
+        domain: &str,
+        copy: &str,
+        from: &str,
+        id: Option<&str>,
+        seq: u64,
+        cx: &mut Cx<'_>,
+    ) {
+        for s in self.sessions_of(domain) {
+            cx.tracked.push((
+                cx.out.len(),
+                Copy {
+                    service: self.room.service.clone(),
+                    room: self.room.id.clone(),
+                    domain: domain.to_string(),
+                    seq,
+                },
+            ));
             cx.out.push(built(
                 Kind::Message,
-                addressed(&copy, to),
-                &from,
-                to,
+                addressed(copy, &s.full),
+                from,
+                &s.full,
                 id,
                 Some("groupchat"),
             ));
         }
-        archived
+    }
+
+    /// `domain` confirmed archived message `seq`.
+    pub fn confirmed(&mut self, domain: &str, seq: u64, cx: &mut Cx<'_>) {
+        let Some(f) = self.fanout.get_mut(domain) else {
+            return;
+        };
+        if seq > f.confirmed && seq <= f.sent {
+            f.confirmed = seq;
+            cx.writes.fanout_cursor(&self.room, domain, seq);
+        }
+    }
+
+    /// `domain` did not take a copy of `seq`: it catches up from what it
+    /// confirmed.
+    pub fn unsent(&mut self, domain: &str, seq: u64) {
+        if let Some(f) = self.fanout.get_mut(domain)
+            && seq > f.confirmed
+        {
+            f.behind = true;
+            f.sent = f.confirmed;
+        }
+    }
+
+    /// Whether a domain is catching up.
+    pub fn behind(&self) -> bool {
+        self.fanout.values().any(|f| f.behind)
+    }
+
+    /// Send the next window of archived messages to each domain that is behind
+    /// and has nothing unconfirmed in flight (or has waited `stale_ms` for a
+    /// confirmation); messages older than `expire_ms` are skipped. `archive`
+    /// reads messages `from..=to`, at most `limit`.
+    pub fn catch_up(
+        &mut self,
+        archive: &dyn Fn(u64, u64, usize) -> Vec<Archived>,
+        window: usize,
+        stale_ms: u64,
+        expire_ms: u64,
+        only: Option<&str>,
+        cx: &mut Cx<'_>,
+    ) {
+        let domains: Vec<String> = self
+            .fanout
+            .iter()
+            .filter(|(d, f)| f.behind && only.is_none_or(|o| o == d.as_str()))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for domain in domains {
+            let f = self.fanout[&domain];
+            if f.sent > f.confirmed && cx.now_ms.saturating_sub(f.sent_at_ms) < stale_ms {
+                continue;
+            }
+            let from_seq = f.confirmed + 1;
+            let batch = if from_seq <= self.last_seq {
+                archive(from_seq, self.last_seq, window)
+            } else {
+                Vec::new()
+            };
+            let mut sent = f.confirmed;
+            let mut confirmed = f.confirmed;
+            for a in &batch {
+                if cx.now_ms.saturating_sub(a.at_ms) > expire_ms {
+                    // Too old to deliver: skipped, as if taken.
+                    if confirmed == sent {
+                        confirmed = a.seq;
+                    }
+                    sent = a.seq;
+                    continue;
+                }
+                let from = self.nick_jid(&a.nick);
+                let id = stanza_id_attr(&a.xml);
+                self.copies(&domain, &a.xml, &from, id.as_deref(), a.seq, cx);
+                sent = a.seq;
+            }
+            // Holes (pruned messages) up to the newest count as taken too.
+            if batch.is_empty() {
+                sent = self.last_seq;
+                confirmed = self.last_seq;
+            }
+            let last_seq = self.last_seq;
+            let f = self.fanout.get_mut(&domain).expect("listed");
+            if confirmed > f.confirmed {
+                f.confirmed = confirmed;
+                cx.writes.fanout_cursor(&self.room, &domain, confirmed);
+            }
+            f.sent = sent;
+            f.sent_at_ms = cx.now_ms;
+            f.behind = sent < last_seq;
+        }
     }
 
     /// Set the subject (by an occupant's nick and real JID).
@@ -1406,6 +1696,21 @@ fn readdressed(stanza: &Stanza, from: &str, to: &str) -> Stanza {
     )
 }
 
+/// The `id` of a copy we built (`<message ... id='X'...>`), unescaped.
+fn stanza_id_attr(copy: &str) -> Option<String> {
+    let head = &copy[..tag_end(copy)];
+    let at = head.find(" id='")? + 5;
+    let end = head[at..].find('\'')? + at;
+    let raw = &head[at..end];
+    Some(
+        raw.replace("&apos;", "'")
+            .replace("&quot;", "\"")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&"),
+    )
+}
+
 /// The end of an element's start tag (just past its `>`), quotes respected.
 fn tag_end(xml: &str) -> usize {
     let mut quote = None;
@@ -1472,6 +1777,7 @@ mod tests {
     struct Run {
         writes: Writes,
         out: Vec<Stanza>,
+        tracked: Vec<(usize, Copy)>,
         config: RoomsConfig,
         now_ms: u64,
     }
@@ -1481,6 +1787,7 @@ mod tests {
             Run {
                 writes: Writes::default(),
                 out: Vec::new(),
+                tracked: Vec::new(),
                 config: RoomsConfig::default(),
                 now_ms: 1_800_000_000_000,
             }
@@ -1491,6 +1798,7 @@ mod tests {
                 now_ms: self.now_ms,
                 writes: &mut self.writes,
                 out: &mut self.out,
+                tracked: &mut self.tracked,
                 config: &self.config,
             }
         }
@@ -1507,6 +1815,7 @@ mod tests {
                 (None, Kind::Message) => r.groupchat(&s, &mut cx),
                 _ => panic!("not a room stanza"),
             }
+            self.tracked.clear();
             std::mem::take(&mut self.out)
                 .into_iter()
                 .map(|s| Stanza::parse(s.as_str()).expect("we send well-formed stanzas"))
@@ -1589,7 +1898,7 @@ mod tests {
         assert!(h.contains("<body>hi</body>"), "{h}");
         assert!(
             h.contains(&format!(
-                "<delay xmlns='{NS_DELAY}' from='{ROOM}' stamp='2027-01-15T08:00:00.000Z'/>"
+                "<delay xmlns='{NS_DELAY}' from='{ROOM}' stamp='2027-01-15T08:00:00Z'/>"
             )),
             "{h}"
         );
@@ -1893,6 +2202,145 @@ mod tests {
         assert!(r.occupant_of("bob@prosody.test/phone").is_none());
         let out = run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
         assert_eq!(condition(&out[0]), "registration-required");
+    }
+
+    fn say(run: &mut Run, r: &mut RoomState, body: &str) -> Vec<(String, u64)> {
+        let s = Stanza::parse(&format!(
+            "<message from='carol@ejabberd.test/pc' to='{ROOM}' type='groupchat' id='{body}'><body>{body}</body></message>"
+        ))
+        .unwrap();
+        let mut cx = run.cx();
+        r.groupchat(&s, &mut cx);
+        let copies = run
+            .tracked
+            .iter()
+            .map(|(i, c)| (to_of(&run.out[*i]).to_string(), c.seq))
+            .collect();
+        run.out.clear();
+        run.tracked.clear();
+        copies
+    }
+
+    /// Durable fan-out: copies per domain in archive order; a domain whose copy
+    /// was not taken gets nothing live until it has caught up from the archive.
+    #[test]
+    fn a_domain_that_misses_a_copy_catches_up_in_order() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        let mut copies = say(&mut run, &mut r, "one");
+        copies.sort();
+        assert_eq!(
+            copies,
+            [
+                ("bob@prosody.test/phone".to_string(), 1),
+                ("carol@ejabberd.test/pc".to_string(), 1)
+            ]
+        );
+        let key = Copy {
+            service: "conference.wire.test".into(),
+            room: "c1".into(),
+            domain: "prosody.test".into(),
+            seq: 1,
+        };
+        assert_eq!(Copy::from_key(&key.key()), Some(key));
+        // prosody.test does not take #1; #2 and #3 go only to ejabberd.test.
+        r.unsent("prosody.test", 1);
+        let mut cx = run.cx();
+        r.confirmed("ejabberd.test", 1, &mut cx);
+        assert_eq!(
+            say(&mut run, &mut r, "two"),
+            [("carol@ejabberd.test/pc".to_string(), 2)]
+        );
+        assert_eq!(
+            say(&mut run, &mut r, "three"),
+            [("carol@ejabberd.test/pc".to_string(), 3)]
+        );
+        assert!(r.behind());
+        // Catching up: #1..#3 from the archive, in order, two at a time.
+        let archive: Vec<Archived> = r.recent.iter().cloned().collect();
+        let read = |from: u64, to: u64, limit: usize| -> Vec<Archived> {
+            archive
+                .iter()
+                .filter(|a| a.seq >= from && a.seq <= to)
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        let mut cx = run.cx();
+        r.catch_up(&read, 2, 60_000, u64::MAX, None, &mut cx);
+        let got: Vec<(String, u64)> = run
+            .tracked
+            .iter()
+            .map(|(i, c)| (to_of(&run.out[*i]).to_string(), c.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("bob@prosody.test/phone".to_string(), 1),
+                ("bob@prosody.test/phone".to_string(), 2)
+            ]
+        );
+        assert!(run.out[0].as_str().contains("<body>one</body>"));
+        assert_eq!(run.out[0].id.as_deref(), Some("one"));
+        assert!(
+            !run.out[0].as_str().contains("<delay"),
+            "a copy, not history"
+        );
+        run.out.clear();
+        run.tracked.clear();
+        // Nothing more while #1 and #2 are unconfirmed...
+        let mut cx = run.cx();
+        r.catch_up(&read, 2, 60_000, u64::MAX, None, &mut cx);
+        assert!(run.out.is_empty());
+        // ... then #3, and the domain is live again.
+        let mut cx = run.cx();
+        r.confirmed("prosody.test", 2, &mut cx);
+        r.catch_up(&read, 2, 60_000, u64::MAX, None, &mut cx);
+        assert_eq!(run.tracked.len(), 1);
+        assert_eq!(run.tracked[0].1.seq, 3);
+        run.out.clear();
+        run.tracked.clear();
+        assert!(!r.behind());
+        let mut copies = say(&mut run, &mut r, "four");
+        copies.sort();
+        assert_eq!(copies.len(), 2);
+        assert_eq!(r.fanout["prosody.test"].confirmed, 2);
+    }
+
+    /// After a restart the sessions are back and a domain that had not
+    /// confirmed the newest messages is behind.
+    #[test]
+    fn sessions_and_cursors_are_restored() {
+        let mut r = RoomState::new(
+            room(true),
+            vec![member("bob@prosody.test", Affiliation::Member, "bob", None)],
+            7,
+            Vec::new(),
+        );
+        r.restore(
+            vec![
+                StoredSession {
+                    full: "bob@prosody.test/phone".into(),
+                    nick: "bob".into(),
+                    declarations: String::new(),
+                    presence: "<show>away</show>".into(),
+                },
+                // No longer a member: not seated again.
+                StoredSession {
+                    full: "eve@prosody.test/x".into(),
+                    nick: "eve".into(),
+                    declarations: String::new(),
+                    presence: String::new(),
+                },
+            ],
+            vec![("prosody.test".into(), 5)],
+        );
+        assert_eq!(r.occupant_of("bob@prosody.test/phone").unwrap().nick, "bob");
+        assert!(r.occupant_of("eve@prosody.test/x").is_none());
+        assert_eq!(r.fanout["prosody.test"].confirmed, 5);
+        assert!(r.behind());
     }
 
     /// A join from a session already in the room under that nick gets the
