@@ -95,7 +95,7 @@ impl Lab {
         }
     }
 
-    fn wire_config(&self, port: u16) -> xmpp_federator::config::Config {
+    pub(crate) fn wire_config(&self, port: u16) -> xmpp_federator::config::Config {
         let mut c = instance_config(
             WIRE,
             SocketAddr::new(self.wire_ip.into(), port),
