@@ -193,7 +193,7 @@ pub fn condition(c: &DefinedCondition) -> StanzaCondition {
 }
 
 /// Services wired to a real outbox over fakes of what lies beyond it: the
-/// stanzas they send to remote domains are kept, a tracker that settles nothing.
+/// stanzas they send to remote domains are kept, trackers that settle nothing.
 #[cfg(test)]
 pub(crate) mod fake {
     use std::sync::Arc;
@@ -202,7 +202,7 @@ pub(crate) mod fake {
     use crate::metrics::Metrics;
     use crate::policy::Policy;
     use crate::routing::testing::{FakeRemote, FakeTracker};
-    use crate::routing::{Identity, Outbox, Service, Table};
+    use crate::routing::{Identity, Outbox, Service, Table, Trackers};
     use crate::stanza::Stanza;
     use crate::store::{Store, User};
 
@@ -257,7 +257,10 @@ pub(crate) mod fake {
             let outbox = Outbox::new(
                 table,
                 Arc::new(sent.clone()),
-                Arc::new(Arc::new(FakeTracker::default())),
+                Trackers {
+                    delivery: Arc::new(Arc::new(FakeTracker::default())),
+                    rooms: Arc::new(Arc::new(FakeTracker::default())),
+                },
                 None,
                 Arc::new(Policy::new(&Default::default())),
                 Arc::new(Metrics::default()),
