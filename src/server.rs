@@ -104,7 +104,7 @@ impl Server {
         let store = Store::open(kv, &config.domains[0]).map_err(store_err)?;
         let delivery = Arc::new(Delivery::new(store.clone(), config.clone()));
         let (inbox, inbox_rx) = Inbox::new(INBOX_CAPACITY);
-        let domain = Arc::new(Domain::new(inbox.clone(), delivery.clone()));
+        let domain = Arc::new(Domain::new(inbox.clone()));
         let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
         let mut table = Table::default();
         for d in &config.domains {

@@ -198,7 +198,6 @@ pub fn condition(c: &DefinedCondition) -> StanzaCondition {
 pub(crate) mod fake {
     use std::sync::Arc;
 
-    use crate::config::Config;
     use crate::metrics::Metrics;
     use crate::policy::Policy;
     use crate::routing::testing::{FakeRemote, FakeTracker};
@@ -207,7 +206,6 @@ pub(crate) mod fake {
     use crate::store::{Store, User};
 
     use super::accounts::Accounts;
-    use super::delivery::Delivery;
     use super::domain::Domain;
     use super::inbox::{Inbox, InboxRx};
 
@@ -232,20 +230,23 @@ pub(crate) mod fake {
 
     /// The domain and accounts services of some hosted domains.
     pub struct Services {
-        outbox: Outbox,
+        pub outbox: Outbox,
         sent: Arc<FakeRemote>,
         store: Arc<Store>,
+        /// What the domain and accounts services queued for the inbox task.
+        pub inbox: Inbox,
         _inbox: InboxRx,
+        /// Each owner's tracker.
+        pub trackers: [Arc<FakeTracker>; 2],
     }
 
     impl Services {
         /// `hosts`, with `components` (address, name) under the first.
         pub fn new(hosts: &[&str], components: &[(&str, &str)]) -> Services {
             let store = Store::open(crate::store::memory_kv().unwrap(), hosts[0]).unwrap();
-            let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
             let (inbox, rx) = Inbox::new(16);
-            let domain = Arc::new(Domain::new(inbox.clone(), delivery));
-            let accounts = Arc::new(Accounts::new(store.clone(), inbox));
+            let domain = Arc::new(Domain::new(inbox.clone()));
+            let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
             let mut table = Table::default();
             for h in hosts {
                 table.add_host(h, domain.clone(), accounts.clone());
@@ -254,12 +255,13 @@ pub(crate) mod fake {
                 table.add_component(address, hosts[0], Arc::new(Component(name.to_string())));
             }
             let sent = Arc::new(FakeRemote::default());
+            let trackers: [Arc<FakeTracker>; 2] = Default::default();
             let outbox = Outbox::new(
                 table,
                 Arc::new(sent.clone()),
                 Trackers {
-                    delivery: Arc::new(Arc::new(FakeTracker::default())),
-                    rooms: Arc::new(Arc::new(FakeTracker::default())),
+                    delivery: Arc::new(trackers[0].clone()),
+                    rooms: Arc::new(trackers[1].clone()),
                 },
                 None,
                 Arc::new(Policy::new(&Default::default())),
@@ -269,7 +271,9 @@ pub(crate) mod fake {
                 outbox,
                 sent,
                 store,
+                inbox,
                 _inbox: rx,
+                trackers,
             }
         }
 

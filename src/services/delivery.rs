@@ -318,7 +318,7 @@ impl Delivery {
 
     /// The answer to a confirmation ping, when it cannot wait in the inbox (full):
     /// settled at once, out of order ([`Report::Confirmed`]).
-    pub fn confirmed_now(self: &Arc<Self>, ping_id: &str) {
+    fn confirmed_now(self: &Arc<Self>, ping_id: &str) {
         if let Some(ids) = self.take_confirm(ping_id) {
             self.settle(ids, delivered);
         }
