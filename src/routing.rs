@@ -12,16 +12,20 @@
 //! - [`outbox`]: [`Outbox`], the only way services send, bounce and ask: local
 //!   addresses loop back through the table, remote ones go to the s2s layer
 //!   through the narrow [`Remote`] trait; the rule "errors are never answered
-//!   with errors" (RFC 6120 §8.3.1) lives there once. Tracked messages (the
-//!   backend's durable ones) are never bounced for passing failures: their fate
-//!   is reported to a [`Tracker`] (delivery) as [`Report`]s.
+//!   with errors" (RFC 6120 §8.3.1) lives there once. Tracked stanzas (the
+//!   backend's durable messages, a room's copies) are never bounced for passing
+//!   failures: their fate is reported as [`Report`]s to the [`Tracker`] of their
+//!   [`Owner`] (delivery, rooms), under the key their [`Track`] names.
 //! - [`iq`]: the one tracker of our own iq requests awaiting their answer.
 
 pub mod iq;
 pub mod outbox;
 pub mod table;
 
-pub use outbox::{AskError, Gate, Outbox, Outgoing, Refused, Remote, Report, Tracker};
+pub use outbox::{
+    AskError, Gate, NoTracker, Outbox, Outgoing, Owner, Refused, Remote, Report, Track, Tracker,
+    Trackers,
+};
 pub use table::{Peer, Table};
 
 use crate::stanza::Stanza;

@@ -10,7 +10,7 @@
 //! The s2s layer knows the routing layer only: inbound stanzas go to
 //! [`Outbox::route_inbound`] with the [`crate::routing::Peer`] negotiation
 //! proved; outbound stanzas come in through [`Link`] (the outbox's
-//! [`Remote`]); what happens to tracked messages and remote domains goes back
+//! [`Remote`]); what happens to tracked stanzas and remote domains goes back
 //! as [`crate::routing::Report`]s. It never imports services or the store.
 
 pub mod conn;

@@ -3,8 +3,9 @@
 //!
 //! Nothing else builds these parts or knows how they fit: services get the outbox
 //! they answer through, the s2s layer gets the outbox to route into, the outbox
-//! gets the table, the s2s link and delivery (its tracker). One root
-//! `CancellationToken` stops everything; one `TaskTracker` holds every task.
+//! gets the table, the s2s link and the trackers (delivery's; the rooms' is a
+//! [`NoTracker`] until they track their copies). One root `CancellationToken`
+//! stops everything; one `TaskTracker` holds every task.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::routing::{Outbox, Table};
+use crate::routing::{NoTracker, Outbox, Table, Trackers};
 use crate::s2s::listen::{self, BindError, Listeners};
 use crate::s2s::{Link, S2s, S2sError};
 use crate::services::accounts::Accounts;
@@ -103,7 +104,7 @@ impl Server {
         let store = Store::open(kv, &config.domains[0]).map_err(store_err)?;
         let delivery = Arc::new(Delivery::new(store.clone(), config.clone()));
         let (inbox, inbox_rx) = Inbox::new(INBOX_CAPACITY);
-        let domain = Arc::new(Domain::new(inbox.clone(), delivery.clone()));
+        let domain = Arc::new(Domain::new(inbox.clone()));
         let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
         let mut table = Table::default();
         for d in &config.domains {
@@ -116,7 +117,11 @@ impl Server {
         let outbox = Outbox::new(
             table,
             Arc::new(Link(s2s.clone())),
-            Arc::new(delivery.clone()),
+            Trackers {
+                delivery: Arc::new(delivery.clone()),
+                // Until the rooms service tracks its copies.
+                rooms: Arc::new(NoTracker),
+            },
             Some(Arc::new(inbox.clone())),
             policy.clone(),
             metrics.clone(),

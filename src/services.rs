@@ -193,21 +193,19 @@ pub fn condition(c: &DefinedCondition) -> StanzaCondition {
 }
 
 /// Services wired to a real outbox over fakes of what lies beyond it: the
-/// stanzas they send to remote domains are kept, a tracker that settles nothing.
+/// stanzas they send to remote domains are kept, trackers that settle nothing.
 #[cfg(test)]
 pub(crate) mod fake {
     use std::sync::Arc;
 
-    use crate::config::Config;
     use crate::metrics::Metrics;
     use crate::policy::Policy;
     use crate::routing::testing::{FakeRemote, FakeTracker};
-    use crate::routing::{Identity, Outbox, Service, Table};
+    use crate::routing::{Identity, Outbox, Service, Table, Trackers};
     use crate::stanza::Stanza;
     use crate::store::{Store, User};
 
     use super::accounts::Accounts;
-    use super::delivery::Delivery;
     use super::domain::Domain;
     use super::inbox::{Inbox, InboxRx};
 
@@ -232,20 +230,23 @@ pub(crate) mod fake {
 
     /// The domain and accounts services of some hosted domains.
     pub struct Services {
-        outbox: Outbox,
+        pub outbox: Outbox,
         sent: Arc<FakeRemote>,
         store: Arc<Store>,
+        /// What the domain and accounts services queued for the inbox task.
+        pub inbox: Inbox,
         _inbox: InboxRx,
+        /// Each owner's tracker.
+        pub trackers: [Arc<FakeTracker>; 2],
     }
 
     impl Services {
         /// `hosts`, with `components` (address, name) under the first.
         pub fn new(hosts: &[&str], components: &[(&str, &str)]) -> Services {
             let store = Store::open(crate::store::memory_kv().unwrap(), hosts[0]).unwrap();
-            let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
             let (inbox, rx) = Inbox::new(16);
-            let domain = Arc::new(Domain::new(inbox.clone(), delivery));
-            let accounts = Arc::new(Accounts::new(store.clone(), inbox));
+            let domain = Arc::new(Domain::new(inbox.clone()));
+            let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
             let mut table = Table::default();
             for h in hosts {
                 table.add_host(h, domain.clone(), accounts.clone());
@@ -254,10 +255,14 @@ pub(crate) mod fake {
                 table.add_component(address, hosts[0], Arc::new(Component(name.to_string())));
             }
             let sent = Arc::new(FakeRemote::default());
+            let trackers: [Arc<FakeTracker>; 2] = Default::default();
             let outbox = Outbox::new(
                 table,
                 Arc::new(sent.clone()),
-                Arc::new(Arc::new(FakeTracker::default())),
+                Trackers {
+                    delivery: Arc::new(trackers[0].clone()),
+                    rooms: Arc::new(trackers[1].clone()),
+                },
                 None,
                 Arc::new(Policy::new(&Default::default())),
                 Arc::new(Metrics::default()),
@@ -266,7 +271,9 @@ pub(crate) mod fake {
                 outbox,
                 sent,
                 store,
+                inbox,
                 _inbox: rx,
+                trackers,
             }
         }
 

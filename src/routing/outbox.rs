@@ -3,11 +3,16 @@
 //! - [`Outbox::send`]: a hosted address loops back through the [`Table`]; any other
 //!   goes to the s2s layer ([`Remote`]) if the federation policy allows its domain,
 //!   from a hosted domain only; what cannot go is bounced.
-//! - [`Outbox::send_tracked`]: the same for a message whose outcome a [`Tracker`]
-//!   settles (the backend's durable messages). It is never bounced for a failure
-//!   that may pass (unreachable, queue full, shutdown): the tracker gets a
-//!   [`Report`] and resends it later. A refusal that will not pass (the policy) is
-//!   bounced like any other, and the bounce comes back to the sender's account.
+//! - [`Outbox::send_tracked`]: the same for a message whose outcome delivery
+//!   settles (the backend's durable messages, known by stanza id), and
+//!   [`Outbox::send_tracked_as`] for another owner's stanza under its own key (a
+//!   room's copies all carry the sender's stanza id). A tracked stanza is never
+//!   bounced for a failure that may pass (unreachable, queue full, shutdown): its
+//!   owner's [`Tracker`] gets a [`Report`] and resends it later. A refusal that
+//!   will not pass (the policy) is bounced like any other, and the bounce comes
+//!   back to the sender.
+//! - [`Outbox::report`]: what the s2s layer says about tracked stanzas, each
+//!   [`Track`] passed to its [`Owner`]'s tracker (one of [`Trackers`]).
 //! - [`Outbox::bounce`]: the error reply to a stanza, never to an error
 //!   (RFC 6120 §8.3.1).
 //! - [`Outbox::ask`]: an iq request and its answer ([`super::iq::IqTracker`]).
@@ -16,6 +21,7 @@
 //!   full (TCP backpressure instead of refusals).
 
 use std::future::Future;
+use std::iter::repeat_n;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,52 +33,105 @@ use crate::stanza::{Stanza, StanzaCondition};
 use super::iq::{IqTracker, Waiting};
 use super::table::{Peer, Refusal, Table};
 
+/// Who settles a tracked stanza: each owner has one [`Tracker`] in [`Trackers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// The backend's durable 1:1 messages (`services::delivery`), keyed by stanza id.
+    Delivery,
+    /// Room fan-out (`services::rooms`): one copy per occupant, all with the
+    /// sender's stanza id (XEP-0045 muc#stable_id), so keyed per copy.
+    Rooms,
+}
+
+impl Owner {
+    /// Every owner, in declaration order.
+    pub const ALL: [Owner; 2] = [Owner::Delivery, Owner::Rooms];
+
+    /// Its place in [`Owner::ALL`].
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How a tracked stanza is settled: by whom and under which key (cheap to
+/// clone: the key is shared, never copied).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Track {
+    /// The tracker that settles it.
+    pub owner: Owner,
+    /// What its owner knows it by (delivery: the stanza id; rooms: one per
+    /// copy, since copies share their stanza id).
+    pub key: Arc<str>,
+}
+
+impl Track {
+    /// `owner`'s stanza known as `key`.
+    pub fn new(owner: Owner, key: impl Into<Arc<str>>) -> Track {
+        Track {
+            owner,
+            key: key.into(),
+        }
+    }
+}
+
 /// A stanza on its way to a remote domain.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The stanza.
     pub stanza: Stanza,
-    /// Its outcome is the [`Tracker`]'s (confirmed by the session, reported back),
-    /// never a bounce for a passing failure.
-    pub tracked: bool,
+    /// Who settles it, if tracked: confirmed by the session and reported back to
+    /// its owner, never bounced for a passing failure. `None`: sent once, bounced
+    /// if it cannot go.
+    pub track: Option<Track>,
 }
 
-/// What the s2s layer tells about tracked messages and remote domains.
+/// What the s2s layer tells about tracked stanzas and remote domains. The
+/// session reports the tracks of a batch together, whoever owns them; the
+/// outbox passes each [`Tracker`] a report with its own tracks only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
-    /// A stream to `remote` was established.
+    /// A stream to `remote` was established (told to every tracker).
     Reachable {
         /// The remote domain.
         remote: String,
     },
-    /// Tracked messages (by stanza id) not known to be delivered: send them again
-    /// later. `unreachable`: because that remote domain could not be reached.
+    /// Tracked stanzas not known to be delivered: send them again later.
+    /// `unreachable`: because that remote domain could not be reached (told to
+    /// every tracker, with or without stanzas of its own).
     Unsent {
-        /// Their stanza ids.
-        ids: Vec<String>,
+        /// Their tracks.
+        tracks: Vec<Track>,
         /// The domain that could not be reached, if that was why.
         unreachable: Option<String>,
     },
-    /// Tracked messages written; the answer (result or error) to the iq
+    /// Tracked stanzas written; the answer (result or error) to the iq
     /// `ping_id` that follows them confirms them all (a stream is processed in
-    /// order, RFC 6120 §10.1). Reported before the ping is written.
+    /// order, RFC 6120 §10.1). Reported before the ping is written; each owner
+    /// with stanzas in the batch gets its own, for the same ping.
     AwaitingPing {
         /// The id of the ping after them.
         ping_id: String,
-        /// Their stanza ids.
-        ids: Vec<String>,
+        /// Their tracks.
+        tracks: Vec<Track>,
     },
     /// The batch before ping `ping_id` could not be written whole: its
-    /// messages go again on the next stream, after a ping of their own, and an
-    /// answer to this one confirms nothing.
+    /// stanzas go again on the next stream, after a ping of their own, and an
+    /// answer to this one confirms nothing (told to the trackers awaiting it).
     PingVoid {
         /// The ping's id.
         ping_id: String,
     },
-    /// Tracked messages acknowledged with XEP-0198.
+    /// The answer to ping `ping_id` arrived: what it followed is delivered. Not
+    /// from the s2s layer: from the service the answer is addressed to (told to
+    /// the trackers awaiting it; see [`Outbox::report_to`]).
+    Confirmed {
+        /// The ping's id.
+        ping_id: String,
+    },
+    /// Tracked stanzas acknowledged with XEP-0198.
     Acked {
-        /// Their stanza ids.
-        ids: Vec<String>,
+        /// Their tracks.
+        tracks: Vec<Track>,
     },
 }
 
@@ -87,10 +146,68 @@ pub struct Refused {
     pub text: &'static str,
 }
 
-/// Whoever settles tracked messages (delivery).
+/// Whoever settles tracked stanzas of one [`Owner`] (delivery, rooms).
 pub trait Tracker: Send + Sync + 'static {
-    /// Take a report (synchronously: a ping's answer may follow at once).
+    /// Take a report (synchronously: a ping's answer may follow at once). Every
+    /// track in it is this tracker's own.
     fn report(&self, outbox: &Outbox, report: Report);
+
+    /// Whether the answer to ping `ping_id` would confirm stanzas of this
+    /// tracker's (it was told [`Report::AwaitingPing`], and neither
+    /// [`Report::PingVoid`] nor [`Report::Confirmed`] since).
+    fn awaits(&self, ping_id: &str) -> bool;
+}
+
+/// The tracker of each [`Owner`].
+#[derive(Clone)]
+pub struct Trackers {
+    /// Settles [`Owner::Delivery`]'s stanzas.
+    pub delivery: Arc<dyn Tracker>,
+    /// Settles [`Owner::Rooms`]' stanzas.
+    pub rooms: Arc<dyn Tracker>,
+}
+
+impl Trackers {
+    /// The tracker of `owner`.
+    pub fn of(&self, owner: Owner) -> &dyn Tracker {
+        match owner {
+            Owner::Delivery => &*self.delivery,
+            Owner::Rooms => &*self.rooms,
+        }
+    }
+}
+
+impl std::fmt::Debug for Trackers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trackers").finish_non_exhaustive()
+    }
+}
+
+/// The tracker of an owner that has none yet: it logs and ignores what it is
+/// told, so stanzas tracked for it are never settled (and never bounced).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTracker;
+
+impl Tracker for NoTracker {
+    fn report(&self, _outbox: &Outbox, report: Report) {
+        match report {
+            Report::Unsent { tracks, .. }
+            | Report::AwaitingPing { tracks, .. }
+            | Report::Acked { tracks }
+                if !tracks.is_empty() =>
+            {
+                tracing::warn!(
+                    stanzas = tracks.len(),
+                    "report about stanzas nobody tracks; ignored"
+                );
+            }
+            other => tracing::debug!(report = ?other, "report for no tracker; ignored"),
+        }
+    }
+
+    fn awaits(&self, _ping_id: &str) -> bool {
+        false
+    }
 }
 
 /// The s2s layer as the outbox sees it.
@@ -133,7 +250,7 @@ pub enum AskError {
 struct Inner {
     table: Table,
     remote: Arc<dyn Remote>,
-    tracker: Arc<dyn Tracker>,
+    trackers: Trackers,
     gate: Option<Arc<dyn Gate>>,
     policy: Arc<Policy>,
     iqs: IqTracker,
@@ -157,7 +274,7 @@ impl Outbox {
     pub fn new(
         table: Table,
         remote: Arc<dyn Remote>,
-        tracker: Arc<dyn Tracker>,
+        trackers: Trackers,
         gate: Option<Arc<dyn Gate>>,
         policy: Arc<Policy>,
         metrics: Arc<Metrics>,
@@ -165,7 +282,7 @@ impl Outbox {
         Outbox(Arc::new(Inner {
             table,
             remote,
-            tracker,
+            trackers,
             gate,
             policy,
             iqs: IqTracker::default(),
@@ -194,21 +311,38 @@ impl Outbox {
 
     /// Send a stanza we originate (a reply, a bounce, a presence...).
     pub fn send(&self, stanza: Stanza) {
-        self.dispatch(stanza, false)
+        self.dispatch(stanza, None)
     }
 
-    /// Send a message whose outcome the tracker settles.
+    /// Send a message whose outcome delivery settles, known by its stanza id
+    /// ([`Owner::Delivery`]). A stanza without an id cannot be settled: it is
+    /// sent untracked.
     pub fn send_tracked(&self, stanza: Stanza) {
-        self.dispatch(stanza, true)
+        let track = match stanza.id.as_deref() {
+            Some(id) => Some(Track::new(Owner::Delivery, id)),
+            None => {
+                tracing::warn!(
+                    stanza = stanza.as_str(),
+                    "tracked message without id; sent untracked"
+                );
+                None
+            }
+        };
+        self.dispatch(stanza, track)
+    }
+
+    /// Send a stanza whose outcome `track`'s owner settles, under its key.
+    pub fn send_tracked_as(&self, stanza: Stanza, track: Track) {
+        self.dispatch(stanza, Some(track))
     }
 
     /// Send again what a session took but could not carry (tracked or not, as it
     /// was).
     pub fn resend(&self, item: Outgoing) {
-        self.dispatch(item.stanza, item.tracked)
+        self.dispatch(item.stanza, item.track)
     }
 
-    fn dispatch(&self, stanza: Stanza, tracked: bool) {
+    fn dispatch(&self, stanza: Stanza, track: Option<Track>) {
         let Some(to) = stanza.to.as_ref() else {
             tracing::warn!(stanza = stanza.as_str(), "dropping stanza without 'to'");
             return;
@@ -238,14 +372,14 @@ impl Outbox {
                 "federation with this domain is not allowed",
             );
         }
-        let item = Outgoing { stanza, tracked };
+        let item = Outgoing { stanza, track };
         if let Err(r) = self.0.remote.send(self, local, &remote, item) {
             self.not_sent(vec![r.item], r.condition, r.text, None);
         }
     }
 
-    /// Stanzas the s2s layer could not send: tracked ones are reported to the
-    /// tracker (sent again later), the others bounced with `condition`.
+    /// Stanzas the s2s layer could not send: tracked ones are reported to their
+    /// trackers (sent again later), the others bounced with `condition`.
     /// `unreachable`: the remote domain that could not be reached, if that is why.
     pub fn not_sent(
         &self,
@@ -254,28 +388,95 @@ impl Outbox {
         text: &str,
         unreachable: Option<&str>,
     ) {
-        let mut ids = Vec::new();
+        let mut tracks = Vec::new();
         for item in items {
-            if item.tracked {
-                if let Some(id) = item.stanza.id {
-                    tracing::debug!(%id, %condition, "tracked message kept for retry");
-                    ids.push(id);
+            match item.track {
+                Some(t) => {
+                    tracing::debug!(key = %t.key, owner = ?t.owner, %condition, "tracked stanza kept for retry");
+                    tracks.push(t);
                 }
-            } else {
-                self.bounce(&item.stanza, condition, text);
+                None => self.bounce(&item.stanza, condition, text),
             }
         }
-        if !ids.is_empty() || unreachable.is_some() {
+        if !tracks.is_empty() || unreachable.is_some() {
             self.report(Report::Unsent {
-                ids,
+                tracks,
                 unreachable: unreachable.map(str::to_string),
             });
         }
     }
 
-    /// Pass a report to the tracker.
+    /// Pass a report to the trackers it concerns: its tracks each to their
+    /// owner's, a domain's reachability to all, a ping's fate to those awaiting
+    /// it.
     pub fn report(&self, report: Report) {
-        self.0.tracker.report(self, report);
+        let trackers = &self.0.trackers;
+        let tell = |owner: Owner, r| trackers.of(owner).report(self, r);
+        let awaiting = |ping_id: &str| Owner::ALL.map(|o| self.awaits(o, ping_id));
+        match report {
+            Report::Reachable { remote } => {
+                for (owner, remote) in share([true; OWNERS], remote) {
+                    tell(owner, Report::Reachable { remote });
+                }
+            }
+            Report::Unsent {
+                tracks,
+                unreachable,
+            } => {
+                // The domain's unreachability is every owner's business.
+                let mut groups = by_owner(tracks);
+                let to = groups
+                    .each_ref()
+                    .map(|t| !t.is_empty() || unreachable.is_some());
+                for (owner, unreachable) in share(to, unreachable) {
+                    let tracks = std::mem::take(&mut groups[owner.index()]);
+                    tell(
+                        owner,
+                        Report::Unsent {
+                            tracks,
+                            unreachable,
+                        },
+                    );
+                }
+            }
+            Report::AwaitingPing { ping_id, tracks } => {
+                let mut groups = by_owner(tracks);
+                let to = groups.each_ref().map(|t| !t.is_empty());
+                for (owner, ping_id) in share(to, ping_id) {
+                    let tracks = std::mem::take(&mut groups[owner.index()]);
+                    tell(owner, Report::AwaitingPing { ping_id, tracks });
+                }
+            }
+            Report::Acked { tracks } => {
+                for (owner, tracks) in Owner::ALL.into_iter().zip(by_owner(tracks)) {
+                    if !tracks.is_empty() {
+                        tell(owner, Report::Acked { tracks });
+                    }
+                }
+            }
+            Report::PingVoid { ping_id } => {
+                for (owner, ping_id) in share(awaiting(&ping_id), ping_id) {
+                    tell(owner, Report::PingVoid { ping_id });
+                }
+            }
+            Report::Confirmed { ping_id } => {
+                for (owner, ping_id) in share(awaiting(&ping_id), ping_id) {
+                    tell(owner, Report::Confirmed { ping_id });
+                }
+            }
+        }
+    }
+
+    /// Pass a report to `owner`'s tracker alone (its tracks must be `owner`'s):
+    /// for a service that tells each owner of a ping's batch its answer in its
+    /// own way (delivery's in stream order, through the inbox).
+    pub fn report_to(&self, owner: Owner, report: Report) {
+        self.0.trackers.of(owner).report(self, report);
+    }
+
+    /// Whether `owner`'s tracker awaits the answer to ping `ping_id`.
+    pub fn awaits(&self, owner: Owner, ping_id: &str) -> bool {
+        self.0.trackers.of(owner).awaits(ping_id)
     }
 
     /// Answer a stanza with an error, unless it is itself an error.
@@ -313,6 +514,39 @@ impl Outbox {
     }
 }
 
+/// How many owners there are.
+const OWNERS: usize = Owner::ALL.len();
+
+/// `tracks` by owner, at [`Owner::index`] (an empty group allocates nothing):
+/// the vector itself when they are all one owner's (a session's batch, nearly
+/// always).
+fn by_owner(tracks: Vec<Track>) -> [Vec<Track>; OWNERS] {
+    let mut groups = [const { Vec::new() }; OWNERS];
+    match tracks.first().map(|t| t.owner) {
+        None => {}
+        Some(first) if tracks.iter().all(|t| t.owner == first) => {
+            groups[first.index()] = tracks;
+        }
+        Some(_) => {
+            for t in tracks {
+                groups[t.owner.index()].push(t);
+            }
+        }
+    }
+    groups
+}
+
+/// The owners `to` names, each with `value`: a clone for all but the last, which
+/// gets `value` itself (one owner, the usual case, copies nothing).
+fn share<T: Clone>(to: [bool; OWNERS], value: T) -> impl Iterator<Item = (Owner, T)> {
+    let n = to.iter().filter(|t| **t).count();
+    let owners = Owner::ALL
+        .into_iter()
+        .zip(to)
+        .filter_map(|(o, t)| t.then_some(o));
+    owners.zip(repeat_n(value, n))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -339,7 +573,7 @@ mod tests {
         let (local, remote, item) = &sent[0];
         // One spelling per session: the remote domain in lower case.
         assert_eq!((local.as_str(), remote.as_str()), ("a.test", "remote.test"));
-        assert!(!item.tracked);
+        assert!(item.track.is_none());
         drop(sent);
         // Not from a hosted domain: dropped, never sent on anyone's behalf.
         w.outbox
@@ -382,12 +616,13 @@ mod tests {
         ));
         assert!(w.users_a.got().is_empty(), "not bounced");
         assert_eq!(
-            *w.tracker.0.lock().unwrap(),
+            w.tracker.got(),
             vec![Report::Unsent {
-                ids: vec!["t1".into()],
+                tracks: vec![Track::new(Owner::Delivery, "t1")],
                 unreachable: None
             }]
         );
+        assert!(w.rooms_tracker.got().is_empty(), "nothing of the rooms'");
         // The same refusal for an untracked stanza is a bounce.
         w.outbox.send(stanza(
             "<message from='u@a.test' to='x@remote.test' id='u1'/>",
@@ -407,11 +642,11 @@ mod tests {
         let items = vec![
             Outgoing {
                 stanza: stanza("<message from='u@a.test' to='x@down.test' id='t3'/>"),
-                tracked: true,
+                track: Some(Track::new(Owner::Delivery, "t3")),
             },
             Outgoing {
                 stanza: stanza("<iq from='a.test' to='down.test' id='p' type='get'/>"),
-                tracked: false,
+                track: None,
             },
         ];
         w.outbox.not_sent(
@@ -421,14 +656,172 @@ mod tests {
             Some("down.test"),
         );
         assert_eq!(
-            w.tracker.0.lock().unwrap().last(),
+            w.tracker.got().last(),
             Some(&Report::Unsent {
-                ids: vec!["t3".into()],
+                tracks: vec![Track::new(Owner::Delivery, "t3")],
                 unreachable: Some("down.test".into())
             })
         );
+        // The rooms learn that the domain is down too, with nothing of theirs.
+        assert_eq!(
+            w.rooms_tracker.got(),
+            vec![Report::Unsent {
+                tracks: vec![],
+                unreachable: Some("down.test".into())
+            }]
+        );
         let bounce = w.domain_a.got().pop().unwrap();
         assert!(bounce.as_str().contains("<remote-server-not-found"));
+    }
+
+    #[test]
+    fn owners_are_found_at_their_index() {
+        for (i, o) in Owner::ALL.into_iter().enumerate() {
+            assert_eq!(o.index(), i, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn each_owner_hears_of_its_own_stanzas_by_key_and_of_the_pings_it_awaits() {
+        let w = World::new();
+        // One room message fanned out: two copies with the sender's stanza id,
+        // each under its own key; and one of delivery's messages.
+        let copy = |to: &str| {
+            stanza(&format!(
+                "<message from='room@conference.a.test/nick' to='{to}' id='stable-1' type='groupchat'/>"
+            ))
+        };
+        let (c1, c2) = (
+            Track::new(Owner::Rooms, "room/7/x@remote.test"),
+            Track::new(Owner::Rooms, "room/7/y@remote.test"),
+        );
+        w.outbox.send_tracked_as(copy("x@remote.test"), c1.clone());
+        w.outbox.send_tracked_as(copy("y@remote.test"), c2.clone());
+        w.outbox.send_tracked(stanza(
+            "<message from='u@a.test' to='z@remote.test' id='m1'/>",
+        ));
+        let sent: Vec<Outgoing> = w
+            .remote
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.2.clone())
+            .collect();
+        let m1 = Track::new(Owner::Delivery, "m1");
+        assert_eq!(
+            sent.iter()
+                .map(|i| i.track.clone().unwrap())
+                .collect::<Vec<_>>(),
+            vec![c1.clone(), c2.clone(), m1.clone()]
+        );
+        // A session writes them in one batch with one ping after them: each
+        // owner awaits it, for its own stanzas.
+        w.outbox.report(Report::AwaitingPing {
+            ping_id: "dlv-1".into(),
+            tracks: vec![c1.clone(), m1.clone(), c2.clone()],
+        });
+        assert_eq!(
+            w.tracker.got(),
+            vec![Report::AwaitingPing {
+                ping_id: "dlv-1".into(),
+                tracks: vec![m1.clone()]
+            }]
+        );
+        assert_eq!(
+            w.rooms_tracker.got(),
+            vec![Report::AwaitingPing {
+                ping_id: "dlv-1".into(),
+                tracks: vec![c1.clone(), c2.clone()]
+            }]
+        );
+        assert!(
+            w.outbox.awaits(Owner::Delivery, "dlv-1") && w.outbox.awaits(Owner::Rooms, "dlv-1")
+        );
+        // A ping of the rooms' alone: its void and its answer are theirs only.
+        w.outbox.report(Report::AwaitingPing {
+            ping_id: "dlv-2".into(),
+            tracks: vec![c2.clone()],
+        });
+        w.outbox.report(Report::PingVoid {
+            ping_id: "dlv-2".into(),
+        });
+        w.outbox.report(Report::Confirmed {
+            ping_id: "dlv-2".into(),
+        });
+        assert_eq!(w.tracker.got().len(), 1, "delivery heard nothing of dlv-2");
+        assert_eq!(
+            w.rooms_tracker.got()[1..],
+            [
+                Report::AwaitingPing {
+                    ping_id: "dlv-2".into(),
+                    tracks: vec![c2.clone()]
+                },
+                Report::PingVoid {
+                    ping_id: "dlv-2".into()
+                }
+            ],
+            "void, so awaited no more: the answer confirms nothing"
+        );
+        // The answer to the shared ping reaches both; acks and losses are
+        // split by owner, the copies told apart by their keys.
+        w.outbox.report(Report::Confirmed {
+            ping_id: "dlv-1".into(),
+        });
+        w.outbox.report(Report::Acked {
+            tracks: vec![c2.clone(), m1.clone()],
+        });
+        w.outbox.report(Report::Unsent {
+            tracks: vec![c1.clone()],
+            unreachable: None,
+        });
+        let confirmed = Report::Confirmed {
+            ping_id: "dlv-1".into(),
+        };
+        assert_eq!(
+            w.tracker.got()[1..],
+            [confirmed.clone(), Report::Acked { tracks: vec![m1] }]
+        );
+        assert_eq!(
+            w.rooms_tracker.got()[3..],
+            [
+                confirmed,
+                Report::Acked { tracks: vec![c2] },
+                Report::Unsent {
+                    tracks: vec![c1],
+                    unreachable: None
+                }
+            ]
+        );
+        // A stream established is news to every owner.
+        w.outbox.report(Report::Reachable {
+            remote: "remote.test".into(),
+        });
+        let reachable = Report::Reachable {
+            remote: "remote.test".into(),
+        };
+        assert_eq!(w.tracker.got().last(), Some(&reachable));
+        assert_eq!(w.rooms_tracker.got().last(), Some(&reachable));
+    }
+
+    #[test]
+    fn a_copy_that_cannot_go_is_reported_to_its_owner_not_bounced() {
+        let w = World::new();
+        *w.remote.refuse.lock().unwrap() = Some(StanzaCondition::ResourceConstraint);
+        let copy = stanza(
+            "<message from='room@conference.a.test/nick' to='x@remote.test' id='stable-1' type='groupchat'/>",
+        );
+        let track = Track::new(Owner::Rooms, "room/7/x@remote.test");
+        w.outbox.send_tracked_as(copy, track.clone());
+        assert!(w.rooms.got().is_empty(), "not bounced to the room");
+        assert_eq!(
+            w.rooms_tracker.got(),
+            vec![Report::Unsent {
+                tracks: vec![track],
+                unreachable: None
+            }]
+        );
+        assert!(w.tracker.got().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

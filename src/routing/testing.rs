@@ -1,10 +1,12 @@
 //! Fakes for the routing layer's tests (and the services'): services that record
-//! what reaches them, a remote that records what leaves, a tracker that records
+//! what reaches them, a remote that records what leaves, trackers that record
 //! reports.
 
 use std::sync::{Arc, Mutex};
 
-use super::{Identity, Outbox, Outgoing, Refused, Remote, Report, Service, Table, Tracker};
+use super::{
+    Identity, Outbox, Outgoing, Refused, Remote, Report, Service, Table, Tracker, Trackers,
+};
 use crate::config::{Federation, FederationMode};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -96,13 +98,37 @@ impl Remote for Arc<FakeRemote> {
     }
 }
 
-/// A tracker that records reports.
+/// A tracker that records reports; it awaits the pings it was told about until
+/// they are void or confirmed.
 #[derive(Debug, Default)]
 pub struct FakeTracker(pub Mutex<Vec<Report>>);
+
+impl FakeTracker {
+    /// The reports so far.
+    pub fn got(&self) -> Vec<Report> {
+        self.0.lock().unwrap().clone()
+    }
+}
 
 impl Tracker for Arc<FakeTracker> {
     fn report(&self, _outbox: &Outbox, report: Report) {
         self.0.lock().unwrap().push(report);
+    }
+
+    fn awaits(&self, ping_id: &str) -> bool {
+        let mut awaits = false;
+        for r in self.0.lock().unwrap().iter() {
+            match r {
+                Report::AwaitingPing { ping_id: p, .. } if p == ping_id => awaits = true,
+                Report::PingVoid { ping_id: p } | Report::Confirmed { ping_id: p }
+                    if p == ping_id =>
+                {
+                    awaits = false
+                }
+                _ => {}
+            }
+        }
+        awaits
     }
 }
 
@@ -111,7 +137,10 @@ impl Tracker for Arc<FakeTracker> {
 pub struct World {
     pub outbox: Outbox,
     pub remote: Arc<FakeRemote>,
+    /// Delivery's tracker (in [`World::new`]'s world only).
     pub tracker: Arc<FakeTracker>,
+    /// The rooms' tracker.
+    pub rooms_tracker: Arc<FakeTracker>,
     pub domain_a: Arc<Recorder>,
     pub users_a: Arc<Recorder>,
     pub domain_b: Arc<Recorder>,
@@ -122,11 +151,14 @@ pub struct World {
 impl World {
     pub fn new() -> World {
         let tracker = Arc::new(FakeTracker::default());
-        World::with_tracker(Arc::new(tracker.clone()), tracker)
+        let mut w = World::with_delivery(Arc::new(tracker.clone()));
+        w.tracker = tracker;
+        w
     }
 
-    /// The same world with another tracker (delivery itself).
-    pub fn with_tracker(tracker: Arc<dyn Tracker>, fake: Arc<FakeTracker>) -> World {
+    /// The same world with another delivery tracker (delivery itself); `tracker`
+    /// is then told nothing.
+    pub fn with_delivery(delivery: Arc<dyn Tracker>) -> World {
         let (domain_a, users_a) = (Recorder::named("a"), Recorder::named("users a"));
         let (domain_b, users_b) = (Recorder::named("b"), Recorder::named("users b"));
         let rooms = Recorder::named("rooms");
@@ -140,10 +172,15 @@ impl World {
             allowlist: vec![],
             blocklist: vec!["blocked.test".into()],
         });
+        let rooms_tracker = Arc::new(FakeTracker::default());
+        let trackers = Trackers {
+            delivery,
+            rooms: Arc::new(rooms_tracker.clone()),
+        };
         let outbox = Outbox::new(
             table,
             Arc::new(remote.clone()),
-            tracker,
+            trackers,
             None,
             Arc::new(policy),
             Arc::new(Metrics::default()),
@@ -151,7 +188,8 @@ impl World {
         World {
             outbox,
             remote,
-            tracker: fake,
+            tracker: Arc::default(),
+            rooms_tracker,
             domain_a,
             users_a,
             domain_b,

@@ -28,7 +28,7 @@ use super::S2s;
 use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
 use super::inbound::Io;
 use super::resolve::{Endpoint, ResolveError};
-use crate::routing::{Outbox, Outgoing, Refused, Report};
+use crate::routing::{Outbox, Outgoing, Refused, Report, Track};
 use crate::stanza::{Stanza, StanzaCondition};
 use crate::xml::children::all_texts;
 use crate::xml::{Event, NS_SASL, NS_STREAM, NS_TLS};
@@ -44,24 +44,25 @@ enum SmEvent {
     Ack(u32),
 }
 
-/// Stanzas written since `<enable/>` and the durable ones not yet acknowledged.
+/// Stanzas written since `<enable/>` and the tracked ones not yet acknowledged.
 #[derive(Debug, Default)]
 struct SmState {
     on: bool,
     sent: u32,
-    unacked: VecDeque<(u32, String)>,
+    unacked: VecDeque<(u32, Track)>,
 }
 
 impl SmState {
-    /// Durable ids acknowledged by `<a h='h'/>` (counts wrap at 2^32, XEP-0198 §5).
-    fn acked(&mut self, h: u32) -> Vec<String> {
+    /// Tracked stanzas acknowledged by `<a h='h'/>` (counts wrap at 2^32,
+    /// XEP-0198 §5).
+    fn acked(&mut self, h: u32) -> Vec<Track> {
         let mut done = Vec::new();
         while let Some((seq, _)) = self.unacked.front() {
             if (h.wrapping_sub(*seq) as i32) < 0 {
                 break;
             }
-            if let Some((_, id)) = self.unacked.pop_front() {
-                done.push(id);
+            if let Some((_, track)) = self.unacked.pop_front() {
+                done.push(track);
             }
         }
         done
@@ -701,7 +702,7 @@ impl Session {
         });
         // XEP-0198: acks confirm delivery where the peer offers them; otherwise an
         // iq round trip after each batch does (see delivery). Tracked stanzas the
-        // previous stream did not get acknowledged are resent by delivery.
+        // previous stream did not get acknowledged are resent by their owners.
         self.forget_unacked();
         self.sm = SmState {
             on: connected.sm,
@@ -801,12 +802,12 @@ impl Session {
     }
 
     /// Tracked stanzas written on a stream that ended without acknowledging
-    /// them: delivery sends them again.
+    /// them: their owners send them again.
     fn forget_unacked(&mut self) {
-        let ids: Vec<String> = self.sm.unacked.drain(..).map(|(_, id)| id).collect();
-        if !ids.is_empty() {
+        let tracks: Vec<Track> = self.sm.unacked.drain(..).map(|(_, t)| t).collect();
+        if !tracks.is_empty() {
             self.outbox.report(Report::Unsent {
-                ids,
+                tracks,
                 unreachable: None,
             });
         }
@@ -815,9 +816,9 @@ impl Session {
     fn on_sm(&mut self, ev: Option<SmEvent>) {
         match ev {
             Some(SmEvent::Ack(h)) => {
-                let ids = self.sm.acked(h);
-                if !ids.is_empty() {
-                    self.outbox.report(Report::Acked { ids });
+                let tracks = self.sm.acked(h);
+                if !tracks.is_empty() {
+                    self.outbox.report(Report::Acked { tracks });
                 }
             }
             Some(SmEvent::Failed) => {
@@ -832,21 +833,19 @@ impl Session {
 
     /// The pending stanzas as one write: with `<r/>` after them when stream
     /// management is on, else with a confirmation ping after the tracked ones
-    /// (reported before it is written: its answer may come at once). Returns
-    /// that ping's id.
+    /// (reported before it is written, whoever owns them: its answer may come at
+    /// once). Returns that ping's id.
     fn encode_batch(&mut self, wbuf: &mut Vec<u8>) -> Option<String> {
         wbuf.clear();
         let mut tracked = Vec::new();
         for item in &self.pending {
             wbuf.extend_from_slice(&item.stanza.raw);
             self.sm.sent = self.sm.sent.wrapping_add(1);
-            if item.tracked
-                && let Some(id) = &item.stanza.id
-            {
+            if let Some(track) = &item.track {
                 if self.sm.on {
-                    self.sm.unacked.push_back((self.sm.sent, id.clone()));
+                    self.sm.unacked.push_back((self.sm.sent, track.clone()));
                 } else {
-                    tracked.push(id.clone());
+                    tracked.push(track.clone());
                 }
             }
         }
@@ -866,7 +865,7 @@ impl Session {
             );
             self.outbox.report(Report::AwaitingPing {
                 ping_id: ping_id.clone(),
-                ids: tracked,
+                tracks: tracked,
             });
             wbuf.extend_from_slice(&ping.raw);
             return Some(ping_id);
@@ -881,28 +880,27 @@ mod tests {
 
     #[test]
     fn sm_acks_release_in_order_and_wrap() {
+        use crate::routing::Owner;
+        let t = |key: &str| Track::new(Owner::Delivery, key);
+        // Two copies of one room message: the same stanza id, their own keys.
+        let copy = |key: &str| Track::new(Owner::Rooms, key);
         let mut sm = SmState {
             on: true,
             sent: 0,
-            unacked: [(1, "a"), (3, "b"), (4, "c")]
+            unacked: [(1, t("a")), (3, copy("r/1")), (4, copy("r/2"))]
                 .into_iter()
-                .map(|(n, id)| (n, id.to_string()))
                 .collect(),
         };
-        assert_eq!(sm.acked(0), Vec::<String>::new());
-        assert_eq!(sm.acked(3), vec!["a".to_string(), "b".to_string()]);
-        assert_eq!(sm.acked(4), vec!["c".to_string()]);
+        assert_eq!(sm.acked(0), Vec::<Track>::new());
+        assert_eq!(sm.acked(3), vec![t("a"), copy("r/1")]);
+        assert_eq!(sm.acked(4), vec![copy("r/2")]);
         let mut wrap = SmState {
             on: true,
             sent: 0,
-            unacked: [
-                (u32::MAX, "x".to_string()),
-                (0, "y".to_string()),
-                (1, "z".to_string()),
-            ]
-            .into_iter()
-            .collect(),
+            unacked: [(u32::MAX, t("x")), (0, t("y")), (1, t("z"))]
+                .into_iter()
+                .collect(),
         };
-        assert_eq!(wrap.acked(0), vec!["x".to_string(), "y".to_string()]);
+        assert_eq!(wrap.acked(0), vec![t("x"), t("y")]);
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! A message is persisted in the store's outbound queue before the API answers
 //! (`Store::enqueue`), then submitted through the outbox as a tracked message
-//! ([`Outbox::send_tracked`]): the s2s layer reports its fate back as
-//! [`Report`]s ([`Delivery`] is the outbox's [`Tracker`]). Every
+//! ([`Outbox::send_tracked`], [`crate::routing::Owner::Delivery`] under its
+//! stanza id): the s2s
+//! layer reports its fate back as [`Report`]s ([`Delivery`] is that owner's
+//! [`Tracker`]). Every
 //! queued message is also tracked in memory (id -> sequence, recipient, expiry,
 //! when last submitted), loaded from the store at startup: settling and sweeping
 //! never read or scan the store, and whoever removes the entry settles the message,
@@ -37,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::routing::{Outbox, Report, Tracker};
+use crate::routing::{Outbox, Report, Track, Tracker};
 use crate::stanza::Stanza;
 use crate::store::{EventKind, Outgoing, Store, Writes, now_ms};
 
@@ -63,8 +65,8 @@ pub struct Delivery {
     config: Arc<Config>,
     /// Stanza id -> every queued message, settled or not yet.
     queue: Mutex<HashMap<String, Tracked>>,
-    /// Confirmation ping id -> stanza ids it confirms.
-    confirms: Mutex<HashMap<String, Vec<String>>>,
+    /// Confirmation ping id -> what it confirms (keys: stanza ids).
+    confirms: Mutex<HashMap<String, Vec<Track>>>,
     /// Domains found unreachable, and when to try each again.
     backoff: Backoffs,
 }
@@ -124,8 +126,10 @@ impl Delivery {
         lock(&self.queue).len()
     }
 
-    fn take_confirm(&self, ping_id: &str) -> Option<Vec<String>> {
-        lock(&self.confirms).remove(ping_id)
+    /// The stanza ids ping `ping_id` confirms, forgetting the ping.
+    fn take_confirm(&self, ping_id: &str) -> Option<impl Iterator<Item = Arc<str>>> {
+        let tracks = lock(&self.confirms).remove(ping_id)?;
+        Some(tracks.into_iter().map(|t| t.key))
     }
 
     /// Whether an iq id is one of our confirmation pings still waiting.
@@ -254,7 +258,11 @@ impl Delivery {
 
     /// Settle messages by stanza id with an outcome built from `(id, recipient)`,
     /// in the background.
-    pub fn settle(self: &Arc<Self>, ids: Vec<String>, outcome: impl Fn(&str, &str) -> EventKind) {
+    pub fn settle<K: AsRef<str>>(
+        self: &Arc<Self>,
+        ids: impl IntoIterator<Item = K>,
+        outcome: impl Fn(&str, &str) -> EventKind,
+    ) {
         let (mut w, mut taken) = (Writes::default(), Taken::default());
         self.take(ids, outcome, &mut w, &mut taken);
         let this = self.clone();
@@ -265,18 +273,18 @@ impl Delivery {
     /// outcome (built from `(id, recipient)`) to `w`; whoever takes a message
     /// settles it. Returns the ids that were not queued (already settled, or
     /// never ours).
-    pub fn take(
+    pub fn take<K: AsRef<str>>(
         &self,
-        ids: Vec<String>,
+        ids: impl IntoIterator<Item = K>,
         outcome: impl Fn(&str, &str) -> EventKind,
         w: &mut Writes,
         taken: &mut Taken,
-    ) -> Vec<String> {
+    ) -> Vec<K> {
         let mut unknown = Vec::new();
         let mut q = lock(&self.queue);
         for id in ids {
-            match q.remove(&id) {
-                Some(t) => {
+            match q.remove_entry(id.as_ref()) {
+                Some((id, t)) => {
                     w.settle(t.seq, &outcome(&id, &t.to));
                     taken.0.push((id, t));
                 }
@@ -309,8 +317,8 @@ impl Delivery {
     }
 
     /// The answer to a confirmation ping, when it cannot wait in the inbox (full):
-    /// settled at once, out of order.
-    pub fn confirmed_now(self: &Arc<Self>, ping_id: &str) {
+    /// settled at once, out of order ([`Report::Confirmed`]).
+    fn confirmed_now(self: &Arc<Self>, ping_id: &str) {
         if let Some(ids) = self.take_confirm(ping_id) {
             self.settle(ids, delivered);
         }
@@ -397,26 +405,36 @@ impl Delivery {
     }
 }
 
+/// Delivery is [`crate::routing::Owner::Delivery`]'s tracker: every key it is told is a
+/// stanza id.
 impl Tracker for Arc<Delivery> {
     fn report(&self, _outbox: &Outbox, report: Report) {
         match report {
             Report::Reachable { remote } => self.reachable(&remote),
-            Report::Unsent { ids, unreachable } => {
-                for id in &ids {
-                    self.unsubmit(id);
+            Report::Unsent {
+                tracks,
+                unreachable,
+            } => {
+                for t in &tracks {
+                    self.unsubmit(&t.key);
                 }
                 if let Some(d) = unreachable {
                     self.unreachable_now(&d);
                 }
             }
-            Report::AwaitingPing { ping_id, ids } => {
-                lock(&self.confirms).insert(ping_id, ids);
+            Report::AwaitingPing { ping_id, tracks } => {
+                lock(&self.confirms).insert(ping_id, tracks);
             }
             Report::PingVoid { ping_id } => {
                 lock(&self.confirms).remove(&ping_id);
             }
-            Report::Acked { ids } => self.settle(ids, delivered),
+            Report::Confirmed { ping_id } => self.confirmed_now(&ping_id),
+            Report::Acked { tracks } => self.settle(tracks.into_iter().map(|t| t.key), delivered),
         }
+    }
+
+    fn awaits(&self, ping_id: &str) -> bool {
+        self.is_confirmation(ping_id)
     }
 }
 
@@ -448,8 +466,16 @@ pub fn delivered(id: &str, to: &str) -> EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::testing::{FakeTracker, World};
+    use crate::routing::Owner;
+    use crate::routing::testing::World;
     use crate::store::Event;
+
+    /// Delivery's tracks of stanza ids.
+    fn tracks(ids: &[&str]) -> Vec<Track> {
+        ids.iter()
+            .map(|id| Track::new(Owner::Delivery, *id))
+            .collect()
+    }
 
     fn message(id: &str, to: &str, expires_ms: u64) -> Outgoing {
         let xml = format!("<message from='u@a.test' to='{to}' id='{id}'><body>x</body></message>");
@@ -481,7 +507,7 @@ mod tests {
             ..Config::default()
         });
         let delivery = Arc::new(Delivery::new(store.clone(), config));
-        let w = World::with_tracker(Arc::new(delivery.clone()), Arc::new(FakeTracker::default()));
+        let w = World::with_delivery(Arc::new(delivery.clone()));
         Setup { store, delivery, w }
     }
 
@@ -536,19 +562,23 @@ mod tests {
         {
             let sent = s.w.remote.sent.lock().unwrap();
             assert_eq!(sent.len(), 3);
-            assert!(sent.iter().all(|(_, _, item)| item.tracked));
+            // Tracked by delivery, under their stanza ids.
+            assert!(sent.iter().all(|(_, _, item)| {
+                item.track.as_ref().map(|t| (t.owner, &*t.key))
+                    == Some((Owner::Delivery, item.stanza.id.as_deref().unwrap()))
+            }));
         }
         // m1 and m2 written with a ping after them; its answer reaches the inbox.
         s.w.outbox.report(Report::AwaitingPing {
             ping_id: "dlv-7".into(),
-            ids: vec!["m1".into(), "m2".into()],
+            tracks: tracks(&["m1", "m2"]),
         });
         assert!(s.delivery.is_confirmation("dlv-7"));
         // A ping whose batch could not be written is forgotten (its messages go
         // again behind another): its answer would confirm nothing.
         s.w.outbox.report(Report::AwaitingPing {
             ping_id: "dlv-6".into(),
-            ids: vec!["m3".into()],
+            tracks: tracks(&["m3"]),
         });
         s.w.outbox.report(Report::PingVoid {
             ping_id: "dlv-6".into(),
@@ -565,7 +595,7 @@ mod tests {
         assert!(w.is_empty());
         // XEP-0198 acks for m2 (already settled) and m3.
         s.w.outbox.report(Report::Acked {
-            ids: vec!["m2".into(), "m3".into()],
+            tracks: tracks(&["m2", "m3"]),
         });
         let got = outcomes(&s.store, 3).await;
         assert_eq!(
@@ -588,7 +618,7 @@ mod tests {
         assert_eq!(s.w.remote.sent.lock().unwrap().len(), 1);
         // The session could not reach the domain.
         s.w.outbox.report(Report::Unsent {
-            ids: vec!["m1".into()],
+            tracks: tracks(&["m1"]),
             unreachable: Some("down.test".into()),
         });
         assert_eq!(s.delivery.held_domains(), 1);
@@ -624,7 +654,7 @@ mod tests {
         let s = setup();
         queue(&s, vec![message("old", "x@remote.test", now_ms() - 1)]).await;
         s.w.outbox.report(Report::Unsent {
-            ids: vec!["old".into()],
+            tracks: tracks(&["old"]),
             unreachable: None,
         });
         s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
@@ -634,7 +664,7 @@ mod tests {
         );
         // A late confirmation of it settles nothing.
         s.w.outbox.report(Report::Acked {
-            ids: vec!["old".into()],
+            tracks: tracks(&["old"]),
         });
         s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -7,20 +7,19 @@
 //! - disco and version payloads are read and written with `xmpp-parsers`; ping,
 //!   measured in the hundreds of thousands a second, keeps to the raw bytes (its
 //!   payload name is all the framer needs);
-//! - iq results and errors are answers: to our confirmation pings (settled in the
-//!   inbox, behind the peer's earlier stanzas, so a peer's error reply to a
-//!   message settles it before the confirmation does), or to our own requests.
-
-use std::sync::Arc;
+//! - iq results and errors are answers: to our confirmation pings, told to every
+//!   owner whose stanzas the ping followed (delivery's settled in the inbox,
+//!   behind the peer's earlier stanzas, so a peer's error reply to a message
+//!   settles it before the confirmation does; other owners' at once), or to our
+//!   own requests.
 
 use xmpp_parsers::disco::{DiscoInfoQuery, DiscoItemsQuery, DiscoItemsResult, Item};
 use xmpp_parsers::jid::Jid;
 use xmpp_parsers::version::VersionResult;
 
-use crate::routing::{Identity, Outbox, Service, Table};
+use crate::routing::{Identity, Outbox, Owner, Report, Service, Table};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 
-use super::delivery::Delivery;
 use super::inbox::Inbox;
 use super::{
     NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, disco_info, payload, send_result,
@@ -34,26 +33,36 @@ pub const DOMAIN_FEATURES: &[&str] = &[NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, N
 #[derive(Debug)]
 pub struct Domain {
     inbox: Inbox,
-    delivery: Arc<Delivery>,
 }
 
 impl Domain {
-    /// The domain service; pings wait behind `inbox`, confirmations go to
-    /// `delivery` through it.
-    pub fn new(inbox: Inbox, delivery: Arc<Delivery>) -> Domain {
-        Domain { inbox, delivery }
+    /// The domain service; pings and delivery's confirmations wait behind
+    /// `inbox`.
+    pub fn new(inbox: Inbox) -> Domain {
+        Domain { inbox }
     }
 
-    /// An iq result or error for the domain.
+    /// An iq result or error for the domain: the answer to a confirmation ping
+    /// (told to every owner awaiting it) or to one of our requests.
     fn answer(&self, stanza: Stanza, outbox: &Outbox) {
         let id = stanza.id.as_deref().unwrap_or_default();
-        if self.delivery.is_confirmation(id) {
-            let id = id.to_string();
+        let mut confirmation = false;
+        // Owners other than delivery keep no order with the inbox: told at once.
+        for owner in Owner::ALL {
+            if owner != Owner::Delivery && outbox.awaits(owner, id) {
+                confirmation = true;
+                let ping_id = id.to_string();
+                outbox.report_to(owner, Report::Confirmed { ping_id });
+            }
+        }
+        if outbox.awaits(Owner::Delivery, id) {
+            // Settled by the inbox, behind what the peer sent before it.
+            let ping_id = id.to_string();
             if self.inbox.push(stanza).is_some() {
                 tracing::warn!("inbox full; confirmation handled out of order");
-                self.delivery.confirmed_now(&id);
+                outbox.report_to(Owner::Delivery, Report::Confirmed { ping_id });
             }
-        } else if let Some(s) = outbox.answer(stanza) {
+        } else if !confirmation && let Some(s) = outbox.answer(stanza) {
             tracing::debug!(stanza = s.as_str(), "iq answer nobody waits for");
         }
     }
@@ -322,5 +331,41 @@ mod tests {
             error_condition(&answer),
             StanzaCondition::ServiceUnavailable
         );
+    }
+
+    #[test]
+    fn a_confirmation_reaches_each_owner_awaiting_it_delivery_behind_the_inbox() {
+        use crate::routing::Track;
+        let s = services();
+        let [delivery, rooms] = &s.trackers;
+        s.outbox.report(Report::AwaitingPing {
+            ping_id: "dlv-1".into(),
+            tracks: vec![
+                Track::new(Owner::Delivery, "m1"),
+                Track::new(Owner::Rooms, "room/1/x@montague.net"),
+            ],
+        });
+        s.outbox.send(
+            Stanza::parse(
+                "<iq type='result' from='montague.net' to='shakespeare.lit' id='dlv-1'/>",
+            )
+            .unwrap(),
+        );
+        let confirmed = Report::Confirmed {
+            ping_id: "dlv-1".into(),
+        };
+        // The rooms' part at once; delivery's waits in the inbox (behind what the
+        // peer sent before), to be settled there.
+        assert_eq!(rooms.got().last(), Some(&confirmed));
+        assert!(!delivery.got().contains(&confirmed));
+        assert_eq!(s.inbox.uncommitted(), 1);
+        // An answer nobody awaits is neither.
+        s.outbox.send(
+            Stanza::parse(
+                "<iq type='result' from='montague.net' to='shakespeare.lit' id='other'/>",
+            )
+            .unwrap(),
+        );
+        assert_eq!((rooms.got().len(), s.inbox.uncommitted()), (2, 1));
     }
 }

@@ -10,7 +10,9 @@ use tokio_util::task::TaskTracker;
 use xmpp_federator::config::Config;
 use xmpp_federator::metrics::Metrics;
 use xmpp_federator::policy::Policy;
-use xmpp_federator::routing::{Identity, Outbox, Report, Service, Table, Tracker};
+use xmpp_federator::routing::{
+    Identity, Outbox, Owner, Report, Service, Table, Track, Tracker, Trackers,
+};
 use xmpp_federator::s2s::outbound::ConnectError;
 use xmpp_federator::s2s::{Connecting, Connector, Link, S2s};
 use xmpp_federator::stanza::Stanza;
@@ -27,11 +29,13 @@ impl Connector for Down {
     }
 }
 
-/// Records what reaches the hosted domain (bounces) and what is reported.
+/// Records what reaches the hosted domain (bounces) and what is reported to
+/// each owner.
 #[derive(Default)]
 struct Here {
     got: Mutex<Vec<Stanza>>,
     reports: Mutex<Vec<Report>>,
+    rooms_reports: Mutex<Vec<Report>>,
 }
 
 impl Service for Here {
@@ -50,11 +54,18 @@ impl Service for Here {
     }
 }
 
-struct Reports(Arc<Here>);
+struct Reports(Arc<Here>, Owner);
 
 impl Tracker for Reports {
     fn report(&self, _: &Outbox, report: Report) {
-        self.0.reports.lock().unwrap().push(report);
+        match self.1 {
+            Owner::Delivery => self.0.reports.lock().unwrap().push(report),
+            Owner::Rooms => self.0.rooms_reports.lock().unwrap().push(report),
+        }
+    }
+
+    fn awaits(&self, _: &str) -> bool {
+        false
     }
 }
 
@@ -82,7 +93,10 @@ async fn an_unreachable_domain_is_retried_with_backoff_then_given_up() {
     let outbox = Outbox::new(
         table,
         Arc::new(Link(s2s.clone())),
-        Arc::new(Reports(here.clone())),
+        Trackers {
+            delivery: Arc::new(Reports(here.clone(), Owner::Delivery)),
+            rooms: Arc::new(Reports(here.clone(), Owner::Rooms)),
+        },
         None,
         Arc::new(Policy::new(&Default::default())),
         Arc::new(Metrics::default()),
@@ -100,6 +114,16 @@ async fn an_unreachable_domain_is_retried_with_backoff_then_given_up() {
         )
         .unwrap(),
     );
+    // Another owner's stanzas in the same queue: two copies with one stanza id.
+    let copies = [
+        Track::new(Owner::Rooms, "r/1/x@down.test"),
+        Track::new(Owner::Rooms, "r/1/y@down.test"),
+    ];
+    for (c, to) in copies.iter().zip(["x@down.test", "y@down.test"]) {
+        let xml =
+            format!("<message from='a.test' to='{to}' id='stable-1'><body>hi</body></message>");
+        outbox.send_tracked_as(Stanza::parse(&xml).unwrap(), c.clone());
+    }
     assert_eq!(s2s.sessions.len(), 1);
     // Wait (in paused time) for the session to give up.
     while here.reports.lock().unwrap().is_empty() {
@@ -111,12 +135,20 @@ async fn an_unreachable_domain_is_retried_with_backoff_then_given_up() {
         gave_up >= window && gave_up < window + Duration::from_secs(6),
         "gave up after {gave_up:?} (window {window:?})"
     );
-    // The tracked message is reported for delivery to resend, with the domain
-    // that could not be reached; the ping is bounced.
+    // The tracked message is reported for delivery to resend, the copies for
+    // their owner, by their keys, with the domain that could not be reached;
+    // the ping is bounced.
     assert_eq!(
         *here.reports.lock().unwrap(),
         vec![Report::Unsent {
-            ids: vec!["t1".into()],
+            tracks: vec![Track::new(Owner::Delivery, "t1")],
+            unreachable: Some("down.test".into())
+        }]
+    );
+    assert_eq!(
+        *here.rooms_reports.lock().unwrap(),
+        vec![Report::Unsent {
+            tracks: copies.to_vec(),
             unreachable: Some("down.test".into())
         }]
     );
