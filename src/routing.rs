@@ -23,8 +23,7 @@ pub mod outbox;
 pub mod table;
 
 pub use outbox::{
-    AskError, Gate, NoTracker, Outbox, Outgoing, Owner, Refused, Remote, Report, Track, Tracker,
-    Trackers,
+    AskError, Gate, Outbox, Outgoing, Owner, Refused, Remote, Report, Track, Tracker, Trackers,
 };
 pub use table::{Peer, Table};
 

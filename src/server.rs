@@ -3,9 +3,9 @@
 //!
 //! Nothing else builds these parts or knows how they fit: services get the outbox
 //! they answer through, the s2s layer gets the outbox to route into, the outbox
-//! gets the table, the s2s link and the trackers (delivery's; the rooms' is a
-//! [`NoTracker`] until they track their copies). One root `CancellationToken`
-//! stops everything; one `TaskTracker` holds every task.
+//! gets the table, the s2s link and the trackers (delivery's, and the rooms'
+//! for their fan-out copies). One root `CancellationToken` stops everything; one
+//! `TaskTracker` holds every task.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::routing::{NoTracker, Outbox, Table, Trackers};
+use crate::routing::{Outbox, Table, Trackers};
 use crate::s2s::listen::{self, BindError, Listeners};
 use crate::s2s::{Link, S2s, S2sError};
 use crate::services::accounts::Accounts;
@@ -119,8 +119,7 @@ impl Server {
             Arc::new(Link(s2s.clone())),
             Trackers {
                 delivery: Arc::new(delivery.clone()),
-                // Until the rooms service tracks its copies.
-                rooms: Arc::new(NoTracker),
+                rooms: Arc::new(rooms.clone()),
             },
             Some(Arc::new(inbox.clone())),
             policy.clone(),

@@ -183,33 +183,6 @@ impl std::fmt::Debug for Trackers {
     }
 }
 
-/// The tracker of an owner that has none yet: it logs and ignores what it is
-/// told, so stanzas tracked for it are never settled (and never bounced).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoTracker;
-
-impl Tracker for NoTracker {
-    fn report(&self, _outbox: &Outbox, report: Report) {
-        match report {
-            Report::Unsent { tracks, .. }
-            | Report::AwaitingPing { tracks, .. }
-            | Report::Acked { tracks }
-                if !tracks.is_empty() =>
-            {
-                tracing::warn!(
-                    stanzas = tracks.len(),
-                    "report about stanzas nobody tracks; ignored"
-                );
-            }
-            other => tracing::debug!(report = ?other, "report for no tracker; ignored"),
-        }
-    }
-
-    fn awaits(&self, _ping_id: &str) -> bool {
-        false
-    }
-}
-
 /// The s2s layer as the outbox sees it.
 pub trait Remote: Send + Sync + 'static {
     /// Queue `item` for `remote`, from hosted `local`; gives it back with the

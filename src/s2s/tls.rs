@@ -473,7 +473,7 @@ impl TlsContext {
         let mut chains = Vec::new();
         let generated = config.tls.certificates.is_empty();
         if generated {
-            chains.push(generate_dev_cert(&config.domains)?);
+            chains.push(generate_dev_cert(&config.served_domains())?);
         } else {
             for c in &config.tls.certificates {
                 chains.push((load_chain(&c.cert)?, load_key(&c.key)?));

@@ -30,7 +30,7 @@ use xmpp_parsers::disco::{DiscoItemsResult, Item};
 
 use crate::address::Addr;
 use crate::config::RoomsConfig;
-use crate::routing::{Identity, Outbox, Service};
+use crate::routing::{Identity, Outbox, Owner, Report, Service, Track, Tracker};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::rooms::{Affiliation, ArchiveSpan, Archived, Member, Room};
 use crate::store::{Store, StoreError, Writes, now_ms};
@@ -217,13 +217,65 @@ pub enum Settle {
     Reachable(String),
 }
 
-/// The service of every room service domain (cheap to clone).
+/// The service of every room service domain, and the tracker of their
+/// fan-out copies (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Rooms {
     tx: mpsc::Sender<Command>,
     /// Unbounded: a report is never dropped (there is at most one per copy in
     /// flight, and copies in flight are bounded by the sessions' queues).
     settle: mpsc::UnboundedSender<Settle>,
+    /// Confirmation pings awaited: ping id -> the copies its answer confirms,
+    /// and when it was sent.
+    pings: Arc<std::sync::Mutex<Pings>>,
+}
+
+/// Ping id -> the copies (keys) its answer confirms, and when it was sent.
+type Pings = HashMap<String, (Vec<String>, std::time::Instant)>;
+
+/// Confirmation pings awaited at most (older ones are forgotten past this:
+/// their copies count as lost after `STALE_MS` and go again).
+const MAX_PINGS: usize = 65_536;
+
+fn keys(tracks: Vec<Track>) -> Vec<String> {
+    tracks.into_iter().map(|t| t.key.to_string()).collect()
+}
+
+impl Tracker for Rooms {
+    fn report(&self, _outbox: &Outbox, report: Report) {
+        let mut pings = self.pings.lock().unwrap_or_else(|e| e.into_inner());
+        let settle = match report {
+            Report::AwaitingPing { ping_id, tracks } => {
+                if pings.len() >= MAX_PINGS {
+                    let old = std::time::Duration::from_millis(STALE_MS);
+                    pings.retain(|_, (_, at)| at.elapsed() < old);
+                }
+                pings.insert(ping_id, (keys(tracks), std::time::Instant::now()));
+                return;
+            }
+            Report::PingVoid { ping_id } => match pings.remove(&ping_id) {
+                Some((k, _)) => Settle::Unsent(k),
+                None => return,
+            },
+            Report::Confirmed { ping_id } => match pings.remove(&ping_id) {
+                Some((k, _)) => Settle::Confirmed(k),
+                None => return,
+            },
+            Report::Acked { tracks } => Settle::Confirmed(keys(tracks)),
+            Report::Unsent { tracks, .. } if !tracks.is_empty() => Settle::Unsent(keys(tracks)),
+            Report::Unsent { .. } => return,
+            Report::Reachable { remote } => Settle::Reachable(remote),
+        };
+        drop(pings);
+        self.settle(settle);
+    }
+
+    fn awaits(&self, ping_id: &str) -> bool {
+        self.pings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(ping_id)
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -244,7 +296,12 @@ impl Rooms {
     pub fn new(capacity: usize) -> (Rooms, RoomsRx) {
         let (tx, rx) = mpsc::channel(capacity);
         let (settle, settle_rx) = mpsc::unbounded_channel();
-        (Rooms { tx, settle }, RoomsRx(rx, settle_rx))
+        let rooms = Rooms {
+            tx,
+            settle,
+            pings: Arc::default(),
+        };
+        (rooms, RoomsRx(rx, settle_rx))
     }
 
     /// Report what became of fan-out copies.
@@ -265,6 +322,18 @@ impl Rooms {
 
 impl Service for Rooms {
     fn handle(&self, stanza: Stanza, outbox: &Outbox) {
+        // The answer to a confirmation ping a room service's session sent:
+        // the copies before it were taken (a stream is processed in order).
+        if stanza.kind == Kind::Iq
+            && matches!(stanza.type_.as_deref(), Some("result" | "error"))
+            && stanza.to.as_ref().is_some_and(|t| t.local().is_none())
+            && let Some(id) = stanza.id.as_deref()
+            && self.awaits(id)
+        {
+            return outbox.report(Report::Confirmed {
+                ping_id: id.to_string(),
+            });
+        }
         if let Err(e) = self.tx.try_send(Command::Stanza(stanza)) {
             let (mpsc::error::TrySendError::Full(Command::Stanza(s))
             | mpsc::error::TrySendError::Closed(Command::Stanza(s))) = e
@@ -475,10 +544,10 @@ impl Live {
         let mut tracked = tracked.into_iter().peekable();
         for (i, s) in out.into_iter().enumerate() {
             match tracked.next_if(|(at, _)| *at == i) {
-                // Until the outbox carries tracks for other owners than
-                // delivery, a copy goes untracked (its domain's cursor then
-                // advances only by catching up).
-                Some((_, _copy)) => self.task.outbox.send(s),
+                Some((_, copy)) => self
+                    .task
+                    .outbox
+                    .send_tracked_as(s, Track::new(Owner::Rooms, copy.key())),
                 None => self.task.outbox.send(s),
             }
         }
