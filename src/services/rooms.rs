@@ -380,6 +380,9 @@ pub struct RoomsTask {
     pub shutdown: CancellationToken,
 }
 
+/// How often archives are pruned to `rooms.archive_retention_days`.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Most archived messages sent to a domain that catches up, per round.
 const CATCH_UP_WINDOW: usize = 256;
 /// A copy not confirmed in this long is taken as lost (its domain catches up).
@@ -396,6 +399,8 @@ pub async fn run(task: RoomsTask, rx: RoomsRx) {
     let RoomsRx(mut rx, mut settle_rx) = rx;
     let mut tick = tokio::time::interval(task.retry);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut live = Live {
         task,
         rooms: HashMap::new(),
@@ -420,6 +425,7 @@ pub async fn run(task: RoomsTask, rx: RoomsRx) {
                 live.batch(std::mem::take(&mut batch)).await;
             }
             _ = tick.tick() => live.catch_up(None).await,
+            _ = prune.tick() => live.prune().await,
         }
     }
 }
@@ -446,6 +452,36 @@ impl Live {
                     tracing::error!(error = %e, room = %r.jid(), "loading a room at start");
                 }
             }
+        }
+    }
+
+    /// Remove archived messages older than the retention (each room keeps its
+    /// newest, so that its numbering, and so its MAM ids, never restart).
+    async fn prune(&mut self) {
+        let days = self.task.config.archive_retention_days;
+        if days == 0 {
+            return;
+        }
+        let before = now_ms().saturating_sub(days.saturating_mul(86_400_000));
+        let store = self.task.store.clone();
+        for service in self.task.services.clone() {
+            let rooms = match store.rooms(&service) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, %service, "listing rooms to prune");
+                    continue;
+                }
+            };
+            for r in rooms {
+                match store.prune_archive(&service, &r.id, before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(room = %r.jid(), removed = n, "archive pruned"),
+                    Err(e) => tracing::error!(error = %e, room = %r.jid(), "pruning an archive"),
+                }
+            }
+        }
+        for r in self.rooms.values_mut() {
+            r.forget_before(before);
         }
     }
 

@@ -1312,6 +1312,14 @@ impl RoomState {
         }
     }
 
+    /// Drop recent messages older than `before_ms` from the history sent on
+    /// join (the archive was pruned; the newest stays, as there).
+    pub fn forget_before(&mut self, before_ms: u64) {
+        while self.recent.len() > 1 && self.recent.front().is_some_and(|a| a.at_ms < before_ms) {
+            self.recent.pop_front();
+        }
+    }
+
     /// Whether a domain is catching up.
     pub fn behind(&self) -> bool {
         self.fanout.values().any(|f| f.behind)
