@@ -380,6 +380,27 @@ pub struct RoomsTask {
     pub shutdown: CancellationToken,
 }
 
+/// What handling stanzas, calls and reports produced: the writes to commit,
+/// then the stanzas to send (fan-out copies among them tracked).
+#[derive(Debug, Default)]
+struct Produced {
+    writes: Writes,
+    out: Vec<Stanza>,
+    tracked: Vec<(usize, state::Copy)>,
+}
+
+impl Produced {
+    fn cx<'a>(&'a mut self, config: &'a RoomsConfig) -> Cx<'a> {
+        Cx {
+            now_ms: now_ms(),
+            writes: &mut self.writes,
+            out: &mut self.out,
+            tracked: &mut self.tracked,
+            config,
+        }
+    }
+}
+
 /// How often archives are pruned to `rooms.archive_retention_days`.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -487,17 +508,10 @@ impl Live {
 
     /// Reports on fan-out copies.
     async fn settle(&mut self, settles: Vec<Settle>) {
-        let mut writes = Writes::default();
         let mut reachable = Vec::new();
         let config = self.task.config.clone();
-        let (mut out, mut tracked) = (Vec::new(), Vec::new());
-        let mut cx = Cx {
-            now_ms: now_ms(),
-            writes: &mut writes,
-            out: &mut out,
-            tracked: &mut tracked,
-            config: &config,
-        };
+        let mut p = Produced::default();
+        let mut cx = p.cx(&config);
         for s in settles {
             let (keys, confirmed) = match s {
                 Settle::Confirmed(k) => (k, true),
@@ -521,8 +535,8 @@ impl Live {
                 }
             }
         }
-        if !writes.is_empty()
-            && let Err(e) = self.task.store.commit(writes).await
+        if !p.writes.is_empty()
+            && let Err(e) = self.task.store.commit(p.writes).await
         {
             // The cursors stay where they were: a restart sends again.
             tracing::error!(error = %e, "storing fan-out cursors");
@@ -534,16 +548,9 @@ impl Live {
 
     /// Send what domains that are behind have not confirmed, from the archive.
     async fn catch_up(&mut self, only: Option<&str>) {
-        let mut writes = Writes::default();
         let config = self.task.config.clone();
-        let (mut out, mut tracked) = (Vec::new(), Vec::new());
-        let mut cx = Cx {
-            now_ms: now_ms(),
-            writes: &mut writes,
-            out: &mut out,
-            tracked: &mut tracked,
-            config: &config,
-        };
+        let mut p = Produced::default();
+        let mut cx = p.cx(&config);
         let expire_ms = self.task.expire.as_millis() as u64;
         let store = self.task.store.clone();
         for r in self.rooms.values_mut().filter(|r| r.behind()) {
@@ -567,12 +574,12 @@ impl Live {
             };
             r.catch_up(&read, CATCH_UP_WINDOW, STALE_MS, expire_ms, only, &mut cx);
         }
-        if !writes.is_empty()
-            && let Err(e) = self.task.store.commit(writes).await
+        if !p.writes.is_empty()
+            && let Err(e) = self.task.store.commit(p.writes).await
         {
             tracing::error!(error = %e, "storing fan-out cursors");
         }
-        self.send(out, tracked);
+        self.send(p.out, p.tracked);
     }
 
     /// Send what a batch produced: fan-out copies tracked, the rest as is.
@@ -590,20 +597,12 @@ impl Live {
     }
 
     async fn batch(&mut self, batch: Vec<Command>) {
-        let mut writes = Writes::default();
-        let mut out = Vec::new();
-        let mut tracked = Vec::new();
+        let mut p = Produced::default();
         let mut answers = Vec::new();
         let mut archived_from = Vec::new();
         let config = self.task.config.clone();
         for command in batch {
-            let mut cx = Cx {
-                now_ms: now_ms(),
-                writes: &mut writes,
-                out: &mut out,
-                tracked: &mut tracked,
-                config: &config,
-            };
+            let mut cx = p.cx(&config);
             match command {
                 Command::Stanza(s) => {
                     let messages = s.kind == Kind::Message;
@@ -618,12 +617,12 @@ impl Live {
                 }
             }
         }
-        if !writes.is_empty()
-            && let Err(e) = self.task.store.commit(writes).await
+        if !p.writes.is_empty()
+            && let Err(e) = self.task.store.commit(p.writes).await
         {
             // Nothing of the batch goes out: its messages were not archived.
-            // The rooms are read again from the store (their occupants are
-            // lost: their clients find out by self-ping, XEP-0410).
+            // The rooms are read again from the store, as they were before
+            // the batch (occupants from their stored sessions).
             tracing::error!(error = %e, "storing a batch of room changes");
             self.rooms.clear();
             for s in &archived_from {
@@ -638,7 +637,7 @@ impl Live {
             }
             return;
         }
-        self.send(out, tracked);
+        self.send(p.out, p.tracked);
         for (answer, r) in answers {
             let _ = answer.send(r);
         }
@@ -874,11 +873,7 @@ impl Live {
                             })?;
                         r.set_subject(&m.nick, &m.jid, &subject, cx);
                     }
-                    None => {
-                        let jid = r.jid();
-                        r.room.subject_by = None;
-                        r.set_subject_by_room(&subject, &jid, cx);
-                    }
+                    None => r.set_subject_by_room(&subject, cx),
                 }
                 Ok(Reply::Room {
                     created: false,

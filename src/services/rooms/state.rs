@@ -1390,27 +1390,7 @@ impl RoomState {
 
     /// Set the subject (by an occupant's nick and real JID).
     pub fn set_subject(&mut self, nick: &str, bare: &str, subject: &str, cx: &mut Cx<'_>) {
-        self.room.subject = subject.to_string();
-        self.room.subject_by = Some(nick.to_string());
-        self.room.subject_at_ms = cx.now_ms;
-        cx.writes.put_room(&self.room);
-        let from = self.nick_jid(nick);
-        for to in self.sessions() {
-            let xml = format!(
-                "<message from='{}' to='{}' type='groupchat'><subject>{}</subject></message>",
-                escape(&from),
-                escape(to),
-                escape(subject)
-            );
-            cx.out.push(built(
-                Kind::Message,
-                xml,
-                &from,
-                to,
-                None,
-                Some("groupchat"),
-            ));
-        }
+        self.new_subject(subject, Some(nick), cx);
         cx.writes.event(&EventKind::SubjectChanged {
             conversation: self.room.id.clone(),
             room: self.jid(),
@@ -1419,13 +1399,21 @@ impl RoomState {
         });
     }
 
-    /// Set the subject in the room's own name (the backend).
-    pub fn set_subject_by_room(&mut self, subject: &str, by: &str, cx: &mut Cx<'_>) {
+    /// Set the subject in the room's own name (the backend's: no event).
+    pub fn set_subject_by_room(&mut self, subject: &str, cx: &mut Cx<'_>) {
+        self.new_subject(subject, None, cx);
+    }
+
+    /// Store the subject and send it to every session, from `nick` or the room.
+    fn new_subject(&mut self, subject: &str, nick: Option<&str>, cx: &mut Cx<'_>) {
         self.room.subject = subject.to_string();
-        self.room.subject_by = None;
+        self.room.subject_by = nick.map(str::to_string);
         self.room.subject_at_ms = cx.now_ms;
         cx.writes.put_room(&self.room);
-        let from = self.jid();
+        let from = match nick {
+            Some(n) => self.nick_jid(n),
+            None => self.jid(),
+        };
         for to in self.sessions() {
             let xml = format!(
                 "<message from='{}' to='{}' type='groupchat'><subject>{}</subject></message>",
@@ -1442,7 +1430,6 @@ impl RoomState {
                 Some("groupchat"),
             ));
         }
-        let _ = by;
     }
 
     /// The room is deleted: every session is told (XEP-0045 §10.9, `<destroy/>`).
