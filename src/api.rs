@@ -432,6 +432,26 @@ fn user_out(u: User) -> UserOut {
     }
 }
 
+/// The hosted domain the backend named (the first hosted domain if none), in
+/// its configured spelling.
+fn hosted_domain(server: &Server, domain: Option<&str>) -> Result<String, Problem> {
+    match domain {
+        None => Ok(server.config.domains[0].clone()),
+        Some(d) => server
+            .outbox
+            .table()
+            .host(d)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid domain",
+                    format!("`{d}` is not a domain hosted here"),
+                )
+            }),
+    }
+}
+
 /// A backend-chosen identifier (`title`, `what`: how a refusal names it): 1 to
 /// 128 bytes without control characters.
 fn check_id(id: &str, title: &'static str, what: &str) -> Result<(), Problem> {
@@ -473,22 +493,7 @@ async fn put_user(
     Body(input): Body<UserIn>,
 ) -> Result<Response, Problem> {
     check_id(&id, "Invalid id", "a user id")?;
-    let domain = match &input.domain {
-        None => st.server.config.domains[0].clone(),
-        Some(d) => st
-            .server
-            .outbox
-            .table()
-            .host(d)
-            .map(str::to_string)
-            .ok_or_else(|| {
-                Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid domain",
-                    format!("`{d}` is not a domain hosted here"),
-                )
-            })?,
-    };
+    let domain = hosted_domain(&st.server, input.domain.as_deref())?;
     let handle = match jid::BareJid::new(&format!("{}@{domain}", input.handle)) {
         Ok(j) if !input.handle.is_empty() && !input.handle.contains(['@', '/']) => {
             j.node().map(|n| n.as_str().to_string()).unwrap_or_default()

@@ -23,8 +23,8 @@ use crate::store::rooms::{Affiliation, ArchiveSpan};
 use crate::xml::writer::escape;
 
 use super::{
-    ApiState, Body, Problem, ProblemBody, Release, check_extensions, check_id, internal,
-    message_id, problems,
+    ApiState, Body, Problem, ProblemBody, Release, check_extensions, check_id, hosted_domain,
+    internal, message_id, problems,
 };
 
 /// A member as the backend gives it: a local user (`user_id`) or a remote JID.
@@ -147,22 +147,7 @@ pub(super) struct DomainQuery {
 fn place(st: &ApiState, domain: Option<&str>, id: &str) -> Result<(String, String), Problem> {
     check_id(id, "Invalid id", "a conversation id")?;
     let config = &st.server.config;
-    let host = match domain {
-        None => config.domains[0].clone(),
-        Some(d) => st
-            .server
-            .outbox
-            .table()
-            .host(d)
-            .map(str::to_string)
-            .ok_or_else(|| {
-                Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid domain",
-                    format!("`{d}` is not a domain hosted here"),
-                )
-            })?,
-    };
+    let host = hosted_domain(&st.server, domain)?;
     let Some((service, _)) = config.room_services().into_iter().find(|(_, h)| *h == host) else {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
