@@ -1498,3 +1498,92 @@ fn admin_set(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
     }
     cx.out.push(Stanza::iq_result(s, ""));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room() -> RoomState {
+        RoomState::new(
+            Room {
+                service: "conference.wire.test".into(),
+                id: "c1".into(),
+                name: "Team".into(),
+                subject: String::new(),
+                subject_by: None,
+                subject_at_ms: 0,
+                members_only: true,
+                public: false,
+                created_ms: 1,
+            },
+            vec![Member {
+                jid: "alice@wire.test".into(),
+                affiliation: Affiliation::Owner,
+                nick: "alice".into(),
+                user_id: Some("u1".into()),
+            }],
+            0,
+            Vec::new(),
+        )
+    }
+
+    /// A nick another member has gets the member's domain, then a number; a
+    /// member keeps its own; the choice is stored with the member (stable).
+    #[test]
+    fn colliding_nicks_get_the_members_domain() {
+        let mut r = room();
+        assert_eq!(free_nick(&r, "alice", "alice@wire.test"), "alice");
+        assert_eq!(
+            free_nick(&r, "alice", "alice@prosody.test"),
+            "alice (prosody.test)"
+        );
+        assert_eq!(free_nick(&r, "", "bob@prosody.test"), "bob");
+        let mut writes = Writes::default();
+        let (mut out, mut tracked) = (Vec::new(), Vec::new());
+        let config = RoomsConfig::default();
+        let mut cx = Cx {
+            now_ms: 1,
+            writes: &mut writes,
+            out: &mut out,
+            tracked: &mut tracked,
+            config: &config,
+        };
+        for jid in ["alice@prosody.test", "alice@ejabberd.test"] {
+            add_member(
+                &mut r,
+                NewMember {
+                    jid: jid.into(),
+                    user_id: None,
+                    affiliation: Affiliation::Member,
+                    nick: "alice".into(),
+                },
+                &mut cx,
+            );
+        }
+        let nick = |r: &RoomState, j: &str| r.members[j].nick.clone();
+        assert_eq!(nick(&r, "alice@prosody.test"), "alice (prosody.test)");
+        assert_eq!(nick(&r, "alice@ejabberd.test"), "alice (ejabberd.test)");
+        // Added again (a role change): the nick stays.
+        add_member(
+            &mut r,
+            NewMember {
+                jid: "alice@prosody.test".into(),
+                user_id: None,
+                affiliation: Affiliation::Admin,
+                nick: "whatever".into(),
+            },
+            &mut cx,
+        );
+        assert_eq!(nick(&r, "alice@prosody.test"), "alice (prosody.test)");
+        assert_eq!(
+            r.members["alice@prosody.test"].affiliation,
+            Affiliation::Admin
+        );
+        // Each new remote member got one mediated invitation (XEP-0045 §7.8.2).
+        let invites = out
+            .iter()
+            .filter(|s| s.as_str().contains("<invite"))
+            .count();
+        assert_eq!(invites, 2);
+    }
+}
