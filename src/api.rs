@@ -1835,6 +1835,8 @@ mod tests {
                 "nick_changed",
                 "subject_changed",
                 "invite_declined",
+                "group_delivered",
+                "group_expired",
             ])
         );
     }

@@ -369,6 +369,34 @@ pub enum EventKind {
         /// Who set it (real bare JID).
         by: String,
     },
+    /// A remote domain took every message of a conversation up to `seq` (its
+    /// servers' occupants have them).
+    GroupDelivered {
+        /// The conversation id.
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The remote domain.
+        domain: String,
+        /// The archive position it has taken everything up to.
+        up_to: u64,
+        /// That message's stanza id.
+        stanza_id: String,
+    },
+    /// Messages of a conversation a remote domain missed for longer than
+    /// `delivery.expire_secs`: they will not be sent to it.
+    GroupExpired {
+        /// The conversation id.
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The remote domain.
+        domain: String,
+        /// The first archive position skipped.
+        from_seq: u64,
+        /// The last.
+        to_seq: u64,
+    },
     /// An invitee declined an invitation to a conversation.
     InviteDeclined {
         /// The conversation id.

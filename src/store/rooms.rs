@@ -743,4 +743,44 @@ mod tests {
         );
         assert_eq!(store.archive_last(&other.service, &other.id).unwrap(), 1);
     }
+
+    /// The room events read back as written: none of their fields may be
+    /// named like the event's own (`seq`, `at_ms`), which flattening would
+    /// clash with.
+    #[tokio::test]
+    async fn room_events_read_back() {
+        use crate::store::EventKind;
+        let store = Store::open(crate::store::memory_kv().unwrap(), "a.test").unwrap();
+        let kinds = vec![
+            EventKind::GroupDelivered {
+                conversation: "c1".into(),
+                room: "c1@conference.a.test".into(),
+                domain: "b.test".into(),
+                up_to: 7,
+                stanza_id: "1-7".into(),
+            },
+            EventKind::GroupExpired {
+                conversation: "c1".into(),
+                room: "c1@conference.a.test".into(),
+                domain: "b.test".into(),
+                from_seq: 1,
+                to_seq: 3,
+            },
+            EventKind::MemberLeft {
+                conversation: "c1".into(),
+                room: "c1@conference.a.test".into(),
+                jid: "x@b.test/r".into(),
+                nick: "x".into(),
+                reason: "gone".into(),
+            },
+        ];
+        store.push_events(kinds.clone()).await.unwrap();
+        let back: Vec<EventKind> = store
+            .events_after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(back, kinds);
+    }
 }

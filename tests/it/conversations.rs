@@ -167,6 +167,12 @@ async fn a_remote_member_joins_talks_and_is_removed_and_the_api_sees_it_all() {
     .await;
     assert_eq!(s, 201);
     wait_event(beta.api, |e| e["type"] == "message" && e["body"] == "live").await;
+    // Beta's server confirmed the copies: the backend hears it per domain.
+    let delivered = wait_event(alpha.api, |e| {
+        e["type"] == "group_delivered" && e["domain"] == "beta.test" && e["up_to"] == 3
+    })
+    .await;
+    assert_eq!(delivered["conversation"], "c1");
     // The archive has all three, oldest first.
     let (s, b) = api(alpha.api, "GET", "/v1/conversations/c1/messages", None).await;
     assert_eq!(s, 200);

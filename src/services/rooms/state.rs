@@ -1297,8 +1297,20 @@ impl RoomState {
         };
         if seq > f.confirmed && seq <= f.sent {
             f.confirmed = seq;
-            cx.writes.fanout_cursor(&self.room, domain, seq);
+            self.cursor_moved(domain, seq, cx);
         }
+    }
+
+    /// Store a domain's new cursor; tell the backend.
+    fn cursor_moved(&self, domain: &str, seq: u64, cx: &mut Cx<'_>) {
+        cx.writes.fanout_cursor(&self.room, domain, seq);
+        cx.writes.event(&EventKind::GroupDelivered {
+            conversation: self.room.id.clone(),
+            room: self.jid(),
+            domain: domain.to_string(),
+            up_to: seq,
+            stanza_id: self.room.stanza_id(seq),
+        });
     }
 
     /// `domain` did not take a copy of `seq`: it catches up from what it
@@ -1357,6 +1369,7 @@ impl RoomState {
             };
             let mut sent = f.confirmed;
             let mut confirmed = f.confirmed;
+            let mut expired: Option<(u64, u64)> = None;
             for a in &batch {
                 if cx.now_ms.saturating_sub(a.at_ms) > expire_ms {
                     // Too old to deliver: skipped, as if taken.
@@ -1364,6 +1377,7 @@ impl RoomState {
                         confirmed = a.seq;
                     }
                     sent = a.seq;
+                    expired = Some((expired.map_or(a.seq, |(from, _)| from), a.seq));
                     continue;
                 }
                 let from = self.nick_jid(&a.nick);
@@ -1376,15 +1390,27 @@ impl RoomState {
                 sent = self.last_seq;
                 confirmed = self.last_seq;
             }
+            if let Some((from_seq, to_seq)) = expired {
+                cx.writes.event(&EventKind::GroupExpired {
+                    conversation: self.room.id.clone(),
+                    room: self.jid(),
+                    domain: domain.clone(),
+                    from_seq,
+                    to_seq,
+                });
+            }
             let last_seq = self.last_seq;
             let f = self.fanout.get_mut(&domain).expect("listed");
-            if confirmed > f.confirmed {
+            let moved = confirmed > f.confirmed;
+            if moved {
                 f.confirmed = confirmed;
-                cx.writes.fanout_cursor(&self.room, &domain, confirmed);
             }
             f.sent = sent;
             f.sent_at_ms = cx.now_ms;
             f.behind = sent < last_seq;
+            if moved {
+                self.cursor_moved(&domain, confirmed, cx);
+            }
         }
     }
 
