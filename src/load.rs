@@ -5,6 +5,9 @@
 //! domain), accepts the target's stream back (the pongs arrive there), keeps
 //! `window` pings in flight, and reports round trips per second and p50/p99
 //! latency, plus the driver's own CPU time so its cost can be told apart.
+//!
+//! It runs on a `Driver`: the driver's own server (certificates, DNS,
+//! listeners, negotiation), routing nothing.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -169,6 +172,78 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// The driver's own server: the configured domains, certificates, DNS and
+/// listeners, over a throwaway store (the load tools never touch a server's data;
+/// it is removed on drop unless `XMPP_FEDERATOR_KEEP_WORK` is set). Inbound streams
+/// are negotiated and handed, authenticated, to a handler; the driver routes
+/// nothing itself.
+pub(crate) struct Driver {
+    pub(crate) server: std::sync::Arc<Server>,
+    _scratch: tempfile::TempDir,
+}
+
+impl Driver {
+    /// Start the listeners; `on_stream` runs in a task of its own per authenticated
+    /// inbound stream until it returns or the driver stops.
+    pub(crate) async fn start<F, Fut>(config: Config, on_stream: F) -> Result<Driver, LoadError>
+    where
+        F: Fn(std::sync::Arc<Server>, inbound::Authenticated) -> Fut
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut config = config;
+        let scratch = tempfile::Builder::new()
+            .prefix("xmpp-federator-load-")
+            .disable_cleanup(std::env::var_os("XMPP_FEDERATOR_KEEP_WORK").is_some())
+            .tempdir()
+            .map_err(|e| LoadError::Run(format!("cannot make a scratch directory: {e}")))?;
+        config.store.path = scratch.path().join("store");
+        let server = Server::new(config)?;
+        let mut listeners = server.bind().await?;
+        for (listener, direct) in listeners.take() {
+            let (server, on_stream) = (server.clone(), on_stream.clone());
+            server.clone().tracker.spawn(async move {
+                loop {
+                    let (tcp, _) = tokio::select! {
+                        _ = server.shutdown.cancelled() => return,
+                        a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    };
+                    let (server, on_stream) = (server.clone(), on_stream.clone());
+                    tokio::spawn(async move {
+                        let _ = tcp.set_nodelay(true);
+                        let deadline = Instant::now() + server.config.timeouts.negotiation();
+                        let table = server.outbox.table();
+                        let Some(auth) =
+                            inbound::negotiate(&server.s2s, table, tcp, direct, deadline).await
+                        else {
+                            return;
+                        };
+                        let shutdown = server.shutdown.clone();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = on_stream(server, auth) => {}
+                        }
+                    });
+                }
+            });
+        }
+        Ok(Driver {
+            server,
+            _scratch: scratch,
+        })
+    }
+
+    /// Stop the listeners and the streams' tasks.
+    pub(crate) async fn stop(self) {
+        self.server.shutdown.cancel();
+        self.server.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.server.tracker.wait()).await;
+    }
+}
+
 /// Run the load with a config in hand.
 pub async fn run_with(
     config: Config,
@@ -178,63 +253,39 @@ pub async fn run_with(
     warmup: u64,
 ) -> Result<Report, LoadError> {
     let local = config.domains[0].clone();
-    let mut config = config;
-    // A throwaway store: the load tool never touches a server's data. Removed when
-    // `scratch` drops, unless XMPP_FEDERATOR_KEEP_WORK is set.
-    let scratch = tempfile::Builder::new()
-        .prefix("xmpp-federator-load-")
-        .disable_cleanup(std::env::var_os("XMPP_FEDERATOR_KEEP_WORK").is_some())
-        .tempdir()
-        .map_err(|e| LoadError::Run(format!("cannot make a scratch directory: {e}")))?;
-    config.store.path = scratch.path().join("store");
-    let server = Server::new(config)?;
-    let mut listeners = server.bind().await?;
     let (tx, mut rx) = mpsc::channel::<(Vec<u64>, u64)>(1024);
-    for (listener, direct) in listeners.take() {
-        let (server, tx) = (server.clone(), tx.clone());
-        server.clone().tracker.spawn(async move {
+    let driver = Driver::start(config, move |_server, auth: inbound::Authenticated| {
+        let tx = tx.clone();
+        async move {
+            let (mut io, mut framer) = auth.xs.into_parts();
+            let mut buf = framer.take_pending();
             loop {
-                let (tcp, _) = tokio::select! {
-                    _ = server.shutdown.cancelled() => return,
-                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-                };
-                let (server, tx) = (server.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _ = tcp.set_nodelay(true);
-                    let deadline = Instant::now() + server.config.timeouts.negotiation();
-                    let table = server.outbox.table();
-                    let Some(auth) =
-                        inbound::negotiate(&server.s2s, table, tcp, direct, deadline).await
-                    else {
-                        return;
-                    };
-                    let (mut io, mut framer) = auth.xs.into_parts();
-                    let mut buf = framer.take_pending();
-                    loop {
-                        let (mut ids, mut errors) = (Vec::new(), 0);
-                        let used = scan_pongs(&buf, &mut ids, &mut errors);
-                        let _ = buf.split_to(used);
-                        if (!ids.is_empty() || errors > 0) && tx.send((ids, errors)).await.is_err()
-                        {
-                            return;
-                        }
-                        tokio::select! {
-                            _ = server.shutdown.cancelled() => return,
-                            r = { buf.reserve(64 * 1024); io.read_buf(&mut buf) } => match r {
-                                Ok(0) | Err(_) => return,
-                                Ok(_) => {}
-                            },
-                        }
-                    }
-                });
+                let (mut ids, mut errors) = (Vec::new(), 0);
+                let used = scan_pongs(&buf, &mut ids, &mut errors);
+                let _ = buf.split_to(used);
+                if (!ids.is_empty() || errors > 0) && tx.send((ids, errors)).await.is_err() {
+                    return;
+                }
+                buf.reserve(64 * 1024);
+                match io.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
             }
-        });
-    }
-    drop(tx);
-    let result = drive(&server, &local, target, count, window, warmup, &mut rx).await;
-    server.shutdown.cancel();
-    server.tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(3), server.tracker.wait()).await;
+        }
+    })
+    .await?;
+    let result = drive(
+        &driver.server,
+        &local,
+        target,
+        count,
+        window,
+        warmup,
+        &mut rx,
+    )
+    .await;
+    driver.stop().await;
     result
 }
 
