@@ -84,13 +84,27 @@ impl TestCa {
     /// A leaf for `domain` with dNSName `domain` and `*.domain`; `xmpp_addr` adds an
     /// id-on-xmppAddr for `domain`.
     pub fn leaf(&self, domain: &str, eku: Eku, xmpp_addr: bool) -> Leaf {
-        let mut p = CertificateParams::new(vec![domain.to_string(), format!("*.{domain}")])
-            .expect("valid DNS names");
+        self.leaf_for(&[domain], eku, xmpp_addr)
+    }
+
+    /// A leaf for several domains (a server hosting them all, whatever name a
+    /// peer asks for, or none: clients without SNI get the one certificate):
+    /// dNSName `d` and `*.d` for each; `xmpp_addr` adds an id-on-xmppAddr for
+    /// each. The first names the subject.
+    pub fn leaf_for(&self, domains: &[&str], eku: Eku, xmpp_addr: bool) -> Leaf {
+        let domain = domains.first().copied().unwrap_or("localhost");
+        let names = domains
+            .iter()
+            .flat_map(|d| [d.to_string(), format!("*.{d}")])
+            .collect::<Vec<_>>();
+        let mut p = CertificateParams::new(names).expect("valid DNS names");
         if xmpp_addr {
-            p.subject_alt_names.push(SanType::OtherName((
-                vec![1, 3, 6, 1, 5, 5, 7, 8, 5],
-                domain.to_string().into(),
-            )));
+            for d in domains {
+                p.subject_alt_names.push(SanType::OtherName((
+                    vec![1, 3, 6, 1, 5, 5, 7, 8, 5],
+                    d.to_string().into(),
+                )));
+            }
         }
         p.distinguished_name.push(DnType::CommonName, domain);
         validity(&mut p);
