@@ -380,6 +380,76 @@ impl ServerSpec {
     }
 }
 
+/// A MUC service for load tests, on `conference.<domain>`: rooms open (not
+/// members-only) and unlocked as soon as they are created, no cap on occupants
+/// below `max_users`, `history` messages of history, no rate limits or shapers,
+/// and the network's Nagle algorithm off (Prosody leaves it on by default,
+/// which adds ~40 ms stalls with few stanzas in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MucOptions {
+    /// Messages of history a room keeps (and sends on join when asked).
+    pub history: usize,
+    /// Most occupants of a room (ejabberd: also the most whose presence is
+    /// broadcast, `max_users_presence`).
+    pub max_users: usize,
+}
+
+impl MucOptions {
+    /// Prosody: its global settings and the component.
+    fn prosody(&self, domain: &str) -> (String, String) {
+        let globals = "network_settings = { nagle = false }\n".to_string();
+        // Components inherit tls, saslauth and s2s but not s2s_auth_certs, which
+        // verifies the peer certificate that SASL EXTERNAL relies on.
+        let component = format!(
+            r#"Component "conference.{domain}" "muc"
+  modules_enabled = {{ "s2s_auth_certs" }}
+  restrict_room_creation = false
+  muc_room_locking = false
+  muc_tombstones = false
+  muc_room_cache_size = 1000
+  muc_room_default_public = true
+  muc_room_default_members_only = false
+  muc_room_default_persistent = false
+  muc_room_default_history_length = {history}
+  max_history_messages = {history}
+"#,
+            history = self.history,
+        );
+        (globals, component)
+    }
+
+    /// ejabberd: its global options, the s2s listener's options and the module.
+    fn ejabberd(&self) -> (String, String, String) {
+        // max_fsm_queue: an s2s stream's queue (default 10000) would overflow
+        // with one join's presences to a big room.
+        let globals = "max_fsm_queue: 100000000\n".to_string();
+        let listener = "    shaper: none\n".to_string();
+        let module = format!(
+            r#"  mod_muc:
+    host: "conference.@HOST@"
+    access_create: all
+    history_size: {history}
+    max_users: {max}
+    max_users_presence: {max}
+    min_message_interval: 0
+    min_presence_interval: 0
+    room_shaper: none
+    user_message_shaper: none
+    user_presence_shaper: none
+    default_room_options:
+      max_users: {max}
+      members_only: false
+      persistent: false
+      public: true
+      mam: false
+"#,
+            history = self.history,
+            max = self.max_users,
+        );
+        (globals, listener, module)
+    }
+}
+
 /// A running Prosody; stopped on drop.
 #[derive(Debug)]
 pub struct Prosody {
@@ -394,6 +464,20 @@ pub struct Prosody {
 impl Prosody {
     /// Write a config under `work` and start Prosody in the foreground.
     pub fn start(work: &Path, spec: ServerSpec) -> Result<Prosody, String> {
+        Prosody::start_with(work, spec, None)
+    }
+
+    /// Like [`Prosody::start`], with a MUC component `conference.<domain>`.
+    pub fn start_muc(work: &Path, spec: ServerSpec, muc: &MucOptions) -> Result<Prosody, String> {
+        Prosody::start_with(work, spec, Some(muc))
+    }
+
+    fn start_with(
+        work: &Path,
+        spec: ServerSpec,
+        muc: Option<&MucOptions>,
+    ) -> Result<Prosody, String> {
+        let (globals, component) = muc.map(|m| m.prosody(&spec.domain)).unwrap_or_default();
         let d = work.join("prosody");
         std::fs::create_dir_all(d.join("data")).map_err(|e| e.to_string())?;
         let log = d.join("prosody.log");
@@ -428,8 +512,8 @@ storage = "internal"
 allow_registration = false
 modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; }}
 modules_disabled = {{ "dialback" }}
-VirtualHost "{domain}"
-"#,
+{globals}VirtualHost "{domain}"
+{component}"#,
             d = d.display(),
             ip = spec.ip,
             c2s = spec.c2s_port,
@@ -493,6 +577,11 @@ VirtualHost "{domain}"
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// The process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Prosody {
@@ -532,6 +621,28 @@ impl Ejabberd {
         dist_port: u16,
         node: &str,
     ) -> Result<Ejabberd, String> {
+        Ejabberd::start_with(work, spec, dist_port, node, None)
+    }
+
+    /// Like [`Ejabberd::start`], with `mod_muc` on `conference.<domain>`.
+    pub fn start_muc(
+        work: &Path,
+        spec: ServerSpec,
+        dist_port: u16,
+        node: &str,
+        muc: &MucOptions,
+    ) -> Result<Ejabberd, String> {
+        Ejabberd::start_with(work, spec, dist_port, node, Some(muc))
+    }
+
+    fn start_with(
+        work: &Path,
+        spec: ServerSpec,
+        dist_port: u16,
+        node: &str,
+        muc: Option<&MucOptions>,
+    ) -> Result<Ejabberd, String> {
+        let (globals, listener, module) = muc.map(MucOptions::ejabberd).unwrap_or_default();
         if !is_root() {
             return Err("ejabberdctl must run as root (it switches to the ejabberd user)".into());
         }
@@ -600,7 +711,7 @@ listen:
     ip: "{ip}"
     module: ejabberd_s2s_in
     max_stanza_size: 524288
-s2s_use_starttls: required
+{listener}s2s_use_starttls: required
 s2s_access: s2s_test_domains
 s2s_dns_timeout: 2
 s2s_dns_retries: 1
@@ -609,7 +720,7 @@ outgoing_s2s_families:
 outgoing_s2s_ipv4_address: "{ip}"
 outgoing_s2s_timeout: 10
 s2s_max_retry_delay: 1
-auth_method: internal
+{globals}auth_method: internal
 acl:
   local:
     user_regexp: ""
@@ -628,7 +739,7 @@ modules:
   mod_roster: {{}}
   mod_vcard: {{}}
   mod_version: {{}}
-"#,
+{module}"#,
             domain = spec.domain,
             level = if spec.debug { "debug" } else { "info" },
             pem = pem.display(),
@@ -705,6 +816,13 @@ modules:
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The Erlang VM's process id (for its CPU time), from its pid file.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("run/ejabberd.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
     }
 
     fn stop(&mut self) {
