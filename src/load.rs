@@ -6,8 +6,11 @@
 //! `window` pings in flight, and reports round trips per second and p50/p99
 //! latency, plus the driver's own CPU time so its cost can be told apart.
 //!
-//! It runs on a `Driver`: the driver's own server (certificates, DNS,
-//! listeners, negotiation), routing nothing.
+//! [`muc`] plays a remote server whose users are occupants of a room and
+//! measures the room's fan-out. Both run on a `Driver`: the driver's own
+//! server (certificates, DNS, listeners, negotiation), routing nothing.
+
+pub mod muc;
 
 use std::fmt;
 use std::path::PathBuf;
