@@ -3,7 +3,8 @@
 //! ```sh
 //! cargo build --release --bin xmpp-federator --example muc_load
 //! sudo target/release/examples/muc_load [--occupants 1000] [--domains 10] [--messages 200] \
-//!     [--window 20] [--join-window 50] [--history-joins 10] [--targets ours,prosody,ejabberd]
+//!     [--window 20] [--warmup M/10] [--join-window 50] [--history-joins 10] \
+//!     [--targets ours,prosody,ejabberd]
 //! ```
 //!
 //! Starts our server (the release binary, its own process, log level warn; the
@@ -11,8 +12,8 @@
 //! `muc` component) and ejabberd (`mod_muc`), both log level info, on loopback
 //! with a test CA and an in-process DNS responder; then plays a remote server
 //! hosting D domains `load0.test`..`load<D-1>.test` (one certificate for all)
-//! against `c1@conference.<target>`: N occupants join, occupant 0 sends M
-//! messages with W outstanding and M more one at a time, and one more occupant
+//! against `c1@conference.<target>`: N occupants join, occupant 0 sends M/10
+//! messages to warm up, M with W outstanding and M more one at a time, and one more occupant
 //! joins with 50 messages of history (see `xmpp_federator::load::muc`).
 //!
 //! Settings that keep the targets' limits out of the measure: ours
@@ -61,6 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let domains: u32 = arg("--domains", "10").parse()?;
     let messages: u32 = arg("--messages", "200").parse()?;
     let window: u32 = arg("--window", "20").parse()?;
+    let warmup: u32 = arg("--warmup", &(messages / 10).to_string()).parse()?;
     let join_window: u32 = arg("--join-window", "50").parse()?;
     let history_joins: u32 = arg("--history-joins", "10").parse()?;
     let targets = arg("--targets", "ours,prosody,ejabberd");
@@ -201,6 +203,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             occupants,
             messages,
             window,
+            warmup,
             join_window,
             history_joins,
             history: HISTORY,

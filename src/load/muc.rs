@@ -11,7 +11,8 @@
 //!    done at its self-presence (status 110); a room the first join created
 //!    (status 201) is made an instant room (XEP-0045 §10.1.2) before the others
 //!    join;
-//! 2. occupant 0 sends M groupchat messages with `window` of them outstanding
+//! 2. occupant 0 sends `warmup` messages (not measured), then M groupchat
+//!    messages with `window` of them outstanding
 //!    (a message is done when all N copies, its own reflection included, came
 //!    back): fan-out stanzas per second, and each message's latency to its first
 //!    and to its last copy;
@@ -53,6 +54,8 @@ pub struct MucLoad {
     pub messages: u32,
     /// Messages outstanding in the throughput phase.
     pub window: u32,
+    /// Messages sent (windowed) before the measured phases, not measured.
+    pub warmup: u32,
     /// Joins outstanding while the occupants join.
     pub join_window: u32,
     /// Joins of one more occupant with history (0: none measured).
@@ -143,8 +146,10 @@ pub struct MucReport {
     pub messages: u32,
     /// The room was created by the first join (not beforehand).
     pub created_by_join: bool,
-    /// Time for all occupants to join.
+    /// Time for all occupants to join (the last self-presence).
     pub join: Duration,
+    /// Time until every other occupant's copy of every join had arrived too.
+    pub join_all: Duration,
     /// The target's CPU time meanwhile.
     pub join_server_cpu: Option<Duration>,
     /// Presences of other occupants received while joining.
@@ -202,11 +207,12 @@ impl fmt::Display for MucReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "room={} N={} D={} join_ms={:.0} join_server_cpu_s={} presences_while_joining={} created_by_join={}",
+            "room={} N={} D={} join_ms={:.0} join_all_presences_ms={:.0} join_server_cpu_s={} presences_while_joining={} created_by_join={}",
             self.room,
             self.occupants,
             self.domains,
             ms(self.join),
+            ms(self.join_all),
             self.join_server_cpu
                 .map(|c| format!("{:.2}", c.as_secs_f64()))
                 .unwrap_or_else(|| "?".into()),
@@ -513,7 +519,7 @@ impl<'a> Run<'a> {
         }
         let n = load.occupants as usize;
         let everyone = n + load.history_joins as usize;
-        let messages = 2 * load.messages as usize + load.history as usize;
+        let messages = (load.warmup + 2 * load.messages + load.history) as usize;
         Ok(Run {
             load,
             domains,
@@ -609,6 +615,17 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Take in the next read if one comes within `idle`; whether one came.
+    async fn settle_some(&mut self, idle: Duration) -> bool {
+        match tokio::time::timeout(idle, self.rx.recv()).await {
+            Ok(Some(s)) => {
+                self.absorb(s);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Take in whatever arrives for `d`.
     async fn settle(&mut self, d: Duration) {
         let until = Instant::now() + d;
@@ -677,19 +694,28 @@ impl<'a> Run<'a> {
         self.joins().await?;
         report.join = t0.elapsed();
         report.join_server_cpu = self.server_cpu().zip(cpu0).map(|(b, a)| b - a);
-        report.join_presences = self.presences;
         report.created_by_join = self.created;
-        // Let the last joins' presences to the others arrive first.
-        self.settle(Duration::from_millis(500)).await;
-        let m = self.load.messages as usize;
-        report.windowed = self.fanout(0, m, self.load.window.max(1)).await?;
-        report.serial = self.fanout(m, m, 1).await?;
+        // Every join is announced to every occupant already there: N(N-1)
+        // presences in all (half to the joiners, half to the others). Wait for
+        // the last of them (or for a quiet spell, should a target send fewer).
+        let all = (self.n * self.n.saturating_sub(1)) as u64;
+        while self.presences < all {
+            if !self.settle_some(Duration::from_secs(5)).await {
+                break;
+            }
+        }
+        report.join_all = t0.elapsed();
+        report.join_presences = self.presences;
+        let (w, m) = (self.load.warmup as usize, self.load.messages as usize);
+        let window = self.load.window.max(1);
+        self.fanout(0, w, window).await?;
+        report.windowed = self.fanout(w, m, window).await?;
+        report.serial = self.fanout(w + m, m, 1).await?;
         if self.load.history_joins > 0 {
-            let have = 2 * m;
+            let have = w + 2 * m;
             let want = self.load.history as usize;
             if have < want {
-                self.fanout(have, want - have, self.load.window.max(1))
-                    .await?;
+                self.fanout(have, want - have, window).await?;
             }
             report.history = Some(self.history_joins().await?);
         }
