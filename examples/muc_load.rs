@@ -4,7 +4,7 @@
 //! cargo build --release --bin xmpp-federator --example muc_load
 //! sudo target/release/examples/muc_load [--occupants 1000] [--domains 10] [--messages 200] \
 //!     [--window 20] [--warmup M/10] [--join-window 50] [--history-joins 10] \
-//!     [--targets ours,prosody,ejabberd]
+//!     [--targets ours,prosody,ejabberd] [--outbound-queue 1000000]
 //! ```
 //!
 //! Starts our server (the release binary, its own process, log level warn; the
@@ -66,6 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let join_window: u32 = arg("--join-window", "50").parse()?;
     let history_joins: u32 = arg("--history-joins", "10").parse()?;
     let targets = arg("--targets", "ours,prosody,ejabberd");
+    let outbound_queue = arg("--outbound-queue", "1000000");
     let wants = |t: &str| targets.split(',').any(|x| x == t);
     if wants("prosody") || wants("ejabberd") {
         ensure_packages()?;
@@ -110,7 +111,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             &dns,
             TOKEN,
             "redb",
-            "[limits]\noutbound_queue = 1000000\nmax_connections_per_ip = 10000\n",
+            &format!(
+                "[limits]\noutbound_queue = {outbound_queue}\nmax_connections_per_ip = 10000\n"
+            ),
         )?;
         dns.add("conference.wire.test", ip, Some(instance.s2s.port()), None);
         let process = instance.start("warn")?;
