@@ -21,6 +21,10 @@
 //!    messages of history and leaves again: the time from its presence to the
 //!    subject, which ends a join (XEP-0045 §7.2.15).
 //!
+//! Pings to the driver's domains are answered on its streams, as a real server
+//! would: ours confirms the fan-out copies it tracks with a ping after each
+//! batch, and does its share of the bookkeeping only when they are answered.
+//!
 //! What arrives is framed by a minimal scanner (tags, quotes, depth) and
 //! classified by byte search, never parsed: the target authenticated and is what
 //! is measured, and the driver's CPU has to stay small next to it. Every loop
@@ -39,6 +43,7 @@ use tokio::time::Instant;
 use super::{Driver, LoadError, cpu_of, process_cpu};
 use crate::config::Config;
 use crate::s2s::{inbound, outbound};
+use crate::xml::writer::escape;
 
 /// A run that sees nothing new for this long has stalled.
 pub const STALL: Duration = Duration::from_secs(60);
@@ -160,6 +165,8 @@ pub struct MucReport {
     pub serial: Phase,
     /// One more occupant joining with history.
     pub history: Option<HistoryJoins>,
+    /// Pings the target sent and the driver answered.
+    pub pongs: u64,
     /// Error stanzas received.
     pub errors: u64,
     /// The first few of them (and anything the target sent on our streams).
@@ -184,7 +191,7 @@ impl MucReport {
         format!(
             "target={target} N={} D={} M={} window={} fanout_stanzas_per_s={:.0} \
              p50_first_ms={:.2} p99_first_ms={:.2} p50_last_ms={:.2} p99_last_ms={:.2} \
-             max_last_ms={:.2} join_ms={:.0} server_cpu={cpu} driver_cpu={:.0}% copies={} errors={}",
+             max_last_ms={:.2} join_ms={:.0} server_cpu={cpu} driver_cpu={:.0}% copies={} errors={} pings_answered={}",
             self.occupants,
             self.domains,
             p.messages,
@@ -199,6 +206,7 @@ impl MucReport {
             100.0 * p.driver_cpu.as_secs_f64() / p.elapsed.as_secs_f64().max(1e-9),
             p.copies,
             self.errors,
+            self.pongs,
         )
     }
 }
@@ -258,6 +266,10 @@ pub struct Seen {
     pub subjects: Vec<u32>,
     /// Numbers of iq results (`id='q<n>'`).
     pub results: Vec<u32>,
+    /// Pings (XEP-0199) to be answered, as a real server would: ours confirms
+    /// the fan-out copies it tracks with one after each batch (without answers
+    /// it would do less than in production).
+    pub pings: Vec<Ping>,
     /// Presences of other occupants.
     pub presences: u64,
     /// Error stanzas.
@@ -275,10 +287,22 @@ impl Seen {
             && self.history.is_empty()
             && self.subjects.is_empty()
             && self.results.is_empty()
+            && self.pings.is_empty()
             && self.presences == 0
             && self.errors == 0
             && self.samples.is_empty()
     }
+}
+
+/// A ping to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ping {
+    /// Who asked.
+    pub from: String,
+    /// Which of our domains it asked.
+    pub to: String,
+    /// Its id.
+    pub id: String,
 }
 
 /// Classify the complete top-level elements at the start of `buf`; returns how
@@ -356,6 +380,20 @@ fn number_after(hay: &[u8], prefix: &[u8]) -> Option<u32> {
         .ok()
 }
 
+/// The value of attribute `name` in a start tag, in either quoting.
+fn attr_value(head: &[u8], name: &str) -> Option<String> {
+    for q in [b'\'', b'"'] {
+        let mut pat = format!(" {name}=").into_bytes();
+        pat.push(q);
+        if let Some(at) = memmem::find(head, &pat) {
+            let v = &head[at + pat.len()..];
+            let end = memchr::memchr(q, v)?;
+            return Some(String::from_utf8_lossy(&v[..end]).into_owned());
+        }
+    }
+    None
+}
+
 /// The occupant a stanza is addressed to (`to='u<k>@...'`).
 fn occupant(head: &[u8]) -> Option<u32> {
     number_after(head, b" to='u").or_else(|| number_after(head, b" to=\"u"))
@@ -398,6 +436,17 @@ fn classify(el: &[u8], seen: &mut Seen) {
             sample(seen, el);
         }
     } else if el.starts_with(b"<iq") {
+        if has_attr(head, b"type='get'", b"type=\"get\"") && has(el, b"urn:xmpp:ping") {
+            match (
+                attr_value(head, "from"),
+                attr_value(head, "to"),
+                attr_value(head, "id"),
+            ) {
+                (Some(from), Some(to), Some(id)) => seen.pings.push(Ping { from, to, id }),
+                _ => sample(seen, el),
+            }
+            return;
+        }
         match number_after(head, b"id='q").or_else(|| number_after(head, b"id=\"q")) {
             Some(n) => seen.results.push(n),
             None => sample(seen, el),
@@ -473,6 +522,8 @@ struct Run<'a> {
     copies: u64,
     presences: u64,
     results: Vec<u32>,
+    /// Pings answered.
+    pongs: u64,
     errors: u64,
     samples: Vec<String>,
 }
@@ -541,6 +592,7 @@ impl<'a> Run<'a> {
             copies: 0,
             presences: 0,
             results: Vec::new(),
+            pongs: 0,
             errors: 0,
             samples: Vec::new(),
         })
@@ -590,6 +642,24 @@ impl<'a> Run<'a> {
             self.last[i] = Some(at);
         }
         self.results.extend(s.results);
+        for p in s.pings {
+            // Answered on our stream from the domain it asked.
+            let Some(d) = self
+                .domains
+                .iter()
+                .position(|d| d.eq_ignore_ascii_case(&p.to))
+            else {
+                continue;
+            };
+            let xml = format!(
+                "<iq type='result' from='{}' to='{}' id='{}'/>",
+                escape(&p.to),
+                escape(&p.from),
+                escape(&p.id)
+            );
+            self.queue(d, &xml);
+            self.pongs += 1;
+        }
         self.presences += s.presences;
         self.errors += s.errors;
         for x in s.samples {
@@ -599,12 +669,13 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Wait for the next read of any stream and take it in.
+    /// Wait for the next read of any stream and take it in (answering its
+    /// pings at once).
     async fn next(&mut self, doing: &str) -> Result<(), LoadError> {
         match tokio::time::timeout(STALL, self.rx.recv()).await {
             Ok(Some(s)) => {
                 self.absorb(s);
-                Ok(())
+                self.flush().await
             }
             Ok(None) => Err(LoadError::Run("driver stopped".into())),
             Err(_) => Err(LoadError::Run(format!(
@@ -620,7 +691,7 @@ impl<'a> Run<'a> {
         match tokio::time::timeout(idle, self.rx.recv()).await {
             Ok(Some(s)) => {
                 self.absorb(s);
-                true
+                self.flush().await.is_ok()
             }
             _ => false,
         }
@@ -631,6 +702,9 @@ impl<'a> Run<'a> {
         let until = Instant::now() + d;
         while let Ok(Some(s)) = tokio::time::timeout_at(until, self.rx.recv()).await {
             self.absorb(s);
+            if self.flush().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -724,6 +798,7 @@ impl<'a> Run<'a> {
             let _ = w.flush().await;
         }
         report.errors = self.errors;
+        report.pongs = self.pongs;
         report.samples = self.samples.clone();
         Ok(report)
     }
@@ -903,6 +978,7 @@ mod tests {
             "<message to='u9@load9.test/r' type='groupchat'><body>m3</body><delay xmlns='urn:xmpp:delay'/></message>",
             "<message to='u9@load9.test/r' type='groupchat'><subject/></message>",
             "<iq type='result' id='q0' to='u0@load0.test/r'/>",
+            "<iq type=\"get\" from=\"conference.wire.test\" to=\"load3.test\" id=\"dlv-7\"><ping xmlns=\"urn:xmpp:ping\"/></iq>",
             "<presence to='u1@load1.test/r' type='error'><error type='cancel'/></presence>",
         );
         assert_eq!(scan(buf.as_bytes(), &mut s), buf.len());
@@ -914,6 +990,14 @@ mod tests {
         assert_eq!(s.history, vec![9]);
         assert_eq!(s.subjects, vec![9]);
         assert_eq!(s.results, vec![0]);
+        assert_eq!(
+            s.pings,
+            vec![Ping {
+                from: "conference.wire.test".into(),
+                to: "load3.test".into(),
+                id: "dlv-7".into()
+            }]
+        );
         assert_eq!(s.errors, 1);
         assert_eq!(s.samples.len(), 1);
     }
