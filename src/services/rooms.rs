@@ -237,7 +237,12 @@ type Pings = HashMap<String, (Vec<String>, std::time::Instant)>;
 /// their copies count as lost after `STALE_MS` and go again).
 const MAX_PINGS: usize = 65_536;
 
+/// The keys of `tracks`, each once where it repeats: a batch's copies of one
+/// message to one domain share their key (one per occupant's session), and
+/// settling it once settles them all.
 fn keys(tracks: Vec<Track>) -> Vec<String> {
+    let mut tracks = tracks;
+    tracks.dedup_by(|a, b| a.key == b.key);
     tracks.into_iter().map(|t| t.key.to_string()).collect()
 }
 
@@ -583,14 +588,26 @@ impl Live {
     }
 
     /// Send what a batch produced: fan-out copies tracked, the rest as is.
+    /// Copies of one message to one domain come in a run and share one key
+    /// (written once, not once per copy).
     fn send(&self, out: Vec<Stanza>, tracked: Vec<(usize, state::Copy)>) {
         let mut tracked = tracked.into_iter().peekable();
+        let mut last: Option<(state::Copy, Arc<str>)> = None;
         for (i, s) in out.into_iter().enumerate() {
             match tracked.next_if(|(at, _)| *at == i) {
-                Some((_, copy)) => self
-                    .task
-                    .outbox
-                    .send_tracked_as(s, Track::new(Owner::Rooms, copy.key())),
+                Some((_, copy)) => {
+                    let key = match &last {
+                        Some((c, k)) if *c == copy => k.clone(),
+                        _ => {
+                            let k: Arc<str> = copy.key().into();
+                            last = Some((copy, k.clone()));
+                            k
+                        }
+                    };
+                    self.task
+                        .outbox
+                        .send_tracked_as(s, Track::new(Owner::Rooms, key))
+                }
                 None => self.task.outbox.send(s),
             }
         }
@@ -1502,6 +1519,13 @@ fn admin_set(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_settles_each_run_of_one_key_once() {
+        let t = |k: &str| Track::new(Owner::Rooms, k);
+        let keys = keys(vec![t("a"), t("a"), t("b"), t("b"), t("a")]);
+        assert_eq!(keys, vec!["a", "b", "a"]);
+    }
 
     fn room() -> RoomState {
         RoomState::new(

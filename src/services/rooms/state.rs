@@ -1255,9 +1255,8 @@ impl RoomState {
             // Archived: durable fan-out, domain by domain, in archive order.
             Some(a) => {
                 let seq = a.seq;
-                let domains: Vec<String> = self.fanout.keys().cloned().collect();
-                for domain in domains {
-                    let f = self.fanout.get_mut(&domain).expect("listed");
+                let mut live = Vec::new();
+                for (domain, f) in self.fanout.iter_mut() {
                     if f.behind || f.sent + 1 != seq {
                         // Catching up: this one goes in its turn.
                         f.behind = true;
@@ -1265,7 +1264,21 @@ impl RoomState {
                     }
                     f.sent = seq;
                     f.sent_at_ms = cx.now_ms;
-                    self.copies(&domain, &copy, &from, id, seq, cx);
+                    live.push(domain.clone());
+                }
+                // The live domains' sessions in one pass over the occupants (a
+                // pass per domain made a message cost occupants x domains).
+                let mut to: HashMap<&str, Vec<&str>> =
+                    live.iter().map(|d| (d.as_str(), Vec::new())).collect();
+                for s in self.occupants.values().flat_map(|o| o.sessions.iter()) {
+                    if let Some(v) = to.get_mut(s.domain.as_str()) {
+                        v.push(s.full.as_str());
+                    }
+                }
+                cx.out.reserve(to.values().map(Vec::len).sum());
+                for d in &live {
+                    let fulls = to.get(d.as_str()).map_or(&[][..], Vec::as_slice);
+                    self.copies_to(d, fulls.iter().copied(), &copy, &from, id, seq, cx);
                 }
             }
             None => {
@@ -1294,21 +1307,35 @@ impl RoomState {
         seq: u64,
         cx: &mut Cx<'_>,
     ) {
-        for s in self.sessions_of(domain) {
-            cx.tracked.push((
-                cx.out.len(),
-                Copy {
-                    service: self.room.service.clone(),
-                    room: self.room.id.clone(),
-                    domain: domain.to_string(),
-                    seq,
-                },
-            ));
+        let fulls = self.sessions_of(domain).map(|s| s.full.as_str());
+        self.copies_to(domain, fulls, copy, from, id, seq, cx);
+    }
+
+    /// The copies of archived message `seq` to `fulls`, sessions of `domain`.
+    #[allow(clippy::too_many_arguments)]
+    fn copies_to<'f>(
+        &self,
+        domain: &str,
+        fulls: impl Iterator<Item = &'f str>,
+        copy: &str,
+        from: &str,
+        id: Option<&str>,
+        seq: u64,
+        cx: &mut Cx<'_>,
+    ) {
+        let key = Copy {
+            service: self.room.service.clone(),
+            room: self.room.id.clone(),
+            domain: domain.to_string(),
+            seq,
+        };
+        for full in fulls {
+            cx.tracked.push((cx.out.len(), key.clone()));
             cx.out.push(built(
                 Kind::Message,
-                addressed(copy, &s.full),
+                addressed(copy, full),
                 from,
-                &s.full,
+                full,
                 id,
                 Some("groupchat"),
             ));
