@@ -38,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod conversations;
+mod joined;
 
 use crate::s2s::conn::new_id;
 use crate::server::Server;
@@ -1014,10 +1015,10 @@ fn check_extensions(server: &Server, extensions: &[String]) -> Result<(), Proble
 
 /// A validated message, ready to be queued.
 struct Prepared {
-    out: Outgoing,
-    stanza: Stanza,
+    pub(super) out: Outgoing,
+    pub(super) stanza: Stanza,
     /// (sender id, idempotency key).
-    key: Option<(String, String)>,
+    pub(super) key: Option<(String, String)>,
 }
 
 /// Validate one message and build its stanza; `users` caches sender lookups within
@@ -1837,6 +1838,11 @@ mod tests {
                 "invite_declined",
                 "group_delivered",
                 "group_expired",
+                "joined_room",
+                "join_refused",
+                "removed_from_room",
+                "room_destroyed",
+                "invite_received",
             ])
         );
     }

@@ -156,6 +156,9 @@ pub struct RoomsConfig {
     pub history_max: usize,
     /// Archived messages older than this many days are removed (0: kept forever).
     pub archive_retention_days: u64,
+    /// A remote room a local user is in, silent for this long, is pinged
+    /// (XEP-0410) to learn whether it still has us.
+    pub self_ping_secs: u64,
 }
 
 impl Default for RoomsConfig {
@@ -165,6 +168,7 @@ impl Default for RoomsConfig {
             history_default: 20,
             history_max: 100,
             archive_retention_days: 0,
+            self_ping_secs: 300,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod accounts;
 pub mod delivery;
 pub mod domain;
 pub mod inbox;
+pub mod joined;
 pub mod presence;
 pub mod rooms;
 

@@ -9,7 +9,9 @@
 //! - iqs: vCard (XEP-0054), disco#info (XEP-0030) and ping (XEP-0199) of the
 //!   user's bare JID from the profile; anything else `service-unavailable`;
 //!   results and errors are answers to our own requests (remote lookups); the
-//!   disco and vCard payloads are written with `xmpp-parsers`.
+//!   disco and vCard payloads are written with `xmpp-parsers`;
+//! - what rooms hosted elsewhere send to local users in them (presence,
+//!   groupchat, invitations) goes to [`super::joined`].
 
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{Store, User};
 
 use super::inbox::Inbox;
+use super::joined::Joined;
 use super::{NS_DISCO_INFO, NS_PING, disco_info, recipient, send_result, unsupported};
 
 /// XEP-0054.
@@ -31,12 +34,24 @@ pub const NS_VCARD: &str = "vcard-temp";
 pub struct Accounts {
     store: Arc<Store>,
     inbox: Inbox,
+    joined: Option<Joined>,
 }
 
 impl Accounts {
     /// Accounts stored in `store`, their messages going to `inbox`.
     pub fn new(store: Arc<Store>, inbox: Inbox) -> Accounts {
-        Accounts { store, inbox }
+        Accounts {
+            store,
+            inbox,
+            joined: None,
+        }
+    }
+
+    /// What rooms hosted elsewhere send to local users who are in them goes to
+    /// `joined` ([`Joined::claims`]).
+    pub fn with_joined(mut self, joined: Joined) -> Accounts {
+        self.joined = Some(joined);
+        self
     }
 
     fn iq(&self, stanza: Stanza, outbox: &Outbox) {
@@ -74,6 +89,14 @@ impl Accounts {
 
 impl Service for Accounts {
     fn handle(&self, stanza: Stanza, outbox: &Outbox) {
+        if let Some(joined) = &self.joined
+            && joined.claims(&stanza)
+        {
+            if let Some(s) = joined.push(stanza) {
+                tracing::warn!(stanza = s.as_str(), "remote rooms' queue full: dropped");
+            }
+            return;
+        }
         match stanza.kind {
             Kind::Presence => {
                 if self.inbox.push(stanza).is_some() {

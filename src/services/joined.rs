@@ -1,0 +1,1204 @@
+//! Backend users in rooms hosted elsewhere (XEP-0045, the occupant's side): we
+//! are their server, and their client where a room needs an occupant session.
+//!
+//! A local user joins a remote room from a resource we own
+//! (`user@domain/`[`RESOURCE`]); the occupancy is stored ([`Occupancy`]) and
+//! rejoined after our restarts, with the history since the newest message we
+//! saw, and after a self-ping (XEP-0410) says the room dropped us.
+//!
+//! What the room sends to such a user ([`Joined::claims`] picks it out of the
+//! accounts' traffic) comes here: presences (occupants joining, leaving,
+//! renaming; our own join, kick, ban; the room's destruction), groupchat
+//! messages and subjects, invitations. They become events for the backend, in
+//! the shapes the hosted rooms use, once per room however many local users are
+//! in it (a message's dedup key is the room's stanza-id).
+//!
+//! Messages from a local user into a remote room are the delivery's (durable,
+//! `delivered`/`bounced`/`expired` outcomes), held back while the user's
+//! occupancy is not joined ([`Delivery::hold`]): a room refuses messages from
+//! non-occupants. When a (re)join completes (the subject, which ends the
+//! history), the messages the history shows the room already has (a stream
+//! broke before their confirmation) are settled as delivered and the rest sent,
+//! so a restart does not post them twice.
+//!
+//! Error messages from the room are not claimed: they answer our messages, and
+//! the inbox settles those.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use minidom::Element;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::address::Addr;
+use crate::routing::Outbox;
+use crate::stanza::{Kind, Stanza};
+use crate::store::joined::Occupancy;
+use crate::store::{EventKind, Store, StoreError, User, Writes, now_ms};
+use crate::xml::writer::escape;
+
+use super::delivery::Delivery;
+use super::{NS_PING, dom};
+
+/// The resource our users' occupant sessions use.
+pub const RESOURCE: &str = "xmpp-federator";
+/// XEP-0045.
+pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
+/// XEP-0045.
+pub const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+/// XEP-0249.
+pub const NS_CONFERENCE: &str = "jabber:x:conference";
+/// XEP-0359.
+const NS_SID: &str = "urn:xmpp:sid:0";
+/// XEP-0203.
+const NS_DELAY: &str = "urn:xmpp:delay";
+
+/// A join not answered in this long is sent again.
+const JOIN_RETRY: Duration = Duration::from_secs(30);
+/// How long a self-ping may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the task looks for joins to retry and rooms to ping.
+const TICK: Duration = Duration::from_secs(5);
+
+/// What the backend asks of a remote room.
+#[derive(Debug)]
+pub enum Call {
+    /// Join as `user` with `nick`, or change its nick if it is in already.
+    Join {
+        /// The room's bare JID (normalized).
+        room: String,
+        /// The local user.
+        user: User,
+        /// The nick.
+        nick: String,
+    },
+    /// Leave.
+    Leave {
+        /// The room.
+        room: String,
+        /// The local user.
+        user_id: String,
+    },
+    /// Set the subject as an occupant (the room decides whether it may).
+    Subject {
+        /// The room.
+        room: String,
+        /// The local user.
+        user_id: String,
+        /// The subject.
+        subject: String,
+        /// The message's id (an error reply carries it).
+        id: String,
+    },
+    /// The occupant JID messages from `user_id` into `room` are sent from.
+    Sender {
+        /// The room.
+        room: String,
+        /// The local user.
+        user_id: String,
+    },
+    /// What we know of the room.
+    Get {
+        /// The room.
+        room: String,
+    },
+}
+
+/// A local user's occupancy, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OursView {
+    /// The local user.
+    pub user_id: String,
+    /// Its occupant session (full JID).
+    pub full: String,
+    /// Its nick.
+    pub nick: String,
+    /// `joining`, `joined`.
+    pub state: &'static str,
+    /// Its affiliation, as the room said.
+    pub affiliation: String,
+}
+
+/// Someone in a remote room, as the room shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OccupantView {
+    /// Its nick.
+    pub nick: String,
+    /// Its real JID, if the room shows it.
+    pub jid: Option<String>,
+    /// Its affiliation.
+    pub affiliation: String,
+    /// Its role.
+    pub role: String,
+}
+
+/// A remote room as we know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomView {
+    /// Its bare JID.
+    pub room: String,
+    /// Its subject.
+    pub subject: String,
+    /// The local users in it.
+    pub ours: Vec<OursView>,
+    /// Everyone else present.
+    pub occupants: Vec<OccupantView>,
+}
+
+/// A call's answer.
+#[derive(Debug)]
+pub enum Reply {
+    /// The room as we know it now.
+    Room(RoomView),
+    /// The occupant JID to send from.
+    Sender(String),
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The user is not in (or joining) the room.
+    #[error("the user is not in that room")]
+    NotIn,
+    /// No local user is in the room.
+    #[error("no local user is in that room")]
+    Unknown,
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// Shutting down.
+    #[error("shutting down")]
+    Closed,
+}
+
+impl From<StoreError> for CallError {
+    fn from(e: StoreError) -> Self {
+        CallError::Store(e.to_string())
+    }
+}
+
+enum Input {
+    Stanza(Stanza),
+    Call(Call, oneshot::Sender<Result<Reply, CallError>>),
+    /// A self-ping's outcome: `Some(condition)` for an error, `None` for a result
+    /// (or a timeout: undetermined, so nothing is done).
+    Pinged {
+        room: String,
+        user_id: String,
+        dropped: bool,
+    },
+}
+
+/// The way in (cheap to clone).
+#[derive(Clone)]
+pub struct Joined {
+    tx: mpsc::Sender<Input>,
+    /// The rooms local users are in (or joining): what [`Joined::claims`] checks.
+    rooms: Arc<RwLock<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for Joined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined").finish_non_exhaustive()
+    }
+}
+
+/// The receiving side, for [`run`].
+pub struct JoinedRx(mpsc::Receiver<Input>);
+
+impl std::fmt::Debug for JoinedRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinedRx").finish_non_exhaustive()
+    }
+}
+
+/// A bare JID as the set keeps it (lower case).
+fn norm(bare: &str) -> std::borrow::Cow<'_, str> {
+    if bare.bytes().any(|b| b.is_ascii_uppercase()) {
+        bare.to_ascii_lowercase().into()
+    } else {
+        bare.into()
+    }
+}
+
+impl Joined {
+    /// A queue of `capacity` stanzas and calls.
+    pub fn new(capacity: usize) -> (Joined, JoinedRx) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Joined {
+                tx,
+                rooms: Arc::default(),
+            },
+            JoinedRx(rx),
+        )
+    }
+
+    /// Whether a stanza to a local account is this service's: a presence or a
+    /// non-error, non-private message from a room a local user is in, or an
+    /// invitation. Cheap for everything else (one set lookup, a byte search).
+    pub fn claims(&self, stanza: &Stanza) -> bool {
+        let Some(from) = stanza.from.as_ref() else {
+            return false;
+        };
+        let in_room = {
+            let rooms = self.rooms.read().unwrap_or_else(|e| e.into_inner());
+            !rooms.is_empty() && rooms.contains(norm(from.bare()).as_ref())
+        };
+        match stanza.kind {
+            Kind::Presence => in_room,
+            Kind::Message if stanza.is_error() => false,
+            Kind::Message => {
+                (in_room && stanza.type_.as_deref() != Some("chat")) || is_invitation(stanza)
+            }
+            Kind::Iq => false,
+        }
+    }
+
+    /// Hand it a claimed stanza; gives it back if the queue is full.
+    pub fn push(&self, stanza: Stanza) -> Option<Stanza> {
+        match self.tx.try_send(Input::Stanza(stanza)) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(Input::Stanza(s)))
+            | Err(mpsc::error::TrySendError::Closed(Input::Stanza(s))) => Some(s),
+            Err(_) => None,
+        }
+    }
+
+    /// Ask the task.
+    pub async fn call(&self, call: Call) -> Result<Reply, CallError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Call(call, tx))
+            .await
+            .map_err(|_| CallError::Closed)?;
+        rx.await.map_err(|_| CallError::Closed)?
+    }
+}
+
+/// A mediated (XEP-0045 §7.8.2) or direct (XEP-0249) invitation, by its bytes.
+fn is_invitation(stanza: &Stanza) -> bool {
+    let raw = &stanza.raw[..];
+    memchr::memmem::find(raw, NS_CONFERENCE.as_bytes()).is_some()
+        || (memchr::memmem::find(raw, b"<invite").is_some()
+            && memchr::memmem::find(raw, NS_MUC_USER.as_bytes()).is_some())
+}
+
+/// What the task works with.
+#[derive(Debug)]
+pub struct JoinedTask {
+    /// The store.
+    pub store: Arc<Store>,
+    /// Where stanzas go.
+    pub outbox: Outbox,
+    /// Messages into remote rooms.
+    pub delivery: Arc<Delivery>,
+    /// Ping a room after this long without a word from it.
+    pub ping_every: Duration,
+    /// Stops the task.
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Join sent, no self-presence yet.
+    Joining,
+    /// In; the history is still arriving (the subject ends it).
+    Joined,
+    /// In and synced: its messages are sent.
+    Synced,
+}
+
+#[derive(Debug)]
+struct Ours {
+    rec: Occupancy,
+    state: State,
+    full: String,
+    sent_at: Instant,
+    heard_at: Instant,
+    pinging: bool,
+    affiliation: String,
+    /// Ids (and origin-ids) of our messages that the join's history shows.
+    arrived: HashSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct Occupant {
+    jid: Option<String>,
+    affiliation: String,
+    role: String,
+}
+
+#[derive(Debug, Default)]
+struct Remote {
+    ours: BTreeMap<String, Ours>,
+    occupants: BTreeMap<String, Occupant>,
+    subject: Option<String>,
+}
+
+impl Remote {
+    fn our_nicks(&self) -> impl Iterator<Item = &str> {
+        self.ours
+            .values()
+            .filter(|o| o.state != State::Joining)
+            .map(|o| o.rec.nick.as_str())
+    }
+
+    fn any_synced(&self) -> bool {
+        self.ours.values().any(|o| o.state == State::Synced)
+    }
+}
+
+struct Worker {
+    task: JoinedTask,
+    rooms: BTreeMap<String, Remote>,
+    shared: Arc<RwLock<HashSet<String>>>,
+    tx: mpsc::WeakSender<Input>,
+}
+
+impl Joined {
+    /// Load the stored occupancies and hold back their messages (before the
+    /// delivery loads its queue); [`run`] rejoins them.
+    pub fn load(&self, store: &Store, delivery: &Delivery) -> Result<Vec<Occupancy>, StoreError> {
+        let all = store.occupancies()?;
+        let mut rooms = self.rooms.write().unwrap_or_else(|e| e.into_inner());
+        for o in &all {
+            rooms.insert(o.room.clone());
+            delivery.hold(&full_of(&o.user_jid), &o.room);
+        }
+        Ok(all)
+    }
+}
+
+fn full_of(user_jid: &str) -> String {
+    format!("{user_jid}/{RESOURCE}")
+}
+
+/// The task: stanzas and calls in order, one at a time, each change committed
+/// before what follows it is sent.
+pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occupancy>) {
+    let JoinedRx(mut rx) = rx;
+    let mut w = Worker {
+        task,
+        rooms: BTreeMap::new(),
+        shared: joined.rooms.clone(),
+        tx: joined.tx.downgrade(),
+    };
+    drop(joined);
+    for o in loaded {
+        w.add(o);
+    }
+    for room in w.rooms.keys().cloned().collect::<Vec<_>>() {
+        for user in w.user_ids(&room) {
+            w.send_join(&room, &user);
+        }
+    }
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let input = tokio::select! {
+            biased;
+            _ = w.task.shutdown.cancelled() => return,
+            i = rx.recv() => match i { Some(i) => i, None => return },
+            _ = tick.tick() => { w.tick(); continue; }
+        };
+        match input {
+            Input::Stanza(s) => w.stanza(s).await,
+            Input::Call(c, reply) => {
+                let r = w.call(c).await;
+                let _ = reply.send(r);
+            }
+            Input::Pinged {
+                room,
+                user_id,
+                dropped,
+            } => w.pinged(&room, &user_id, dropped),
+        }
+    }
+}
+
+impl Worker {
+    fn add(&mut self, rec: Occupancy) {
+        let now = Instant::now();
+        let full = full_of(&rec.user_jid);
+        let r = self.rooms.entry(rec.room.clone()).or_default();
+        if r.subject.is_none() && !rec.subject.is_empty() {
+            r.subject = Some(rec.subject.clone());
+        }
+        r.ours.insert(
+            rec.user_id.clone(),
+            Ours {
+                rec,
+                state: State::Joining,
+                full,
+                sent_at: now,
+                heard_at: now,
+                pinging: false,
+                affiliation: String::new(),
+                arrived: HashSet::new(),
+            },
+        );
+    }
+
+    fn user_ids(&self, room: &str) -> Vec<String> {
+        self.rooms
+            .get(room)
+            .map(|r| r.ours.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn share(&self) {
+        let mut s = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        *s = self.rooms.keys().cloned().collect();
+    }
+
+    /// Send (again) `user`'s join of `room`, with the history since what it saw.
+    fn send_join(&mut self, room: &str, user: &str) {
+        let Some(o) = self.rooms.get_mut(room).and_then(|r| r.ours.get_mut(user)) else {
+            return;
+        };
+        o.state = State::Joining;
+        o.sent_at = Instant::now();
+        o.arrived.clear();
+        let history = if o.rec.seen_ms == 0 {
+            "<history maxstanzas='0'/>".to_string()
+        } else {
+            format!("<history since='{}'/>", datetime(o.rec.seen_ms))
+        };
+        let xml = format!(
+            "<presence from='{}' to='{}/{}'><x xmlns='{NS_MUC}'>{history}</x></presence>",
+            escape(&o.full),
+            escape(room),
+            escape(&o.rec.nick)
+        );
+        self.task.delivery.hold(&o.full, room);
+        self.send(&xml);
+    }
+
+    fn send(&self, xml: &str) {
+        match Stanza::parse(xml) {
+            Some(s) => self.task.outbox.send(s),
+            None => tracing::error!(xml, "built a stanza that does not parse"),
+        }
+    }
+
+    async fn commit(&self, w: Writes) -> bool {
+        match self.task.store.commit(w).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "storing a remote room's change");
+                false
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let ping_every = self.task.ping_every;
+        let mut rejoin = Vec::new();
+        let mut ping = Vec::new();
+        for (room, r) in &mut self.rooms {
+            for (user, o) in &mut r.ours {
+                match o.state {
+                    State::Joining if o.sent_at.elapsed() >= JOIN_RETRY => {
+                        rejoin.push((room.clone(), user.clone()))
+                    }
+                    State::Synced if !o.pinging && o.heard_at.elapsed() >= ping_every => {
+                        o.pinging = true;
+                        ping.push((
+                            room.clone(),
+                            user.clone(),
+                            o.full.clone(),
+                            o.rec.nick.clone(),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (room, user) in rejoin {
+            tracing::info!(%room, %user, "join not answered; sending it again");
+            self.send_join(&room, &user);
+        }
+        for (room, user_id, full, nick) in ping {
+            let outbox = self.task.outbox.clone();
+            let tx = self.tx.clone();
+            let id = format!("sp-{}", uuid::Uuid::new_v4().simple());
+            let xml = format!(
+                "<iq type='get' id='{id}' from='{}' to='{}/{}'><ping xmlns='{NS_PING}'/></iq>",
+                escape(&full),
+                escape(&room),
+                escape(&nick)
+            );
+            let Some(iq) = Stanza::parse(&xml) else {
+                continue;
+            };
+            tokio::spawn(async move {
+                // XEP-0410 §3: an error saying we are not an occupant (or not with
+                // that nick) means the room dropped us; a result, or any other
+                // error (the room's server answering for a client that does not
+                // know pings), means we are in; no answer tells nothing.
+                let dropped = match outbox.ask(iq, PING_TIMEOUT).await {
+                    Ok(answer) if answer.is_error() => {
+                        matches!(
+                            super::error_condition(&answer),
+                            crate::stanza::StanzaCondition::NotAcceptable
+                                | crate::stanza::StanzaCondition::ItemNotFound
+                        )
+                    }
+                    Ok(_) => false,
+                    Err(_) => false,
+                };
+                if let Some(tx) = tx.upgrade() {
+                    let _ = tx
+                        .send(Input::Pinged {
+                            room,
+                            user_id,
+                            dropped,
+                        })
+                        .await;
+                }
+            });
+        }
+    }
+
+    fn pinged(&mut self, room: &str, user: &str, dropped: bool) {
+        let Some(o) = self.rooms.get_mut(room).and_then(|r| r.ours.get_mut(user)) else {
+            return;
+        };
+        o.pinging = false;
+        o.heard_at = Instant::now();
+        if dropped && o.state == State::Synced {
+            tracing::info!(%room, %user, "self-ping: the room dropped us; joining again");
+            self.send_join(room, user);
+        }
+    }
+
+    async fn call(&mut self, call: Call) -> Result<Reply, CallError> {
+        match call {
+            Call::Join { room, user, nick } => {
+                let full = full_of(&user.jid());
+                if let Some(o) = self
+                    .rooms
+                    .get_mut(&room)
+                    .and_then(|r| r.ours.get_mut(&user.id))
+                {
+                    if o.rec.nick != nick {
+                        // A nick change (XEP-0045 §7.6): presence to the new nick;
+                        // the room's 303 renames us.
+                        let xml = format!(
+                            "<presence from='{}' to='{}/{}'/>",
+                            escape(&full),
+                            escape(&room),
+                            escape(&nick)
+                        );
+                        if o.state == State::Joining {
+                            o.rec.nick = nick;
+                            let mut w = Writes::default();
+                            w.put_occupancy(&o.rec);
+                            if !self.commit(w).await {
+                                return Err(CallError::Store("writing the occupancy".into()));
+                            }
+                            self.send_join(&room, &user.id);
+                        } else {
+                            self.send(&xml);
+                        }
+                    }
+                    return Ok(Reply::Room(self.view(&room)));
+                }
+                let rec = Occupancy {
+                    room: room.clone(),
+                    user_id: user.id.clone(),
+                    user_jid: user.jid(),
+                    nick,
+                    since_ms: now_ms(),
+                    seen_ms: 0,
+                    subject: String::new(),
+                };
+                let mut w = Writes::default();
+                w.put_occupancy(&rec);
+                if !self.commit(w).await {
+                    return Err(CallError::Store("writing the occupancy".into()));
+                }
+                self.add(rec);
+                self.share();
+                self.send_join(&room, &user.id);
+                Ok(Reply::Room(self.view(&room)))
+            }
+            Call::Leave { room, user_id } => {
+                let Some(o) = self.rooms.get(&room).and_then(|r| r.ours.get(&user_id)) else {
+                    return Err(CallError::NotIn);
+                };
+                let mut w = Writes::default();
+                w.delete_occupancy(&room, &user_id);
+                if !self.commit(w).await {
+                    return Err(CallError::Store("removing the occupancy".into()));
+                }
+                let xml = format!(
+                    "<presence type='unavailable' from='{}' to='{}/{}'/>",
+                    escape(&o.full),
+                    escape(&room),
+                    escape(&o.rec.nick)
+                );
+                let (full, state) = (o.full.clone(), o.state);
+                self.send(&xml);
+                self.forget(&room, &user_id, state, &full, "left the room");
+                Ok(Reply::Room(self.view(&room)))
+            }
+            Call::Subject {
+                room,
+                user_id,
+                subject,
+                id,
+            } => {
+                let Some(o) = self.rooms.get(&room).and_then(|r| r.ours.get(&user_id)) else {
+                    return Err(CallError::NotIn);
+                };
+                let xml = format!(
+                    "<message type='groupchat' id='{}' from='{}' to='{}'><subject>{}</subject></message>",
+                    escape(&id),
+                    escape(&o.full),
+                    escape(&room),
+                    escape(&subject)
+                );
+                self.send(&xml);
+                Ok(Reply::Room(self.view(&room)))
+            }
+            Call::Sender { room, user_id } => self
+                .rooms
+                .get(&room)
+                .and_then(|r| r.ours.get(&user_id))
+                .map(|o| Reply::Sender(o.full.clone()))
+                .ok_or(CallError::NotIn),
+            Call::Get { room } => {
+                if !self.rooms.contains_key(&room) {
+                    return Err(CallError::Unknown);
+                }
+                Ok(Reply::Room(self.view(&room)))
+            }
+        }
+    }
+
+    /// Drop a local user's occupancy from memory (already removed from the
+    /// store); messages still held for it are bounced with `why`.
+    fn forget(&mut self, room: &str, user_id: &str, state: State, full: &str, why: &str) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.ours.remove(user_id);
+            if r.ours.is_empty() {
+                self.rooms.remove(room);
+            }
+        }
+        self.share();
+        if state != State::Synced {
+            let ids = self.task.delivery.queued_for(full, room);
+            if !ids.is_empty() {
+                let why = why.to_string();
+                self.task
+                    .delivery
+                    .settle(ids, move |id, to| EventKind::Bounced {
+                        id: id.to_string(),
+                        to: to.to_string(),
+                        condition: "not-acceptable".into(),
+                        text: Some(why.clone()),
+                    });
+            }
+        }
+        self.task
+            .delivery
+            .release(&self.task.outbox, full, room, &HashSet::new());
+    }
+
+    fn view(&self, room: &str) -> RoomView {
+        let r = self.rooms.get(room);
+        RoomView {
+            room: room.to_string(),
+            subject: r.and_then(|r| r.subject.clone()).unwrap_or_default(),
+            ours: r
+                .map(|r| {
+                    r.ours
+                        .values()
+                        .map(|o| OursView {
+                            user_id: o.rec.user_id.clone(),
+                            full: o.full.clone(),
+                            nick: o.rec.nick.clone(),
+                            state: if o.state == State::Joining {
+                                "joining"
+                            } else {
+                                "joined"
+                            },
+                            affiliation: o.affiliation.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            occupants: r
+                .map(|r| {
+                    let ours: HashSet<&str> = r.our_nicks().collect();
+                    r.occupants
+                        .iter()
+                        .filter(|(n, _)| !ours.contains(n.as_str()))
+                        .map(|(nick, o)| OccupantView {
+                            nick: nick.clone(),
+                            jid: o.jid.clone(),
+                            affiliation: o.affiliation.clone(),
+                            role: o.role.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn stanza(&mut self, s: Stanza) {
+        let (Some(from), Some(to)) = (s.from.clone(), s.to.clone()) else {
+            return;
+        };
+        let room = norm(from.bare()).into_owned();
+        let Some(el) = dom(&s) else { return };
+        if s.kind == Kind::Message && is_invitation(&s) && !self.rooms.contains_key(&room) {
+            return self.invitation(&s, &el, &from, &to).await;
+        }
+        let user_jid = norm(to.bare()).into_owned();
+        let Some(user_id) = self.rooms.get(&room).and_then(|r| {
+            r.ours
+                .values()
+                .find(|o| o.rec.user_jid == user_jid)
+                .map(|o| o.rec.user_id.clone())
+        }) else {
+            if s.kind == Kind::Message && is_invitation(&s) {
+                return self.invitation(&s, &el, &from, &to).await;
+            }
+            tracing::debug!(stanza = s.as_str(), "from a room to a user not in it");
+            return;
+        };
+        if let Some(o) = self
+            .rooms
+            .get_mut(&room)
+            .and_then(|r| r.ours.get_mut(&user_id))
+        {
+            o.heard_at = Instant::now();
+        }
+        match s.kind {
+            Kind::Presence => self.presence(&room, &user_id, &s, &el, &from).await,
+            Kind::Message => self.message(&room, &user_id, &s, &el, &from, &to).await,
+            Kind::Iq => {}
+        }
+    }
+
+    async fn invitation(&mut self, s: &Stanza, el: &Element, from: &Addr, to: &Addr) {
+        let Some(user) = super::recipient(&self.task.store, s) else {
+            return;
+        };
+        // Mediated first: a room may add the direct form to its invitation.
+        let mediated = el
+            .get_child("x", NS_MUC_USER)
+            .and_then(|x| Some((x, x.get_child("invite", NS_MUC_USER)?)));
+        let (room, inviter, reason, password, direct) = if let Some((x, inv)) = mediated {
+            let inviter = inv
+                .attr("from")
+                .map(|f| Addr::trusted(f).bare().to_string())
+                .unwrap_or_else(|| from.bare().to_string());
+            (
+                from.bare().to_string(),
+                inviter,
+                inv.get_child("reason", NS_MUC_USER).map(Element::text),
+                x.get_child("password", NS_MUC_USER).map(Element::text),
+                false,
+            )
+        } else if let Some(x) = el.get_child("x", NS_CONFERENCE) {
+            let Some(room) = x.attr("jid") else { return };
+            (
+                room.to_string(),
+                from.bare().to_string(),
+                x.attr("reason").map(str::to_string),
+                x.attr("password").map(str::to_string),
+                true,
+            )
+        } else {
+            return;
+        };
+        let _ = to;
+        let mut w = Writes::default();
+        w.event(&EventKind::InviteReceived {
+            user_id: user.id,
+            room,
+            from: inviter,
+            reason,
+            password,
+            direct,
+        });
+        self.commit(w).await;
+    }
+
+    async fn presence(&mut self, room: &str, user: &str, s: &Stanza, el: &Element, from: &Addr) {
+        let nick = from.resource().unwrap_or_default().to_string();
+        let x = el.get_child("x", NS_MUC_USER);
+        let codes: HashSet<u16> = x
+            .map(|x| {
+                x.children()
+                    .filter(|c| c.is("status", NS_MUC_USER))
+                    .filter_map(|c| c.attr("code")?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let item = x.and_then(|x| x.get_child("item", NS_MUC_USER));
+        let attr = |n: &str| item.and_then(|i| i.attr(n)).map(str::to_string);
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let last_of_ours = r.ours.len() == 1;
+        let Some(o) = r.ours.get_mut(user) else {
+            return;
+        };
+        let is_self = codes.contains(&110) || (o.state != State::Joining && nick == o.rec.nick);
+        let mut w = Writes::default();
+        match s.type_.as_deref() {
+            Some("error") => {
+                let error = super::stanza_error(s);
+                let condition = super::error_condition(s).as_str().to_string();
+                let text = error.as_ref().and_then(|e| {
+                    e.texts
+                        .get("en")
+                        .or_else(|| e.texts.values().next())
+                        .cloned()
+                });
+                if o.state == State::Joining {
+                    tracing::info!(%room, %user, %condition, "join refused");
+                    w.delete_occupancy(room, user);
+                    w.event(&EventKind::JoinRefused {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        user_id: user.to_string(),
+                        condition: condition.clone(),
+                        text: text.clone(),
+                    });
+                    let full = o.full.clone();
+                    if self.commit(w).await {
+                        self.forget(
+                            room,
+                            user,
+                            State::Joining,
+                            &full,
+                            &format!("join refused: {condition}"),
+                        );
+                    }
+                } else {
+                    // A nick change refused (conflict, not-acceptable): we keep
+                    // the nick we have.
+                    tracing::warn!(%room, %user, %condition, "the room refused a presence (a nick change?)");
+                }
+            }
+            Some("unavailable") if is_self => {
+                if codes.contains(&303) {
+                    // Our nick changed.
+                    if let Some(new) = attr("nick") {
+                        let old = std::mem::replace(&mut o.rec.nick, new.clone());
+                        w.put_occupancy(&o.rec);
+                        w.event(&EventKind::NickChanged {
+                            conversation: room.to_string(),
+                            room: room.to_string(),
+                            jid: o.full.clone(),
+                            old: old.clone(),
+                            new,
+                        });
+                        r.occupants.remove(&old);
+                        self.commit(w).await;
+                    }
+                    return;
+                }
+                let destroyed = x.and_then(|x| x.get_child("destroy", NS_MUC_USER));
+                let reason = if destroyed.is_some() {
+                    "destroyed"
+                } else if codes.contains(&301) {
+                    "banned"
+                } else if codes.contains(&307) {
+                    "kicked"
+                } else if codes.contains(&321) || codes.contains(&322) {
+                    "removed"
+                } else if codes.contains(&332) {
+                    // The room's service shuts down: we join again when it is back.
+                    tracing::info!(%room, %user, "the room's service is shutting down");
+                    o.state = State::Joining;
+                    o.sent_at = Instant::now();
+                    let full = o.full.clone();
+                    self.task.delivery.hold(&full, room);
+                    return;
+                } else {
+                    // Our own leave, answered (the occupancy is gone already), or
+                    // the room dropped us: join again.
+                    let user = user.to_string();
+                    self.send_join(room, &user);
+                    return;
+                };
+                let text = item
+                    .and_then(|i| i.get_child("reason", NS_MUC_USER))
+                    .map(Element::text)
+                    .or_else(|| {
+                        destroyed
+                            .and_then(|d| d.get_child("reason", NS_MUC_USER))
+                            .map(Element::text)
+                    });
+                if let Some(d) = destroyed
+                    && last_of_ours
+                {
+                    w.event(&EventKind::RoomDestroyed {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        alternate: d.attr("jid").map(str::to_string),
+                        reason: text.clone(),
+                    });
+                }
+                w.delete_occupancy(room, user);
+                w.event(&EventKind::RemovedFromRoom {
+                    conversation: room.to_string(),
+                    room: room.to_string(),
+                    user_id: user.to_string(),
+                    reason: reason.to_string(),
+                    text,
+                });
+                let (full, state) = (o.full.clone(), o.state);
+                if self.commit(w).await {
+                    self.forget(room, user, state, &full, &format!("{reason} from the room"));
+                }
+            }
+            Some("unavailable") => {
+                let Some(gone) = r.occupants.remove(&nick) else {
+                    return;
+                };
+                if !r.any_synced() {
+                    return;
+                }
+                let jid = gone
+                    .jid
+                    .clone()
+                    .unwrap_or_else(|| from.as_str().to_string());
+                if codes.contains(&303) {
+                    if let Some(new) = attr("nick") {
+                        w.event(&EventKind::NickChanged {
+                            conversation: room.to_string(),
+                            room: room.to_string(),
+                            jid,
+                            old: nick,
+                            new: new.clone(),
+                        });
+                        r.occupants.insert(new, gone);
+                    }
+                } else {
+                    let reason = if codes.contains(&301) {
+                        "banned"
+                    } else if codes.contains(&307) {
+                        "kicked"
+                    } else if codes.contains(&321) || codes.contains(&322) {
+                        "removed"
+                    } else {
+                        "left"
+                    };
+                    w.event(&EventKind::MemberLeft {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        jid,
+                        nick,
+                        reason: reason.into(),
+                    });
+                }
+                self.commit(w).await;
+            }
+            Some(_) => {}
+            None if is_self => {
+                o.affiliation = attr("affiliation").unwrap_or_default();
+                if o.state == State::Joining {
+                    o.state = State::Joined;
+                    if nick != o.rec.nick {
+                        // The room gave another nick (210).
+                        o.rec.nick = nick.clone();
+                    }
+                    o.rec.seen_ms = o.rec.seen_ms.max(now_ms());
+                    w.put_occupancy(&o.rec);
+                    w.event(&EventKind::JoinedRoom {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        user_id: user.to_string(),
+                        nick: nick.clone(),
+                    });
+                    self.commit(w).await;
+                }
+            }
+            None => {
+                let occupant = Occupant {
+                    jid: attr("jid"),
+                    affiliation: attr("affiliation").unwrap_or_default(),
+                    role: attr("role").unwrap_or_default(),
+                };
+                let jid = occupant
+                    .jid
+                    .clone()
+                    .unwrap_or_else(|| from.as_str().to_string());
+                let new = r.occupants.insert(nick.clone(), occupant).is_none();
+                if new && r.any_synced() && !r.our_nicks().any(|n| n == nick) {
+                    w.event(&EventKind::MemberJoined {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        jid,
+                        nick,
+                    });
+                    self.commit(w).await;
+                }
+            }
+        }
+    }
+
+    async fn message(
+        &mut self,
+        room: &str,
+        user: &str,
+        s: &Stanza,
+        el: &Element,
+        from: &Addr,
+        _to: &Addr,
+    ) {
+        if s.type_.as_deref() != Some("groupchat") {
+            if is_invitation(s) {
+                return self.invitation(s, el, from, _to).await;
+            }
+            // Room notices (configuration changes, MAM results we did not ask
+            // for): nothing the backend acts on.
+            tracing::debug!(
+                stanza = s.as_str(),
+                "message from a remote room, not groupchat"
+            );
+            return;
+        }
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let nick = from.resource().unwrap_or_default().to_string();
+        let body = el
+            .get_child("body", crate::xml::NS_SERVER)
+            .map(Element::text);
+        let subject = el
+            .get_child("subject", crate::xml::NS_SERVER)
+            .map(Element::text);
+        let stamp_ms = el
+            .get_child("delay", NS_DELAY)
+            .and_then(|d| d.attr("stamp"))
+            .and_then(parse_datetime);
+        let mut w = Writes::default();
+        if let (Some(subject), None) = (&subject, &body) {
+            // The subject: the end of a join's history, or a change.
+            let changed = r.subject.as_deref() != Some(subject.as_str());
+            r.subject = Some(subject.clone());
+            let by = r
+                .occupants
+                .get(&nick)
+                .and_then(|o| o.jid.clone())
+                .unwrap_or_else(|| from.as_str().to_string());
+            let mut synced_now = Vec::new();
+            for o in r.ours.values_mut() {
+                if o.rec.subject != *subject {
+                    o.rec.subject = subject.clone();
+                    w.put_occupancy(&o.rec);
+                }
+                if o.rec.user_id == user && o.state == State::Joined {
+                    o.state = State::Synced;
+                    synced_now.push((o.full.clone(), std::mem::take(&mut o.arrived)));
+                }
+            }
+            if changed {
+                w.event(&EventKind::SubjectChanged {
+                    conversation: room.to_string(),
+                    room: room.to_string(),
+                    subject: subject.clone(),
+                    by,
+                });
+            }
+            self.commit(w).await;
+            for (full, arrived) in synced_now {
+                self.task
+                    .delivery
+                    .release(&self.task.outbox, &full, room, &arrived);
+            }
+            return;
+        }
+        // Ours, reflected (XEP-0045 §7.4): not an event; during a join's history,
+        // proof that the room has it.
+        if r.our_nicks().any(|n| n == nick) {
+            if let Some(o) = r.ours.get_mut(user)
+                && o.state == State::Joined
+            {
+                if let Some(id) = s.id.clone() {
+                    o.arrived.insert(id);
+                }
+                if let Some(oid) = el.get_child("origin-id", NS_SID).and_then(|e| e.attr("id")) {
+                    o.arrived.insert(oid.to_string());
+                }
+            }
+            return;
+        }
+        let stanza_id = el
+            .children()
+            .filter(|c| c.is("stanza-id", NS_SID))
+            .find(|c| c.attr("by").is_some_and(|b| b.eq_ignore_ascii_case(room)))
+            .and_then(|c| c.attr("id"))
+            .map(str::to_string);
+        let key = match &stanza_id {
+            Some(sid) => format!("muc\0{room}\0{sid}"),
+            None => {
+                let id = el
+                    .get_child("origin-id", NS_SID)
+                    .and_then(|e| e.attr("id"))
+                    .or(s.id.as_deref())
+                    .unwrap_or_default();
+                let hash = body
+                    .as_deref()
+                    .unwrap_or_default()
+                    .bytes()
+                    .fold(0xcbf29ce484222325u64, |h, b| {
+                        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+                    });
+                format!("muc\0{room}\0{nick}\0{id}\0{hash:016x}")
+            }
+        };
+        if self.task.store.seen_many(&[key.as_str()]).ok() == Some(vec![true]) {
+            return;
+        }
+        let jid = r
+            .occupants
+            .get(&nick)
+            .and_then(|o| o.jid.clone())
+            .unwrap_or_default();
+        w.dedup(&key);
+        w.event(&EventKind::GroupMessage {
+            conversation: room.to_string(),
+            room: room.to_string(),
+            from: from.as_str().to_string(),
+            jid,
+            id: s.id.clone(),
+            stanza_id: stanza_id.unwrap_or_default(),
+            body,
+            xml: s.as_str().to_string(),
+        });
+        let seen = stamp_ms.unwrap_or_else(now_ms);
+        for o in r.ours.values_mut() {
+            if seen > o.rec.seen_ms {
+                o.rec.seen_ms = seen;
+                w.put_occupancy(&o.rec);
+            }
+        }
+        self.commit(w).await;
+    }
+}
+
+/// XEP-0082 date-time (UTC) of the second `ms` falls in: a room's `since`
+/// includes that second whole (what it repeats, the dedup drops).
+fn datetime(ms: u64) -> String {
+    super::rooms::mam::stamp(ms / 1000 * 1000)
+}
+
+fn parse_datetime(s: &str) -> Option<u64> {
+    use std::str::FromStr;
+    xmpp_parsers::date::DateTime::from_str(s.trim())
+        .ok()
+        .and_then(|t| u64::try_from(t.0.timestamp_millis()).ok())
+}
