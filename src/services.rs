@@ -289,6 +289,19 @@ pub(crate) mod fake {
             self.store.put_user(&user).await.unwrap();
         }
 
+        /// The store.
+        pub fn store(&self) -> Arc<Store> {
+            self.store.clone()
+        }
+
+        /// What was sent to remote domains since the last call.
+        pub fn take_sent(&self) -> Vec<Stanza> {
+            std::mem::take(&mut *self.sent.sent.lock().unwrap())
+                .into_iter()
+                .map(|(_, _, o)| o.stanza)
+                .collect()
+        }
+
         /// Route `request` (from a remote address to a hosted one) and return the
         /// one stanza sent back, re-read from its bytes as a peer would.
         pub fn answer(&self, request: &str) -> Stanza {

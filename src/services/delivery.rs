@@ -233,6 +233,13 @@ impl Delivery {
         let (arrived, pending): (Vec<_>, Vec<_>) = pending
             .into_iter()
             .partition(|(_, id)| arrived.contains(id));
+        tracing::info!(
+            %from,
+            %to,
+            arrived = arrived.len(),
+            sending = pending.len(),
+            "released: settled what the recipient showed it has, sending the rest"
+        );
         if !arrived.is_empty() {
             self.settle(arrived.into_iter().map(|(_, id)| id), delivered);
         }

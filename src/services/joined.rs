@@ -1202,3 +1202,260 @@ fn parse_datetime(s: &str) -> Option<u64> {
         .ok()
         .and_then(|t| u64::try_from(t.0.timestamp_millis()).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::services::fake::Services;
+    use crate::store::Outgoing;
+
+    const ROOM: &str = "r@muc.remote.test";
+    const ME: &str = "alice@wire.test/xmpp-federator";
+
+    fn stanza(xml: &str) -> Stanza {
+        Stanza::parse(xml).expect("a stanza")
+    }
+
+    fn queued(id: &str) -> Outgoing {
+        Outgoing {
+            seq: 0,
+            domain: "muc.remote.test".into(),
+            id: id.into(),
+            from: ME.into(),
+            to: ROOM.into(),
+            xml: format!(
+                "<message from='{ME}' to='{ROOM}' type='groupchat' id='{id}'><body>{id}</body>\
+                 <origin-id xmlns='urn:xmpp:sid:0' id='{id}'/></message>"
+            ),
+            accepted_ms: now_ms(),
+            expires_ms: now_ms() + 3_600_000,
+        }
+    }
+
+    /// Waits (bounded) until `f` holds of what was sent, collecting it.
+    async fn sent_until(s: &Services, all: &mut Vec<Stanza>, f: impl Fn(&[Stanza]) -> bool) {
+        for _ in 0..200 {
+            all.extend(s.take_sent());
+            if f(all) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "not sent: {:?}",
+            all.iter()
+                .map(|s| s.as_str().to_string())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    async fn event_types(store: &Store, want: usize) -> Vec<String> {
+        for _ in 0..200 {
+            let e = store.events_after(0, 100).unwrap();
+            if e.len() >= want {
+                return e
+                    .iter()
+                    .map(|e| {
+                        serde_json::to_value(&e.kind).unwrap()["type"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    })
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {want} events: {:?}", store.events_after(0, 100));
+    }
+
+    /// After a restart: the occupancy is rejoined with the history since the
+    /// newest message seen; its queued messages wait for the join; the history
+    /// shows the room has m1 (a stream broke before its confirmation), so m1 is
+    /// settled as delivered and only m2 is sent. The others' history message is
+    /// an event once, the subject too.
+    #[tokio::test]
+    async fn a_rejoin_settles_what_the_history_shows_and_sends_the_rest() {
+        let s = Services::new(&["wire.test"], &[]);
+        s.user("alice", "wire.test", "Alice").await;
+        let store = s.store();
+        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let mut w = Writes::default();
+        w.put_occupancy(&Occupancy {
+            room: ROOM.into(),
+            user_id: "id-alice".into(),
+            user_jid: "alice@wire.test".into(),
+            nick: "alice".into(),
+            since_ms: 1,
+            seen_ms: 1_700_000_000_500,
+            subject: String::new(),
+        });
+        store.commit(w).await.unwrap();
+        store
+            .enqueue(vec![(queued("m1"), None), (queued("m2"), None)])
+            .await
+            .unwrap();
+        let (joined, rx) = Joined::new(64);
+        let loaded = joined.load(&store, &delivery).unwrap();
+        delivery.load();
+        let shutdown = CancellationToken::new();
+        let task = JoinedTask {
+            store: store.clone(),
+            outbox: s.outbox.clone(),
+            delivery: delivery.clone(),
+            ping_every: Duration::from_secs(300),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(run(task, joined.clone(), rx, loaded));
+
+        let mut sent = Vec::new();
+        sent_until(&s, &mut sent, |v| {
+            v.iter().any(|s| s.kind == Kind::Presence)
+        })
+        .await;
+        let join = sent.iter().find(|s| s.kind == Kind::Presence).unwrap();
+        assert_eq!(join.to.as_deref(), Some("r@muc.remote.test/alice"));
+        assert!(
+            join.as_str()
+                .contains("<history since='2023-11-14T22:13:20Z'/>"),
+            "{}",
+            join.as_str()
+        );
+        // Nothing of ours before the room has us.
+        assert!(sent.iter().all(|s| s.kind != Kind::Message));
+        // What a room sends from a remote domain to one of its occupants is ours.
+        let from_room = |xml: &str| {
+            let st = stanza(xml);
+            assert!(joined.claims(&st), "claimed: {xml}");
+            assert!(joined.push(st).is_none());
+        };
+        from_room(&format!(
+            "<presence from='{ROOM}/bob' to='{ME}'><x xmlns='{NS_MUC_USER}'>\
+             <item affiliation='owner' role='moderator' jid='bob@remote.test/x'/></x></presence>"
+        ));
+        from_room(&format!(
+            "<presence from='{ROOM}/alice' to='{ME}'><x xmlns='{NS_MUC_USER}'>\
+             <item affiliation='member' role='participant'/><status code='110'/></x></presence>"
+        ));
+        from_room(&format!(
+            "<message from='{ROOM}/alice' to='{ME}' type='groupchat' id='m1'><body>m1</body>\
+             <origin-id xmlns='urn:xmpp:sid:0' id='m1'/>\
+             <delay xmlns='urn:xmpp:delay' stamp='2023-11-14T22:13:21Z'/></message>"
+        ));
+        let bob_says = format!(
+            "<message from='{ROOM}/bob' to='{ME}' type='groupchat' id='b1'><body>hi</body>\
+             <stanza-id xmlns='urn:xmpp:sid:0' by='{ROOM}' id='s-1'/>\
+             <delay xmlns='urn:xmpp:delay' stamp='2023-11-14T22:13:22Z'/></message>"
+        );
+        from_room(&bob_says);
+        // A repeat (another local user's copy, or a history overlap) is no event.
+        from_room(&bob_says);
+        from_room(&format!(
+            "<message from='{ROOM}/bob' to='{ME}' type='groupchat'><subject>Plans</subject></message>"
+        ));
+        sent_until(&s, &mut sent, |v| v.iter().any(|s| s.kind == Kind::Message)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sent.extend(s.take_sent());
+        let ids: Vec<&str> = sent
+            .iter()
+            .filter(|s| s.kind == Kind::Message)
+            .filter_map(|s| s.id.as_deref())
+            .collect();
+        assert_eq!(ids, ["m2"]);
+        let types = event_types(&store, 4).await;
+        assert_eq!(
+            types,
+            [
+                "joined_room",
+                "group_message",
+                "subject_changed",
+                "delivered"
+            ],
+        );
+        let e = store.events_after(0, 100).unwrap();
+        let v = serde_json::to_value(&e[1].kind).unwrap();
+        assert_eq!(v["stanza_id"], "s-1");
+        assert_eq!(v["jid"], "bob@remote.test/x");
+        assert_eq!(v["conversation"], ROOM);
+        let v = serde_json::to_value(&e[3].kind).unwrap();
+        assert_eq!(v["id"], "m1");
+        // m2 is the delivery's now, tracked; nothing held.
+        assert_eq!(delivery.queued_for(ME, ROOM), ["m2"]);
+        // Not claimed: a private message through the room, an error (the inbox
+        // settles our messages with it), a room nobody of ours is in.
+        for xml in [
+            format!("<message from='{ROOM}/bob' to='{ME}' type='chat'><body>pm</body></message>"),
+            format!(
+                "<message from='{ROOM}' to='{ME}' type='error' id='m2'>\
+                 <error type='cancel'><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+            ),
+            format!("<presence from='other@muc.remote.test/x' to='{ME}'/>"),
+        ] {
+            assert!(!joined.claims(&stanza(&xml)), "{xml}");
+        }
+        shutdown.cancel();
+    }
+
+    /// A join refused: an event with the room's condition, the occupancy gone,
+    /// the messages waiting for it bounced.
+    #[tokio::test]
+    async fn a_refused_join_is_an_event_and_bounces_what_waited() {
+        let s = Services::new(&["wire.test"], &[]);
+        s.user("alice", "wire.test", "Alice").await;
+        let store = s.store();
+        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let (joined, rx) = Joined::new(64);
+        let shutdown = CancellationToken::new();
+        let task = JoinedTask {
+            store: store.clone(),
+            outbox: s.outbox.clone(),
+            delivery: delivery.clone(),
+            ping_every: Duration::from_secs(300),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(run(task, joined.clone(), rx, Vec::new()));
+        let user = store.user("id-alice").unwrap().unwrap();
+        let r = joined
+            .call(Call::Join {
+                room: ROOM.into(),
+                user,
+                nick: "alice".into(),
+            })
+            .await
+            .unwrap();
+        let Reply::Room(v) = r else { panic!("{r:?}") };
+        assert_eq!(v.ours[0].state, "joining");
+        let mut sent = Vec::new();
+        sent_until(&s, &mut sent, |v| {
+            v.iter().any(|s| s.kind == Kind::Presence)
+        })
+        .await;
+        assert!(
+            sent[0].as_str().contains("<history maxstanzas='0'/>"),
+            "{}",
+            sent[0].as_str()
+        );
+        let queued = store.enqueue(vec![(queued("m3"), None)]).await.unwrap();
+        let st = stanza(&queued[0].xml);
+        delivery.submit_new(&s.outbox, &queued, vec![st]);
+        assert!(s.take_sent().is_empty(), "held until joined");
+        assert!(joined.push(stanza(&format!(
+            "<presence from='{ROOM}/alice' to='{ME}' type='error'>\
+             <error type='auth'><registration-required xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\
+             <text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>Members only</text></error></presence>"
+        ))).is_none());
+        let types = event_types(&store, 2).await;
+        assert_eq!(types, ["join_refused", "bounced"]);
+        let e = store.events_after(0, 100).unwrap();
+        let v = serde_json::to_value(&e[0].kind).unwrap();
+        assert_eq!(v["condition"], "registration-required");
+        assert_eq!(v["text"], "Members only");
+        assert!(store.occupancies().unwrap().is_empty());
+        assert!(matches!(
+            joined.call(Call::Get { room: ROOM.into() }).await,
+            Err(CallError::Unknown)
+        ));
+        assert!(s.take_sent().is_empty());
+        shutdown.cancel();
+    }
+}

@@ -110,6 +110,32 @@ impl Lab {
         c
     }
 
+    /// Our instance's TOML config (for the real binary): STARTTLS on `s2s`, the
+    /// API on `api`, the store in `store`, then `extra`.
+    pub(crate) fn wire_toml(
+        &self,
+        s2s: SocketAddr,
+        api: SocketAddr,
+        store: &std::path::Path,
+        extra: &str,
+    ) -> String {
+        xmpp_federator_testkit::process::instance_toml(
+            &xmpp_federator_testkit::process::InstanceFiles {
+                domain: WIRE,
+                s2s,
+                api,
+                token: TOKEN,
+                cert: &self.wire_files.cert,
+                key: &self.wire_files.key,
+                ca: &self.ca_path,
+                dns: self.dns.addr,
+                store,
+                backend: "redb",
+            },
+            extra,
+        )
+    }
+
     pub(crate) async fn start_wire(&self) -> Running {
         // The same fixed port as `check`, so peers' cached SRV answers stay right.
         let r = start(self.wire_config(5269))

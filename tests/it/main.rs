@@ -8,6 +8,7 @@ mod conversations;
 mod durability;
 mod federation;
 mod interop;
+mod joined;
 mod layout;
 mod negotiation;
 mod rooms;
