@@ -801,6 +801,9 @@ pub(super) struct ArchiveQuery {
     domain: Option<String>,
     /// Messages after this archive position (`seq`); from the oldest by default.
     after: Option<u64>,
+    /// A room hosted elsewhere: messages after this one (its `stanza_id`, the
+    /// previous page's `last`); from the oldest by default.
+    after_id: Option<String>,
     /// At most this many (default 100, at most 1000).
     limit: Option<usize>,
 }
@@ -808,8 +811,10 @@ pub(super) struct ArchiveQuery {
 /// One archived message.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct ArchivedOut {
-    /// Its position in the archive (the cursor for `after`).
-    seq: u64,
+    /// Its position in the archive (the cursor for `after`); absent for a room
+    /// hosted elsewhere (page with `after_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
     /// Its stanza id (XEP-0359, MAM id).
     stanza_id: String,
     /// When the room took it (unix ms).
@@ -827,6 +832,12 @@ pub(super) struct ArchivedOut {
 pub(super) struct ArchiveOut {
     /// Oldest first.
     messages: Vec<ArchivedOut>,
+    /// A room hosted elsewhere: whether this page reaches its newest message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete: Option<bool>,
+    /// A room hosted elsewhere: the cursor of the next page (`after_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last: Option<String>,
 }
 
 /// Read a conversation's archive
@@ -834,10 +845,13 @@ pub(super) struct ArchiveOut {
     get,
     path = "/v1/conversations/{id}/messages",
     tag = "conversations",
-    params(("id", description = "The conversation id"), ArchiveQuery),
+    params(("id", description = "The conversation id, or the bare JID of a room hosted elsewhere (read through its MAM archive by a local user in it)"), ArchiveQuery),
     responses(
         (status = 200, description = "Oldest first", body = ArchiveOut),
-        (status = 501, description = "A room hosted elsewhere: its history is not fetched yet", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The federation policy refuses the room's domain", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "A room hosted elsewhere that no local user is in yet", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "A room hosted elsewhere refused the archive query (its condition and text)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "A room hosted elsewhere did not answer the archive query in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, response = problems::Unauthorized),
         (status = 404, description = "Unknown conversation", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, response = problems::Internal),
@@ -849,13 +863,26 @@ pub(super) async fn get_archive(
     Path(id): Path<String>,
     Query(q): Query<ArchiveQuery>,
 ) -> Result<Json<ArchiveOut>, Problem> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     if joined::is_remote(&id) {
-        return Err(Problem::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "Not yet",
-            "the history of a room hosted elsewhere is not fetched yet (its messages \
-             arrive as group_message events)",
-        ));
+        // Its archive, through one of the local users in it (XEP-0313).
+        let page = joined::archive(&st, &id, q.after_id, limit).await?;
+        return Ok(Json(ArchiveOut {
+            messages: page
+                .messages
+                .into_iter()
+                .map(|f| ArchivedOut {
+                    seq: None,
+                    stanza_id: f.stanza_id,
+                    at_ms: f.at_ms,
+                    from: f.from,
+                    jid: f.jid,
+                    xml: f.xml,
+                })
+                .collect(),
+            complete: Some(page.complete),
+            last: page.last,
+        }));
     }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     let store = &st.server.store;
@@ -863,7 +890,6 @@ pub(super) async fn get_archive(
         .room(&service, &id)
         .map_err(internal)?
         .ok_or_else(|| call_problem(CallError::NotFound))?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let archived = store
         .archived(
             &service,
@@ -881,7 +907,7 @@ pub(super) async fn get_archive(
         messages: archived
             .into_iter()
             .map(|a| ArchivedOut {
-                seq: a.seq,
+                seq: Some(a.seq),
                 stanza_id: a.stanza_id,
                 at_ms: a.at_ms,
                 from: format!("{jid}/{}", a.nick),
@@ -889,5 +915,7 @@ pub(super) async fn get_archive(
                 xml: a.xml,
             })
             .collect(),
+        complete: None,
+        last: None,
     }))
 }

@@ -10,11 +10,13 @@
 //! - `PUT .../subject`: ask the room to change it (`202`; the room's answer is a
 //!   `subject_changed` event, or a `bounced` one with the answer's id);
 //! - `GET`: what we know of the room: the local users in it (`members`) and the
-//!   others present (`guests`).
+//!   others present (`guests`);
+//! - `GET .../messages`: a page of the room's archive (XEP-0313 + RSM), asked
+//!   by a local user in the room.
 
 use axum::http::StatusCode;
 
-use crate::services::joined::{Call, CallError, Reply, RoomView};
+use crate::services::joined::{Call, CallError, Forwarded, NS_MAM, Reply, RoomView};
 use crate::store::{Outgoing, now_ms};
 use crate::xml::writer::{ElementBuilder, escape};
 
@@ -228,4 +230,98 @@ pub(super) async fn post(
         key,
     };
     super::queue(st, vec![prepared]).await
+}
+
+/// A page of a remote room's archive.
+pub(super) struct Page {
+    /// Oldest first.
+    pub(super) messages: Vec<Forwarded>,
+    /// Whether it reaches the newest message.
+    pub(super) complete: bool,
+    /// The cursor of the next page.
+    pub(super) last: Option<String>,
+}
+
+/// How long a room may take to answer an archive query.
+const ARCHIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A page of `id`'s archive after `after` (oldest first), asked by a local
+/// user in the room: the results arrive as messages (kept by the service), then
+/// the final answer (XEP-0313 §4.3: `fin`, with its RSM set).
+pub(super) async fn archive(
+    st: &ApiState,
+    id: &str,
+    after: Option<String>,
+    limit: usize,
+) -> Result<Page, Problem> {
+    let room = room_of(st, id)?;
+    let query_id = format!("q-{}", uuid::Uuid::new_v4().simple());
+    let from = match call(
+        st,
+        Call::ArchiveStart {
+            room: room.clone(),
+            query_id: query_id.clone(),
+        },
+    )
+    .await?
+    {
+        Reply::Query(f) => f,
+        other => return Err(internal(format!("unexpected reply {other:?}"))),
+    };
+    let after = after
+        .map(|a| format!("<after>{}</after>", escape(&a)))
+        .unwrap_or_default();
+    let iq = crate::stanza::Stanza::iq(
+        "set",
+        &from,
+        &room,
+        &format!("mam-{query_id}"),
+        &format!(
+            "<query xmlns='{NS_MAM}' queryid='{query_id}'>\
+             <set xmlns='http://jabber.org/protocol/rsm'><max>{limit}</max>{after}</set></query>"
+        ),
+    );
+    let outbox = st.server.outbox.clone();
+    let answer = super::detached(async move { outbox.ask(iq, ARCHIVE_TIMEOUT).await }).await?;
+    let taken = call(st, Call::ArchiveTake { query_id }).await?;
+    let answer = answer.map_err(|_| {
+        Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "No answer",
+            format!("{room} did not answer the archive query within 30 s"),
+        )
+    })?;
+    if answer.is_error() {
+        let e = crate::services::stanza_error(&answer);
+        let condition = crate::services::error_condition(&answer);
+        let text = e
+            .and_then(|e| e.texts.values().next().cloned())
+            .map(|t| format!(": {t}"))
+            .unwrap_or_default();
+        return Err(Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "Archive query refused",
+            format!("{room} answered {}{text}", condition.as_str()),
+        ));
+    }
+    let Reply::Archived(messages) = taken else {
+        return Err(internal("unexpected reply"));
+    };
+    // `fin`: complete, and the RSM set's last id.
+    let fin = crate::services::dom(&answer)
+        .and_then(|el| el.children().find(|c| c.is("fin", NS_MAM)).cloned());
+    let complete = fin
+        .as_ref()
+        .and_then(|f| f.attr("complete"))
+        .is_some_and(|c| c == "true" || c == "1");
+    let last = fin
+        .as_ref()
+        .and_then(|f| f.get_child("set", "http://jabber.org/protocol/rsm"))
+        .and_then(|s| s.get_child("last", "http://jabber.org/protocol/rsm"))
+        .map(|l| l.text());
+    Ok(Page {
+        messages,
+        complete,
+        last,
+    })
 }

@@ -24,7 +24,7 @@
 //! Error messages from the room are not claimed: they answer our messages, and
 //! the inbox settles those.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -55,6 +55,10 @@ pub const NS_CONFERENCE: &str = "jabber:x:conference";
 const NS_SID: &str = "urn:xmpp:sid:0";
 /// XEP-0203.
 const NS_DELAY: &str = "urn:xmpp:delay";
+/// XEP-0313.
+pub const NS_MAM: &str = "urn:xmpp:mam:2";
+/// XEP-0297.
+const NS_FORWARD: &str = "urn:xmpp:forward:0";
 
 /// A join not answered in this long is sent again.
 const JOIN_RETRY: Duration = Duration::from_secs(30);
@@ -105,6 +109,35 @@ pub enum Call {
         /// The room.
         room: String,
     },
+    /// Start collecting the results of archive query `query_id`, asked by one
+    /// of the local users in `room` (XEP-0313 on a MUC room: an occupant asks).
+    ArchiveStart {
+        /// The room.
+        room: String,
+        /// The query's id (`queryid`).
+        query_id: String,
+    },
+    /// The results of `query_id` (its final answer arrived): they were
+    /// received before it, on the same stream, so they are all here.
+    ArchiveTake {
+        /// The query's id.
+        query_id: String,
+    },
+}
+
+/// One message of a remote room's archive (XEP-0313 result).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Its archive id (the room's stanza-id).
+    pub stanza_id: String,
+    /// When the room took it (unix ms), if the result said.
+    pub at_ms: u64,
+    /// The sender as the room shows it (`room/nick`).
+    pub from: String,
+    /// The sender's real JID, if the room shows it.
+    pub jid: String,
+    /// The archived stanza.
+    pub xml: String,
 }
 
 /// A local user's occupancy, as the API shows it.
@@ -155,6 +188,10 @@ pub enum Reply {
     Room(RoomView),
     /// The occupant JID to send from.
     Sender(String),
+    /// An archive query may go: from this occupant JID.
+    Query(String),
+    /// An archive query's results, oldest first.
+    Archived(Vec<Forwarded>),
 }
 
 /// Why a call failed.
@@ -355,6 +392,8 @@ impl Remote {
 struct Worker {
     task: JoinedTask,
     rooms: BTreeMap<String, Remote>,
+    /// Archive queries in flight: query id -> (room, results so far).
+    queries: HashMap<String, (String, Vec<Forwarded>)>,
     shared: Arc<RwLock<HashSet<String>>>,
     tx: mpsc::WeakSender<Input>,
 }
@@ -384,6 +423,7 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
     let mut w = Worker {
         task,
         rooms: BTreeMap::new(),
+        queries: HashMap::new(),
         shared: joined.rooms.clone(),
         tx: joined.tx.downgrade(),
     };
@@ -678,6 +718,29 @@ impl Worker {
                 }
                 Ok(Reply::Room(self.view(&room)))
             }
+            Call::ArchiveStart { room, query_id } => {
+                let r = self.rooms.get(&room).ok_or(CallError::Unknown)?;
+                // An occupant that is in: rooms answer archive queries of
+                // occupants (members-only rooms, members).
+                let from = r
+                    .ours
+                    .values()
+                    .find(|o| o.state != State::Joining)
+                    .map(|o| o.full.clone())
+                    .ok_or(CallError::NotIn)?;
+                // At most a few queries at once; one that never ended is dropped.
+                if self.queries.len() >= 64 {
+                    self.queries.clear();
+                }
+                self.queries.insert(query_id, (room, Vec::new()));
+                Ok(Reply::Query(from))
+            }
+            Call::ArchiveTake { query_id } => Ok(Reply::Archived(
+                self.queries
+                    .remove(&query_id)
+                    .map(|(_, v)| v)
+                    .unwrap_or_default(),
+            )),
         }
     }
 
@@ -1059,6 +1122,9 @@ impl Worker {
         _to: &Addr,
     ) {
         if s.type_.as_deref() != Some("groupchat") {
+            if let Some(result) = el.get_child("result", NS_MAM) {
+                return self.archive_result(room, result);
+            }
             if is_invitation(s) {
                 return self.invitation(s, el, from, _to).await;
             }
@@ -1187,6 +1253,50 @@ impl Worker {
             }
         }
         self.commit(w).await;
+    }
+}
+
+impl Worker {
+    /// One result of an archive query we made (XEP-0313 §4.2): kept for the
+    /// query's final answer. Results for a query we did not make, or from
+    /// another room than the one asked, are dropped.
+    fn archive_result(&mut self, room: &str, result: &Element) {
+        let Some(qid) = result.attr("queryid") else {
+            return;
+        };
+        let Some((asked, got)) = self.queries.get_mut(qid) else {
+            return;
+        };
+        if asked != room || got.len() >= 1000 {
+            return;
+        }
+        let Some(fwd) = result.get_child("forwarded", NS_FORWARD) else {
+            return;
+        };
+        let Some(msg) = fwd
+            .get_child("message", "jabber:client")
+            .or_else(|| fwd.get_child("message", crate::xml::NS_SERVER))
+        else {
+            return;
+        };
+        let at_ms = fwd
+            .get_child("delay", NS_DELAY)
+            .and_then(|d| d.attr("stamp"))
+            .and_then(parse_datetime)
+            .unwrap_or(0);
+        let jid = msg
+            .get_child("x", NS_MUC_USER)
+            .and_then(|x| x.get_child("item", NS_MUC_USER))
+            .and_then(|i| i.attr("jid"))
+            .map(|j| Addr::trusted(j).bare().to_string())
+            .unwrap_or_default();
+        got.push(Forwarded {
+            stanza_id: result.attr("id").unwrap_or_default().to_string(),
+            at_ms,
+            from: msg.attr("from").unwrap_or_default().to_string(),
+            jid,
+            xml: String::from(msg),
+        });
     }
 }
 

@@ -362,6 +362,45 @@ async fn backend_users_join_a_room_hosted_elsewhere_through_the_api() {
         "a first join asks for no history: {ev}"
     );
 
+    // The room's archive, read by beta through bob (XEP-0313, paged).
+    let (s, b) = api(beta.api, "GET", &format!("{path}/messages"), None).await;
+    assert_eq!(s, 200, "{b}");
+    let bodies = |b: &Value| -> Vec<String> {
+        b["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let x = m["xml"].as_str().unwrap();
+                let at = x.find("<body>").unwrap() + 6;
+                x[at..at + x[at..].find("</body>").unwrap()].to_string()
+            })
+            .collect()
+    };
+    assert_eq!(
+        bodies(&b),
+        ["before bob", "hello from beta", "hi bobby"],
+        "{b}"
+    );
+    assert_eq!(b["complete"], true);
+    assert_eq!(b["messages"][2]["stanza_id"], stanza_id.as_str());
+    assert_eq!(b["messages"][0]["from"], format!("{C2}/alice"));
+    let (s, b) = api(beta.api, "GET", &format!("{path}/messages?limit=2"), None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(bodies(&b), ["before bob", "hello from beta"], "{b}");
+    assert_eq!(b["complete"], false, "{b}");
+    let last = b["last"].as_str().unwrap().to_string();
+    let (s, b) = api(
+        beta.api,
+        "GET",
+        &format!("{path}/messages?limit=2&after_id={last}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(bodies(&b), ["hi bobby"], "{b}");
+    assert_eq!(b["complete"], true, "{b}");
+
     // Beta's view: bob in, alice present.
     let (s, b) = api(beta.api, "GET", &path, None).await;
     assert_eq!(s, 200, "{b}");
