@@ -496,6 +496,12 @@ impl Config {
                 "must not be more than rooms.history_max",
             ));
         }
+        if self.rooms.self_ping_secs < 10 {
+            return Err(invalid(
+                "rooms.self_ping_secs",
+                "must be at least 10 (a self-ping takes up to 30 s)",
+            ));
+        }
         let mut overrides = BTreeMap::new();
         for (domain, targets) in &self.dns.overrides {
             let field = format!("dns.overrides.\"{domain}\"");

@@ -201,7 +201,7 @@ impl Server {
                 store: self.store.clone(),
                 outbox: self.outbox.clone(),
                 delivery: self.delivery.clone(),
-                ping_every: std::time::Duration::from_secs(self.config.rooms.self_ping_secs.max(1)),
+                ping_every: std::time::Duration::from_secs(self.config.rooms.self_ping_secs),
                 shutdown: self.shutdown.clone(),
             };
             self.tracker
