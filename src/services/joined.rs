@@ -1568,4 +1568,83 @@ mod tests {
         assert!(s.take_sent().is_empty());
         shutdown.cancel();
     }
+
+    /// XEP-0410: a room silent for `ping_every` is pinged from our occupant JID;
+    /// `not-acceptable` means it dropped us, so the join goes again (and its
+    /// messages wait); a result means nothing is done.
+    #[tokio::test(start_paused = true)]
+    async fn a_self_ping_that_says_we_were_dropped_rejoins() {
+        let s = Services::new(&["wire.test"], &[]);
+        s.user("alice", "wire.test", "Alice").await;
+        let store = s.store();
+        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let (joined, rx) = Joined::new(64);
+        let shutdown = CancellationToken::new();
+        let task = JoinedTask {
+            store: store.clone(),
+            outbox: s.outbox.clone(),
+            delivery: delivery.clone(),
+            ping_every: Duration::from_secs(60),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(run(task, joined.clone(), rx, Vec::new()));
+        let user = store.user("id-alice").unwrap().unwrap();
+        joined
+            .call(Call::Join {
+                room: ROOM.into(),
+                user,
+                nick: "alice".into(),
+            })
+            .await
+            .unwrap();
+        for xml in [
+            format!(
+                "<presence from='{ROOM}/alice' to='{ME}'><x xmlns='{NS_MUC_USER}'>\
+                 <item affiliation='member' role='participant'/><status code='110'/></x></presence>"
+            ),
+            format!("<message from='{ROOM}' to='{ME}' type='groupchat'><subject/></message>"),
+        ] {
+            assert!(joined.push(stanza(&xml)).is_none());
+        }
+        let mut sent = Vec::new();
+        // Answer each ping: first "still in", then "not an occupant".
+        let mut answers = vec!["not-acceptable", ""];
+        let mut pings = 0;
+        let mut joins = 0;
+        for _ in 0..400 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for st in s.take_sent() {
+                match st.kind {
+                    Kind::Presence => joins += 1,
+                    Kind::Iq => {
+                        pings += 1;
+                        assert_eq!(st.to.as_deref(), Some("r@muc.remote.test/alice"));
+                        assert!(st.as_str().contains(NS_PING));
+                        let id = st.id.clone().unwrap();
+                        let answer = match answers.pop() {
+                            Some("") => format!(
+                                "<iq type='result' id='{id}' from='{ROOM}/alice' to='{ME}'/>"
+                            ),
+                            Some(c) => format!(
+                                "<iq type='error' id='{id}' from='{ROOM}/alice' to='{ME}'>\
+                                 <error type='modify'><{c} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+                            ),
+                            None => continue,
+                        };
+                        assert!(s.outbox.answer(stanza(&answer)).is_none());
+                    }
+                    _ => {}
+                }
+                sent.push(st);
+            }
+            if joins == 2 {
+                break;
+            }
+        }
+        assert_eq!((pings, joins), (2, 2), "{sent:?}");
+        let r = joined.call(Call::Get { room: ROOM.into() }).await.unwrap();
+        let Reply::Room(v) = r else { panic!("{r:?}") };
+        assert_eq!(v.ours[0].state, "joining");
+        shutdown.cancel();
+    }
 }

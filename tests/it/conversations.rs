@@ -241,7 +241,8 @@ async fn backend_users_join_a_room_hosted_elsewhere_through_the_api() {
     let net = Net::new().await;
     let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
     net.publish("conference.alpha.test", &alpha);
-    let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
+    let beta_config = net.config("beta.test", BETA, Eku::Both);
+    let beta = net.start(beta_config.clone()).await;
     create_user(alpha.api, "u-alice", "alice").await;
     create_user(beta.api, "u-bob", "bob").await;
     create_user(beta.api, "u-carol", "carol").await;
@@ -429,6 +430,53 @@ async fn backend_users_join_a_room_hosted_elsewhere_through_the_api() {
     let renamed = wait_event(beta.api, |e| e["type"] == "nick_changed").await;
     assert_eq!(renamed["old"], "bobby");
     assert_eq!(renamed["new"], "robert");
+
+    // Beta restarts; alice speaks while it is down. Bob is in the room again
+    // afterwards (the occupancy is stored), and what he missed arrives once, from
+    // the history since the newest message he saw.
+    beta.shutdown().await;
+    let (s, b) = api(
+        alpha.api,
+        "POST",
+        "/v1/conversations/c2/messages",
+        Some(json!({"from_user_id": "u-alice", "body": "while beta was down"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let beta = net.start(beta_config).await;
+    let again = wait_event(beta.api, |e| {
+        e["type"] == "joined_room" && e["nick"] == "robert"
+    })
+    .await;
+    assert_eq!(again["user_id"], "u-bob");
+    wait_event(beta.api, |e| {
+        e["type"] == "group_message" && e["body"] == "while beta was down"
+    })
+    .await;
+    let (_, ev) = api(beta.api, "GET", "/v1/events?limit=1000", None).await;
+    let seen = |body: &str| {
+        ev["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "group_message" && e["body"] == body)
+            .count()
+    };
+    assert_eq!(seen("hi bobby"), 1, "{ev}");
+    assert_eq!(seen("while beta was down"), 1, "{ev}");
+    // Messages from bob go again.
+    let (s, b) = api(
+        beta.api,
+        "POST",
+        &format!("{path}/messages"),
+        Some(json!({"from_user_id": "u-bob", "body": "back"})),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    wait_event(alpha.api, |e| {
+        e["type"] == "group_message" && e["body"] == "back"
+    })
+    .await;
 
     // Alice's backend removes bob: beta hears why.
     let (s, b) = api(
