@@ -46,6 +46,9 @@ pub(super) struct MemberIn {
     /// The nick it should have (a local user's handle, a remote JID's localpart
     /// by default); a nick another member has gets the member's domain added.
     nick: Option<String>,
+    /// A room hosted elsewhere: `muc` or `mix` (XEP-0369 channel); by default
+    /// what the room's disco#info says.
+    protocol: Option<String>,
 }
 
 /// A conversation as the backend sets it.
@@ -175,6 +178,14 @@ fn place(st: &ApiState, domain: Option<&str>, id: &str) -> Result<(String, Strin
 }
 
 fn member_in(st: &ApiState, m: MemberIn, at: &str) -> Result<NewMember, Problem> {
+    if m.protocol.is_some() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid member",
+            "protocol is for joining a room hosted elsewhere; here a member may use both",
+        )
+        .at(at));
+    }
     let affiliation = match m.role.as_deref().unwrap_or("member") {
         "owner" => Affiliation::Owner,
         "admin" => Affiliation::Admin,
@@ -570,7 +581,7 @@ pub(super) async fn put_member(
             )
             .at("member"));
         };
-        return remote_reply(joined::join(&st, &id, user_id, input.nick).await?);
+        return remote_reply(joined::join(&st, &id, user_id, input.nick, input.protocol).await?);
     }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     let member = member_in(&st, input, "member")?;

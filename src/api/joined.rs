@@ -111,6 +111,7 @@ pub(super) async fn join(
     id: &str,
     user_id: String,
     nick: Option<String>,
+    protocol: Option<String>,
 ) -> Result<(StatusCode, RoomView), Problem> {
     let room = room_of(st, id)?;
     let user = st
@@ -130,7 +131,29 @@ pub(super) async fn join(
         )
         .at("member"));
     }
-    let r = call(st, Call::Join { room, user, nick }).await?;
+    let mix = match protocol.as_deref() {
+        Some("mix") => true,
+        Some("muc") => false,
+        Some(other) => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid protocol",
+                format!("`{other}` is not muc or mix"),
+            )
+            .at("member"));
+        }
+        None => is_mix_channel(st, &user.jid(), &room).await,
+    };
+    let r = call(
+        st,
+        Call::Join {
+            room,
+            user,
+            nick,
+            mix,
+        },
+    )
+    .await?;
     room_reply(StatusCode::ACCEPTED, r)
 }
 
@@ -324,4 +347,39 @@ pub(super) async fn archive(
         complete,
         last,
     })
+}
+
+/// Whether `room` is a MIX channel rather than a MUC room, by its disco#info
+/// (XEP-0369 §6.3: identity `conference/mix`, the core feature). A room that
+/// does not answer, or answers an error (a MUC room that does not exist yet is
+/// made by its first join), is taken as MUC, which every server speaks.
+async fn is_mix_channel(st: &ApiState, user_jid: &str, room: &str) -> bool {
+    let iq = crate::stanza::Stanza::iq(
+        "get",
+        user_jid,
+        room,
+        &format!("disco-{}", uuid::Uuid::new_v4().simple()),
+        "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+    );
+    let outbox = st.server.outbox.clone();
+    let Ok(Ok(answer)) =
+        super::detached(async move { outbox.ask(iq, std::time::Duration::from_secs(10)).await })
+            .await
+    else {
+        return false;
+    };
+    let Some(info) = crate::services::payload::<xmpp_parsers::disco::DiscoInfoResult>(&answer)
+    else {
+        return false;
+    };
+    let muc = info
+        .features
+        .iter()
+        .any(|f| f == crate::services::joined::NS_MUC);
+    let mix = info
+        .features
+        .iter()
+        .any(|f| f.starts_with("urn:xmpp:mix:core:"))
+        || info.identities.iter().any(|i| i.type_ == "mix");
+    mix && !muc
 }

@@ -55,6 +55,14 @@ pub const NS_CONFERENCE: &str = "jabber:x:conference";
 const NS_SID: &str = "urn:xmpp:sid:0";
 /// XEP-0203.
 const NS_DELAY: &str = "urn:xmpp:delay";
+/// XEP-0369.
+pub const NS_MIX_CORE: &str = "urn:xmpp:mix:core:1";
+/// XEP-0060.
+const NS_PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+/// XEP-0060.
+const NS_PUBSUB_EVENT: &str = "http://jabber.org/protocol/pubsub#event";
+/// XEP-0369 §6.
+const NODE_PARTICIPANTS: &str = "urn:xmpp:mix:nodes:participants";
 /// XEP-0313.
 pub const NS_MAM: &str = "urn:xmpp:mam:2";
 /// XEP-0297.
@@ -78,6 +86,8 @@ pub enum Call {
         user: User,
         /// The nick.
         nick: String,
+        /// A MIX channel (joined as the user's server, XEP-0405), not a MUC room.
+        mix: bool,
     },
     /// Leave.
     Leave {
@@ -227,6 +237,21 @@ enum Input {
         user_id: String,
         dropped: bool,
     },
+    /// The answer to one of our MIX requests (`None`: none in time).
+    Mix {
+        room: String,
+        user_id: String,
+        what: MixAsk,
+        answer: Option<Stanza>,
+    },
+}
+
+/// What a MIX request asked.
+#[derive(Debug, Clone)]
+enum MixAsk {
+    Join,
+    Nick(String),
+    Participants,
 }
 
 /// The way in (cheap to clone).
@@ -374,6 +399,8 @@ struct Remote {
     ours: BTreeMap<String, Ours>,
     occupants: BTreeMap<String, Occupant>,
     subject: Option<String>,
+    /// A MIX channel's participants: participant id -> nick.
+    ids: HashMap<String, String>,
 }
 
 impl Remote {
@@ -406,7 +433,7 @@ impl Joined {
         let mut rooms = self.rooms.write().unwrap_or_else(|e| e.into_inner());
         for o in &all {
             rooms.insert(o.room.clone());
-            delivery.hold(&full_of(&o.user_jid), &o.room);
+            delivery.hold(&sender(o), &o.room);
         }
         Ok(all)
     }
@@ -414,6 +441,16 @@ impl Joined {
 
 fn full_of(user_jid: &str) -> String {
     format!("{user_jid}/{RESOURCE}")
+}
+
+/// The JID an occupancy's stanzas go from: our occupant session in a MUC room,
+/// the user's bare JID in a MIX channel (its server acts for it, XEP-0405).
+fn sender(o: &Occupancy) -> String {
+    if o.mix {
+        o.user_jid.clone()
+    } else {
+        full_of(&o.user_jid)
+    }
 }
 
 /// The task: stanzas and calls in order, one at a time, each change committed
@@ -456,6 +493,12 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
                 user_id,
                 dropped,
             } => w.pinged(&room, &user_id, dropped),
+            Input::Mix {
+                room,
+                user_id,
+                what,
+                answer,
+            } => w.mix_answer(&room, &user_id, what, answer).await,
         }
     }
 }
@@ -463,7 +506,7 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
 impl Worker {
     fn add(&mut self, rec: Occupancy) {
         let now = Instant::now();
-        let full = full_of(&rec.user_jid);
+        let full = sender(&rec);
         let r = self.rooms.entry(rec.room.clone()).or_default();
         if r.subject.is_none() && !rec.subject.is_empty() {
             r.subject = Some(rec.subject.clone());
@@ -503,6 +546,22 @@ impl Worker {
         o.state = State::Joining;
         o.sent_at = Instant::now();
         o.arrived.clear();
+        if o.rec.mix {
+            // XEP-0369 §7.1.2 as the participant's server sends it (XEP-0405
+            // §5.1.1): from the bare JID, subscribing to the nodes we read.
+            let xml = format!(
+                "<join xmlns='{NS_MIX_CORE}'>\
+                 <subscribe node='urn:xmpp:mix:nodes:messages'/>\
+                 <subscribe node='{NODE_PARTICIPANTS}'/>\
+                 <subscribe node='urn:xmpp:mix:nodes:info'/>\
+                 <nick>{}</nick></join>",
+                escape(&o.rec.nick)
+            );
+            let from = o.full.clone();
+            self.task.delivery.hold(&from, room);
+            self.ask_mix(room, user, &from, "set", &xml, MixAsk::Join);
+            return;
+        }
         let history = if o.rec.seen_ms == 0 {
             "<history maxstanzas='0'/>".to_string()
         } else {
@@ -545,7 +604,9 @@ impl Worker {
                     State::Joining if o.sent_at.elapsed() >= JOIN_RETRY => {
                         rejoin.push((room.clone(), user.clone()))
                     }
-                    State::Synced if !o.pinging && o.heard_at.elapsed() >= ping_every => {
+                    State::Synced
+                        if !o.rec.mix && !o.pinging && o.heard_at.elapsed() >= ping_every =>
+                    {
                         o.pinging = true;
                         ping.push((
                             room.clone(),
@@ -618,13 +679,28 @@ impl Worker {
 
     async fn call(&mut self, call: Call) -> Result<Reply, CallError> {
         match call {
-            Call::Join { room, user, nick } => {
+            Call::Join {
+                room,
+                user,
+                nick,
+                mix,
+            } => {
                 let full = full_of(&user.jid());
                 if let Some(o) = self
                     .rooms
                     .get_mut(&room)
                     .and_then(|r| r.ours.get_mut(&user.id))
                 {
+                    if o.rec.mix && o.rec.nick != nick && o.state != State::Joining {
+                        // XEP-0369 §7.1.5.
+                        let xml = format!(
+                            "<setnick xmlns='{NS_MIX_CORE}'><nick>{}</nick></setnick>",
+                            escape(&nick)
+                        );
+                        let from = o.full.clone();
+                        self.ask_mix(&room, &user.id, &from, "set", &xml, MixAsk::Nick(nick));
+                        return Ok(Reply::Room(self.view(&room)));
+                    }
                     if o.rec.nick != nick {
                         // A nick change (XEP-0045 §7.6): presence to the new nick;
                         // the room's 303 renames us.
@@ -656,6 +732,8 @@ impl Worker {
                     since_ms: now_ms(),
                     seen_ms: 0,
                     subject: String::new(),
+                    mix,
+                    participant_id: String::new(),
                 };
                 let mut w = Writes::default();
                 w.put_occupancy(&rec);
@@ -676,12 +754,22 @@ impl Worker {
                 if !self.commit(w).await {
                     return Err(CallError::Store("removing the occupancy".into()));
                 }
-                let xml = format!(
-                    "<presence type='unavailable' from='{}' to='{}/{}'/>",
-                    escape(&o.full),
-                    escape(&room),
-                    escape(&o.rec.nick)
-                );
+                let xml = if o.rec.mix {
+                    // XEP-0369 §7.1.4, as the participant's server.
+                    format!(
+                        "<iq type='set' id='leave-{}' from='{}' to='{}'><leave xmlns='{NS_MIX_CORE}'/></iq>",
+                        uuid::Uuid::new_v4().simple(),
+                        escape(&o.full),
+                        escape(&room)
+                    )
+                } else {
+                    format!(
+                        "<presence type='unavailable' from='{}' to='{}/{}'/>",
+                        escape(&o.full),
+                        escape(&room),
+                        escape(&o.rec.nick)
+                    )
+                };
                 let (full, state) = (o.full.clone(), o.state);
                 self.send(&xml);
                 self.forget(&room, &user_id, state, &full, "left the room");
@@ -1125,6 +1213,9 @@ impl Worker {
             if let Some(result) = el.get_child("result", NS_MAM) {
                 return self.archive_result(room, result);
             }
+            if let Some(event) = el.get_child("event", NS_PUBSUB_EVENT) {
+                return self.mix_event(room, event).await;
+            }
             if is_invitation(s) {
                 return self.invitation(s, el, from, _to).await;
             }
@@ -1139,7 +1230,22 @@ impl Worker {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        let nick = from.resource().unwrap_or_default().to_string();
+        // A MIX channel's message names its sender in <mix> (XEP-0369 §7.1.6);
+        // ejabberd 23.01 may write it in another namespace than core:1.
+        let mix = el.children().find(|c| c.name() == "mix");
+        let mix_jid = mix
+            .and_then(|m| m.children().find(|c| c.name() == "jid"))
+            .map(Element::text);
+        let nick = match mix.and_then(|m| m.children().find(|c| c.name() == "nick")) {
+            Some(n) => n.text(),
+            None => from.resource().unwrap_or_default().to_string(),
+        };
+        if let Some(j) = &mix_jid
+            && r.ours.values().any(|o| o.rec.user_jid == norm(j).as_ref())
+        {
+            // A local user's own message, back from the channel.
+            return;
+        }
         let body = el
             .get_child("body", crate::xml::NS_SERVER)
             .map(Element::text);
@@ -1207,7 +1313,9 @@ impl Worker {
             .filter(|c| c.is("stanza-id", NS_SID))
             .find(|c| c.attr("by").is_some_and(|b| b.eq_ignore_ascii_case(room)))
             .and_then(|c| c.attr("id"))
-            .map(str::to_string);
+            .map(str::to_string)
+            // A MIX channel's message id is its archive id (XEP-0369 §7.1.6).
+            .or_else(|| mix.and(s.id.clone()));
         let key = match &stanza_id {
             Some(sid) => format!("muc\0{room}\0{sid}"),
             None => {
@@ -1229,10 +1337,8 @@ impl Worker {
         if self.task.store.seen_many(&[key.as_str()]).ok() == Some(vec![true]) {
             return;
         }
-        let jid = r
-            .occupants
-            .get(&nick)
-            .and_then(|o| o.jid.clone())
+        let jid = mix_jid
+            .or_else(|| r.occupants.get(&nick).and_then(|o| o.jid.clone()))
             .unwrap_or_default();
         w.dedup(&key);
         w.event(&EventKind::GroupMessage {
@@ -1257,6 +1363,237 @@ impl Worker {
 }
 
 impl Worker {
+    /// Ask a MIX channel (an iq from `from`); the answer comes back as
+    /// [`Input::Mix`].
+    fn ask_mix(
+        &self,
+        room: &str,
+        user: &str,
+        from: &str,
+        type_: &str,
+        payload: &str,
+        what: MixAsk,
+    ) {
+        let id = format!("mix-{}", uuid::Uuid::new_v4().simple());
+        let iq = Stanza::iq(type_, from, room, &id, payload);
+        let outbox = self.task.outbox.clone();
+        let tx = self.tx.clone();
+        let (room, user_id) = (room.to_string(), user.to_string());
+        tokio::spawn(async move {
+            let answer = outbox.ask(iq, PING_TIMEOUT).await.ok();
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx
+                    .send(Input::Mix {
+                        room,
+                        user_id,
+                        what,
+                        answer,
+                    })
+                    .await;
+            }
+        });
+    }
+
+    async fn mix_answer(&mut self, room: &str, user: &str, what: MixAsk, answer: Option<Stanza>) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(o) = r.ours.get_mut(user) else {
+            return;
+        };
+        let Some(answer) = answer else {
+            // No answer in time: a join goes again from the tick.
+            tracing::info!(%room, %user, ?what, "no answer from the MIX channel");
+            return;
+        };
+        let el = dom(&answer);
+        let mut w = Writes::default();
+        match what {
+            MixAsk::Join if answer.is_error() => {
+                if o.state != State::Joining {
+                    return;
+                }
+                let condition = super::error_condition(&answer).as_str().to_string();
+                let text =
+                    super::stanza_error(&answer).and_then(|e| e.texts.values().next().cloned());
+                tracing::info!(%room, %user, %condition, "MIX join refused");
+                w.delete_occupancy(room, user);
+                w.event(&EventKind::JoinRefused {
+                    conversation: room.to_string(),
+                    room: room.to_string(),
+                    user_id: user.to_string(),
+                    condition: condition.clone(),
+                    text,
+                });
+                let full = o.full.clone();
+                if self.commit(w).await {
+                    self.forget(
+                        room,
+                        user,
+                        State::Joining,
+                        &full,
+                        &format!("join refused: {condition}"),
+                    );
+                }
+            }
+            MixAsk::Join => {
+                // XEP-0369 §7.1.2: the result names our participant id and nick.
+                let join = el
+                    .as_ref()
+                    .and_then(|e| e.children().find(|c| c.name() == "join"))
+                    .cloned();
+                if let Some(id) = join.as_ref().and_then(|j| j.attr("id")) {
+                    o.rec.participant_id = id.to_string();
+                }
+                if let Some(n) = join
+                    .as_ref()
+                    .and_then(|j| j.children().find(|c| c.name() == "nick"))
+                    .map(Element::text)
+                    .filter(|n| !n.is_empty())
+                {
+                    o.rec.nick = n;
+                }
+                let first = o.state == State::Joining;
+                o.state = State::Synced;
+                o.rec.seen_ms = o.rec.seen_ms.max(now_ms());
+                w.put_occupancy(&o.rec);
+                if first {
+                    w.event(&EventKind::JoinedRoom {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        user_id: user.to_string(),
+                        nick: o.rec.nick.clone(),
+                    });
+                }
+                let from = o.full.clone();
+                self.commit(w).await;
+                self.task
+                    .delivery
+                    .release(&self.task.outbox, &from, room, &HashSet::new());
+                let payload = format!(
+                    "<pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_PARTICIPANTS}'/></pubsub>"
+                );
+                self.ask_mix(room, user, &from, "get", &payload, MixAsk::Participants);
+            }
+            MixAsk::Nick(new) => {
+                if answer.is_error() {
+                    tracing::warn!(%room, %user, condition = super::error_condition(&answer).as_str(), "MIX nick change refused");
+                    return;
+                }
+                let old = std::mem::replace(&mut o.rec.nick, new.clone());
+                w.put_occupancy(&o.rec);
+                w.event(&EventKind::NickChanged {
+                    conversation: room.to_string(),
+                    room: room.to_string(),
+                    jid: o.rec.user_jid.clone(),
+                    old,
+                    new,
+                });
+                self.commit(w).await;
+            }
+            MixAsk::Participants => {
+                if answer.is_error() {
+                    return;
+                }
+                let items = el
+                    .as_ref()
+                    .and_then(|e| e.get_child("pubsub", NS_PUBSUB))
+                    .and_then(|p| p.get_child("items", NS_PUBSUB))
+                    .map(|i| participants(i.children()))
+                    .unwrap_or_default();
+                for (id, nick, jid) in items {
+                    r.ids.insert(id, nick.clone());
+                    r.occupants.insert(
+                        nick,
+                        Occupant {
+                            jid,
+                            affiliation: String::new(),
+                            role: "participant".into(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A MIX channel's node event (XEP-0369 §7.1.3): participants joining,
+    /// renaming, leaving.
+    async fn mix_event(&mut self, room: &str, event: &Element) {
+        let Some(items) = event.get_child("items", NS_PUBSUB_EVENT) else {
+            return;
+        };
+        if items.attr("node") != Some(NODE_PARTICIPANTS) {
+            return;
+        }
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let ours: HashSet<String> = r.ours.values().map(|o| o.rec.user_jid.clone()).collect();
+        let mut w = Writes::default();
+        let mut any = false;
+        for (id, nick, jid) in participants(items.children()) {
+            if jid
+                .as_deref()
+                .is_some_and(|j| ours.contains(norm(j).as_ref()))
+            {
+                continue;
+            }
+            let shown = jid.clone().unwrap_or_else(|| format!("{room}/{id}"));
+            match r.ids.insert(id, nick.clone()) {
+                Some(old) if old == nick => {}
+                Some(old) => {
+                    let o = r.occupants.remove(&old).unwrap_or_default();
+                    r.occupants.insert(nick.clone(), o);
+                    w.event(&EventKind::NickChanged {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        jid: shown,
+                        old,
+                        new: nick,
+                    });
+                    any = true;
+                }
+                None => {
+                    r.occupants.insert(
+                        nick.clone(),
+                        Occupant {
+                            jid,
+                            affiliation: String::new(),
+                            role: "participant".into(),
+                        },
+                    );
+                    w.event(&EventKind::MemberJoined {
+                        conversation: room.to_string(),
+                        room: room.to_string(),
+                        jid: shown,
+                        nick,
+                    });
+                    any = true;
+                }
+            }
+        }
+        for retract in items.children().filter(|c| c.name() == "retract") {
+            let Some(id) = retract.attr("id") else {
+                continue;
+            };
+            let Some(nick) = r.ids.remove(id) else {
+                continue;
+            };
+            let gone = r.occupants.remove(&nick).unwrap_or_default();
+            w.event(&EventKind::MemberLeft {
+                conversation: room.to_string(),
+                room: room.to_string(),
+                jid: gone.jid.unwrap_or_else(|| format!("{room}/{id}")),
+                nick,
+                reason: "left".into(),
+            });
+            any = true;
+        }
+        if any {
+            self.commit(w).await;
+        }
+    }
+
     /// One result of an archive query we made (XEP-0313 §4.2): kept for the
     /// query's final answer. Results for a query we did not make, or from
     /// another room than the one asked, are dropped.
@@ -1298,6 +1635,25 @@ impl Worker {
             xml: String::from(msg),
         });
     }
+}
+
+/// The participants in a MIX participants node's items: (item id, nick, JID).
+fn participants<'a>(
+    items: impl Iterator<Item = &'a Element>,
+) -> Vec<(String, String, Option<String>)> {
+    items
+        .filter(|i| i.name() == "item")
+        .filter_map(|i| {
+            let id = i.attr("id")?.to_string();
+            let p = i.children().find(|c| c.name() == "participant");
+            let field = |n: &str| {
+                p.and_then(|p| p.children().find(|c| c.name() == n))
+                    .map(Element::text)
+                    .filter(|t| !t.is_empty())
+            };
+            Some((id, field("nick").unwrap_or_default(), field("jid")))
+        })
+        .collect()
 }
 
 /// XEP-0082 date-time (UTC) of the second `ms` falls in: a room's `since`
@@ -1399,6 +1755,8 @@ mod tests {
             since_ms: 1,
             seen_ms: 1_700_000_000_500,
             subject: String::new(),
+            mix: false,
+            participant_id: String::new(),
         });
         store.commit(w).await.unwrap();
         store
@@ -1530,6 +1888,7 @@ mod tests {
                 room: ROOM.into(),
                 user,
                 nick: "alice".into(),
+                mix: false,
             })
             .await
             .unwrap();
@@ -1594,6 +1953,7 @@ mod tests {
                 room: ROOM.into(),
                 user,
                 nick: "alice".into(),
+                mix: false,
             })
             .await
             .unwrap();
@@ -1611,7 +1971,10 @@ mod tests {
         let mut answers = vec!["not-acceptable", ""];
         let mut pings = 0;
         let mut joins = 0;
-        for _ in 0..400 {
+        // Bounded in real time: commits run on the store's own thread, and the
+        // paused clock jumps ahead while they do.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_secs(1)).await;
             for st in s.take_sent() {
                 match st.kind {
@@ -1645,6 +2008,159 @@ mod tests {
         let r = joined.call(Call::Get { room: ROOM.into() }).await.unwrap();
         let Reply::Room(v) = r else { panic!("{r:?}") };
         assert_eq!(v.ours[0].state, "joining");
+        shutdown.cancel();
+    }
+
+    /// A MIX channel elsewhere (XEP-0369, we are the user's server, XEP-0405):
+    /// the join goes from the bare JID; its answer names the participant id;
+    /// queued messages wait for it; the channel's messages to the bare JID,
+    /// with <mix>, are events (ours back from the channel are not); the
+    /// participants node's events are joins and leaves.
+    #[tokio::test]
+    async fn a_mix_channel_is_joined_as_the_users_server() {
+        const CH: &str = "coven@mix.remote.test";
+        const BARE: &str = "alice@wire.test";
+        let s = Services::new(&["wire.test"], &[]);
+        s.user("alice", "wire.test", "Alice").await;
+        let store = s.store();
+        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let (joined, rx) = Joined::new(64);
+        let shutdown = CancellationToken::new();
+        let task = JoinedTask {
+            store: store.clone(),
+            outbox: s.outbox.clone(),
+            delivery: delivery.clone(),
+            ping_every: Duration::from_secs(300),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(run(task, joined.clone(), rx, Vec::new()));
+        let user = store.user("id-alice").unwrap().unwrap();
+        joined
+            .call(Call::Join {
+                room: CH.into(),
+                user,
+                nick: "thirdwitch".into(),
+                mix: true,
+            })
+            .await
+            .unwrap();
+        let mut sent = Vec::new();
+        sent_until(&s, &mut sent, |v| v.iter().any(|s| s.kind == Kind::Iq)).await;
+        let join = sent.iter().find(|s| s.kind == Kind::Iq).unwrap().clone();
+        assert_eq!(join.from.as_deref(), Some(BARE));
+        assert_eq!(join.to.as_deref(), Some(CH));
+        assert!(
+            join.as_str()
+                .contains(&format!("<join xmlns='{NS_MIX_CORE}'>"))
+        );
+        assert!(join.as_str().contains("<nick>thirdwitch</nick>"));
+        // A message queued before the channel answers waits.
+        let mut m = queued("x1");
+        m.from = BARE.into();
+        m.to = CH.into();
+        m.xml = format!(
+            "<message from='{BARE}' to='{CH}' type='groupchat' id='x1'><body>x1</body></message>"
+        );
+        let q = store.enqueue(vec![(m, None)]).await.unwrap();
+        delivery.submit_new(&s.outbox, &q, vec![stanza(&q[0].xml)]);
+        assert!(s.take_sent().is_empty());
+        // XEP-0369 §7.1.2 Example 24, the result.
+        let id = join.id.clone().unwrap();
+        assert!(
+            s.outbox
+                .answer(stanza(&format!(
+                    "<iq type='result' from='{CH}' to='{BARE}' id='{id}'>\
+                 <join xmlns='{NS_MIX_CORE}' id='123456'>\
+                 <subscribe node='urn:xmpp:mix:nodes:messages'/>\
+                 <subscribe node='urn:xmpp:mix:nodes:participants'/>\
+                 <nick>thirdwitch</nick></join></iq>"
+                )))
+                .is_none()
+        );
+        // Then the queued message goes, and the participants node is read.
+        let mut sent = Vec::new();
+        sent_until(&s, &mut sent, |v| {
+            v.iter().any(|s| s.kind == Kind::Message) && v.iter().any(|s| s.kind == Kind::Iq)
+        })
+        .await;
+        let items = sent.iter().find(|s| s.kind == Kind::Iq).unwrap().clone();
+        assert!(
+            items.as_str().contains(NODE_PARTICIPANTS),
+            "{}",
+            items.as_str()
+        );
+        let id = items.id.clone().unwrap();
+        assert!(s
+            .outbox
+            .answer(stanza(&format!(
+                "<iq type='result' from='{CH}' to='{BARE}' id='{id}'>\
+                 <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_PARTICIPANTS}'>\
+                 <item id='123456'><participant xmlns='{NS_MIX_CORE}'><nick>thirdwitch</nick><jid>{BARE}</jid></participant></item>\
+                 <item id='123457'><participant xmlns='{NS_MIX_CORE}'><nick>top witch</nick><jid>hecate@remote.test</jid></participant></item>\
+                 </items></pubsub></iq>"
+            )))
+            .is_none());
+        // The participants are known (the answer is handled in the task's order).
+        for _ in 0..200 {
+            let Ok(Reply::Room(v)) = joined.call(Call::Get { room: CH.into() }).await else {
+                panic!("the channel is known");
+            };
+            if v.occupants.iter().any(|o| o.nick == "top witch") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // XEP-0369 §7.1.6 Example 34: a message as the channel sends it.
+        for xml in [
+            format!(
+                "<message from='{CH}/789012' to='{BARE}' id='77E07BB0' type='groupchat'>\
+                 <body>Harpier cries</body><mix xmlns='{NS_MIX_CORE}'><nick>top witch</nick>\
+                 <jid>hecate@remote.test</jid></mix></message>"
+            ),
+            // Ours, back from the channel: no event.
+            format!(
+                "<message from='{CH}/123456' to='{BARE}' id='77E07BB1' type='groupchat'>\
+                 <body>x1</body><mix xmlns='{NS_MIX_CORE}'><nick>thirdwitch</nick>\
+                 <jid>{BARE}</jid><submission-id>x1</submission-id></mix></message>"
+            ),
+            // A participant joins, another leaves (§7.1.3).
+            format!(
+                "<message from='{CH}' to='{BARE}' id='e1'><event xmlns='{NS_PUBSUB_EVENT}'>\
+                 <items node='{NODE_PARTICIPANTS}'><item id='555'><participant xmlns='{NS_MIX_CORE}'>\
+                 <nick>greymalkin</nick><jid>cat@remote.test</jid></participant></item></items></event></message>"
+            ),
+            format!(
+                "<message from='{CH}' to='{BARE}' id='e2'><event xmlns='{NS_PUBSUB_EVENT}'>\
+                 <items node='{NODE_PARTICIPANTS}'><retract id='123457'/></items></event></message>"
+            ),
+        ] {
+            let st = stanza(&xml);
+            assert!(joined.claims(&st), "{xml}");
+            assert!(joined.push(st).is_none());
+        }
+        let types = event_types(&store, 4).await;
+        assert_eq!(
+            types,
+            [
+                "joined_room",
+                "group_message",
+                "member_joined",
+                "member_left"
+            ]
+        );
+        let e = store.events_after(0, 100).unwrap();
+        let v = serde_json::to_value(&e[1].kind).unwrap();
+        assert_eq!(v["jid"], "hecate@remote.test");
+        assert_eq!(v["stanza_id"], "77E07BB0");
+        assert_eq!(v["from"], format!("{CH}/789012"));
+        let v = serde_json::to_value(&e[3].kind).unwrap();
+        assert_eq!(v["nick"], "top witch");
+        let r = joined.call(Call::Get { room: CH.into() }).await.unwrap();
+        let Reply::Room(v) = r else { panic!("{r:?}") };
+        assert_eq!(v.ours[0].full, BARE);
+        let nicks: Vec<&str> = v.occupants.iter().map(|o| o.nick.as_str()).collect();
+        assert_eq!(nicks, ["greymalkin"]);
+        assert_eq!(store.occupancies().unwrap()[0].participant_id, "123456");
         shutdown.cancel();
     }
 }

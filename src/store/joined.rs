@@ -30,6 +30,13 @@ pub struct Occupancy {
     /// The room's subject as we last saw it.
     #[serde(default)]
     pub subject: String,
+    /// A MIX channel (XEP-0369) rather than a MUC room: we joined it as the
+    /// user's server (XEP-0405), from the bare JID.
+    #[serde(default)]
+    pub mix: bool,
+    /// A MIX channel's stable id for the user.
+    #[serde(default)]
+    pub participant_id: String,
 }
 
 fn joined_key(room: &str, user_id: &str) -> Vec<u8> {
@@ -78,6 +85,8 @@ mod tests {
             since_ms: 1,
             seen_ms: 2,
             subject: String::new(),
+            mix: false,
+            participant_id: String::new(),
         };
         let mut w = Writes::default();
         w.put_occupancy(&o("a@muc.example.net", "u1"));
