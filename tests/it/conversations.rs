@@ -500,4 +500,34 @@ async fn backend_users_join_a_room_hosted_elsewhere_through_the_api() {
     )
     .await;
     assert_eq!(s, 422, "{b}");
+
+    // Back as a member, bob joins again; alice's backend deletes the room.
+    let (s, b) = api(
+        alpha.api,
+        "PUT",
+        "/v1/conversations/c2/members",
+        Some(json!({"jid": "bob@beta.test"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api(
+        beta.api,
+        "PUT",
+        &format!("{path}/members"),
+        Some(json!({"user_id": "u-bob", "protocol": "muc"})),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    wait_event(beta.api, |e| e["type"] == "joined_room" && e["nick"] == "bob").await;
+    let (s, b) = api(alpha.api, "DELETE", "/v1/conversations/c2", None).await;
+    assert_eq!(s, 204, "{b}");
+    let destroyed = wait_event(beta.api, |e| e["type"] == "room_destroyed").await;
+    assert_eq!(destroyed["room"], C2);
+    let removed = wait_event(beta.api, |e| {
+        e["type"] == "removed_from_room" && e["reason"] == "destroyed"
+    })
+    .await;
+    assert_eq!(removed["user_id"], "u-bob");
+    let (s, b) = api(beta.api, "GET", &path, None).await;
+    assert_eq!(s, 404, "{b}");
 }
