@@ -38,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod conversations;
+mod devices;
 mod joined;
 
 use crate::s2s::conn::new_id;
@@ -215,6 +216,8 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         (name = "remote", description = "Users of other XMPP domains"),
         (name = "messages", description = "Outgoing 1:1 messages"),
         (name = "events", description = "The durable queue of inbound messages and outcomes"),
+        (name = "conversations", description = "Group conversations: rooms hosted here, and rooms and channels elsewhere that local users are in"),
+        (name = "devices", description = "Local users' devices and public keys, published as their OMEMO PEP nodes"),
         (name = "service", description = "The document and counters (no token)"),
     )
 )]
@@ -333,7 +336,9 @@ fn api_routes(
         .routes(routes!(
             conversations::post_group_message,
             conversations::get_archive
-        ));
+        ))
+        .routes(routes!(devices::get_devices))
+        .routes(routes!(devices::put_device, devices::delete_device));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
         .routes(routes!(openapi))
@@ -1710,6 +1715,9 @@ mod tests {
         ("DELETE", "/v1/conversations/{id}/members/{member}"),
         ("POST", "/v1/conversations/{id}/messages"),
         ("GET", "/v1/conversations/{id}/messages"),
+        ("GET", "/v1/users/{id}/devices"),
+        ("PUT", "/v1/users/{id}/devices/{device_id}"),
+        ("DELETE", "/v1/users/{id}/devices/{device_id}"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
     ];
@@ -1843,6 +1851,7 @@ mod tests {
                 "removed_from_room",
                 "room_destroyed",
                 "invite_received",
+                "bundle_fetched",
             ])
         );
     }

@@ -72,6 +72,8 @@ pub struct Server {
     pub rooms: Rooms,
     /// Local users in rooms hosted elsewhere.
     pub joined: Joined,
+    /// Local users' PEP nodes (their OMEMO devices).
+    pub pep: Arc<crate::services::pep::Pep>,
     /// Federation policy.
     pub policy: Arc<Policy>,
     /// Counters.
@@ -114,6 +116,7 @@ impl Server {
         let (joined, joined_rx) = Joined::new(JOINED_CAPACITY);
         let accounts =
             Arc::new(Accounts::new(store.clone(), inbox.clone()).with_joined(joined.clone()));
+        let pep = accounts.pep();
         let mut table = Table::default();
         for d in &config.domains {
             table.add_host(d, domain.clone(), accounts.clone());
@@ -142,6 +145,7 @@ impl Server {
             inbox,
             rooms,
             joined,
+            pep,
             policy,
             metrics,
             shutdown,

@@ -25,6 +25,7 @@ pub mod delivery;
 pub mod domain;
 pub mod inbox;
 pub mod joined;
+pub mod pep;
 pub mod presence;
 pub mod rooms;
 

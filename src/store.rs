@@ -12,6 +12,7 @@
 //! scan in order. The schema version is stored under `m/schema` and checked on open.
 
 pub mod joined;
+pub mod pep;
 pub mod redb_kv;
 pub mod rooms;
 pub mod sled_kv;
@@ -464,6 +465,16 @@ pub enum EventKind {
         password: Option<String>,
         /// Direct (XEP-0249) rather than through the room.
         direct: bool,
+    },
+    /// A remote client fetched one of a local user's OMEMO bundles (its
+    /// one-time prekeys are the backend's to rotate).
+    BundleFetched {
+        /// The local user.
+        user_id: String,
+        /// The device whose bundle it was.
+        device_id: u32,
+        /// Who fetched it (bare JID).
+        by: String,
     },
     /// An invitee declined an invitation to a conversation.
     InviteDeclined {

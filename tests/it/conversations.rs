@@ -518,7 +518,10 @@ async fn backend_users_join_a_room_hosted_elsewhere_through_the_api() {
     )
     .await;
     assert_eq!(s, 202, "{b}");
-    wait_event(beta.api, |e| e["type"] == "joined_room" && e["nick"] == "bob").await;
+    wait_event(beta.api, |e| {
+        e["type"] == "joined_room" && e["nick"] == "bob"
+    })
+    .await;
     let (s, b) = api(alpha.api, "DELETE", "/v1/conversations/c2", None).await;
     assert_eq!(s, 204, "{b}");
     let destroyed = wait_event(beta.api, |e| e["type"] == "room_destroyed").await;
