@@ -338,6 +338,8 @@ fn api_routes(
             conversations::get_archive
         ))
         .routes(routes!(devices::get_devices))
+        .routes(routes!(devices::get_remote_devices))
+        .routes(routes!(devices::get_remote_bundle))
         .routes(routes!(devices::put_device, devices::delete_device));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
@@ -1716,6 +1718,8 @@ mod tests {
         ("POST", "/v1/conversations/{id}/messages"),
         ("GET", "/v1/conversations/{id}/messages"),
         ("GET", "/v1/users/{id}/devices"),
+        ("GET", "/v1/remote/{jid}/devices"),
+        ("GET", "/v1/remote/{jid}/devices/{device_id}/bundle"),
         ("PUT", "/v1/users/{id}/devices/{device_id}"),
         ("DELETE", "/v1/users/{id}/devices/{device_id}"),
         ("GET", "/openapi.json"),
