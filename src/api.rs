@@ -340,6 +340,10 @@ fn api_routes(
         .routes(routes!(devices::get_devices))
         .routes(routes!(devices::get_remote_devices))
         .routes(routes!(devices::get_remote_bundle))
+        .routes(routes!(
+            devices::put_devices_subscription,
+            devices::delete_devices_subscription
+        ))
         .routes(routes!(devices::put_device, devices::delete_device));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
@@ -1720,6 +1724,8 @@ mod tests {
         ("GET", "/v1/users/{id}/devices"),
         ("GET", "/v1/remote/{jid}/devices"),
         ("GET", "/v1/remote/{jid}/devices/{device_id}/bundle"),
+        ("PUT", "/v1/remote/{jid}/devices/subscription"),
+        ("DELETE", "/v1/remote/{jid}/devices/subscription"),
         ("PUT", "/v1/users/{id}/devices/{device_id}"),
         ("DELETE", "/v1/users/{id}/devices/{device_id}"),
         ("GET", "/openapi.json"),
@@ -1856,6 +1862,7 @@ mod tests {
                 "room_destroyed",
                 "invite_received",
                 "bundle_fetched",
+                "devices_changed",
             ])
         );
     }

@@ -466,6 +466,18 @@ pub enum EventKind {
         /// Direct (XEP-0249) rather than through the room.
         direct: bool,
     },
+    /// An XMPP contact's OMEMO device list changed (a PEP notification of a
+    /// node the local user subscribed to, or gets as a contact).
+    DevicesChanged {
+        /// The local user who was told.
+        user_id: String,
+        /// The contact (bare JID).
+        jid: String,
+        /// `omemo2` or `legacy`.
+        namespace: String,
+        /// The device ids now.
+        devices: Vec<u32>,
+    },
     /// A remote client fetched one of a local user's OMEMO bundles (its
     /// one-time prekeys are the backend's to rotate).
     BundleFetched {

@@ -486,3 +486,131 @@ pub(super) async fn get_remote_bundle(
         format!("{bare} has no bundle for device {device} that {from} may see"),
     ))
 }
+
+/// Who subscribes.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SubscribeIn {
+    /// The local user whose events these are.
+    user_id: String,
+}
+
+/// What the contact's server said, per namespace.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct SubscribedOut {
+    /// `subscribed`, or the condition it refused with.
+    omemo2: String,
+    /// `subscribed`, or the condition it refused with.
+    legacy: String,
+}
+
+async fn subscription(
+    st: &ApiState,
+    jid: &str,
+    user_id: &str,
+    op: &str,
+) -> Result<SubscribedOut, Problem> {
+    use crate::services::pep::{NODE_AXOLOTL_DEVICES, NODE_DEVICES, NS_PUBSUB};
+    let bare = super::parse_remote(&st.server, jid)?.to_string();
+    let from = user(st, user_id)?.jid();
+    let mut out = Vec::new();
+    for node in [NODE_DEVICES, NODE_AXOLOTL_DEVICES] {
+        let iq = crate::stanza::Stanza::iq(
+            "set",
+            &from,
+            &bare,
+            &format!("api-{}", crate::s2s::conn::new_id()),
+            &format!(
+                "<pubsub xmlns='{NS_PUBSUB}'><{op} node='{node}' jid='{}'/></pubsub>",
+                crate::xml::writer::escape(&from)
+            ),
+        );
+        let outbox = st.server.outbox.clone();
+        let answer =
+            super::detached(
+                async move { outbox.ask(iq, std::time::Duration::from_secs(15)).await },
+            )
+            .await?
+            .map_err(|_| {
+                Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Remote timeout",
+                    format!("{bare} did not answer within 15 s"),
+                )
+            })?;
+        out.push(if answer.is_error() {
+            crate::services::error_condition(&answer)
+                .as_str()
+                .to_string()
+        } else if op == "subscribe" {
+            "subscribed".to_string()
+        } else {
+            "unsubscribed".to_string()
+        });
+    }
+    let legacy = out.pop().unwrap_or_default();
+    let omemo2 = out.pop().unwrap_or_default();
+    Ok(SubscribedOut { omemo2, legacy })
+}
+
+/// Follow an XMPP user's device lists
+///
+/// Subscribes the local user to the contact's OMEMO device-list nodes (both
+/// namespaces, XEP-0060 §6.1); each change then arrives as a `devices_changed`
+/// event. Contacts whose presence the user sees may also get them unasked.
+#[utoipa::path(
+    put,
+    path = "/v1/remote/{jid}/devices/subscription",
+    tag = "remote",
+    params(("jid", description = "A remote user's bare JID")),
+    request_body = SubscribeIn,
+    responses(
+        (status = 200, description = "What its server said, per namespace", body = SubscribedOut),
+        (status = 401, response = problems::Unauthorized),
+        (status = 404, response = problems::UnknownUser),
+        (status = 422, description = "Not a remote user's JID", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "No answer in 15 s", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
+pub(super) async fn put_devices_subscription(
+    State(st): State<ApiState>,
+    Path(jid): Path<String>,
+    Body(input): Body<SubscribeIn>,
+) -> Result<Json<SubscribedOut>, Problem> {
+    Ok(Json(
+        subscription(&st, &jid, &input.user_id, "subscribe").await?,
+    ))
+}
+
+/// Stop following an XMPP user's device lists
+#[utoipa::path(
+    delete,
+    path = "/v1/remote/{jid}/devices/subscription",
+    tag = "remote",
+    params(("jid", description = "A remote user's bare JID"), AsQuery),
+    responses(
+        (status = 200, description = "What its server said, per namespace", body = SubscribedOut),
+        (status = 401, response = problems::Unauthorized),
+        (status = 404, response = problems::UnknownUser),
+        (status = 422, description = "Not a remote user's JID, or no `as`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "No answer in 15 s", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])),
+)]
+pub(super) async fn delete_devices_subscription(
+    State(st): State<ApiState>,
+    Path(jid): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<AsQuery>,
+) -> Result<Json<SubscribedOut>, Problem> {
+    let Some(user_id) = q.as_user else {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "No user",
+            "say whose subscription: ?as=<user id>",
+        ));
+    };
+    Ok(Json(
+        subscription(&st, &jid, &user_id, "unsubscribe").await?,
+    ))
+}

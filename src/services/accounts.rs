@@ -144,12 +144,27 @@ impl Service for Accounts {
             Kind::Message => {
                 // Refuse at once (in stream order, before any later iq is answered)
                 // when the user does not exist; the inbox only stores.
-                if !stanza.is_error() && recipient(&self.store, &stanza).is_none() {
+                let user = (!stanza.is_error())
+                    .then(|| recipient(&self.store, &stanza))
+                    .flatten();
+                if !stanza.is_error() && user.is_none() {
                     return outbox.bounce(
                         &stanza,
                         StanzaCondition::ServiceUnavailable,
                         "no such user",
                     );
+                }
+                // A contact's device list changed (PEP, XEP-0163 §4.3.2).
+                if let Some(event) = user.and_then(|u| self.pep.notification(&u, &stanza)) {
+                    let store = self.store.clone();
+                    tokio::spawn(async move {
+                        let mut w = crate::store::Writes::default();
+                        w.event(&event);
+                        if let Err(e) = store.commit(w).await {
+                            tracing::error!(error = %e, "storing a devices_changed event");
+                        }
+                    });
+                    return;
                 }
                 if let Some(s) = self.inbox.push(stanza) {
                     if s.is_error() {

@@ -172,6 +172,64 @@ async fn a_users_devices_published_here_are_read_over_s2s() {
     let (s, b) = api(beta.api, "GET", "/v1/remote/alice@alpha.test/devices", None).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["omemo2"], json!([{"id": 9, "label": "laptop"}]));
+    // Bob follows alice's devices: alpha's PEP takes no explicit
+    // subscriptions (it says so); as a contact who sees alice's presence he
+    // is told of every change.
+    let (s, b) = api(
+        beta.api,
+        "PUT",
+        "/v1/remote/alice@alpha.test/devices/subscription",
+        Some(json!({"user_id": "u-bob"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["omemo2"], "feature-not-implemented", "{b}");
+    let (s, b) = api(
+        beta.api,
+        "POST",
+        "/v1/users/u-bob/roster/alice@alpha.test/subscribe",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    wait_event(alpha.api, |e| {
+        e["type"] == "subscription" && e["action"] == "subscribe"
+    })
+    .await;
+    let (s, b) = api(
+        alpha.api,
+        "POST",
+        "/v1/users/u-alice/roster/bob@beta.test/approve",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    wait_event(beta.api, |e| {
+        e["type"] == "subscription" && e["action"] == "subscribed"
+    })
+    .await;
+    let (s, b) = api(
+        alpha.api,
+        "PUT",
+        "/v1/users/u-alice/devices/11",
+        Some(device("tablet", 1)),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let changed = wait_event(beta.api, |e| {
+        e["type"] == "devices_changed" && e["namespace"] == "omemo2"
+    })
+    .await;
+    assert_eq!(changed["user_id"], "u-bob");
+    assert_eq!(changed["jid"], "alice@alpha.test");
+    assert_eq!(changed["devices"], json!([9, 11]));
+    wait_event(beta.api, |e| {
+        e["type"] == "devices_changed"
+            && e["namespace"] == "legacy"
+            && e["devices"] == json!([9, 11])
+    })
+    .await;
+
     // Unknown namespace, unknown asker.
     let (s, _) = api(
         beta.api,
