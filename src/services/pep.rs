@@ -53,6 +53,9 @@ pub const NODE_AXOLOTL_DEVICES: &str = "eu.siacs.conversations.axolotl.devicelis
 /// OMEMO 0.3's bundle nodes: this, `:` and the device id.
 pub const NODE_AXOLOTL_BUNDLES: &str = "eu.siacs.conversations.axolotl.bundles";
 
+/// XEP-0172: the user's nickname, served from its profile's display name.
+pub const NODE_NICK: &str = "http://jabber.org/protocol/nick";
+
 /// Most one-time prekeys a bundle carries (XEP-0384 asks for at least 25;
 /// clients publish 100).
 pub const MAX_PREKEYS: usize = 200;
@@ -299,6 +302,10 @@ impl Pep {
                 "nodeid-required",
             ));
         };
+        if name == NODE_NICK {
+            // XEP-0172 §4.5: open to all, from the profile.
+            return outbox.send(Stanza::iq_result(stanza, &nick_items(user)));
+        }
         let node = match self.store.node(&user.id, name) {
             Ok(Some(n)) => n,
             Ok(None) => {
@@ -387,11 +394,15 @@ impl Pep {
             tracing::error!(error = %e, "reading PEP nodes");
             Vec::new()
         });
-        nodes
+        let mut names: Vec<String> = nodes
             .into_iter()
             .filter(|n| self.may_read(user, n, requester).unwrap_or(false))
             .map(|n| n.node)
-            .collect()
+            .collect();
+        if !user.display_name.is_empty() {
+            names.insert(0, NODE_NICK.to_string());
+        }
+        names
     }
 
     /// A user's devices, from its OMEMO 2 device list.
@@ -586,6 +597,19 @@ impl Pep {
             devices,
         })
     }
+}
+
+/// The nickname node's items (XEP-0172 §4.5): the display name, if any.
+fn nick_items(user: &User) -> String {
+    let item = if user.display_name.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "<item id='current'><nick xmlns='{NODE_NICK}'>{}</nick></item>",
+            escape(&user.display_name)
+        )
+    };
+    format!("<pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_NICK}'>{item}</items></pubsub>")
 }
 
 /// The devices of an OMEMO 2 device list item.
@@ -933,6 +957,19 @@ mod tests {
         assert!(
             x.contains("node='public'") && x.contains("node='private'"),
             "{x}"
+        );
+        assert!(x.contains("node='http://jabber.org/protocol/nick'"), "{x}");
+        // XEP-0172 §4.5: the nickname, from the profile.
+        let a = s.answer(&format!(
+            "<iq type='get' from='stranger@else.example/x' to='alice@wire.test' id='n1'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_NICK}'/></pubsub></iq>"
+        ));
+        assert!(
+            a.as_str().contains(
+                "<item id='current'><nick xmlns='http://jabber.org/protocol/nick'>Alice</nick></item>"
+            ),
+            "{}",
+            a.as_str()
         );
     }
 }
