@@ -735,6 +735,10 @@ access_rules:
     allow: test_domains
 modules:
   mod_disco: {{}}
+  mod_mam: {{}}
+  mod_mix:
+    host: "mix.@HOST@"
+  mod_mix_pam: {{}}
   mod_ping: {{}}
   mod_roster: {{}}
   mod_vcard: {{}}
