@@ -17,6 +17,7 @@
 //! (XMPP sessions) live only in memory.
 
 pub mod mam;
+pub mod mix;
 pub mod state;
 
 use std::collections::HashMap;
@@ -362,7 +363,13 @@ impl Service for Rooms {
     }
 
     fn features(&self) -> Vec<&'static str> {
-        vec![NS_MUC, NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING]
+        vec![
+            NS_MUC,
+            mix::NS_MIX_CORE,
+            NS_DISCO_INFO,
+            NS_DISCO_ITEMS,
+            NS_PING,
+        ]
     }
 }
 
@@ -469,11 +476,17 @@ impl Live {
                 }
             };
             for r in rooms {
+                // Sessions, or MIX participants: their copies may be due.
                 let occupied = self
                     .task
                     .store
                     .sessions(&service, &r.id)
-                    .is_ok_and(|s| !s.is_empty());
+                    .is_ok_and(|s| !s.is_empty())
+                    || self
+                        .task
+                        .store
+                        .members(&service, &r.id)
+                        .is_ok_and(|m| m.iter().any(|m| m.mix.is_some()));
                 if occupied && let Err(e) = self.room(&service, &r.id) {
                     tracing::error!(error = %e, room = %r.jid(), "loading a room at start");
                 }
@@ -771,10 +784,23 @@ impl Live {
                     type_: "text",
                     name: "Conversations".into(),
                 };
-                let info = super::disco_info(
+                let mut info = super::disco_info(
                     &service_identity,
-                    &[NS_MUC, NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING],
+                    &[
+                        NS_MUC,
+                        mix::NS_MIX_CORE,
+                        NS_DISCO_INFO,
+                        NS_DISCO_ITEMS,
+                        NS_PING,
+                    ],
                 );
+                // XEP-0369 §6.2: the service is a MIX service too.
+                info.identities.push(xmpp_parsers::disco::Identity {
+                    category: "conference".into(),
+                    type_: "mix".into(),
+                    lang: None,
+                    name: Some("Conversations".into()),
+                });
                 result(s, &info, cx);
             }
             Some((NS_DISCO_ITEMS, "query")) => {
@@ -845,19 +871,26 @@ impl Live {
                     || r.room.public != public
                     || r.room.members_only != members_only
                 {
+                    let renamed = r.room.name != name;
                     r.room.name = name;
                     r.room.public = public;
                     r.room.members_only = members_only;
                     cx.writes.put_room(&r.room);
+                    if renamed {
+                        r.publish_info(cx);
+                    }
                 }
                 if let Some(members) = members {
                     let wanted: std::collections::HashSet<&str> =
                         members.iter().map(|m| m.jid.as_str()).collect();
+                    // Outsiders taking part in an open room's channel are not
+                    // the backend's members: they stay.
                     let gone: Vec<String> = r
                         .members
-                        .keys()
-                        .filter(|j| !wanted.contains(j.as_str()))
-                        .cloned()
+                        .values()
+                        .filter(|m| !wanted.contains(m.jid.as_str()))
+                        .filter(|m| !(m.affiliation == Affiliation::None && m.mix.is_some()))
+                        .map(|m| m.jid.clone())
                         .collect();
                     for j in gone {
                         r.remove_member(&j, cx);
@@ -986,6 +1019,7 @@ fn add_member(r: &mut RoomState, m: NewMember, cx: &mut Cx<'_>) {
         affiliation: m.affiliation,
         nick,
         user_id: m.user_id.clone(),
+        mix: existing.as_ref().and_then(|e| e.mix.clone()),
     };
     if existing.as_ref() == Some(&member) {
         return;
@@ -1225,6 +1259,8 @@ fn room_features(r: &RoomState) -> Vec<&'static str> {
         NS_SID,
         NS_OCCUPANT_ID,
         NS_DISCO_INFO,
+        NS_DISCO_ITEMS,
+        mix::NS_MIX_CORE,
     ]
 }
 
@@ -1265,8 +1301,17 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
         .map(|f| f.bare().to_string())
         .unwrap_or_default();
     let member = r.affiliation(&requester) >= Affiliation::Member
-        || r.occupant_of(s.from.as_deref().unwrap_or("")).is_some();
+        || r.occupant_of(s.from.as_deref().unwrap_or("")).is_some()
+        || r.is_participant(&requester);
     let payload = s.payload.as_ref().map(|(n, l)| (n.as_ref(), l.as_ref()));
+    if matches!(payload, Some((mix::NS_MIX_CORE | mix::NS_PUBSUB, _)))
+        && matches!(s.type_.as_deref(), Some("get" | "set"))
+    {
+        return match mix::request(s) {
+            Some(req) => r.mix_request(s, req, cx),
+            None => unsupported(s, cx),
+        };
+    }
     let deny = |cx: &mut Cx<'_>, condition, type_, text| {
         cx.out
             .extend(room_error(s, condition, type_, &room, text, false));
@@ -1282,18 +1327,46 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
                 },
                 &room_features(r),
             );
+            // XEP-0369 §6.3: the same room is a MIX channel.
+            info.identities.push(xmpp_parsers::disco::Identity {
+                category: "conference".into(),
+                type_: "mix".into(),
+                lang: None,
+                name: (!r.room.name.is_empty()).then(|| r.room.name.clone()),
+            });
             info.extensions.push(roominfo(r));
             result(s, &info, cx);
         }
-        (Some("get"), Some((NS_DISCO_ITEMS, "query"))) => result(
-            s,
-            &DiscoItemsResult {
-                node: None,
-                items: Vec::new(),
-                rsm: None,
-            },
-            cx,
-        ),
+        (Some("get"), Some((NS_DISCO_ITEMS, "query"))) => {
+            // XEP-0369 §6.3: the channel's nodes (for the `mix` node, and the
+            // room itself, which has no other items).
+            let node = dom(s).and_then(|e| {
+                e.get_child("query", NS_DISCO_ITEMS)
+                    .and_then(|q| q.attr("node").map(str::to_string))
+            });
+            let items = match node.as_deref() {
+                None | Some("mix") => mix::NODES
+                    .iter()
+                    .filter_map(|n| {
+                        Some(Item {
+                            jid: room.parse().ok()?,
+                            node: Some(n.to_string()),
+                            name: None,
+                        })
+                    })
+                    .collect(),
+                Some(_) => Vec::new(),
+            };
+            result(
+                s,
+                &DiscoItemsResult {
+                    node,
+                    items,
+                    rsm: None,
+                },
+                cx,
+            )
+        }
         (Some("get"), Some((NS_PING, "ping"))) => cx.out.push(Stanza::iq_result(s, "")),
         (Some("get"), Some((NS_MUC_ADMIN, "query"))) => {
             if !member {
@@ -1506,7 +1579,8 @@ fn admin_set(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
                         jid: bare,
                         affiliation: a,
                         nick,
-                        user_id: existing.and_then(|m| m.user_id),
+                        user_id: existing.as_ref().and_then(|m| m.user_id.clone()),
+                        mix: existing.and_then(|m| m.mix),
                     },
                     cx,
                 );
@@ -1545,6 +1619,7 @@ mod tests {
                 affiliation: Affiliation::Owner,
                 nick: "alice".into(),
                 user_id: Some("u1".into()),
+                mix: None,
             }],
             0,
             Vec::new(),
