@@ -4,6 +4,9 @@
 //!
 //! - [`state`]: one room's occupants and the rules of joining, leaving and
 //!   speaking, sans-IO;
+//! - [`mix`]: the same room as a MIX channel (XEP-0369; joins forwarded by
+//!   the participant's server, XEP-0405), on the same JID, with the same
+//!   members and archive;
 //! - [`mam`]: queries of a room's archive (XEP-0313 over XEP-0059 paging).
 //!
 //! [`Rooms`] is the service of every room service domain. It hands stanzas (and

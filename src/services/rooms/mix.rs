@@ -19,6 +19,15 @@
 //!   user joined through it; otherwise it bounces it, so a direct join's copies
 //!   go to the full JID that joined;
 //! - PubSub events (participants, info) come from the channel's bare JID.
+//!
+//! ejabberd 23.01's MIX-PAM (with its xmpp library 1.6.1) never finds a
+//! namespaced `<mix/>` in a message from a remote channel: `bounce_sm_packet`
+//! asks `xmpp:has_subtag(Msg, #mix{})`, whose `xmlns` is `<<>>`, and that
+//! matches only a `<mix>` element without a namespace, so every channel
+//! message to a bare JID is bounced (`service-unavailable`, "User session not
+//! found"), from ejabberd's own remote channels too. Copies to a bare JID
+//! therefore also carry an empty `<mix xmlns=''/>` ([`PAM_MARKER`]), in no
+//! namespace, which clients ignore.
 
 use crate::store::rooms::{Archived, Room};
 use crate::xml::writer::escape;
@@ -46,6 +55,10 @@ pub const NODE_INFO: &str = "urn:xmpp:mix:nodes:info";
 pub const NODE_CONFIG: &str = "urn:xmpp:mix:nodes:config";
 /// The nodes a channel has, in this order.
 pub const NODES: [&str; 4] = [NODE_MESSAGES, NODE_PARTICIPANTS, NODE_INFO, NODE_CONFIG];
+
+/// The element that makes ejabberd 23.01's MIX-PAM pass a channel message
+/// to a bare JID on to the user's sessions (see the module's notes).
+pub const PAM_MARKER: &str = "<mix xmlns=''/>";
 
 /// What a MIX iq to the channel asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,13 +225,15 @@ pub fn retract(id: &str) -> String {
 /// type=groupchat id=...>...<stanza-id/><occupant-id/></message>`, no `to`):
 /// `from` the channel with the sender's participant id, `id` the archive id,
 /// the children kept, and `<mix>` with the sender's nick and bare JID (and, for
-/// the sender's own copy, `submission` as `<submission-id/>`). No `to`, like
-/// the archived copy ([`super::state::addressed`] puts it in).
+/// the sender's own copy, `submission` as `<submission-id/>`; for a copy to a
+/// bare JID, `pam` adds [`PAM_MARKER`]). No `to`, like the archived copy
+/// ([`super::state::addressed`] puts it in).
 pub fn channel_copy(
     a: &Archived,
     channel: &str,
     sender_id: &str,
     submission: Option<&str>,
+    pam: bool,
 ) -> String {
     let xml = a.xml.as_str();
     let start = tag_end(xml);
@@ -247,7 +262,11 @@ pub fn channel_copy(
         s.push_str(&escape(id));
         s.push_str("</submission-id>");
     }
-    s.push_str("</mix></message>");
+    s.push_str("</mix>");
+    if pam {
+        s.push_str(PAM_MARKER);
+    }
+    s.push_str("</message>");
     s
 }
 
@@ -351,7 +370,7 @@ mod tests {
                   <occupant-id xmlns='urn:xmpp:occupant-id:0' id='x'/></message>"
                 .into(),
         };
-        let c = channel_copy(&a, "coven@mix.shakespeare.example", "123456", None);
+        let c = channel_copy(&a, "coven@mix.shakespeare.example", "123456", None, false);
         assert!(c.starts_with("<message from='coven@mix.shakespeare.example/123456' type='groupchat' id='18b-7'><body>"), "{c}");
         assert!(c.ends_with("<mix xmlns='urn:xmpp:mix:core:1'><nick>thirdwitch</nick><jid>hag66@shakespeare.example</jid></mix></message>"), "{c}");
         assert!(c.contains(
@@ -362,9 +381,10 @@ mod tests {
             "coven@mix.shakespeare.example",
             "123456",
             Some("92vax143g"),
+            true,
         );
         assert!(
-            own.contains("<submission-id>92vax143g</submission-id></mix>"),
+            own.contains("<submission-id>92vax143g</submission-id></mix><mix xmlns=''/></message>"),
             "{own}"
         );
         let to = super::super::state::addressed(&own, "hag66@shakespeare.example");

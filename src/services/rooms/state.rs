@@ -216,12 +216,14 @@ struct Recipients<'a> {
 }
 
 /// The channel's copies of one message, built on first use: `from`
-/// (`channel/participant-id`), the copy for everyone, the sender's own.
+/// (`channel/participant-id`), and the copy for everyone and the sender's
+/// own, each to a full JID (`[0]`) and to a bare JID (`[1]`, with
+/// [`mix::PAM_MARKER`]).
 #[derive(Debug, Default)]
 struct ChannelCopies {
     from: String,
-    plain: String,
-    own: Option<String>,
+    plain: [String; 2],
+    own: Option<[String; 2]>,
 }
 
 /// Where a MIX participant's copies go: the full JID it joined from directly,
@@ -1479,13 +1481,15 @@ impl RoomState {
         if channel.from.is_empty() {
             let sender = self.participant_id(&a.jid);
             channel.from = format!("{room}/{sender}");
-            channel.plain = mix::channel_copy(a, &room, &sender, None);
-            channel.own = id.map(|i| mix::channel_copy(a, &room, &sender, Some(i)));
+            let copy = |submission, pam| mix::channel_copy(a, &room, &sender, submission, pam);
+            channel.plain = [copy(None, false), copy(None, true)];
+            channel.own = id.map(|i| [copy(Some(i), false), copy(Some(i), true)]);
         }
         for (to, bare) in &r.participants {
+            let pam = usize::from(to == bare);
             let xml = match &channel.own {
-                Some(own) if *bare == a.jid => own,
-                _ => &channel.plain,
+                Some(own) if *bare == a.jid => &own[pam],
+                _ => &channel.plain[pam],
             };
             cx.tracked.push((cx.out.len(), key.clone()));
             cx.out.push(built(
@@ -2148,7 +2152,7 @@ impl RoomState {
                     items.push_str(&format!(
                         "<item id='{}'>{}</item>",
                         escape(&a.stanza_id),
-                        mix::channel_copy(a, &room, &sender, None)
+                        mix::channel_copy(a, &room, &sender, None, false)
                     ));
                 }
             }
@@ -3237,8 +3241,12 @@ mod tests {
         assert!(own.as_str().contains(&format!(
             "<stanza-id xmlns='urn:xmpp:sid:0' by='{ROOM}' id='{sid}'/>"
         )));
+        // ejabberd 23.01's MIX-PAM passes on a copy to a bare JID only with
+        // an unqualified <mix/>; one to a full JID needs none.
+        assert!(own.as_str().ends_with("</mix><mix xmlns=''/></message>"));
         let direct = to("erin@ejabberd.test/tab");
         assert!(!direct.as_str().contains("submission-id"));
+        assert!(!direct.as_str().contains(mix::PAM_MARKER));
         assert!(direct.as_str().contains("<jid>carol@ejabberd.test</jid>"));
         // Bob (MUC) speaks: carol gets it at her bare JID, from bob's
         // participant id.
