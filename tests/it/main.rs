@@ -9,6 +9,7 @@ mod durability;
 mod federation;
 mod interop;
 mod layout;
+mod mix;
 mod negotiation;
 mod rooms;
 mod sessions;
