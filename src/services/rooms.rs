@@ -1419,7 +1419,13 @@ fn mam_query(r: &RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
     let answer = match s.type_.as_deref() {
         Some("get") if metadata => mam::metadata(store, &r.room, s).map(|a| vec![a]),
         Some("get") => Ok(vec![mam::fields(s)]),
-        _ => mam::parse(s).and_then(|q| mam::answer(store, &r.room, s, &q, MAM_PAGE)),
+        _ => mam::parse(s).and_then(|mut q| {
+            // A participant of the channel view only gets the channel's shape.
+            let from = s.from.as_deref().unwrap_or("");
+            q.channel =
+                r.occupant_of(from).is_none() && r.is_participant(Addr::trusted(from).bare());
+            mam::answer(store, &r.room, s, &q, MAM_PAGE)
+        }),
     };
     match answer {
         Ok(stanzas) => cx.out.extend(stanzas),

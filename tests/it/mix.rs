@@ -266,7 +266,8 @@ async fn a_room_used_as_a_mix_channel_and_a_muc_room_at_once() {
         assert!(lines.iter().any(|l| l == want), "{want}: {lines:?}");
     }
 
-    // The channel's archive is the room's: every message, paged.
+    // The channel's archive is the room's: every message, paged, in the
+    // channel's shape (the client names senders by <mix><nick/>).
     carol.send("mam 2");
     let lines = carol.lines_until("MAM-DONE");
     assert_eq!(
