@@ -10,7 +10,8 @@
 //! sender's with its submission id; the backend's event), the participants
 //! node read and its events on join and leave, the info node's event on a
 //! rename by the backend, disco (the `mix` identity next to the MUC one), and
-//! the channel's archive paged with MAM.
+//! the channel's archive paged with MAM (in the channel's shape), and the
+//! participation kept across our server's restart.
 //!
 //! Every wait is bounded (client lines, events: 30 s); the servers and clients
 //! stop when dropped.
@@ -128,9 +129,9 @@ async fn a_room_used_as_a_mix_channel_and_a_muc_room_at_once() {
     for user in ["carol", "erin", "frank"] {
         blocking(|| ejabberd.register(user, &pw(user))).expect("register on ejabberd");
     }
-    let wire = start(lab.wire_config(5269))
-        .await
-        .expect("our server starts");
+    // One config (and so one store) for our server and its restart.
+    let config = lab.wire_config(5269);
+    let wire = start(config.clone()).await.expect("our server starts");
     lab.dns.add(WIRE, lab.wire_ip, Some(5269), None);
     lab.dns.add(SERVICE, lab.wire_ip, Some(5269), None);
 
@@ -222,7 +223,7 @@ async fn a_room_used_as_a_mix_channel_and_a_muc_room_at_once() {
     // (MUC) and the backend get it.
     carol.send("say hi from mix");
     carol.expect("MSG carol: hi from mix");
-    carol.expect("ECHO hi from mix");
+    carol.expect(&format!("ECHO hi from mix id={carol_id}"));
     erin.expect("MSG carol: hi from mix");
     bob.expect("MSG carol: hi from mix");
     let ev = wait_event(wire.api, |e| {
@@ -238,7 +239,7 @@ async fn a_room_used_as_a_mix_channel_and_a_muc_room_at_once() {
     carol.expect("MSG bob: hi from muc");
     erin.expect("MSG bob: hi from muc");
     erin.send("say hi from erin");
-    erin.expect("ECHO hi from erin");
+    erin.expect(&format!("ECHO hi from erin id={erin_id}"));
     carol.expect("MSG erin: hi from erin");
     bob.expect("MSG erin: hi from erin");
 
@@ -314,7 +315,35 @@ async fn a_room_used_as_a_mix_channel_and_a_muc_room_at_once() {
             c.seen()
         );
     }
-    let _ = carol_id;
+    // Our server restarts: carol's participation is stored, and the channel's
+    // messages reach her again, from the same channel.
+    wire.shutdown().await;
+    let wire = start(config).await.expect("our server starts again");
+    api(
+        &wire,
+        "POST",
+        "/v1/conversations/c2/messages",
+        Some(json!({"from_user_id": "u-alice", "body": "after the restart"})),
+        201,
+    )
+    .await;
+    carol.expect("MSG alice: after the restart");
+    bob.expect("MSG alice: after the restart");
+    carol.send("participants");
+    let lines = carol.lines_until("PARTICIPANTS-DONE");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "PARTICIPANT carol carol@ejabberd.test"),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("erin")),
+        "erin left: {lines:?}"
+    );
+    // Carol's id is the one her join got.
+    carol.send("say still here");
+    carol.expect(&format!("ECHO still here id={carol_id}"));
     carol.send("quit");
     erin.send("quit");
     bob.send("quit");
