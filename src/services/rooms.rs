@@ -1070,8 +1070,10 @@ pub fn free_nick(r: &RoomState, wanted: &str, jid: &str) -> String {
 fn view(r: &RoomState) -> View {
     let mut present: HashMap<&str, Vec<String>> = HashMap::new();
     let mut guests = Vec::new();
+    // Members of the conversation (not outsiders who joined its channel).
+    let member = |m: &Member| !(m.affiliation == Affiliation::None && m.mix.is_some());
     for o in r.occupants() {
-        if r.members.contains_key(&o.bare) {
+        if r.members.get(&o.bare).is_some_and(member) {
             present
                 .entry(o.bare.as_str())
                 .or_default()
@@ -1080,9 +1082,22 @@ fn view(r: &RoomState) -> View {
             guests.extend(o.sessions.iter().map(|s| (o.nick.clone(), s.full.clone())));
         }
     }
+    // Outsiders taking part in an open room's channel are guests too (their
+    // channel nick and the JID their copies go to).
+    for m in r
+        .members
+        .values()
+        .filter(|m| m.affiliation == Affiliation::None)
+    {
+        if let Some(p) = &m.mix {
+            let to = p.direct.clone().unwrap_or_else(|| m.jid.clone());
+            guests.push((p.nick.clone(), to));
+        }
+    }
     let mut members: Vec<(Member, Vec<String>)> = r
         .members
         .values()
+        .filter(|m| member(m))
         .map(|m| {
             (
                 m.clone(),
@@ -1693,5 +1708,56 @@ mod tests {
             .filter(|s| s.as_str().contains("<invite"))
             .count();
         assert_eq!(invites, 2);
+    }
+
+    /// The backend sees a stranger in an open room's channel as a guest, and
+    /// a member that joined the channel keeps its participation through a
+    /// role change by the backend.
+    #[test]
+    fn channel_participants_in_the_backends_view() {
+        let mut r = room();
+        r.room.members_only = false;
+        let mut writes = Writes::default();
+        let (mut out, mut tracked) = (Vec::new(), Vec::new());
+        let config = RoomsConfig::default();
+        let mut cx = Cx {
+            now_ms: 1,
+            writes: &mut writes,
+            out: &mut out,
+            tracked: &mut tracked,
+            config: &config,
+        };
+        let join = |from: &str, nick: &str| {
+            Stanza::parse(&format!(
+                "<iq type='set' from='{from}' to='c1@conference.wire.test' id='j'><join xmlns='urn:xmpp:mix:core:1'>\
+                 <subscribe node='urn:xmpp:mix:nodes:messages'/><nick>{nick}</nick></join></iq>"
+            ))
+            .unwrap()
+        };
+        for (from, nick) in [("zed@prosody.test", "zed"), ("bob@prosody.test", "bob")] {
+            let s = join(from, nick);
+            r.mix_request(&s, mix::request(&s).unwrap(), &mut cx);
+        }
+        add_member(
+            &mut r,
+            NewMember {
+                jid: "bob@prosody.test".into(),
+                user_id: None,
+                affiliation: Affiliation::Member,
+                nick: "bob".into(),
+            },
+            &mut cx,
+        );
+        assert!(
+            r.is_participant("bob@prosody.test"),
+            "kept through the role change"
+        );
+        let v = view(&r);
+        assert_eq!(
+            v.guests,
+            vec![("zed".to_string(), "zed@prosody.test".to_string())]
+        );
+        let jids: Vec<&str> = v.members.iter().map(|(m, _)| m.jid.as_str()).collect();
+        assert_eq!(jids, ["alice@wire.test", "bob@prosody.test"]);
     }
 }
