@@ -1437,8 +1437,7 @@ fn mam_query(r: &RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
         _ => mam::parse(s).and_then(|mut q| {
             // A participant of the channel view only gets the channel's shape.
             let from = s.from.as_deref().unwrap_or("");
-            q.channel =
-                r.occupant_of(from).is_none() && r.is_participant(Addr::trusted(from).bare());
+            q.channel = r.occupant_of(from).is_none() && r.is_participant(from);
             mam::answer(store, &r.room, s, &q, MAM_PAGE)
         }),
     };

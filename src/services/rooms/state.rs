@@ -232,6 +232,12 @@ fn mix_address<'m>(m: &'m Member, p: &'m Participation) -> &'m str {
     p.direct.as_deref().unwrap_or(&m.jid)
 }
 
+/// The bare JID a participant is kept under: lower case (the fan-out finds
+/// its domain's entry by it; no PRECIS beyond ASCII case).
+fn participant_key(jid: &str) -> String {
+    Addr::trusted(jid).bare().to_lowercase()
+}
+
 /// The domain of a JID, lower case.
 fn domain_of(jid: &str) -> String {
     Addr::trusted(jid).domain().to_ascii_lowercase()
@@ -1824,21 +1830,23 @@ impl RoomState {
     /// The occupant a MIX participant is (under its channel nick), for a
     /// stanza from any of its JIDs.
     fn participant_occupant(&self, from: &str) -> Option<&Occupant> {
-        let bare = Addr::trusted(from).bare().to_string();
+        let bare = participant_key(from);
         let p = self.members.get(&bare)?.mix.as_ref()?;
         self.occupants.get(&p.nick).filter(|o| o.bare == bare)
     }
 
-    /// Whether `bare` takes part in the MIX view.
-    pub fn is_participant(&self, bare: &str) -> bool {
-        self.members.get(bare).is_some_and(|m| m.mix.is_some())
+    /// Whether `jid` (any of its JIDs) takes part in the MIX view.
+    pub fn is_participant(&self, jid: &str) -> bool {
+        self.members
+            .get(&participant_key(jid))
+            .is_some_and(|m| m.mix.is_some())
     }
 
     /// A MIX request to the channel (its bare JID) from a client's full JID or
     /// from a participant's server for its bare JID (XEP-0405).
     pub fn mix_request(&mut self, s: &Stanza, req: mix::Request, cx: &mut Cx<'_>) {
         let from = s.from.as_deref().unwrap_or("").to_string();
-        let bare = Addr::trusted(from.as_str()).bare().to_string();
+        let bare = participant_key(&from);
         match (s.type_.as_deref(), req) {
             (Some("set"), mix::Request::Join { nick, nodes }) => {
                 self.mix_join(s, &from, &bare, nick, &nodes, cx)
@@ -3405,5 +3413,29 @@ mod tests {
                 && s.as_str().contains("<status code='301'/>"))
         );
         assert!(!r.fanout.contains_key("ejabberd.test"));
+    }
+
+    #[test]
+    fn a_participant_is_kept_under_its_bare_jid_in_lower_case() {
+        let mut r = state();
+        let mut run = Run::new();
+        let out = mix_iq(&mut run, &mut r, &pam_join("Carol@EJABBERD.test", "carol"));
+        assert_eq!(out[0].type_.as_deref(), Some("result"), "{out:?}");
+        assert!(r.is_participant("carol@ejabberd.test/any"));
+        assert!(r.fanout.contains_key("ejabberd.test"));
+        // Her messages from any session, whatever the case, reach her bare JID.
+        let copies = say(&mut run, &mut r, "x");
+        assert_eq!(copies, [("carol@ejabberd.test".to_string(), 1)]);
+        let s = Stanza::parse(&format!(
+            "<message from='CAROL@ejabberd.test/pc' to='{ROOM}' type='groupchat' id='s'><body>y</body></message>"
+        ))
+        .unwrap();
+        let mut cx = run.cx();
+        r.groupchat(&s, &mut cx);
+        assert!(
+            run.out.iter().any(|s| to_of(s) == "carol@ejabberd.test"),
+            "{:?}",
+            run.out
+        );
     }
 }
