@@ -74,6 +74,14 @@ pub enum Request {
     Leave,
     /// `<setnick><nick/></setnick>` (§7.1.5).
     SetNick(String),
+    /// `<update-subscription/>` (§7.1.4): nodes to subscribe to and to
+    /// unsubscribe from.
+    UpdateSubscription {
+        /// `<subscribe node=.../>`.
+        subscribe: Vec<String>,
+        /// `<unsubscribe node=.../>`.
+        unsubscribe: Vec<String>,
+    },
     /// A PubSub items get of one node (§6.1).
     Items(String),
 }
@@ -99,6 +107,19 @@ pub fn request(stanza: &crate::stanza::Stanza) -> Option<Request> {
         }),
         (NS_MIX_CORE, "leave") => Some(Request::Leave),
         (NS_MIX_CORE, "setnick") => Some(Request::SetNick(text_of("nick").unwrap_or_default())),
+        (NS_MIX_CORE, "update-subscription") => {
+            let nodes = |name: &str| {
+                child
+                    .children()
+                    .filter(|c| c.is(name, NS_MIX_CORE))
+                    .filter_map(|c| c.attr("node").map(str::to_string))
+                    .collect()
+            };
+            Some(Request::UpdateSubscription {
+                subscribe: nodes("subscribe"),
+                unsubscribe: nodes("unsubscribe"),
+            })
+        }
         (NS_PUBSUB, "pubsub") => {
             let items = child.get_child("items", NS_PUBSUB)?;
             Some(Request::Items(items.attr("node")?.to_string()))
@@ -151,6 +172,20 @@ pub fn setnick_result(nick: &str) -> String {
         "<setnick xmlns='{NS_MIX_CORE}'><nick>{}</nick></setnick>",
         escape(nick)
     )
+}
+
+/// The `<update-subscription/>` of its result (§7.1.4): the participant's
+/// bare JID and the nodes it is subscribed to now.
+pub fn update_subscription_result(bare: &str, nodes: &[String]) -> String {
+    let mut x = format!(
+        "<update-subscription xmlns='{NS_MIX_CORE}' jid='{}'>",
+        escape(bare)
+    );
+    for n in nodes {
+        x.push_str(&format!("<subscribe node='{}'/>", escape(n)));
+    }
+    x.push_str("</update-subscription>");
+    x
 }
 
 /// The `<leave/>` of a leave's result (§7.1.3).

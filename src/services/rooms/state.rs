@@ -1853,6 +1853,13 @@ impl RoomState {
             }
             (Some("set"), mix::Request::Leave) => self.mix_leave(s, &bare, cx),
             (Some("set"), mix::Request::SetNick(nick)) => self.mix_setnick(s, &bare, &nick, cx),
+            (
+                Some("set"),
+                mix::Request::UpdateSubscription {
+                    subscribe,
+                    unsubscribe,
+                },
+            ) => self.mix_update_subscription(s, &bare, &subscribe, &unsubscribe, cx),
             (Some("get"), mix::Request::Items(node)) => self.mix_items(s, &from, &bare, &node, cx),
             _ => cx.out.extend(room_error(
                 s,
@@ -2015,6 +2022,51 @@ impl RoomState {
         }
         cx.out
             .push(Stanza::iq_result(s, &mix::setnick_result(nick)));
+    }
+
+    /// XEP-0369 §7.1.4: a participant's node subscriptions change (nodes the
+    /// channel has not are ignored).
+    fn mix_update_subscription(
+        &mut self,
+        s: &Stanza,
+        bare: &str,
+        subscribe: &[String],
+        unsubscribe: &[String],
+        cx: &mut Cx<'_>,
+    ) {
+        let room = self.room.clone();
+        let Some(m) = self.members.get_mut(bare) else {
+            return self.not_participant(s, cx);
+        };
+        let Some(p) = m.mix.as_mut() else {
+            return self.not_participant(s, cx);
+        };
+        let mut nodes: Vec<String> = p
+            .nodes
+            .iter()
+            .filter(|n| !unsubscribe.contains(n))
+            .cloned()
+            .chain(mix::known_nodes(subscribe))
+            .collect();
+        nodes.sort_by_key(|n| mix::NODES.iter().position(|k| k == n));
+        nodes.dedup();
+        p.nodes = nodes.clone();
+        cx.writes.put_member(&room, m);
+        cx.out.push(Stanza::iq_result(
+            s,
+            &mix::update_subscription_result(bare, &nodes),
+        ));
+    }
+
+    fn not_participant(&self, s: &Stanza, cx: &mut Cx<'_>) {
+        cx.out.extend(room_error(
+            s,
+            StanzaCondition::Forbidden,
+            "auth",
+            &self.jid(),
+            "you are not a participant of this channel",
+            false,
+        ));
     }
 
     /// XEP-0369 §7.1.3: leave (a result whether or not it took part, as
@@ -3437,5 +3489,53 @@ mod tests {
             "{:?}",
             run.out
         );
+    }
+
+    #[test]
+    fn subscriptions_are_updated_and_decide_the_events() {
+        let mut r = state();
+        let mut run = Run::new();
+        mix_iq(&mut run, &mut r, &pam_join("carol@ejabberd.test", "carol"));
+        // XEP-0369 Example 33: unsubscribe from participants, subscribe to config.
+        let out = mix_iq(
+            &mut run,
+            &mut r,
+            &format!(
+                "<iq type='set' from='carol@ejabberd.test/pc' to='{ROOM}' id='E6E10350'>\
+                 <update-subscription xmlns='urn:xmpp:mix:core:1'>\
+                 <subscribe node='urn:xmpp:mix:nodes:config'/><subscribe node='urn:xmpp:mix:nodes:nope'/>\
+                 <unsubscribe node='urn:xmpp:mix:nodes:participants'/></update-subscription></iq>"
+            ),
+        );
+        assert_eq!(out.len(), 1);
+        let x = out[0].as_str();
+        assert!(x.contains("jid='carol@ejabberd.test'"), "{x}");
+        assert!(
+            !x.contains("participants") && !x.contains("nope") && x.contains("nodes:config"),
+            "{x}"
+        );
+        assert_eq!(
+            r.members["carol@ejabberd.test"].mix.as_ref().unwrap().nodes,
+            [mix::NODE_MESSAGES, mix::NODE_INFO, mix::NODE_CONFIG]
+        );
+        // No participants event for her any more.
+        r.members.insert(
+            "erin@ejabberd.test".into(),
+            member("erin@ejabberd.test", Affiliation::Member, "erin", None),
+        );
+        let out = mix_iq(&mut run, &mut r, &pam_join("erin@ejabberd.test", "erin"));
+        assert!(
+            !out.iter().any(|s| to_of(s) == "carol@ejabberd.test"),
+            "{out:?}"
+        );
+        // Not a participant: forbidden.
+        let out = mix_iq(
+            &mut run,
+            &mut r,
+            &format!(
+                "<iq type='set' from='bob@prosody.test/x' to='{ROOM}' id='u'><update-subscription xmlns='urn:xmpp:mix:core:1'/></iq>"
+            ),
+        );
+        assert_eq!(condition(&out[0]), "forbidden");
     }
 }
