@@ -11,6 +11,7 @@ mod federation;
 mod interop;
 mod joined;
 mod layout;
+mod mix;
 mod negotiation;
 mod rooms;
 mod sessions;
