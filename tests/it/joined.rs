@@ -7,7 +7,9 @@
 //! `delivered` outcome), our server SIGKILLed right after the backend posted a
 //! burst (after the restart we rejoin, and the occupant sees each message of
 //! the burst exactly once), then the owner kicks us (`removed_from_room`).
-//! On ejabberd: the join and messages both ways.
+//! On ejabberd: the join and messages both ways; then a MIX channel a
+//! slixmpp user made: we join it as alice's server (XEP-0405), both ways, and
+//! leave.
 //!
 //! Every wait is bounded (client lines, events: 30 s); the servers, clients and
 //! the binary stop when dropped.
@@ -30,6 +32,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_xmpp-federator");
 const WAIT: Duration = Duration::from_secs(30);
 const PROSODY_ROOM: &str = "r1@conference.prosody.test";
 const EJABBERD_ROOM: &str = "r2@conference.ejabberd.test";
+const MIX_CHANNEL: &str = "coven@mix.ejabberd.test";
 
 fn pw(user: &str) -> String {
     format!("{user}-pw")
@@ -124,6 +127,8 @@ async fn a_backend_user_in_prosody_and_ejabberd_rooms() {
         let service = format!("conference.{}", s.domain);
         lab.dns.add(&service, s.ip, Some(s.s2s_port), None);
     }
+    lab.dns
+        .add("mix.ejabberd.test", espec.ip, Some(espec.s2s_port), None);
 
     // Our binary, on the port peers look up.
     let s2s = SocketAddr::new(lab.wire_ip.into(), 5269);
@@ -280,5 +285,89 @@ async fn a_backend_user_in_prosody_and_ejabberd_rooms() {
     )
     .await;
     eve.wait("LEAVES Alice");
-    drop((pat, eve, prosody, ejabberd));
+
+    // ejabberd's MIX: eve makes a channel and joins it through her server
+    // (MIX-PAM); alice joins as her server would (we tell MIX from MUC by the
+    // channel's disco#info), both ways.
+    let mut mixer = blocking(|| {
+        BackgroundClient::start(
+            &lab.python,
+            "eve@ejabberd.test",
+            &pw("eve"),
+            espec.c2s(),
+            &lab.ca_path,
+            &["mix-join", MIX_CHANNEL, "eve", "--create"],
+        )
+    })
+    .unwrap_or_else(|e| panic!("eve makes {MIX_CHANNEL}: {e}"));
+    assert!(
+        mixer.seen().iter().any(|l| l.starts_with("JOINED id=")),
+        "{:?}",
+        mixer.seen()
+    );
+    let mpath = format!("/v1/conversations/{MIX_CHANNEL}");
+    api(
+        api_at,
+        "PUT",
+        &format!("{mpath}/members"),
+        Some(json!({"user_id": "u-alice", "nick": "alice"})),
+        202,
+    )
+    .await;
+    let joined = wait_event(api_at, |e| {
+        e["type"] == "joined_room" && e["conversation"] == MIX_CHANNEL
+    })
+    .await;
+    assert_eq!(joined["nick"], "alice");
+    let b = api(api_at, "GET", &mpath, None, 200).await;
+    assert_eq!(
+        b["members"][0]["present"],
+        json!(["alice@wire.test"]),
+        "{b}"
+    );
+    // Not checked: the participants we read from ejabberd 23.01's node come
+    // back without nick and JID (not understood yet; see the closing note).
+    mixer.send_line("say hello over mix").unwrap();
+    let said = wait_event(api_at, |e| {
+        e["type"] == "group_message" && e["body"] == "hello over mix"
+    })
+    .await;
+    assert_eq!(said["conversation"], MIX_CHANNEL);
+    assert_eq!(said["jid"], "eve@ejabberd.test");
+    let b = api(
+        api_at,
+        "POST",
+        &format!("{mpath}/messages"),
+        Some(json!({"from_user_id": "u-alice", "body": "hi eve, from a MIX participant"})),
+        202,
+    )
+    .await;
+    let id = b["id"].as_str().unwrap().to_string();
+    // Eve gets it from the channel, as from alice's participant id. (Her client
+    // calls it BAD-MIX: ejabberd 23.01 writes <mix> outside the core:1
+    // namespace, the same xmpp 1.6.1 quirk as its MIX-PAM's.)
+    let mut got = Vec::new();
+    while !got
+        .iter()
+        .any(|l: &String| l.ends_with("hi eve, from a MIX participant"))
+    {
+        assert!(got.len() < 5, "{got:?}");
+        let line = blocking(|| mixer.wait_line("BAD-MIX from=coven@mix.ejabberd.test/", WAIT))
+            .unwrap_or_else(|e| panic!("eve gets alice's message: {e}"));
+        got.push(line);
+    }
+    wait_event(api_at, |e| {
+        e["type"] == "delivered" && e["id"] == id.as_str()
+    })
+    .await;
+    api(
+        api_at,
+        "DELETE",
+        &format!("{mpath}/members/u-alice"),
+        None,
+        200,
+    )
+    .await;
+    api(api_at, "GET", &mpath, None, 404).await;
+    drop((pat, eve, mixer, prosody, ejabberd));
 }
