@@ -3,7 +3,12 @@
 //! ```sh
 //! cargo build --release --bin xmpp-federator --example s2s_load
 //! sudo target/release/examples/s2s_load [--count N] [--window W] [--targets ours,prosody,ejabberd]
+//! target/release/examples/s2s_load --targets ours --iq devices   # or bundle
 //! ```
+//!
+//! `--iq devices` / `--iq bundle` (ours only): instead of pings, XEP-0060 items
+//! gets of a backend user's OMEMO device list / one bundle (100 prekeys), which
+//! the server answers from its store.
 //!
 //! Starts our server (the release binary, its own process, log level warn), Prosody
 //! and ejabberd (log level info) on loopback with a test CA and an in-process DNS
@@ -15,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use xmpp_federator::load::{cpu_of, run_with};
+use xmpp_federator::load::{PING, cpu_of, run_iq};
 use xmpp_federator_testkit::certs::{Eku, TestCa};
 use xmpp_federator_testkit::cli_arg as arg;
 use xmpp_federator_testkit::dns::DnsServer;
@@ -53,6 +58,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let count: u64 = arg("--count", "200000").parse()?;
     let window: u64 = arg("--window", "1000").parse()?;
     let targets = arg("--targets", "ours,prosody,ejabberd");
+    let iq = arg("--iq", "ping");
+    let (to, payload) = match iq.as_str() {
+        "ping" => (None, PING.to_string()),
+        "devices" => (
+            Some("alice@wire.test"),
+            "<pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='urn:xmpp:omemo:2:devices'/></pubsub>".to_string(),
+        ),
+        "bundle" => (
+            Some("alice@wire.test"),
+            "<pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='urn:xmpp:omemo:2:bundles'><item id='4242'/></items></pubsub>".to_string(),
+        ),
+        other => return Err(format!("--iq {other}: ping, devices or bundle").into()),
+    };
     ensure_packages()?;
     let work = Work::new("load")?;
     let certs = work.path.join("certs");
@@ -87,7 +105,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         format!(
             "domains = ['wire.test']\n[listen]\nstarttls = ['{ours_ip}:5269']\ndirect_tls = []\n\
              [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
-             [dns]\nnameserver = '{}'\n",
+             [dns]\nnameserver = '{}'\n[api]\nlisten = '{ours_ip}:8080'\ntoken = 'load'\n",
             ca_path.display(),
             wf.cert.display(),
             wf.key.display(),
@@ -128,6 +146,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if to.is_some() {
+        // A backend user with one OMEMO device (100 prekeys) to fetch.
+        let api = SocketAddr::new(ours_ip.into(), 8080);
+        let k = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let sig = "CQkJ".repeat(21) + "CQ==";
+        let prekeys: Vec<String> = (1..=100)
+            .map(|i| format!("{{\"id\":{i},\"public\":\"{k}\"}}"))
+            .collect();
+        let device = format!(
+            "{{\"identity_key\":\"{k}\",\"signed_prekey\":{{\"id\":1,\"public\":\"{k}\",\"signature\":\"{sig}\"}},\"prekeys\":[{}]}}",
+            prekeys.join(",")
+        );
+        for (method, path, body) in [
+            ("PUT", "/v1/users/a1", "{\"handle\":\"alice\"}".to_string()),
+            ("PUT", "/v1/users/a1/devices/4242", device),
+        ] {
+            let (s, b, _) =
+                xmpp_federator_testkit::http::request(api, method, path, Some("load"), Some(&body))
+                    .await;
+            if s >= 300 {
+                return Err(format!("{method} {path}: {s} {b}").into());
+            }
+        }
+    }
 
     // The driver: load.test.
     let lf = leaf("load.test");
@@ -144,6 +186,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     dc.limits.outbound_queue = 100_000;
     dns.add("load.test", driver_ip, Some(5269), None);
 
+    println!("request: {iq}");
     println!(
         "machine: {} cores; {}; {}; xmpp-federator {} (release, log warn); Prosody {} / ejabberd {} (log info)",
         std::thread::available_parallelism()
@@ -168,7 +211,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // the rate when the driver and the target share two cores.
         let pid = (name == "ours").then(|| _ours.0.id().to_string());
         let cpu0 = pid.as_deref().map(cpu_of);
-        match run_with(dc.clone(), domain, n, window, n / 10).await {
+        let (to, payload) = if name == "ours" {
+            (to.unwrap_or(domain), payload.as_str())
+        } else {
+            (domain, PING)
+        };
+        match run_iq(dc.clone(), domain, to, payload, n, window, n / 10).await {
             Ok(r) => match (pid.as_deref().map(cpu_of), cpu0) {
                 (Some(cpu), Some(cpu0)) => {
                     let per = (cpu - cpu0).as_secs_f64() * 1e6 / (n + n / 10) as f64;
