@@ -105,7 +105,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         format!(
             "domains = ['wire.test']\n[listen]\nstarttls = ['{ours_ip}:5269']\ndirect_tls = []\n\
              [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
-             [dns]\nnameserver = '{}'\n[api]\nlisten = '{ours_ip}:8080'\ntoken = 'load'\n",
+             [dns]\nnameserver = '{}'\n[api]\nlisten = '{ours_ip}:8080'\ntoken = 'load-token-0123456789'\n",
             ca_path.display(),
             wf.cert.display(),
             wf.key.display(),
@@ -162,9 +162,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("PUT", "/v1/users/a1", "{\"handle\":\"alice\"}".to_string()),
             ("PUT", "/v1/users/a1/devices/4242", device),
         ] {
-            let (s, b, _) =
-                xmpp_federator_testkit::http::request(api, method, path, Some("load"), Some(&body))
-                    .await;
+            let (s, b, _) = xmpp_federator_testkit::http::request(
+                api,
+                method,
+                path,
+                Some("load-token-0123456789"),
+                Some(&body),
+            )
+            .await;
             if s >= 300 {
                 return Err(format!("{method} {path}: {s} {b}").into());
             }
