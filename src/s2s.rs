@@ -14,6 +14,7 @@
 //! as [`crate::routing::Report`]s. It never imports services or the store.
 
 pub mod conn;
+pub mod dialback;
 pub mod inbound;
 pub mod listen;
 pub mod outbound;
