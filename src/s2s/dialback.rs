@@ -423,6 +423,15 @@ impl Receiving {
             == Some(&Pair::Verified)
     }
 
+    /// A verified pair (from, to), if any (the first one authenticates the
+    /// stream).
+    pub fn first_verified(&self) -> Option<(String, String)> {
+        self.pairs
+            .iter()
+            .find(|(_, p)| **p == Pair::Verified)
+            .map(|(k, _)| k.clone())
+    }
+
     /// Whether any pair is verified.
     pub fn any_verified(&self) -> bool {
         self.pairs.values().any(|p| *p == Pair::Verified)

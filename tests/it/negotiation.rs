@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use xmpp_federator::config::Config;
+use xmpp_federator::config::{Config, DialbackMode};
 use xmpp_federator::metrics::Metrics;
 use xmpp_federator::policy::Policy;
 use xmpp_federator::routing::{Identity, Outbox, Service, Table};
@@ -236,7 +236,10 @@ async fn our_initiator_and_receiver_agree_over_starttls_and_direct_tls() {
             ),
             inbound::negotiate(&beta, &table, b_io, direct_tls, deadline(&beta)),
         );
-        let (mut xs, sm) = out.unwrap_or_else(|e| panic!("direct_tls {direct_tls}: {e}"));
+        let out = out.unwrap_or_else(|e| panic!("direct_tls {direct_tls}: {e}"));
+        let (mut xs, sm) = (out.xs, out.sm);
+        assert_eq!(out.auth.method, outbound::Method::External);
+        assert!(out.auth.peer_verified);
         let mut auth = auth.unwrap_or_else(|| panic!("direct_tls {direct_tls}: receiver refused"));
         assert_eq!(auth.peer.domain(), "alpha.test");
         assert_eq!(auth.local_domain, "beta.test");
@@ -399,7 +402,9 @@ async fn tls_initiator(
 #[tokio::test]
 async fn receiver_authenticates_only_the_domain_the_certificate_names() {
     let certs = Certs::new();
-    let beta = certs.s2s("beta.test", |_| {});
+    // Certificates only: with dialback, these peers are offered that instead
+    // (see the dialback tests).
+    let beta = certs.s2s("beta.test", |c| c.federation.dialback = DialbackMode::Never);
     let table = beta_table();
     let alpha_cert = certs.leaf("alpha.test", "alpha");
     let gamma_cert = certs.leaf("gamma.test", "gamma");
@@ -455,10 +460,12 @@ async fn receiver_authenticates_only_the_domain_the_certificate_names() {
 #[tokio::test]
 async fn our_initiator_with_a_certificate_for_another_domain_is_told_why() {
     let certs = Certs::new();
-    let beta = certs.s2s("beta.test", |_| {});
+    let beta = certs.s2s("beta.test", |c| c.federation.dialback = DialbackMode::Never);
     let table = beta_table();
     // gamma.test's s2s layer made to present its certificate as alpha.test's.
-    let mut gamma = certs.s2s("gamma.test", |_| {});
+    let mut gamma = certs.s2s("gamma.test", |c| {
+        c.federation.dialback = DialbackMode::Never
+    });
     let gammas = gamma.tls.clients["gamma.test"].clone();
     Arc::get_mut(&mut gamma)
         .expect("the only reference")
@@ -772,7 +779,10 @@ async fn our_initiator_reports_a_refused_sasl_external() {
 #[tokio::test]
 async fn our_initiator_refuses_a_receiver_certificate_for_another_domain() {
     let certs = Certs::new();
-    let alpha = certs.s2s("alpha.test", |_| {});
+    // Certificates only (with dialback the stream goes on, trusting DNS).
+    let alpha = certs.s2s("alpha.test", |c| {
+        c.federation.dialback = DialbackMode::Never
+    });
     // A receiver that answers for beta.test with gamma.test's certificate.
     let gamma = certs.s2s("gamma.test", |_| {});
     let (ours, peer) = tokio::io::duplex(PIPE);
