@@ -174,6 +174,25 @@ impl S2s {
     }
 }
 
+/// How a stream was authenticated (either direction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// SASL EXTERNAL with our certificate (XEP-0178).
+    External,
+    /// Server dialback (XEP-0220).
+    Dialback,
+}
+
+impl Method {
+    /// Its name in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::External => "external",
+            Method::Dialback => "dialback",
+        }
+    }
+}
+
 /// The s2s layer as the outbox's way to remote domains.
 #[derive(Debug, Clone)]
 pub struct Link(pub Arc<S2s>);

@@ -35,10 +35,10 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::Method;
 use super::S2s;
 use super::conn::{StreamFailure, XmlStream, header_xml, new_id, stream_header};
 use super::dialback::{self, AuthoritativeStep, Db, Receiving, Step};
-use super::outbound::Method;
 use crate::address::Addr;
 use crate::config::DialbackMode;
 use crate::routing::{Outbox, Peer, Table};

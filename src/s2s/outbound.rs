@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
+pub use super::Method;
 use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
 use super::inbound::Io;
 use super::resolve::{Endpoint, ResolveError};
@@ -134,25 +135,6 @@ pub struct Connected<IO = TcpStream> {
     pub auth: Auth,
     /// Where we connected.
     pub endpoint: Endpoint,
-}
-
-/// How an outbound stream was authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    /// SASL EXTERNAL with our certificate (XEP-0178).
-    External,
-    /// Server dialback (XEP-0220).
-    Dialback,
-}
-
-impl Method {
-    /// Its name in logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::External => "external",
-            Method::Dialback => "dialback",
-        }
-    }
 }
 
 /// What negotiation established about a stream's authentication.
