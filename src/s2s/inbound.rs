@@ -402,14 +402,42 @@ async fn authenticate<IO: Io>(
         return None;
     }
     let mut receiving = Receiving::new(&stream_id);
+    // Verifications run while the stream is read, so a stanza sent before its
+    // domain is verified is refused, not queued behind the verdict.
+    let mut verifying = futures_util::stream::FuturesUnordered::new();
     let mut attempts = 0;
     loop {
-        let el = match by(deadline, xs.next_element()).await {
-            Ok(el) => el,
-            Err(e) => {
-                fail_with(&mut xs, &header, e).await;
-                return None;
+        use futures_util::StreamExt as _;
+        let el = tokio::select! {
+            Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
+                let (from, to): (String, String) = (from, to);
+                log_verdict(&from, &verdict);
+                let step = receiving.on_verdict(&from, &to, verdict);
+                if !do_step(&mut xs, &header, step).await {
+                    return None;
+                }
+                // The first verified pair authenticates the stream (once no
+                // other verification of this stream is in flight).
+                if verifying.is_empty()
+                    && let Some((peer, to)) = receiving.first_verified()
+                {
+                    let local = cx.table.hosted(&to).unwrap_or(&local).to_string();
+                    return Some(Proved::Dialback {
+                        xs,
+                        peer,
+                        local,
+                        receiving,
+                    });
+                }
+                continue;
             }
+            el = by(deadline, xs.next_element()) => match el {
+                Ok(el) => el,
+                Err(e) => {
+                    fail_with(&mut xs, &header, e).await;
+                    return None;
+                }
+            },
         };
         if let Some(db) = Db::parse(&el) {
             if !dialback {
@@ -431,36 +459,23 @@ async fn authenticate<IO: Io>(
                 |d| cx.table.hosted(d).is_some(),
                 |d| cx.s2s.policy.allows(d),
             );
-            let step = match step {
-                Step::Verify { from, to, key } => {
+            if let Step::Verify { from, to, key } = step {
+                let stream_id = stream_id.clone();
+                let s2s = cx.s2s;
+                verifying.push(async move {
                     let verdict = tokio::time::timeout_at(
                         deadline,
-                        cx.s2s
-                            .connector
-                            .verify(cx.s2s, &to, &from, &stream_id, &key),
+                        s2s.connector.verify(s2s, &to, &from, &stream_id, &key),
                     )
                     .await
                     .unwrap_or(Err((
                         "remote-server-timeout",
                         "verification timed out".into(),
                     )));
-                    log_verdict(&from, &verdict);
-                    receiving.on_verdict(&from, &to, verdict)
-                }
-                other => other,
-            };
-            if !do_step(&mut xs, &header, step).await {
-                return None;
-            }
-            // The first verified pair authenticates the stream.
-            if let Some((peer, to)) = receiving.first_verified() {
-                let local = cx.table.hosted(&to).unwrap_or(&local).to_string();
-                return Some(Proved::Dialback {
-                    xs,
-                    peer,
-                    local,
-                    receiving,
+                    (from, to, verdict)
                 });
+            } else if !do_step(&mut xs, &header, step).await {
+                return None;
             }
             continue;
         }

@@ -5,6 +5,7 @@
 mod api;
 mod binary;
 mod conversations;
+mod dialback;
 mod durability;
 mod federation;
 mod interop;
