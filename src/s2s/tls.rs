@@ -78,6 +78,22 @@ pub enum PeerCertError {
     },
 }
 
+/// Whether a DER certificate may be used as a TLS client certificate by the
+/// extended key usage a strict peer checks: `Some(false)` when it has an EKU
+/// extension without clientAuth (Let's Encrypt's serverAuth-only certificates
+/// since 2026; ejabberd before 25.07 and Metronome refuse them for SASL
+/// EXTERNAL), `Some(true)` when clientAuth is there or there is no EKU
+/// extension, `None` when the certificate cannot be read.
+pub fn allows_client_auth(der: &[u8]) -> Option<bool> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) => Some(eku.value.client_auth || eku.value.any),
+        Ok(None) => Some(true),
+        Err(_) => None,
+    }
+}
+
 /// The names a certificate asserts, per kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CertNames {
