@@ -43,6 +43,10 @@ pub const NS_DB_FEATURES: &str = "urn:xmpp:features:dialback";
 pub const FEATURE: &str = "<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>";
 /// How many (from, to) pairs one inbound stream may ask to verify.
 pub const MAX_PAIRS: usize = 64;
+/// How many verifications one inbound stream may have in flight: each opens a
+/// connection of ours to the claimed domain, so a peer must not make us dial
+/// out without bound.
+pub const MAX_PENDING: usize = 4;
 /// How many keys we may have out for verification at once (all streams).
 pub const MAX_ISSUED: usize = 100_000;
 
@@ -504,6 +508,12 @@ impl Receiving {
             }
             None => {}
         }
+        if self.pairs.values().filter(|p| **p == Pair::Pending).count() >= MAX_PENDING {
+            return Step::Close(
+                C::PolicyViolation,
+                "too many domains awaiting verification on one stream".into(),
+            );
+        }
         if self.pairs.len() >= MAX_PAIRS {
             return Step::Close(C::PolicyViolation, "too many domains on one stream".into());
         }
@@ -771,6 +781,29 @@ mod tests {
         );
         assert!(matches!(s, Step::Send(x) if x.contains("remote-server-not-found")));
         assert!(!r.any_verified());
+    }
+
+    #[test]
+    fn a_stream_cannot_make_us_dial_out_without_bound() {
+        let mut r = Receiving::new("s");
+        let any = |_: &str| true;
+        for i in 0..MAX_PENDING {
+            let from = format!("d{i}.org");
+            assert!(matches!(
+                r.on_result(&result(&from, "example.net", "k"), hosted, any),
+                Step::Verify { .. }
+            ));
+        }
+        assert!(matches!(
+            r.on_result(&result("more.org", "example.net", "k"), hosted, any),
+            Step::Close(StreamCondition::PolicyViolation, _)
+        ));
+        // A verdict frees a place.
+        r.on_verdict("d0.org", "example.net", Ok(true));
+        assert!(matches!(
+            r.on_result(&result("more.org", "example.net", "k"), hosted, any),
+            Step::Verify { .. }
+        ));
     }
 
     #[test]
