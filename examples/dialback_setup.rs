@@ -142,7 +142,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(
                 "domains = ['{domain}']\n[listen]\nstarttls = ['{ip}:5269']\ndirect_tls = []\n\
                  [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
-                 [dns]\nnameserver = '{}'\n[store]\npath = '{}'\n",
+                 [dns]\nnameserver = '{}'\n[store]\npath = '{}'\n[api]\nlisten = '{ip}:8080'\n",
                 trust.display(),
                 f.cert.display(),
                 f.key.display(),
