@@ -699,3 +699,49 @@ async fn prosody_dialback() {
     wire.shutdown().await;
     drop(prosody);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejabberd_dialback_untrusted() {
+    if !enabled() {
+        return;
+    }
+    crate::support::init_log();
+    // ejabberd's certificate is self-signed: it authenticates to us by dialback
+    // (we offer no EXTERNAL) and we check its key with its own authoritative
+    // side; ours has only serverAuth, so it takes us by dialback too.
+    let lab = Lab::with_eku(
+        "ejabberd-untrusted",
+        Ipv4Addr::new(127, 0, 0, 120),
+        Eku::ServerOnly,
+    )
+    .await;
+    let spec = lab.spec_untrusted("ejabberd.test", Ipv4Addr::new(127, 0, 0, 119));
+    let ejabberd = blocking(|| {
+        Ejabberd::start_dialback(
+            &lab.work.path,
+            spec.clone(),
+            14373,
+            "xf-ejabberd-un@localhost",
+        )
+    })
+    .expect("ejabberd starts");
+    blocking(|| ejabberd.register("bob", "bobpw")).expect("register bob");
+    let wire = lab.start_wire().await;
+    let out = blocking(|| lab.client("bob@ejabberd.test", "bobpw", spec.c2s(), "ping", WIRE));
+    assert!(out.contains("PONG from wire.test"), "{out}");
+    let pong = iq_round_trip(&wire, "ejabberd.test", PING).await;
+    assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
+    assert!(
+        auth_count(&wire, "in", "dialback") >= 1,
+        "ejabberd's stream: dialback"
+    );
+    assert!(auth_count(&wire, "out", "dialback") >= 1, "ours: dialback");
+    let log = ejabberd.log_text();
+    assert!(
+        log.contains("dialback authentication ejabberd.test -> wire.test"),
+        "ejabberd did not authenticate to us by dialback"
+    );
+    lab.messaging(&wire, &spec, "bob", "bobpw").await;
+    wire.shutdown().await;
+    drop(ejabberd);
+}
