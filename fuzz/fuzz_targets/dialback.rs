@@ -85,10 +85,15 @@ fuzz_target!(|data: &[u8]| {
         }
         // A verdict for something never asked changes nothing.
         let _ = r.on_verdict("x.test", "b.test", Ok(true));
-        assert!(!r.verified("x.test", "b.test") || asked.contains(&("x.test".into(), "b.test".into())));
+        assert!(
+            !r.verified("x.test", "b.test") || asked.contains(&("x.test".into(), "b.test".into()))
+        );
     }
     if let Some((from, to)) = r.first_verified() {
-        assert!(valid.contains(&(from.clone(), to.clone())), "{from} -> {to}");
+        assert!(
+            valid.contains(&(from.clone(), to.clone())),
+            "{from} -> {to}"
+        );
         assert!(!hosted(&from));
     }
 });
