@@ -4,7 +4,7 @@
 //! cargo build --release --bin xmpp-federator --example muc_load
 //! sudo target/release/examples/muc_load [--occupants 1000] [--domains 10] [--messages 200] \
 //!     [--window 20] [--warmup M/10] [--join-window 50] [--history-joins 10] \
-//!     [--targets ours,prosody,ejabberd] [--outbound-queue 1000000]
+//!     [--targets ours,prosody,ejabberd] [--outbound-queue 1000000] [--mix-every 0]
 //! ```
 //!
 //! Starts our server (the release binary, its own process, log level warn; the
@@ -67,6 +67,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let history_joins: u32 = arg("--history-joins", "10").parse()?;
     let targets = arg("--targets", "ours,prosody,ejabberd");
     let outbound_queue = arg("--outbound-queue", "1000000");
+    // A mixed room: every k-th occupant a MIX participant (ours only: the
+    // others' MUC services are no MIX channels).
+    let mix_every: u32 = arg("--mix-every", "0").parse()?;
     let wants = |t: &str| targets.split(',').any(|x| x == t);
     if wants("prosody") || wants("ejabberd") {
         ensure_packages()?;
@@ -211,6 +214,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             history_joins,
             history: HISTORY,
             server_pid: pid,
+            mix_every: if name == "ours" { mix_every } else { 0 },
         };
         match run_with(dc.clone(), &load).await {
             Ok(r) => {

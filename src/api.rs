@@ -38,6 +38,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod conversations;
+mod devices;
+mod joined;
 
 use crate::s2s::conn::new_id;
 use crate::server::Server;
@@ -214,6 +216,8 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         (name = "remote", description = "Users of other XMPP domains"),
         (name = "messages", description = "Outgoing 1:1 messages"),
         (name = "events", description = "The durable queue of inbound messages and outcomes"),
+        (name = "conversations", description = "Group conversations: rooms hosted here, and rooms and channels elsewhere that local users are in"),
+        (name = "devices", description = "Local users' devices and public keys, published as their OMEMO PEP nodes"),
         (name = "service", description = "The document and counters (no token)"),
     )
 )]
@@ -332,7 +336,15 @@ fn api_routes(
         .routes(routes!(
             conversations::post_group_message,
             conversations::get_archive
-        ));
+        ))
+        .routes(routes!(devices::get_devices))
+        .routes(routes!(devices::get_remote_devices))
+        .routes(routes!(devices::get_remote_bundle))
+        .routes(routes!(
+            devices::put_devices_subscription,
+            devices::delete_devices_subscription
+        ))
+        .routes(routes!(devices::put_device, devices::delete_device));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
         .routes(routes!(openapi))
@@ -1014,10 +1026,10 @@ fn check_extensions(server: &Server, extensions: &[String]) -> Result<(), Proble
 
 /// A validated message, ready to be queued.
 struct Prepared {
-    out: Outgoing,
-    stanza: Stanza,
+    pub(super) out: Outgoing,
+    pub(super) stanza: Stanza,
     /// (sender id, idempotency key).
-    key: Option<(String, String)>,
+    pub(super) key: Option<(String, String)>,
 }
 
 /// Validate one message and build its stanza; `users` caches sender lookups within
@@ -1709,6 +1721,13 @@ mod tests {
         ("DELETE", "/v1/conversations/{id}/members/{member}"),
         ("POST", "/v1/conversations/{id}/messages"),
         ("GET", "/v1/conversations/{id}/messages"),
+        ("GET", "/v1/users/{id}/devices"),
+        ("GET", "/v1/remote/{jid}/devices"),
+        ("GET", "/v1/remote/{jid}/devices/{device_id}/bundle"),
+        ("PUT", "/v1/remote/{jid}/devices/subscription"),
+        ("DELETE", "/v1/remote/{jid}/devices/subscription"),
+        ("PUT", "/v1/users/{id}/devices/{device_id}"),
+        ("DELETE", "/v1/users/{id}/devices/{device_id}"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
     ];
@@ -1837,6 +1856,13 @@ mod tests {
                 "invite_declined",
                 "group_delivered",
                 "group_expired",
+                "joined_room",
+                "join_refused",
+                "removed_from_room",
+                "room_destroyed",
+                "invite_received",
+                "bundle_fetched",
+                "devices_changed",
             ])
         );
     }

@@ -156,6 +156,9 @@ pub struct RoomsConfig {
     pub history_max: usize,
     /// Archived messages older than this many days are removed (0: kept forever).
     pub archive_retention_days: u64,
+    /// A remote room a local user is in, silent for this long, is pinged
+    /// (XEP-0410) to learn whether it still has us.
+    pub self_ping_secs: u64,
 }
 
 impl Default for RoomsConfig {
@@ -165,6 +168,7 @@ impl Default for RoomsConfig {
             history_default: 20,
             history_max: 100,
             archive_retention_days: 0,
+            self_ping_secs: 300,
         }
     }
 }
@@ -511,6 +515,12 @@ impl Config {
             return Err(invalid(
                 "rooms.history_default",
                 "must not be more than rooms.history_max",
+            ));
+        }
+        if self.rooms.self_ping_secs < 10 {
+            return Err(invalid(
+                "rooms.self_ping_secs",
+                "must be at least 10 (a self-ping takes up to 30 s)",
             ));
         }
         let mut overrides = BTreeMap::new();

@@ -42,7 +42,17 @@ pub struct LoadArgs {
     /// Round trips before measuring starts (warm-up).
     #[arg(long, default_value_t = 20_000)]
     pub warmup: u64,
+    /// Address the requests to this JID (e.g. a user of the target, for its
+    /// PEP nodes) instead of the target domain.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The iq get's payload instead of a ping (one XML element).
+    #[arg(long)]
+    pub payload: Option<String>,
 }
+
+/// The request `load` sends by default: an XEP-0199 ping.
+pub const PING: &str = "<ping xmlns='urn:xmpp:ping'/>";
 
 /// The result of a load run.
 #[derive(Debug, Clone)]
@@ -130,7 +140,18 @@ pub fn cpu_of(pid: &str) -> Duration {
 /// Run the load with the driver's config read from `args.config`.
 pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
     let config = Config::load(&args.config)?;
-    run_with(config, &args.target, args.count, args.window, args.warmup).await
+    let to = args.to.as_deref().unwrap_or(&args.target).to_string();
+    let payload = args.payload.as_deref().unwrap_or(PING).to_string();
+    run_iq(
+        config,
+        &args.target,
+        &to,
+        &payload,
+        args.count,
+        args.window,
+        args.warmup,
+    )
+    .await
 }
 
 /// Find the numbers of pong ids (`id='lN'` or `id="lN"`) in complete elements of
@@ -247,10 +268,23 @@ impl Driver {
     }
 }
 
-/// Run the load with a config in hand.
+/// Run the ping load with a config in hand.
 pub async fn run_with(
     config: Config,
     target: &str,
+    count: u64,
+    window: u64,
+    warmup: u64,
+) -> Result<Report, LoadError> {
+    run_iq(config, target, target, PING, count, window, warmup).await
+}
+
+/// Run the load with iq gets of `payload` to `to` (on `target`'s server).
+pub async fn run_iq(
+    config: Config,
+    target: &str,
+    to: &str,
+    payload: &str,
     count: u64,
     window: u64,
     warmup: u64,
@@ -282,6 +316,7 @@ pub async fn run_with(
         &driver.server,
         &local,
         target,
+        (to, payload),
         count,
         window,
         warmup,
@@ -292,10 +327,12 @@ pub async fn run_with(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     server: &std::sync::Arc<Server>,
     local: &str,
     target: &str,
+    (to, payload): (&str, &str),
     count: u64,
     window: u64,
     warmup: u64,
@@ -317,10 +354,8 @@ async fn drive(
             let now = Instant::now();
             while sent < total && sent - received < window {
                 buf.extend_from_slice(
-                    format!(
-                        "<iq type='get' from='{local}' to='{target}' id='l{sent}'><ping xmlns='urn:xmpp:ping'/></iq>"
-                    )
-                    .as_bytes(),
+                    format!("<iq type='get' from='{local}' to='{to}' id='l{sent}'>{payload}</iq>")
+                        .as_bytes(),
                 );
                 sent_at.push(now);
                 sent += 1;

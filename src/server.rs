@@ -22,6 +22,7 @@ use crate::services::accounts::Accounts;
 use crate::services::delivery::Delivery;
 use crate::services::domain::Domain;
 use crate::services::inbox::{self, Inbox, InboxRx, InboxTask};
+use crate::services::joined::{self, Joined, JoinedRx, JoinedTask};
 use crate::services::rooms::{self, Rooms, RoomsRx, RoomsTask};
 use crate::store::Store;
 
@@ -49,6 +50,8 @@ pub enum StartError {
 const INBOX_CAPACITY: usize = 16 * 1024;
 /// How many stanzas and calls for rooms may wait.
 const ROOMS_CAPACITY: usize = 16 * 1024;
+/// How many stanzas and calls for local users in remote rooms may wait.
+const JOINED_CAPACITY: usize = 16 * 1024;
 
 /// One server instance: its parts, as wired by [`Server::new`].
 #[derive(Debug)]
@@ -67,6 +70,10 @@ pub struct Server {
     pub inbox: Inbox,
     /// The rooms (group conversations).
     pub rooms: Rooms,
+    /// Local users in rooms hosted elsewhere.
+    pub joined: Joined,
+    /// Local users' PEP nodes (their OMEMO devices).
+    pub pep: Arc<crate::services::pep::Pep>,
     /// Federation policy.
     pub policy: Arc<Policy>,
     /// Counters.
@@ -77,6 +84,7 @@ pub struct Server {
     pub tracker: TaskTracker,
     inbox_rx: Mutex<Option<InboxRx>>,
     rooms_rx: Mutex<Option<RoomsRx>>,
+    joined_rx: Mutex<Option<JoinedRx>>,
 }
 
 impl Server {
@@ -112,7 +120,10 @@ impl Server {
         let delivery = Arc::new(Delivery::new(store.clone(), config.clone()));
         let (inbox, inbox_rx) = Inbox::new(INBOX_CAPACITY);
         let domain = Arc::new(Domain::new(inbox.clone()));
-        let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
+        let (joined, joined_rx) = Joined::new(JOINED_CAPACITY);
+        let accounts =
+            Arc::new(Accounts::new(store.clone(), inbox.clone()).with_joined(joined.clone()));
+        let pep = accounts.pep();
         let mut table = Table::default();
         for d in &config.domains {
             table.add_host(d, domain.clone(), accounts.clone());
@@ -140,12 +151,15 @@ impl Server {
             delivery,
             inbox,
             rooms,
+            joined,
+            pep,
             policy,
             metrics,
             shutdown,
             tracker,
             inbox_rx: Mutex::new(Some(inbox_rx)),
             rooms_rx: Mutex::new(Some(rooms_rx)),
+            joined_rx: Mutex::new(Some(joined_rx)),
         }))
     }
 
@@ -178,6 +192,31 @@ impl Server {
                 shutdown: self.shutdown.clone(),
             };
             self.tracker.spawn(rooms::run(task, rx));
+        }
+        // Occupancies of remote rooms hold their messages back before the
+        // delivery loads its queue (they go once the room has us again).
+        if let Some(rx) = self
+            .joined_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let loaded = self
+                .joined
+                .load(&self.store, &self.delivery)
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "reading the remote rooms' occupancies");
+                    Vec::new()
+                });
+            let task = JoinedTask {
+                store: self.store.clone(),
+                outbox: self.outbox.clone(),
+                delivery: self.delivery.clone(),
+                ping_every: std::time::Duration::from_secs(self.config.rooms.self_ping_secs),
+                shutdown: self.shutdown.clone(),
+            };
+            self.tracker
+                .spawn(joined::run(task, self.joined.clone(), rx, loaded));
         }
         self.delivery.load();
         if let Some(rx) = self

@@ -24,6 +24,8 @@ pub mod accounts;
 pub mod delivery;
 pub mod domain;
 pub mod inbox;
+pub mod joined;
+pub mod pep;
 pub mod presence;
 pub mod rooms;
 
@@ -286,6 +288,19 @@ pub(crate) mod fake {
                 display_name: display_name.into(),
             };
             self.store.put_user(&user).await.unwrap();
+        }
+
+        /// The store.
+        pub fn store(&self) -> Arc<Store> {
+            self.store.clone()
+        }
+
+        /// What was sent to remote domains since the last call.
+        pub fn take_sent(&self) -> Vec<Stanza> {
+            std::mem::take(&mut *self.sent.sent.lock().unwrap())
+                .into_iter()
+                .map(|(_, _, o)| o.stanza)
+                .collect()
         }
 
         /// Route `request` (from a remote address to a hosted one) and return the

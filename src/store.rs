@@ -11,6 +11,8 @@
 //! Keys are prefixed by a one-byte "tree" tag; numbers are big-endian so ranges
 //! scan in order. The schema version is stored under `m/schema` and checked on open.
 
+pub mod joined;
+pub mod pep;
 pub mod redb_kv;
 pub mod rooms;
 pub mod sled_kv;
@@ -396,6 +398,95 @@ pub enum EventKind {
         from_seq: u64,
         /// The last.
         to_seq: u64,
+    },
+    /// A local user's join of a room hosted elsewhere succeeded (or, after a
+    /// rejoin, succeeded again).
+    JoinedRoom {
+        /// The conversation id (the room's bare JID).
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The local user.
+        user_id: String,
+        /// The nick the room gave it.
+        nick: String,
+    },
+    /// A room hosted elsewhere refused a local user's join.
+    JoinRefused {
+        /// The conversation id (the room's bare JID).
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The local user.
+        user_id: String,
+        /// The room's stanza error condition (`registration-required`,
+        /// `forbidden`, `conflict`, `item-not-found`...).
+        condition: String,
+        /// The room's text, if any.
+        text: Option<String>,
+    },
+    /// A local user is no longer in a room hosted elsewhere, not by its own
+    /// leaving: `kicked`, `banned`, `removed` (membership lost), `destroyed`.
+    RemovedFromRoom {
+        /// The conversation id (the room's bare JID).
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// The local user.
+        user_id: String,
+        /// Why.
+        reason: String,
+        /// The room's or the actor's text, if any.
+        text: Option<String>,
+    },
+    /// A room hosted elsewhere that local users were in was destroyed.
+    RoomDestroyed {
+        /// The conversation id (the room's bare JID).
+        conversation: String,
+        /// The room's bare JID.
+        room: String,
+        /// Its replacement, if the room named one.
+        alternate: Option<String>,
+        /// The reason given, if any.
+        reason: Option<String>,
+    },
+    /// A local user was invited to a room (XEP-0045 mediated, or XEP-0249
+    /// direct).
+    InviteReceived {
+        /// The local user.
+        user_id: String,
+        /// The room's bare JID.
+        room: String,
+        /// Who invited (bare JID, when known).
+        from: String,
+        /// Its reason, if given.
+        reason: Option<String>,
+        /// The room's password, if the invitation carries one.
+        password: Option<String>,
+        /// Direct (XEP-0249) rather than through the room.
+        direct: bool,
+    },
+    /// An XMPP contact's OMEMO device list changed (a PEP notification of a
+    /// node the local user subscribed to, or gets as a contact).
+    DevicesChanged {
+        /// The local user who was told.
+        user_id: String,
+        /// The contact (bare JID).
+        jid: String,
+        /// `omemo2` or `legacy`.
+        namespace: String,
+        /// The device ids now.
+        devices: Vec<u32>,
+    },
+    /// A remote client fetched one of a local user's OMEMO bundles (its
+    /// one-time prekeys are the backend's to rotate).
+    BundleFetched {
+        /// The local user.
+        user_id: String,
+        /// The device whose bundle it was.
+        device_id: u32,
+        /// Who fetched it (bare JID).
+        by: String,
     },
     /// An invitee declined an invitation to a conversation.
     InviteDeclined {

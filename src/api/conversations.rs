@@ -10,6 +10,9 @@
 //!
 //! A conversation lives on one hosted domain (`?domain=`, the first hosted
 //! domain by default). Roles map to affiliations: `owner`, `admin`, `member`.
+//!
+//! A conversation hosted elsewhere is named by its room's bare JID, and the
+//! same routes let local users take part in it ([`super::joined`]).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -18,10 +21,12 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::services::joined::RoomView;
 use crate::services::rooms::{Call, CallError, NewMember, Reply, View};
 use crate::store::rooms::{Affiliation, ArchiveSpan};
 use crate::xml::writer::escape;
 
+use super::joined;
 use super::{
     ApiState, Body, Problem, ProblemBody, Release, check_extensions, check_id, hosted_domain,
     internal, message_id, problems,
@@ -41,6 +46,9 @@ pub(super) struct MemberIn {
     /// The nick it should have (a local user's handle, a remote JID's localpart
     /// by default); a nick another member has gets the member's domain added.
     nick: Option<String>,
+    /// A room hosted elsewhere: `muc` or `mix` (XEP-0369 channel); by default
+    /// what the room's disco#info says.
+    protocol: Option<String>,
 }
 
 /// A conversation as the backend sets it.
@@ -65,47 +73,47 @@ pub(super) struct ConversationIn {
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct MemberOut {
     /// Bare JID.
-    jid: String,
+    pub(super) jid: String,
     /// The local user's id, for a backend user.
     #[serde(skip_serializing_if = "Option::is_none")]
-    user_id: Option<String>,
+    pub(super) user_id: Option<String>,
     /// `owner`, `admin`, `member` or `outcast` (banned).
-    role: String,
+    pub(super) role: String,
     /// Its nick in the room.
-    nick: String,
+    pub(super) nick: String,
     /// Its XMPP sessions present in the room (full JIDs); a backend user is
     /// always present and has none.
-    present: Vec<String>,
+    pub(super) present: Vec<String>,
 }
 
 /// Someone in an open room who is not a member.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct GuestOut {
     /// Its nick.
-    nick: String,
+    pub(super) nick: String,
     /// Its full JID.
-    jid: String,
+    pub(super) jid: String,
 }
 
 /// A conversation.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct ConversationOut {
     /// The conversation id.
-    id: String,
+    pub(super) id: String,
     /// The room's JID.
-    jid: String,
+    pub(super) jid: String,
     /// Its name.
-    name: String,
+    pub(super) name: String,
     /// Its subject (topic); empty when none.
-    subject: String,
+    pub(super) subject: String,
     /// Listed publicly.
-    public: bool,
+    pub(super) public: bool,
     /// Open to non-members.
-    open: bool,
+    pub(super) open: bool,
     /// Its members.
-    members: Vec<MemberOut>,
+    pub(super) members: Vec<MemberOut>,
     /// Occupants who are not members.
-    guests: Vec<GuestOut>,
+    pub(super) guests: Vec<GuestOut>,
 }
 
 fn conversation_out(v: View) -> ConversationOut {
@@ -170,6 +178,14 @@ fn place(st: &ApiState, domain: Option<&str>, id: &str) -> Result<(String, Strin
 }
 
 fn member_in(st: &ApiState, m: MemberIn, at: &str) -> Result<NewMember, Problem> {
+    if m.protocol.is_some() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid member",
+            "protocol is for joining a room hosted elsewhere; here a member may use both",
+        )
+        .at(at));
+    }
     let affiliation = match m.role.as_deref().unwrap_or("member") {
         "owner" => Affiliation::Owner,
         "admin" => Affiliation::Admin,
@@ -252,6 +268,16 @@ fn member_in(st: &ApiState, m: MemberIn, at: &str) -> Result<NewMember, Problem>
     })
 }
 
+/// Creating, configuring or deleting a room is its own server's business.
+fn elsewhere() -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Hosted elsewhere",
+        "a room on another server is configured there; local users join it with \
+         PUT /v1/conversations/{room-jid}/members",
+    )
+}
+
 fn call_problem(e: CallError) -> Problem {
     match e {
         CallError::NotFound => Problem::new(
@@ -275,6 +301,50 @@ async fn room_call(st: &ApiState, call: Call) -> Result<Reply, Problem> {
     super::detached(async move { rooms.call(call).await })
         .await?
         .map_err(call_problem)
+}
+
+/// A room hosted elsewhere, in the shape of a hosted one: `members` are the
+/// local users in it, `guests` everyone else present.
+fn remote_out(v: RoomView) -> ConversationOut {
+    ConversationOut {
+        id: v.room.clone(),
+        jid: v.room.clone(),
+        name: String::new(),
+        subject: v.subject,
+        public: false,
+        open: false,
+        members: v
+            .ours
+            .into_iter()
+            .map(|o| MemberOut {
+                jid: o.full.split('/').next().unwrap_or_default().to_string(),
+                user_id: Some(o.user_id),
+                role: if o.affiliation.is_empty() {
+                    "none".into()
+                } else {
+                    o.affiliation
+                },
+                nick: o.nick,
+                present: if o.state == "joined" {
+                    vec![o.full]
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect(),
+        guests: v
+            .occupants
+            .into_iter()
+            .map(|o| GuestOut {
+                jid: o.jid.unwrap_or_else(|| format!("{}/{}", v.room, o.nick)),
+                nick: o.nick,
+            })
+            .collect(),
+    }
+}
+
+fn remote_reply(r: (StatusCode, RoomView)) -> Result<Response, Problem> {
+    Ok((r.0, Json(remote_out(r.1))).into_response())
 }
 
 fn room_reply(r: Reply) -> Result<Response, Problem> {
@@ -320,6 +390,9 @@ pub(super) async fn put_conversation(
     Query(q): Query<DomainQuery>,
     Body(input): Body<ConversationIn>,
 ) -> Result<Response, Problem> {
+    if joined::is_remote(&id) {
+        return Err(elsewhere());
+    }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     if input.name.len() > 1024 || input.name.chars().any(char::is_control) {
         return Err(Problem::new(
@@ -358,9 +431,10 @@ pub(super) async fn put_conversation(
     get,
     path = "/v1/conversations/{id}",
     tag = "conversations",
-    params(("id", description = "The conversation id"), DomainQuery),
+    params(("id", description = "The conversation id, or the bare JID of a room hosted elsewhere"), DomainQuery),
     responses(
-        (status = 200, description = "The conversation", body = ConversationOut),
+        (status = 200, description = "The conversation (hosted elsewhere: `members` are the local users in it, `guests` the others present)", body = ConversationOut),
+        (status = 403, description = "The federation policy refuses the room's domain", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, response = problems::Unauthorized),
         (status = 404, description = "Unknown conversation", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, response = problems::Internal),
@@ -372,6 +446,9 @@ pub(super) async fn get_conversation(
     Path(id): Path<String>,
     Query(q): Query<DomainQuery>,
 ) -> Result<Response, Problem> {
+    if joined::is_remote(&id) {
+        return remote_reply(joined::get(&st, &id).await?);
+    }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     room_reply(room_call(&st, Call::Get { service, id }).await?)
 }
@@ -397,6 +474,9 @@ pub(super) async fn delete_conversation(
     Path(id): Path<String>,
     Query(q): Query<DomainQuery>,
 ) -> Result<StatusCode, Problem> {
+    if joined::is_remote(&id) {
+        return Err(elsewhere());
+    }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     room_call(&st, Call::Delete { service, id }).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -419,10 +499,12 @@ pub(super) struct SubjectIn {
     put,
     path = "/v1/conversations/{id}/subject",
     tag = "conversations",
-    params(("id", description = "The conversation id"), DomainQuery),
+    params(("id", description = "The conversation id, or the bare JID of a room hosted elsewhere"), DomainQuery),
     request_body = SubjectIn,
     responses(
         (status = 200, description = "The conversation", body = ConversationOut),
+        (status = 202, description = "A room hosted elsewhere: asked; `subject_changed` follows if it agrees", body = ConversationOut),
+        (status = 403, description = "The federation policy refuses the room's domain", body = ProblemBody, content_type = "application/problem+json"),
         (status = 400, response = problems::MalformedJson),
         (status = 401, response = problems::Unauthorized),
         (status = 404, description = "Unknown conversation", body = ProblemBody, content_type = "application/problem+json"),
@@ -437,7 +519,6 @@ pub(super) async fn put_subject(
     Query(q): Query<DomainQuery>,
     Body(input): Body<SubjectIn>,
 ) -> Result<Response, Problem> {
-    let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     if input.subject.len() > 4096 || input.subject.chars().any(|c| c.is_control() && c != '\n') {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -445,6 +526,10 @@ pub(super) async fn put_subject(
             "a subject is at most 4096 bytes without control characters but newlines",
         ));
     }
+    if joined::is_remote(&id) {
+        return remote_reply(joined::subject(&st, &id, input.user_id, input.subject).await?);
+    }
+    let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     room_reply(
         room_call(
             &st,
@@ -466,10 +551,12 @@ pub(super) async fn put_subject(
     put,
     path = "/v1/conversations/{id}/members",
     tag = "conversations",
-    params(("id", description = "The conversation id"), DomainQuery),
+    params(("id", description = "The conversation id, or the bare JID of a room hosted elsewhere"), DomainQuery),
     request_body = MemberIn,
     responses(
         (status = 200, description = "The conversation", body = ConversationOut),
+        (status = 202, description = "A room hosted elsewhere: the join (or nick change) is sent; `joined_room` or `join_refused` follows", body = ConversationOut),
+        (status = 403, description = "The federation policy refuses the room's domain", body = ProblemBody, content_type = "application/problem+json"),
         (status = 400, response = problems::MalformedJson),
         (status = 401, response = problems::Unauthorized),
         (status = 404, description = "Unknown conversation or user", body = ProblemBody, content_type = "application/problem+json"),
@@ -484,6 +571,18 @@ pub(super) async fn put_member(
     Query(q): Query<DomainQuery>,
     Body(input): Body<MemberIn>,
 ) -> Result<Response, Problem> {
+    if joined::is_remote(&id) {
+        let (Some(user_id), None, None) = (input.user_id, input.jid, input.role) else {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid member",
+                "in a room hosted elsewhere a member is a local user joining it: \
+                 user_id (and nick), no jid nor role (the room decides)",
+            )
+            .at("member"));
+        };
+        return remote_reply(joined::join(&st, &id, user_id, input.nick, input.protocol).await?);
+    }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     let member = member_in(&st, input, "member")?;
     room_reply(
@@ -508,7 +607,7 @@ pub(super) async fn put_member(
     path = "/v1/conversations/{id}/members/{member}",
     tag = "conversations",
     params(
-        ("id", description = "The conversation id"),
+        ("id", description = "The conversation id, or the bare JID of a room hosted elsewhere (the member is then a local user id, who leaves it)"),
         ("member", description = "A local user id or a remote bare JID"),
         DomainQuery,
     ),
@@ -526,6 +625,9 @@ pub(super) async fn delete_member(
     Path((id, member)): Path<(String, String)>,
     Query(q): Query<DomainQuery>,
 ) -> Result<Response, Problem> {
+    if joined::is_remote(&id) {
+        return remote_reply(joined::leave(&st, &id, member).await?);
+    }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     let jid = match st.server.store.user(&member).map_err(internal)? {
         Some(u) => u.jid(),
@@ -577,11 +679,13 @@ pub(super) struct PostedOut {
     post,
     path = "/v1/conversations/{id}/messages",
     tag = "conversations",
-    params(("id", description = "The conversation id"), DomainQuery),
+    params(("id", description = "The conversation id, or the bare JID of a room hosted elsewhere"), DomainQuery),
     request_body = GroupMessageIn,
     responses(
         (status = 200, description = "A repeat of an accepted idempotency key: the first message's id", body = PostedOut),
         (status = 201, description = "Archived and sent", body = PostedOut),
+        (status = 202, description = "A room hosted elsewhere: queued (durable); `delivered`, `bounced` or `expired` follows", body = PostedOut),
+        (status = 403, description = "The federation policy refuses the room's domain", body = ProblemBody, content_type = "application/problem+json"),
         (status = 400, response = problems::MalformedJson),
         (status = 401, response = problems::Unauthorized),
         (status = 404, description = "Unknown conversation or sender", body = ProblemBody, content_type = "application/problem+json"),
@@ -598,7 +702,12 @@ pub(super) async fn post_group_message(
     Query(q): Query<DomainQuery>,
     Body(m): Body<GroupMessageIn>,
 ) -> Result<Response, Problem> {
-    let (service, id) = place(&st, q.domain.as_deref(), &id)?;
+    let remote = joined::is_remote(&id);
+    let place = if remote {
+        None
+    } else {
+        Some(place(&st, q.domain.as_deref(), &id)?)
+    };
     let user = st
         .server
         .store
@@ -626,6 +735,27 @@ pub(super) async fn post_group_message(
         inner.push_str(x);
     }
     let key = m.idempotency_key.map(|k| (user.id.clone(), k));
+    let Some((service, id)) = place else {
+        // Durable like a 1:1 message (its idempotency key checked there).
+        let r = joined::post(&st, &id, &user.id, inner, key).await?;
+        let (id, repeat) = r
+            .into_iter()
+            .next()
+            .ok_or_else(|| internal("nothing queued"))?;
+        let status = if repeat {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        };
+        return Ok((
+            status,
+            Json(PostedOut {
+                id,
+                stanza_id: None,
+            }),
+        )
+            .into_response());
+    };
     let flight: Vec<String> = key.iter().map(|(u, k)| format!("{u}\0{k}")).collect();
     {
         let mut f = st.keys_in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -682,6 +812,9 @@ pub(super) struct ArchiveQuery {
     domain: Option<String>,
     /// Messages after this archive position (`seq`); from the oldest by default.
     after: Option<u64>,
+    /// A room hosted elsewhere: messages after this one (its `stanza_id`, the
+    /// previous page's `last`); from the oldest by default.
+    after_id: Option<String>,
     /// At most this many (default 100, at most 1000).
     limit: Option<usize>,
 }
@@ -689,8 +822,10 @@ pub(super) struct ArchiveQuery {
 /// One archived message.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct ArchivedOut {
-    /// Its position in the archive (the cursor for `after`).
-    seq: u64,
+    /// Its position in the archive (the cursor for `after`); absent for a room
+    /// hosted elsewhere (page with `after_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
     /// Its stanza id (XEP-0359, MAM id).
     stanza_id: String,
     /// When the room took it (unix ms).
@@ -708,6 +843,12 @@ pub(super) struct ArchivedOut {
 pub(super) struct ArchiveOut {
     /// Oldest first.
     messages: Vec<ArchivedOut>,
+    /// A room hosted elsewhere: whether this page reaches its newest message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete: Option<bool>,
+    /// A room hosted elsewhere: the cursor of the next page (`after_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last: Option<String>,
 }
 
 /// Read a conversation's archive
@@ -715,9 +856,13 @@ pub(super) struct ArchiveOut {
     get,
     path = "/v1/conversations/{id}/messages",
     tag = "conversations",
-    params(("id", description = "The conversation id"), ArchiveQuery),
+    params(("id", description = "The conversation id, or the bare JID of a room hosted elsewhere (read through its MAM archive by a local user in it)"), ArchiveQuery),
     responses(
         (status = 200, description = "Oldest first", body = ArchiveOut),
+        (status = 403, description = "The federation policy refuses the room's domain", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "A room hosted elsewhere that no local user is in yet", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "A room hosted elsewhere refused the archive query (its condition and text)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "A room hosted elsewhere did not answer the archive query in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, response = problems::Unauthorized),
         (status = 404, description = "Unknown conversation", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, response = problems::Internal),
@@ -729,13 +874,33 @@ pub(super) async fn get_archive(
     Path(id): Path<String>,
     Query(q): Query<ArchiveQuery>,
 ) -> Result<Json<ArchiveOut>, Problem> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    if joined::is_remote(&id) {
+        // Its archive, through one of the local users in it (XEP-0313).
+        let page = joined::archive(&st, &id, q.after_id, limit).await?;
+        return Ok(Json(ArchiveOut {
+            messages: page
+                .messages
+                .into_iter()
+                .map(|f| ArchivedOut {
+                    seq: None,
+                    stanza_id: f.stanza_id,
+                    at_ms: f.at_ms,
+                    from: f.from,
+                    jid: f.jid,
+                    xml: f.xml,
+                })
+                .collect(),
+            complete: Some(page.complete),
+            last: page.last,
+        }));
+    }
     let (service, id) = place(&st, q.domain.as_deref(), &id)?;
     let store = &st.server.store;
     let room = store
         .room(&service, &id)
         .map_err(internal)?
         .ok_or_else(|| call_problem(CallError::NotFound))?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let archived = store
         .archived(
             &service,
@@ -753,7 +918,7 @@ pub(super) async fn get_archive(
         messages: archived
             .into_iter()
             .map(|a| ArchivedOut {
-                seq: a.seq,
+                seq: Some(a.seq),
                 stanza_id: a.stanza_id,
                 at_ms: a.at_ms,
                 from: format!("{jid}/{}", a.nick),
@@ -761,5 +926,7 @@ pub(super) async fn get_archive(
                 xml: a.xml,
             })
             .collect(),
+        complete: None,
+        last: None,
     }))
 }

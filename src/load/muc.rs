@@ -11,6 +11,11 @@
 //!    done at its self-presence (status 110); a room the first join created
 //!    (status 201) is made an instant room (XEP-0045 §10.1.2) before the others
 //!    join;
+//!    With `mix_every` = k > 0 (a mixed room, ours only), every k-th occupant
+//!    (`u<k-1>`, `u<2k-1>`, ...) joins instead as a MIX participant (XEP-0369)
+//!    the way its server's MIX-PAM forwards it: an iq from its bare JID,
+//!    subscribed to the messages node, done at the iq's result; its copies
+//!    come to its bare JID, and it gets no presences;
 //! 2. occupant 0 sends `warmup` messages (not measured), then M groupchat
 //!    messages with `window` of them outstanding
 //!    (a message is done when all N copies, its own reflection included, came
@@ -69,6 +74,25 @@ pub struct MucLoad {
     pub history: u32,
     /// The target's process, for its CPU time.
     pub server_pid: Option<u32>,
+    /// Every this many occupants one is a MIX participant (0: none; 2:
+    /// half); occupant 0, the sender, is always a MUC occupant.
+    pub mix_every: u32,
+}
+
+impl MucLoad {
+    /// Whether occupant `k` joins as a MIX participant.
+    pub fn is_mix(&self, k: usize) -> bool {
+        self.mix_every > 0
+            && k < self.occupants as usize
+            && k % self.mix_every as usize == self.mix_every as usize - 1
+    }
+
+    /// How many of the N occupants are MIX participants.
+    pub fn mix_count(&self) -> u32 {
+        (0..self.occupants as usize)
+            .filter(|k| self.is_mix(*k))
+            .count() as u32
+    }
 }
 
 /// Two percentiles of a latency.
@@ -171,6 +195,8 @@ pub struct MucReport {
     pub errors: u64,
     /// The first few of them (and anything the target sent on our streams).
     pub samples: Vec<String>,
+    /// Of the occupants, MIX participants.
+    pub mix: u32,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -215,10 +241,11 @@ impl fmt::Display for MucReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "room={} N={} D={} join_ms={:.0} join_all_presences_ms={:.0} join_server_cpu_s={} presences_while_joining={} created_by_join={}",
+            "room={} N={} D={} mix={} join_ms={:.0} join_all_presences_ms={:.0} join_server_cpu_s={} presences_while_joining={} created_by_join={}",
             self.room,
             self.occupants,
             self.domains,
+            self.mix,
             ms(self.join),
             ms(self.join_all),
             self.join_server_cpu
@@ -445,6 +472,11 @@ fn classify(el: &[u8], seen: &mut Seen) {
                 (Some(from), Some(to), Some(id)) => seen.pings.push(Ping { from, to, id }),
                 _ => sample(seen, el),
             }
+            return;
+        }
+        // A MIX join's result.
+        if let Some(k) = number_after(head, b"id='j").or_else(|| number_after(head, b"id=\"j")) {
+            seen.joined.push(k);
             return;
         }
         match number_after(head, b"id='q").or_else(|| number_after(head, b"id=\"q")) {
@@ -735,6 +767,16 @@ impl<'a> Run<'a> {
 
     fn join(&mut self, k: usize, history: &str) {
         let (from, d) = self.occupant(k);
+        if self.load.is_mix(k) {
+            // As a MIX-PAM forwards it: from the bare JID.
+            let bare = from.strip_suffix("/r").unwrap_or(&from);
+            let xml = format!(
+                "<iq type='set' from='{bare}' to='{}' id='j{k}'><join xmlns='urn:xmpp:mix:core:1'>\
+                 <subscribe node='urn:xmpp:mix:nodes:messages'/><nick>u{k}</nick></join></iq>",
+                self.load.room
+            );
+            return self.queue(d, &xml);
+        }
         let xml = format!(
             "<presence from='{from}' to='{}/u{k}'><x xmlns='http://jabber.org/protocol/muc'>{history}</x></presence>",
             self.load.room
@@ -762,6 +804,7 @@ impl<'a> Run<'a> {
             occupants: self.load.occupants,
             domains: self.domains.len() as u32,
             messages: self.load.messages,
+            mix: self.load.mix_count(),
             ..MucReport::default()
         };
         let (t0, cpu0) = (Instant::now(), self.server_cpu());
@@ -770,9 +813,11 @@ impl<'a> Run<'a> {
         report.join_server_cpu = self.server_cpu().zip(cpu0).map(|(b, a)| b - a);
         report.created_by_join = self.created;
         // Every join is announced to every occupant already there: N(N-1)
-        // presences in all (half to the joiners, half to the others). Wait for
-        // the last of them (or for a quiet spell, should a target send fewer).
-        let all = (self.n * self.n.saturating_sub(1)) as u64;
+        // presences in all (half to the joiners, half to the others); MIX
+        // participants get none. Wait for the last of them (or for a quiet
+        // spell, should a target send fewer).
+        let muc = self.n - self.load.mix_count() as usize;
+        let all = (muc * self.n.saturating_sub(1)) as u64;
         while self.presences < all {
             if !self.settle_some(Duration::from_secs(5)).await {
                 break;
@@ -962,6 +1007,36 @@ mod tests {
             assert_eq!(seen.joined, vec![1], "cut at {cut}");
             assert_eq!(seen.copies, vec![17], "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_mixed_room_has_every_kth_occupant_a_mix_participant() {
+        let load = MucLoad {
+            room: "c1@conference.wire.test".into(),
+            occupants: 10,
+            messages: 1,
+            window: 1,
+            warmup: 0,
+            join_window: 1,
+            history_joins: 2,
+            history: 0,
+            server_pid: None,
+            mix_every: 2,
+        };
+        let mix: Vec<usize> = (0..12).filter(|k| load.is_mix(*k)).collect();
+        assert_eq!(
+            mix,
+            [1, 3, 5, 7, 9],
+            "the sender and the history joiners are MUC occupants"
+        );
+        assert_eq!(load.mix_count(), 5);
+        // A MIX join's result, and the channel's copy to a bare JID.
+        let mut s = Seen::default();
+        let buf = "<iq from='c1@conference.wire.test' to='u3@load3.test' id='j3' type='result'><join xmlns='urn:xmpp:mix:core:1' id='ab'/></iq>\
+                   <message to='u3@load3.test' from='c1@conference.wire.test/ab' type='groupchat' id='x-5'><body>m5</body><mix xmlns='urn:xmpp:mix:core:1'/></message>";
+        assert_eq!(scan(buf.as_bytes(), &mut s), buf.len());
+        assert_eq!(s.joined, vec![3]);
+        assert_eq!(s.copies, vec![5]);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! - iqs: vCard (XEP-0054), disco#info (XEP-0030) and ping (XEP-0199) of the
 //!   user's bare JID from the profile; anything else `service-unavailable`;
 //!   results and errors are answers to our own requests (remote lookups); the
-//!   disco and vCard payloads are written with `xmpp-parsers`.
+//!   disco and vCard payloads are written with `xmpp-parsers`;
+//! - what rooms hosted elsewhere send to local users in them (presence,
+//!   groupchat, invitations) goes to [`super::joined`].
 
 use std::sync::Arc;
 
@@ -21,7 +23,12 @@ use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{Store, User};
 
 use super::inbox::Inbox;
-use super::{NS_DISCO_INFO, NS_PING, disco_info, recipient, send_result, unsupported};
+use super::joined::Joined;
+use super::pep::{NS_PUBSUB, Pep};
+use super::{
+    NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, disco_info, recipient, send_result, unsupported,
+};
+use crate::xml::writer::escape;
 
 /// XEP-0054.
 pub const NS_VCARD: &str = "vcard-temp";
@@ -31,12 +38,31 @@ pub const NS_VCARD: &str = "vcard-temp";
 pub struct Accounts {
     store: Arc<Store>,
     inbox: Inbox,
+    joined: Option<Joined>,
+    pep: Arc<Pep>,
 }
 
 impl Accounts {
     /// Accounts stored in `store`, their messages going to `inbox`.
     pub fn new(store: Arc<Store>, inbox: Inbox) -> Accounts {
-        Accounts { store, inbox }
+        Accounts {
+            pep: Arc::new(Pep::new(store.clone())),
+            store,
+            inbox,
+            joined: None,
+        }
+    }
+
+    /// The users' PEP service (the backend publishes through it).
+    pub fn pep(&self) -> Arc<Pep> {
+        self.pep.clone()
+    }
+
+    /// What rooms hosted elsewhere send to local users who are in them goes to
+    /// `joined` ([`Joined::claims`]).
+    pub fn with_joined(mut self, joined: Joined) -> Accounts {
+        self.joined = Some(joined);
+        self
     }
 
     fn iq(&self, stanza: Stanza, outbox: &Outbox) {
@@ -62,9 +88,36 @@ impl Accounts {
                 return send_result(outbox, &stanza, &vcard(&user));
             }
             (Some("get"), Some((NS_DISCO_INFO, "query"))) => {
-                let info = disco_info(&self.identity(), &self.features());
+                // XEP-0163 §4.3.1 (Example 8): the account is a PEP service too.
+                let mut info = disco_info(&self.identity(), &self.features());
+                info.identities.push(xmpp_parsers::disco::Identity {
+                    category: "pubsub".into(),
+                    type_: "pep".into(),
+                    lang: None,
+                    name: None,
+                });
                 return send_result(outbox, &stanza, &info);
             }
+            (Some("get"), Some((NS_DISCO_ITEMS, "query"))) => {
+                // XEP-0163 §4.3.2: the nodes the requester may read.
+                let requester = stanza
+                    .from
+                    .as_ref()
+                    .map(|f| f.bare().to_ascii_lowercase())
+                    .unwrap_or_default();
+                let jid = user.jid();
+                let mut items = format!("<query xmlns='{NS_DISCO_ITEMS}'>");
+                for node in self.pep.readable_nodes(&user, &requester) {
+                    items.push_str(&format!(
+                        "<item jid='{}' node='{}'/>",
+                        escape(&jid),
+                        escape(&node)
+                    ));
+                }
+                items.push_str("</query>");
+                Stanza::iq_result(&stanza, &items)
+            }
+            (_, Some((NS_PUBSUB, "pubsub"))) => return self.pep.iq(&user, &stanza, outbox),
             (Some("get"), Some((NS_PING, "ping"))) => Stanza::iq_result(&stanza, ""),
             _ => return unsupported(outbox, &stanza),
         };
@@ -74,6 +127,14 @@ impl Accounts {
 
 impl Service for Accounts {
     fn handle(&self, stanza: Stanza, outbox: &Outbox) {
+        if let Some(joined) = &self.joined
+            && joined.claims(&stanza)
+        {
+            if let Some(s) = joined.push(stanza) {
+                tracing::warn!(stanza = s.as_str(), "remote rooms' queue full: dropped");
+            }
+            return;
+        }
         match stanza.kind {
             Kind::Presence => {
                 if self.inbox.push(stanza).is_some() {
@@ -83,12 +144,27 @@ impl Service for Accounts {
             Kind::Message => {
                 // Refuse at once (in stream order, before any later iq is answered)
                 // when the user does not exist; the inbox only stores.
-                if !stanza.is_error() && recipient(&self.store, &stanza).is_none() {
+                let user = (!stanza.is_error())
+                    .then(|| recipient(&self.store, &stanza))
+                    .flatten();
+                if !stanza.is_error() && user.is_none() {
                     return outbox.bounce(
                         &stanza,
                         StanzaCondition::ServiceUnavailable,
                         "no such user",
                     );
+                }
+                // A contact's device list changed (PEP, XEP-0163 §4.3.2).
+                if let Some(event) = user.and_then(|u| self.pep.notification(&u, &stanza)) {
+                    let store = self.store.clone();
+                    tokio::spawn(async move {
+                        let mut w = crate::store::Writes::default();
+                        w.event(&event);
+                        if let Err(e) = store.commit(w).await {
+                            tracing::error!(error = %e, "storing a devices_changed event");
+                        }
+                    });
+                    return;
                 }
                 if let Some(s) = self.inbox.push(stanza) {
                     if s.is_error() {
@@ -114,7 +190,13 @@ impl Service for Accounts {
     }
 
     fn features(&self) -> Vec<&'static str> {
-        vec![NS_DISCO_INFO, NS_VCARD]
+        vec![
+            NS_DISCO_INFO,
+            NS_DISCO_ITEMS,
+            NS_VCARD,
+            "http://jabber.org/protocol/pubsub",
+            "http://jabber.org/protocol/pubsub#retrieve-items",
+        ]
     }
 }
 
@@ -163,15 +245,32 @@ mod tests {
         let info: DiscoInfoResult = payload(&answer).unwrap();
         assert_eq!(
             info.identities,
-            vec![DiscoIdentity {
-                category: "account".into(),
-                type_: "registered".into(),
-                lang: None,
-                name: None,
-            }]
+            vec![
+                DiscoIdentity {
+                    category: "account".into(),
+                    type_: "registered".into(),
+                    lang: None,
+                    name: None,
+                },
+                DiscoIdentity {
+                    category: "pubsub".into(),
+                    type_: "pep".into(),
+                    lang: None,
+                    name: None,
+                }
+            ]
         );
         let features: Vec<&str> = info.features.iter().map(String::as_str).collect();
-        assert_eq!(features, vec![NS_DISCO_INFO, NS_VCARD]);
+        assert_eq!(
+            features,
+            vec![
+                NS_DISCO_INFO,
+                NS_DISCO_ITEMS,
+                "http://jabber.org/protocol/pubsub",
+                "http://jabber.org/protocol/pubsub#retrieve-items",
+                NS_VCARD,
+            ]
+        );
         // Nobody: service-unavailable (RFC 6121 §8.5.2.2.1).
         let answer = s.answer(
             "<iq type='get' from='shakespeare.lit' to='romeo@capulet.com' id='info3'>\

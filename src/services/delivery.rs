@@ -50,6 +50,8 @@ const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 struct Tracked {
     seq: u64,
+    /// The sender (a full JID for an occupant of a remote room).
+    from: String,
     to: String,
     /// The recipient's domain.
     domain: String,
@@ -69,6 +71,9 @@ pub struct Delivery {
     confirms: Mutex<HashMap<String, Vec<Track>>>,
     /// Domains found unreachable, and when to try each again.
     backoff: Backoffs,
+    /// (sender, recipient) pairs whose messages wait: an occupancy of a remote
+    /// room not joined yet ([`Delivery::hold`]).
+    holds: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// Unreachable domains and their retry state.
@@ -108,6 +113,7 @@ impl Delivery {
             queue: Mutex::default(),
             confirms: Mutex::default(),
             backoff: Backoffs::default(),
+            holds: Mutex::default(),
         }
     }
 
@@ -148,10 +154,13 @@ impl Delivery {
     /// domain), oldest first.
     fn sweep(&self, now_ms: u64) -> (Vec<String>, Vec<(u64, String, String)>) {
         let (mut expired, mut due) = (Vec::new(), Vec::new());
+        let holds = lock(&self.holds);
         for (id, t) in lock(&self.queue).iter() {
             if now_ms >= t.expires_ms {
                 expired.push(id.clone());
-            } else if t.submitted.is_none_or(|s| s.elapsed() > INFLIGHT_TIMEOUT) {
+            } else if t.submitted.is_none_or(|s| s.elapsed() > INFLIGHT_TIMEOUT)
+                && (holds.is_empty() || !holds.contains(&(t.from.clone(), t.to.clone())))
+            {
                 due.push((t.seq, id.clone(), t.domain.clone()));
             }
         }
@@ -185,6 +194,69 @@ impl Delivery {
     fn mark_submitted(&self, id: &str) {
         if let Some(t) = lock(&self.queue).get_mut(id) {
             t.submitted = Some(Instant::now());
+        }
+    }
+
+    /// Hold back messages from `from` to `to` (nothing is submitted, new or due)
+    /// until [`Delivery::release`]: a room hosted elsewhere refuses messages from
+    /// a JID that has not joined it yet.
+    pub fn hold(&self, from: &str, to: &str) {
+        lock(&self.holds).insert((from.to_string(), to.to_string()));
+    }
+
+    /// The ids of the messages queued from `from` to `to`.
+    pub fn queued_for(&self, from: &str, to: &str) -> Vec<String> {
+        lock(&self.queue)
+            .iter()
+            .filter(|(_, t)| t.from == from && t.to == to)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Stop holding `from` -> `to`: the messages the recipient is known to have
+    /// (`arrived`: a room's history showed them) are settled as delivered, the
+    /// others submitted now, oldest first.
+    pub fn release(
+        self: &Arc<Self>,
+        outbox: &Outbox,
+        from: &str,
+        to: &str,
+        arrived: &std::collections::HashSet<String>,
+    ) {
+        lock(&self.holds).remove(&(from.to_string(), to.to_string()));
+        let mut pending: Vec<(u64, String)> = lock(&self.queue)
+            .iter()
+            .filter(|(_, t)| t.from == from && t.to == to)
+            .map(|(id, t)| (t.seq, id.clone()))
+            .collect();
+        pending.sort_unstable();
+        let (arrived, pending): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .partition(|(_, id)| arrived.contains(id));
+        tracing::info!(
+            %from,
+            %to,
+            arrived = arrived.len(),
+            sending = pending.len(),
+            "released: settled what the recipient showed it has, sending the rest"
+        );
+        if !arrived.is_empty() {
+            self.settle(arrived.into_iter().map(|(_, id)| id), delivered);
+        }
+        for (seq, id) in pending {
+            match self.store.queued_by_seq(seq) {
+                Ok(Some(m)) => match Stanza::parse(&m.xml) {
+                    Some(stanza) => {
+                        self.mark_submitted(&id);
+                        outbox.send_tracked(stanza);
+                    }
+                    None => {
+                        tracing::error!(%id, "queued message does not parse; it will expire")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
+            }
         }
     }
 }
@@ -229,6 +301,7 @@ impl Backoffs {
 fn tracked(m: &Outgoing, submitted: Option<Instant>) -> Tracked {
     Tracked {
         seq: m.seq,
+        from: m.from.clone(),
         to: m.to.clone(),
         domain: m.domain.clone(),
         expires_ms: m.expires_ms,
@@ -240,8 +313,18 @@ impl Delivery {
     /// Track and submit messages the API has just persisted (`stanzas[i]` is
     /// `queued[i]`'s stanza, built by the API from validated parts).
     pub fn submit_new(&self, outbox: &Outbox, queued: &[Outgoing], stanzas: Vec<Stanza>) {
-        // A domain being held back gets them from the sweeper when its wait is over.
-        let held: Vec<bool> = queued.iter().map(|m| self.held(&m.domain)).collect();
+        // A domain being held back gets them from the sweeper when its wait is
+        // over; a held pair when it is released.
+        let held: Vec<bool> = {
+            let holds = lock(&self.holds);
+            queued
+                .iter()
+                .map(|m| {
+                    self.held(&m.domain)
+                        || (!holds.is_empty() && holds.contains(&(m.from.clone(), m.to.clone())))
+                })
+                .collect()
+        };
         {
             let now = Instant::now();
             let mut q = lock(&self.queue);

@@ -4,6 +4,9 @@
 //!
 //! - [`state`]: one room's occupants and the rules of joining, leaving and
 //!   speaking, sans-IO;
+//! - [`mix`]: the same room as a MIX channel (XEP-0369; joins forwarded by
+//!   the participant's server, XEP-0405), on the same JID, with the same
+//!   members and archive;
 //! - [`mam`]: queries of a room's archive (XEP-0313 over XEP-0059 paging).
 //!
 //! [`Rooms`] is the service of every room service domain. It hands stanzas (and
@@ -17,6 +20,7 @@
 //! (XMPP sessions) live only in memory.
 
 pub mod mam;
+pub mod mix;
 pub mod state;
 
 use std::collections::HashMap;
@@ -362,7 +366,13 @@ impl Service for Rooms {
     }
 
     fn features(&self) -> Vec<&'static str> {
-        vec![NS_MUC, NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING]
+        vec![
+            NS_MUC,
+            mix::NS_MIX_CORE,
+            NS_DISCO_INFO,
+            NS_DISCO_ITEMS,
+            NS_PING,
+        ]
     }
 }
 
@@ -469,11 +479,17 @@ impl Live {
                 }
             };
             for r in rooms {
+                // Sessions, or MIX participants: their copies may be due.
                 let occupied = self
                     .task
                     .store
                     .sessions(&service, &r.id)
-                    .is_ok_and(|s| !s.is_empty());
+                    .is_ok_and(|s| !s.is_empty())
+                    || self
+                        .task
+                        .store
+                        .members(&service, &r.id)
+                        .is_ok_and(|m| m.iter().any(|m| m.mix.is_some()));
                 if occupied && let Err(e) = self.room(&service, &r.id) {
                     tracing::error!(error = %e, room = %r.jid(), "loading a room at start");
                 }
@@ -771,10 +787,23 @@ impl Live {
                     type_: "text",
                     name: "Conversations".into(),
                 };
-                let info = super::disco_info(
+                let mut info = super::disco_info(
                     &service_identity,
-                    &[NS_MUC, NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING],
+                    &[
+                        NS_MUC,
+                        mix::NS_MIX_CORE,
+                        NS_DISCO_INFO,
+                        NS_DISCO_ITEMS,
+                        NS_PING,
+                    ],
                 );
+                // XEP-0369 §6.2: the service is a MIX service too.
+                info.identities.push(xmpp_parsers::disco::Identity {
+                    category: "conference".into(),
+                    type_: "mix".into(),
+                    lang: None,
+                    name: Some("Conversations".into()),
+                });
                 result(s, &info, cx);
             }
             Some((NS_DISCO_ITEMS, "query")) => {
@@ -845,19 +874,26 @@ impl Live {
                     || r.room.public != public
                     || r.room.members_only != members_only
                 {
+                    let renamed = r.room.name != name;
                     r.room.name = name;
                     r.room.public = public;
                     r.room.members_only = members_only;
                     cx.writes.put_room(&r.room);
+                    if renamed {
+                        r.publish_info(cx);
+                    }
                 }
                 if let Some(members) = members {
                     let wanted: std::collections::HashSet<&str> =
                         members.iter().map(|m| m.jid.as_str()).collect();
+                    // Outsiders taking part in an open room's channel are not
+                    // the backend's members: they stay.
                     let gone: Vec<String> = r
                         .members
-                        .keys()
-                        .filter(|j| !wanted.contains(j.as_str()))
-                        .cloned()
+                        .values()
+                        .filter(|m| !wanted.contains(m.jid.as_str()))
+                        .filter(|m| !(m.affiliation == Affiliation::None && m.mix.is_some()))
+                        .map(|m| m.jid.clone())
                         .collect();
                     for j in gone {
                         r.remove_member(&j, cx);
@@ -986,6 +1022,7 @@ fn add_member(r: &mut RoomState, m: NewMember, cx: &mut Cx<'_>) {
         affiliation: m.affiliation,
         nick,
         user_id: m.user_id.clone(),
+        mix: existing.as_ref().and_then(|e| e.mix.clone()),
     };
     if existing.as_ref() == Some(&member) {
         return;
@@ -1033,8 +1070,10 @@ pub fn free_nick(r: &RoomState, wanted: &str, jid: &str) -> String {
 fn view(r: &RoomState) -> View {
     let mut present: HashMap<&str, Vec<String>> = HashMap::new();
     let mut guests = Vec::new();
+    // Members of the conversation (not outsiders who joined its channel).
+    let member = |m: &Member| !(m.affiliation == Affiliation::None && m.mix.is_some());
     for o in r.occupants() {
-        if r.members.contains_key(&o.bare) {
+        if r.members.get(&o.bare).is_some_and(member) {
             present
                 .entry(o.bare.as_str())
                 .or_default()
@@ -1043,9 +1082,22 @@ fn view(r: &RoomState) -> View {
             guests.extend(o.sessions.iter().map(|s| (o.nick.clone(), s.full.clone())));
         }
     }
+    // Outsiders taking part in an open room's channel are guests too (their
+    // channel nick and the JID their copies go to).
+    for m in r
+        .members
+        .values()
+        .filter(|m| m.affiliation == Affiliation::None)
+    {
+        if let Some(p) = &m.mix {
+            let to = p.direct.clone().unwrap_or_else(|| m.jid.clone());
+            guests.push((p.nick.clone(), to));
+        }
+    }
     let mut members: Vec<(Member, Vec<String>)> = r
         .members
         .values()
+        .filter(|m| member(m))
         .map(|m| {
             (
                 m.clone(),
@@ -1225,6 +1277,8 @@ fn room_features(r: &RoomState) -> Vec<&'static str> {
         NS_SID,
         NS_OCCUPANT_ID,
         NS_DISCO_INFO,
+        NS_DISCO_ITEMS,
+        mix::NS_MIX_CORE,
     ]
 }
 
@@ -1265,8 +1319,17 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
         .map(|f| f.bare().to_string())
         .unwrap_or_default();
     let member = r.affiliation(&requester) >= Affiliation::Member
-        || r.occupant_of(s.from.as_deref().unwrap_or("")).is_some();
+        || r.occupant_of(s.from.as_deref().unwrap_or("")).is_some()
+        || r.is_participant(&requester);
     let payload = s.payload.as_ref().map(|(n, l)| (n.as_ref(), l.as_ref()));
+    if matches!(payload, Some((mix::NS_MIX_CORE | mix::NS_PUBSUB, _)))
+        && matches!(s.type_.as_deref(), Some("get" | "set"))
+    {
+        return match mix::request(s) {
+            Some(req) => r.mix_request(s, req, cx),
+            None => unsupported(s, cx),
+        };
+    }
     let deny = |cx: &mut Cx<'_>, condition, type_, text| {
         cx.out
             .extend(room_error(s, condition, type_, &room, text, false));
@@ -1282,18 +1345,46 @@ fn room_iq(r: &mut RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
                 },
                 &room_features(r),
             );
+            // XEP-0369 §6.3: the same room is a MIX channel.
+            info.identities.push(xmpp_parsers::disco::Identity {
+                category: "conference".into(),
+                type_: "mix".into(),
+                lang: None,
+                name: (!r.room.name.is_empty()).then(|| r.room.name.clone()),
+            });
             info.extensions.push(roominfo(r));
             result(s, &info, cx);
         }
-        (Some("get"), Some((NS_DISCO_ITEMS, "query"))) => result(
-            s,
-            &DiscoItemsResult {
-                node: None,
-                items: Vec::new(),
-                rsm: None,
-            },
-            cx,
-        ),
+        (Some("get"), Some((NS_DISCO_ITEMS, "query"))) => {
+            // XEP-0369 §6.3: the channel's nodes (for the `mix` node, and the
+            // room itself, which has no other items).
+            let node = dom(s).and_then(|e| {
+                e.get_child("query", NS_DISCO_ITEMS)
+                    .and_then(|q| q.attr("node").map(str::to_string))
+            });
+            let items = match node.as_deref() {
+                None | Some("mix") => mix::NODES
+                    .iter()
+                    .filter_map(|n| {
+                        Some(Item {
+                            jid: room.parse().ok()?,
+                            node: Some(n.to_string()),
+                            name: None,
+                        })
+                    })
+                    .collect(),
+                Some(_) => Vec::new(),
+            };
+            result(
+                s,
+                &DiscoItemsResult {
+                    node,
+                    items,
+                    rsm: None,
+                },
+                cx,
+            )
+        }
         (Some("get"), Some((NS_PING, "ping"))) => cx.out.push(Stanza::iq_result(s, "")),
         (Some("get"), Some((NS_MUC_ADMIN, "query"))) => {
             if !member {
@@ -1343,7 +1434,12 @@ fn mam_query(r: &RoomState, store: &Store, s: &Stanza, cx: &mut Cx<'_>) {
     let answer = match s.type_.as_deref() {
         Some("get") if metadata => mam::metadata(store, &r.room, s).map(|a| vec![a]),
         Some("get") => Ok(vec![mam::fields(s)]),
-        _ => mam::parse(s).and_then(|q| mam::answer(store, &r.room, s, &q, MAM_PAGE)),
+        _ => mam::parse(s).and_then(|mut q| {
+            // A participant of the channel view only gets the channel's shape.
+            let from = s.from.as_deref().unwrap_or("");
+            q.channel = r.occupant_of(from).is_none() && r.is_participant(from);
+            mam::answer(store, &r.room, s, &q, MAM_PAGE)
+        }),
     };
     match answer {
         Ok(stanzas) => cx.out.extend(stanzas),
@@ -1506,7 +1602,8 @@ fn admin_set(r: &mut RoomState, s: &Stanza, cx: &mut Cx<'_>) {
                         jid: bare,
                         affiliation: a,
                         nick,
-                        user_id: existing.and_then(|m| m.user_id),
+                        user_id: existing.as_ref().and_then(|m| m.user_id.clone()),
+                        mix: existing.and_then(|m| m.mix),
                     },
                     cx,
                 );
@@ -1545,6 +1642,7 @@ mod tests {
                 affiliation: Affiliation::Owner,
                 nick: "alice".into(),
                 user_id: Some("u1".into()),
+                mix: None,
             }],
             0,
             Vec::new(),
@@ -1609,5 +1707,56 @@ mod tests {
             .filter(|s| s.as_str().contains("<invite"))
             .count();
         assert_eq!(invites, 2);
+    }
+
+    /// The backend sees a stranger in an open room's channel as a guest, and
+    /// a member that joined the channel keeps its participation through a
+    /// role change by the backend.
+    #[test]
+    fn channel_participants_in_the_backends_view() {
+        let mut r = room();
+        r.room.members_only = false;
+        let mut writes = Writes::default();
+        let (mut out, mut tracked) = (Vec::new(), Vec::new());
+        let config = RoomsConfig::default();
+        let mut cx = Cx {
+            now_ms: 1,
+            writes: &mut writes,
+            out: &mut out,
+            tracked: &mut tracked,
+            config: &config,
+        };
+        let join = |from: &str, nick: &str| {
+            Stanza::parse(&format!(
+                "<iq type='set' from='{from}' to='c1@conference.wire.test' id='j'><join xmlns='urn:xmpp:mix:core:1'>\
+                 <subscribe node='urn:xmpp:mix:nodes:messages'/><nick>{nick}</nick></join></iq>"
+            ))
+            .unwrap()
+        };
+        for (from, nick) in [("zed@prosody.test", "zed"), ("bob@prosody.test", "bob")] {
+            let s = join(from, nick);
+            r.mix_request(&s, mix::request(&s).unwrap(), &mut cx);
+        }
+        add_member(
+            &mut r,
+            NewMember {
+                jid: "bob@prosody.test".into(),
+                user_id: None,
+                affiliation: Affiliation::Member,
+                nick: "bob".into(),
+            },
+            &mut cx,
+        );
+        assert!(
+            r.is_participant("bob@prosody.test"),
+            "kept through the role change"
+        );
+        let v = view(&r);
+        assert_eq!(
+            v.guests,
+            vec![("zed".to_string(), "zed@prosody.test".to_string())]
+        );
+        let jids: Vec<&str> = v.members.iter().map(|(m, _)| m.jid.as_str()).collect();
+        assert_eq!(jids, ["alice@wire.test", "bob@prosody.test"]);
     }
 }

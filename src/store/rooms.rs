@@ -142,6 +142,28 @@ pub struct Member {
     /// The backend's user id, for a local user.
     #[serde(default)]
     pub user_id: Option<String>,
+    /// Its participation in the room's MIX channel view (XEP-0369), if it
+    /// joined it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix: Option<Participation>,
+}
+
+/// A member's participation in the MIX view of its room (XEP-0369 §7.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Participation {
+    /// Its stable participant id (derived from the bare JID, kept here so
+    /// that it never changes under it).
+    pub id: String,
+    /// Its nick in the channel (the MUC view's collision rule applies).
+    pub nick: String,
+    /// The nodes it subscribed to.
+    pub nodes: Vec<String>,
+    /// The full JID it joined from when it joined directly: its copies go
+    /// there (its server knows no channel, and ejabberd bounces a channel's
+    /// groupchat to a bare JID its MIX-PAM did not join). `None`: joined
+    /// through its server (XEP-0405), copies go to the bare JID.
+    #[serde(default)]
+    pub direct: Option<String>,
 }
 
 /// A message in a room's archive: what the room sent to every occupant.
@@ -624,6 +646,7 @@ mod tests {
                     affiliation: Affiliation::Member,
                     nick: "bob".into(),
                     user_id: None,
+                    mix: None,
                 },
             );
         }

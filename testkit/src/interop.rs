@@ -519,7 +519,7 @@ ssl = {{ certificate = "{cert}"; key = "{key}"; cafile = "{ca}"; }}
 authentication = "internal_hashed"
 storage = "internal"
 allow_registration = false
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; {dialback} }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; "pep"; {dialback} }}
 {disabled}
 {globals}VirtualHost "{domain}"
 {component}"#,
@@ -762,8 +762,17 @@ access_rules:
   s2s_test_domains:
     allow: test_domains
 modules:
+  mod_caps: {{}}
   mod_disco: {{}}
+  mod_mam: {{}}
+  mod_mix:
+    host: "mix.@HOST@"
+  mod_mix_pam: {{}}
   mod_ping: {{}}
+  mod_pubsub:
+    plugins:
+      - "flat"
+      - "pep"
   mod_roster: {{}}
   mod_vcard: {{}}
   mod_version: {{}}

@@ -157,6 +157,32 @@ impl Lab {
         c
     }
 
+    /// Our instance's TOML config (for the real binary): STARTTLS on `s2s`, the
+    /// API on `api`, the store in `store`, then `extra`.
+    pub(crate) fn wire_toml(
+        &self,
+        s2s: SocketAddr,
+        api: SocketAddr,
+        store: &std::path::Path,
+        extra: &str,
+    ) -> String {
+        xmpp_federator_testkit::process::instance_toml(
+            &xmpp_federator_testkit::process::InstanceFiles {
+                domain: WIRE,
+                s2s,
+                api,
+                token: TOKEN,
+                cert: &self.wire_files.cert,
+                key: &self.wire_files.key,
+                ca: &self.ca_path,
+                dns: self.dns.addr,
+                store,
+                backend: "redb",
+            },
+            extra,
+        )
+    }
+
     pub(crate) async fn start_wire(&self) -> Running {
         // The same fixed port as `check`, so peers' cached SRV answers stay right.
         let r = start(self.wire_config(5269))
@@ -305,6 +331,88 @@ impl Lab {
         assert_eq!(s, 200, "{b}");
         assert_eq!(b["exists"], true, "{b}");
         assert_eq!(b["display_name"], "Peer Person", "{b}");
+
+        self.devices(api, peer, &user_jid, pw).await;
+    }
+
+    /// OMEMO devices both ways (XEP-0384 over PEP): the XMPP user fetches the
+    /// backend user's device lists and a bundle in both namespaces; the
+    /// backend reads the XMPP user's device lists its client published.
+    async fn devices(&self, api: SocketAddr, peer: &ServerSpec, user_jid: &str, pw: &str) {
+        let k32 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let sig = "CQkJ".repeat(21) + "CQ==";
+        let device = json!({
+            "label": "Wally's phone",
+            "identity_key": k32,
+            "signed_prekey": {"id": 1, "public": k32, "signature": sig},
+            "prekeys": [{"id": 1, "public": k32}, {"id": 2, "public": k32}],
+        })
+        .to_string();
+        let (s, b, _) = http(
+            api,
+            "PUT",
+            "/v1/users/w1/devices/4242",
+            Some(TOKEN),
+            Some(&device),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+        let items = |args: &[&str]| {
+            let mut a = vec!["pep-items", "wally@wire.test"];
+            a.extend_from_slice(args);
+            blocking(|| self.client_args(user_jid, pw, peer.c2s(), &a))
+        };
+        let out = items(&["urn:xmpp:omemo:2:devices"]);
+        assert!(
+            out.contains("ITEM current ")
+                && out.contains("id=\"4242\"")
+                && out.contains("label=\"Wally's phone\""),
+            "{out}"
+        );
+        let out = items(&["eu.siacs.conversations.axolotl.devicelist"]);
+        assert!(
+            out.contains("ITEM current ") && out.contains("id=\"4242\""),
+            "{out}"
+        );
+        let out = items(&["urn:xmpp:omemo:2:bundles 4242"]);
+        assert!(out.contains("ITEM 4242 ") && out.contains(k32), "{out}");
+        let out = items(&["eu.siacs.conversations.axolotl.bundles:4242"]);
+        assert!(out.contains("signedPreKeyPublic"), "{out}");
+        let out = items(&["urn:xmpp:omemo:2:bundles 999"]);
+        assert!(
+            out.contains("ITEMS-DONE") && !out.contains("ITEM 999"),
+            "{out}"
+        );
+        wait_event(api, |e| {
+            e["type"] == "bundle_fetched" && e["device_id"] == 4242
+        })
+        .await;
+
+        // The XMPP user's client publishes its device list (legacy, what
+        // deployed clients use); the backend reads it.
+        let out = blocking(|| {
+            self.client_args(
+                user_jid,
+                pw,
+                peer.c2s(),
+                &[
+                    "pep-publish",
+                    "eu.siacs.conversations.axolotl.devicelist",
+                    "<list xmlns='eu.siacs.conversations.axolotl'><device id='777'/></list>",
+                ],
+            )
+        });
+        assert!(out.contains("PUBLISHED"), "{out}");
+        let (s, b, _) = http(
+            api,
+            "GET",
+            &format!("/v1/remote/{user_jid}/devices?as=w1"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["legacy"], json!([{"id": 777}]), "{b}");
     }
 
     /// A subscription handshake both ways between the backend user and the XMPP
@@ -612,7 +720,7 @@ async fn ejabberd_dialback() {
         Ejabberd::start_dialback(
             &lab.work.path,
             spec.clone(),
-            14371,
+            14391,
             "xf-ejabberd-db@localhost",
         )
     })
@@ -720,7 +828,7 @@ async fn ejabberd_dialback_untrusted() {
         Ejabberd::start_dialback(
             &lab.work.path,
             spec.clone(),
-            14373,
+            14393,
             "xf-ejabberd-un@localhost",
         )
     })

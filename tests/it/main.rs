@@ -5,11 +5,14 @@
 mod api;
 mod binary;
 mod conversations;
+mod devices;
 mod dialback;
 mod durability;
 mod federation;
 mod interop;
+mod joined;
 mod layout;
+mod mix;
 mod negotiation;
 mod rooms;
 mod sessions;

@@ -111,6 +111,10 @@ pub struct Query {
     pub index: Option<usize>,
     /// `<flip-page/>`: send the page newest first.
     pub flip_page: bool,
+    /// Forward the messages as the MIX channel sent them (`from`
+    /// `channel/participant-id`, `<mix/>`), for a requester that takes part
+    /// through the channel view only; not from the request, set by the room.
+    pub channel: bool,
 }
 
 /// Read the MAM query of `request` (an iq set to the room's bare JID).
@@ -144,6 +148,7 @@ pub fn parse(request: &Stanza) -> Result<Query, Refusal> {
         before: None,
         index: None,
         flip_page: parsed.flip_page,
+        channel: false,
     };
     if let Some(form) = &parsed.form {
         read_form(form, &mut q)?;
@@ -663,6 +668,7 @@ fn page(
             &id,
             q.queryid.as_deref(),
             a,
+            q.channel.then_some(room),
         ));
     }
 
@@ -696,6 +702,7 @@ fn result_message(
     id: &str,
     queryid: Option<&str>,
     a: &Archived,
+    channel: Option<&Room>,
 ) -> Stanza {
     let to = request.from.as_deref().unwrap_or_default();
     let mut xml = format!(
@@ -712,7 +719,11 @@ fn result_message(
         escape(&a.stanza_id),
         stamp(a.at_ms)
     ));
-    match forwardable(&a.xml, &a.jid) {
+    let channel_copy = channel.map(|room| {
+        let sender = super::mix::participant_id(room, &a.jid);
+        super::mix::channel_copy(a, &room.jid(), &sender, None, false)
+    });
+    match forwardable(channel_copy.as_deref().unwrap_or(&a.xml), &a.jid) {
         Some(message) => xml.push_str(&message),
         // §3.2 lets a result omit the message; better than no archive at all.
         None => tracing::warn!(
@@ -996,6 +1007,24 @@ mod tests {
         assert_eq!(got.first(), Some((sid(1).as_str(), Some(0))));
         assert_eq!(got.last(), Some(sid(5).as_str()));
         assert_eq!(got.count(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_channel_participant_gets_the_channels_shape() {
+        let (store, room) = archive(1).await;
+        let req = request("");
+        let mut q = parse(&req).unwrap();
+        q.channel = true;
+        let out = answer(&store, &room, &req, &q, 50).unwrap();
+        let xml = out[0].as_str();
+        let pid = super::super::mix::participant_id(&room, "witch1@shakespeare.lit");
+        let expected = format!(
+            "<message xmlns='jabber:client' from='{ROOM}/{pid}' type='groupchat' id='{sid}'><body>1</body>\
+             <stanza-id xmlns='urn:xmpp:sid:0' by='{ROOM}' id='{sid}'/>\
+             <mix xmlns='urn:xmpp:mix:core:1'><nick>firstwitch</nick><jid>witch1@shakespeare.lit</jid></mix>",
+            sid = sid(1)
+        );
+        assert!(xml.contains(&expected), "{xml}");
     }
 
     #[tokio::test]

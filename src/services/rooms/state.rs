@@ -25,11 +25,13 @@ use bytes::Bytes;
 use crate::address::Addr;
 use crate::config::RoomsConfig;
 use crate::stanza::{Kind, Stanza, StanzaCondition};
-use crate::store::rooms::{Affiliation, Archived, Member, Room, StoredSession};
+use crate::store::rooms::{Affiliation, Archived, Member, Participation, Room, StoredSession};
 use crate::store::{EventKind, Writes};
 use crate::xml::NS_STANZAS_ERR;
 use crate::xml::children::{Child, parts};
 use crate::xml::writer::escape;
+
+use super::mix;
 
 /// XEP-0045.
 pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
@@ -205,6 +207,42 @@ pub struct RoomState {
     pub fanout: HashMap<String, Fanout>,
 }
 
+/// One domain's recipients of a message: its sessions (full JIDs) and its MIX
+/// participants (where their copies go, their bare JID).
+#[derive(Debug, Clone, Default)]
+struct Recipients<'a> {
+    sessions: Vec<&'a str>,
+    participants: Vec<(&'a str, &'a str)>,
+}
+
+/// The channel's copies of one message, built on first use: `from`
+/// (`channel/participant-id`), and the copy for everyone and the sender's
+/// own, each to a full JID (`[0]`) and to a bare JID (`[1]`, with
+/// [`mix::PAM_MARKER`]).
+#[derive(Debug, Default)]
+struct ChannelCopies {
+    from: String,
+    plain: [String; 2],
+    own: Option<[String; 2]>,
+}
+
+/// Where a MIX participant's copies go: the full JID it joined from directly,
+/// else its bare JID (its server's PAM passes them on).
+fn mix_address<'m>(m: &'m Member, p: &'m Participation) -> &'m str {
+    p.direct.as_deref().unwrap_or(&m.jid)
+}
+
+/// The bare JID a participant is kept under: lower case (the fan-out finds
+/// its domain's entry by it; no PRECIS beyond ASCII case).
+fn participant_key(jid: &str) -> String {
+    Addr::trusted(jid).bare().to_lowercase()
+}
+
+/// The domain of a JID, lower case.
+fn domain_of(jid: &str) -> String {
+    Addr::trusted(jid).domain().to_ascii_lowercase()
+}
+
 /// The most iqs between occupants awaiting an answer (older ones are forgotten).
 const MAX_FORWARDED: usize = 1024;
 
@@ -368,6 +406,7 @@ impl RoomState {
         for m in members {
             s.members.insert(m.jid.clone(), m.clone());
             s.seat_backend_user(&m);
+            s.seat_participant(&m);
         }
         s
     }
@@ -414,6 +453,20 @@ impl RoomState {
             self.by_full.insert(session.full.clone(), st.nick);
             o.sessions.push(session);
         }
+        // MIX participants' domains take the room's messages too.
+        let domains: Vec<String> = self
+            .participants()
+            .map(|(m, _)| domain_of(&m.jid))
+            .collect();
+        for domain in domains {
+            let confirmed = cursors.get(&domain).copied().unwrap_or(self.last_seq);
+            self.fanout.entry(domain).or_insert(Fanout {
+                confirmed,
+                sent: confirmed,
+                behind: confirmed < self.last_seq,
+                sent_at_ms: 0,
+            });
+        }
     }
 
     fn stored(&self, nick: &str, s: &Session) -> StoredSession {
@@ -430,9 +483,15 @@ impl RoomState {
     /// before is history, sent at the join).
     fn seated(&mut self, nick: &str, s: &Session, cx: &mut Cx<'_>) {
         cx.writes.put_session(&self.room, &self.stored(nick, s));
-        if !self.fanout.contains_key(&s.domain) {
+        self.fanout_for(&s.domain, cx);
+    }
+
+    /// A domain that takes the room's messages from now on has a fan-out
+    /// entry, starting after the archive's newest message.
+    fn fanout_for(&mut self, domain: &str, cx: &mut Cx<'_>) {
+        if !self.fanout.contains_key(domain) {
             self.fanout.insert(
-                s.domain.clone(),
+                domain.to_string(),
                 Fanout {
                     confirmed: self.last_seq,
                     sent: self.last_seq,
@@ -440,8 +499,7 @@ impl RoomState {
                     sent_at_ms: 0,
                 },
             );
-            cx.writes
-                .fanout_cursor(&self.room, &s.domain, self.last_seq);
+            cx.writes.fanout_cursor(&self.room, domain, self.last_seq);
         }
     }
 
@@ -449,9 +507,19 @@ impl RoomState {
     /// the domain's last.
     fn unseated(&mut self, s: &Session, cx: &mut Cx<'_>) {
         cx.writes.delete_session(&self.room, &s.full);
-        if !self.sessions_of(&s.domain).any(|_| true) {
-            self.fanout.remove(&s.domain);
-            cx.writes.delete_fanout_cursor(&self.room, &s.domain);
+        self.fanout_unless_used(&s.domain, cx);
+    }
+
+    /// A domain with neither sessions nor MIX participants left loses its
+    /// fan-out entry.
+    fn fanout_unless_used(&mut self, domain: &str, cx: &mut Cx<'_>) {
+        let used = self.sessions_of(domain).any(|_| true)
+            || self
+                .participants()
+                .any(|(m, _)| domain_of(&m.jid) == domain);
+        if !used {
+            self.fanout.remove(domain);
+            cx.writes.delete_fanout_cursor(&self.room, domain);
         }
     }
 
@@ -476,6 +544,36 @@ impl RoomState {
                 },
             );
         }
+    }
+
+    /// A MIX participant is an occupant of the MUC view under its channel
+    /// nick, without sessions while it has no MUC session (like a backend user).
+    fn seat_participant(&mut self, m: &Member) {
+        let Some(p) = &m.mix else { return };
+        let occupant_id = occupant_id(&self.room, &m.jid);
+        self.occupants
+            .entry(p.nick.clone())
+            .or_insert_with(|| Occupant {
+                nick: p.nick.clone(),
+                bare: m.jid.clone(),
+                sessions: Vec::new(),
+                occupant_id,
+            });
+    }
+
+    /// Every MIX participant, with its participation.
+    pub fn participants(&self) -> impl Iterator<Item = (&Member, &Participation)> {
+        self.members
+            .values()
+            .filter_map(|m| m.mix.as_ref().map(|p| (m, p)))
+    }
+
+    /// The participant id of `bare`: its participation's, else derived.
+    pub fn participant_id(&self, bare: &str) -> String {
+        self.members
+            .get(bare)
+            .and_then(|m| m.mix.as_ref())
+            .map_or_else(|| mix::participant_id(&self.room, bare), |p| p.id.clone())
     }
 
     /// The room's bare JID.
@@ -930,11 +1028,20 @@ impl RoomState {
             return;
         };
         let session = o.sessions.remove(at);
-        let gone = o.sessions.is_empty();
+        let empty = o.sessions.is_empty();
+        let bare = o.bare.clone();
+        // A MIX participant under this nick stays in the room without sessions.
+        let stays = empty
+            && self
+                .members
+                .get(&bare)
+                .and_then(|m| m.mix.as_ref())
+                .is_some_and(|p| p.nick == nick);
+        let gone = empty && !stays;
         let o = if gone {
             self.occupants.remove(&nick).expect("present")
         } else {
-            o.clone()
+            self.occupants[&nick].clone()
         };
         self.unseated(&session, cx);
         if self_codes != [333] {
@@ -1105,7 +1212,11 @@ impl RoomState {
     /// A groupchat message to the room from an XMPP session.
     pub fn groupchat(&mut self, stanza: &Stanza, cx: &mut Cx<'_>) {
         let from = stanza.from.as_ref().map(|f| f.as_str()).unwrap_or("");
-        let Some(o) = self.occupant_of(from).cloned() else {
+        let Some(o) = self
+            .occupant_of(from)
+            .or_else(|| self.participant_occupant(from))
+            .cloned()
+        else {
             cx.out.extend(room_error(
                 stanza,
                 StanzaCondition::NotAcceptable,
@@ -1266,19 +1377,32 @@ impl RoomState {
                     f.sent_at_ms = cx.now_ms;
                     live.push(domain.clone());
                 }
-                // The live domains' sessions in one pass over the occupants (a
-                // pass per domain made a message cost occupants x domains).
-                let mut to: HashMap<&str, Vec<&str>> =
-                    live.iter().map(|d| (d.as_str(), Vec::new())).collect();
+                // The live domains' sessions and MIX participants in one pass
+                // over each (a pass per domain made a message cost occupants x
+                // domains).
+                let mut to: HashMap<&str, Recipients<'_>> = live
+                    .iter()
+                    .map(|d| (d.as_str(), Recipients::default()))
+                    .collect();
                 for s in self.occupants.values().flat_map(|o| o.sessions.iter()) {
                     if let Some(v) = to.get_mut(s.domain.as_str()) {
-                        v.push(s.full.as_str());
+                        v.sessions.push(s.full.as_str());
                     }
                 }
-                cx.out.reserve(to.values().map(Vec::len).sum());
+                for (m, p) in self.participants() {
+                    if let Some(v) = to.get_mut(Addr::trusted(m.jid.as_str()).domain()) {
+                        v.participants.push((mix_address(m, p), m.jid.as_str()));
+                    }
+                }
+                cx.out.reserve(
+                    to.values()
+                        .map(|r| r.sessions.len() + r.participants.len())
+                        .sum(),
+                );
+                let mut channel = ChannelCopies::default();
                 for d in &live {
-                    let fulls = to.get(d.as_str()).map_or(&[][..], Vec::as_slice);
-                    self.copies_to(d, fulls.iter().copied(), &copy, &from, id, seq, cx);
+                    let r = to.get(d.as_str()).cloned().unwrap_or_default();
+                    self.copies_to(d, &r, &copy, &from, id, a, &mut channel, cx);
                 }
             }
             None => {
@@ -1297,39 +1421,55 @@ impl RoomState {
         archived
     }
 
-    /// The copies of archived message `seq` for `domain`'s sessions.
-    fn copies(
-        &self,
-        domain: &str,
-        copy: &str,
-        from: &str,
-        id: Option<&str>,
-        seq: u64,
-        cx: &mut Cx<'_>,
-    ) {
-        let fulls = self.sessions_of(domain).map(|s| s.full.as_str());
-        self.copies_to(domain, fulls, copy, from, id, seq, cx);
+    /// The copies of archived message `a` for `domain`'s sessions and MIX
+    /// participants.
+    fn copies(&self, domain: &str, a: &Archived, cx: &mut Cx<'_>) {
+        let from = self.nick_jid(&a.nick);
+        let id = stanza_id_attr(&a.xml);
+        let r = Recipients {
+            sessions: self.sessions_of(domain).map(|s| s.full.as_str()).collect(),
+            participants: self
+                .participants()
+                .filter(|(m, _)| Addr::trusted(m.jid.as_str()).domain() == domain)
+                .map(|(m, p)| (mix_address(m, p), m.jid.as_str()))
+                .collect(),
+        };
+        let mut channel = ChannelCopies::default();
+        self.copies_to(
+            domain,
+            &r,
+            &a.xml,
+            &from,
+            id.as_deref(),
+            a,
+            &mut channel,
+            cx,
+        );
     }
 
-    /// The copies of archived message `seq` to `fulls`, sessions of `domain`.
+    /// The copies of archived message `a` (MUC shape: `copy`, `from`, `id`) to
+    /// `r`, sessions and MIX participants of `domain`; they share one tracking
+    /// key and come in one run. The channel's copies are built once per
+    /// message (`channel`), the sender's own with its submission id.
     #[allow(clippy::too_many_arguments)]
-    fn copies_to<'f>(
+    fn copies_to(
         &self,
         domain: &str,
-        fulls: impl Iterator<Item = &'f str>,
+        r: &Recipients<'_>,
         copy: &str,
         from: &str,
         id: Option<&str>,
-        seq: u64,
+        a: &Archived,
+        channel: &mut ChannelCopies,
         cx: &mut Cx<'_>,
     ) {
         let key = Copy {
             service: self.room.service.clone(),
             room: self.room.id.clone(),
             domain: domain.to_string(),
-            seq,
+            seq: a.seq,
         };
-        for full in fulls {
+        for full in &r.sessions {
             cx.tracked.push((cx.out.len(), key.clone()));
             cx.out.push(built(
                 Kind::Message,
@@ -1337,6 +1477,33 @@ impl RoomState {
                 from,
                 full,
                 id,
+                Some("groupchat"),
+            ));
+        }
+        if r.participants.is_empty() {
+            return;
+        }
+        let room = self.jid();
+        if channel.from.is_empty() {
+            let sender = self.participant_id(&a.jid);
+            channel.from = format!("{room}/{sender}");
+            let copy = |submission, pam| mix::channel_copy(a, &room, &sender, submission, pam);
+            channel.plain = [copy(None, false), copy(None, true)];
+            channel.own = id.map(|i| [copy(Some(i), false), copy(Some(i), true)]);
+        }
+        for (to, bare) in &r.participants {
+            let pam = usize::from(to == bare);
+            let xml = match &channel.own {
+                Some(own) if *bare == a.jid => &own[pam],
+                _ => &channel.plain[pam],
+            };
+            cx.tracked.push((cx.out.len(), key.clone()));
+            cx.out.push(built(
+                Kind::Message,
+                addressed(xml, to),
+                &channel.from,
+                to,
+                Some(&a.stanza_id),
                 Some("groupchat"),
             ));
         }
@@ -1432,9 +1599,7 @@ impl RoomState {
                     expired = Some((expired.map_or(a.seq, |(from, _)| from), a.seq));
                     continue;
                 }
-                let from = self.nick_jid(&a.nick);
-                let id = stanza_id_attr(&a.xml);
-                self.copies(&domain, &a.xml, &from, id.as_deref(), a.seq, cx);
+                self.copies(&domain, a, cx);
                 sent = a.seq;
             }
             // Holes (pruned messages) up to the newest count as taken too.
@@ -1488,6 +1653,7 @@ impl RoomState {
         self.room.subject_by = nick.map(str::to_string);
         self.room.subject_at_ms = cx.now_ms;
         cx.writes.put_room(&self.room);
+        self.publish_info(cx);
         let from = match nick {
             Some(n) => self.nick_jid(n),
             None => self.jid(),
@@ -1659,10 +1825,442 @@ impl RoomState {
         // Presence to an occupant's nick is the join path, not here.
     }
 
+    // ---- the MIX view (XEP-0369) ----
+
+    /// The occupant a MIX participant is (under its channel nick), for a
+    /// stanza from any of its JIDs.
+    fn participant_occupant(&self, from: &str) -> Option<&Occupant> {
+        let bare = participant_key(from);
+        let p = self.members.get(&bare)?.mix.as_ref()?;
+        self.occupants.get(&p.nick).filter(|o| o.bare == bare)
+    }
+
+    /// Whether `jid` (any of its JIDs) takes part in the MIX view.
+    pub fn is_participant(&self, jid: &str) -> bool {
+        self.members
+            .get(&participant_key(jid))
+            .is_some_and(|m| m.mix.is_some())
+    }
+
+    /// A MIX request to the channel (its bare JID) from a client's full JID or
+    /// from a participant's server for its bare JID (XEP-0405).
+    pub fn mix_request(&mut self, s: &Stanza, req: mix::Request, cx: &mut Cx<'_>) {
+        let from = s.from.as_deref().unwrap_or("").to_string();
+        let bare = participant_key(&from);
+        match (s.type_.as_deref(), req) {
+            (Some("set"), mix::Request::Join { nick, nodes }) => {
+                self.mix_join(s, &from, &bare, nick, &nodes, cx)
+            }
+            (Some("set"), mix::Request::Leave) => self.mix_leave(s, &bare, cx),
+            (Some("set"), mix::Request::SetNick(nick)) => self.mix_setnick(s, &bare, &nick, cx),
+            (
+                Some("set"),
+                mix::Request::UpdateSubscription {
+                    subscribe,
+                    unsubscribe,
+                },
+            ) => self.mix_update_subscription(s, &bare, &subscribe, &unsubscribe, cx),
+            (Some("get"), mix::Request::Items(node)) => self.mix_items(s, &from, &bare, &node, cx),
+            _ => cx.out.extend(room_error(
+                s,
+                StanzaCondition::BadRequest,
+                "modify",
+                &self.jid(),
+                "not a MIX request of that type",
+                false,
+            )),
+        }
+    }
+
+    /// XEP-0369 §7.1.1: join (again: nodes and nick updated), with the MUC
+    /// view's rules (members only, bans, nick collisions).
+    fn mix_join(
+        &mut self,
+        s: &Stanza,
+        from: &str,
+        bare: &str,
+        nick: Option<String>,
+        nodes: &[String],
+        cx: &mut Cx<'_>,
+    ) {
+        let member = self.members.get(bare).cloned();
+        let current = member.as_ref().and_then(|m| m.mix.clone());
+        let nick = nick
+            .or_else(|| current.as_ref().map(|p| p.nick.clone()))
+            .or_else(|| member.as_ref().map(|m| m.nick.clone()))
+            .unwrap_or_else(|| Addr::trusted(bare).local().unwrap_or(bare).to_string());
+        if let Some((condition, type_, text)) = self.refuse_join(bare, &nick) {
+            cx.out
+                .extend(room_error(s, condition, type_, &self.jid(), text, false));
+            return;
+        }
+        if let Some(p) = &current
+            && p.nick != nick
+        {
+            // A join again with another nick is a nick change.
+            self.mix_rename(bare, &nick, cx);
+        }
+        let p = Participation {
+            id: current
+                .as_ref()
+                .map_or_else(|| mix::participant_id(&self.room, bare), |p| p.id.clone()),
+            nick: nick.clone(),
+            nodes: mix::known_nodes(nodes),
+            direct: Addr::trusted(from).resource().map(|_| from.to_string()),
+        };
+        let mut m = member.unwrap_or_else(|| Member {
+            jid: bare.to_string(),
+            affiliation: Affiliation::None,
+            nick: nick.clone(),
+            user_id: None,
+            mix: None,
+        });
+        m.mix = Some(p.clone());
+        cx.writes.put_member(&self.room, &m);
+        self.members.insert(bare.to_string(), m.clone());
+        let room = self.jid();
+        cx.out.push(Stanza::iq_result(
+            s,
+            &mix::join_result(&room, &p.id, &p.nick, &p.nodes),
+        ));
+        self.fanout_for(&domain_of(bare), cx);
+        if current.is_none() {
+            self.announce_participant(&m, cx);
+            cx.writes.event(&EventKind::MemberJoined {
+                conversation: self.room.id.clone(),
+                room,
+                jid: bare.to_string(),
+                nick: nick.clone(),
+            });
+        }
+        self.publish(
+            mix::NODE_PARTICIPANTS,
+            &mix::participant_item(&p.id, &p.nick, bare),
+            cx,
+        );
+    }
+
+    /// A new participant: seated in the MUC view (its presence to the MUC
+    /// sessions, unless it is already there under that nick).
+    fn announce_participant(&mut self, m: &Member, cx: &mut Cx<'_>) {
+        let Some(p) = &m.mix else { return };
+        if self.occupants.contains_key(&p.nick) {
+            return;
+        }
+        self.seat_participant(m);
+        let o = &self.occupants[&p.nick];
+        for to in self.sessions() {
+            cx.out.push(self.presence_of(o, None, to, None, &[]));
+        }
+    }
+
+    /// A participant's channel nick changes: in the MUC view too when it is
+    /// there only through the channel (303, then its presence under the new
+    /// nick).
+    fn mix_rename(&mut self, bare: &str, new: &str, cx: &mut Cx<'_>) {
+        let Some(m) = self.members.get_mut(bare) else {
+            return;
+        };
+        let Some(p) = m.mix.as_mut() else { return };
+        let old = std::mem::replace(&mut p.nick, new.to_string());
+        let m = m.clone();
+        cx.writes.put_member(&self.room, &m);
+        if let Some(o) = self
+            .occupants
+            .get(&old)
+            .filter(|o| o.bare == bare && o.sessions.is_empty())
+            .cloned()
+        {
+            self.occupants.remove(&old);
+            for to in self.sessions() {
+                cx.out
+                    .push(self.unavailable(&o, None, to, &[303], Some(new)));
+            }
+            self.seat_participant(&m);
+            let o = &self.occupants[new];
+            for to in self.sessions() {
+                cx.out.push(self.presence_of(o, None, to, None, &[]));
+            }
+        } else {
+            self.seat_participant(&m);
+        }
+        cx.writes.event(&EventKind::NickChanged {
+            conversation: self.room.id.clone(),
+            room: self.jid(),
+            jid: bare.to_string(),
+            old,
+            new: new.to_string(),
+        });
+    }
+
+    /// XEP-0369 §7.1.5: a participant's nick, with the MUC view's collision
+    /// rule.
+    fn mix_setnick(&mut self, s: &Stanza, bare: &str, nick: &str, cx: &mut Cx<'_>) {
+        let Some(p) = self.members.get(bare).and_then(|m| m.mix.clone()) else {
+            cx.out.extend(room_error(
+                s,
+                StanzaCondition::Forbidden,
+                "auth",
+                &self.jid(),
+                "you are not a participant of this channel",
+                false,
+            ));
+            return;
+        };
+        if let Some((condition, type_, text)) = self.refuse_join(bare, nick) {
+            cx.out
+                .extend(room_error(s, condition, type_, &self.jid(), text, false));
+            return;
+        }
+        if p.nick != nick {
+            self.mix_rename(bare, nick, cx);
+            self.publish(
+                mix::NODE_PARTICIPANTS,
+                &mix::participant_item(&p.id, nick, bare),
+                cx,
+            );
+        }
+        cx.out
+            .push(Stanza::iq_result(s, &mix::setnick_result(nick)));
+    }
+
+    /// XEP-0369 §7.1.4: a participant's node subscriptions change (nodes the
+    /// channel has not are ignored).
+    fn mix_update_subscription(
+        &mut self,
+        s: &Stanza,
+        bare: &str,
+        subscribe: &[String],
+        unsubscribe: &[String],
+        cx: &mut Cx<'_>,
+    ) {
+        let room = self.room.clone();
+        let Some(m) = self.members.get_mut(bare) else {
+            return self.not_participant(s, cx);
+        };
+        let Some(p) = m.mix.as_mut() else {
+            return self.not_participant(s, cx);
+        };
+        let mut nodes: Vec<String> = p
+            .nodes
+            .iter()
+            .filter(|n| !unsubscribe.contains(n))
+            .cloned()
+            .chain(mix::known_nodes(subscribe))
+            .collect();
+        nodes.sort_by_key(|n| mix::NODES.iter().position(|k| k == n));
+        nodes.dedup();
+        p.nodes = nodes.clone();
+        cx.writes.put_member(&room, m);
+        cx.out.push(Stanza::iq_result(
+            s,
+            &mix::update_subscription_result(bare, &nodes),
+        ));
+    }
+
+    fn not_participant(&self, s: &Stanza, cx: &mut Cx<'_>) {
+        cx.out.extend(room_error(
+            s,
+            StanzaCondition::Forbidden,
+            "auth",
+            &self.jid(),
+            "you are not a participant of this channel",
+            false,
+        ));
+    }
+
+    /// XEP-0369 §7.1.3: leave (a result whether or not it took part, as
+    /// ejabberd answers).
+    fn mix_leave(&mut self, s: &Stanza, bare: &str, cx: &mut Cx<'_>) {
+        self.end_participation(bare, &[], cx);
+        cx.out.push(Stanza::iq_result(s, &mix::leave_result()));
+    }
+
+    /// `bare` no longer takes part in the channel: its participation is
+    /// removed (the member with it, if that was all it was), the participants
+    /// node retracts it, and the MUC view loses it unless it has sessions
+    /// there (`codes` to the MUC sessions: none for leaving, 301, 321).
+    fn end_participation(&mut self, bare: &str, codes: &[u16], cx: &mut Cx<'_>) {
+        let Some(mut m) = self.members.get(bare).cloned() else {
+            return;
+        };
+        let Some(p) = m.mix.take() else { return };
+        if m.affiliation == Affiliation::None && m.user_id.is_none() {
+            self.members.remove(bare);
+            cx.writes.delete_member(&self.room, bare);
+        } else {
+            cx.writes.put_member(&self.room, &m);
+            self.members.insert(bare.to_string(), m);
+        }
+        if let Some(o) = self
+            .occupants
+            .get(&p.nick)
+            .filter(|o| o.bare == bare && o.sessions.is_empty())
+            .cloned()
+        {
+            self.occupants.remove(&p.nick);
+            for to in self.sessions() {
+                cx.out.push(self.unavailable(&o, None, to, codes, None));
+            }
+        }
+        self.fanout_unless_used(&domain_of(bare), cx);
+        self.publish(mix::NODE_PARTICIPANTS, &mix::retract(&p.id), cx);
+        cx.writes.event(&EventKind::MemberLeft {
+            conversation: self.room.id.clone(),
+            room: self.jid(),
+            jid: bare.to_string(),
+            nick: p.nick,
+            reason: match codes {
+                [301] => "banned",
+                [321] => "removed",
+                _ => "left",
+            }
+            .to_string(),
+        });
+    }
+
+    /// XEP-0369 §6.1: the items of a channel node, for its members and
+    /// participants.
+    fn mix_items(&self, s: &Stanza, from: &str, bare: &str, node: &str, cx: &mut Cx<'_>) {
+        let allowed = self.is_participant(bare)
+            || self.affiliation(bare) >= Affiliation::Member
+            || self.occupant_of(from).is_some();
+        if !allowed {
+            cx.out.extend(room_error(
+                s,
+                StanzaCondition::Forbidden,
+                "auth",
+                &self.jid(),
+                "only participants read the channel's nodes",
+                false,
+            ));
+            return;
+        }
+        let Some(items) = self.node_items(node, cx) else {
+            cx.out.extend(room_error(
+                s,
+                StanzaCondition::ItemNotFound,
+                "cancel",
+                &self.jid(),
+                "the channel has no such node",
+                false,
+            ));
+            return;
+        };
+        cx.out
+            .push(Stanza::iq_result(s, &mix::items_result(node, &items)));
+    }
+
+    /// The items of one of the channel's nodes; `None` for a node it has not.
+    /// Participants: MIX participants and backend members (the conversation's
+    /// members who are always in it); messages: the recent history, as the
+    /// channel sent it.
+    pub fn node_items(&self, node: &str, cx: &Cx<'_>) -> Option<String> {
+        let mut items = String::new();
+        match node {
+            mix::NODE_PARTICIPANTS => {
+                let mut ps: Vec<(String, &str, &str)> = self
+                    .participants()
+                    .map(|(m, p)| (p.id.clone(), p.nick.as_str(), m.jid.as_str()))
+                    .chain(
+                        self.members
+                            .values()
+                            .filter(|m| {
+                                m.mix.is_none()
+                                    && m.user_id.is_some()
+                                    && m.affiliation >= Affiliation::Member
+                            })
+                            .map(|m| {
+                                (
+                                    mix::participant_id(&self.room, &m.jid),
+                                    m.nick.as_str(),
+                                    m.jid.as_str(),
+                                )
+                            }),
+                    )
+                    .collect();
+                ps.sort();
+                for (id, nick, jid) in ps {
+                    items.push_str(&mix::participant_item(&id, nick, jid));
+                }
+            }
+            mix::NODE_INFO => {
+                items = self.info_item(self.room.created_ms.max(self.room.subject_at_ms))
+            }
+            mix::NODE_CONFIG => {
+                let of = |a: Affiliation| {
+                    let mut v: Vec<&str> = self
+                        .members
+                        .values()
+                        .filter(|m| m.affiliation == a)
+                        .map(|m| m.jid.as_str())
+                        .collect();
+                    v.sort_unstable();
+                    v
+                };
+                items = mix::config_item(
+                    self.room.created_ms,
+                    &of(Affiliation::Owner),
+                    &of(Affiliation::Admin),
+                );
+            }
+            mix::NODE_MESSAGES => {
+                let room = self.jid();
+                let n = cx.config.history_default.min(self.recent.len());
+                for a in self.recent.iter().skip(self.recent.len() - n) {
+                    let sender = self.participant_id(&a.jid);
+                    items.push_str(&format!(
+                        "<item id='{}'>{}</item>",
+                        escape(&a.stanza_id),
+                        mix::channel_copy(a, &room, &sender, None, false)
+                    ));
+                }
+            }
+            _ => return None,
+        }
+        Some(items)
+    }
+
+    fn info_item(&self, at_ms: u64) -> String {
+        mix::info_item(at_ms, &self.room.name, &self.room.subject)
+    }
+
+    /// The info node changed (name, or the description: the subject): its
+    /// item to the subscribers.
+    pub fn publish_info(&self, cx: &mut Cx<'_>) {
+        let item = self.info_item(cx.now_ms);
+        self.publish(mix::NODE_INFO, &item, cx);
+    }
+
+    /// A PubSub event (items of `node`) to the participants subscribed to it,
+    /// from the channel's bare JID (headline: nothing offline, no bounce).
+    fn publish(&self, node: &str, items: &str, cx: &mut Cx<'_>) {
+        let room = self.jid();
+        let payload = mix::event(node, items);
+        for (m, p) in self.participants() {
+            if !p.nodes.iter().any(|n| n == node) {
+                continue;
+            }
+            let to = mix_address(m, p);
+            let xml = format!(
+                "<message from='{}' to='{}' type='headline'>{payload}</message>",
+                escape(&room),
+                escape(to)
+            );
+            cx.out
+                .push(built(Kind::Message, xml, &room, to, None, Some("headline")));
+        }
+    }
+
     // ---- membership (the backend's and muc#admin's) ----
 
     /// Set a member (create or change), seating a backend user.
-    pub fn put_member(&mut self, m: Member, cx: &mut Cx<'_>) {
+    pub fn put_member(&mut self, mut m: Member, cx: &mut Cx<'_>) {
+        // A change of affiliation keeps the channel participation (a ban or a
+        // lost membership ends it below).
+        if m.mix.is_none() {
+            m.mix = self.members.get(&m.jid).and_then(|old| old.mix.clone());
+        }
         cx.writes.put_member(&self.room, &m);
         let was = self.members.insert(m.jid.clone(), m.clone());
         if m.user_id.is_some() {
@@ -1674,8 +2272,10 @@ impl RoomState {
         }
         if m.affiliation == Affiliation::Outcast {
             self.remove_occupant(&m.jid, 301, "banned", cx);
+            self.end_participation(&m.jid, &[301], cx);
         } else if self.room.members_only && m.affiliation < Affiliation::Member {
             self.remove_occupant(&m.jid, 321, "removed", cx);
+            self.end_participation(&m.jid, &[321], cx);
         } else {
             // An occupant whose affiliation changed: tell everyone its new item.
             if let Some(o) = self
@@ -1697,6 +2297,8 @@ impl RoomState {
     /// Remove a member: it loses membership and, in a members-only room, its
     /// sessions are removed (321).
     pub fn remove_member(&mut self, bare: &str, cx: &mut Cx<'_>) -> bool {
+        // Its channel participation ends with its membership.
+        self.end_participation(bare, &[321], cx);
         let Some(m) = self.members.remove(bare) else {
             return false;
         };
@@ -1784,8 +2386,14 @@ fn stanza_id_attr(copy: &str) -> Option<String> {
     )
 }
 
+/// The namespace declarations of an element's start tag, written out again
+/// (` xmlns:p='...'`...).
+pub fn start_declarations(xml: &str) -> String {
+    declarations(&parts(xml).declarations)
+}
+
 /// The end of an element's start tag (just past its `>`), quotes respected.
-fn tag_end(xml: &str) -> usize {
+pub fn tag_end(xml: &str) -> usize {
     let mut quote = None;
     for (i, b) in xml.bytes().enumerate() {
         match (quote, b) {
@@ -1824,6 +2432,7 @@ mod tests {
             affiliation: a,
             nick: nick.into(),
             user_id: user.map(str::to_string),
+            mix: None,
         }
     }
 
@@ -2503,5 +3112,430 @@ mod tests {
         // The same from a session not in the room: nothing.
         let out = run.feed(&mut r, &error("service-unavailable"));
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    // ---- the MIX view ----
+
+    /// An iq to the channel, as the rooms service routes it (its MIX payload).
+    fn mix_iq(run: &mut Run, r: &mut RoomState, xml: &str) -> Vec<Stanza> {
+        let s = Stanza::parse(xml).expect("a stanza");
+        let req = mix::request(&s).expect("a MIX request");
+        let mut cx = run.cx();
+        r.mix_request(&s, req, &mut cx);
+        std::mem::take(&mut run.out)
+            .into_iter()
+            .map(|s| Stanza::parse(s.as_str()).expect("we send well-formed stanzas"))
+            .collect()
+    }
+
+    /// XEP-0369 Example 23, as ejabberd's MIX-PAM sends it: from the bare JID.
+    fn pam_join(from: &str, nick: &str) -> String {
+        format!(
+            "<iq type='set' from='{from}' to='{ROOM}' id='E6E10350'><join xmlns='urn:xmpp:mix:core:1'>\
+             <subscribe node='urn:xmpp:mix:nodes:messages'/><subscribe node='urn:xmpp:mix:nodes:presence'/>\
+             <subscribe node='urn:xmpp:mix:nodes:participants'/><subscribe node='urn:xmpp:mix:nodes:info'/>\
+             <nick>{nick}</nick></join></iq>"
+        )
+    }
+
+    #[test]
+    fn a_pam_join_makes_a_participant_that_muc_occupants_see() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        let out = mix_iq(&mut run, &mut r, &pam_join("carol@ejabberd.test", "carol"));
+        // The result, to the bare JID, one child: the id, the nodes we have
+        // of those asked, the nick (Example 24).
+        let id = mix::participant_id(&r.room, "carol@ejabberd.test");
+        let result = &out[0];
+        assert_eq!(result.type_.as_deref(), Some("result"));
+        assert_eq!(to_of(result), "carol@ejabberd.test");
+        assert_eq!(result.id.as_deref(), Some("E6E10350"));
+        let el = crate::services::dom(result).unwrap();
+        assert_eq!(el.children().count(), 1);
+        let j = el.get_child("join", mix::NS_MIX_CORE).unwrap();
+        assert_eq!(j.attr("id"), Some(id.as_str()));
+        let nodes: Vec<&str> = j
+            .children()
+            .filter(|c| c.name() == "subscribe")
+            .filter_map(|c| c.attr("node"))
+            .collect();
+        assert_eq!(
+            nodes,
+            [mix::NODE_MESSAGES, mix::NODE_PARTICIPANTS, mix::NODE_INFO]
+        );
+        // The MUC occupant sees carol come in (no session: her bare JID).
+        let p = out
+            .iter()
+            .find(|s| s.kind == Kind::Presence)
+            .expect("presence");
+        assert_eq!(to_of(p), "bob@prosody.test/phone");
+        assert_eq!(from_of(p), format!("{ROOM}/carol"));
+        assert!(p.as_str().contains("jid='carol@ejabberd.test'"));
+        // She is subscribed to participants: the event of her own item.
+        let ev = out
+            .iter()
+            .find(|s| s.as_str().contains(mix::NS_PUBSUB_EVENT))
+            .expect("participants event");
+        assert_eq!(to_of(ev), "carol@ejabberd.test");
+        assert_eq!(from_of(ev), ROOM);
+        assert!(ev.as_str().contains(&format!("<item id='{id}'>")));
+        // Kept in the member record, with the stable id.
+        let m = &r.members["carol@ejabberd.test"];
+        let pt = m.mix.as_ref().unwrap();
+        assert_eq!(
+            (pt.id.as_str(), pt.nick.as_str(), pt.direct.as_deref()),
+            (id.as_str(), "carol", None)
+        );
+        assert!(r.fanout.contains_key("ejabberd.test"));
+        // A join again is answered with the same id and announces nothing new.
+        let again = mix_iq(&mut run, &mut r, &pam_join("carol@ejabberd.test", "carol"));
+        assert!(again.iter().all(|s| s.kind != Kind::Presence));
+        assert!(again[0].as_str().contains(&format!("id='{id}'")));
+    }
+
+    #[test]
+    fn mix_joins_follow_the_muc_rules() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        // A non-member of a members-only room; a banned one; a nick in use
+        // in the MUC view; a backend member's nick.
+        for (from, nick, cond) in [
+            ("dave@prosody.test", "dave", "registration-required"),
+            ("mallory@evil.test", "m", "forbidden"),
+            ("carol@ejabberd.test", "bob", "conflict"),
+            ("carol@ejabberd.test", "alice", "conflict"),
+        ] {
+            let out = mix_iq(&mut run, &mut r, &pam_join(from, nick));
+            assert_eq!(out.len(), 1, "{out:?}");
+            assert_eq!(condition(&out[0]), cond, "{from} as {nick}");
+            // One child only: ejabberd's PAM reads exactly one.
+            let el = crate::services::dom(&out[0]).unwrap();
+            assert_eq!(el.children().count(), 1);
+        }
+        assert!(!r.is_participant("carol@ejabberd.test"));
+        // setnick with the same rule, and not for a non-participant.
+        let set = |nick: &str| {
+            format!(
+                "<iq type='set' from='carol@ejabberd.test/pc' to='{ROOM}' id='7'><setnick xmlns='urn:xmpp:mix:core:1'><nick>{nick}</nick></setnick></iq>"
+            )
+        };
+        let out = mix_iq(&mut run, &mut r, &set("cc"));
+        assert_eq!(condition(&out[0]), "forbidden");
+        mix_iq(&mut run, &mut r, &pam_join("carol@ejabberd.test", "carol"));
+        let out = mix_iq(&mut run, &mut r, &set("bob"));
+        assert_eq!(condition(&out[0]), "conflict");
+        let out = mix_iq(&mut run, &mut r, &set("witch"));
+        assert!(out.last().unwrap().as_str().contains("<nick>witch</nick>"));
+        // The MUC view: 303 from the old nick, then the new one.
+        let muc: Vec<&Stanza> = out
+            .iter()
+            .filter(|s| to_of(s) == "bob@prosody.test/phone")
+            .collect();
+        assert_eq!(muc.len(), 2);
+        assert!(muc[0].as_str().contains("<status code='303'/>"));
+        assert_eq!(from_of(muc[1]), format!("{ROOM}/witch"));
+        // A MUC join under the participant's nick by someone else collides.
+        let out = run.feed(&mut r, &join("witch", "dave@prosody.test/x", ""));
+        assert_eq!(condition(&out[0]), "registration-required");
+        r.members.insert(
+            "dave@prosody.test".into(),
+            member("dave@prosody.test", Affiliation::Member, "dave", None),
+        );
+        let out = run.feed(&mut r, &join("witch", "dave@prosody.test/x", ""));
+        assert_eq!(condition(&out[0]), "conflict");
+    }
+
+    #[test]
+    fn messages_cross_between_the_views_with_the_channel_shape() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        mix_iq(&mut run, &mut r, &pam_join("carol@ejabberd.test", "carol"));
+        r.members.insert(
+            "erin@ejabberd.test".into(),
+            member("erin@ejabberd.test", Affiliation::Member, "erin", None),
+        );
+        // A direct join (from a full JID): its copies go to that JID.
+        mix_iq(
+            &mut run,
+            &mut r,
+            &format!(
+                "<iq type='set' from='erin@ejabberd.test/tab' to='{ROOM}' id='d1'><join xmlns='urn:xmpp:mix:core:1'>\
+                 <subscribe node='urn:xmpp:mix:nodes:messages'/><nick>erin</nick></join></iq>"
+            ),
+        );
+        let carol_id = mix::participant_id(&r.room, "carol@ejabberd.test");
+        // Carol (MIX, from a client session) speaks: every MUC session, every
+        // participant (her own copy with the submission id), the archive and
+        // the backend's event.
+        let s = Stanza::parse(&format!(
+            "<message from='carol@ejabberd.test/pc' to='{ROOM}' type='groupchat' id='92vax143g'><body>Harpier cries</body></message>"
+        ))
+        .unwrap();
+        let mut cx = run.cx();
+        r.groupchat(&s, &mut cx);
+        assert_eq!(r.last_seq, 1, "archived");
+        assert_eq!(
+            r.recent.back().map(|a| a.jid.as_str()),
+            Some("carol@ejabberd.test")
+        );
+        assert!(format!("{:?}", run.writes).contains("group_message") || !run.writes.is_empty());
+        let out: Vec<Stanza> = run.out.drain(..).collect();
+        let tracked: Vec<usize> = run.tracked.drain(..).map(|(i, _)| i).collect();
+        assert_eq!(tracked.len(), 3, "every copy tracked");
+        let to = |jid: &str| {
+            out.iter()
+                .find(|s| to_of(s) == jid)
+                .unwrap_or_else(|| panic!("{jid}: {out:?}"))
+        };
+        let muc = to("bob@prosody.test/phone");
+        assert_eq!(from_of(muc), format!("{ROOM}/carol"));
+        assert_eq!(muc.id.as_deref(), Some("92vax143g"));
+        let sid = r.room.stanza_id(1);
+        let own = to("carol@ejabberd.test");
+        assert_eq!(from_of(own), format!("{ROOM}/{carol_id}"));
+        assert_eq!(own.id.as_deref(), Some(sid.as_str()));
+        assert!(own.as_str().contains("<mix xmlns='urn:xmpp:mix:core:1'><nick>carol</nick><jid>carol@ejabberd.test</jid><submission-id>92vax143g</submission-id></mix>"), "{}", own.as_str());
+        assert!(own.as_str().contains(&format!(
+            "<stanza-id xmlns='urn:xmpp:sid:0' by='{ROOM}' id='{sid}'/>"
+        )));
+        // ejabberd 23.01's MIX-PAM passes on a copy to a bare JID only with
+        // an unqualified <mix/>; one to a full JID needs none.
+        assert!(own.as_str().ends_with("</mix><mix xmlns=''/></message>"));
+        let direct = to("erin@ejabberd.test/tab");
+        assert!(!direct.as_str().contains("submission-id"));
+        assert!(!direct.as_str().contains(mix::PAM_MARKER));
+        assert!(direct.as_str().contains("<jid>carol@ejabberd.test</jid>"));
+        // Bob (MUC) speaks: carol gets it at her bare JID, from bob's
+        // participant id.
+        let s = Stanza::parse(&format!(
+            "<message from='bob@prosody.test/phone' to='{ROOM}' type='groupchat' id='b1'><body>hi</body></message>"
+        ))
+        .unwrap();
+        let mut cx = run.cx();
+        r.groupchat(&s, &mut cx);
+        let c = run
+            .out
+            .iter()
+            .find(|s| to_of(s) == "carol@ejabberd.test")
+            .unwrap();
+        let bob_id = mix::participant_id(&r.room, "bob@prosody.test");
+        assert_eq!(from_of(c), format!("{ROOM}/{bob_id}"));
+        assert!(
+            c.as_str()
+                .contains("<nick>bob</nick><jid>bob@prosody.test</jid></mix>")
+        );
+        run.out.clear();
+        run.tracked.clear();
+        // A non-participant's message is refused.
+        let s = Stanza::parse(&format!(
+            "<message from='dave@prosody.test/x' to='{ROOM}' type='groupchat' id='x'><body>no</body></message>"
+        ))
+        .unwrap();
+        let mut cx = run.cx();
+        r.groupchat(&s, &mut cx);
+        assert_eq!(condition(&run.out[0]), "not-acceptable");
+    }
+
+    #[test]
+    fn a_participant_domain_catches_up_from_the_archive_in_the_channel_shape() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("carol", "carol@ejabberd.test/pc", ""));
+        mix_iq(&mut run, &mut r, &pam_join("bob@prosody.test", "bob"));
+        run.out.clear();
+        let copies = say(&mut run, &mut r, "one");
+        assert!(
+            copies.contains(&("bob@prosody.test".to_string(), 1)),
+            "{copies:?}"
+        );
+        r.unsent("prosody.test", 1);
+        let archive: Vec<Archived> = r.recent.iter().cloned().collect();
+        let read = |from: u64, to: u64, limit: usize| -> Vec<Archived> {
+            archive
+                .iter()
+                .filter(|a| a.seq >= from && a.seq <= to)
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        let mut cx = run.cx();
+        r.catch_up(&read, 8, 60_000, u64::MAX, None, &mut cx);
+        assert_eq!(run.tracked.len(), 1);
+        let c = &run.out[run.tracked[0].0];
+        assert_eq!(to_of(c), "bob@prosody.test");
+        let carol_id = mix::participant_id(&r.room, "carol@ejabberd.test");
+        assert_eq!(from_of(c), format!("{ROOM}/{carol_id}"));
+        assert!(c.as_str().contains("<body>one</body>"));
+        // After a restart the participant's domain has its cursor back.
+        let members: Vec<Member> = r.members.values().cloned().collect();
+        let mut again = RoomState::new(r.room.clone(), members, r.last_seq, archive.clone());
+        again.restore(Vec::new(), vec![("prosody.test".into(), 0)]);
+        assert!(again.behind());
+        assert!(
+            again
+                .occupants()
+                .any(|o| o.nick == "bob" && o.sessions.is_empty())
+        );
+    }
+
+    #[test]
+    fn leaving_bans_and_nodes() {
+        let mut r = state();
+        let mut run = Run::new();
+        run.feed(&mut r, &join("bob", "bob@prosody.test/phone", ""));
+        mix_iq(&mut run, &mut r, &pam_join("carol@ejabberd.test", "carol"));
+        mix_iq(&mut run, &mut r, &pam_join("bob@prosody.test", "bob"));
+        let items = |run: &mut Run, r: &mut RoomState, from: &str, node: &str| {
+            mix_iq(
+                run,
+                r,
+                &format!(
+                    "<iq type='get' from='{from}' to='{ROOM}' id='kl2fax27'><pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='{node}'/></pubsub></iq>"
+                ),
+            )
+        };
+        // Participants: carol, bob (both views, one member) and backend alice.
+        let out = items(
+            &mut run,
+            &mut r,
+            "carol@ejabberd.test/pc",
+            mix::NODE_PARTICIPANTS,
+        );
+        let x = out[0].as_str();
+        for jid in ["carol@ejabberd.test", "bob@prosody.test", "alice@wire.test"] {
+            assert!(x.contains(&format!("<jid>{jid}</jid>")), "{x}");
+        }
+        assert_eq!(x.matches("<item ").count(), 3);
+        let out = items(&mut run, &mut r, "carol@ejabberd.test/pc", mix::NODE_INFO);
+        assert!(
+            out[0]
+                .as_str()
+                .contains("<field var='Name'><value>Team</value></field>")
+        );
+        let out = items(&mut run, &mut r, "carol@ejabberd.test/pc", mix::NODE_CONFIG);
+        assert!(out[0].as_str().contains("<value>alice@wire.test</value>"));
+        let out = items(&mut run, &mut r, "dave@prosody.test/x", mix::NODE_INFO);
+        assert_eq!(condition(&out[0]), "forbidden");
+        let out = items(
+            &mut run,
+            &mut r,
+            "carol@ejabberd.test/pc",
+            "urn:xmpp:mix:nodes:presence",
+        );
+        assert_eq!(condition(&out[0]), "item-not-found");
+        // Bob leaves the channel: still in the MUC view (his session), his
+        // item retracted for carol.
+        let out = mix_iq(
+            &mut run,
+            &mut r,
+            &format!(
+                "<iq type='set' from='bob@prosody.test' to='{ROOM}' id='l'><leave xmlns='urn:xmpp:mix:core:1'/></iq>"
+            ),
+        );
+        assert!(out.iter().all(|s| s.kind != Kind::Presence), "{out:?}");
+        let bob_id = mix::participant_id(&r.room, "bob@prosody.test");
+        assert!(out.iter().any(|s| to_of(s) == "carol@ejabberd.test"
+            && s.as_str().contains(&format!("<retract id='{bob_id}'/>"))));
+        assert!(
+            out.iter()
+                .any(|s| s.as_str().contains("<leave xmlns='urn:xmpp:mix:core:1'/>"))
+        );
+        assert!(
+            r.occupants()
+                .any(|o| o.nick == "bob" && !o.sessions.is_empty())
+        );
+        // The backend renames the room: the info node's event.
+        r.room.name = "Coven".into();
+        let mut cx = run.cx();
+        r.publish_info(&mut cx);
+        assert!(run.out[0].as_str().contains("<value>Coven</value>"));
+        run.out.clear();
+        // Carol is banned: the MUC view sees her go (301), the channel too.
+        let mut cx = run.cx();
+        r.put_member(
+            member("carol@ejabberd.test", Affiliation::Outcast, "carol", None),
+            &mut cx,
+        );
+        assert!(!r.is_participant("carol@ejabberd.test"));
+        assert!(
+            run.out.iter().any(|s| to_of(s) == "bob@prosody.test/phone"
+                && s.as_str().contains("<status code='301'/>"))
+        );
+        assert!(!r.fanout.contains_key("ejabberd.test"));
+    }
+
+    #[test]
+    fn a_participant_is_kept_under_its_bare_jid_in_lower_case() {
+        let mut r = state();
+        let mut run = Run::new();
+        let out = mix_iq(&mut run, &mut r, &pam_join("Carol@EJABBERD.test", "carol"));
+        assert_eq!(out[0].type_.as_deref(), Some("result"), "{out:?}");
+        assert!(r.is_participant("carol@ejabberd.test/any"));
+        assert!(r.fanout.contains_key("ejabberd.test"));
+        // Her messages from any session, whatever the case, reach her bare JID.
+        let copies = say(&mut run, &mut r, "x");
+        assert_eq!(copies, [("carol@ejabberd.test".to_string(), 1)]);
+        let s = Stanza::parse(&format!(
+            "<message from='CAROL@ejabberd.test/pc' to='{ROOM}' type='groupchat' id='s'><body>y</body></message>"
+        ))
+        .unwrap();
+        let mut cx = run.cx();
+        r.groupchat(&s, &mut cx);
+        assert!(
+            run.out.iter().any(|s| to_of(s) == "carol@ejabberd.test"),
+            "{:?}",
+            run.out
+        );
+    }
+
+    #[test]
+    fn subscriptions_are_updated_and_decide_the_events() {
+        let mut r = state();
+        let mut run = Run::new();
+        mix_iq(&mut run, &mut r, &pam_join("carol@ejabberd.test", "carol"));
+        // XEP-0369 Example 33: unsubscribe from participants, subscribe to config.
+        let out = mix_iq(
+            &mut run,
+            &mut r,
+            &format!(
+                "<iq type='set' from='carol@ejabberd.test/pc' to='{ROOM}' id='E6E10350'>\
+                 <update-subscription xmlns='urn:xmpp:mix:core:1'>\
+                 <subscribe node='urn:xmpp:mix:nodes:config'/><subscribe node='urn:xmpp:mix:nodes:nope'/>\
+                 <unsubscribe node='urn:xmpp:mix:nodes:participants'/></update-subscription></iq>"
+            ),
+        );
+        assert_eq!(out.len(), 1);
+        let x = out[0].as_str();
+        assert!(x.contains("jid='carol@ejabberd.test'"), "{x}");
+        assert!(
+            !x.contains("participants") && !x.contains("nope") && x.contains("nodes:config"),
+            "{x}"
+        );
+        assert_eq!(
+            r.members["carol@ejabberd.test"].mix.as_ref().unwrap().nodes,
+            [mix::NODE_MESSAGES, mix::NODE_INFO, mix::NODE_CONFIG]
+        );
+        // No participants event for her any more.
+        r.members.insert(
+            "erin@ejabberd.test".into(),
+            member("erin@ejabberd.test", Affiliation::Member, "erin", None),
+        );
+        let out = mix_iq(&mut run, &mut r, &pam_join("erin@ejabberd.test", "erin"));
+        assert!(
+            !out.iter().any(|s| to_of(s) == "carol@ejabberd.test"),
+            "{out:?}"
+        );
+        // Not a participant: forbidden.
+        let out = mix_iq(
+            &mut run,
+            &mut r,
+            &format!(
+                "<iq type='set' from='bob@prosody.test/x' to='{ROOM}' id='u'><update-subscription xmlns='urn:xmpp:mix:core:1'/></iq>"
+            ),
+        );
+        assert_eq!(condition(&out[0]), "forbidden");
     }
 }

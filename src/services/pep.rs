@@ -1,0 +1,975 @@
+//! PEP (XEP-0163) for local users' bare JIDs: the nodes the backend publishes
+//! for them (the OMEMO device lists and bundles, XEP-0384, in both the
+//! `urn:xmpp:omemo:2` and the legacy `eu.siacs.conversations.axolotl`
+//! namespaces), read by XMPP contacts over s2s.
+//!
+//! - items retrieval (XEP-0060 §6.5): all items, the newest `max_items`, or by
+//!   id; `item-not-found` for a node that does not exist;
+//! - access models `open` and `presence` (contacts whose subscription lets them
+//!   see the user's presence; others get `not-authorized` with
+//!   `presence-subscription-required`, §6.5.9.2);
+//! - disco#items of the account lists the nodes its requester may read;
+//! - only the backend publishes (through [`Pep::put_device`] and
+//!   [`Pep::delete_device`]); a publish, subscribe or other request from XMPP is
+//!   refused (`forbidden`, or `feature-not-implemented` with the pubsub
+//!   `unsupported` condition);
+//! - a change of a device list is sent to the user's contacts that see its
+//!   presence (a `headline` message with the event, §7.1.2: PEP's implicit
+//!   subscription);
+//! - a remote fetch of a bundle is a `bundle_fetched` event, so the backend can
+//!   rotate the prekeys it handed out.
+//!
+//! The federator never sees private keys: a device is its public parts
+//! (identity key, signed prekey and signature, one-time prekeys), checked for
+//! structure and size.
+
+use std::sync::Arc;
+
+use minidom::Element;
+use serde::{Deserialize, Serialize};
+
+use crate::routing::Outbox;
+use crate::stanza::{Stanza, StanzaCondition};
+use crate::store::pep::{Access, Item, Node};
+use crate::store::{EventKind, Store, StoreError, User, Writes, now_ms};
+use crate::xml::writer::escape;
+
+/// XEP-0060.
+pub const NS_PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+/// XEP-0060.
+pub const NS_PUBSUB_EVENT: &str = "http://jabber.org/protocol/pubsub#event";
+/// XEP-0060.
+pub const NS_PUBSUB_ERRORS: &str = "http://jabber.org/protocol/pubsub#errors";
+/// XEP-0384 (OMEMO 0.8+).
+pub const NS_OMEMO: &str = "urn:xmpp:omemo:2";
+/// XEP-0384's device list node.
+pub const NODE_DEVICES: &str = "urn:xmpp:omemo:2:devices";
+/// XEP-0384's bundles node (one item per device).
+pub const NODE_BUNDLES: &str = "urn:xmpp:omemo:2:bundles";
+/// OMEMO 0.3 (what most deployed clients read).
+pub const NS_AXOLOTL: &str = "eu.siacs.conversations.axolotl";
+/// OMEMO 0.3's device list node.
+pub const NODE_AXOLOTL_DEVICES: &str = "eu.siacs.conversations.axolotl.devicelist";
+/// OMEMO 0.3's bundle nodes: this, `:` and the device id.
+pub const NODE_AXOLOTL_BUNDLES: &str = "eu.siacs.conversations.axolotl.bundles";
+
+/// XEP-0172: the user's nickname, served from its profile's display name.
+pub const NODE_NICK: &str = "http://jabber.org/protocol/nick";
+
+/// Most one-time prekeys a bundle carries (XEP-0384 asks for at least 25;
+/// clients publish 100).
+pub const MAX_PREKEYS: usize = 200;
+
+/// A device's public key material, as the backend gives it (base64, standard
+/// alphabet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// A name people see (OMEMO 2 `label`), optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The identity key (public, 32 or 33 bytes).
+    pub identity_key: String,
+    /// The signed prekey.
+    pub signed_prekey: SignedPrekey,
+    /// The one-time prekeys (public, 32 or 33 bytes each).
+    pub prekeys: Vec<Prekey>,
+}
+
+/// A signed prekey.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignedPrekey {
+    /// Its id.
+    pub id: u32,
+    /// The public key (32 or 33 bytes).
+    pub public: String,
+    /// Its signature by the identity key (64 bytes).
+    pub signature: String,
+}
+
+/// A one-time prekey.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Prekey {
+    /// Its id.
+    pub id: u32,
+    /// The public key (32 or 33 bytes).
+    pub public: String,
+}
+
+/// Why a device is refused: the field and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The field (`signed_prekey.public`, `prekeys[3].public`...).
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn decoded_len(field: &str, b64: &str, allowed: &[usize]) -> Result<(), Invalid> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| Invalid {
+            field: field.into(),
+            reason: format!("not base64: {e}"),
+        })?;
+    if !allowed.contains(&bytes.len()) {
+        return Err(Invalid {
+            field: field.into(),
+            reason: format!("{} bytes; a key here has {allowed:?}", bytes.len()),
+        });
+    }
+    Ok(())
+}
+
+impl Device {
+    /// Check structure and sizes (public keys: 32 bytes, or 33 with the type
+    /// byte libsignal adds; signatures 64 bytes; 1..=200 prekeys with distinct
+    /// ids).
+    pub fn check(&self) -> Result<(), Invalid> {
+        let key = [32, 33];
+        decoded_len("identity_key", &self.identity_key, &key)?;
+        decoded_len("signed_prekey.public", &self.signed_prekey.public, &key)?;
+        decoded_len(
+            "signed_prekey.signature",
+            &self.signed_prekey.signature,
+            &[64],
+        )?;
+        if self.prekeys.is_empty() || self.prekeys.len() > MAX_PREKEYS {
+            return Err(Invalid {
+                field: "prekeys".into(),
+                reason: format!("{} prekeys; 1 to {MAX_PREKEYS}", self.prekeys.len()),
+            });
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, p) in self.prekeys.iter().enumerate() {
+            decoded_len(&format!("prekeys[{i}].public"), &p.public, &key)?;
+            if !ids.insert(p.id) {
+                return Err(Invalid {
+                    field: format!("prekeys[{i}].id"),
+                    reason: format!("id {} twice", p.id),
+                });
+            }
+        }
+        if let Some(l) = &self.label
+            && (l.len() > 256 || l.chars().any(char::is_control))
+        {
+            return Err(Invalid {
+                field: "label".into(),
+                reason: "at most 256 bytes without control characters".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The OMEMO 2 bundle (XEP-0384 §5.3.2).
+    pub fn omemo2_bundle(&self) -> String {
+        let mut x = format!(
+            "<bundle xmlns='{NS_OMEMO}'><spk id='{}'>{}</spk><spks>{}</spks><ik>{}</ik><prekeys>",
+            self.signed_prekey.id,
+            escape(&self.signed_prekey.public),
+            escape(&self.signed_prekey.signature),
+            escape(&self.identity_key)
+        );
+        for p in &self.prekeys {
+            x.push_str(&format!("<pk id='{}'>{}</pk>", p.id, escape(&p.public)));
+        }
+        x.push_str("</prekeys></bundle>");
+        x
+    }
+
+    /// The OMEMO 0.3 bundle.
+    pub fn axolotl_bundle(&self) -> String {
+        let mut x = format!(
+            "<bundle xmlns='{NS_AXOLOTL}'><signedPreKeyPublic signedPreKeyId='{}'>{}</signedPreKeyPublic>\
+             <signedPreKeySignature>{}</signedPreKeySignature><identityKey>{}</identityKey><prekeys>",
+            self.signed_prekey.id,
+            escape(&self.signed_prekey.public),
+            escape(&self.signed_prekey.signature),
+            escape(&self.identity_key)
+        );
+        for p in &self.prekeys {
+            x.push_str(&format!(
+                "<preKeyPublic preKeyId='{}'>{}</preKeyPublic>",
+                p.id,
+                escape(&p.public)
+            ));
+        }
+        x.push_str("</prekeys></bundle>");
+        x
+    }
+}
+
+/// A device as listed: its id and label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The device id.
+    pub id: u32,
+    /// Its label.
+    pub label: Option<String>,
+}
+
+/// The PEP service of every local user.
+#[derive(Debug)]
+pub struct Pep {
+    store: Arc<Store>,
+}
+
+/// Where a bundle fetch is reported: the device whose bundle a node item is.
+fn bundle_device(node: &str, item: &str) -> Option<u32> {
+    if node == NODE_BUNDLES {
+        return item.parse().ok();
+    }
+    node.strip_prefix(NODE_AXOLOTL_BUNDLES)?
+        .strip_prefix(':')?
+        .parse()
+        .ok()
+}
+
+impl Pep {
+    /// PEP over `store`.
+    pub fn new(store: Arc<Store>) -> Pep {
+        Pep { store }
+    }
+
+    /// Whether `requester` (a bare JID) may read `node` of `user`.
+    fn may_read(&self, user: &User, node: &Node, requester: &str) -> Result<bool, StoreError> {
+        Ok(match node.access {
+            Access::Open => true,
+            Access::Presence => self
+                .store
+                .roster_item(&user.id, requester)?
+                .is_some_and(|r| r.subscription.contact_sees_user()),
+        })
+    }
+
+    /// An iq to `user`'s bare JID with a `<pubsub/>` payload.
+    pub fn iq(&self, user: &User, stanza: &Stanza, outbox: &Outbox) {
+        let Some(el) = super::dom(stanza) else {
+            return outbox.bounce(stanza, StanzaCondition::BadRequest, "unreadable");
+        };
+        let Some(pubsub) = el.get_child("pubsub", NS_PUBSUB) else {
+            return outbox.bounce(stanza, StanzaCondition::BadRequest, "no pubsub element");
+        };
+        let requester = stanza
+            .from
+            .as_ref()
+            .map(|f| f.bare().to_ascii_lowercase())
+            .unwrap_or_default();
+        match (stanza.type_.as_deref(), pubsub.children().next()) {
+            (Some("get"), Some(items)) if items.name() == "items" => {
+                self.items(user, stanza, items, &requester, outbox)
+            }
+            (Some("set"), Some(op)) if op.name() == "publish" || op.name() == "retract" => {
+                // XEP-0163 §4.3: only the account owner publishes; here that is
+                // the backend, through its API.
+                outbox.bounce(
+                    stanza,
+                    StanzaCondition::Forbidden,
+                    "only the account publishes to its PEP nodes",
+                )
+            }
+            (_, Some(op)) => {
+                let feature = match op.name() {
+                    "subscribe" | "unsubscribe" => "subscribe",
+                    "subscriptions" => "retrieve-subscriptions",
+                    "affiliations" => "retrieve-affiliations",
+                    "create" => "create-nodes",
+                    _ => "",
+                };
+                outbox.send(unsupported(stanza, feature));
+            }
+            _ => outbox.bounce(stanza, StanzaCondition::BadRequest, "empty pubsub request"),
+        }
+    }
+
+    fn items(
+        &self,
+        user: &User,
+        stanza: &Stanza,
+        items: &Element,
+        requester: &str,
+        outbox: &Outbox,
+    ) {
+        let Some(name) = items.attr("node") else {
+            // §6.5.9.3: nodeid-required.
+            return outbox.send(pubsub_error(
+                stanza,
+                "modify",
+                "bad-request",
+                "nodeid-required",
+            ));
+        };
+        if name == NODE_NICK {
+            // XEP-0172 §4.5: open to all, from the profile.
+            return outbox.send(Stanza::iq_result(stanza, &nick_items(user)));
+        }
+        let node = match self.store.node(&user.id, name) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                return outbox.bounce(stanza, StanzaCondition::ItemNotFound, "no such node");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading a PEP node");
+                return outbox.bounce(stanza, StanzaCondition::InternalServerError, "store");
+            }
+        };
+        match self.may_read(user, &node, requester) {
+            Ok(true) => {}
+            Ok(false) => {
+                return outbox.send(pubsub_error(
+                    stanza,
+                    "auth",
+                    "not-authorized",
+                    "presence-subscription-required",
+                ));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading a roster");
+                return outbox.bounce(stanza, StanzaCondition::InternalServerError, "store");
+            }
+        }
+        let mut all = match self.store.items(&user.id, name) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "reading PEP items");
+                return outbox.bounce(stanza, StanzaCondition::InternalServerError, "store");
+            }
+        };
+        // Newest first, as `max_items` takes the newest (§6.5.7).
+        all.sort_by(|a, b| b.at_ms.cmp(&a.at_ms).then_with(|| a.id.cmp(&b.id)));
+        let wanted: Vec<&str> = items
+            .children()
+            .filter(|c| c.name() == "item")
+            .filter_map(|c| c.attr("id"))
+            .collect();
+        let chosen: Vec<&Item> = if wanted.is_empty() {
+            let max = items
+                .attr("max_items")
+                .and_then(|m| m.parse::<usize>().ok())
+                .unwrap_or(usize::MAX);
+            all.iter().take(max).collect()
+        } else {
+            all.iter()
+                .filter(|i| wanted.contains(&i.id.as_str()))
+                .collect()
+        };
+        let mut body = format!(
+            "<pubsub xmlns='{NS_PUBSUB}'><items node='{}'>",
+            escape(name)
+        );
+        let mut fetched = Vec::new();
+        for i in &chosen {
+            body.push_str(&format!("<item id='{}'>{}</item>", escape(&i.id), i.xml));
+            if let Some(d) = bundle_device(name, &i.id) {
+                fetched.push(d);
+            }
+        }
+        body.push_str("</items></pubsub>");
+        outbox.send(Stanza::iq_result(stanza, &body));
+        if !fetched.is_empty() {
+            // The backend rotates the prekeys it handed out (XEP-0384 §5.3.2).
+            let mut w = Writes::default();
+            for device_id in fetched {
+                w.event(&EventKind::BundleFetched {
+                    user_id: user.id.clone(),
+                    device_id,
+                    by: requester.to_string(),
+                });
+            }
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.commit(w).await {
+                    tracing::error!(error = %e, "storing a bundle_fetched event");
+                }
+            });
+        }
+    }
+
+    /// The nodes `requester` may read, for the account's disco#items.
+    pub fn readable_nodes(&self, user: &User, requester: &str) -> Vec<String> {
+        let nodes = self.store.nodes(&user.id).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading PEP nodes");
+            Vec::new()
+        });
+        let mut names: Vec<String> = nodes
+            .into_iter()
+            .filter(|n| self.may_read(user, n, requester).unwrap_or(false))
+            .map(|n| n.node)
+            .collect();
+        if !user.display_name.is_empty() {
+            names.insert(0, NODE_NICK.to_string());
+        }
+        names
+    }
+
+    /// A user's devices, from its OMEMO 2 device list.
+    pub fn devices(&self, user: &User) -> Result<Vec<Listed>, StoreError> {
+        let items = self.store.items(&user.id, NODE_DEVICES)?;
+        Ok(items
+            .iter()
+            .find(|i| i.id == "current")
+            .map(|i| parse_devices(&i.xml))
+            .unwrap_or_default())
+    }
+
+    /// Publish a device (new or replaced): its bundle in both namespaces, and
+    /// the device lists; the lists go to the contacts who see the user's
+    /// presence. Whether it is new.
+    pub async fn put_device(
+        &self,
+        user: &User,
+        id: u32,
+        device: &Device,
+        outbox: &Outbox,
+    ) -> Result<bool, StoreError> {
+        let mut list = self.devices(user)?;
+        let new = !list.iter().any(|d| d.id == id);
+        list.retain(|d| d.id != id);
+        list.push(Listed {
+            id,
+            label: device.label.clone(),
+        });
+        list.sort_by_key(|d| d.id);
+        let mut w = Writes::default();
+        let at_ms = now_ms();
+        let open = |node: &str, max_items: usize| Node {
+            node: node.to_string(),
+            access: Access::Open,
+            max_items,
+        };
+        w.put_node(&user.id, &open(NODE_BUNDLES, usize::MAX));
+        w.put_item(
+            &user.id,
+            NODE_BUNDLES,
+            &Item {
+                id: id.to_string(),
+                at_ms,
+                xml: device.omemo2_bundle(),
+            },
+        );
+        let legacy = format!("{NODE_AXOLOTL_BUNDLES}:{id}");
+        w.put_node(&user.id, &open(&legacy, 1));
+        w.put_item(
+            &user.id,
+            &legacy,
+            &Item {
+                id: "current".into(),
+                at_ms,
+                xml: device.axolotl_bundle(),
+            },
+        );
+        let notices = self.put_lists(user, &list, at_ms, &mut w);
+        self.store.commit(w).await?;
+        self.notify(user, notices, outbox);
+        Ok(new)
+    }
+
+    /// Remove a device: its bundles, and from the device lists. Whether it was
+    /// there.
+    pub async fn delete_device(
+        &self,
+        user: &User,
+        id: u32,
+        outbox: &Outbox,
+    ) -> Result<bool, StoreError> {
+        let mut list = self.devices(user)?;
+        if !list.iter().any(|d| d.id == id) {
+            return Ok(false);
+        }
+        list.retain(|d| d.id != id);
+        let mut w = Writes::default();
+        w.delete_item(&user.id, NODE_BUNDLES, &id.to_string());
+        let legacy = format!("{NODE_AXOLOTL_BUNDLES}:{id}");
+        w.delete_item(&user.id, &legacy, "current");
+        w.delete_node(&user.id, &legacy);
+        let notices = self.put_lists(user, &list, now_ms(), &mut w);
+        self.store.commit(w).await?;
+        self.notify(user, notices, outbox);
+        Ok(true)
+    }
+
+    /// Write both device lists into `w`; the (node, item) pairs to notify.
+    fn put_lists(
+        &self,
+        _user: &User,
+        list: &[Listed],
+        at_ms: u64,
+        w: &mut Writes,
+    ) -> Vec<(&'static str, String)> {
+        let user_id = &_user.id;
+        let mut omemo2 = format!("<devices xmlns='{NS_OMEMO}'>");
+        let mut axolotl = format!("<list xmlns='{NS_AXOLOTL}'>");
+        for d in list {
+            match &d.label {
+                Some(l) => {
+                    omemo2.push_str(&format!("<device id='{}' label='{}'/>", d.id, escape(l)))
+                }
+                None => omemo2.push_str(&format!("<device id='{}'/>", d.id)),
+            }
+            axolotl.push_str(&format!("<device id='{}'/>", d.id));
+        }
+        omemo2.push_str("</devices>");
+        axolotl.push_str("</list>");
+        let mut out = Vec::new();
+        for (node, xml) in [(NODE_DEVICES, omemo2), (NODE_AXOLOTL_DEVICES, axolotl)] {
+            w.put_node(
+                user_id,
+                &Node {
+                    node: node.to_string(),
+                    access: Access::Open,
+                    max_items: 1,
+                },
+            );
+            w.put_item(
+                user_id,
+                node,
+                &Item {
+                    id: "current".into(),
+                    at_ms,
+                    xml: xml.clone(),
+                },
+            );
+            out.push((node, xml));
+        }
+        out
+    }
+
+    /// Send `notices` (node, payload of item `current`) to the user's contacts
+    /// who see its presence (PEP's implicit subscription, XEP-0163 §4.3.1).
+    fn notify(&self, user: &User, notices: Vec<(&'static str, String)>, outbox: &Outbox) {
+        let roster = self.store.roster(&user.id).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading a roster");
+            Vec::new()
+        });
+        let from = user.jid();
+        for contact in roster.iter().filter(|r| r.subscription.contact_sees_user()) {
+            for (node, xml) in &notices {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                let m = format!(
+                    "<message type='headline' id='{id}' from='{}' to='{}'><event xmlns='{NS_PUBSUB_EVENT}'>\
+                     <items node='{node}'><item id='current'>{xml}</item></items></event></message>",
+                    escape(&from),
+                    escape(&contact.jid)
+                );
+                if let Some(s) = Stanza::parse(&m) {
+                    outbox.send(s);
+                }
+            }
+        }
+    }
+}
+
+impl Pep {
+    /// A PEP notification to `user` (a message with a pubsub event): an
+    /// XMPP contact's device list, as a `devices_changed` event. `None` for
+    /// any other message.
+    pub fn notification(&self, user: &User, stanza: &Stanza) -> Option<EventKind> {
+        // Cheap for every other message: a byte search first.
+        memchr::memmem::find(&stanza.raw, NS_PUBSUB_EVENT.as_bytes())?;
+        let el = super::dom(stanza)?;
+        let items = el
+            .get_child("event", NS_PUBSUB_EVENT)?
+            .get_child("items", NS_PUBSUB_EVENT)?;
+        let namespace = match items.attr("node")? {
+            NODE_DEVICES => "omemo2",
+            NODE_AXOLOTL_DEVICES => "legacy",
+            _ => return None,
+        };
+        let list = items
+            .children()
+            .find(|c| c.name() == "item")
+            .and_then(|i| i.children().next());
+        let devices = list
+            .map(|l| {
+                l.children()
+                    .filter(|c| c.name() == "device")
+                    .filter_map(|c| c.attr("id")?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(EventKind::DevicesChanged {
+            user_id: user.id.clone(),
+            jid: stanza.from.as_ref()?.bare().to_ascii_lowercase(),
+            namespace: namespace.into(),
+            devices,
+        })
+    }
+}
+
+/// The nickname node's items (XEP-0172 §4.5): the display name, if any.
+fn nick_items(user: &User) -> String {
+    let item = if user.display_name.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "<item id='current'><nick xmlns='{NODE_NICK}'>{}</nick></item>",
+            escape(&user.display_name)
+        )
+    };
+    format!("<pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_NICK}'>{item}</items></pubsub>")
+}
+
+/// The devices of an OMEMO 2 device list item.
+fn parse_devices(xml: &str) -> Vec<Listed> {
+    let Ok(el) = xml.parse::<Element>() else {
+        return Vec::new();
+    };
+    el.children()
+        .filter(|c| c.name() == "device")
+        .filter_map(|c| {
+            Some(Listed {
+                id: c.attr("id")?.parse().ok()?,
+                label: c.attr("label").map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+/// An iq error with a pubsub-specific condition (XEP-0060 §7.1.3 style).
+fn pubsub_error(request: &Stanza, type_: &str, condition: &str, specific: &str) -> Stanza {
+    error_with(
+        request,
+        type_,
+        condition,
+        &format!("<{specific} xmlns='{NS_PUBSUB_ERRORS}'/>"),
+    )
+}
+
+/// `feature-not-implemented` with `<unsupported feature=.../>` (§5.x).
+fn unsupported(request: &Stanza, feature: &str) -> Stanza {
+    let specific = if feature.is_empty() {
+        String::new()
+    } else {
+        format!("<unsupported xmlns='{NS_PUBSUB_ERRORS}' feature='{feature}'/>")
+    };
+    error_with(request, "cancel", "feature-not-implemented", &specific)
+}
+
+fn error_with(request: &Stanza, type_: &str, condition: &str, specific: &str) -> Stanza {
+    let xml = format!(
+        "<iq type='error' id='{}' from='{}' to='{}'><error type='{type_}'>\
+         <{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>{specific}</error></iq>",
+        escape(request.id.as_deref().unwrap_or_default()),
+        escape(request.to.as_deref().unwrap_or_default()),
+        escape(request.from.as_deref().unwrap_or_default()),
+    );
+    Stanza::parse(&xml).unwrap_or_else(|| Stanza::iq_result(request, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::error_condition;
+    use crate::services::fake::Services;
+    use crate::store::{RosterItem, Subscription};
+
+    const K32: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="; // 32 bytes
+    const K33: &str = "BQABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f"; // 33 bytes
+
+    fn device(label: Option<&str>) -> Device {
+        use base64::Engine;
+        Device {
+            label: label.map(str::to_string),
+            identity_key: K33.into(),
+            signed_prekey: SignedPrekey {
+                id: 7,
+                public: K32.into(),
+                signature: base64::engine::general_purpose::STANDARD.encode([9u8; 64]),
+            },
+            prekeys: (1..=3)
+                .map(|id| Prekey {
+                    id,
+                    public: K32.into(),
+                })
+                .collect(),
+        }
+    }
+
+    async fn setup() -> (Services, User, Pep) {
+        let s = Services::new(&["wire.test"], &[]);
+        s.user("alice", "wire.test", "Alice").await;
+        let store = s.store();
+        let user = store.user("id-alice").unwrap().unwrap();
+        let pep = Pep::new(store);
+        (s, user, pep)
+    }
+
+    #[test]
+    fn devices_are_checked_for_structure_and_size() {
+        assert_eq!(device(None).check(), Ok(()));
+        let mut d = device(None);
+        d.identity_key = "AAEC".into();
+        assert_eq!(d.check().unwrap_err().field, "identity_key");
+        let mut d = device(None);
+        d.signed_prekey.signature = K32.into();
+        assert_eq!(d.check().unwrap_err().field, "signed_prekey.signature");
+        let mut d = device(None);
+        d.prekeys[2].public = "not base64!".into();
+        let e = d.check().unwrap_err();
+        assert_eq!(e.field, "prekeys[2].public");
+        assert!(e.reason.starts_with("not base64"), "{e:?}");
+        let mut d = device(None);
+        d.prekeys[1].id = 1;
+        assert_eq!(d.check().unwrap_err().field, "prekeys[1].id");
+        let mut d = device(None);
+        d.prekeys.clear();
+        assert_eq!(d.check().unwrap_err().field, "prekeys");
+        let mut d = device(Some("phone\u{7}"));
+        assert_eq!(d.check().unwrap_err().field, "label");
+        d.label = Some("phone".into());
+        assert_eq!(d.check(), Ok(()));
+    }
+
+    /// XEP-0384 §5.3.1/§5.3.2: the device list and bundle a client fetches, in
+    /// both namespaces; a bundle fetch is an event; a contact who sees the
+    /// user's presence gets the new lists.
+    #[tokio::test]
+    async fn published_devices_are_what_omemo_clients_fetch() {
+        let (s, user, pep) = setup().await;
+        let store = s.store();
+        let contact = RosterItem {
+            jid: "juliet@capulet.example".into(),
+            subscription: Subscription::From,
+            pending_out: false,
+            pending_in: false,
+        };
+        store
+            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
+            .await
+            .unwrap();
+        assert!(
+            pep.put_device(&user, 31415, &device(Some("Phone")), &s.outbox)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !pep.put_device(&user, 31415, &device(Some("Phone")), &s.outbox)
+                .await
+                .unwrap()
+        );
+        assert!(
+            pep.put_device(&user, 12345, &device(None), &s.outbox)
+                .await
+                .unwrap()
+        );
+        // The contact got each new list, in both namespaces.
+        let notes = s.take_sent();
+        assert_eq!(notes.len(), 6, "{notes:?}");
+        assert!(
+            notes
+                .iter()
+                .all(|n| n.to.as_deref() == Some("juliet@capulet.example")
+                    && n.type_.as_deref() == Some("headline"))
+        );
+        assert!(
+            notes[4].as_str().contains(&format!(
+                "<items node='{NODE_DEVICES}'><item id='current'><devices xmlns='{NS_OMEMO}'>\
+             <device id='12345'/><device id='31415' label='Phone'/></devices>"
+            )),
+            "{}",
+            notes[4].as_str()
+        );
+
+        let ask = |xml: &str| s.answer(xml);
+        let a = ask(&format!(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='f1'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_DEVICES}'/></pubsub></iq>"
+        ));
+        assert_eq!(a.type_.as_deref(), Some("result"));
+        assert!(
+            a.as_str()
+                .contains("<device id='12345'/><device id='31415' label='Phone'/>"),
+            "{}",
+            a.as_str()
+        );
+        let a = ask(&format!(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='f2'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_AXOLOTL_DEVICES}' max_items='1'/></pubsub></iq>"
+        ));
+        assert!(
+            a.as_str().contains(&format!(
+                "<list xmlns='{NS_AXOLOTL}'><device id='12345'/><device id='31415'/></list>"
+            )),
+            "{}",
+            a.as_str()
+        );
+        let a = ask(&format!(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='f3'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_BUNDLES}'><item id='31415'/></items></pubsub></iq>"
+        ));
+        let x = a.as_str();
+        assert!(
+            x.contains(&format!(
+                "<item id='31415'><bundle xmlns='{NS_OMEMO}'><spk id='7'>{K32}</spk>"
+            )),
+            "{x}"
+        );
+        assert!(
+            x.contains(&format!("<ik>{K33}</ik><prekeys><pk id='1'>{K32}</pk>")),
+            "{x}"
+        );
+        assert!(!x.contains("12345"), "{x}");
+        let a = ask(&format!(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='f4'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_AXOLOTL_BUNDLES}:12345'/></pubsub></iq>"
+        ));
+        assert!(
+            a.as_str()
+                .contains("<signedPreKeyPublic signedPreKeyId='7'>"),
+            "{}",
+            a.as_str()
+        );
+        // Two bundle fetches: two events, for the backend to rotate prekeys.
+        let mut fetched = Vec::new();
+        for _ in 0..100 {
+            fetched = store.events_after(0, 100).unwrap();
+            if fetched.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let devices: Vec<u32> = fetched
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::BundleFetched { device_id, by, .. } => {
+                    assert_eq!(by, "romeo@montague.example");
+                    Some(*device_id)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(devices, [31415, 12345]);
+
+        // Removing a device.
+        assert!(pep.delete_device(&user, 31415, &s.outbox).await.unwrap());
+        assert!(!pep.delete_device(&user, 31415, &s.outbox).await.unwrap());
+        let listed: Vec<u32> = pep.devices(&user).unwrap().iter().map(|d| d.id).collect();
+        assert_eq!(listed, [12345]);
+        s.take_sent();
+        let a = ask(&format!(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='f5'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_AXOLOTL_BUNDLES}:31415'/></pubsub></iq>"
+        ));
+        assert_eq!(error_condition(&a), StanzaCondition::ItemNotFound);
+    }
+
+    /// XEP-0060 §6.5.9: a presence-access node refuses non-contacts with
+    /// presence-subscription-required; publishing is the account's; other
+    /// requests are not implemented; disco#items lists what one may read.
+    #[tokio::test]
+    async fn access_and_refusals() {
+        let (s, user, _pep) = setup().await;
+        let store = s.store();
+        let mut w = Writes::default();
+        w.put_node(
+            &user.id,
+            &Node {
+                node: "private".into(),
+                access: Access::Presence,
+                max_items: 1,
+            },
+        );
+        w.put_item(
+            &user.id,
+            "private",
+            &Item {
+                id: "1".into(),
+                at_ms: 1,
+                xml: "<x xmlns='urn:example'/>".into(),
+            },
+        );
+        w.put_node(
+            &user.id,
+            &Node {
+                node: "public".into(),
+                access: Access::Open,
+                max_items: 1,
+            },
+        );
+        store.commit(w).await.unwrap();
+        let get = |from: &str, id: &str| {
+            s.answer(&format!(
+                "<iq type='get' from='{from}' to='alice@wire.test' id='{id}'>\
+                 <pubsub xmlns='{NS_PUBSUB}'><items node='private'/></pubsub></iq>"
+            ))
+        };
+        let a = get("stranger@else.example/x", "a1");
+        assert_eq!(a.type_.as_deref(), Some("error"));
+        assert!(
+            a.as_str().contains(
+                "<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\
+             <presence-subscription-required xmlns='http://jabber.org/protocol/pubsub#errors'/>"
+            ),
+            "{}",
+            a.as_str()
+        );
+        assert_eq!(a.to.as_deref(), Some("stranger@else.example/x"));
+        let friend = RosterItem {
+            jid: "friend@else.example".into(),
+            subscription: Subscription::Both,
+            pending_out: false,
+            pending_in: false,
+        };
+        store
+            .put_roster_item(&user.id, &friend.jid, Some(&friend), Vec::new())
+            .await
+            .unwrap();
+        let a = get("Friend@else.example/x", "a2");
+        assert!(
+            a.as_str()
+                .contains("<item id='1'><x xmlns='urn:example'/></item>"),
+            "{}",
+            a.as_str()
+        );
+        let a = s.answer(&format!(
+            "<iq type='set' from='friend@else.example/x' to='alice@wire.test' id='p1'>\
+             <pubsub xmlns='{NS_PUBSUB}'><publish node='public'><item><x xmlns='urn:example'/></item></publish></pubsub></iq>"
+        ));
+        assert_eq!(error_condition(&a), StanzaCondition::Forbidden);
+        let a = s.answer(&format!(
+            "<iq type='set' from='friend@else.example/x' to='alice@wire.test' id='p2'>\
+             <pubsub xmlns='{NS_PUBSUB}'><subscribe node='public' jid='friend@else.example'/></pubsub></iq>"
+        ));
+        assert_eq!(error_condition(&a), StanzaCondition::FeatureNotImplemented);
+        assert!(a.as_str().contains("feature='subscribe'"), "{}", a.as_str());
+        let a = s.answer(&format!(
+            "<iq type='get' from='friend@else.example/x' to='alice@wire.test' id='p3'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items/></pubsub></iq>"
+        ));
+        assert!(a.as_str().contains("nodeid-required"), "{}", a.as_str());
+        let items = |from: &str| {
+            s.answer(&format!(
+                "<iq type='get' from='{from}' to='alice@wire.test' id='d1'>\
+                 <query xmlns='http://jabber.org/protocol/disco#items'/></iq>"
+            ))
+            .as_str()
+            .to_string()
+        };
+        let x = items("stranger@else.example/x");
+        assert!(
+            x.contains("node='public'") && !x.contains("node='private'"),
+            "{x}"
+        );
+        let x = items("friend@else.example/x");
+        assert!(
+            x.contains("node='public'") && x.contains("node='private'"),
+            "{x}"
+        );
+        assert!(x.contains("node='http://jabber.org/protocol/nick'"), "{x}");
+        // XEP-0172 §4.5: the nickname, from the profile.
+        let a = s.answer(&format!(
+            "<iq type='get' from='stranger@else.example/x' to='alice@wire.test' id='n1'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_NICK}'/></pubsub></iq>"
+        ));
+        assert!(
+            a.as_str().contains(
+                "<item id='current'><nick xmlns='http://jabber.org/protocol/nick'>Alice</nick></item>"
+            ),
+            "{}",
+            a.as_str()
+        );
+    }
+}
