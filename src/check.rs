@@ -1,6 +1,9 @@
 //! `check DOMAIN`: connect to a remote server exactly as the server would and say
-//! what happens at each step (DNS, TCP, TLS and the certificate chain, features,
-//! SASL EXTERNAL, then an XEP-0199 ping and its round-trip time).
+//! what happens at each step (DNS, TCP, TLS and the certificate chain, the
+//! features and so the methods offered, SASL EXTERNAL and the peer's text when
+//! it refuses it, dialback if that follows, then an XEP-0199 ping and its
+//! round-trip time). It warns when our certificate lacks the clientAuth EKU,
+//! which some peers require for SASL EXTERNAL.
 //!
 //! The pong comes back over the *remote's* stream to us (s2s streams are
 //! unidirectional), so `check` listens on the configured addresses for the
@@ -13,8 +16,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::config::DialbackMode;
+use crate::s2s::Method;
 use crate::s2s::conn::new_id;
 use crate::s2s::outbound::{self, ConnectError};
+use crate::s2s::tls;
 use crate::server::{Server, StartError};
 use crate::stanza::Stanza;
 
@@ -67,6 +73,9 @@ pub async fn run(
     if server.s2s.tls.generated {
         out("note: no certificate configured; using a generated self-signed one, which peers will refuse".into());
     }
+    if let Some(w) = client_auth_warning(&server.config, &local) {
+        out(w);
+    }
     if !server.policy.allows(&remote) {
         out(format!(
             "note: the federation policy refuses {remote}; the server would not connect"
@@ -105,8 +114,17 @@ async fn ping(
     let t0 = Instant::now();
     let mut conn = outbound::connect(&server.s2s, local, remote, out).await?;
     out(format!(
-        "outbound stream to {remote} authenticated in {:.1} ms",
-        t0.elapsed().as_secs_f64() * 1000.0
+        "outbound stream to {remote} authenticated by {} in {:.1} ms{}",
+        match conn.auth.method {
+            Method::External => "SASL EXTERNAL",
+            Method::Dialback => "dialback",
+        },
+        t0.elapsed().as_secs_f64() * 1000.0,
+        if conn.auth.peer_verified {
+            ""
+        } else {
+            " (its certificate was NOT verified: trusted by DNS, as dialback does)"
+        }
     ));
     let id = format!("check-{}", new_id());
     let iq = Stanza::iq("get", local, remote, &id, "<ping xmlns='urn:xmpp:ping'/>");
@@ -142,4 +160,34 @@ async fn ping(
             "no pong within 20 s (can the peer resolve and authenticate us?)".into(),
         )),
     }
+}
+
+/// A warning when our certificate for `local` lacks clientAuth: peers that
+/// require it (ejabberd before 25.07, Metronome) refuse SASL EXTERNAL, and only
+/// dialback can authenticate us to them.
+fn client_auth_warning(config: &Config, local: &str) -> Option<String> {
+    for c in &config.tls.certificates {
+        let Ok(chain) = tls::load_chain(&c.cert) else {
+            continue;
+        };
+        let Some(leaf) = chain.first() else { continue };
+        if !tls::CertNames::from_der(leaf).is_ok_and(|n| n.matches(local)) {
+            continue;
+        }
+        if tls::allows_client_auth(leaf) == Some(false) {
+            let then = match config.federation.dialback {
+                DialbackMode::Fallback => "they can authenticate us only by dialback",
+                DialbackMode::Never => {
+                    "with federation.dialback = \"never\" we cannot federate with them"
+                }
+            };
+            return Some(format!(
+                "warning: our certificate for {local} has no clientAuth EKU (serverAuth only, as \
+                 Let's Encrypt issues them since 2026): peers that require it for SASL EXTERNAL \
+                 (ejabberd before 25.07, Metronome) refuse it, and {then}"
+            ));
+        }
+        return None;
+    }
+    None
 }

@@ -257,6 +257,20 @@ pub enum FederationMode {
     Open,
 }
 
+/// When server dialback (XEP-0220) may authenticate a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DialbackMode {
+    /// Only where certificate authentication is not possible: the peer offers
+    /// no SASL EXTERNAL or refuses our certificate (outbound), or its
+    /// certificate does not verify for its domain (inbound). A peer whose
+    /// certificate we cannot verify is then trusted as far as DNS is.
+    #[default]
+    Fallback,
+    /// Certificates only (SASL EXTERNAL, XEP-0178).
+    Never,
+}
+
 /// Federation policy, enforced on inbound and outbound streams.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -267,6 +281,13 @@ pub struct Federation {
     pub allowlist: Vec<String>,
     /// Domains always refused, whatever the mode.
     pub blocklist: Vec<String>,
+    /// Server dialback: `fallback` (default) or `never`. The policy above
+    /// applies to dialback-authenticated peers too.
+    pub dialback: DialbackMode,
+    /// The secret dialback keys are made from (XEP-0185). Unset: one is
+    /// generated once and kept in the store, so keys survive restarts; set it
+    /// when several instances serve the same domains.
+    pub dialback_secret: Option<String>,
 }
 
 /// Name resolution.

@@ -51,6 +51,9 @@ pub mod names {
     pub const STANZAS_IN_BY_DOMAIN: &str = "xmpp_stanzas_in_by_domain_total";
     /// [`STANZAS_OUT`] by remote domain (label `domain`, bounded).
     pub const STANZAS_OUT_BY_DOMAIN: &str = "xmpp_stanzas_out_by_domain_total";
+    /// Streams authenticated, by `direction` (`in`, `out`) and `method`
+    /// (`external`, `dialback`).
+    pub const STREAMS_AUTHENTICATED: &str = "xmpp_s2s_streams_authenticated_total";
     /// Store group commits (one transaction and fsync each).
     pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
     /// Outgoing messages persisted and not yet settled (a gauge).
@@ -86,6 +89,15 @@ pub const OTHER_DOMAIN: &str = "other";
 pub struct DomainLabel {
     /// The remote domain, lowercase, or [`OTHER_DOMAIN`].
     pub domain: String,
+}
+
+/// The label set of [`names::STREAMS_AUTHENTICATED`] (two values each).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabel {
+    /// `in` or `out`.
+    pub direction: &'static str,
+    /// `external` (SASL EXTERNAL, XEP-0178) or `dialback` (XEP-0220).
+    pub method: &'static str,
 }
 
 /// Gauge over a `u64` (every gauge here is a count).
@@ -128,6 +140,8 @@ pub struct Metrics {
     pub outbound_established: Counter,
     /// [`names::OUTBOUND_FAILURES`].
     pub outbound_failures: Counter,
+    /// [`names::STREAMS_AUTHENTICATED`]: see [`Metrics::authenticated`].
+    streams_authenticated: Family<AuthLabel, Counter>,
     stanzas_in_by_domain: Family<DomainLabel, Counter>,
     stanzas_out_by_domain: Family<DomainLabel, Counter>,
     /// Domains that have a label value of their own (at most
@@ -187,6 +201,11 @@ impl Default for Metrics {
                 &mut r,
                 names::OUTBOUND_FAILURES,
                 "Failed outbound connection attempts",
+            ),
+            streams_authenticated: counter(
+                &mut r,
+                names::STREAMS_AUTHENTICATED,
+                "s2s streams authenticated, by direction and method",
             ),
             stanzas_in_by_domain: counter(
                 &mut r,
@@ -251,6 +270,14 @@ fn gauge(r: &mut Registry, name: &str, help: &str) -> CountGauge {
 }
 
 impl Metrics {
+    /// Count a stream authenticated in `direction` (`in`, `out`) by `method`
+    /// (`external`, `dialback`); once per stream, off the stanza path.
+    pub fn authenticated(&self, direction: &'static str, method: &'static str) {
+        self.streams_authenticated
+            .get_or_create(&AuthLabel { direction, method })
+            .inc();
+    }
+
     /// The counter of stanzas routed from `domain`'s streams.
     ///
     /// A `Family` lookup takes a read lock and hashes the label, which would put a

@@ -54,6 +54,7 @@ mod tests {
             mode,
             allowlist: allow.iter().map(|s| s.to_string()).collect(),
             blocklist: block.iter().map(|s| s.to_string()).collect(),
+            ..Federation::default()
         })
     }
 

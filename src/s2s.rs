@@ -1,6 +1,7 @@
 //! Server-to-server streams (RFC 6120): listeners, negotiation, TLS, resolution.
 //!
 //! - [`conn`]: an XML stream over a byte stream (framer + I/O), stream errors.
+//! - [`dialback`]: server dialback (XEP-0220), sans-IO: keys, roles, rules.
 //! - [`listen`]: listeners, connection caps, the accept loops.
 //! - [`inbound`]: receiving-side negotiation and the stanza read loop.
 //! - [`outbound`]: initiating-side negotiation and per-domain sessions.
@@ -14,6 +15,7 @@
 //! as [`crate::routing::Report`]s. It never imports services or the store.
 
 pub mod conn;
+pub mod dialback;
 pub mod inbound;
 pub mod listen;
 pub mod outbound;
@@ -50,7 +52,24 @@ pub enum S2sError {
 pub trait Connector: Send + Sync + 'static {
     /// Open an authenticated stream from `local` to `remote`.
     fn connect<'a>(&'a self, s2s: &'a S2s, local: &'a str, remote: &'a str) -> Connecting<'a>;
+
+    /// Ask `remote`'s authoritative server whether a dialback `key` it sent on
+    /// our stream `stream_id` to `local` is valid ([`outbound::verify_key`]).
+    fn verify<'a>(
+        &'a self,
+        s2s: &'a S2s,
+        local: &'a str,
+        remote: &'a str,
+        stream_id: &'a str,
+        key: &'a str,
+    ) -> Verifying<'a> {
+        Box::pin(outbound::verify_key(s2s, local, remote, stream_id, key))
+    }
 }
+
+/// A [`Connector`]'s check of a dialback key.
+pub type Verifying<'a> =
+    Pin<Box<dyn Future<Output = Result<bool, outbound::VerifyError>> + Send + 'a>>;
 
 /// A [`Connector`]'s attempt at a stream.
 pub type Connecting<'a> =
@@ -91,6 +110,11 @@ pub struct S2s {
     pub tracker: TaskTracker,
     /// How sessions connect ([`Network`] but in tests).
     pub connector: Arc<dyn Connector>,
+    /// What dialback keys are made from (XEP-0185).
+    pub dialback_secret: dialback::Secret,
+    /// Keys our outbound streams sent, the only ones we confirm as the
+    /// authoritative server.
+    pub dialback_issued: dialback::Issued,
 }
 
 impl std::fmt::Debug for S2s {
@@ -102,7 +126,8 @@ impl std::fmt::Debug for S2s {
 }
 
 impl S2s {
-    /// Load certificates and set up DNS.
+    /// Load certificates and set up DNS; the dialback secret is the configured
+    /// one, else random (for this process only: see [`S2s::with_secret`]).
     pub fn new(
         config: Arc<Config>,
         policy: Arc<Policy>,
@@ -110,7 +135,31 @@ impl S2s {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Arc<S2s>, S2sError> {
+        Self::with_secret(config, policy, metrics, shutdown, tracker, None)
+    }
+
+    /// As [`S2s::new`], with the dialback secret the composition root keeps
+    /// (used when `federation.dialback_secret` is not configured).
+    pub fn with_secret(
+        config: Arc<Config>,
+        policy: Arc<Policy>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+        kept: Option<Vec<u8>>,
+    ) -> Result<Arc<S2s>, S2sError> {
+        let secret = match (&config.federation.dialback_secret, kept) {
+            (Some(s), _) => s.as_bytes().to_vec(),
+            (None, Some(k)) => k,
+            (None, None) => {
+                use rand::RngExt;
+                let r: [u8; 32] = rand::rng().random();
+                r.to_vec()
+            }
+        };
         Ok(Arc::new(S2s {
+            dialback_secret: dialback::Secret::new(&secret),
+            dialback_issued: dialback::Issued::default(),
             tls: tls::TlsContext::from_config(&config)?,
             resolver: resolve::Resolver::new(config.clone())?,
             caps: listen::Caps::new(&config.limits),
@@ -122,6 +171,25 @@ impl S2s {
             tracker,
             connector: Arc::new(Network),
         }))
+    }
+}
+
+/// How a stream was authenticated (either direction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// SASL EXTERNAL with our certificate (XEP-0178).
+    External,
+    /// Server dialback (XEP-0220).
+    Dialback,
+}
+
+impl Method {
+    /// Its name in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::External => "external",
+            Method::Dialback => "dialback",
+        }
     }
 }
 

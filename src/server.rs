@@ -96,13 +96,6 @@ impl Server {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let policy = Arc::new(Policy::new(&config.federation));
-        let s2s = S2s::new(
-            config.clone(),
-            policy.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        )?;
         let store_err = |source| StartError::Store {
             path: config.store.path.display().to_string(),
             source,
@@ -110,6 +103,20 @@ impl Server {
         let kv =
             crate::store::open_kv(config.store.backend, &config.store.path).map_err(store_err)?;
         let store = Store::open(kv, &config.domains[0]).map_err(store_err)?;
+        // The dialback secret survives restarts (keys in flight stay valid): the
+        // configured one, else the one generated once and kept in the store.
+        let kept = match config.federation.dialback_secret {
+            Some(_) => None,
+            None => Some(store.dialback_secret().map_err(store_err)?),
+        };
+        let s2s = S2s::with_secret(
+            config.clone(),
+            policy.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+            kept,
+        )?;
         let delivery = Arc::new(Delivery::new(store.clone(), config.clone()));
         let (inbox, inbox_rx) = Inbox::new(INBOX_CAPACITY);
         let domain = Arc::new(Domain::new(inbox.clone()));

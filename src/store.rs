@@ -725,6 +725,21 @@ fn last_seq(kv: &dyn Kv, tree: u8) -> Result<u64, StoreError> {
 }
 
 impl Store {
+    /// The dialback secret (XEP-0185) kept in the store: generated once (32
+    /// random bytes) and then read back, so keys survive restarts.
+    pub fn dialback_secret(&self) -> Result<Vec<u8>, StoreError> {
+        let k = key(T_META, b"dialback-secret");
+        if let Some(v) = self.kv.get(&k)?
+            && v.len() >= 16
+        {
+            return Ok(v);
+        }
+        use rand::RngExt;
+        let secret: [u8; 32] = rand::rng().random();
+        self.kv.apply(&[Op::Put(k, secret.to_vec())])?;
+        Ok(secret.to_vec())
+    }
+
     /// Open on a backend, check or write the schema version (migrating older
     /// ones; users of a schema 2 store live on `default_domain`, the first hosted
     /// domain), start the committer.

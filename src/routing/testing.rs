@@ -171,6 +171,7 @@ impl World {
             mode: FederationMode::Open,
             allowlist: vec![],
             blocklist: vec!["blocked.test".into()],
+            ..Federation::default()
         });
         let rooms_tracker = Arc::new(FakeTracker::default());
         let trackers = Trackers {

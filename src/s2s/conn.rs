@@ -75,7 +75,8 @@ impl StreamFailure {
     }
 }
 
-/// Our stream header (RFC 6120 §4.7). `id` only on the responding side.
+/// Our stream header (RFC 6120 §4.7). `id` only on the responding side. It
+/// binds `db:` (XEP-0220 §2.1: peers look for it before using dialback).
 pub fn header_xml(from: &str, to: Option<&str>, id: Option<&str>) -> String {
     stream_header(from, to, id, true)
 }
@@ -85,7 +86,8 @@ pub fn header_xml(from: &str, to: Option<&str>, id: Option<&str>) -> String {
 pub fn stream_header(from: &str, to: Option<&str>, id: Option<&str>, version: bool) -> String {
     let mut s = format!(
         "<?xml version='1.0'?><stream:stream xmlns='jabber:server' \
-         xmlns:stream='http://etherx.jabber.org/streams' from='{}'",
+         xmlns:stream='http://etherx.jabber.org/streams' \
+         xmlns:db='jabber:server:dialback' from='{}'",
         escape(from)
     );
     if let Some(to) = to {

@@ -11,7 +11,18 @@
 //! 3. restart; the peer certificate must be valid for the header's `from`, else
 //!    `<not-authorized/>` with the reason; SASL EXTERNAL (authzid empty or `from`);
 //! 4. restart; empty features; stanzas.
+//!
+//! Server dialback (XEP-0220) where `federation.dialback = "fallback"`: the
+//! features after TLS offer it beside EXTERNAL (alone when the certificate does
+//! not verify for `from`). A `<db:result/>` is checked with the claimed
+//! domain's authoritative server over a verification connection of ours
+//! ([`super::outbound::verify_key`]); the stream is authenticated, without a
+//! restart, once its first (from, to) pair is verified, and later pairs
+//! (piggybacking) are verified while it runs, each on its own. A `<db:verify/>`
+//! is answered as the authoritative server, on any stream, authenticated or not
+//! ([`super::dialback`] has the rules).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -24,9 +35,12 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::Method;
 use super::S2s;
 use super::conn::{StreamFailure, XmlStream, header_xml, new_id, stream_header};
+use super::dialback::{self, AuthoritativeStep, Db, Receiving, Step};
 use crate::address::Addr;
+use crate::config::DialbackMode;
 use crate::routing::{Outbox, Peer, Table};
 use crate::stanza::{NotRoutable, Stanza, StreamCondition};
 use crate::xml::{Event, NS_SASL, NS_SERVER, NS_TLS, StreamHeader};
@@ -43,10 +57,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 pub struct Authenticated<IO = TcpStream> {
     /// The stream, after the final restart.
     pub xs: XmlStream<TlsIn<IO>>,
-    /// The domain the peer proved with its certificate.
+    /// The domain the peer proved (with its certificate, or the first domain
+    /// dialback verified on this stream).
     pub peer: Peer,
     /// Our hosted domain the stream is for.
     pub local_domain: String,
+    /// How the peer authenticated.
+    pub method: Method,
+    /// The dialback state of a dialback-authenticated stream (its pairs).
+    pub dialback: Option<Receiving>,
 }
 
 /// Serve one accepted connection to the end.
@@ -74,7 +93,12 @@ pub async fn serve(
         let Some(auth) = auth else { return };
         tracing::Span::current().record("peer.domain", auth.peer.domain());
         s2s.metrics.inbound_authenticated.inc();
-        tracing::info!(local = %auth.local_domain, "inbound stream authenticated (SASL EXTERNAL)");
+        s2s.metrics.authenticated("in", auth.method.as_str());
+        tracing::info!(
+            local = %auth.local_domain,
+            method = auth.method.as_str(),
+            "inbound stream authenticated"
+        );
         run(&s2s, &outbox, auth).await;
     }
     .instrument(span)
@@ -153,13 +177,17 @@ fn is_domain(from: &str) -> bool {
 /// Our answer to a peer's header: from the hosted domain it asked for, to its
 /// `from` if that is a domain, without `version` if it sent none (§4.7.5).
 fn reply_header(cx: &Cx<'_>, h: Option<&StreamHeader>) -> String {
+    reply_header_with_id(cx, h, &new_id())
+}
+
+fn reply_header_with_id(cx: &Cx<'_>, h: Option<&StreamHeader>, id: &str) -> String {
     let from = h
         .and_then(|h| h.to.as_deref())
         .and_then(|t| cx.table.hosted(t))
         .unwrap_or(&cx.s2s.config.domains[0]);
     let to = h.and_then(|h| h.from.as_deref()).filter(|f| is_domain(f));
     let version = h.is_none_or(|h| h.version.is_some());
-    stream_header(from, to, Some(&new_id()), version)
+    stream_header(from, to, Some(id), version)
 }
 
 async fn fail_with<S>(xs: &mut XmlStream<S>, header: &str, e: StreamFailure)
@@ -191,8 +219,44 @@ pub async fn negotiate<IO: Io>(
         let io = starttls(&cx, io, deadline).await?;
         accept_tls(&s2s.tls.server_starttls, io, deadline).await?
     };
-    let (xs, peer, local, header) = authenticate(&cx, tls, deadline).await?;
-    restart_after_auth(&cx, xs, peer, local, &header, deadline).await
+    match authenticate(&cx, tls, deadline).await? {
+        Proved::External {
+            xs,
+            peer,
+            local,
+            header,
+        } => restart_after_auth(&cx, xs, peer, local, &header, deadline).await,
+        Proved::Dialback {
+            xs,
+            peer,
+            local,
+            receiving,
+        } => Some(Authenticated {
+            xs,
+            peer: Peer::authenticated(&peer),
+            local_domain: local,
+            method: Method::Dialback,
+            dialback: Some(receiving),
+        }),
+    }
+}
+
+/// How [`authenticate`] ended well.
+enum Proved<IO> {
+    /// SASL EXTERNAL succeeded: a restart follows.
+    External {
+        xs: XmlStream<TlsIn<IO>>,
+        peer: String,
+        local: String,
+        header: String,
+    },
+    /// Dialback verified `peer` to `local`: no restart.
+    Dialback {
+        xs: XmlStream<TlsIn<IO>>,
+        peer: String,
+        local: String,
+        receiving: Receiving,
+    },
 }
 
 /// Step 1 on the STARTTLS port: the plaintext header, `<starttls/>` required,
@@ -253,13 +317,13 @@ async fn starttls<IO: Io>(cx: &Cx<'_>, io: IO, deadline: Instant) -> Option<IO> 
     }
 }
 
-/// Step 2, over TLS: the header, the certificate checked for its `from`, SASL
-/// EXTERNAL. Returns the stream, the peer's domain, our domain and our header.
+/// Step 2, over TLS: the header, the certificate checked for its `from`, then
+/// SASL EXTERNAL or dialback (or both offered); `<db:verify/>` answered meanwhile.
 async fn authenticate<IO: Io>(
     cx: &Cx<'_>,
     tls: TlsIn<IO>,
     deadline: Instant,
-) -> Option<(XmlStream<TlsIn<IO>>, String, String, String)> {
+) -> Option<Proved<IO>> {
     let certs: Vec<CertificateDer<'static>> = tls
         .get_ref()
         .1
@@ -274,7 +338,8 @@ async fn authenticate<IO: Io>(
             return None;
         }
     };
-    let header = reply_header(cx, Some(&h));
+    let stream_id = new_id();
+    let header = reply_header_with_id(cx, Some(&h), &stream_id);
     let local = match check_header(cx, &h) {
         Ok(l) => l,
         Err((condition, text)) => {
@@ -287,64 +352,147 @@ async fn authenticate<IO: Io>(
             return None;
         }
     };
-    let Some(peer) = h.from.as_deref().map(str::to_ascii_lowercase) else {
-        let e = StreamFailure::protocol(
-            StreamCondition::NotAuthorized,
-            "the stream header needs 'from' to authenticate with a certificate (XEP-0178)",
-        );
-        fail_with(&mut xs, &header, e).await;
-        return None;
-    };
+    let dialback = cx.s2s.config.federation.dialback == DialbackMode::Fallback;
+    let peer = h.from.as_deref().map(str::to_ascii_lowercase);
     let now = UnixTime::since_unix_epoch(
         SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
     );
-    if let Err(why) = cx.s2s.tls.verifier.authenticate(&certs, &peer, now) {
-        let e = StreamFailure::protocol(
-            StreamCondition::NotAuthorized,
-            format!(
-                "cannot authenticate {peer}: {why} (only certificate authentication is supported)"
-            ),
-        );
-        fail_with(&mut xs, &header, e).await;
-        return None;
+    let cert = match &peer {
+        None => Err(
+            "the stream header needs 'from' to authenticate with a certificate (XEP-0178)"
+                .to_string(),
+        ),
+        Some(p) => cx
+            .s2s
+            .tls
+            .verifier
+            .authenticate(&certs, p, now)
+            .map_err(|why| format!("cannot authenticate {p}: {why}")),
+    };
+    let external = match (&cert, &peer) {
+        (Ok(()), Some(p)) => Some(p.clone()),
+        _ => None,
+    };
+    if let Err(why) = &cert {
+        if !dialback {
+            let text = if peer.is_some() {
+                format!("{why} (only certificate authentication is supported)")
+            } else {
+                why.clone()
+            };
+            let e = StreamFailure::protocol(StreamCondition::NotAuthorized, text);
+            fail_with(&mut xs, &header, e).await;
+            return None;
+        }
+        tracing::info!(reason = %why, "no certificate authentication; offering dialback");
     }
-    let features = format!(
-        "<stream:features><mechanisms xmlns='{NS_SASL}'><mechanism>EXTERNAL</mechanism></mechanisms></stream:features>"
-    );
+    let mut features = String::from("<stream:features>");
+    if external.is_some() {
+        features.push_str(&format!(
+            "<mechanisms xmlns='{NS_SASL}'><mechanism>EXTERNAL</mechanism></mechanisms>"
+        ));
+    }
+    if dialback {
+        features.push_str(dialback::FEATURE);
+    }
+    features.push_str("</stream:features>");
     if xs.send_header_with(&header, &features).await.is_err() {
         return None;
     }
-    sasl_external(&mut xs, &header, &peer, deadline).await?;
-    Some((xs, peer, local, header))
-}
-
-/// The SASL EXTERNAL exchange (XEP-0178 §3): the authzid empty or the peer's
-/// domain; three failed attempts close the stream.
-async fn sasl_external<S: Io>(
-    xs: &mut XmlStream<S>,
-    header: &str,
-    peer: &str,
-    deadline: Instant,
-) -> Option<()> {
+    let mut receiving = Receiving::new(&stream_id);
+    // Verifications run while the stream is read, so a stanza sent before its
+    // domain is verified is refused, not queued behind the verdict.
+    let mut verifying = futures_util::stream::FuturesUnordered::new();
     let mut attempts = 0;
     loop {
-        attempts += 1;
-        let el = match by(deadline, xs.next_element()).await {
-            Ok(el) => el,
-            Err(e) => {
-                fail_with(xs, header, e).await;
+        use futures_util::StreamExt as _;
+        let el = tokio::select! {
+            Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
+                let (from, to): (String, String) = (from, to);
+                log_verdict(&from, &verdict);
+                let step = receiving.on_verdict(&from, &to, verdict);
+                if !do_step(&mut xs, &header, step).await {
+                    return None;
+                }
+                // The first verified pair authenticates the stream (once no
+                // other verification of this stream is in flight).
+                if verifying.is_empty()
+                    && let Some((peer, to)) = receiving.first_verified()
+                {
+                    let local = cx.table.hosted(&to).unwrap_or(&local).to_string();
+                    return Some(Proved::Dialback {
+                        xs,
+                        peer,
+                        local,
+                        receiving,
+                    });
+                }
+                continue;
+            }
+            el = by(deadline, xs.next_element()) => match el {
+                Ok(el) => el,
+                Err(e) => {
+                    fail_with(&mut xs, &header, e).await;
+                    return None;
+                }
+            },
+        };
+        if let Some(db) = Db::parse(&el) {
+            if !dialback {
+                let e = StreamFailure::protocol(
+                    StreamCondition::NotAuthorized,
+                    "dialback is not offered here",
+                );
+                fail_with(&mut xs, &header, e).await;
                 return None;
             }
-        };
+            if db.verify {
+                if !answer_verify(cx.s2s, cx.table, &mut xs, &header, &db).await {
+                    return None;
+                }
+                continue;
+            }
+            let step = receiving.on_result(
+                &db,
+                |d| cx.table.hosted(d).is_some(),
+                |d| cx.s2s.policy.allows(d),
+            );
+            if let Step::Verify { from, to, key } = step {
+                let stream_id = stream_id.clone();
+                let s2s = cx.s2s;
+                verifying.push(async move {
+                    let verdict = tokio::time::timeout_at(
+                        deadline,
+                        s2s.connector.verify(s2s, &to, &from, &stream_id, &key),
+                    )
+                    .await
+                    .unwrap_or(Err((
+                        "remote-server-timeout",
+                        "verification timed out".into(),
+                    )));
+                    (from, to, verdict)
+                });
+            } else if !do_step(&mut xs, &header, step).await {
+                return None;
+            }
+            continue;
+        }
+        attempts += 1;
         let failure = if el.is("auth", NS_SASL) {
-            if el.attr("mechanism") != Some("EXTERNAL") {
+            if el.attr("mechanism") != Some("EXTERNAL") || external.is_none() {
                 Some("invalid-mechanism")
             } else {
                 match sasl_authzid(&super::conn::text_of(&el)) {
                     Err(()) => Some("incorrect-encoding"),
-                    Ok(Some(a)) if !a.eq_ignore_ascii_case(peer) => Some("invalid-authzid"),
+                    Ok(Some(a))
+                        if !external
+                            .as_deref()
+                            .is_some_and(|p| a.eq_ignore_ascii_case(p)) =>
+                    {
+                        Some("invalid-authzid")
+                    }
                     Ok(_) => None,
                 }
             }
@@ -353,17 +501,27 @@ async fn sasl_external<S: Io>(
         } else {
             let e = StreamFailure::protocol(
                 StreamCondition::NotAuthorized,
-                "authenticate (SASL EXTERNAL) before sending stanzas",
+                if dialback {
+                    "authenticate (SASL EXTERNAL or dialback) before sending stanzas"
+                } else {
+                    "authenticate (SASL EXTERNAL) before sending stanzas"
+                },
             );
-            fail_with(xs, header, e).await;
+            fail_with(&mut xs, &header, e).await;
             return None;
         };
         match failure {
             None => {
-                return xs
-                    .send(format!("<success xmlns='{NS_SASL}'/>").as_bytes())
+                xs.send(format!("<success xmlns='{NS_SASL}'/>").as_bytes())
                     .await
-                    .ok();
+                    .ok()?;
+                let peer = external?;
+                return Some(Proved::External {
+                    xs,
+                    peer,
+                    local,
+                    header,
+                });
             }
             Some(cond) => {
                 let msg = format!("<failure xmlns='{NS_SASL}'><{cond}/></failure>");
@@ -375,10 +533,73 @@ async fn sasl_external<S: Io>(
                         StreamCondition::PolicyViolation,
                         "too many authentication attempts",
                     );
-                    fail_with(xs, header, e).await;
+                    fail_with(&mut xs, &header, e).await;
                     return None;
                 }
             }
+        }
+    }
+}
+
+fn log_verdict(from: &str, verdict: &Result<bool, (&'static str, String)>) {
+    match verdict {
+        Ok(true) => tracing::info!(claimed = %from, "dialback: authoritative server says valid"),
+        Ok(false) => {
+            tracing::warn!(claimed = %from, "dialback: authoritative server says invalid")
+        }
+        Err((c, t)) => {
+            tracing::info!(claimed = %from, condition = c, text = %t, "dialback: cannot verify")
+        }
+    }
+}
+
+/// Carry out a receiving-role step; false when the stream is over.
+async fn do_step<S: Io>(xs: &mut XmlStream<S>, header: &str, step: Step) -> bool {
+    match step {
+        Step::Send(xml) => xs.send(xml.as_bytes()).await.is_ok(),
+        Step::Ignore(why) => {
+            tracing::info!(reason = why, "dropped a dialback element");
+            true
+        }
+        Step::Close(condition, text) => {
+            fail_with(xs, header, StreamFailure::Protocol { condition, text }).await;
+            false
+        }
+        // Carried out by the caller.
+        Step::Verify { .. } => true,
+    }
+}
+
+/// Answer a `<db:verify/>` as the authoritative server; false when the stream
+/// is over.
+async fn answer_verify<S: Io>(
+    s2s: &S2s,
+    table: &Table,
+    xs: &mut XmlStream<S>,
+    header: &str,
+    db: &Db,
+) -> bool {
+    let step =
+        dialback::authoritative_answer(&s2s.dialback_secret, &s2s.dialback_issued, db, |d| {
+            table.hosted(d).is_some()
+        });
+    match step {
+        AuthoritativeStep::Answer { xml, valid } => {
+            tracing::info!(
+                receiving = db.from.as_deref().unwrap_or(""),
+                valid,
+                "dialback: answered a verification request"
+            );
+            xs.send(xml.as_bytes()).await.is_ok()
+        }
+        AuthoritativeStep::Ignore(why) => {
+            tracing::warn!(reason = why, "dropped a dialback verification element");
+            true
+        }
+        AuthoritativeStep::Close(condition, text) => {
+            let e = StreamFailure::protocol(condition, text);
+            fail_with(xs, header, e).await;
+            false
         }
     }
 }
@@ -437,6 +658,8 @@ async fn restart_after_auth<IO: Io>(
         xs,
         peer: Peer::authenticated(&peer),
         local_domain: local,
+        method: Method::External,
+        dialback: None,
     })
 }
 
@@ -472,17 +695,27 @@ fn sasl_authzid(text: &str) -> Result<Option<String>, ()> {
     Ok(if s.is_empty() { None } else { Some(s) })
 }
 
-/// Route the stanzas of an authenticated stream until it ends.
+/// Route the stanzas of an authenticated stream until it ends. On a dialback
+/// stream, further `<db:result/>`s are verified while stanzas flow (each pair
+/// on its own, the verifications concurrent), and a stanza is routed only if
+/// its from-domain is verified on this stream (to its `to`, or to the stream's
+/// own domain). `<db:verify/>` is answered on any stream.
 pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
+    use futures_util::StreamExt as _;
     let Authenticated {
         mut xs,
         peer,
         local_domain,
+        method: _,
+        mut dialback,
     } = auth;
     let header = header_xml(&local_domain, Some(peer.domain()), None);
     let idle = s2s.config.timeouts.idle();
     // This peer's stanzas-in counter, looked up once per stream.
     let domain_in = s2s.metrics.domain_stanzas_in(peer.domain());
+    // Piggybacked domains verified on this stream.
+    let mut peers: HashMap<String, Peer> = HashMap::new();
+    let mut verifying = futures_util::stream::FuturesUnordered::new();
     // One timer for the whole stream, re-armed only when it fires (arming a timer
     // per stanza costs more than the stanza).
     let mut last_activity = Instant::now();
@@ -500,6 +733,18 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                     return fail_with(&mut xs, &header, e).await;
                 }
                 idle_timer.as_mut().reset(last_activity + idle);
+                continue;
+            }
+            Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
+                let from: String = from;
+                let to: String = to;
+                log_verdict(&from, &verdict);
+                if let Some(r) = dialback.as_mut() {
+                    let step = r.on_verdict(&from, &to, verdict);
+                    if !do_step(&mut xs, &header, step).await {
+                        return;
+                    }
+                }
                 continue;
             }
             ev = xs.next() => ev,
@@ -524,9 +769,52 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                 return fail_with(&mut xs, &header, e).await;
             }
         };
+        if el.ns == dialback::NS_DB
+            && let Some(db) = Db::parse(&el)
+        {
+            if db.verify {
+                if !answer_verify(s2s, outbox.table(), &mut xs, &header, &db).await {
+                    return;
+                }
+                continue;
+            }
+            let Some(r) = dialback.as_mut() else {
+                // A stream authenticated by certificate asks no more.
+                tracing::info!("dropped a db:result on a certificate-authenticated stream");
+                continue;
+            };
+            let table = outbox.table();
+            let step = r.on_result(&db, |d| table.hosted(d).is_some(), |d| s2s.policy.allows(d));
+            if let Step::Verify { from, to, key } = step {
+                let stream_id = r.stream_id().to_string();
+                verifying.push(async move {
+                    let verdict = tokio::time::timeout(
+                        s2s.config.timeouts.negotiation(),
+                        s2s.connector.verify(s2s, &to, &from, &stream_id, &key),
+                    )
+                    .await
+                    .unwrap_or(Err((
+                        "remote-server-timeout",
+                        "verification timed out".into(),
+                    )));
+                    (from, to, verdict)
+                });
+            } else if !do_step(&mut xs, &header, step).await {
+                return;
+            }
+            continue;
+        }
         let refusal = match Stanza::from_element(el) {
             Ok(stanza) => {
-                let r = outbox.route_inbound(&peer, stanza).await.err();
+                let r = match dialback.as_ref() {
+                    None => outbox.route_inbound(&peer, stanza).await.err(),
+                    Some(db) => {
+                        match dialback_peer(db, &peer, &local_domain, &stanza, &mut peers) {
+                            Ok(p) => outbox.route_inbound(&p, stanza).await.err(),
+                            Err(refusal) => Some(refusal),
+                        }
+                    }
+                };
                 if r.is_none() {
                     domain_in.inc();
                 }
@@ -542,6 +830,35 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             return fail_with(&mut xs, &header, e).await;
         }
     }
+}
+
+/// The peer a stanza on a dialback stream is routed as: its from-domain, if
+/// verified on this stream to its `to` or to the stream's domain. Missing
+/// addresses are left to the table's checks (as the stream's own peer).
+fn dialback_peer(
+    r: &Receiving,
+    peer: &Peer,
+    local: &str,
+    stanza: &Stanza,
+    peers: &mut HashMap<String, Peer>,
+) -> Result<Peer, (StreamCondition, String)> {
+    let (Some(from), Some(to)) = (stanza.from.as_ref(), stanza.to.as_ref()) else {
+        return Ok(peer.clone());
+    };
+    let f = from.domain().to_ascii_lowercase();
+    if f == peer.domain() && (r.verified(&f, local) || r.verified(&f, to.domain())) {
+        return Ok(peer.clone());
+    }
+    if r.verified(&f, to.domain()) || r.verified(&f, local) {
+        return Ok(peers
+            .entry(f.clone())
+            .or_insert_with(|| Peer::authenticated(&f))
+            .clone());
+    }
+    Err((
+        StreamCondition::InvalidFrom,
+        format!("{f} is not verified on this stream for {}", to.domain()),
+    ))
 }
 
 #[cfg(test)]

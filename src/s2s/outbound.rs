@@ -24,10 +24,12 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
-use super::S2s;
+pub use super::Method;
 use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
 use super::inbound::Io;
 use super::resolve::{Endpoint, ResolveError};
+use super::{S2s, dialback};
+use crate::config::DialbackMode;
 use crate::routing::{Outbox, Outgoing, Refused, Report, Track};
 use crate::stanza::{Stanza, StanzaCondition};
 use crate::xml::children::all_texts;
@@ -129,8 +131,31 @@ pub struct Connected<IO = TcpStream> {
     pub xs: XmlStream<TlsOut<IO>>,
     /// The peer offers XEP-0198 stream management.
     pub sm: bool,
+    /// How we authenticated, and whether the peer's certificate verified.
+    pub auth: Auth,
     /// Where we connected.
     pub endpoint: Endpoint,
+}
+
+/// What negotiation established about a stream's authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Auth {
+    /// How we proved our domain.
+    pub method: Method,
+    /// Whether the peer's certificate verified for its domain (false only
+    /// where dialback may stand in for it: the peer is then trusted by DNS).
+    pub peer_verified: bool,
+}
+
+/// An outbound stream after negotiation.
+#[derive(Debug)]
+pub struct Negotiated<S> {
+    /// The stream (after the last restart, if any).
+    pub xs: XmlStream<S>,
+    /// The peer offers XEP-0198 stream management.
+    pub sm: bool,
+    /// How it was authenticated.
+    pub auth: Auth,
 }
 
 /// Describe a peer certificate chain for humans (`check`).
@@ -207,10 +232,11 @@ pub async fn connect(
         match tokio::time::timeout_at(deadline, negotiate(s2s, tcp, direct, local, remote, log))
             .await
         {
-            Ok(Ok((xs, sm))) => {
+            Ok(Ok(n)) => {
                 return Ok(Connected {
-                    xs,
-                    sm,
+                    xs: n.xs,
+                    sm: n.sm,
+                    auth: n.auth,
                     endpoint: ep,
                 });
             }
@@ -237,8 +263,9 @@ fn send_err(e: std::io::Error) -> ConnectError {
 
 /// Negotiate an outbound stream on `io` (generic, so it can be scripted over
 /// `tokio::io::duplex`): STARTTLS unless `direct_tls`, TLS for the XMPP domain
-/// `remote`, SASL EXTERNAL as `local`, restart. Returns the stream and whether
-/// the peer offers XEP-0198.
+/// `remote`, SASL EXTERNAL as `local` and a restart; or, where the peer offers
+/// no EXTERNAL or refuses it and `federation.dialback` allows, server dialback
+/// on the same stream (XEP-0220, no restart).
 pub async fn negotiate<IO: Io>(
     s2s: &S2s,
     io: IO,
@@ -246,10 +273,14 @@ pub async fn negotiate<IO: Io>(
     local: &str,
     remote: &str,
     log: &mut (dyn FnMut(String) + Send),
-) -> Result<(XmlStream<TlsOut<IO>>, bool), ConnectError> {
-    let (starttls_cfg, direct_cfg) = s2s
-        .tls
-        .clients
+) -> Result<Negotiated<TlsOut<IO>>, ConnectError> {
+    let dialback = s2s.config.federation.dialback == DialbackMode::Fallback;
+    let clients = if dialback {
+        &s2s.tls.clients_deferred
+    } else {
+        &s2s.tls.clients
+    };
+    let (starttls_cfg, direct_cfg) = clients
         .get(local)
         .cloned()
         .ok_or_else(|| ConnectError::NoCertificate(local.to_string()))?;
@@ -259,10 +290,270 @@ pub async fn negotiate<IO: Io>(
     } else {
         (starttls(s2s, io, &header, log).await?, starttls_cfg)
     };
-    let mut xs = tls_handshake(s2s, io, cfg, remote, log).await?;
-    sasl_external(&mut xs, &header, local, log).await?;
-    let sm = restart(s2s, &mut xs, &header, log).await?;
-    Ok((xs, sm))
+    let (mut xs, peer_verified) = tls_handshake(s2s, io, cfg, remote, log).await?;
+    let offer = features_after_tls(&mut xs, &header, log).await?;
+    let external = if offer.external {
+        sasl_external(&mut xs, log).await
+    } else {
+        Err(ConnectError::Auth(format!(
+            "peer does not offer SASL EXTERNAL for {local} (features: {})",
+            offer.summary
+        )))
+    };
+    match external {
+        Ok(()) => {
+            let sm = restart(s2s, &mut xs, &header, log).await?;
+            Ok(Negotiated {
+                xs,
+                sm,
+                auth: Auth {
+                    method: Method::External,
+                    peer_verified,
+                },
+            })
+        }
+        Err(e) if dialback && offer.dialback => {
+            log(format!("  {e}; trying dialback"));
+            originate_dialback(s2s, &mut xs, &offer, local, remote, log).await?;
+            Ok(Negotiated {
+                xs,
+                sm: false,
+                auth: Auth {
+                    method: Method::Dialback,
+                    peer_verified,
+                },
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What the peer offers after TLS.
+struct Offer {
+    /// SASL EXTERNAL.
+    external: bool,
+    /// Dialback: the feature, or `db:` bound on its header.
+    dialback: bool,
+    /// The stream id the peer issued (dialback keys are bound to it).
+    stream_id: Option<String>,
+    /// For messages.
+    summary: String,
+}
+
+/// Our header over TLS and the peer's features.
+async fn features_after_tls<S: Io>(
+    xs: &mut XmlStream<S>,
+    header: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<Offer, ConnectError> {
+    xs.send_header(header).await.map_err(send_err)?;
+    let h = xs.next_header().await.map_err(stream_err)?;
+    let features = xs.next_element().await.map_err(stream_err)?;
+    let kids = feature_children(&features)?;
+    log(format!("  features after TLS: {}", summarize(&kids)));
+    // Each offered mechanism by name (not a substring of their joined text).
+    let external = kids
+        .iter()
+        .any(|c| c.ns == NS_SASL && c.name == "mechanisms")
+        && all_texts(&features, "mechanism")
+            .iter()
+            .any(|m| m == "EXTERNAL");
+    let dialback = kids
+        .iter()
+        .any(|c| c.ns == dialback::NS_DB_FEATURES && c.name == "dialback")
+        || h.prefixes.iter().any(|(_, uri)| uri == dialback::NS_DB);
+    Ok(Offer {
+        external,
+        dialback,
+        stream_id: h.id,
+        summary: summarize(&kids),
+    })
+}
+
+/// Why a key could not be checked: a stanza error condition for the
+/// `<db:result type='error'/>` (XEP-0220 §2.4) and a text.
+pub type VerifyError = (&'static str, String);
+
+/// The receiving server's check of a dialback key (XEP-0220 §2.1.2): a
+/// verification connection of ours from `local` to `remote`'s authoritative
+/// server (resolved like any peer; its certificate checked and logged, but
+/// dialback trusts DNS), `<db:verify/>` with the key and the id of the stream
+/// it came on, and the answer to exactly that question. Ok(valid).
+pub async fn verify_key(
+    s2s: &S2s,
+    local: &str,
+    remote: &str,
+    stream_id: &str,
+    key: &str,
+) -> Result<bool, VerifyError> {
+    let mut log = |l: String| tracing::debug!("{l}");
+    let endpoints = s2s
+        .resolver
+        .resolve(remote, &mut log)
+        .await
+        .map_err(|e| ("remote-server-not-found", e.to_string()))?;
+    let mut last = (
+        "remote-server-not-found",
+        format!("no endpoint for {remote}"),
+    );
+    for ep in endpoints {
+        let tcp =
+            match tokio::time::timeout(s2s.config.timeouts.connect(), TcpStream::connect(ep.addr))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    last = ("remote-server-not-found", format!("{}: {e}", ep.addr));
+                    continue;
+                }
+                Err(_) => {
+                    last = (
+                        "remote-server-timeout",
+                        format!("TCP connect to {}", ep.addr),
+                    );
+                    continue;
+                }
+            };
+        let _ = tcp.set_nodelay(true);
+        match verify_on(
+            s2s,
+            tcp,
+            ep.direct_tls,
+            local,
+            remote,
+            stream_id,
+            key,
+            &mut log,
+        )
+        .await
+        {
+            Ok(v) => return Ok(v),
+            Err(e) => last = ("remote-server-not-found", format!("{}: {e}", ep.addr)),
+        }
+    }
+    Err(last)
+}
+
+/// [`verify_key`] on one connection (generic, so it can be scripted).
+#[allow(clippy::too_many_arguments)]
+pub async fn verify_on<IO: Io>(
+    s2s: &S2s,
+    io: IO,
+    direct_tls: bool,
+    local: &str,
+    remote: &str,
+    stream_id: &str,
+    key: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<bool, ConnectError> {
+    let (starttls_cfg, direct_cfg) = s2s
+        .tls
+        .clients_deferred
+        .get(local)
+        .cloned()
+        .ok_or_else(|| ConnectError::NoCertificate(local.to_string()))?;
+    let header = header_xml(local, Some(remote), None);
+    let (io, cfg) = if direct_tls {
+        (io, direct_cfg)
+    } else {
+        (starttls(s2s, io, &header, log).await?, starttls_cfg)
+    };
+    let (mut xs, _verified) = tls_handshake(s2s, io, cfg, remote, log).await?;
+    features_after_tls(&mut xs, &header, log).await?;
+    xs.send(dialback::verify_request(local, remote, stream_id, key).as_bytes())
+        .await
+        .map_err(send_err)?;
+    for _ in 0..16 {
+        let el = xs.next_element().await.map_err(stream_err)?;
+        if let Some(db) = dialback::Db::parse(&el)
+            && let Some(valid) = dialback::verification_answer(&db, remote, local, stream_id)
+        {
+            xs.close().await;
+            return Ok(valid);
+        }
+        tracing::info!(
+            element = el.as_str(),
+            "dropped an element on a verification stream"
+        );
+    }
+    Err(ConnectError::Stream(
+        "no answer to db:verify among the peer's elements".into(),
+    ))
+}
+
+/// Removes an issued key from [`dialback::Issued`] when the attempt is over,
+/// however it ends.
+struct IssuedGuard<'a> {
+    issued: &'a dialback::Issued,
+    key: (String, String, String),
+}
+
+impl Drop for IssuedGuard<'_> {
+    fn drop(&mut self) {
+        self.issued.remove(&self.key.0, &self.key.1, &self.key.2);
+    }
+}
+
+/// The originating server's dialback (XEP-0220 §2.1.1): `<db:result/>` with our
+/// key for this stream, then the receiving server's verdict. Anything else the
+/// peer sends meanwhile that is not the answer to our request is dropped.
+async fn originate_dialback<S: Io>(
+    s2s: &S2s,
+    xs: &mut XmlStream<S>,
+    offer: &Offer,
+    local: &str,
+    remote: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<(), ConnectError> {
+    let Some(id) = offer.stream_id.as_deref().filter(|i| !i.is_empty()) else {
+        return Err(ConnectError::Auth(
+            "dialback: the peer's stream header has no id".into(),
+        ));
+    };
+    if !s2s.dialback_issued.insert(local, remote, id) {
+        return Err(ConnectError::Auth(
+            "dialback: too many keys awaiting verification".into(),
+        ));
+    }
+    let _guard = IssuedGuard {
+        issued: &s2s.dialback_issued,
+        key: (local.to_string(), remote.to_string(), id.to_string()),
+    };
+    let t0 = Instant::now();
+    let key = s2s.dialback_secret.key(remote, local, id);
+    xs.send(dialback::result_request(local, remote, &key).as_bytes())
+        .await
+        .map_err(send_err)?;
+    // The peer may send a few things we do not need (whitespace is not an
+    // element); a peer that sends only those runs into the negotiation deadline.
+    for _ in 0..16 {
+        let el = xs.next_element().await.map_err(stream_err)?;
+        let Some(db) = dialback::Db::parse(&el) else {
+            tracing::debug!(element = %el.name, "ignored while awaiting the dialback verdict");
+            continue;
+        };
+        match dialback::originating_answer(&db, local, remote) {
+            dialback::OriginatingStep::Valid => {
+                log(format!(
+                    "  dialback succeeded in {:.1} ms",
+                    ms(t0.elapsed())
+                ));
+                return Ok(());
+            }
+            dialback::OriginatingStep::Refused(why) => {
+                return Err(ConnectError::Auth(format!("dialback refused: {why}")));
+            }
+            dialback::OriginatingStep::Ignore => {
+                tracing::info!(
+                    element = el.as_str(),
+                    "dropped a dialback element we did not ask for"
+                );
+            }
+        }
+    }
+    Err(ConnectError::Auth(
+        "dialback: no verdict among the peer's elements".into(),
+    ))
 }
 
 /// Step 1 on a STARTTLS endpoint: header, features, `<starttls/>`, `<proceed/>`.
@@ -301,14 +592,16 @@ async fn starttls<IO: Io>(
 }
 
 /// Step 2: TLS with the XMPP domain as the identity (RFC 6120 §13.7.2.1), our
-/// certificate presented; logs the chain (for `check`).
+/// certificate presented; logs the chain (for `check`). With a deferred
+/// verifier ([`super::tls::DeferredServerVerifier`]) the chain is checked here
+/// and the result returned (false: not verified, dialback may stand in).
 async fn tls_handshake<IO: Io>(
     s2s: &S2s,
     io: IO,
     cfg: Arc<rustls::ClientConfig>,
     remote: &str,
     log: &mut (dyn FnMut(String) + Send),
-) -> Result<XmlStream<TlsOut<IO>>, ConnectError> {
+) -> Result<(XmlStream<TlsOut<IO>>, bool), ConnectError> {
     let name = ServerName::try_from(remote.to_string())
         .map_err(|e| ConnectError::Tls(format!("bad server name {remote}: {e}")))?;
     let t0 = Instant::now();
@@ -317,46 +610,38 @@ async fn tls_handshake<IO: Io>(
         .await
         .map_err(|e| ConnectError::Tls(e.to_string()))?;
     let conn = tls.get_ref().1;
+    let chain = conn.peer_certificates().unwrap_or_default();
+    let now = rustls::pki_types::UnixTime::now();
+    let verified = s2s.tls.verifier.authenticate(chain, remote, now);
     log(format!(
-        "  TLS {:?} {:?} in {:.1} ms, ALPN {:?}; certificate verified for {remote}",
+        "  TLS {:?} {:?} in {:.1} ms, ALPN {:?}; {}",
         conn.protocol_version()
             .map(|v| format!("{v:?}"))
             .unwrap_or_default(),
         conn.negotiated_cipher_suite().map(|s| s.suite()),
         ms(t0.elapsed()),
         conn.alpn_protocol().map(String::from_utf8_lossy),
+        match &verified {
+            Ok(()) => format!("certificate verified for {remote}"),
+            Err(e) => format!(
+                "certificate NOT verified for {remote} ({e}); trusting DNS, as dialback does"
+            ),
+        }
     ));
-    for line in describe_chain(conn.peer_certificates().unwrap_or_default()) {
+    for line in describe_chain(chain) {
         log(line);
     }
-    Ok(XmlStream::new(tls, s2s.config.framer_limits(false)))
+    Ok((
+        XmlStream::new(tls, s2s.config.framer_limits(false)),
+        verified.is_ok(),
+    ))
 }
 
-/// Step 3: the header over TLS, SASL EXTERNAL offered and accepted (XEP-0178).
+/// Step 3: SASL EXTERNAL (XEP-0178), offered after TLS ([`features_after_tls`]).
 async fn sasl_external<S: Io>(
     xs: &mut XmlStream<S>,
-    header: &str,
-    local: &str,
     log: &mut (dyn FnMut(String) + Send),
 ) -> Result<(), ConnectError> {
-    xs.send_header(header).await.map_err(send_err)?;
-    xs.next_header().await.map_err(stream_err)?;
-    let features = xs.next_element().await.map_err(stream_err)?;
-    let kids = feature_children(&features)?;
-    log(format!("  features after TLS: {}", summarize(&kids)));
-    // Each offered mechanism by name (not a substring of their joined text).
-    let external = kids
-        .iter()
-        .any(|c| c.ns == NS_SASL && c.name == "mechanisms")
-        && all_texts(&features, "mechanism")
-            .iter()
-            .any(|m| m == "EXTERNAL");
-    if !external {
-        return Err(ConnectError::Auth(format!(
-            "peer does not offer SASL EXTERNAL for {local} (features: {})",
-            summarize(&kids)
-        )));
-    }
     let t0 = Instant::now();
     xs.send(format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>").as_bytes())
         .await
@@ -374,6 +659,7 @@ async fn sasl_external<S: Io>(
             })
             .collect::<Vec<_>>()
             .join(", ");
+        log(format!("  SASL EXTERNAL refused: {why}"));
         return Err(ConnectError::Auth(format!("SASL EXTERNAL refused: {why}")));
     }
     log(format!(
@@ -647,7 +933,15 @@ impl Session {
             match r {
                 Ok(c) => {
                     self.s2s.metrics.outbound_established.inc();
-                    tracing::info!(endpoint = %c.endpoint.addr, "outbound stream established");
+                    self.s2s
+                        .metrics
+                        .authenticated("out", c.auth.method.as_str());
+                    tracing::info!(
+                        endpoint = %c.endpoint.addr,
+                        method = c.auth.method.as_str(),
+                        peer_certificate_verified = c.auth.peer_verified,
+                        "outbound stream established"
+                    );
                     self.outbox.report(Report::Reachable { remote });
                     return Some(c);
                 }

@@ -78,6 +78,22 @@ pub enum PeerCertError {
     },
 }
 
+/// Whether a DER certificate may be used as a TLS client certificate by the
+/// extended key usage a strict peer checks: `Some(false)` when it has an EKU
+/// extension without clientAuth (Let's Encrypt's serverAuth-only certificates
+/// since 2026; ejabberd before 25.07 and Metronome refuse them for SASL
+/// EXTERNAL), `Some(true)` when clientAuth is there or there is no EKU
+/// extension, `None` when the certificate cannot be read.
+pub fn allows_client_auth(der: &[u8]) -> Option<bool> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) => Some(eku.value.client_auth || eku.value.any),
+        Ok(None) => Some(true),
+        Err(_) => None,
+    }
+}
+
 /// The names a certificate asserts, per kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CertNames {
@@ -315,6 +331,50 @@ impl ServerCertVerifier for PeerVerifier {
     }
 }
 
+/// A server certificate verifier that lets every handshake through (its
+/// signature still proves the peer holds the certificate's key) and leaves the
+/// chain and name to [`PeerVerifier::authenticate`] after the handshake: for
+/// outbound streams where dialback may stand in for an unverifiable certificate
+/// (`federation.dialback = "fallback"`), so a peer with a self-signed
+/// certificate can still be reached and is told who we are.
+#[derive(Debug)]
+pub struct DeferredServerVerifier(pub Arc<PeerVerifier>);
+
+impl ServerCertVerifier for DeferredServerVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls12_signature(&*self.0, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls13_signature(&*self.0, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ServerCertVerifier::supported_verify_schemes(&*self.0)
+    }
+}
+
 impl ClientCertVerifier for PeerVerifier {
     fn offer_client_auth(&self) -> bool {
         true
@@ -415,6 +475,9 @@ pub struct TlsContext {
     pub server_direct: Arc<rustls::ServerConfig>,
     /// Per hosted domain: (STARTTLS, direct TLS) client configs with that domain's certificate.
     pub clients: HashMap<String, (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>)>,
+    /// The same with the server certificate checked after the handshake
+    /// ([`DeferredServerVerifier`]), for when dialback may stand in for it.
+    pub clients_deferred: HashMap<String, (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>)>,
     /// The peer verifier (also used after STARTTLS inbound).
     pub verifier: Arc<PeerVerifier>,
     /// Whether the certificates were generated (development mode).
@@ -535,24 +598,41 @@ impl TlsContext {
             Ok(Arc::new(sc))
         };
         let mut clients = HashMap::new();
+        let mut clients_deferred = HashMap::new();
+        let deferred: Arc<dyn ServerCertVerifier> =
+            Arc::new(DeferredServerVerifier(verifier.clone()));
         for (d, key) in &by_domain {
-            let client = |alpn: bool| -> Result<Arc<rustls::ClientConfig>, TlsError> {
+            let client = |alpn: bool,
+                          v: Arc<dyn ServerCertVerifier>|
+             -> Result<Arc<rustls::ClientConfig>, TlsError> {
                 let mut cc = rustls::ClientConfig::builder_with_provider(provider.clone())
                     .with_safe_default_protocol_versions()?
                     .dangerous()
-                    .with_custom_certificate_verifier(verifier.clone())
+                    .with_custom_certificate_verifier(v)
                     .with_client_cert_resolver(Arc::new(ClientCert(key.clone())));
                 if alpn {
                     cc.alpn_protocols = vec![ALPN_XMPP_SERVER.to_vec()];
                 }
                 Ok(Arc::new(cc))
             };
-            clients.insert(d.clone(), (client(false)?, client(true)?));
+            let strict: Arc<dyn ServerCertVerifier> = verifier.clone();
+            clients.insert(
+                d.clone(),
+                (client(false, strict.clone())?, client(true, strict)?),
+            );
+            clients_deferred.insert(
+                d.clone(),
+                (
+                    client(false, deferred.clone())?,
+                    client(true, deferred.clone())?,
+                ),
+            );
         }
         Ok(TlsContext {
             server_starttls: server(false)?,
             server_direct: server(true)?,
             clients,
+            clients_deferred,
             verifier,
             generated,
         })

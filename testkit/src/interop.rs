@@ -3,7 +3,8 @@
 //! Each server gets its own generated config, data and logs under a work directory,
 //! listens only on a 127.0.0.x address, resolves names only through our in-process
 //! DNS responder, and authenticates s2s peers only with certificates (SASL
-//! EXTERNAL; dialback not loaded). Processes are stopped when the handle drops.
+//! EXTERNAL; dialback only with `start_dialback`, as their default configs load
+//! it). Processes are stopped when the handle drops.
 //! The gotchas (lua-unbound and `.test`, ejabberd's epmd and `su`, retry delays)
 //! are those recorded in `../shared/interop/README.md`.
 
@@ -464,18 +465,26 @@ pub struct Prosody {
 impl Prosody {
     /// Write a config under `work` and start Prosody in the foreground.
     pub fn start(work: &Path, spec: ServerSpec) -> Result<Prosody, String> {
-        Prosody::start_with(work, spec, None)
+        Prosody::start_with(work, spec, None, false)
     }
 
     /// Like [`Prosody::start`], with a MUC component `conference.<domain>`.
     pub fn start_muc(work: &Path, spec: ServerSpec, muc: &MucOptions) -> Result<Prosody, String> {
-        Prosody::start_with(work, spec, Some(muc))
+        Prosody::start_with(work, spec, Some(muc), false)
+    }
+
+    /// Like [`Prosody::start`], with dialback loaded as in Prosody's default
+    /// config (`s2s_secure_auth = false`: peers whose certificates cannot be
+    /// verified authenticate by dialback, and Prosody accepts ours either way).
+    pub fn start_dialback(work: &Path, spec: ServerSpec) -> Result<Prosody, String> {
+        Prosody::start_with(work, spec, None, true)
     }
 
     fn start_with(
         work: &Path,
         spec: ServerSpec,
         muc: Option<&MucOptions>,
+        dialback: bool,
     ) -> Result<Prosody, String> {
         let (globals, component) = muc.map(|m| m.prosody(&spec.domain)).unwrap_or_default();
         let d = work.join("prosody");
@@ -503,15 +512,15 @@ unbound = {{
   options = {{ ["local-zone:"] = "test. transparent" }};
 }}
 s2s_require_encryption = true
-s2s_secure_auth = true
+s2s_secure_auth = {secure}
 s2s_timeout = 30
 c2s_require_encryption = true
 ssl = {{ certificate = "{cert}"; key = "{key}"; cafile = "{ca}"; }}
 authentication = "internal_hashed"
 storage = "internal"
 allow_registration = false
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; "pep"; }}
-modules_disabled = {{ "dialback" }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; "pep"; {dialback} }}
+{disabled}
 {globals}VirtualHost "{domain}"
 {component}"#,
             d = d.display(),
@@ -526,6 +535,13 @@ modules_disabled = {{ "dialback" }}
             key = spec.key.display(),
             ca = spec.ca.display(),
             domain = spec.domain,
+            secure = !dialback,
+            dialback = if dialback { "\"dialback\";" } else { "" },
+            disabled = if dialback {
+                ""
+            } else {
+                "modules_disabled = { \"dialback\" }"
+            },
         );
         std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let console = std::fs::File::create(d.join("console.log")).map_err(|e| e.to_string())?;
@@ -621,7 +637,18 @@ impl Ejabberd {
         dist_port: u16,
         node: &str,
     ) -> Result<Ejabberd, String> {
-        Ejabberd::start_with(work, spec, dist_port, node, None)
+        Ejabberd::start_with(work, spec, dist_port, node, None, false)
+    }
+
+    /// Like [`Ejabberd::start`], with `mod_s2s_dialback` as in ejabberd's
+    /// default config (SASL EXTERNAL first, dialback when it fails).
+    pub fn start_dialback(
+        work: &Path,
+        spec: ServerSpec,
+        dist_port: u16,
+        node: &str,
+    ) -> Result<Ejabberd, String> {
+        Ejabberd::start_with(work, spec, dist_port, node, None, true)
     }
 
     /// Like [`Ejabberd::start`], with `mod_muc` on `conference.<domain>`.
@@ -632,7 +659,7 @@ impl Ejabberd {
         node: &str,
         muc: &MucOptions,
     ) -> Result<Ejabberd, String> {
-        Ejabberd::start_with(work, spec, dist_port, node, Some(muc))
+        Ejabberd::start_with(work, spec, dist_port, node, Some(muc), false)
     }
 
     fn start_with(
@@ -641,6 +668,7 @@ impl Ejabberd {
         dist_port: u16,
         node: &str,
         muc: Option<&MucOptions>,
+        dialback: bool,
     ) -> Result<Ejabberd, String> {
         let (globals, listener, module) = muc.map(MucOptions::ejabberd).unwrap_or_default();
         if !is_root() {
@@ -748,7 +776,12 @@ modules:
   mod_roster: {{}}
   mod_vcard: {{}}
   mod_version: {{}}
-{module}"#,
+{dialback}{module}"#,
+            dialback = if dialback {
+                "  mod_s2s_dialback: {}\n"
+            } else {
+                ""
+            },
             domain = spec.domain,
             level = if spec.debug { "debug" } else { "info" },
             pem = pem.display(),

@@ -1,5 +1,8 @@
 //! Real Prosody 0.12 and ejabberd 23.01 (Debian packages) on loopback, federating
-//! with us over s2s authenticated only by certificates (no dialback).
+//! with us over s2s authenticated by certificates (`prosody`, `ejabberd`: no
+//! dialback loaded) and by dialback where certificates cannot serve
+//! (`ejabberd_dialback`: our certificate has only serverAuth, which 23.01
+//! refuses; `prosody_dialback`: Prosody's certificate is self-signed).
 //!
 //! The packages are installed when missing (as root). These tests never skip
 //! silently: without the packages and without root they fail with instructions;
@@ -49,15 +52,24 @@ pub(crate) struct Lab {
     wire_files: LeafFiles,
     pub(crate) wire_ip: Ipv4Addr,
     pub(crate) python: PathBuf,
+    /// The CA bundle slixmpp clients trust, when a peer's certificate is not
+    /// from our CA ([`Lab::spec_untrusted`]).
+    client_ca: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl Lab {
     pub(crate) async fn new(name: &str, wire_ip: Ipv4Addr) -> Lab {
+        Lab::with_eku(name, wire_ip, Eku::Both).await
+    }
+
+    /// With our certificate carrying `eku` (`ServerOnly`: as Let's Encrypt
+    /// issues them since February 2026).
+    pub(crate) async fn with_eku(name: &str, wire_ip: Ipv4Addr, eku: Eku) -> Lab {
         let work = Work::new(name).expect("work dir");
         let certs = work.path.join("certs");
         let ca = TestCa::new("Interop Test CA");
         let ca_path = ca.write_ca(&certs);
-        let wire_files = ca.leaf(WIRE, Eku::Both, false).write(&certs, WIRE);
+        let wire_files = ca.leaf(WIRE, eku, false).write(&certs, WIRE);
         let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
@@ -70,6 +82,7 @@ impl Lab {
             wire_files,
             wire_ip,
             python,
+            client_ca: std::sync::Mutex::new(None),
         }
     }
 
@@ -93,6 +106,40 @@ impl Lab {
             dns: self.dns.addr,
             debug: true,
         }
+    }
+
+    /// Like [`Lab::spec`], with a certificate from a CA of its own, which we
+    /// do not trust (a self-signed server); it still trusts ours.
+    pub(crate) fn spec_untrusted(&self, domain: &str, ip: Ipv4Addr) -> ServerSpec {
+        let own = TestCa::new("Self-signed peer");
+        let dir = self.work.path.join("certs").join("untrusted");
+        let f = own.leaf(domain, Eku::ServerOnly, false).write(&dir, domain);
+        // Its users' clients trust it (only we do not).
+        let own_ca = own.write_ca(&dir);
+        let bundle = dir.join("clients-ca.pem");
+        let mut pem = std::fs::read_to_string(&self.ca_path).unwrap();
+        pem.push_str(&std::fs::read_to_string(own_ca).unwrap());
+        std::fs::write(&bundle, pem).unwrap();
+        *self.client_ca.lock().unwrap() = Some(bundle);
+        self.dns.add(domain, ip, Some(5269), Some(5222));
+        ServerSpec {
+            domain: domain.into(),
+            ip,
+            s2s_port: 5269,
+            c2s_port: 5222,
+            cert: f.cert,
+            key: f.key,
+            combined: f.combined,
+            ca: self.ca_path.clone(),
+            dns: self.dns.addr,
+            debug: true,
+        }
+    }
+
+    /// The CA file slixmpp clients trust.
+    fn clients_ca(&self) -> PathBuf {
+        let ca = self.client_ca.lock().unwrap().clone();
+        ca.unwrap_or_else(|| self.ca_path.clone())
     }
 
     pub(crate) fn wire_config(&self, port: u16) -> xmpp_federator::config::Config {
@@ -193,7 +240,7 @@ impl Lab {
         c2s: SocketAddr,
         args: &[&str],
     ) -> String {
-        interop::client(&self.python, jid, pw, c2s, &self.ca_path, args)
+        interop::client(&self.python, jid, pw, c2s, &self.clients_ca(), args)
             .unwrap_or_else(|e| panic!("slixmpp {args:?}: {e}"))
     }
 
@@ -220,7 +267,7 @@ impl Lab {
                 &user_jid,
                 pw,
                 peer.c2s(),
-                &self.ca_path,
+                &self.clients_ca(),
                 &["wait-message", "wally@wire.test"],
             )
         })
@@ -379,7 +426,7 @@ impl Lab {
                 &user_jid,
                 pw,
                 peer.c2s(),
-                &self.ca_path,
+                &self.clients_ca(),
                 &["subscribe-both", "wally@wire.test", "--timeout", "40"],
             )
         })
@@ -638,6 +685,171 @@ async fn ejabberd() {
     lab.messaging(&wire, &spec, "bob", "bobpw").await;
     lab.subscriptions(&wire, &spec, "bob", "bobpw").await;
     lab.refusals(spec.s2s(), "ejabberd.test").await;
+    wire.shutdown().await;
+    drop(ejabberd);
+}
+
+/// Our streams' authentication methods as counted in `/metrics`.
+fn auth_count(wire: &Running, direction: &str, method: &str) -> u64 {
+    let text = wire.server.metrics.encode(&Default::default());
+    let needle = format!(
+        "xmpp_s2s_streams_authenticated_total{{direction=\"{direction}\",method=\"{method}\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejabberd_dialback() {
+    if !enabled() {
+        return;
+    }
+    crate::support::init_log();
+    // Our certificate has only serverAuth: ejabberd 23.01 refuses it for SASL
+    // EXTERNAL, and mod_s2s_dialback (in its default config) takes over.
+    let lab = Lab::with_eku(
+        "ejabberd-dialback",
+        Ipv4Addr::new(127, 0, 0, 116),
+        Eku::ServerOnly,
+    )
+    .await;
+    let spec = lab.spec("ejabberd.test", Ipv4Addr::new(127, 0, 0, 115));
+    let ejabberd = blocking(|| {
+        Ejabberd::start_dialback(
+            &lab.work.path,
+            spec.clone(),
+            14391,
+            "xf-ejabberd-db@localhost",
+        )
+    })
+    .expect("ejabberd starts");
+    blocking(|| ejabberd.register("bob", "bobpw")).expect("register bob");
+
+    let out = blocking(|| lab.check("ejabberd.test"));
+    for step in [
+        "warning: our certificate for wire.test has no clientAuth EKU",
+        "features after TLS: mechanisms [EXTERNAL], {urn:xmpp:features:dialback}dialback",
+        "SASL EXTERNAL refused: not-authorized",
+        "unsupported certificate purpose",
+        "dialback succeeded",
+        "outbound stream to ejabberd.test authenticated by dialback",
+        "pong from ejabberd.test",
+        "OK",
+    ] {
+        assert!(out.contains(step), "check output lacks {step:?}:\n{out}");
+    }
+
+    let wire = lab.start_wire().await;
+    let t0 = std::time::Instant::now();
+    let pong = iq_round_trip(&wire, "ejabberd.test", PING).await;
+    eprintln!(
+        "dialback session to ejabberd: first ping answered in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
+    let out = blocking(|| lab.client("bob@ejabberd.test", "bobpw", spec.c2s(), "ping", WIRE));
+    assert!(out.contains("PONG from wire.test"), "{out}");
+
+    let log = ejabberd.log_text();
+    assert!(
+        log.contains("Retrying with s2s dialback authentication: wire.test -> ejabberd.test")
+            || log.contains("dialback authentication wire.test -> ejabberd.test"),
+        "ejabberd did not take us by dialback"
+    );
+    assert!(
+        log.contains("Accepted outbound s2s EXTERNAL authentication ejabberd.test -> wire.test"),
+        "ejabberd did not authenticate to us with EXTERNAL"
+    );
+    assert!(
+        auth_count(&wire, "out", "dialback") >= 1,
+        "our outbound stream: dialback"
+    );
+    assert!(
+        auth_count(&wire, "in", "external") >= 1,
+        "ejabberd's stream: EXTERNAL"
+    );
+
+    lab.messaging(&wire, &spec, "bob", "bobpw").await;
+    wire.shutdown().await;
+    drop(ejabberd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_dialback() {
+    if !enabled() {
+        return;
+    }
+    crate::support::init_log();
+    let lab = Lab::new("prosody-dialback", Ipv4Addr::new(127, 0, 0, 118)).await;
+    // Prosody's certificate is self-signed: we cannot verify it, so it
+    // authenticates to us by dialback and we check its key with its own
+    // authoritative side; it verifies ours (SASL EXTERNAL).
+    let spec = lab.spec_untrusted("prosody.test", Ipv4Addr::new(127, 0, 0, 117));
+    let prosody =
+        blocking(|| Prosody::start_dialback(&lab.work.path, spec.clone())).expect("prosody starts");
+    blocking(|| prosody.register("alice", "alicepw")).expect("register alice");
+
+    let wire = lab.start_wire().await;
+    // Prosody's user pings us: Prosody's stream to us (dialback), our answer on
+    // ours to it (EXTERNAL, its certificate unverified: DNS trusted).
+    let out = blocking(|| lab.client("alice@prosody.test", "alicepw", spec.c2s(), "ping", WIRE));
+    assert!(out.contains("PONG from wire.test"), "{out}");
+    let pong = iq_round_trip(&wire, "prosody.test", PING).await;
+    assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
+    assert!(
+        auth_count(&wire, "in", "dialback") >= 1,
+        "Prosody's stream: dialback"
+    );
+    assert!(auth_count(&wire, "out", "external") >= 1, "ours: EXTERNAL");
+    lab.messaging(&wire, &spec, "alice", "alicepw").await;
+    wire.shutdown().await;
+    drop(prosody);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejabberd_dialback_untrusted() {
+    if !enabled() {
+        return;
+    }
+    crate::support::init_log();
+    // ejabberd's certificate is self-signed: it authenticates to us by dialback
+    // (we offer no EXTERNAL) and we check its key with its own authoritative
+    // side; ours has only serverAuth, so it takes us by dialback too.
+    let lab = Lab::with_eku(
+        "ejabberd-untrusted",
+        Ipv4Addr::new(127, 0, 0, 120),
+        Eku::ServerOnly,
+    )
+    .await;
+    let spec = lab.spec_untrusted("ejabberd.test", Ipv4Addr::new(127, 0, 0, 119));
+    let ejabberd = blocking(|| {
+        Ejabberd::start_dialback(
+            &lab.work.path,
+            spec.clone(),
+            14393,
+            "xf-ejabberd-un@localhost",
+        )
+    })
+    .expect("ejabberd starts");
+    blocking(|| ejabberd.register("bob", "bobpw")).expect("register bob");
+    let wire = lab.start_wire().await;
+    let out = blocking(|| lab.client("bob@ejabberd.test", "bobpw", spec.c2s(), "ping", WIRE));
+    assert!(out.contains("PONG from wire.test"), "{out}");
+    let pong = iq_round_trip(&wire, "ejabberd.test", PING).await;
+    assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
+    assert!(
+        auth_count(&wire, "in", "dialback") >= 1,
+        "ejabberd's stream: dialback"
+    );
+    assert!(auth_count(&wire, "out", "dialback") >= 1, "ours: dialback");
+    let log = ejabberd.log_text();
+    assert!(
+        log.contains("dialback authentication ejabberd.test -> wire.test"),
+        "ejabberd did not authenticate to us by dialback"
+    );
+    lab.messaging(&wire, &spec, "bob", "bobpw").await;
     wire.shutdown().await;
     drop(ejabberd);
 }

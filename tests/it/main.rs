@@ -6,6 +6,7 @@ mod api;
 mod binary;
 mod conversations;
 mod devices;
+mod dialback;
 mod durability;
 mod federation;
 mod interop;

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use xmpp_federator::config::Config;
+use xmpp_federator::config::{Config, DialbackMode};
 use xmpp_federator::metrics::Metrics;
 use xmpp_federator::policy::Policy;
 use xmpp_federator::routing::{Identity, Outbox, Service, Table};
@@ -26,14 +26,14 @@ use xmpp_federator::xml::{Event, NS_SERVER};
 use xmpp_federator_testkit::certs::{Eku, LeafFiles, TestCa};
 use xmpp_federator_testkit::instance_config;
 
-const NS: &str = "xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'";
-const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
-const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+pub(super) const NS: &str = "xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'";
+pub(super) const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+pub(super) const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 /// Room in each direction of a duplex: a whole negotiation step fits.
-const PIPE: usize = 64 * 1024;
+pub(super) const PIPE: usize = 64 * 1024;
 
 /// A service that owns addresses and does nothing: negotiation never routes.
-struct Nop;
+pub(super) struct Nop;
 
 impl Service for Nop {
     fn handle(&self, _stanza: Stanza, _outbox: &Outbox) {}
@@ -50,14 +50,14 @@ impl Service for Nop {
 }
 
 /// A test CA and certificates written into a temporary directory.
-struct Certs {
-    dir: tempfile::TempDir,
-    ca: TestCa,
-    ca_path: PathBuf,
+pub(super) struct Certs {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) ca: TestCa,
+    pub(super) ca_path: PathBuf,
 }
 
 impl Certs {
-    fn new() -> Certs {
+    pub(super) fn new() -> Certs {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new("Negotiation CA");
         let ca_path = ca.write_ca(dir.path());
@@ -65,20 +65,20 @@ impl Certs {
     }
 
     /// A leaf for `domain` from our CA (written as `name.*`).
-    fn leaf(&self, domain: &str, name: &str) -> LeafFiles {
+    pub(super) fn leaf(&self, domain: &str, name: &str) -> LeafFiles {
         self.ca
             .leaf(domain, Eku::Both, false)
             .write(self.dir.path(), name)
     }
 
     /// The s2s layer of an instance hosting `domain` with its own certificate.
-    fn s2s(&self, domain: &str, tweak: impl FnOnce(&mut Config)) -> Arc<S2s> {
+    pub(super) fn s2s(&self, domain: &str, tweak: impl FnOnce(&mut Config)) -> Arc<S2s> {
         let files = self.leaf(domain, domain);
         self.s2s_with(domain, &files, tweak)
     }
 
     /// The s2s layer of an instance hosting `domain` presenting `files`.
-    fn s2s_with(
+    pub(super) fn s2s_with(
         &self,
         domain: &str,
         files: &LeafFiles,
@@ -108,7 +108,7 @@ impl Certs {
     }
 
     /// A TLS client trusting our CA, presenting `cert` (or nothing).
-    fn tls_client(&self, cert: Option<&LeafFiles>) -> Arc<rustls::ClientConfig> {
+    pub(super) fn tls_client(&self, cert: Option<&LeafFiles>) -> Arc<rustls::ClientConfig> {
         let provider = tls::provider();
         let ca = tls::load_chain(&self.ca_path).unwrap();
         let roots = vec![webpki::anchor_from_trusted_cert(&ca[0]).unwrap().to_owned()];
@@ -131,20 +131,20 @@ impl Certs {
 }
 
 /// What the receiver hosts: beta.test.
-fn beta_table() -> Table {
+pub(super) fn beta_table() -> Table {
     let mut t = Table::default();
     t.add_host("beta.test", Arc::new(Nop), Arc::new(Nop));
     t
 }
 
-fn deadline(s2s: &S2s) -> Instant {
+pub(super) fn deadline(s2s: &S2s) -> Instant {
     Instant::now() + s2s.config.timeouts.negotiation()
 }
 
 /// Read until one of `needles` has been seen or the stream ends (EOF, a reset or
 /// a TLS error); what was read. No needles: to the end. A peer that says nothing
 /// for 30 s fails the test (longer than the negotiation deadline it may await).
-async fn read_until<S: AsyncRead + Unpin>(io: &mut S, needles: &[&str]) -> String {
+pub(super) async fn read_until<S: AsyncRead + Unpin>(io: &mut S, needles: &[&str]) -> String {
     let mut buf = vec![0u8; 8192];
     let mut got = String::new();
     while !needles.iter().any(|n| got.contains(n)) {
@@ -167,13 +167,13 @@ async fn read_rest<S: AsyncRead + Unpin>(io: &mut S) -> String {
     read_until(io, &[]).await
 }
 
-fn header(from: &str, to: &str) -> String {
+pub(super) fn header(from: &str, to: &str) -> String {
     format!("<stream:stream {NS} from='{from}' to='{to}' version='1.0'>")
 }
 
 /// The initiator's half of STARTTLS, by hand: header, features, `<starttls/>`,
 /// `<proceed/>`.
-async fn starttls_by_hand(io: &mut DuplexStream, from: &str, to: &str) {
+pub(super) async fn starttls_by_hand(io: &mut DuplexStream, from: &str, to: &str) {
     io.write_all(header(from, to).as_bytes()).await.unwrap();
     let features = read_until(io, &["</stream:features>"]).await;
     assert!(
@@ -192,7 +192,7 @@ async fn starttls_by_hand(io: &mut DuplexStream, from: &str, to: &str) {
     );
 }
 
-fn assert_stream_error(out: &str, condition: &str, context: &str) {
+pub(super) fn assert_stream_error(out: &str, condition: &str, context: &str) {
     assert!(
         out.starts_with("<?xml"),
         "our header first ({context}): {out}"
@@ -236,7 +236,10 @@ async fn our_initiator_and_receiver_agree_over_starttls_and_direct_tls() {
             ),
             inbound::negotiate(&beta, &table, b_io, direct_tls, deadline(&beta)),
         );
-        let (mut xs, sm) = out.unwrap_or_else(|e| panic!("direct_tls {direct_tls}: {e}"));
+        let out = out.unwrap_or_else(|e| panic!("direct_tls {direct_tls}: {e}"));
+        let (mut xs, sm) = (out.xs, out.sm);
+        assert_eq!(out.auth.method, outbound::Method::External);
+        assert!(out.auth.peer_verified);
         let mut auth = auth.unwrap_or_else(|| panic!("direct_tls {direct_tls}: receiver refused"));
         assert_eq!(auth.peer.domain(), "alpha.test");
         assert_eq!(auth.local_domain, "beta.test");
@@ -399,7 +402,9 @@ async fn tls_initiator(
 #[tokio::test]
 async fn receiver_authenticates_only_the_domain_the_certificate_names() {
     let certs = Certs::new();
-    let beta = certs.s2s("beta.test", |_| {});
+    // Certificates only: with dialback, these peers are offered that instead
+    // (see the dialback tests).
+    let beta = certs.s2s("beta.test", |c| c.federation.dialback = DialbackMode::Never);
     let table = beta_table();
     let alpha_cert = certs.leaf("alpha.test", "alpha");
     let gamma_cert = certs.leaf("gamma.test", "gamma");
@@ -455,10 +460,12 @@ async fn receiver_authenticates_only_the_domain_the_certificate_names() {
 #[tokio::test]
 async fn our_initiator_with_a_certificate_for_another_domain_is_told_why() {
     let certs = Certs::new();
-    let beta = certs.s2s("beta.test", |_| {});
+    let beta = certs.s2s("beta.test", |c| c.federation.dialback = DialbackMode::Never);
     let table = beta_table();
     // gamma.test's s2s layer made to present its certificate as alpha.test's.
-    let mut gamma = certs.s2s("gamma.test", |_| {});
+    let mut gamma = certs.s2s("gamma.test", |c| {
+        c.federation.dialback = DialbackMode::Never
+    });
     let gammas = gamma.tls.clients["gamma.test"].clone();
     Arc::get_mut(&mut gamma)
         .expect("the only reference")
@@ -772,7 +779,10 @@ async fn our_initiator_reports_a_refused_sasl_external() {
 #[tokio::test]
 async fn our_initiator_refuses_a_receiver_certificate_for_another_domain() {
     let certs = Certs::new();
-    let alpha = certs.s2s("alpha.test", |_| {});
+    // Certificates only (with dialback the stream goes on, trusting DNS).
+    let alpha = certs.s2s("alpha.test", |c| {
+        c.federation.dialback = DialbackMode::Never
+    });
     // A receiver that answers for beta.test with gamma.test's certificate.
     let gamma = certs.s2s("gamma.test", |_| {});
     let (ours, peer) = tokio::io::duplex(PIPE);
