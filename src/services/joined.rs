@@ -1679,6 +1679,36 @@ mod tests {
     const ROOM: &str = "r@muc.remote.test";
     const ME: &str = "alice@wire.test/xmpp-federator";
 
+    /// A service over a fake outbox with one user, alice.
+    async fn setup() -> (Services, Arc<Store>, Arc<Delivery>) {
+        let s = Services::new(&["wire.test"], &[]);
+        s.user("alice", "wire.test", "Alice").await;
+        let store = s.store();
+        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        (s, store, delivery)
+    }
+
+    /// Run the task; cancel the token to stop it.
+    fn spawn(
+        s: &Services,
+        delivery: &Arc<Delivery>,
+        joined: &Joined,
+        rx: JoinedRx,
+        loaded: Vec<Occupancy>,
+        ping_secs: u64,
+    ) -> CancellationToken {
+        let shutdown = CancellationToken::new();
+        let task = JoinedTask {
+            store: s.store(),
+            outbox: s.outbox.clone(),
+            delivery: delivery.clone(),
+            ping_every: Duration::from_secs(ping_secs),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(run(task, joined.clone(), rx, loaded));
+        shutdown
+    }
+
     fn stanza(xml: &str) -> Stanza {
         Stanza::parse(xml).expect("a stanza")
     }
@@ -1742,10 +1772,7 @@ mod tests {
     /// an event once, the subject too.
     #[tokio::test]
     async fn a_rejoin_settles_what_the_history_shows_and_sends_the_rest() {
-        let s = Services::new(&["wire.test"], &[]);
-        s.user("alice", "wire.test", "Alice").await;
-        let store = s.store();
-        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let (s, store, delivery) = setup().await;
         let mut w = Writes::default();
         w.put_occupancy(&Occupancy {
             room: ROOM.into(),
@@ -1766,15 +1793,7 @@ mod tests {
         let (joined, rx) = Joined::new(64);
         let loaded = joined.load(&store, &delivery).unwrap();
         delivery.load();
-        let shutdown = CancellationToken::new();
-        let task = JoinedTask {
-            store: store.clone(),
-            outbox: s.outbox.clone(),
-            delivery: delivery.clone(),
-            ping_every: Duration::from_secs(300),
-            shutdown: shutdown.clone(),
-        };
-        tokio::spawn(run(task, joined.clone(), rx, loaded));
+        let shutdown = spawn(&s, &delivery, &joined, rx, loaded, 300);
 
         let mut sent = Vec::new();
         sent_until(&s, &mut sent, |v| {
@@ -1868,20 +1887,9 @@ mod tests {
     /// the messages waiting for it bounced.
     #[tokio::test]
     async fn a_refused_join_is_an_event_and_bounces_what_waited() {
-        let s = Services::new(&["wire.test"], &[]);
-        s.user("alice", "wire.test", "Alice").await;
-        let store = s.store();
-        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let (s, store, delivery) = setup().await;
         let (joined, rx) = Joined::new(64);
-        let shutdown = CancellationToken::new();
-        let task = JoinedTask {
-            store: store.clone(),
-            outbox: s.outbox.clone(),
-            delivery: delivery.clone(),
-            ping_every: Duration::from_secs(300),
-            shutdown: shutdown.clone(),
-        };
-        tokio::spawn(run(task, joined.clone(), rx, Vec::new()));
+        let shutdown = spawn(&s, &delivery, &joined, rx, Vec::new(), 300);
         let user = store.user("id-alice").unwrap().unwrap();
         let r = joined
             .call(Call::Join {
@@ -1933,20 +1941,9 @@ mod tests {
     /// messages wait); a result means nothing is done.
     #[tokio::test(start_paused = true)]
     async fn a_self_ping_that_says_we_were_dropped_rejoins() {
-        let s = Services::new(&["wire.test"], &[]);
-        s.user("alice", "wire.test", "Alice").await;
-        let store = s.store();
-        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let (s, store, delivery) = setup().await;
         let (joined, rx) = Joined::new(64);
-        let shutdown = CancellationToken::new();
-        let task = JoinedTask {
-            store: store.clone(),
-            outbox: s.outbox.clone(),
-            delivery: delivery.clone(),
-            ping_every: Duration::from_secs(60),
-            shutdown: shutdown.clone(),
-        };
-        tokio::spawn(run(task, joined.clone(), rx, Vec::new()));
+        let shutdown = spawn(&s, &delivery, &joined, rx, Vec::new(), 60);
         let user = store.user("id-alice").unwrap().unwrap();
         joined
             .call(Call::Join {
@@ -2020,20 +2017,9 @@ mod tests {
     async fn a_mix_channel_is_joined_as_the_users_server() {
         const CH: &str = "coven@mix.remote.test";
         const BARE: &str = "alice@wire.test";
-        let s = Services::new(&["wire.test"], &[]);
-        s.user("alice", "wire.test", "Alice").await;
-        let store = s.store();
-        let delivery = Arc::new(Delivery::new(store.clone(), Arc::new(Config::default())));
+        let (s, store, delivery) = setup().await;
         let (joined, rx) = Joined::new(64);
-        let shutdown = CancellationToken::new();
-        let task = JoinedTask {
-            store: store.clone(),
-            outbox: s.outbox.clone(),
-            delivery: delivery.clone(),
-            ping_every: Duration::from_secs(300),
-            shutdown: shutdown.clone(),
-        };
-        tokio::spawn(run(task, joined.clone(), rx, Vec::new()));
+        let shutdown = spawn(&s, &delivery, &joined, rx, Vec::new(), 300);
         let user = store.user("id-alice").unwrap().unwrap();
         joined
             .call(Call::Join {
