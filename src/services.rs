@@ -240,6 +240,8 @@ pub(crate) mod fake {
         _inbox: InboxRx,
         /// Each owner's tracker.
         pub trackers: [Arc<FakeTracker>; 2],
+        /// The accounts' PEP service.
+        pub pep: Arc<super::pep::Pep>,
     }
 
     impl Services {
@@ -249,6 +251,7 @@ pub(crate) mod fake {
             let (inbox, rx) = Inbox::new(16);
             let domain = Arc::new(Domain::new(inbox.clone()));
             let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
+            let pep = accounts.pep();
             let mut table = Table::default();
             for h in hosts {
                 table.add_host(h, domain.clone(), accounts.clone());
@@ -276,6 +279,7 @@ pub(crate) mod fake {
                 inbox,
                 _inbox: rx,
                 trackers,
+                pep,
             }
         }
 

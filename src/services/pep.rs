@@ -215,7 +215,23 @@ pub struct Listed {
 #[derive(Debug)]
 pub struct Pep {
     store: Arc<Store>,
+    /// Nodes as read from the store, with their items newest first: fetches
+    /// (every contact's client asks for every device list and bundle) are
+    /// answered without a store read. Cleared by every write; a reader caches
+    /// only if no write happened since it began (`generation`).
+    cache: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<Cached>>>,
+    generation: std::sync::atomic::AtomicU64,
 }
+
+/// A node and its items, newest first.
+#[derive(Debug)]
+struct Cached {
+    node: Option<Node>,
+    items: Vec<Item>,
+}
+
+/// Most nodes kept in memory (then the cache starts again empty).
+const CACHED_NODES: usize = 100_000;
 
 /// Where a bundle fetch is reported: the device whose bundle a node item is.
 fn bundle_device(node: &str, item: &str) -> Option<u32> {
@@ -231,7 +247,50 @@ fn bundle_device(node: &str, item: &str) -> Option<u32> {
 impl Pep {
     /// PEP over `store`.
     pub fn new(store: Arc<Store>) -> Pep {
-        Pep { store }
+        Pep {
+            store,
+            cache: Default::default(),
+            generation: Default::default(),
+        }
+    }
+
+    /// `user_id`'s node `name` and its items, from the cache or the store.
+    fn load(&self, user_id: &str, name: &str) -> Result<Arc<Cached>, StoreError> {
+        use std::sync::atomic::Ordering;
+        let key = (user_id.to_string(), name.to_string());
+        if let Some(c) = self.lock_cache().get(&key) {
+            return Ok(c.clone());
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let node = self.store.node(user_id, name)?;
+        let mut items = match &node {
+            Some(_) => self.store.items(user_id, name)?,
+            None => Vec::new(),
+        };
+        items.sort_by(|a, b| b.at_ms.cmp(&a.at_ms).then_with(|| a.id.cmp(&b.id)));
+        let c = Arc::new(Cached { node, items });
+        let mut cache = self.lock_cache();
+        if self.generation.load(Ordering::SeqCst) == generation {
+            if cache.len() >= CACHED_NODES {
+                cache.clear();
+            }
+            cache.insert(key, c.clone());
+        }
+        Ok(c)
+    }
+
+    fn lock_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Arc<Cached>>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a write: nothing cached is trusted any more.
+    fn invalidate(&self) {
+        let mut cache = self.lock_cache();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        cache.clear();
     }
 
     /// Whether `requester` (a bare JID) may read `node` of `user`.
@@ -306,17 +365,17 @@ impl Pep {
             // XEP-0172 §4.5: open to all, from the profile.
             return outbox.send(Stanza::iq_result(stanza, &nick_items(user)));
         }
-        let node = match self.store.node(&user.id, name) {
-            Ok(Some(n)) => n,
-            Ok(None) => {
-                return outbox.bounce(stanza, StanzaCondition::ItemNotFound, "no such node");
-            }
+        let cached = match self.load(&user.id, name) {
+            Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "reading a PEP node");
                 return outbox.bounce(stanza, StanzaCondition::InternalServerError, "store");
             }
         };
-        match self.may_read(user, &node, requester) {
+        let Some(node) = &cached.node else {
+            return outbox.bounce(stanza, StanzaCondition::ItemNotFound, "no such node");
+        };
+        match self.may_read(user, node, requester) {
             Ok(true) => {}
             Ok(false) => {
                 return outbox.send(pubsub_error(
@@ -331,15 +390,8 @@ impl Pep {
                 return outbox.bounce(stanza, StanzaCondition::InternalServerError, "store");
             }
         }
-        let mut all = match self.store.items(&user.id, name) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(error = %e, "reading PEP items");
-                return outbox.bounce(stanza, StanzaCondition::InternalServerError, "store");
-            }
-        };
         // Newest first, as `max_items` takes the newest (§6.5.7).
-        all.sort_by(|a, b| b.at_ms.cmp(&a.at_ms).then_with(|| a.id.cmp(&b.id)));
+        let all = &cached.items;
         let wanted: Vec<&str> = items
             .children()
             .filter(|c| c.name() == "item")
@@ -462,7 +514,9 @@ impl Pep {
             },
         );
         let notices = self.put_lists(user, &list, at_ms, &mut w);
-        self.store.commit(w).await?;
+        let r = self.store.commit(w).await;
+        self.invalidate();
+        r?;
         self.notify(user, notices, outbox);
         Ok(new)
     }
@@ -486,7 +540,9 @@ impl Pep {
         w.delete_item(&user.id, &legacy, "current");
         w.delete_node(&user.id, &legacy);
         let notices = self.put_lists(user, &list, now_ms(), &mut w);
-        self.store.commit(w).await?;
+        let r = self.store.commit(w).await;
+        self.invalidate();
+        r?;
         self.notify(user, notices, outbox);
         Ok(true)
     }
@@ -688,12 +744,12 @@ mod tests {
         }
     }
 
-    async fn setup() -> (Services, User, Pep) {
+    async fn setup() -> (Services, User, Arc<Pep>) {
         let s = Services::new(&["wire.test"], &[]);
         s.user("alice", "wire.test", "Alice").await;
-        let store = s.store();
-        let user = store.user("id-alice").unwrap().unwrap();
-        let pep = Pep::new(store);
+        let user = s.store().user("id-alice").unwrap().unwrap();
+        // The one the accounts answer with (its cache sees the writes).
+        let pep = s.pep.clone();
         (s, user, pep)
     }
 
@@ -849,6 +905,16 @@ mod tests {
         let listed: Vec<u32> = pep.devices(&user).unwrap().iter().map(|d| d.id).collect();
         assert_eq!(listed, [12345]);
         s.take_sent();
+        // What was read before the change (and cached) is read anew.
+        let a = ask(&format!(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='f6'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_DEVICES}'/></pubsub></iq>"
+        ));
+        assert!(
+            a.as_str().contains("<device id='12345'/></devices>") && !a.as_str().contains("31415"),
+            "{}",
+            a.as_str()
+        );
         let a = ask(&format!(
             "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='f5'>\
              <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_AXOLOTL_BUNDLES}:31415'/></pubsub></iq>"
