@@ -852,17 +852,32 @@ pub fn remote_id(bare: &str) -> uuid::Uuid {
 }
 
 async fn ask(server: &Arc<Server>, to: &str, payload: &str) -> Result<Stanza, Problem> {
+    ask_as(server, "get", &server.config.domains[0], to, payload, 15).await
+}
+
+/// Send an iq of `type_` from `from` (a hosted domain or a local user) to `to`
+/// and wait up to `secs` for its answer; no answer is a `504`.
+async fn ask_as(
+    server: &Arc<Server>,
+    type_: &str,
+    from: &str,
+    to: &str,
+    payload: &str,
+    secs: u64,
+) -> Result<Stanza, Problem> {
     let id = format!("api-{}", new_id());
-    let from = &server.config.domains[0];
-    let iq = Stanza::iq("get", from, to, &id, payload);
-    let timeout = Duration::from_secs(15);
-    server.outbox.ask(iq, timeout).await.map_err(|_| {
-        Problem::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "Remote timeout",
-            format!("{to} did not answer within 15 s"),
-        )
-    })
+    let iq = Stanza::iq(type_, from, to, &id, payload);
+    server
+        .outbox
+        .ask(iq, Duration::from_secs(secs))
+        .await
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Remote timeout",
+                format!("{to} did not answer within {secs} s"),
+            )
+        })
 }
 
 /// Look up a remote user

@@ -249,7 +249,6 @@ async fn items(
     item: Option<&str>,
 ) -> Result<Option<minidom::Element>, Problem> {
     use crate::services::pep::NS_PUBSUB;
-    let id = format!("api-{}", crate::s2s::conn::new_id());
     let inner = match item {
         Some(i) => format!(
             "<items node='{}'><item id='{}'/></items>",
@@ -261,24 +260,8 @@ async fn items(
             crate::xml::writer::escape(node)
         ),
     };
-    let iq = crate::stanza::Stanza::iq(
-        "get",
-        from,
-        to,
-        &id,
-        &format!("<pubsub xmlns='{NS_PUBSUB}'>{inner}</pubsub>"),
-    );
-    let outbox = st.server.outbox.clone();
-    let answer =
-        super::detached(async move { outbox.ask(iq, std::time::Duration::from_secs(15)).await })
-            .await?
-            .map_err(|_| {
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "Remote timeout",
-                    format!("{to} did not answer within 15 s"),
-                )
-            })?;
+    let payload = format!("<pubsub xmlns='{NS_PUBSUB}'>{inner}</pubsub>");
+    let answer = super::ask_as(&st.server, "get", from, to, &payload, 15).await?;
     if answer.is_error() {
         use crate::stanza::StanzaCondition as C;
         let c = crate::services::error_condition(&answer);
@@ -515,29 +498,11 @@ async fn subscription(
     let from = user(st, user_id)?.jid();
     let mut out = Vec::new();
     for node in [NODE_DEVICES, NODE_AXOLOTL_DEVICES] {
-        let iq = crate::stanza::Stanza::iq(
-            "set",
-            &from,
-            &bare,
-            &format!("api-{}", crate::s2s::conn::new_id()),
-            &format!(
-                "<pubsub xmlns='{NS_PUBSUB}'><{op} node='{node}' jid='{}'/></pubsub>",
-                crate::xml::writer::escape(&from)
-            ),
+        let payload = format!(
+            "<pubsub xmlns='{NS_PUBSUB}'><{op} node='{node}' jid='{}'/></pubsub>",
+            crate::xml::writer::escape(&from)
         );
-        let outbox = st.server.outbox.clone();
-        let answer =
-            super::detached(
-                async move { outbox.ask(iq, std::time::Duration::from_secs(15)).await },
-            )
-            .await?
-            .map_err(|_| {
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "Remote timeout",
-                    format!("{bare} did not answer within 15 s"),
-                )
-            })?;
+        let answer = super::ask_as(&st.server, "set", &from, &bare, &payload, 15).await?;
         out.push(if answer.is_error() {
             crate::services::error_condition(&answer)
                 .as_str()

@@ -354,17 +354,15 @@ pub(super) async fn archive(
 /// does not answer, or answers an error (a MUC room that does not exist yet is
 /// made by its first join), is taken as MUC, which every server speaks.
 async fn is_mix_channel(st: &ApiState, user_jid: &str, room: &str) -> bool {
-    let iq = crate::stanza::Stanza::iq(
+    let Ok(answer) = super::ask_as(
+        &st.server,
         "get",
         user_jid,
         room,
-        &format!("disco-{}", uuid::Uuid::new_v4().simple()),
         "<query xmlns='http://jabber.org/protocol/disco#info'/>",
-    );
-    let outbox = st.server.outbox.clone();
-    let Ok(Ok(answer)) =
-        super::detached(async move { outbox.ask(iq, std::time::Duration::from_secs(10)).await })
-            .await
+        10,
+    )
+    .await
     else {
         return false;
     };
