@@ -156,6 +156,16 @@ pub fn stanza_error(stanza: &Stanza) -> Option<StanzaError> {
     StanzaError::try_from(as_client).ok()
 }
 
+/// The explanation of an error (RFC 6120 §8.3.2): the English text, else the one
+/// without a language, else any.
+pub fn error_text(error: &StanzaError) -> Option<String> {
+    let t = &error.texts;
+    t.get("en")
+        .or_else(|| t.get(""))
+        .or_else(|| t.values().next())
+        .cloned()
+}
+
 /// The defined condition of an error stanza (RFC 6120 §8.3.3):
 /// `undefined-condition` when it has none we know.
 pub fn error_condition(stanza: &Stanza) -> StanzaCondition {

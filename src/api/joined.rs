@@ -318,7 +318,7 @@ pub(super) async fn archive(
         let e = crate::services::stanza_error(&answer);
         let condition = crate::services::error_condition(&answer);
         let text = e
-            .and_then(|e| e.texts.values().next().cloned())
+            .and_then(|e| crate::services::error_text(&e))
             .map(|t| format!(": {t}"))
             .unwrap_or_default();
         return Err(Problem::new(

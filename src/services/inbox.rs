@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use xmpp_parsers::stanza_error::StanzaError;
 
 use crate::routing::{Gate, Outbox};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
@@ -31,7 +30,7 @@ use crate::store::{EventKind, Store, User, Writes};
 use crate::xml::children::children;
 
 use super::delivery::{Delivery, Taken};
-use super::{condition, recipient, stanza_error};
+use super::{condition, error_text, recipient, stanza_error};
 
 /// Free slots below which peers' streams wait.
 const HEADROOM: usize = 256;
@@ -310,14 +309,4 @@ fn message_event(user: &User, stanza: &Stanza) -> EventKind {
         thread,
         xml: stanza.as_str().to_string(),
     }
-}
-
-/// The explanation of an error (RFC 6120 §8.3.2): the English text, else the one
-/// without a language, else any.
-fn error_text(error: &StanzaError) -> Option<String> {
-    let t = &error.texts;
-    t.get("en")
-        .or_else(|| t.get(""))
-        .or_else(|| t.values().next())
-        .cloned()
 }

@@ -832,6 +832,32 @@ impl Worker {
         }
     }
 
+    /// The room refused `user`'s join with `answer` (a MUC presence error, a MIX
+    /// join's iq error): the occupancy goes, with a `join_refused` event, and
+    /// what waited for it bounces.
+    async fn refuse_join(&mut self, room: &str, user: &str, answer: &Stanza) {
+        let Some(o) = self.rooms.get(room).and_then(|r| r.ours.get(user)) else {
+            return;
+        };
+        let condition = super::error_condition(answer).as_str().to_string();
+        let text = super::stanza_error(answer).and_then(|e| super::error_text(&e));
+        tracing::info!(%room, %user, %condition, "join refused");
+        let mut w = Writes::default();
+        w.delete_occupancy(room, user);
+        w.event(&EventKind::JoinRefused {
+            conversation: room.to_string(),
+            room: room.to_string(),
+            user_id: user.to_string(),
+            condition: condition.clone(),
+            text,
+        });
+        let full = o.full.clone();
+        if self.commit(w).await {
+            let why = format!("join refused: {condition}");
+            self.forget(room, user, State::Joining, &full, &why);
+        }
+    }
+
     /// Drop a local user's occupancy from memory (already removed from the
     /// store); messages still held for it are bounced with `why`.
     fn forget(&mut self, room: &str, user_id: &str, state: State, full: &str, why: &str) {
@@ -1007,37 +1033,12 @@ impl Worker {
         let mut w = Writes::default();
         match s.type_.as_deref() {
             Some("error") => {
-                let error = super::stanza_error(s);
-                let condition = super::error_condition(s).as_str().to_string();
-                let text = error.as_ref().and_then(|e| {
-                    e.texts
-                        .get("en")
-                        .or_else(|| e.texts.values().next())
-                        .cloned()
-                });
                 if o.state == State::Joining {
-                    tracing::info!(%room, %user, %condition, "join refused");
-                    w.delete_occupancy(room, user);
-                    w.event(&EventKind::JoinRefused {
-                        conversation: room.to_string(),
-                        room: room.to_string(),
-                        user_id: user.to_string(),
-                        condition: condition.clone(),
-                        text: text.clone(),
-                    });
-                    let full = o.full.clone();
-                    if self.commit(w).await {
-                        self.forget(
-                            room,
-                            user,
-                            State::Joining,
-                            &full,
-                            &format!("join refused: {condition}"),
-                        );
-                    }
+                    return self.refuse_join(room, user, s).await;
                 } else {
                     // A nick change refused (conflict, not-acceptable): we keep
                     // the nick we have.
+                    let condition = super::error_condition(s);
                     tracing::warn!(%room, %user, %condition, "the room refused a presence (a nick change?)");
                 }
             }
@@ -1410,30 +1411,8 @@ impl Worker {
         let mut w = Writes::default();
         match what {
             MixAsk::Join if answer.is_error() => {
-                if o.state != State::Joining {
-                    return;
-                }
-                let condition = super::error_condition(&answer).as_str().to_string();
-                let text =
-                    super::stanza_error(&answer).and_then(|e| e.texts.values().next().cloned());
-                tracing::info!(%room, %user, %condition, "MIX join refused");
-                w.delete_occupancy(room, user);
-                w.event(&EventKind::JoinRefused {
-                    conversation: room.to_string(),
-                    room: room.to_string(),
-                    user_id: user.to_string(),
-                    condition: condition.clone(),
-                    text,
-                });
-                let full = o.full.clone();
-                if self.commit(w).await {
-                    self.forget(
-                        room,
-                        user,
-                        State::Joining,
-                        &full,
-                        &format!("join refused: {condition}"),
-                    );
+                if o.state == State::Joining {
+                    self.refuse_join(room, user, &answer).await;
                 }
             }
             MixAsk::Join => {
