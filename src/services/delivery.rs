@@ -73,7 +73,18 @@ pub struct Delivery {
     backoff: Backoffs,
     /// (sender, recipient) pairs whose messages wait: an occupancy of a remote
     /// room not joined yet ([`Delivery::hold`]).
-    holds: Mutex<std::collections::HashSet<(String, String)>>,
+    holds: Mutex<Holds>,
+}
+
+/// Held (sender, recipient) pairs: recipient -> senders, so a lookup borrows
+/// the message's own strings.
+#[derive(Debug, Default)]
+struct Holds(HashMap<String, std::collections::HashSet<String>>);
+
+impl Holds {
+    fn held(&self, from: &str, to: &str) -> bool {
+        self.0.get(to).is_some_and(|f| f.contains(from))
+    }
 }
 
 /// Unreachable domains and their retry state.
@@ -159,7 +170,7 @@ impl Delivery {
             if now_ms >= t.expires_ms {
                 expired.push(id.clone());
             } else if t.submitted.is_none_or(|s| s.elapsed() > INFLIGHT_TIMEOUT)
-                && (holds.is_empty() || !holds.contains(&(t.from.clone(), t.to.clone())))
+                && !holds.held(&t.from, &t.to)
             {
                 due.push((t.seq, id.clone(), t.domain.clone()));
             }
@@ -201,7 +212,11 @@ impl Delivery {
     /// until [`Delivery::release`]: a room hosted elsewhere refuses messages from
     /// a JID that has not joined it yet.
     pub fn hold(&self, from: &str, to: &str) {
-        lock(&self.holds).insert((from.to_string(), to.to_string()));
+        lock(&self.holds)
+            .0
+            .entry(to.to_string())
+            .or_default()
+            .insert(from.to_string());
     }
 
     /// The ids of the messages queued from `from` to `to`.
@@ -223,7 +238,15 @@ impl Delivery {
         to: &str,
         arrived: &std::collections::HashSet<String>,
     ) {
-        lock(&self.holds).remove(&(from.to_string(), to.to_string()));
+        {
+            let mut holds = lock(&self.holds);
+            if let Some(f) = holds.0.get_mut(to) {
+                f.remove(from);
+                if f.is_empty() {
+                    holds.0.remove(to);
+                }
+            }
+        }
         let mut pending: Vec<(u64, String)> = lock(&self.queue)
             .iter()
             .filter(|(_, t)| t.from == from && t.to == to)
@@ -319,10 +342,7 @@ impl Delivery {
             let holds = lock(&self.holds);
             queued
                 .iter()
-                .map(|m| {
-                    self.held(&m.domain)
-                        || (!holds.is_empty() && holds.contains(&(m.from.clone(), m.to.clone())))
-                })
+                .map(|m| self.held(&m.domain) || holds.held(&m.from, &m.to))
                 .collect()
         };
         {
