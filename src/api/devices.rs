@@ -342,60 +342,6 @@ pub(super) async fn get_remote_devices(
     }))
 }
 
-fn text(el: &minidom::Element, name: &str) -> Option<String> {
-    el.children()
-        .find(|c| c.name() == name)
-        .map(|c| c.text().split_whitespace().collect())
-}
-
-/// A bundle element as the backend's shape.
-fn bundle_of(el: &minidom::Element) -> Option<Device> {
-    let prekeys = el.children().find(|c| c.name() == "prekeys")?;
-    if el.ns() == crate::services::pep::NS_OMEMO {
-        let spk = el.children().find(|c| c.name() == "spk")?;
-        Some(Device {
-            label: None,
-            identity_key: text(el, "ik")?,
-            signed_prekey: crate::services::pep::SignedPrekey {
-                id: spk.attr("id")?.parse().ok()?,
-                public: spk.text().split_whitespace().collect(),
-                signature: text(el, "spks")?,
-            },
-            prekeys: prekeys
-                .children()
-                .filter(|c| c.name() == "pk")
-                .filter_map(|p| {
-                    Some(crate::services::pep::Prekey {
-                        id: p.attr("id")?.parse().ok()?,
-                        public: p.text().split_whitespace().collect(),
-                    })
-                })
-                .collect(),
-        })
-    } else {
-        let spk = el.children().find(|c| c.name() == "signedPreKeyPublic")?;
-        Some(Device {
-            label: None,
-            identity_key: text(el, "identityKey")?,
-            signed_prekey: crate::services::pep::SignedPrekey {
-                id: spk.attr("signedPreKeyId")?.parse().ok()?,
-                public: spk.text().split_whitespace().collect(),
-                signature: text(el, "signedPreKeySignature")?,
-            },
-            prekeys: prekeys
-                .children()
-                .filter(|c| c.name() == "preKeyPublic")
-                .filter_map(|p| {
-                    Some(crate::services::pep::Prekey {
-                        id: p.attr("preKeyId")?.parse().ok()?,
-                        public: p.text().split_whitespace().collect(),
-                    })
-                })
-                .collect(),
-        })
-    }
-}
-
 /// Read one of an XMPP user's device bundles
 ///
 /// The device's public keys (XEP-0384 bundle), OMEMO 2 first, then the legacy
@@ -448,7 +394,7 @@ pub(super) async fn get_remote_bundle(
             items(&st, &from, &bare, &node, None).await?
         };
         if let Some(el) = found {
-            let bundle = bundle_of(&el).ok_or_else(|| {
+            let bundle = Device::from_bundle(&el).ok_or_else(|| {
                 Problem::new(
                     StatusCode::BAD_GATEWAY,
                     "Bad bundle",

@@ -166,25 +166,26 @@ impl Device {
 
     /// The OMEMO 2 bundle (XEP-0384 §5.3.2).
     pub fn omemo2_bundle(&self) -> String {
-        let mut x = format!(
-            "<bundle xmlns='{NS_OMEMO}'><spk id='{}'>{}</spk><spks>{}</spks><ik>{}</ik><prekeys>",
-            self.signed_prekey.id,
-            escape(&self.signed_prekey.public),
-            escape(&self.signed_prekey.signature),
-            escape(&self.identity_key)
-        );
-        for p in &self.prekeys {
-            x.push_str(&format!("<pk id='{}'>{}</pk>", p.id, escape(&p.public)));
-        }
-        x.push_str("</prekeys></bundle>");
-        x
+        self.bundle(&OMEMO2)
     }
 
     /// The OMEMO 0.3 bundle.
     pub fn axolotl_bundle(&self) -> String {
+        self.bundle(&AXOLOTL)
+    }
+
+    fn bundle(&self, b: &Shape) -> String {
+        let Shape {
+            ns,
+            spk,
+            spk_id,
+            spks,
+            ik,
+            pk,
+            pk_id,
+        } = b;
         let mut x = format!(
-            "<bundle xmlns='{NS_AXOLOTL}'><signedPreKeyPublic signedPreKeyId='{}'>{}</signedPreKeyPublic>\
-             <signedPreKeySignature>{}</signedPreKeySignature><identityKey>{}</identityKey><prekeys>",
+            "<bundle xmlns='{ns}'><{spk} {spk_id}='{}'>{}</{spk}><{spks}>{}</{spks}><{ik}>{}</{ik}><prekeys>",
             self.signed_prekey.id,
             escape(&self.signed_prekey.public),
             escape(&self.signed_prekey.signature),
@@ -192,7 +193,7 @@ impl Device {
         );
         for p in &self.prekeys {
             x.push_str(&format!(
-                "<preKeyPublic preKeyId='{}'>{}</preKeyPublic>",
+                "<{pk} {pk_id}='{}'>{}</{pk}>",
                 p.id,
                 escape(&p.public)
             ));
@@ -200,7 +201,73 @@ impl Device {
         x.push_str("</prekeys></bundle>");
         x
     }
+
+    /// A bundle element of either namespace read back (a remote user's), or
+    /// `None` if a part is missing.
+    pub fn from_bundle(el: &Element) -> Option<Device> {
+        let b = if el.ns() == NS_OMEMO {
+            &OMEMO2
+        } else {
+            &AXOLOTL
+        };
+        let child = |name: &str| el.children().find(|c| c.name() == name);
+        // Base64 may be wrapped over lines.
+        let text = |e: &Element| e.text().split_whitespace().collect::<String>();
+        let spk = child(b.spk)?;
+        Some(Device {
+            label: None,
+            identity_key: text(child(b.ik)?),
+            signed_prekey: SignedPrekey {
+                id: spk.attr(b.spk_id)?.parse().ok()?,
+                public: text(spk),
+                signature: text(child(b.spks)?),
+            },
+            prekeys: child("prekeys")?
+                .children()
+                .filter(|c| c.name() == b.pk)
+                .filter_map(|p| {
+                    Some(Prekey {
+                        id: p.attr(b.pk_id)?.parse().ok()?,
+                        public: text(p),
+                    })
+                })
+                .collect(),
+        })
+    }
 }
+
+/// The names of a bundle's parts in one OMEMO namespace: both have the same
+/// shape (the signed prekey with its id, its signature, the identity key, the
+/// prekeys with theirs).
+struct Shape {
+    ns: &'static str,
+    spk: &'static str,
+    spk_id: &'static str,
+    spks: &'static str,
+    ik: &'static str,
+    pk: &'static str,
+    pk_id: &'static str,
+}
+
+const OMEMO2: Shape = Shape {
+    ns: NS_OMEMO,
+    spk: "spk",
+    spk_id: "id",
+    spks: "spks",
+    ik: "ik",
+    pk: "pk",
+    pk_id: "id",
+};
+
+const AXOLOTL: Shape = Shape {
+    ns: NS_AXOLOTL,
+    spk: "signedPreKeyPublic",
+    spk_id: "signedPreKeyId",
+    spks: "signedPreKeySignature",
+    ik: "identityKey",
+    pk: "preKeyPublic",
+    pk_id: "preKeyId",
+};
 
 /// A device as listed: its id and label.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -550,12 +617,12 @@ impl Pep {
     /// Write both device lists into `w`; the (node, item) pairs to notify.
     fn put_lists(
         &self,
-        _user: &User,
+        user: &User,
         list: &[Listed],
         at_ms: u64,
         w: &mut Writes,
     ) -> Vec<(&'static str, String)> {
-        let user_id = &_user.id;
+        let user_id = &user.id;
         let mut omemo2 = format!("<devices xmlns='{NS_OMEMO}'>");
         let mut axolotl = format!("<list xmlns='{NS_AXOLOTL}'>");
         for d in list {
