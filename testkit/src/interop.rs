@@ -317,6 +317,17 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// Whether a process that is not our child still runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 fn stop_child(child: &mut Child, group: bool) {
     if !group && matches!(child.try_wait(), Ok(Some(_))) {
         // Already gone (and reaped): its pid may be another process's now.
@@ -873,6 +884,12 @@ modules:
         stop_child(&mut self.child, true);
         if let Some(pid) = pid.and_then(|p| p.trim().parse::<u32>().ok()) {
             signal(pid, "-KILL");
+            // The VM is not our child: wait until it is dead (gone or a zombie),
+            // or the next start finds its distribution port still taken.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && alive(pid) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }
