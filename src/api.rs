@@ -37,6 +37,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+mod avatar;
 mod conversations;
 mod devices;
 mod joined;
@@ -344,7 +345,13 @@ fn api_routes(
             devices::put_devices_subscription,
             devices::delete_devices_subscription
         ))
-        .routes(routes!(devices::put_device, devices::delete_device));
+        .routes(routes!(devices::put_device, devices::delete_device))
+        .routes(routes!(
+            avatar::get_avatar,
+            avatar::put_avatar,
+            avatar::delete_avatar
+        ))
+        .routes(routes!(avatar::get_remote_avatar));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
         .routes(routes!(openapi))

@@ -32,7 +32,7 @@ pub(super) struct DevicesOut {
     devices: Vec<DeviceOut>,
 }
 
-fn user(st: &ApiState, id: &str) -> Result<User, Problem> {
+pub(super) fn user(st: &ApiState, id: &str) -> Result<User, Problem> {
     st.server
         .store
         .user(id)
@@ -191,7 +191,7 @@ pub(super) struct AsQuery {
     /// A local user to ask as (a contact may see what a stranger may not);
     /// by default the first hosted domain asks.
     #[serde(rename = "as")]
-    as_user: Option<String>,
+    pub(super) as_user: Option<String>,
 }
 
 /// An XMPP user's devices, per OMEMO namespace.
@@ -231,7 +231,7 @@ pub(super) struct BundleQuery {
     namespace: Option<String>,
 }
 
-fn asker(st: &ApiState, as_user: Option<&str>) -> Result<String, Problem> {
+pub(super) fn asker(st: &ApiState, as_user: Option<&str>) -> Result<String, Problem> {
     match as_user {
         Some(id) => Ok(user(st, id)?.jid()),
         None => Ok(st.server.config.domains[0].clone()),
@@ -241,7 +241,7 @@ fn asker(st: &ApiState, as_user: Option<&str>) -> Result<String, Problem> {
 /// Ask `to` for the items of `node` (XEP-0060 §6.5); `Ok(None)` when it has no
 /// such node (or hides it: `item-not-found`, `forbidden`...), a problem when
 /// its server cannot be reached or does not answer.
-async fn items(
+pub(super) async fn items(
     st: &ApiState,
     from: &str,
     to: &str,

@@ -85,7 +85,11 @@ impl Accounts {
             payload.as_ref().map(|(n, l)| (&**n, &**l)),
         ) {
             (Some("get"), Some((NS_VCARD, "vCard"))) => {
-                return send_result(outbox, &stanza, &vcard(&user));
+                let photo = self.pep.avatar_image(&user).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "reading an avatar");
+                    None
+                });
+                return send_result(outbox, &stanza, &vcard(&user, photo));
             }
             (Some("get"), Some((NS_DISCO_INFO, "query"))) => {
                 // XEP-0163 §4.3.1 (Example 8): the account is a PEP service too.
@@ -200,13 +204,18 @@ impl Service for Accounts {
     }
 }
 
-/// The user's vCard (XEP-0054 §3.1) from the profile: `FN` (the display name)
-/// and `NICKNAME` (the handle). xmpp-parsers types only `PHOTO` of vcard-temp;
-/// the other fields are its `payloads`, plain elements in the vCard namespace.
-fn vcard(user: &User) -> VCard {
+/// The user's vCard (XEP-0054 §3.1) from the profile: `FN` (the display name),
+/// `NICKNAME` (the handle) and `PHOTO` (its avatar, as XEP-0153 clients read
+/// it). xmpp-parsers types only `PHOTO` of vcard-temp; the other fields are
+/// its `payloads`, plain elements in the vCard namespace.
+fn vcard(user: &User, photo: Option<(String, Vec<u8>)>) -> VCard {
+    use xmpp_parsers::vcard::{Binval, Photo, Type};
     let field = |name: &str, text: &str| Element::builder(name, NS_VCARD).append(text).build();
     VCard {
-        photo: None,
+        photo: photo.map(|(mime, data)| Photo {
+            type_: Type { data: mime },
+            binval: Binval { data },
+        }),
         payloads: vec![
             field("FN", &user.display_name),
             field("NICKNAME", &user.handle),

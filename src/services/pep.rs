@@ -278,6 +278,166 @@ pub struct Listed {
     pub label: Option<String>,
 }
 
+/// XEP-0084's data node: the image, base64, one item named by its SHA-1.
+pub const NODE_AVATAR_DATA: &str = "urn:xmpp:avatar:data";
+/// XEP-0084's metadata node: what clients subscribe to, and read first.
+pub const NODE_AVATAR_METADATA: &str = "urn:xmpp:avatar:metadata";
+/// The largest avatar image accepted. XEP-0084 asks for small images (§7,
+/// "less than eight kilobytes" is its advice to publishers); 64 KiB keeps
+/// the data item well under the stanza limits Prosody and ejabberd apply to
+/// s2s (256 KiB and more) while holding a decent 192x192 JPEG or PNG.
+pub const MAX_AVATAR_BYTES: usize = 64 * 1024;
+
+/// An avatar as the backend hands it over.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AvatarIn {
+    /// Its media type: `image/png` (the one XEP-0084 requires every client
+    /// to read), `image/jpeg`, `image/gif` or `image/webp`. It must be what
+    /// the bytes are.
+    #[serde(rename = "type")]
+    pub mime: String,
+    /// The image, base64 (standard alphabet, RFC 4648 §4), at most 64 KiB
+    /// decoded.
+    pub data: String,
+}
+
+/// A published avatar's metadata (XEP-0084's `<info/>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct AvatarInfo {
+    /// The SHA-1 of the image, hex: the id clients cache it by.
+    pub id: String,
+    /// Its media type.
+    #[serde(rename = "type")]
+    pub mime: String,
+    /// Its size in bytes.
+    pub bytes: usize,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// A checked avatar: its metadata and the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Avatar {
+    /// What clients are told of it.
+    pub info: AvatarInfo,
+    /// The image.
+    pub image: Vec<u8>,
+}
+
+impl AvatarIn {
+    /// Decode and check it: base64, the size, the type named is the type the
+    /// bytes are (read from their header, with the dimensions).
+    pub fn check(&self) -> Result<Avatar, Invalid> {
+        use base64::Engine;
+        let invalid = |field: &str, reason: String| Invalid {
+            field: field.into(),
+            reason,
+        };
+        let image = base64::engine::general_purpose::STANDARD
+            .decode(self.data.trim())
+            .map_err(|e| invalid("data", format!("not base64: {e}")))?;
+        if image.is_empty() || image.len() > MAX_AVATAR_BYTES {
+            return Err(invalid(
+                "data",
+                format!(
+                    "{} bytes; an avatar has 1 to {MAX_AVATAR_BYTES}",
+                    image.len()
+                ),
+            ));
+        }
+        let named = match self.mime.as_str() {
+            "image/png" | "image/jpeg" | "image/gif" | "image/webp" => self.mime.as_str(),
+            other => {
+                return Err(invalid(
+                    "type",
+                    format!("`{other}`: not image/png, image/jpeg, image/gif or image/webp"),
+                ));
+            }
+        };
+        let actual = match imagesize::image_type(&image) {
+            Ok(imagesize::ImageType::Png) => "image/png",
+            Ok(imagesize::ImageType::Jpeg) => "image/jpeg",
+            Ok(imagesize::ImageType::Gif) => "image/gif",
+            Ok(imagesize::ImageType::Webp) => "image/webp",
+            _ => {
+                return Err(invalid("data", "not a PNG, JPEG, GIF or WebP image".into()));
+            }
+        };
+        if actual != named {
+            return Err(invalid(
+                "type",
+                format!("`{named}`, but the data is {actual}"),
+            ));
+        }
+        let size = imagesize::blob_size(&image)
+            .map_err(|e| invalid("data", format!("unreadable {actual} header: {e}")))?;
+        let (Ok(width), Ok(height)) = (u32::try_from(size.width), u32::try_from(size.height))
+        else {
+            return Err(invalid("data", "dimensions out of range".into()));
+        };
+        if width == 0 || height == 0 {
+            return Err(invalid("data", format!("{width}x{height} pixels")));
+        }
+        Ok(Avatar {
+            info: AvatarInfo {
+                id: sha1_hex(&image),
+                mime: named.to_string(),
+                bytes: image.len(),
+                width,
+                height,
+            },
+            image,
+        })
+    }
+}
+
+impl AvatarInfo {
+    /// The metadata item's payload (XEP-0084 §4.2, Example 3).
+    pub fn metadata(&self) -> String {
+        format!(
+            "<metadata xmlns='{NODE_AVATAR_METADATA}'><info bytes='{}' height='{}' id='{}' \
+             type='{}' width='{}'/></metadata>",
+            self.bytes,
+            self.height,
+            self.id,
+            escape(&self.mime),
+            self.width
+        )
+    }
+
+    /// The `<info/>` of a metadata payload, `None` for `<stop/>` or none.
+    /// Of several (alternative formats), the first held at the data node
+    /// (no `url`).
+    pub fn from_metadata(el: &Element) -> Option<AvatarInfo> {
+        let info = el
+            .children()
+            .filter(|c| c.is("info", NODE_AVATAR_METADATA))
+            .find(|c| c.attr("url").is_none())?;
+        let number = |n: &str| info.attr(n).and_then(|v| v.parse::<u32>().ok());
+        Some(AvatarInfo {
+            id: info.attr("id")?.to_ascii_lowercase(),
+            mime: info.attr("type")?.to_string(),
+            bytes: info.attr("bytes")?.parse().ok()?,
+            width: number("width").unwrap_or(0),
+            height: number("height").unwrap_or(0),
+        })
+    }
+}
+
+/// An avatar's id: the SHA-1 of the image, hex (XEP-0084 §4.2).
+pub fn sha1_hex(image: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, image);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The metadata item that says there is no avatar (XEP-0084 §4.5).
+fn avatar_stop() -> String {
+    format!("<metadata xmlns='{NODE_AVATAR_METADATA}'><stop/></metadata>")
+}
+
 /// The PEP service of every local user.
 #[derive(Debug)]
 pub struct Pep {
@@ -299,6 +459,23 @@ struct Cached {
 
 /// Most nodes kept in memory (then the cache starts again empty).
 const CACHED_NODES: usize = 100_000;
+
+/// An item to send to the contacts (PEP's notification).
+#[derive(Debug)]
+struct Notice {
+    node: &'static str,
+    item: String,
+    xml: String,
+}
+
+/// A node with access model `open`.
+fn open_node(node: &str, max_items: usize) -> Node {
+    Node {
+        node: node.to_string(),
+        access: Access::Open,
+        max_items,
+    }
+}
 
 /// Where a bundle fetch is reported: the device whose bundle a node item is.
 fn bundle_device(node: &str, item: &str) -> Option<u32> {
@@ -554,12 +731,7 @@ impl Pep {
         list.sort_by_key(|d| d.id);
         let mut w = Writes::default();
         let at_ms = now_ms();
-        let open = |node: &str, max_items: usize| Node {
-            node: node.to_string(),
-            access: Access::Open,
-            max_items,
-        };
-        w.put_node(&user.id, &open(NODE_BUNDLES, usize::MAX));
+        w.put_node(&user.id, &open_node(NODE_BUNDLES, usize::MAX));
         w.put_item(
             &user.id,
             NODE_BUNDLES,
@@ -570,7 +742,7 @@ impl Pep {
             },
         );
         let legacy = format!("{NODE_AXOLOTL_BUNDLES}:{id}");
-        w.put_node(&user.id, &open(&legacy, 1));
+        w.put_node(&user.id, &open_node(&legacy, 1));
         w.put_item(
             &user.id,
             &legacy,
@@ -614,14 +786,129 @@ impl Pep {
         Ok(true)
     }
 
-    /// Write both device lists into `w`; the (node, item) pairs to notify.
-    fn put_lists(
+    /// The user's avatar, if it has one.
+    pub fn avatar(&self, user: &User) -> Result<Option<AvatarInfo>, StoreError> {
+        let cached = self.load(&user.id, NODE_AVATAR_METADATA)?;
+        Ok(cached
+            .items
+            .first()
+            .and_then(|i| i.xml.parse::<Element>().ok())
+            .and_then(|el| AvatarInfo::from_metadata(&el)))
+    }
+
+    /// The user's avatar image and its type (for the vCard's `PHOTO`).
+    pub fn avatar_image(&self, user: &User) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        use base64::Engine;
+        let Some(info) = self.avatar(user)? else {
+            return Ok(None);
+        };
+        let cached = self.load(&user.id, NODE_AVATAR_DATA)?;
+        let data = cached
+            .items
+            .iter()
+            .find(|i| i.id == info.id)
+            .and_then(|i| i.xml.parse::<Element>().ok())
+            .and_then(|el| {
+                let text: String = el.text().split_whitespace().collect();
+                base64::engine::general_purpose::STANDARD.decode(text).ok()
+            });
+        Ok(data.map(|d| (info.mime, d)))
+    }
+
+    /// Publish the user's avatar (XEP-0084): the image at the data node and
+    /// its metadata, both named by its SHA-1, replacing the one before; the
+    /// metadata goes to the contacts who see the user's presence. Whether it
+    /// changed.
+    pub async fn put_avatar(
         &self,
         user: &User,
-        list: &[Listed],
-        at_ms: u64,
-        w: &mut Writes,
-    ) -> Vec<(&'static str, String)> {
+        avatar: &Avatar,
+        outbox: &Outbox,
+    ) -> Result<bool, StoreError> {
+        use base64::Engine;
+        let old = self.avatar(user)?;
+        let id = &avatar.info.id;
+        if old.as_ref().is_some_and(|o| &o.id == id) {
+            return Ok(false);
+        }
+        let mut w = Writes::default();
+        Self::retract_avatar(user, old.as_ref(), &mut w);
+        let at_ms = now_ms();
+        let metadata = avatar.info.metadata();
+        let data = format!(
+            "<data xmlns='{NODE_AVATAR_DATA}'>{}</data>",
+            base64::engine::general_purpose::STANDARD.encode(&avatar.image)
+        );
+        for (node, xml) in [
+            (NODE_AVATAR_DATA, data),
+            (NODE_AVATAR_METADATA, metadata.clone()),
+        ] {
+            w.put_node(&user.id, &open_node(node, 1));
+            w.put_item(
+                &user.id,
+                node,
+                &Item {
+                    id: id.clone(),
+                    at_ms,
+                    xml,
+                },
+            );
+        }
+        let r = self.store.commit(w).await;
+        self.invalidate();
+        r?;
+        let notice = Notice {
+            node: NODE_AVATAR_METADATA,
+            item: id.clone(),
+            xml: metadata,
+        };
+        self.notify(user, vec![notice], outbox);
+        Ok(true)
+    }
+
+    /// Remove the user's avatar: the metadata says `<stop/>` (XEP-0084 §4.5)
+    /// and the contacts are told. Whether it had one.
+    pub async fn delete_avatar(&self, user: &User, outbox: &Outbox) -> Result<bool, StoreError> {
+        let Some(old) = self.avatar(user)? else {
+            return Ok(false);
+        };
+        let mut w = Writes::default();
+        Self::retract_avatar(user, Some(&old), &mut w);
+        w.delete_node(&user.id, NODE_AVATAR_DATA);
+        w.put_node(&user.id, &open_node(NODE_AVATAR_METADATA, 1));
+        w.put_item(
+            &user.id,
+            NODE_AVATAR_METADATA,
+            &Item {
+                id: "current".into(),
+                at_ms: now_ms(),
+                xml: avatar_stop(),
+            },
+        );
+        let r = self.store.commit(w).await;
+        self.invalidate();
+        r?;
+        let notice = Notice {
+            node: NODE_AVATAR_METADATA,
+            item: "current".into(),
+            xml: avatar_stop(),
+        };
+        self.notify(user, vec![notice], outbox);
+        Ok(true)
+    }
+
+    /// Retract the items of the avatar before (and a `<stop/>`), so each
+    /// node holds one item.
+    fn retract_avatar(user: &User, old: Option<&AvatarInfo>, w: &mut Writes) {
+        if let Some(o) = old {
+            w.delete_item(&user.id, NODE_AVATAR_DATA, &o.id);
+            w.delete_item(&user.id, NODE_AVATAR_METADATA, &o.id);
+        }
+        w.delete_item(&user.id, NODE_AVATAR_METADATA, "current");
+    }
+
+    /// Write both device lists into `w`; the items to notify.
+    fn put_lists(&self, user: &User, list: &[Listed], at_ms: u64, w: &mut Writes) -> Vec<Notice> {
         let user_id = &user.id;
         let mut omemo2 = format!("<devices xmlns='{NS_OMEMO}'>");
         let mut axolotl = format!("<list xmlns='{NS_AXOLOTL}'>");
@@ -638,14 +925,7 @@ impl Pep {
         axolotl.push_str("</list>");
         let mut out = Vec::new();
         for (node, xml) in [(NODE_DEVICES, omemo2), (NODE_AXOLOTL_DEVICES, axolotl)] {
-            w.put_node(
-                user_id,
-                &Node {
-                    node: node.to_string(),
-                    access: Access::Open,
-                    max_items: 1,
-                },
-            );
+            w.put_node(user_id, &open_node(node, 1));
             w.put_item(
                 user_id,
                 node,
@@ -655,27 +935,32 @@ impl Pep {
                     xml: xml.clone(),
                 },
             );
-            out.push((node, xml));
+            out.push(Notice {
+                node,
+                item: "current".into(),
+                xml,
+            });
         }
         out
     }
 
     /// Send `notices` (node, payload of item `current`) to the user's contacts
     /// who see its presence (PEP's implicit subscription, XEP-0163 §4.3.1).
-    fn notify(&self, user: &User, notices: Vec<(&'static str, String)>, outbox: &Outbox) {
+    fn notify(&self, user: &User, notices: Vec<Notice>, outbox: &Outbox) {
         let roster = self.store.roster(&user.id).unwrap_or_else(|e| {
             tracing::error!(error = %e, "reading a roster");
             Vec::new()
         });
         let from = user.jid();
         for contact in roster.iter().filter(|r| r.subscription.contact_sees_user()) {
-            for (node, xml) in &notices {
+            for Notice { node, item, xml } in &notices {
                 let id = uuid::Uuid::new_v4().simple().to_string();
                 let m = format!(
                     "<message type='headline' id='{id}' from='{}' to='{}'><event xmlns='{NS_PUBSUB_EVENT}'>\
-                     <items node='{node}'><item id='current'>{xml}</item></items></event></message>",
+                     <items node='{node}'><item id='{}'>{xml}</item></items></event></message>",
                     escape(&from),
-                    escape(&contact.jid)
+                    escape(&contact.jid),
+                    escape(item)
                 );
                 if let Some(s) = Stanza::parse(&m) {
                     outbox.send(s);
@@ -818,6 +1103,150 @@ mod tests {
         // The one the accounts answer with (its cache sees the writes).
         let pep = s.pep.clone();
         (s, user, pep)
+    }
+
+    /// A real 1x1 PNG.
+    const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=";
+
+    fn png() -> AvatarIn {
+        AvatarIn {
+            mime: "image/png".into(),
+            data: PNG_1X1.into(),
+        }
+    }
+
+    #[test]
+    fn avatars_are_checked_against_their_bytes() {
+        use base64::Engine;
+        let a = png().check().unwrap();
+        assert_eq!((a.info.width, a.info.height, a.info.bytes), (1, 1, 68));
+        assert_eq!(a.info.id, sha1_hex(&a.image));
+        assert_eq!(a.info.id.len(), 40);
+        // XEP-0084 §4.2 Example 3's shape, read back.
+        let el: Element = a.info.metadata().parse().unwrap();
+        assert_eq!(AvatarInfo::from_metadata(&el), Some(a.info.clone()));
+        let stop: Element = avatar_stop().parse().unwrap();
+        assert_eq!(AvatarInfo::from_metadata(&stop), None);
+        let wrong = AvatarIn {
+            mime: "image/jpeg".into(),
+            ..png()
+        };
+        let e = wrong.check().unwrap_err();
+        assert_eq!(e.field, "type");
+        assert!(e.reason.contains("image/png"), "{e:?}");
+        let svg = AvatarIn {
+            mime: "image/svg+xml".into(),
+            ..png()
+        };
+        assert_eq!(svg.check().unwrap_err().field, "type");
+        let text = AvatarIn {
+            data: base64::engine::general_purpose::STANDARD.encode("hello, not an image"),
+            ..png()
+        };
+        assert_eq!(text.check().unwrap_err().field, "data");
+        let big = AvatarIn {
+            data: base64::engine::general_purpose::STANDARD.encode(vec![0u8; MAX_AVATAR_BYTES + 1]),
+            ..png()
+        };
+        assert!(big.check().unwrap_err().reason.contains("bytes"));
+        let junk = AvatarIn {
+            data: "%%%".into(),
+            ..png()
+        };
+        assert!(junk.check().unwrap_err().reason.starts_with("not base64"));
+    }
+
+    /// XEP-0084 §4.3 and §4.4: a contact gets the metadata, then fetches the
+    /// data by the id it names; the vCard carries it too (XEP-0153); a new
+    /// image replaces the old one's items; removal publishes `<stop/>`.
+    #[tokio::test]
+    async fn an_avatar_is_what_clients_fetch() {
+        let (s, user, pep) = setup().await;
+        let contact = RosterItem {
+            jid: "juliet@capulet.example".into(),
+            subscription: Subscription::Both,
+            pending_out: false,
+            pending_in: false,
+        };
+        s.store()
+            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
+            .await
+            .unwrap();
+        let a = png().check().unwrap();
+        assert!(pep.put_avatar(&user, &a, &s.outbox).await.unwrap());
+        assert!(!pep.put_avatar(&user, &a, &s.outbox).await.unwrap());
+        let notes = s.take_sent();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        let id = &a.info.id;
+        assert!(
+            notes[0].as_str().contains(&format!(
+                "<items node='{NODE_AVATAR_METADATA}'><item id='{id}'><metadata \
+                 xmlns='{NODE_AVATAR_METADATA}'><info bytes='68' height='1' id='{id}' \
+                 type='image/png' width='1'/></metadata></item></items>"
+            )),
+            "{}",
+            notes[0].as_str()
+        );
+        assert_eq!(pep.avatar(&user).unwrap(), Some(a.info.clone()));
+        let data = s.answer(&format!(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='d1'>\
+             <pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_AVATAR_DATA}'><item id='{id}'/>\
+             </items></pubsub></iq>"
+        ));
+        assert!(
+            data.as_str().contains(&format!(
+                "<item id='{id}'><data xmlns='{NODE_AVATAR_DATA}'>{PNG_1X1}</data>"
+            )),
+            "{}",
+            data.as_str()
+        );
+        let vcard = s.answer(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='v1'>\
+             <vCard xmlns='vcard-temp'/></iq>",
+        );
+        assert!(
+            vcard.as_str().contains("<TYPE>image/png</TYPE>")
+                && vcard
+                    .as_str()
+                    .contains(&format!("<BINVAL>{PNG_1X1}</BINVAL>")),
+            "{}",
+            vcard.as_str()
+        );
+
+        // Another image: one item per node, the new one's.
+        let other = AvatarIn {
+            mime: "image/gif".into(),
+            data: "R0lGODlhAQABAIAAAP///wAAACwAAAAAAQABAAACAkQBADs=".into(),
+        }
+        .check()
+        .unwrap();
+        assert!(pep.put_avatar(&user, &other, &s.outbox).await.unwrap());
+        for node in [NODE_AVATAR_DATA, NODE_AVATAR_METADATA] {
+            let items = s.store().items(&user.id, node).unwrap();
+            let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+            assert_eq!(ids, [other.info.id.as_str()], "{node}");
+        }
+        s.take_sent();
+
+        assert!(pep.delete_avatar(&user, &s.outbox).await.unwrap());
+        assert!(!pep.delete_avatar(&user, &s.outbox).await.unwrap());
+        assert_eq!(pep.avatar(&user).unwrap(), None);
+        let notes = s.take_sent();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].as_str().contains(
+            "<item id='current'><metadata xmlns='urn:xmpp:avatar:metadata'><stop/></metadata>"
+        ));
+        assert!(
+            s.store()
+                .items(&user.id, NODE_AVATAR_DATA)
+                .unwrap()
+                .is_empty()
+        );
+        let vcard = s.answer(
+            "<iq type='get' from='romeo@montague.example/orchard' to='alice@wire.test' id='v2'>\
+             <vCard xmlns='vcard-temp'/></iq>",
+        );
+        assert!(!vcard.as_str().contains("PHOTO"), "{}", vcard.as_str());
     }
 
     #[test]

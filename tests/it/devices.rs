@@ -248,3 +248,61 @@ async fn a_users_devices_published_here_are_read_over_s2s() {
     .await;
     assert_eq!(s, 404);
 }
+
+/// A real 1x1 PNG.
+const PNG_1X1: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=";
+
+/// XEP-0084 across two instances: alpha's backend sets a user's avatar, beta's
+/// reads it over s2s (metadata, then the data it names, hash checked) and
+/// sees its vCard name the same picture; removal leaves beta nothing to find.
+#[tokio::test]
+async fn a_users_avatar_set_here_is_read_over_s2s() {
+    crate::support::init_log();
+    const ALPHA2: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 43);
+    const BETA2: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 44);
+    let net = Net::new().await;
+    let alpha = net.start(net.config("alpha.test", ALPHA2, Eku::Both)).await;
+    let beta = net.start(net.config("beta.test", BETA2, Eku::Both)).await;
+    create_user(alpha.api, "u-alice", "alice").await;
+    create_user(beta.api, "u-bob", "bob").await;
+
+    let path = "/v1/users/u-alice/avatar";
+    let remote = "/v1/remote/alice@alpha.test/avatar";
+    let (s, b) = api(alpha.api, "GET", path, None).await;
+    assert_eq!(s, 404, "{b}");
+    let (s, b) = api(beta.api, "GET", remote, None).await;
+    assert_eq!(s, 404, "{b}");
+    // Refused: a type that is not what the bytes are.
+    let wrong = json!({"type": "image/jpeg", "data": PNG_1X1});
+    let (s, b) = api(alpha.api, "PUT", path, Some(wrong)).await;
+    assert_eq!(s, 422, "{b}");
+    assert!(b["detail"].as_str().unwrap().starts_with("type"), "{b}");
+
+    let png = json!({"type": "image/png", "data": PNG_1X1});
+    let (s, info) = api(alpha.api, "PUT", path, Some(png)).await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["type"], "image/png");
+    assert_eq!(
+        (info["width"].as_u64(), info["height"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let id = info["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 40, "{info}");
+    let (s, b) = api(alpha.api, "GET", path, None).await;
+    assert_eq!((s, &b), (200, &info));
+
+    let (s, got) = api(beta.api, "GET", remote, None).await;
+    assert_eq!(s, 200, "{got}");
+    assert_eq!(got["jid"], "alice@alpha.test");
+    assert_eq!(got["id"], id.as_str());
+    assert_eq!(got["data"], PNG_1X1);
+    assert_eq!(got["bytes"], info["bytes"]);
+
+    let (s, _) = api(alpha.api, "DELETE", path, None).await;
+    assert_eq!(s, 204);
+    let (s, _) = api(alpha.api, "DELETE", path, None).await;
+    assert_eq!(s, 404);
+    let (s, b) = api(beta.api, "GET", remote, None).await;
+    assert_eq!(s, 404, "{b}");
+}

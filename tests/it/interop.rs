@@ -413,6 +413,88 @@ impl Lab {
         .await;
         assert_eq!(s, 200, "{b}");
         assert_eq!(b["legacy"], json!([{"id": 777}]), "{b}");
+
+        self.avatars(api, peer, user_jid, pw).await;
+    }
+
+    /// Avatars both ways (XEP-0084, and the vCard's PHOTO of XEP-0153): the
+    /// XMPP user's client reads the backend user's metadata, then the data it
+    /// names, and its vCard; the backend reads the avatar the client
+    /// published on its own server.
+    async fn avatars(&self, api: SocketAddr, peer: &ServerSpec, user_jid: &str, pw: &str) {
+        // A real 1x1 PNG.
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=";
+        let body = json!({"type": "image/png", "data": png}).to_string();
+        let (s, info, _) = http(api, "PUT", "/v1/users/w1/avatar", Some(TOKEN), Some(&body)).await;
+        assert_eq!(s, 200, "{info}");
+        let id = info["id"].as_str().unwrap().to_string();
+        let items = |args: &[&str]| {
+            let mut a = vec!["pep-items", "wally@wire.test"];
+            a.extend_from_slice(args);
+            blocking(|| self.client_args(user_jid, pw, peer.c2s(), &a))
+        };
+        let out = items(&["urn:xmpp:avatar:metadata"]);
+        assert!(
+            out.contains(&format!("ITEM {id} "))
+                && out.contains(&format!("id=\"{id}\""))
+                && out.contains("type=\"image/png\""),
+            "{out}"
+        );
+        let out = items(&[&format!("urn:xmpp:avatar:data {id}")]);
+        assert!(
+            out.contains(&format!("ITEM {id} ")) && out.contains(png),
+            "{out}"
+        );
+        let out = blocking(|| self.client(user_jid, pw, peer.c2s(), "vcard", "wally@wire.test"));
+        assert!(out.contains(&format!("PHOTO image/png {png}")), "{out}");
+
+        // The client publishes its own (a 1x1 GIF), data then metadata, as
+        // clients do; the backend reads it through its server's PEP.
+        let gif = "R0lGODlhAQABAIAAAP///wAAACwAAAAAAQABAAACAkQBADs=";
+        let gif_id = {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(gif)
+                .unwrap();
+            xmpp_federator::services::pep::sha1_hex(&bytes)
+        };
+        let publish = |node: &str, xml: &str| {
+            let out = blocking(|| {
+                self.client_args(
+                    user_jid,
+                    pw,
+                    peer.c2s(),
+                    &["pep-publish", node, xml, "--item", &gif_id],
+                )
+            });
+            assert!(out.contains("PUBLISHED"), "{out}");
+        };
+        publish(
+            "urn:xmpp:avatar:data",
+            &format!("<data xmlns='urn:xmpp:avatar:data'>{gif}</data>"),
+        );
+        publish(
+            "urn:xmpp:avatar:metadata",
+            &format!(
+                "<metadata xmlns='urn:xmpp:avatar:metadata'><info bytes='43' id='{gif_id}' \
+                 height='1' width='1' type='image/gif'/></metadata>"
+            ),
+        );
+        let (s, b, _) = http(
+            api,
+            "GET",
+            &format!("/v1/remote/{user_jid}/avatar?as=w1"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(
+            (b["id"].as_str(), b["data"].as_str()),
+            (Some(gif_id.as_str()), Some(gif)),
+            "{b}"
+        );
+        assert_eq!(b["type"], "image/gif", "{b}");
     }
 
     /// A subscription handshake both ways between the backend user and the XMPP
