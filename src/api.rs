@@ -1750,6 +1750,10 @@ mod tests {
         ("DELETE", "/v1/remote/{jid}/devices/subscription"),
         ("PUT", "/v1/users/{id}/devices/{device_id}"),
         ("DELETE", "/v1/users/{id}/devices/{device_id}"),
+        ("GET", "/v1/users/{id}/avatar"),
+        ("PUT", "/v1/users/{id}/avatar"),
+        ("DELETE", "/v1/users/{id}/avatar"),
+        ("GET", "/v1/remote/{jid}/avatar"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
     ];
