@@ -21,6 +21,7 @@
 //! its lookups): routing, framing and ping answering keep to the raw bytes.
 
 pub mod accounts;
+pub mod caps;
 pub mod delivery;
 pub mod domain;
 pub mod inbox;

@@ -141,6 +141,12 @@ impl Service for Accounts {
         }
         match stanza.kind {
             Kind::Presence => {
+                // Which of a contact's clients are online, for PEP's events.
+                if matches!(stanza.type_.as_deref(), None | Some("unavailable"))
+                    && let Some(user) = recipient(&self.store, &stanza)
+                {
+                    self.pep.presence(&user, &stanza, outbox);
+                }
                 if self.inbox.push(stanza).is_some() {
                     tracing::warn!("inbox full: presence dropped");
                 }

@@ -29,6 +29,7 @@ use minidom::Element;
 use serde::{Deserialize, Serialize};
 
 use crate::routing::Outbox;
+use crate::services::caps::{Caps, Interests, NS_CAPS, Query, Seen};
 use crate::stanza::{Stanza, StanzaCondition};
 use crate::store::pep::{Access, Item, Node};
 use crate::store::{EventKind, Store, StoreError, User, Writes, now_ms};
@@ -448,6 +449,8 @@ pub struct Pep {
     /// only if no write happened since it began (`generation`).
     cache: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<Cached>>>,
     generation: std::sync::atomic::AtomicU64,
+    /// Contacts' online clients and the nodes they want events of.
+    caps: Caps,
 }
 
 /// A node and its items, newest first.
@@ -495,6 +498,7 @@ impl Pep {
             store,
             cache: Default::default(),
             generation: Default::default(),
+            caps: Caps::new(),
         }
     }
 
@@ -953,18 +957,101 @@ impl Pep {
         });
         let from = user.jid();
         for contact in roster.iter().filter(|r| r.subscription.contact_sees_user()) {
-            for Notice { node, item, xml } in &notices {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                let m = format!(
-                    "<message type='headline' id='{id}' from='{}' to='{}'><event xmlns='{NS_PUBSUB_EVENT}'>\
-                     <items node='{node}'><item id='{}'>{xml}</item></items></event></message>",
-                    escape(&from),
-                    escape(&contact.jid),
-                    escape(item)
-                );
-                if let Some(s) = Stanza::parse(&m) {
-                    outbox.send(s);
+            for n in &notices {
+                // To the contact's clients that want it (XEP-0115 `+notify`),
+                // or to its bare JID when we know none of them online.
+                let to = match self.caps.targets(&from, &contact.jid, n.node) {
+                    None => vec![contact.jid.clone()],
+                    Some(fulls) => fulls,
+                };
+                for t in &to {
+                    event(&from, t, n.node, &n.item, &n.xml, outbox);
                 }
+            }
+        }
+    }
+
+    /// A presence from a contact to `user` (before the inbox stores it):
+    /// which of the contact's clients are online and what they want events
+    /// of (XEP-0115, asked with a disco#info), and a newly available one
+    /// gets the last item of each node it wants (XEP-0163 §4.3.2).
+    pub fn presence(self: &Arc<Self>, user: &User, stanza: &Stanza, outbox: &Outbox) {
+        let Some(from) = stanza.from.as_ref().filter(|f| f.resource().is_some()) else {
+            return;
+        };
+        let local = user.jid();
+        match stanza.type_.as_deref() {
+            Some("unavailable") => return self.caps.unavailable(&local, from.as_str()),
+            None => {}
+            _ => return,
+        }
+        // Only a contact who may see the user's nodes is tracked (this also
+        // bounds what a stranger can make us remember or ask).
+        let sees = self
+            .store
+            .roster_item(&user.id, &from.bare().to_ascii_lowercase())
+            .map(|r| r.is_some_and(|r| r.subscription.contact_sees_user()));
+        if !sees.unwrap_or(false) {
+            return;
+        }
+        let caps = memchr::memmem::find(&stanza.raw, NS_CAPS.as_bytes())
+            .and_then(|_| super::dom(stanza))
+            .and_then(|el| {
+                el.children()
+                    .find(|c| c.is("c", NS_CAPS))
+                    .and_then(|c| xmpp_parsers::caps::Caps::try_from(c.clone()).ok())
+            });
+        match self.caps.available(&local, from.as_str(), caps.as_ref()) {
+            Seen::Nothing => {}
+            Seen::Known(wants) => self.send_last(user, from.as_str(), &wants, outbox),
+            Seen::Ask(query) => {
+                let pep = self.clone();
+                let outbox = outbox.clone();
+                let (user, to) = (user.clone(), from.as_str().to_string());
+                tokio::spawn(async move { pep.ask_caps(user, to, query, outbox).await });
+            }
+        }
+    }
+
+    /// Ask `to` what its caps mean, then send it the last items it wants.
+    async fn ask_caps(self: Arc<Self>, user: User, to: String, query: Query, outbox: Outbox) {
+        use xmpp_parsers::disco::DiscoInfoResult;
+        let id = format!("caps-{}", uuid::Uuid::new_v4().simple());
+        let payload = format!(
+            "<query xmlns='http://jabber.org/protocol/disco#info' node='{}'/>",
+            escape(&query.node)
+        );
+        let iq = Stanza::iq("get", &user.jid(), &to, &id, &payload);
+        let answer = outbox
+            .ask(iq, std::time::Duration::from_secs(30))
+            .await
+            .ok()
+            .filter(|a| !a.is_error())
+            .and_then(|a| super::payload::<DiscoInfoResult>(&a));
+        if let Some(wants) = self.caps.learned(&user.jid(), &to, &query, answer.as_ref()) {
+            self.send_last(&user, &to, &wants, &outbox);
+        }
+    }
+
+    /// The newest item of each of `user`'s nodes that `to` wants and may read.
+    fn send_last(&self, user: &User, to: &str, wants: &Interests, outbox: &Outbox) {
+        let from = user.jid();
+        let requester = to.split('/').next().unwrap_or(to).to_ascii_lowercase();
+        for node in wants.iter() {
+            if node == NODE_NICK {
+                if !user.display_name.is_empty() {
+                    event(&from, to, NODE_NICK, "current", &nick(user), outbox);
+                }
+                continue;
+            }
+            let Ok(cached) = self.load(&user.id, node) else {
+                continue;
+            };
+            let (Some(n), Some(newest)) = (&cached.node, cached.items.first()) else {
+                continue;
+            };
+            if self.may_read(user, n, &requester).unwrap_or(false) {
+                event(&from, to, node, &newest.id, &newest.xml, outbox);
             }
         }
     }
@@ -1007,15 +1094,36 @@ impl Pep {
     }
 }
 
+/// A PEP event of one item to `to` (a headline, XEP-0163 §4.3).
+fn event(from: &str, to: &str, node: &str, item: &str, xml: &str, outbox: &Outbox) {
+    let m = format!(
+        "<message type='headline' id='{}' from='{}' to='{}'><event xmlns='{NS_PUBSUB_EVENT}'>\
+         <items node='{}'><item id='{}'>{xml}</item></items></event></message>",
+        uuid::Uuid::new_v4().simple(),
+        escape(from),
+        escape(to),
+        escape(node),
+        escape(item),
+    );
+    if let Some(s) = Stanza::parse(&m) {
+        outbox.send(s);
+    }
+}
+
+/// The user's nickname payload (XEP-0172).
+fn nick(user: &User) -> String {
+    format!(
+        "<nick xmlns='{NODE_NICK}'>{}</nick>",
+        escape(&user.display_name)
+    )
+}
+
 /// The nickname node's items (XEP-0172 §4.5): the display name, if any.
 fn nick_items(user: &User) -> String {
     let item = if user.display_name.is_empty() {
         String::new()
     } else {
-        format!(
-            "<item id='current'><nick xmlns='{NODE_NICK}'>{}</nick></item>",
-            escape(&user.display_name)
-        )
+        format!("<item id='current'>{}</item>", nick(user))
     };
     format!("<pubsub xmlns='{NS_PUBSUB}'><items node='{NODE_NICK}'>{item}</items></pubsub>")
 }
@@ -1247,6 +1355,121 @@ mod tests {
              <vCard xmlns='vcard-temp'/></iq>",
         );
         assert!(!vcard.as_str().contains("PHOTO"), "{}", vcard.as_str());
+    }
+
+    /// XEP-0163 §4.3 with XEP-0115: a contact's client that advertises
+    /// `urn:xmpp:omemo:2:devices+notify` is asked what its caps mean once,
+    /// gets the last device list when it comes online, and then the changes
+    /// of that node only, at its full JID; offline again, the contact's
+    /// bare JID gets everything, as without caps.
+    #[tokio::test]
+    async fn events_go_to_the_clients_that_want_them() {
+        use base64::Engine;
+        use xmpp_parsers::caps::{compute_disco, hash_caps};
+        let (s, user, pep) = setup().await;
+        let contact = RosterItem {
+            jid: "juliet@capulet.example".into(),
+            subscription: Subscription::Both,
+            pending_out: false,
+            pending_in: false,
+        };
+        s.store()
+            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
+            .await
+            .unwrap();
+        pep.put_device(&user, 1, &device(None), &s.outbox)
+            .await
+            .unwrap();
+        s.take_sent();
+
+        let features = "<identity category='client' name='Dino' type='pc'/>\
+            <feature var='http://jabber.org/protocol/caps'/>\
+            <feature var='urn:xmpp:omemo:2:devices+notify'/>";
+        let disco = xmpp_parsers::disco::DiscoInfoResult::try_from(
+            format!("<query xmlns='http://jabber.org/protocol/disco#info'>{features}</query>")
+                .parse::<Element>()
+                .unwrap(),
+        )
+        .unwrap();
+        let ver = base64::engine::general_purpose::STANDARD.encode(
+            hash_caps(&compute_disco(&disco), "sha-1".parse().unwrap())
+                .unwrap()
+                .hash,
+        );
+        let full = "juliet@capulet.example/balcony";
+        let send = |xml: String| s.outbox.send(Stanza::parse(&xml).unwrap());
+        send(format!(
+            "<presence from='{full}' to='alice@wire.test'><c xmlns='http://jabber.org/protocol/caps' \
+             hash='sha-1' node='https://dino.im' ver='{ver}'/></presence>"
+        ));
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        let asked = s.take_sent();
+        let q = asked
+            .iter()
+            .find(|q| q.as_str().contains("disco#info"))
+            .unwrap_or_else(|| panic!("{asked:?}"));
+        assert_eq!(q.to.as_ref().map(|t| t.as_str()), Some(full));
+        assert!(
+            q.as_str()
+                .contains(&format!("node='https://dino.im#{ver}'")),
+            "{}",
+            q.as_str()
+        );
+        send(format!(
+            "<iq type='result' id='{}' from='{full}' to='alice@wire.test'>\
+             <query xmlns='http://jabber.org/protocol/disco#info' node='https://dino.im#{ver}'>\
+             {features}</query></iq>",
+            q.id.as_deref().unwrap()
+        ));
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        let last = s.take_sent();
+        assert_eq!(last.len(), 1, "{last:?}");
+        assert_eq!(last[0].to.as_ref().map(|t| t.as_str()), Some(full));
+        assert!(
+            last[0]
+                .as_str()
+                .contains(&format!("<items node='{NODE_DEVICES}'><item id='current'>"))
+        );
+
+        // A change: the device list to that client only (not the legacy one).
+        pep.put_device(&user, 2, &device(None), &s.outbox)
+            .await
+            .unwrap();
+        let notes = s.take_sent();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes[0].to.as_ref().map(|t| t.as_str()), Some(full));
+        // A status change asks nothing and resends nothing.
+        send(format!(
+            "<presence from='{full}' to='alice@wire.test'><show>away</show><c \
+             xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='https://dino.im' ver='{ver}'/></presence>"
+        ));
+        assert!(s.take_sent().is_empty());
+
+        // Offline: the bare JID gets both lists.
+        send(format!(
+            "<presence type='unavailable' from='{full}' to='alice@wire.test'/>"
+        ));
+        pep.put_device(&user, 3, &device(None), &s.outbox)
+            .await
+            .unwrap();
+        let notes = s.take_sent();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes
+                .iter()
+                .all(|n| n.to.as_ref().map(|t| t.as_str()) == Some("juliet@capulet.example"))
+        );
+
+        // A stranger's caps are not looked up.
+        send(format!(
+            "<presence from='mallory@evil.example/x' to='alice@wire.test'><c \
+             xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='{ver}'/></presence>"
+        ));
+        assert!(s.take_sent().is_empty());
     }
 
     #[test]

@@ -571,6 +571,68 @@ impl Lab {
             .cloned()
             .unwrap();
         assert_eq!(item["subscription"], "both", "{b}");
+
+        self.pep_events(api, peer, &user_jid, pw).await;
+    }
+
+    /// PEP events to the client that wants them (XEP-0163 with XEP-0115):
+    /// the contact's client advertises `urn:xmpp:omemo:2:devices+notify` in
+    /// its caps; we ask what its caps mean, send it the last device list at
+    /// its full JID, then a change, and never the legacy list it did not ask
+    /// for.
+    async fn pep_events(&self, api: SocketAddr, peer: &ServerSpec, user_jid: &str, pw: &str) {
+        let wait = std::time::Duration::from_secs(30);
+        let mut client = blocking(|| {
+            BackgroundClient::start(
+                &self.python,
+                user_jid,
+                pw,
+                peer.c2s(),
+                &self.clients_ca(),
+                &[
+                    "pep-listen",
+                    "wally@wire.test",
+                    "urn:xmpp:omemo:2:devices",
+                    "--lifetime",
+                    "60",
+                ],
+            )
+        })
+        .expect("client online");
+        let devices = "EVENT urn:xmpp:omemo:2:devices current";
+        let line = blocking(|| client.wait_line(devices, wait)).unwrap();
+        assert!(
+            line.contains("id=\"4242\"") && line.contains(&format!("to={user_jid}/")),
+            "{line}"
+        );
+        let k32 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let sig = "CQkJ".repeat(21) + "CQ==";
+        let device = json!({
+            "identity_key": k32,
+            "signed_prekey": {"id": 1, "public": k32, "signature": sig},
+            "prekeys": [{"id": 1, "public": k32}],
+        })
+        .to_string();
+        let (s, b, _) = http(
+            api,
+            "PUT",
+            "/v1/users/w1/devices/4343",
+            Some(TOKEN),
+            Some(&device),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+        let line = blocking(|| client.wait_line(devices, wait)).unwrap();
+        assert!(line.contains("id=\"4343\""), "{line}");
+        let _ = client.send_line("quit");
+        assert!(
+            !client
+                .seen()
+                .iter()
+                .any(|l| l.contains("eu.siacs.conversations.axolotl.devicelist")),
+            "{:?}",
+            client.seen()
+        );
     }
 
     /// A peer presenting a certificate from another CA, or one for another name,
