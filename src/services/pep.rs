@@ -451,6 +451,8 @@ pub struct Pep {
     generation: std::sync::atomic::AtomicU64,
     /// Contacts' online clients and the nodes they want events of.
     caps: Caps,
+    /// `bundle_fetched` events waiting for their batch's commit.
+    fetches: Arc<std::sync::Mutex<Vec<EventKind>>>,
 }
 
 /// A node and its items, newest first.
@@ -458,6 +460,90 @@ pub struct Pep {
 struct Cached {
     node: Option<Node>,
     items: Vec<Item>,
+    /// The answer to a request for all its items (`<pubsub>` and all), made
+    /// once: most fetches ask for all of a node (device lists, legacy
+    /// bundles, the avatar's metadata).
+    all: std::sync::OnceLock<String>,
+}
+
+/// A pubsub request, read without a DOM: fetches are PEP's hot path (every
+/// contact's client asks for every device list and bundle).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Request {
+    /// The first child of `<pubsub/>` (`items`, `publish`...).
+    op: Option<String>,
+    /// Its `node`.
+    node: Option<String>,
+    /// Its `max_items`.
+    max_items: Option<String>,
+    /// The ids of its `<item/>` children.
+    ids: Vec<String>,
+}
+
+/// The `<pubsub/>` request of an iq; `None` if there is none (or the bytes do
+/// not read, which the framer's validation rules out).
+fn read_request(xml: &str) -> Option<Request> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    let value = |a: &quick_xml::events::attributes::Attribute<'_>| {
+        a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+            .ok()
+            .map(|v| v.into_owned())
+    };
+    let mut reader = quick_xml::reader::NsReader::from_str(xml);
+    let mut depth = 0usize;
+    let mut in_pubsub = false;
+    let mut found = false;
+    let mut r = Request::default();
+    loop {
+        let (ns, ev) = reader.read_resolved_event().ok()?;
+        let (e, empty) = match ev {
+            Event::Start(e) => (e, false),
+            Event::Empty(e) => (e, true),
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                if depth == 1 {
+                    in_pubsub = false;
+                }
+                continue;
+            }
+            Event::Eof => return found.then_some(r),
+            _ => continue,
+        };
+        depth += 1;
+        let pubsub_ns = matches!(ns, ResolveResult::Bound(n) if n.0 == NS_PUBSUB);
+        let name = e.local_name().into_inner();
+        match depth {
+            2 if pubsub_ns && name == "pubsub" && !found => {
+                in_pubsub = true;
+                found = true;
+            }
+            3 if in_pubsub && r.op.is_none() => {
+                r.op = Some(name.to_string());
+                for a in e.attributes().flatten() {
+                    match a.key.0 {
+                        "node" => r.node = value(&a),
+                        "max_items" => r.max_items = value(&a),
+                        _ => {}
+                    }
+                }
+            }
+            4 if in_pubsub && r.op.as_deref() == Some("items") && name == "item" => {
+                if let Some(id) = e
+                    .attributes()
+                    .flatten()
+                    .find(|a| a.key.0 == "id")
+                    .and_then(|a| value(&a))
+                {
+                    r.ids.push(id);
+                }
+            }
+            _ => {}
+        }
+        if empty {
+            depth -= 1;
+        }
+    }
 }
 
 /// Most nodes kept in memory (then the cache starts again empty).
@@ -499,6 +585,7 @@ impl Pep {
             cache: Default::default(),
             generation: Default::default(),
             caps: Caps::new(),
+            fetches: Default::default(),
         }
     }
 
@@ -516,7 +603,11 @@ impl Pep {
             None => Vec::new(),
         };
         items.sort_by(|a, b| b.at_ms.cmp(&a.at_ms).then_with(|| a.id.cmp(&b.id)));
-        let c = Arc::new(Cached { node, items });
+        let c = Arc::new(Cached {
+            node,
+            items,
+            all: Default::default(),
+        });
         let mut cache = self.lock_cache();
         if self.generation.load(Ordering::SeqCst) == generation {
             if cache.len() >= CACHED_NODES {
@@ -554,10 +645,7 @@ impl Pep {
 
     /// An iq to `user`'s bare JID with a `<pubsub/>` payload.
     pub fn iq(&self, user: &User, stanza: &Stanza, outbox: &Outbox) {
-        let Some(el) = super::dom(stanza) else {
-            return outbox.bounce(stanza, StanzaCondition::BadRequest, "unreadable");
-        };
-        let Some(pubsub) = el.get_child("pubsub", NS_PUBSUB) else {
+        let Some(request) = read_request(stanza.as_str()) else {
             return outbox.bounce(stanza, StanzaCondition::BadRequest, "no pubsub element");
         };
         let requester = stanza
@@ -565,11 +653,9 @@ impl Pep {
             .as_ref()
             .map(|f| f.bare().to_ascii_lowercase())
             .unwrap_or_default();
-        match (stanza.type_.as_deref(), pubsub.children().next()) {
-            (Some("get"), Some(items)) if items.name() == "items" => {
-                self.items(user, stanza, items, &requester, outbox)
-            }
-            (Some("set"), Some(op)) if op.name() == "publish" || op.name() == "retract" => {
+        match (stanza.type_.as_deref(), request.op.as_deref()) {
+            (Some("get"), Some("items")) => self.items(user, stanza, &request, &requester, outbox),
+            (Some("set"), Some(op)) if op == "publish" || op == "retract" => {
                 // XEP-0163 §4.3: only the account owner publishes; here that is
                 // the backend, through its API.
                 outbox.bounce(
@@ -579,7 +665,7 @@ impl Pep {
                 )
             }
             (_, Some(op)) => {
-                let feature = match op.name() {
+                let feature = match op {
                     "subscribe" | "unsubscribe" => "subscribe",
                     "subscriptions" => "retrieve-subscriptions",
                     "affiliations" => "retrieve-affiliations",
@@ -596,11 +682,11 @@ impl Pep {
         &self,
         user: &User,
         stanza: &Stanza,
-        items: &Element,
+        request: &Request,
         requester: &str,
         outbox: &Outbox,
     ) {
-        let Some(name) = items.attr("node") else {
+        let Some(name) = request.node.as_deref() else {
             // §6.5.9.3: nodeid-required.
             return outbox.send(pubsub_error(
                 stanza,
@@ -640,49 +726,69 @@ impl Pep {
         }
         // Newest first, as `max_items` takes the newest (§6.5.7).
         let all = &cached.items;
-        let wanted: Vec<&str> = items
-            .children()
-            .filter(|c| c.name() == "item")
-            .filter_map(|c| c.attr("id"))
-            .collect();
-        let chosen: Vec<&Item> = if wanted.is_empty() {
-            let max = items
-                .attr("max_items")
-                .and_then(|m| m.parse::<usize>().ok())
-                .unwrap_or(usize::MAX);
-            all.iter().take(max).collect()
-        } else {
+        let max = request
+            .max_items
+            .as_deref()
+            .and_then(|m| m.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        let chosen: Vec<&Item> = if !request.ids.is_empty() {
             all.iter()
-                .filter(|i| wanted.contains(&i.id.as_str()))
+                .filter(|i| request.ids.contains(&i.id))
                 .collect()
+        } else if max >= all.len() {
+            // All of them: the answer made once per node version.
+            let body = cached.all.get_or_init(|| render(name, all.iter()));
+            outbox.send(Stanza::iq_result(stanza, body));
+            return self.fetched(user, name, all.iter(), requester);
+        } else {
+            all.iter().take(max).collect()
         };
-        let mut body = format!(
-            "<pubsub xmlns='{NS_PUBSUB}'><items node='{}'>",
-            escape(name)
-        );
-        let mut fetched = Vec::new();
-        for i in &chosen {
-            body.push_str(&format!("<item id='{}'>{}</item>", escape(&i.id), i.xml));
-            if let Some(d) = bundle_device(name, &i.id) {
-                fetched.push(d);
-            }
+        outbox.send(Stanza::iq_result(
+            stanza,
+            &render(name, chosen.iter().copied()),
+        ));
+        self.fetched(user, name, chosen.into_iter(), requester);
+    }
+
+    /// Bundles handed out: `bundle_fetched` events, so the backend rotates the
+    /// prekeys (XEP-0384 §5.3.2). Queued and committed in batches: one
+    /// transaction per burst of fetches, not per fetch.
+    fn fetched<'a>(
+        &self,
+        user: &User,
+        node: &str,
+        items: impl Iterator<Item = &'a Item>,
+        requester: &str,
+    ) {
+        let events: Vec<EventKind> = items
+            .filter_map(|i| bundle_device(node, &i.id))
+            .map(|device_id| EventKind::BundleFetched {
+                user_id: user.id.clone(),
+                device_id,
+                by: requester.to_string(),
+            })
+            .collect();
+        if events.is_empty() {
+            return;
         }
-        body.push_str("</items></pubsub>");
-        outbox.send(Stanza::iq_result(stanza, &body));
-        if !fetched.is_empty() {
-            // The backend rotates the prekeys it handed out (XEP-0384 §5.3.2).
-            let mut w = Writes::default();
-            for device_id in fetched {
-                w.event(&EventKind::BundleFetched {
-                    user_id: user.id.clone(),
-                    device_id,
-                    by: requester.to_string(),
-                });
-            }
-            let store = self.store.clone();
+        let first = {
+            let mut q = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
+            let first = q.is_empty();
+            q.extend(events);
+            first
+        };
+        if first {
+            let (store, fetches) = (self.store.clone(), self.fetches.clone());
             tokio::spawn(async move {
+                // Let the burst gather (the answers have gone already).
+                tokio::task::yield_now().await;
+                let batch = std::mem::take(&mut *fetches.lock().unwrap_or_else(|e| e.into_inner()));
+                let mut w = Writes::default();
+                for e in &batch {
+                    w.event(e);
+                }
                 if let Err(e) = store.commit(w).await {
-                    tracing::error!(error = %e, "storing a bundle_fetched event");
+                    tracing::error!(error = %e, events = batch.len(), "storing bundle_fetched events");
                 }
             });
         }
@@ -1094,6 +1200,23 @@ impl Pep {
     }
 }
 
+/// The answer to an items request: `items` of `node`.
+fn render<'a>(node: &str, items: impl Iterator<Item = &'a Item>) -> String {
+    let mut body = format!(
+        "<pubsub xmlns='{NS_PUBSUB}'><items node='{}'>",
+        escape(node)
+    );
+    for i in items {
+        body.push_str("<item id='");
+        body.push_str(&escape(&i.id));
+        body.push_str("'>");
+        body.push_str(&i.xml);
+        body.push_str("</item>");
+    }
+    body.push_str("</items></pubsub>");
+    body
+}
+
 /// A PEP event of one item to `to` (a headline, XEP-0163 §4.3).
 fn event(from: &str, to: &str, node: &str, item: &str, xml: &str, outbox: &Outbox) {
     let m = format!(
@@ -1470,6 +1593,48 @@ mod tests {
              xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='{ver}'/></presence>"
         ));
         assert!(s.take_sent().is_empty());
+    }
+
+    /// XEP-0060 §6.5 requests as the DOM would read them: the first child of
+    /// `<pubsub/>`, its node and `max_items`, the ids asked for; a prefixed
+    /// pubsub element too; nothing for an iq without one.
+    #[test]
+    fn requests_are_read_without_a_dom() {
+        let r = read_request(&format!(
+            "<iq type='get' id='a'><pubsub xmlns='{NS_PUBSUB}'><items node='urn:xmpp:omemo:2:bundles' \
+             max_items='2'><item id='31415'/><item id='x&amp;y'></item></items></pubsub></iq>"
+        ))
+        .unwrap();
+        assert_eq!(r.op.as_deref(), Some("items"));
+        assert_eq!(r.node.as_deref(), Some("urn:xmpp:omemo:2:bundles"));
+        assert_eq!(r.max_items.as_deref(), Some("2"));
+        assert_eq!(r.ids, ["31415", "x&y"]);
+        let r = read_request(&format!(
+            "<iq type='set' id='b' xmlns:ps='{NS_PUBSUB}'><ps:pubsub><ps:publish node='n'>\
+             <ps:item id='i'/></ps:publish></ps:pubsub></iq>"
+        ))
+        .unwrap();
+        assert_eq!(
+            (r.op.as_deref(), r.node.as_deref()),
+            (Some("publish"), Some("n"))
+        );
+        assert!(r.ids.is_empty(), "publish items are not asked-for ids");
+        // Another namespace's pubsub, or none: not a request.
+        assert_eq!(
+            read_request(
+                "<iq type='get' id='c'><pubsub xmlns='urn:other'><items node='n'/></pubsub></iq>"
+            ),
+            None
+        );
+        assert_eq!(
+            read_request("<iq type='get' id='d'><ping xmlns='urn:xmpp:ping'/></iq>"),
+            None
+        );
+        let r = read_request(&format!(
+            "<iq type='get' id='e'><pubsub xmlns='{NS_PUBSUB}'/></iq>"
+        ))
+        .unwrap();
+        assert_eq!(r, Request::default());
     }
 
     #[test]
