@@ -17,10 +17,11 @@ pub struct SledKv {
 impl SledKv {
     /// Open (or create) the database directory.
     /// sled holds an exclusive file lock, released a moment after the previous
-    /// `Db` (its flusher thread) is gone; waiting up to 3 s for it covers a restart
-    /// (or a reopen in the same process) racing the old instance's exit.
+    /// `Db` (its flusher thread) is gone; waiting up to 10 s for it covers a restart
+    /// (or a reopen in the same process) racing the old instance's exit, also on a
+    /// loaded machine (3 s was too short for the store suite beside parallel builds).
     pub fn open(path: &Path) -> Result<SledKv, StoreError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match sled::Config::new()
                 .path(path)
