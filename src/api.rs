@@ -549,7 +549,8 @@ async fn put_user(
             format!("handle `{handle}` on {domain} belongs to another user"),
         ));
     }
-    let existed = store.user(&id).map_err(internal)?.is_some();
+    let before = store.user(&id).map_err(internal)?;
+    let existed = before.is_some();
     let user = User {
         id,
         handle,
@@ -557,6 +558,10 @@ async fn put_user(
         display_name: input.display_name,
     };
     store.put_user(&user).await.map_err(internal)?;
+    // A new name is a new nickname item (XEP-0172 §4.4) for the contacts.
+    if before.is_some_and(|b| b.display_name != user.display_name && b.jid() == user.jid()) {
+        st.server.pep.nick_changed(&user, &st.server.outbox);
+    }
     let status = if existed {
         StatusCode::OK
     } else {

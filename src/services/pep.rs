@@ -732,9 +732,7 @@ impl Pep {
             .and_then(|m| m.parse::<usize>().ok())
             .unwrap_or(usize::MAX);
         let chosen: Vec<&Item> = if !request.ids.is_empty() {
-            all.iter()
-                .filter(|i| request.ids.contains(&i.id))
-                .collect()
+            all.iter().filter(|i| request.ids.contains(&i.id)).collect()
         } else if max >= all.len() {
             // All of them: the answer made once per node version.
             let body = cached.all.get_or_init(|| render(name, all.iter()));
@@ -1075,6 +1073,21 @@ impl Pep {
                 }
             }
         }
+    }
+
+    /// The user's display name changed: its nickname (XEP-0172 §4.4) goes to
+    /// the contacts who see its presence and want it.
+    pub fn nick_changed(&self, user: &User, outbox: &Outbox) {
+        let notice = Notice {
+            node: NODE_NICK,
+            item: "current".into(),
+            xml: if user.display_name.is_empty() {
+                format!("<nick xmlns='{NODE_NICK}'/>")
+            } else {
+                nick(user)
+            },
+        };
+        self.notify(user, vec![notice], outbox);
     }
 
     /// A presence from a contact to `user` (before the inbox stores it):
@@ -1593,6 +1606,33 @@ mod tests {
              xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='{ver}'/></presence>"
         ));
         assert!(s.take_sent().is_empty());
+    }
+
+    /// XEP-0172 §4.4: a new display name is a new nickname for the contacts.
+    #[tokio::test]
+    async fn a_new_name_is_sent_as_the_nickname() {
+        let (s, mut user, pep) = setup().await;
+        let contact = RosterItem {
+            jid: "juliet@capulet.example".into(),
+            subscription: Subscription::From,
+            pending_out: false,
+            pending_in: false,
+        };
+        s.store()
+            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
+            .await
+            .unwrap();
+        user.display_name = "Alice & Co".into();
+        pep.nick_changed(&user, &s.outbox);
+        let sent = s.take_sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(
+            sent[0].as_str().contains(&format!(
+                "<items node='{NODE_NICK}'><item id='current'><nick xmlns='{NODE_NICK}'>Alice &amp; Co</nick>"
+            )),
+            "{}",
+            sent[0].as_str()
+        );
     }
 
     /// XEP-0060 §6.5 requests as the DOM would read them: the first child of
