@@ -903,7 +903,7 @@ async fn ask_as(
     tag = "remote",
     params(("jid", description = "A remote user's bare JID")),
     responses(
-        (status = 200, description = "The lookup's result (`exists` false for no such user)", body = schema::Remote),
+        (status = 200, description = "The lookup's result (`exists` true or false on evidence, null when the server hides it)", body = schema::Remote),
         (status = 401, response = problems::Unauthorized),
         (status = 422, description = "Invalid JID, no localpart, or a local one", body = ProblemBody, content_type = "application/problem+json"),
         (status = 502, description = "The remote server cannot be reached", body = ProblemBody, content_type = "application/problem+json"),
@@ -940,34 +940,8 @@ async fn remote(
             format!("{}: {cond}", bare.domain()),
         ));
     }
-    // Existence: the account answers disco#info, or its server serves its vCard, or
-    // refuses disco#info only because we are not subscribed (ejabberd, Prosody);
-    // a non-existent account gets service-unavailable or item-not-found.
-    let vcard_ok = vcard.as_ref().is_ok_and(|v| !v.is_error());
-    let exists = vcard_ok
-        || match info_condition {
-            None => true,
-            Some(c) => matches!(
-                c,
-                StanzaCondition::SubscriptionRequired
-                    | StanzaCondition::Forbidden
-                    | StanzaCondition::NotAuthorized
-                    | StanzaCondition::NotAllowed
-            ),
-        };
-    let answer = |exists, display_name| {
-        Json(schema::Remote {
-            id: remote_id(&bare_s),
-            jid: bare_s.clone(),
-            domain: bare.domain().as_str().to_owned(),
-            exists,
-            display_name,
-        })
-    };
-    if !exists {
-        return Ok(answer(false, None));
-    }
-    let display_name = match vcard {
+    let (exists, evidence) = existence(&info, vcard.as_ref().ok());
+    let display_name = match &vcard {
         Ok(v) if !v.is_error() => crate::xml::framer::parse_element(&v.raw)
             .ok()
             .and_then(|el| {
@@ -976,7 +950,59 @@ async fn remote(
             }),
         _ => None,
     };
-    Ok(answer(true, display_name))
+    Ok(Json(schema::Remote {
+        id: remote_id(&bare_s),
+        jid: bare_s.clone(),
+        domain: bare.domain().as_str().to_owned(),
+        exists,
+        evidence: evidence.into(),
+        display_name,
+    }))
+}
+
+/// Whether an account exists, from its server's answers to a disco#info and a
+/// vCard request, and what decided it. Only evidence counts: an account
+/// identity in the disco#info, or a vCard with something in it, is `true`;
+/// both refused (`service-unavailable`, `item-not-found`) is `false`, as a
+/// server that does not hide its accounts (ours) answers only for a missing
+/// one. Prosody 0.12 and ejabberd 23.01 hide them from non-contacts (measured
+/// by the interop tests): the same error to the disco#info and an empty vCard
+/// for a missing account and an existing one alike, so that is `None`.
+fn existence(info: &Stanza, vcard: Option<&Stanza>) -> (Option<bool>, &'static str) {
+    let has_account = !info.is_error()
+        && crate::xml::framer::parse_element(&info.raw)
+            .map(|el| {
+                crate::xml::children::children(&el)
+                    .first()
+                    .is_some_and(|q| !q.children.is_empty())
+            })
+            .unwrap_or(false);
+    if has_account {
+        return (Some(true), "disco");
+    }
+    let vcard_fields = vcard.filter(|v| !v.is_error()).is_some_and(|v| {
+        crate::xml::framer::parse_element(&v.raw)
+            .map(|el| {
+                crate::xml::children::children(&el)
+                    .first()
+                    .is_some_and(|c| !c.children.is_empty())
+            })
+            .unwrap_or(false)
+    });
+    if vcard_fields {
+        return (Some(true), "vcard");
+    }
+    let refused = |s: &Stanza| {
+        s.is_error()
+            && matches!(
+                error_condition(s),
+                StanzaCondition::ServiceUnavailable | StanzaCondition::ItemNotFound
+            )
+    };
+    if refused(info) && vcard.is_some_and(refused) {
+        return (Some(false), "refused");
+    }
+    (None, "hidden")
 }
 
 // ---- messages ----
@@ -1611,8 +1637,16 @@ mod schema {
         pub id: uuid::Uuid,
         /// The JID's domain.
         pub domain: String,
-        /// Whether the remote server knows the user.
-        pub exists: bool,
+        /// Whether the account exists: `true` or `false` on evidence, `null`
+        /// when its server does not say (Prosody and ejabberd hide accounts
+        /// from non-contacts).
+        pub exists: Option<bool>,
+        /// What decided it: `disco` (the account answered disco#info),
+        /// `vcard` (its server served a vCard with fields), `refused` (both
+        /// refused with `service-unavailable`/`item-not-found`), `hidden`
+        /// (answers that a missing and an existing account get alike).
+        #[schema(value_type = String)]
+        pub evidence: std::borrow::Cow<'static, str>,
         /// vCard FN (or NICKNAME), if it has one.
         pub display_name: Option<String>,
     }
@@ -1788,6 +1822,52 @@ mod tests {
             },
             None => r,
         }
+    }
+
+    /// The answers real servers give (recorded by the interop tests'
+    /// lookups), and ours.
+    #[test]
+    fn existence_is_claimed_only_on_evidence() {
+        use super::{Stanza, existence};
+        let st = |x: &str| Stanza::parse(x).unwrap();
+        let unavailable = st(
+            "<iq type='error' id='1' from='a@p.test'><error type='cancel'>\
+            <service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+        );
+        let sub_required = st(
+            "<iq type='error' id='1' from='a@e.test'><query xmlns='http://jabber.org/protocol/disco#info'/>\
+            <error type='auth'><subscription-required xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+        );
+        let empty_vcard =
+            st("<iq type='result' id='2' from='a@p.test'><vCard xmlns='vcard-temp'/></iq>");
+        let vcard = st(
+            "<iq type='result' id='2' from='a@p.test'><vCard xmlns='vcard-temp'><FN>A</FN></vCard></iq>",
+        );
+        let account = st(
+            "<iq type='result' id='1' from='a@w.test'><query xmlns='http://jabber.org/protocol/disco#info'>\
+            <identity category='account' type='registered'/></query></iq>",
+        );
+        // Prosody 0.12 and ejabberd 23.01, missing and existing alike.
+        assert_eq!(
+            existence(&unavailable, Some(&empty_vcard)),
+            (None, "hidden")
+        );
+        assert_eq!(
+            existence(&sub_required, Some(&empty_vcard)),
+            (None, "hidden")
+        );
+        assert_eq!(existence(&sub_required, None), (None, "hidden"));
+        // An account that set a vCard; an account of ours (or a contact's).
+        assert_eq!(existence(&unavailable, Some(&vcard)), (Some(true), "vcard"));
+        assert_eq!(
+            existence(&account, Some(&unavailable)),
+            (Some(true), "disco")
+        );
+        // Ours for a missing account.
+        assert_eq!(
+            existence(&unavailable, Some(&unavailable)),
+            (Some(false), "refused")
+        );
     }
 
     #[test]

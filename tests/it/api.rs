@@ -305,7 +305,11 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     )
     .await;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(b["exists"], true);
+    assert_eq!(
+        (&b["exists"], &b["evidence"]),
+        (&json!(true), &json!("disco")),
+        "{b}"
+    );
     assert_eq!(b["display_name"], "bob display");
     let doc = openapi(alpha.api).await;
     assert_documented(&doc, "GET", "/v1/remote/{jid}", s, &c, &b);
@@ -327,7 +331,11 @@ async fn messages_cross_between_two_instances_with_outcomes() {
     )
     .await;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(b["exists"], false);
+    assert_eq!(
+        (&b["exists"], &b["evidence"]),
+        (&json!(false), &json!("refused")),
+        "{b}"
+    );
     assert_documented(&doc, "GET", "/v1/remote/{jid}", s, &c, &b);
 
     // A message to a user that does not exist bounces with service-unavailable.

@@ -330,7 +330,24 @@ impl Lab {
         .await;
         assert_eq!(s, 200, "{b}");
         assert_eq!(b["exists"], true, "{b}");
+        assert_eq!(b["evidence"], "vcard", "{b}");
         assert_eq!(b["display_name"], "Peer Person", "{b}");
+        // A missing account: Prosody and ejabberd answer as for one without
+        // a vCard, so the lookup does not claim either way.
+        let (s, b, _) = http(
+            api,
+            "GET",
+            &format!("/v1/remote/nobody@{}", peer.domain),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(
+            (&b["exists"], &b["evidence"]),
+            (&json!(null), &json!("hidden")),
+            "{b}"
+        );
 
         self.devices(api, peer, &user_jid, pw).await;
     }
