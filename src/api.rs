@@ -47,7 +47,6 @@ use crate::server::Server;
 use crate::services::error_condition;
 use crate::stanza::{Stanza, StanzaCondition};
 use crate::store::{Outgoing, User, now_ms};
-use crate::xml::writer::{ElementBuilder, escape};
 
 /// An RFC 9457 problem response.
 #[derive(Debug, Clone)]
@@ -1056,23 +1055,13 @@ fn check_extensions(server: &Server, extensions: &[String]) -> Result<(), Proble
         ));
     }
     for (i, x) in extensions.iter().enumerate() {
-        match crate::xml::framer::parse_element(x.as_bytes()) {
-            Ok(el) if el.ns != crate::xml::NS_SERVER && !el.ns.is_empty() => {}
-            Ok(_) => {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid extension",
-                    format!("extensions[{i}] needs its own namespace (xmlns)"),
-                ));
-            }
-            Err(e) => {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid extension",
-                    format!("extensions[{i}] is not one well-formed XML element: {e}"),
-                ));
-            }
-        }
+        crate::stanza::check_extension(x).map_err(|why| {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid extension",
+                format!("extensions[{i}] {why}"),
+            )
+        })?;
     }
     Ok(())
 }
@@ -1147,26 +1136,15 @@ fn prepare(
     let id = message_id();
     let from = user.jid();
     let to_s = to.to_string();
-    let mut inner = String::new();
-    if let Some(b) = &m.body {
-        inner.push_str("<body>");
-        inner.push_str(&escape(b));
-        inner.push_str("</body>");
-    }
-    if let Some(t) = &m.thread {
-        inner.push_str("<thread>");
-        inner.push_str(&escape(t));
-        inner.push_str("</thread>");
-    }
-    for x in &m.extensions {
-        inner.push_str(x);
-    }
-    let xml = ElementBuilder::new("message")
-        .attr("from", Some(&from))
-        .attr("to", Some(&to_s))
-        .attr("type", Some(message_type))
-        .attr("id", Some(&id))
-        .children(&inner);
+    let xml = crate::stanza::message_xml(
+        &from,
+        &to_s,
+        message_type,
+        &id,
+        m.body.as_deref(),
+        m.thread.as_deref(),
+        &m.extensions,
+    );
     // Every part was validated above, so the routing fields are known without
     // parsing the stanza again.
     let stanza = Stanza {
