@@ -14,6 +14,8 @@ use crate::support::{Net, create_user};
 
 const OURS: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 10);
 const DRIVER: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 11);
+const THROTTLING: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 12);
+const THROTTLED: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 13);
 
 /// The driver's config: quiet.test and flood.test on `ip`, published in DNS.
 fn driver(net: &Net, ip: Ipv4Addr) -> xmpp_federator::config::Config {
@@ -82,5 +84,37 @@ async fn a_flooding_peer_does_not_stop_a_quiet_one_and_loses_nothing() {
             assert!(ids.contains(&format!("f{round}-{n}")), "f{round}-{n}");
         }
     }
+    ours.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_rate_limits_is_paused_and_loses_nothing() {
+    let net = Net::with_dns_on(Ipv4Addr::new(127, 0, 3, 2)).await;
+    let mut config = net.config("wire.test", THROTTLING, Eku::Both);
+    // 400 stanzas a second per stream, a burst of one second's worth.
+    config.limits.peer_stanzas_per_sec = 400;
+    config.limits.peer_burst_secs = 1;
+    let ours = net.start(config).await;
+    create_user(ours.api, "a1", "alice").await;
+    let messages = 1_500;
+    let load = FairLoad {
+        target: "wire.test".into(),
+        to: "alice@wire.test".into(),
+        pings: 100,
+        window: 10,
+        rate: 0,
+        messages,
+        chunk: 250,
+        chunks: 2,
+    };
+    let report = fair::run(driver(&net, THROTTLED), &load)
+        .await
+        .expect("a throttled stream is read again");
+    // Each flood went over the burst: its stream stopped being read (and was
+    // read again, or the run would have stalled), and nothing was dropped.
+    let throttled = ours.server.metrics.inbound_throttled.get();
+    assert!(throttled >= 2, "{throttled} {report}");
+    assert_eq!(report.flood_errors, 0, "{report}");
+    assert_eq!(stored(&ours).len() as u64, 2 * messages);
     ours.shutdown().await;
 }
