@@ -878,6 +878,10 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             let e = StreamFailure::Protocol { condition, text };
             return fail_with(&mut xs, &header, e).await;
         }
+        // A stanza is a unit of the task's budget: a stream whose stanzas are
+        // already buffered (no socket read to yield at) still lets the other
+        // streams' tasks run every budget's worth of stanzas.
+        tokio::task::consume_budget().await;
     }
 }
 
