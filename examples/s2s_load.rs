@@ -186,6 +186,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Our server is up once its API accepts (a loaded machine may take longer
+    // than the half second above).
+    let api = SocketAddr::new(ours_ip.into(), 8080);
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(api).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     if fair_mode {
         // The flood's recipient on each.
         if let Some(p) = &prosody {
@@ -197,7 +206,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if to.is_some() || fair_mode {
         // A backend user with one OMEMO device (100 prekeys) to fetch.
-        let api = SocketAddr::new(ours_ip.into(), 8080);
         let k = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
         let sig = "CQkJ".repeat(21) + "CQ==";
         let prekeys: Vec<String> = (1..=100)

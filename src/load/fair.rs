@@ -116,6 +116,8 @@ pub struct FairReport {
     pub flood_during: f64,
     /// Error replies to the flood's messages.
     pub flood_errors: u64,
+    /// The first of them, if any (its start).
+    pub first_error: Option<String>,
 }
 
 impl fmt::Display for FairReport {
@@ -131,12 +133,16 @@ impl fmt::Display for FairReport {
             self.flood_during,
             100.0 * self.flood_during / self.flood_alone.max(1e-9),
             self.flood_errors,
-        )
+        )?;
+        if let Some(e) = &self.first_error {
+            write!(f, "\n  first error: {e}")?;
+        }
+        Ok(())
     }
 }
 
 /// Ids (and errors) seen on the target's stream to one of the driver's domains.
-type Seen = mpsc::Receiver<(Vec<u64>, u64)>;
+type Seen = mpsc::Receiver<(Vec<u64>, u64, Option<String>)>;
 
 /// Run the fairness load; `config.domains` are the quiet and the flooding peer.
 pub async fn run(config: Config, load: &FairLoad) -> Result<FairReport, LoadError> {
@@ -163,11 +169,22 @@ pub async fn run(config: Config, load: &FairLoad) -> Result<FairReport, LoadErro
             let Some(tx) = tx else { return };
             let (mut io, mut framer) = auth.xs.into_parts();
             let mut buf = framer.take_pending();
+            let mut told = false;
             loop {
                 let (mut ids, mut errors) = (Vec::new(), 0);
                 let used = scan_pongs(&buf, &mut ids, &mut errors);
+                // The first error reply's text, for the report.
+                let first = (errors > 0 && !told).then(|| {
+                    told = true;
+                    let text = String::from_utf8_lossy(&buf[..used]);
+                    let at = text
+                        .find("type='error'")
+                        .or_else(|| text.find("type=\"error\""));
+                    let from = at.and_then(|a| text[..a].rfind('<')).unwrap_or(0);
+                    text[from..].chars().take(400).collect::<String>()
+                });
                 let _ = buf.split_to(used);
-                if (!ids.is_empty() || errors > 0) && tx.send((ids, errors)).await.is_err() {
+                if (!ids.is_empty() || errors > 0) && tx.send((ids, errors, first)).await.is_err() {
                     return;
                 }
                 buf.reserve(64 * 1024);
@@ -189,7 +206,8 @@ pub async fn run(config: Config, load: &FairLoad) -> Result<FairReport, LoadErro
         let _ = qw.write_all(b"</stream:stream>").await;
         // 2. The flood alone.
         let (mut fw, _) = open(&server, &flood, &load.target).await?;
-        let (flood_alone, e1) = flood_phase(&mut fw, &mut flood_rx, &flood, load, 0, None).await?;
+        let (flood_alone, e1, t1) =
+            flood_phase(&mut fw, &mut flood_rx, &flood, load, 0, None).await?;
         // 3. The flood again, the quiet peer beside it once it runs.
         let started = Arc::new(tokio::sync::Notify::new());
         let done = Arc::new(AtomicBool::new(false));
@@ -229,7 +247,7 @@ pub async fn run(config: Config, load: &FairLoad) -> Result<FairReport, LoadErro
             Ok::<_, LoadError>(p)
         };
         let (flooded, quiet_during) = tokio::join!(flooding, quiet_beside);
-        let (flood_during, e2) = flooded?;
+        let (flood_during, e2, t2) = flooded?;
         Ok(FairReport {
             target: load.target.clone(),
             quiet_alone,
@@ -237,6 +255,7 @@ pub async fn run(config: Config, load: &FairLoad) -> Result<FairReport, LoadErro
             quiet_during: quiet_during?,
             flood_during,
             flood_errors: e1 + e2,
+            first_error: t1.or(t2),
         })
     }
     .await;
@@ -270,7 +289,7 @@ async fn write(wr: &mut Writer, buf: &[u8]) -> Result<(), LoadError> {
         .map_err(|e| LoadError::Run(format!("write: {e}")))
 }
 
-async fn seen(rx: &mut Seen, what: &str) -> Result<(Vec<u64>, u64), LoadError> {
+async fn seen(rx: &mut Seen, what: &str) -> Result<(Vec<u64>, u64, Option<String>), LoadError> {
     match tokio::time::timeout(STALL, rx.recv()).await {
         Ok(Some(x)) => Ok(x),
         Ok(None) => Err(LoadError::Run("driver stopped".into())),
@@ -385,7 +404,7 @@ async fn pings(
 
 /// One flood: `load.messages` messages from `local` to `load.to` (ids of
 /// `round`), a ping after every chunk; `started` is told when the first chunk
-/// is confirmed. Messages/s and the error replies seen.
+/// is confirmed. Messages/s, the error replies seen and the first one.
 async fn flood_phase(
     wr: &mut Writer,
     rx: &mut Seen,
@@ -393,10 +412,11 @@ async fn flood_phase(
     load: &FairLoad,
     round: u64,
     started: Option<&tokio::sync::Notify>,
-) -> Result<(f64, u64), LoadError> {
+) -> Result<(f64, u64, Option<String>), LoadError> {
     let chunks = load.messages.div_ceil(load.chunk.max(1));
     let first = round * chunks;
     let (mut sent, mut confirmed, mut errors) = (0u64, 0u64, 0u64);
+    let mut first_error = None;
     let mut buf = Vec::new();
     let t0 = Instant::now();
     while confirmed < chunks {
@@ -425,8 +445,11 @@ async fn flood_phase(
             sent += 1;
         }
         let what = format!("{confirmed} of {chunks} flood chunks confirmed");
-        let (ids, errs) = seen(rx, &what).await?;
+        let (ids, errs, text) = seen(rx, &what).await?;
         errors += errs;
+        if first_error.is_none() {
+            first_error = text;
+        }
         for id in ids {
             if (first..first + sent).contains(&id) {
                 confirmed += 1;
@@ -438,5 +461,9 @@ async fn flood_phase(
             }
         }
     }
-    Ok((load.messages as f64 / t0.elapsed().as_secs_f64(), errors))
+    Ok((
+        load.messages as f64 / t0.elapsed().as_secs_f64(),
+        errors,
+        first_error,
+    ))
 }
