@@ -676,7 +676,10 @@ mod tests {
             ("peer_bytes_per_sec = 1000", "limits.peer_bytes_per_sec"),
             ("peer_stanzas_per_sec = 0", "limits.peer_stanzas_per_sec"),
             ("peer_burst_secs = 0", "limits.peer_burst_secs"),
-            ("max_streams_per_domain = 0", "limits.max_streams_per_domain"),
+            (
+                "max_streams_per_domain = 0",
+                "limits.max_streams_per_domain",
+            ),
         ] {
             let e = Config::from_toml(&format!("[limits]\n{toml}"))
                 .unwrap_err()
