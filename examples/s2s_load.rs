@@ -132,11 +132,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         format!(
             "domains = ['wire.test']\n[listen]\nstarttls = ['{ours_ip}:5269']\ndirect_tls = []\n\
              [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
-             [dns]\nnameserver = '{}'\n[api]\nlisten = '{ours_ip}:8080'\ntoken = 'load-token-0123456789'\n",
+             [dns]\nnameserver = '{}'\n[api]\nlisten = '{ours_ip}:8080'\ntoken = 'load-token-0123456789'\n\
+             [store]\npath = '{}'\n",
             ca_path.display(),
             wf.cert.display(),
             wf.key.display(),
-            dns.addr
+            dns.addr,
+            // A fresh store per run (not the default, relative to the working
+            // directory, which earlier runs would have filled).
+            work.path.join("ours-store").display()
         ),
     )?;
     dns.add("wire.test", ours_ip, Some(5269), None);
