@@ -83,6 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let muc = MucOptions {
         history: HISTORY as usize,
         max_users: (occupants + history_joins) as usize + 100,
+        offline: false,
     };
     let spec = |d: &str, ip: Ipv4Addr| {
         let f = leaf(d);

@@ -6,6 +6,16 @@
 //! target/release/examples/s2s_load --targets ours --iq devices   # or bundle
 //! ```
 //!
+//! `--mode fair`: fairness between peers (`xmpp_federator::load::fair`): a quiet
+//! peer pings (`--window`, default 10 in this mode, `--count` pings, at most
+//! `--ping-rate` a second if given) alone and
+//! while a second peer floods `--flood` messages at a user of the target (a
+//! ping after every `--chunk` of them, `--chunks` unconfirmed), and the flood's
+//! rate alone and beside it, against every target in one run. This mode binds
+//! and names only 127.0.3.x (ejabberd's distribution on port 14395), and gives
+//! Prosody and ejabberd no shapers and no Nagle (`MucOptions`); `--server-bin`
+//! runs another build of ours (an old one, to compare in the same run).
+//!
 //! `--iq devices` / `--iq bundle` (ours only): instead of pings, XEP-0060 items
 //! gets of a backend user's OMEMO device list / one bundle (100 prekeys), which
 //! the server answers from its store.
@@ -20,12 +30,15 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use xmpp_federator::load::fair::{self, FairLoad};
 use xmpp_federator::load::{PING, cpu_of, run_iq};
 use xmpp_federator_testkit::certs::{Eku, TestCa};
 use xmpp_federator_testkit::cli_arg as arg;
 use xmpp_federator_testkit::dns::DnsServer;
 use xmpp_federator_testkit::instance_config;
-use xmpp_federator_testkit::interop::{Ejabberd, Prosody, ServerSpec, Work, ensure_packages};
+use xmpp_federator_testkit::interop::{
+    Ejabberd, MucOptions, Prosody, ServerSpec, Work, ensure_packages,
+};
 
 /// Our server as a child process; killed on drop.
 struct Ours(std::process::Child);
@@ -55,9 +68,23 @@ fn version(cmd: &str, args: &[&str]) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let count: u64 = arg("--count", "200000").parse()?;
-    let window: u64 = arg("--window", "1000").parse()?;
+    let mode = arg("--mode", "ping");
+    let fair_mode = match mode.as_str() {
+        "ping" => false,
+        "fair" => true,
+        other => return Err(format!("--mode {other}: ping or fair").into()),
+    };
+    let count: u64 = arg("--count", if fair_mode { "20000" } else { "200000" }).parse()?;
+    let window: u64 = arg("--window", if fair_mode { "10" } else { "1000" }).parse()?;
+    let flood: u64 = arg("--flood", "300000").parse()?;
+    let ping_rate: u64 = arg("--ping-rate", "0").parse()?;
+    let chunk: u64 = arg("--chunk", "1000").parse()?;
+    let chunks: u64 = arg("--chunks", "8").parse()?;
+    let server_bin = arg("--server-bin", "");
     let targets = arg("--targets", "ours,prosody,ejabberd");
+    // The fairness mode keeps to 127.0.3.x (other tests and tools use the rest).
+    let net = if fair_mode { 3 } else { 0 };
+    let ip = |last: u8| Ipv4Addr::new(127, 0, net, last);
     let iq = arg("--iq", "ping");
     let (to, payload) = match iq.as_str() {
         "ping" => (None, PING.to_string()),
@@ -76,7 +103,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let certs = work.path.join("certs");
     let ca = TestCa::new("Load Test CA");
     let ca_path = ca.write_ca(&certs);
-    let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
+    let dns = DnsServer::start(SocketAddr::new(ip(1).into(), 0)).await?;
 
     let leaf = |d: &str| ca.leaf(d, Eku::Both, false).write(&certs, d);
     let spec = |d: &str, ip: Ipv4Addr| {
@@ -97,7 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // Our server, as the release binary in its own process.
-    let ours_ip = Ipv4Addr::new(127, 0, 0, 131);
+    let ours_ip = ip(131);
     let wf = leaf("wire.test");
     let cfg = work.path.join("wire.toml");
     std::fs::write(
@@ -105,19 +132,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         format!(
             "domains = ['wire.test']\n[listen]\nstarttls = ['{ours_ip}:5269']\ndirect_tls = []\n\
              [tls]\nsystem_roots = false\nca_files = ['{}']\ncertificates = [{{ cert = '{}', key = '{}' }}]\n\
-             [dns]\nnameserver = '{}'\n[api]\nlisten = '{ours_ip}:8080'\ntoken = 'load-token-0123456789'\n",
+             [dns]\nnameserver = '{}'\n[api]\nlisten = '{ours_ip}:8080'\ntoken = 'load-token-0123456789'\n\
+             [store]\npath = '{}'\n",
             ca_path.display(),
             wf.cert.display(),
             wf.key.display(),
-            dns.addr
+            dns.addr,
+            // A fresh store per run (not the default, relative to the working
+            // directory, which earlier runs would have filled).
+            work.path.join("ours-store").display()
         ),
     )?;
     dns.add("wire.test", ours_ip, Some(5269), None);
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("xmpp-federator"))
-        .ok_or("no binary path")?;
+    let bin = if server_bin.is_empty() {
+        std::env::current_exe()?
+            .parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("xmpp-federator"))
+            .ok_or("no binary path")?
+    } else {
+        std::path::PathBuf::from(&server_bin)
+    };
     let _ours = Ours(
         Command::new(&bin)
             .args(["serve", "--config"])
@@ -127,28 +162,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .spawn()
             .map_err(|e| format!("{}: {e} (build it with --release first)", bin.display()))?,
     );
-    let _prosody = if targets.contains("prosody") {
-        Some(Prosody::start(
-            &work.path,
-            spec("prosody.test", Ipv4Addr::new(127, 0, 0, 132)),
-        )?)
+    // Fairness: no shapers, no Nagle (the options of the MUC load), and the
+    // flood stored for the user offline rather than bounced.
+    let open = MucOptions {
+        history: 0,
+        max_users: 10,
+        offline: true,
+    };
+    let prosody = if targets.contains("prosody") {
+        let spec = spec("prosody.test", ip(132));
+        Some(if fair_mode {
+            Prosody::start_muc(&work.path, spec, &open)?
+        } else {
+            Prosody::start(&work.path, spec)?
+        })
     } else {
         None
     };
-    let _ejabberd = if targets.contains("ejabberd") {
-        Some(Ejabberd::start(
-            &work.path,
-            spec("ejabberd.test", Ipv4Addr::new(127, 0, 0, 133)),
-            14371,
-            "xf-load@localhost",
-        )?)
+    let ejabberd = if targets.contains("ejabberd") {
+        let spec = spec("ejabberd.test", ip(133));
+        Some(if fair_mode {
+            Ejabberd::start_muc(&work.path, spec, 14395, "xf-fair@localhost", &open)?
+        } else {
+            Ejabberd::start(&work.path, spec, 14371, "xf-load@localhost")?
+        })
     } else {
         None
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    if to.is_some() {
+    // Our server is up once its API accepts (a loaded machine may take longer
+    // than the half second above).
+    let api = SocketAddr::new(ours_ip.into(), 8080);
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(api).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if fair_mode {
+        // The flood's recipient on each.
+        if let Some(p) = &prosody {
+            p.register("alice", "secret")?;
+        }
+        if let Some(e) = &ejabberd {
+            e.register("alice", "secret")?;
+        }
+    }
+    if to.is_some() || fair_mode {
         // A backend user with one OMEMO device (100 prekeys) to fetch.
-        let api = SocketAddr::new(ours_ip.into(), 8080);
         let k = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
         let sig = "CQkJ".repeat(21) + "CQ==";
         let prekeys: Vec<String> = (1..=100)
@@ -158,10 +219,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{{\"identity_key\":\"{k}\",\"signed_prekey\":{{\"id\":1,\"public\":\"{k}\",\"signature\":\"{sig}\"}},\"prekeys\":[{}]}}",
             prekeys.join(",")
         );
-        for (method, path, body) in [
+        let calls = [
             ("PUT", "/v1/users/a1", "{\"handle\":\"alice\"}".to_string()),
             ("PUT", "/v1/users/a1/devices/4242", device),
-        ] {
+        ];
+        for (method, path, body) in calls.into_iter().take(if fair_mode { 1 } else { 2 }) {
             let (s, b, _) = xmpp_federator_testkit::http::request(
                 api,
                 method,
@@ -177,8 +239,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // The driver: load.test.
-    let lf = leaf("load.test");
-    let driver_ip = Ipv4Addr::new(127, 0, 0, 130);
+    let lf = if fair_mode {
+        // One certificate for both peers (Prosody's outgoing TLS sends no SNI).
+        ca.leaf_for(&["quiet.test", "flood.test"], Eku::Both, false)
+            .write(&certs, "fair")
+    } else {
+        leaf("load.test")
+    };
+    let driver_ip = ip(130);
     let mut dc = instance_config(
         "load.test",
         SocketAddr::new(driver_ip.into(), 5269),
@@ -190,8 +258,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     dc.dns.nameserver = Some(dns.addr);
     dc.limits.outbound_queue = 100_000;
     dns.add("load.test", driver_ip, Some(5269), None);
+    if fair_mode {
+        dc.domains = vec!["quiet.test".into(), "flood.test".into()];
+        dc.rooms.subdomain = String::new();
+        for d in &dc.domains {
+            dns.add(d, driver_ip, Some(5269), None);
+        }
+    }
 
-    println!("request: {iq}");
+    if fair_mode {
+        println!(
+            "mode: fair (quiet peer: {count} pings, window {window}, at most {ping_rate}/s (0: unpaced); flood: {flood} messages, a ping per {chunk}, {chunks} unconfirmed)"
+        );
+    } else {
+        println!("request: {iq}");
+    }
     println!(
         "machine: {} cores; {}; {}; xmpp-federator {} (release, log warn); Prosody {} / ejabberd {} (log info)",
         std::thread::available_parallelism()
@@ -209,6 +290,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("ejabberd", "ejabberd.test"),
     ] {
         if !targets.contains(name) {
+            continue;
+        }
+        if fair_mode {
+            let load = FairLoad {
+                target: domain.into(),
+                to: format!("alice@{domain}"),
+                pings: count,
+                window,
+                rate: ping_rate,
+                messages: flood,
+                chunk,
+                chunks,
+            };
+            match fair::run(dc.clone(), &load).await {
+                Ok(r) => println!("{name:9} {r}"),
+                Err(e) => println!("{name:9} FAILED: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         }
         let n = if name == "ours" { count } else { count / 2 };

@@ -320,6 +320,17 @@ pub struct LimitsConfig {
     /// Stanzas waiting for one remote domain before new ones are bounced with
     /// `resource-constraint`.
     pub outbound_queue: usize,
+    /// Bytes a second one authenticated inbound stream may send; above it (and
+    /// its burst) the stream stops being read for a while (TCP backpressure,
+    /// nothing dropped). The default never bites a normal server.
+    pub peer_bytes_per_sec: u64,
+    /// Stanzas a second one authenticated inbound stream may send (as above).
+    pub peer_stanzas_per_sec: u64,
+    /// The burst above those rates: this many seconds' worth at once.
+    pub peer_burst_secs: u64,
+    /// Most authenticated inbound streams from one domain at once; one more is
+    /// closed with `policy-violation`.
+    pub max_streams_per_domain: usize,
 }
 
 impl Default for LimitsConfig {
@@ -332,6 +343,10 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_connections_per_ip: 200,
             outbound_queue: 10_000,
+            peer_bytes_per_sec: 32 * 1024 * 1024,
+            peer_stanzas_per_sec: 100_000,
+            peer_burst_secs: 5,
+            max_streams_per_domain: 16,
         }
     }
 }
@@ -555,10 +570,25 @@ impl Config {
             ("limits.max_connections", l.max_connections, 1),
             ("limits.max_connections_per_ip", l.max_connections_per_ip, 1),
             ("limits.outbound_queue", l.outbound_queue, 1),
+            ("limits.max_streams_per_domain", l.max_streams_per_domain, 1),
             ("api.max_batch", self.api.max_batch, 1),
         ] {
             if v < min {
                 return Err(invalid(field, format!("must be at least {min}")));
+            }
+        }
+        if l.peer_bytes_per_sec < l.max_stanza_bytes as u64 {
+            return Err(invalid(
+                "limits.peer_bytes_per_sec",
+                "must be at least limits.max_stanza_bytes (a largest stanza a second)",
+            ));
+        }
+        for (field, v) in [
+            ("limits.peer_stanzas_per_sec", l.peer_stanzas_per_sec),
+            ("limits.peer_burst_secs", l.peer_burst_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
             }
         }
         let t = &self.timeouts;
@@ -642,6 +672,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.max_depth"), "{e}");
+        for (toml, field) in [
+            ("peer_bytes_per_sec = 1000", "limits.peer_bytes_per_sec"),
+            ("peer_stanzas_per_sec = 0", "limits.peer_stanzas_per_sec"),
+            ("peer_burst_secs = 0", "limits.peer_burst_secs"),
+            (
+                "max_streams_per_domain = 0",
+                "limits.max_streams_per_domain",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("[limits]\n{toml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{e}");
+        }
         let e = Config::from_toml("[dns.overrides]\n'x.test' = ['nope']")
             .unwrap_err()
             .to_string();

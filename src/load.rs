@@ -7,9 +7,12 @@
 //! latency, plus the driver's own CPU time so its cost can be told apart.
 //!
 //! [`muc`] plays a remote server whose users are occupants of a room and
-//! measures the room's fan-out. Both run on a `Driver`: the driver's own
-//! server (certificates, DNS, listeners, negotiation), routing nothing.
+//! measures the room's fan-out; [`fair`] plays two remote servers, a quiet one
+//! pinging beside one that floods messages. All run on a `Driver`: the
+//! driver's own server (certificates, DNS, listeners, negotiation), routing
+//! nothing.
 
+pub mod fair;
 pub mod muc;
 
 use std::fmt;

@@ -37,6 +37,12 @@ pub mod names {
     pub const INBOUND_AUTHENTICATED: &str = "xmpp_inbound_authenticated_total";
     /// Inbound connections refused by a cap.
     pub const INBOUND_REFUSED_CAPS: &str = "xmpp_inbound_refused_caps_total";
+    /// Authenticated inbound streams refused because their domain already had
+    /// `limits.max_streams_per_domain`.
+    pub const INBOUND_REFUSED_DOMAIN_STREAMS: &str = "xmpp_inbound_refused_domain_streams_total";
+    /// Times an inbound stream went over its rate limits and stopped being read
+    /// for a while.
+    pub const INBOUND_THROTTLED: &str = "xmpp_inbound_throttled_total";
     /// Stanzas routed from authenticated peers.
     pub const STANZAS_IN: &str = "xmpp_stanzas_in_total";
     /// Stanzas written to outbound streams.
@@ -130,6 +136,10 @@ pub struct Metrics {
     pub inbound_authenticated: Counter,
     /// [`names::INBOUND_REFUSED_CAPS`].
     pub inbound_refused_caps: Counter,
+    /// [`names::INBOUND_REFUSED_DOMAIN_STREAMS`].
+    pub inbound_refused_domain_streams: Counter,
+    /// [`names::INBOUND_THROTTLED`].
+    pub inbound_throttled: Counter,
     /// [`names::STANZAS_IN`] (all domains; per domain see [`Metrics::domain_stanzas_in`]).
     pub stanzas_in: Counter,
     /// [`names::STANZAS_OUT`] (all domains; per domain see [`Metrics::domain_stanzas_out`]).
@@ -176,6 +186,16 @@ impl Default for Metrics {
                 &mut r,
                 names::INBOUND_REFUSED_CAPS,
                 "Inbound connections refused by a connection cap",
+            ),
+            inbound_refused_domain_streams: counter(
+                &mut r,
+                names::INBOUND_REFUSED_DOMAIN_STREAMS,
+                "Inbound streams refused: their domain had as many as allowed",
+            ),
+            inbound_throttled: counter(
+                &mut r,
+                names::INBOUND_THROTTLED,
+                "Times an inbound stream exceeded its rate limits and was paused",
             ),
             stanzas_in: counter(
                 &mut r,

@@ -20,6 +20,7 @@ pub mod inbound;
 pub mod listen;
 pub mod outbound;
 pub mod resolve;
+pub mod throttle;
 pub mod tls;
 
 use std::future::Future;

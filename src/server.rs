@@ -46,8 +46,9 @@ pub enum StartError {
     Bind(#[from] BindError),
 }
 
-/// How many stanzas for local accounts may wait to be stored.
-const INBOX_CAPACITY: usize = 16 * 1024;
+/// How many stanzas for local accounts may wait to be stored, per sending
+/// domain (each peer has its own lane in the inbox).
+const INBOX_CAPACITY: usize = 8 * 1024;
 /// How many stanzas and calls for rooms may wait.
 const ROOMS_CAPACITY: usize = 16 * 1024;
 /// How many stanzas and calls for local users in remote rooms may wait.

@@ -18,7 +18,7 @@
 //! - [`Outbox::ask`]: an iq request and its answer ([`super::iq::IqTracker`]).
 //! - [`Outbox::route_inbound`]: a stanza from an authenticated peer, checked by
 //!   the table, after waiting for room where a [`Gate`] says the receiving side is
-//!   full (TCP backpressure instead of refusals).
+//!   full for that peer (TCP backpressure instead of refusals; other peers go on).
 
 use std::future::Future;
 use std::iter::repeat_n;
@@ -199,13 +199,13 @@ pub trait Remote: Send + Sync + 'static {
     fn room(&self, local: &str, remote: &str) -> Option<usize>;
 }
 
-/// Where the receiving side may be full: inbound streams wait for room before
-/// their next stanza is routed.
+/// Where the receiving side may be full for a peer: that peer's streams wait for
+/// room before their next stanza is routed (the other peers' go on).
 pub trait Gate: Send + Sync + 'static {
-    /// Whether a stanza should wait before it is routed.
-    fn full(&self) -> bool;
-    /// Wait until there is room.
-    fn room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Whether `peer`'s next stanza should wait before it is routed.
+    fn full(&self, peer: &Peer) -> bool;
+    /// Wait until there is room for `peer`'s stanzas.
+    fn room<'a>(&'a self, peer: &'a Peer) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// Why an [`Outbox::ask`] got no answer.
@@ -272,9 +272,9 @@ impl Outbox {
     /// to close that peer's stream with.
     pub async fn route_inbound(&self, peer: &Peer, stanza: Stanza) -> Result<(), Refusal> {
         if let Some(g) = &self.0.gate
-            && g.full()
+            && g.full(peer)
         {
-            g.room().await;
+            g.room(peer).await;
         }
         let service = self.0.table.check_inbound(peer, &stanza)?;
         self.0.metrics.stanzas_in.inc();

@@ -39,6 +39,7 @@ use super::Method;
 use super::S2s;
 use super::conn::{StreamFailure, XmlStream, header_xml, new_id, stream_header};
 use super::dialback::{self, AuthoritativeStep, Db, Receiving, Step};
+use super::throttle::Throttle;
 use crate::address::Addr;
 use crate::config::DialbackMode;
 use crate::routing::{Outbox, Peer, Table};
@@ -646,11 +647,12 @@ async fn restart_after_auth<IO: Io>(
         fail_with(&mut xs, &header2, StreamFailure::protocol(c, text)).await;
         return None;
     }
-    if xs
-        .send_header_with(&header2, "<stream:features/>")
-        .await
-        .is_err()
-    {
+    // XEP-0478: the limits of the authenticated stream.
+    let features = format!(
+        "<stream:features>{}</stream:features>",
+        stream_limits(&cx.s2s.config)
+    );
+    if xs.send_header_with(&header2, &features).await.is_err() {
         return None;
     }
     xs.set_limits(cx.s2s.config.framer_limits(true));
@@ -682,6 +684,16 @@ async fn accept_tls<IO: Io>(
     }
 }
 
+/// XEP-0478 stream limits of an authenticated stream: the largest stanza, and
+/// how long it may stay idle.
+fn stream_limits(config: &crate::config::Config) -> String {
+    format!(
+        "<limits xmlns='urn:xmpp:stream-limits:0'><max-bytes>{}</max-bytes><idle-seconds>{}</idle-seconds></limits>",
+        config.limits.max_stanza_bytes,
+        config.timeouts.idle().as_secs()
+    )
+}
+
 /// Decode a SASL EXTERNAL initial response: `=` or empty means no authzid.
 fn sasl_authzid(text: &str) -> Result<Option<String>, ()> {
     let t = text.trim();
@@ -710,6 +722,28 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
         mut dialback,
     } = auth;
     let header = header_xml(&local_domain, Some(peer.domain()), None);
+    // Streams per domain (the domain it authenticated as).
+    let Some(_slot) = s2s.caps.admit_domain(peer.domain()) else {
+        s2s.metrics.inbound_refused_domain_streams.inc();
+        tracing::warn!(
+            max = s2s.config.limits.max_streams_per_domain,
+            "refusing a stream: its domain has as many inbound streams as allowed"
+        );
+        let e = StreamFailure::protocol(
+            StreamCondition::PolicyViolation,
+            "too many streams from your domain",
+        );
+        return fail_with(&mut xs, &header, e).await;
+    };
+    let limits = &s2s.config.limits;
+    let mut throttle = Throttle::new(
+        limits.peer_bytes_per_sec,
+        limits.peer_stanzas_per_sec,
+        limits.peer_burst_secs,
+        Instant::now(),
+    );
+    // Not read until then (over the rate limits).
+    let mut paused: Option<Instant> = None;
     let idle = s2s.config.timeouts.idle();
     // This peer's stanzas-in counter, looked up once per stream.
     let domain_in = s2s.metrics.domain_stanzas_in(peer.domain());
@@ -747,7 +781,12 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                 }
                 continue;
             }
-            ev = xs.next() => ev,
+            _ = tokio::time::sleep_until(paused.unwrap_or_else(Instant::now)), if paused.is_some() => {
+                paused = None;
+                tracing::debug!("reading a throttled stream again");
+                continue;
+            }
+            ev = xs.next(), if paused.is_none() => ev,
         };
         last_activity = Instant::now();
         let ev = match ev {
@@ -804,6 +843,16 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             }
             continue;
         }
+        if let Some(until) = throttle.spend(el.raw.len(), last_activity) {
+            // Over the stream's rates: read no more until it is within them
+            // (the stanza in hand is still routed; nothing is dropped).
+            s2s.metrics.inbound_throttled.inc();
+            tracing::info!(
+                pause_ms = (until - last_activity).as_millis() as u64,
+                "throttling a peer over its rate limits"
+            );
+            paused = Some(until);
+        }
         let refusal = match Stanza::from_element(el) {
             Ok(stanza) => {
                 let r = match dialback.as_ref() {
@@ -829,6 +878,10 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             let e = StreamFailure::Protocol { condition, text };
             return fail_with(&mut xs, &header, e).await;
         }
+        // A stanza is a unit of the task's budget: a stream whose stanzas are
+        // already buffered (no socket read to yield at) still lets the other
+        // streams' tasks run every budget's worth of stanzas.
+        tokio::task::consume_budget().await;
     }
 }
 

@@ -26,12 +26,15 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// Inbound connection caps: in total and per IP address.
+/// Inbound connection caps: in total and per IP address; authenticated
+/// streams per domain.
 #[derive(Debug)]
 pub struct Caps {
     total: Arc<Semaphore>,
     per_ip_max: usize,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_domain_max: usize,
+    per_domain: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Caps {
@@ -41,7 +44,24 @@ impl Caps {
             total: Arc::new(Semaphore::new(limits.max_connections)),
             per_ip_max: limits.max_connections_per_ip,
             per_ip: Arc::default(),
+            per_domain_max: limits.max_streams_per_domain,
+            per_domain: Arc::default(),
         }
+    }
+
+    /// Count an authenticated inbound stream of `domain` (lower case) against
+    /// `limits.max_streams_per_domain`; `None` if the domain has that many.
+    pub fn admit_domain(&self, domain: &str) -> Option<DomainGuard> {
+        let mut per_domain = self.per_domain.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_domain.entry(domain.to_string()).or_insert(0);
+        if *n >= self.per_domain_max {
+            return None;
+        }
+        *n += 1;
+        Some(DomainGuard {
+            per_domain: self.per_domain.clone(),
+            domain: domain.to_string(),
+        })
     }
 
     /// Count a new inbound connection against the caps; `None` if one is reached.
@@ -75,6 +95,25 @@ impl Drop for ConnGuard {
             *n -= 1;
             if *n == 0 {
                 per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Releases an authenticated stream's slot in its domain's cap.
+#[derive(Debug)]
+pub struct DomainGuard {
+    per_domain: Arc<Mutex<HashMap<String, usize>>>,
+    domain: String,
+}
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        let mut per_domain = self.per_domain.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_domain.get_mut(&self.domain) {
+            *n -= 1;
+            if *n == 0 {
+                per_domain.remove(&self.domain);
             }
         }
     }
@@ -159,5 +198,26 @@ async fn accept_loop(s2s: Arc<S2s>, outbox: Outbox, listener: TcpListener, direc
             inbound::serve(s2s2, outbox, tcp, peer, direct_tls).await;
             drop(guard);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_domain_gets_as_many_streams_as_allowed_and_one_more_when_one_ends() {
+        let limits = LimitsConfig {
+            max_streams_per_domain: 2,
+            ..LimitsConfig::default()
+        };
+        let caps = Caps::new(&limits);
+        let a = caps.admit_domain("a.test").unwrap();
+        let _b = caps.admit_domain("a.test").unwrap();
+        assert!(caps.admit_domain("a.test").is_none());
+        // Another domain has its own count.
+        assert!(caps.admit_domain("b.test").is_some());
+        drop(a);
+        assert!(caps.admit_domain("a.test").is_some());
     }
 }

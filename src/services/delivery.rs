@@ -20,7 +20,8 @@
 //! An error reply for the message's id removes it with a `bounced` event. A sweeper
 //! resubmits what is neither confirmed nor in flight (after a restart, or after a
 //! stream broke before the confirmation), no faster than the sessions take them,
-//! and expires what is too old. A domain that could not be reached is held back,
+//! one domain's message after another's in turn (a domain's backlog after an
+//! outage delays no other domain), and expires what is too old. A domain that could not be reached is held back,
 //! its wait doubling per failed attempt up to `delivery.max_retry_secs`.
 //!
 //! What this does not give: exactly-once. A stream that breaks after the peer took
@@ -162,7 +163,9 @@ impl Delivery {
     }
 
     /// One sweep: the ids that expired, and what is due (sequence number, id,
-    /// domain), oldest first.
+    /// domain): round robin over the domains, each domain's oldest first, so a
+    /// domain with a backlog (after an outage) delays no other domain's
+    /// messages in the sweep.
     fn sweep(&self, now_ms: u64) -> (Vec<String>, Vec<(u64, String, String)>) {
         let (mut expired, mut due) = (Vec::new(), Vec::new());
         let holds = lock(&self.holds);
@@ -176,7 +179,7 @@ impl Delivery {
             }
         }
         due.sort_unstable();
-        (expired, due)
+        (expired, round_robin(due))
     }
 
     fn unreachable_now(&self, domain: &str) {
@@ -508,6 +511,31 @@ impl Delivery {
     }
 }
 
+/// `due` (oldest first) taken one per domain in turn, the domains in the
+/// order of their oldest message.
+fn round_robin(due: Vec<(u64, String, String)>) -> Vec<(u64, String, String)> {
+    let n = due.len();
+    let mut order: Vec<String> = Vec::new();
+    let mut by_domain: HashMap<String, std::collections::VecDeque<(u64, String, String)>> =
+        HashMap::new();
+    for d in due {
+        let q = by_domain.entry(d.2.clone()).or_insert_with(|| {
+            order.push(d.2.clone());
+            Default::default()
+        });
+        q.push_back(d);
+    }
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        for domain in &order {
+            if let Some(d) = by_domain.get_mut(domain).and_then(|q| q.pop_front()) {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
 /// Delivery is [`crate::routing::Owner::Delivery`]'s tracker: every key it is told is a
 /// stanza id.
 impl Tracker for Arc<Delivery> {
@@ -750,6 +778,55 @@ mod tests {
         // Still queued: nothing settled them yet.
         assert_eq!(s.delivery.queued(), 2);
         assert!(s.store.events_after(0, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_backlog_after_an_outage_delays_no_other_domain() {
+        let s = setup();
+        let far = now_ms() + 3_600_000;
+        // Both domains down: 100,000 messages for one, then 10 for the other.
+        for d in ["big.test", "small.test"] {
+            s.w.outbox.report(Report::Unsent {
+                tracks: vec![],
+                unreachable: Some(d.into()),
+            });
+        }
+        let big: Vec<Outgoing> = (0..100_000)
+            .map(|n| message(&format!("b{n}"), "x@big.test", far))
+            .collect();
+        queue(&s, big).await;
+        let small: Vec<Outgoing> = (0..10)
+            .map(|n| message(&format!("s{n}"), "x@small.test", far))
+            .collect();
+        queue(&s, small).await;
+        assert!(s.w.remote.sent.lock().unwrap().is_empty(), "held back");
+        // Both come back: the sweep sends the small domain's ten among the
+        // first twenty, the big one's backlog beside them, each in order.
+        for d in ["big.test", "small.test"] {
+            s.w.outbox.report(Report::Reachable { remote: d.into() });
+        }
+        s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
+        let sent: Vec<String> =
+            s.w.remote
+                .sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, _, i)| i.stanza.id.clone().unwrap())
+                .collect();
+        assert_eq!(sent.len(), 100_010);
+        let first: Vec<&str> = sent[..20].iter().map(String::as_str).collect();
+        let small: Vec<&str> = first
+            .iter()
+            .copied()
+            .filter(|i| i.starts_with('s'))
+            .collect();
+        assert_eq!(
+            small,
+            ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"]
+        );
+        let big: Vec<&String> = sent.iter().filter(|i| i.starts_with('b')).collect();
+        assert!(big.iter().enumerate().all(|(n, i)| **i == format!("b{n}")));
     }
 
     #[tokio::test]

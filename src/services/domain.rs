@@ -1,7 +1,8 @@
 //! The hosted domains' own address: the server as an XMPP entity.
 //!
-//! - XEP-0199 ping (behind the inbox when messages before it wait to be stored:
-//!   its answer confirms them to senders like ours), XEP-0030 disco#info/#items
+//! - XEP-0199 ping (behind the inbox when messages its sender sent before it
+//!   wait to be stored: its answer confirms them to senders like ours; at once
+//!   otherwise, whatever other peers have waiting), XEP-0030 disco#info/#items
 //!   (the components under the domain are its items), XEP-0092 version;
 //! - `service-unavailable` for any other iq get/set (RFC 6120 §8.4);
 //! - disco and version payloads are read and written with `xmpp-parsers`; ping,
@@ -84,8 +85,9 @@ impl Domain {
         let reply = match (type_, &*ns, &*name) {
             ("get", NS_PING, "ping") => {
                 // Senders use a ping to confirm the stanzas before it (ours do, see
-                // delivery): while messages wait to be stored, it waits behind them.
-                if self.inbox.uncommitted() > 0 {
+                // delivery): while its sender's messages wait to be stored, it waits
+                // behind them (and behind nobody else's).
+                if self.inbox.pending_from(&stanza) > 0 {
                     match self.inbox.push(stanza) {
                         None => return,
                         Some(s) => Stanza::iq_result(&s, ""),

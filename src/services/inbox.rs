@@ -1,5 +1,5 @@
-//! The inbox: what peers send to local accounts, stored in the order they sent
-//! it, a batch per transaction.
+//! The inbox: what peers send to local accounts, stored in the order each peer
+//! sent it, a batch per transaction.
 //!
 //! - messages to an existing user become `message` events for the backend (once:
 //!   a resend with the same sender, id and bytes is dropped by its dedup key);
@@ -13,18 +13,31 @@
 //! - presence (subscriptions, availability) goes to [`super::presence`], after
 //!   what came before it is committed.
 //!
-//! The inbox is never overrun: it is a [`Gate`], so peers' streams stop being read
-//! while it is nearly full. At shutdown it stores what it already received.
+//! Order is kept per peer, not globally: each sending domain (the stanza's
+//! from-domain, which the table has checked is the domain its stream
+//! authenticated as) has its own lane, a FIFO queue. One task builds each batch
+//! by deficit round robin over the lanes with stanzas waiting (a quantum of
+//! [`QUANTUM_BYTES`] per lane per round), so a peer with a backlog gets its share
+//! of every transaction and no more, and a stanza from one peer never waits
+//! behind another's, except for its share of the commit. A ping waits only
+//! behind its own peer's stanzas ([`Inbox::pending_from`]); a peer that only
+//! pings is answered at once.
+//!
+//! The inbox is never overrun: it is a [`Gate`], so a peer's stream stops being
+//! read while *its* lane is nearly full (the others go on). A lane holds at most
+//! the capacity given to [`Inbox::new`], so the inbox holds at most that many
+//! stanzas per sending domain. At shutdown it stores what it already received.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::routing::{Gate, Outbox};
+use crate::routing::{Gate, Outbox, Peer};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{EventKind, Store, User, Writes};
 use crate::xml::children::children;
@@ -32,63 +45,238 @@ use crate::xml::children::children;
 use super::delivery::{Delivery, Taken};
 use super::{condition, error_text, recipient, stanza_error};
 
-/// Free slots below which peers' streams wait.
+/// Free slots in a lane below which its peer's streams wait.
 const HEADROOM: usize = 256;
 /// Most stanzas in one batch (one transaction).
 const MAX_BATCH: usize = 1024;
+/// Bytes of stanzas past which a batch takes no more.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Bytes a lane may add to a batch per round of the deficit round robin
+/// (about 40 small messages): small enough that a few busy peers all get into
+/// every batch, large enough that a lone peer's batch takes few rounds.
+pub const QUANTUM_BYTES: usize = 16 * 1024;
 
 /// The sending side of the inbox (cheap to clone).
 #[derive(Debug, Clone)]
-pub struct Inbox {
-    tx: mpsc::Sender<Stanza>,
-    /// Stanzas pushed whose batch is not committed yet.
-    uncommitted: Arc<AtomicUsize>,
-}
+pub struct Inbox(Arc<Shared>);
 
 /// The receiving side, for [`run`].
 #[derive(Debug)]
-pub struct InboxRx(mpsc::Receiver<Stanza>, Arc<AtomicUsize>);
+pub struct InboxRx(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    lanes: Mutex<Lanes>,
+    /// Woken when a stanza is queued (one waiter: the task).
+    work: Notify,
+    /// Most stanzas a lane holds.
+    capacity: usize,
+    /// `Lanes::total`, readable without the lock: a ping while nothing waits,
+    /// and the gate while no lane can be nearly full (the usual cases), never
+    /// take it.
+    total: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Lanes {
+    /// By sending domain (lower case); a lane is dropped once it holds nothing
+    /// queued or uncommitted.
+    by_domain: HashMap<Box<str>, Lane>,
+    /// Lanes with stanzas queued, in round-robin order (each at most once).
+    ready: VecDeque<Box<str>>,
+    /// Stanzas queued or taken and not committed, all lanes.
+    total: usize,
+}
+
+/// One sending domain's stanzas, in the order they arrived.
+#[derive(Debug, Default)]
+struct Lane {
+    queued: VecDeque<Stanza>,
+    /// Taken into the batch being stored, not yet committed.
+    in_flight: usize,
+    /// Bytes it may still add to the batch being built (deficit round robin).
+    deficit: usize,
+    /// Woken when the lane gets room after having been nearly full.
+    room: Arc<Notify>,
+}
+
+impl Lane {
+    fn pending(&self) -> usize {
+        self.queued.len() + self.in_flight
+    }
+}
+
+/// How many stanzas each lane put into a batch, to release once it is stored.
+#[derive(Debug, Default)]
+struct InFlight(HashMap<Box<str>, usize>);
+
+/// The lane a stanza goes to: its from-domain, in lower case (`""` without one;
+/// only our own services send such).
+fn lane_of(stanza: &Stanza) -> std::borrow::Cow<'_, str> {
+    let domain = stanza.from.as_ref().map(|f| f.domain()).unwrap_or_default();
+    if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+        domain.to_ascii_lowercase().into()
+    } else {
+        domain.into()
+    }
+}
 
 impl Inbox {
-    /// An inbox holding up to `capacity` stanzas.
+    /// An inbox holding up to `capacity` stanzas per sending domain.
     pub fn new(capacity: usize) -> (Inbox, InboxRx) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let uncommitted = Arc::new(AtomicUsize::new(0));
-        (
-            Inbox {
-                tx,
-                uncommitted: uncommitted.clone(),
-            },
-            InboxRx(rx, uncommitted),
-        )
+        let shared = Arc::new(Shared {
+            lanes: Mutex::new(Lanes::default()),
+            work: Notify::new(),
+            capacity,
+            total: AtomicUsize::new(0),
+        });
+        (Inbox(shared.clone()), InboxRx(shared))
     }
 
-    /// Queue a stanza; gives it back if the inbox is full.
+    /// Queue a stanza behind what its sender sent before; gives it back if that
+    /// sender's lane is full.
     pub fn push(&self, stanza: Stanza) -> Option<Stanza> {
-        self.uncommitted.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(stanza) {
-            Ok(()) => None,
-            Err(e) => {
-                self.uncommitted.fetch_sub(1, Ordering::SeqCst);
-                Some(e.into_inner())
+        let key: Box<str> = lane_of(&stanza).into();
+        {
+            let mut lanes = self.0.lock();
+            let lanes = &mut *lanes;
+            if !lanes.by_domain.contains_key(&key) {
+                lanes.by_domain.insert(key.clone(), Lane::default());
+            }
+            let Some(lane) = lanes.by_domain.get_mut(&key) else {
+                return Some(stanza);
+            };
+            if lane.queued.len() >= self.0.capacity {
+                return Some(stanza);
+            }
+            if lane.queued.is_empty() {
+                lanes.ready.push_back(key);
+            }
+            lane.queued.push_back(stanza);
+            lanes.total += 1;
+            self.0.total.store(lanes.total, Ordering::Release);
+        }
+        self.0.work.notify_one();
+        None
+    }
+
+    /// Stanzas received and not yet committed, from all peers.
+    pub fn uncommitted(&self) -> usize {
+        self.0.lock().total
+    }
+
+    /// Stanzas from `stanza`'s sending domain received and not yet committed:
+    /// what a ping from it waits behind.
+    pub fn pending_from(&self, stanza: &Stanza) -> usize {
+        // Written under the lock with every change; a push racing this read
+        // is one that arrived after the ping, which need not wait for it.
+        if self.0.total.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        let key = lane_of(stanza);
+        self.0.lock().by_domain.get(&*key).map_or(0, Lane::pending)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Lanes> {
+        // Invariant: no code panics while holding the lock (plain queue
+        // operations); a poisoned lock still holds consistent lanes.
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `domain`'s lane is nearly full; if so, the notifier that tells
+    /// when it has room.
+    fn nearly_full(&self, domain: &str) -> Option<Arc<Notify>> {
+        // No lane can be nearly full while the inbox holds fewer (the usual
+        // case, every stanza: no lock taken).
+        if self.total.load(Ordering::Acquire) + HEADROOM <= self.capacity {
+            return None;
+        }
+        let lanes = self.lock();
+        let lane = lanes.by_domain.get(domain)?;
+        (lane.queued.len() + HEADROOM > self.capacity).then(|| lane.room.clone())
+    }
+
+    /// Move up to [`MAX_BATCH`] stanzas (and about [`MAX_BATCH_BYTES`]) into
+    /// `batch`, by deficit round robin over the lanes with stanzas queued; what
+    /// each lane gave goes to `taken`.
+    fn take(&self, batch: &mut Vec<Stanza>, taken: &mut InFlight) {
+        let mut lanes = self.lock();
+        let lanes = &mut *lanes;
+        let mut bytes: usize = batch.iter().map(|s| s.raw.len()).sum();
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let Some(key) = lanes.ready.pop_front() else {
+                break;
+            };
+            let Some(lane) = lanes.by_domain.get_mut(&key) else {
+                continue;
+            };
+            let was_full = lane.queued.len() + HEADROOM > self.capacity;
+            lane.deficit += QUANTUM_BYTES;
+            let mut n = 0;
+            while batch.len() < MAX_BATCH
+                && bytes < MAX_BATCH_BYTES
+                && let Some(len) = lane.queued.front().map(|s| s.raw.len())
+                && len <= lane.deficit
+            {
+                lane.deficit -= len;
+                bytes += len;
+                // Invariant: `front` was just `Some`.
+                batch.extend(lane.queued.pop_front());
+                n += 1;
+            }
+            lane.in_flight += n;
+            if n > 0 {
+                *taken.0.entry(key.clone()).or_default() += n;
+            }
+            if was_full && lane.queued.len() + HEADROOM <= self.capacity {
+                lane.room.notify_waiters();
+            }
+            if lane.queued.is_empty() {
+                // An idle lane keeps no credit (deficit round robin).
+                lane.deficit = 0;
+            } else {
+                lanes.ready.push_back(key);
             }
         }
     }
 
-    /// Stanzas received and not yet committed.
-    pub fn uncommitted(&self) -> usize {
-        self.uncommitted.load(Ordering::SeqCst)
+    /// The stanzas in `taken` are stored (or failed to be): forget them, and
+    /// lanes that hold nothing more.
+    fn release(&self, taken: &mut InFlight) {
+        let mut lanes = self.lock();
+        for (key, n) in taken.0.drain() {
+            lanes.total -= n;
+            self.total.store(lanes.total, Ordering::Release);
+            if let Some(lane) = lanes.by_domain.get_mut(&key) {
+                lane.in_flight -= n;
+                if lane.pending() == 0 {
+                    lanes.by_domain.remove(&key);
+                }
+            }
+        }
     }
 }
 
 impl Gate for Inbox {
-    fn full(&self) -> bool {
-        self.tx.capacity() < HEADROOM
+    fn full(&self, peer: &Peer) -> bool {
+        self.0.nearly_full(peer.domain()).is_some()
     }
 
-    fn room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn room<'a>(&'a self, peer: &'a Peer) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let _ = self.tx.reserve_many(HEADROOM).await;
+            while let Some(room) = self.0.nearly_full(peer.domain()) {
+                let notified = room.notified();
+                tokio::pin!(notified);
+                // Registered before the check, so a wake-up between the two is
+                // not lost.
+                notified.as_mut().enable();
+                if self.0.nearly_full(peer.domain()).is_none() {
+                    return;
+                }
+                notified.await;
+            }
         })
     }
 }
@@ -106,29 +294,28 @@ pub struct InboxTask {
     pub shutdown: CancellationToken,
 }
 
-/// The inbox task: batches in order, each committed in one transaction.
+/// The inbox task: batches taken round robin from the peers' lanes (each lane
+/// in order), each committed in one transaction.
 pub async fn run(task: InboxTask, rx: InboxRx) {
-    let InboxRx(mut rx, uncommitted) = rx;
+    let InboxRx(shared) = rx;
     let mut batch = Vec::new();
+    let mut taken = InFlight::default();
     loop {
-        let first = tokio::select! {
-            biased;
-            m = rx.recv() => match m { Some(m) => m, None => return },
-            _ = task.shutdown.cancelled() => match rx.try_recv() {
-                Ok(m) => m,
-                Err(_) => return,
-            },
-        };
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+        shared.take(&mut batch, &mut taken);
+        if batch.is_empty() {
+            if task.shutdown.is_cancelled() {
+                return;
             }
+            tokio::select! {
+                biased;
+                _ = shared.work.notified() => {}
+                // Store what was received before ending.
+                _ = task.shutdown.cancelled() => {}
+            }
+            continue;
         }
-        let n = batch.len();
         task.batch(&mut batch).await;
-        uncommitted.fetch_sub(n, Ordering::SeqCst);
+        shared.release(&mut taken);
     }
 }
 
@@ -308,5 +495,124 @@ fn message_event(user: &User, stanza: &Stanza) -> EventKind {
         body,
         thread,
         xml: stanza.as_str().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::testing::stanza;
+
+    fn message(from_domain: &str, n: usize) -> Stanza {
+        stanza(&format!(
+            "<message from='u@{from_domain}/r' to='v@h.test' id='{n}'><body>{n}</body></message>"
+        ))
+    }
+
+    fn ids(batch: &[Stanza], domain: &str) -> Vec<String> {
+        batch
+            .iter()
+            .filter(|s| s.from.as_ref().unwrap().is_in(domain))
+            .map(|s| s.id.clone().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_serves_every_peer_round_robin_each_in_its_order() {
+        let (inbox, rx) = Inbox::new(8192);
+        for n in 0..5000 {
+            assert!(inbox.push(message("flood.test", n)).is_none());
+        }
+        for n in 0..3 {
+            assert!(inbox.push(message("Quiet.TEST", n)).is_none());
+        }
+        // A ping from the quiet peer waits behind its own three, not the flood.
+        let ping = stanza("<iq type='get' from='quiet.test' to='h.test' id='p'/>");
+        assert_eq!(inbox.pending_from(&ping), 3);
+        let idle = stanza("<iq type='get' from='idle.test' to='h.test' id='p'/>");
+        assert_eq!(inbox.pending_from(&idle), 0);
+        let (mut batch, mut taken) = (Vec::new(), InFlight::default());
+        rx.0.take(&mut batch, &mut taken);
+        assert_eq!(batch.len(), MAX_BATCH);
+        // The quiet peer's three are in the first batch, early (its first
+        // round), in order; the flood's share is its first ones, in order.
+        assert_eq!(ids(&batch, "quiet.test"), ["0", "1", "2"]);
+        let first_quiet = batch
+            .iter()
+            .position(|s| s.from.as_ref().unwrap().is_in("quiet.test"));
+        // After the flood's first quantum (16 KiB of ~80-byte messages).
+        assert!(
+            first_quiet.unwrap() <= QUANTUM_BYTES / 75,
+            "{first_quiet:?}"
+        );
+        let flood: Vec<String> = (0..MAX_BATCH - 3).map(|n| n.to_string()).collect();
+        assert_eq!(ids(&batch, "flood.test"), flood);
+        // Taken but not committed: still pending for the quiet peer's pings.
+        assert_eq!(inbox.pending_from(&ping), 3);
+        rx.0.release(&mut taken);
+        assert_eq!(inbox.pending_from(&ping), 0);
+        assert_eq!(inbox.uncommitted(), 5000 - (MAX_BATCH - 3));
+        // The next batch goes on where the flood's lane stopped.
+        batch.clear();
+        rx.0.take(&mut batch, &mut taken);
+        assert_eq!(batch[0].id.as_deref(), Some(&*(MAX_BATCH - 3).to_string()));
+    }
+
+    #[test]
+    fn shares_are_counted_in_bytes() {
+        let (inbox, rx) = Inbox::new(8192);
+        let big = "x".repeat(8000);
+        for n in 0..300 {
+            let s = stanza(&format!(
+                "<message from='u@big.test' to='v@h.test' id='{n}'><body>{big}</body></message>"
+            ));
+            assert!(inbox.push(s).is_none());
+            if n < 100 {
+                assert!(inbox.push(message("small.test", n)).is_none());
+            }
+        }
+        let (mut batch, mut taken) = (Vec::new(), InFlight::default());
+        rx.0.take(&mut batch, &mut taken);
+        // A round gives each lane QUANTUM_BYTES: two big stanzas, or all of
+        // the small peer's hundred (8 KB); then the big one goes on alone up to
+        // the batch's size.
+        let (b, s) = (
+            ids(&batch, "big.test").len(),
+            ids(&batch, "small.test").len(),
+        );
+        assert_eq!(s, 100);
+        assert!(batch[..2].iter().all(|s| s.raw.len() > 8000));
+        assert!(batch[2].raw.len() < 100);
+        let bytes: usize = batch.iter().map(|s| s.raw.len()).sum();
+        assert!(bytes < MAX_BATCH_BYTES + 9000 && b < 300, "{b} {bytes}");
+    }
+
+    #[tokio::test]
+    async fn only_the_peer_whose_lane_is_full_waits() {
+        let (inbox, rx) = Inbox::new(HEADROOM + 10);
+        for n in 0..HEADROOM + 10 {
+            assert!(inbox.push(message("flood.test", n)).is_none());
+        }
+        // Full: the next is given back, never dropped silently.
+        assert!(inbox.push(message("flood.test", 0)).is_some());
+        let (flood, quiet) = (
+            Peer::authenticated("flood.test"),
+            Peer::authenticated("quiet.test"),
+        );
+        assert!(inbox.full(&flood));
+        assert!(!inbox.full(&quiet));
+        assert!(inbox.push(message("quiet.test", 0)).is_none());
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.room(&flood).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let (mut batch, mut taken) = (Vec::new(), InFlight::default());
+        rx.0.take(&mut batch, &mut taken);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -404,6 +404,10 @@ pub struct MucOptions {
     /// Most occupants of a room (ejabberd: also the most whose presence is
     /// broadcast, `max_users_presence`).
     pub max_users: usize,
+    /// Offline storage for the host's users (Prosody `offline` in memory,
+    /// ejabberd `mod_offline` in mnesia), so messages to a user who is not online are stored
+    /// rather than bounced (the fairness load's flood).
+    pub offline: bool,
 }
 
 impl MucOptions {
@@ -412,8 +416,17 @@ impl MucOptions {
         let globals = "network_settings = { nagle = false }\n".to_string();
         // Components inherit tls, saslauth and s2s but not s2s_auth_certs, which
         // verifies the peer certificate that SASL EXTERNAL relies on.
+        // Before the component: still the VirtualHost's section, whose
+        // modules_enabled Prosody adds to the global ones.
+        let host = if self.offline {
+            // In memory: the internal (file) store's offline list slows down
+            // with its length, and we measure routing, not Prosody's disk.
+            "  modules_enabled = { \"offline\" }\n  storage = { offline = \"memory\" }\n"
+        } else {
+            ""
+        };
         let component = format!(
-            r#"Component "conference.{domain}" "muc"
+            r#"{host}Component "conference.{domain}" "muc"
   modules_enabled = {{ "s2s_auth_certs" }}
   restrict_room_creation = false
   muc_room_locking = false
@@ -454,9 +467,14 @@ impl MucOptions {
       persistent: false
       public: true
       mam: false
-"#,
+{offline}"#,
             history = self.history,
             max = self.max_users,
+            offline = if self.offline {
+                "  mod_offline: {}\n"
+            } else {
+                ""
+            },
         );
         (globals, listener, module)
     }

@@ -108,6 +108,7 @@ async fn a_backend_user_in_prosody_and_ejabberd_rooms() {
     let muc = MucOptions {
         history: 50,
         max_users: 100,
+        offline: false,
     };
     let prosody =
         blocking(|| Prosody::start_muc(&lab.work.path, pspec.clone(), &muc)).expect("prosody");

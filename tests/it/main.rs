@@ -8,6 +8,7 @@ mod conversations;
 mod devices;
 mod dialback;
 mod durability;
+mod fairness;
 mod federation;
 mod interop;
 mod joined;

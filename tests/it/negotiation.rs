@@ -262,6 +262,13 @@ async fn our_initiator_and_receiver_agree_over_starttls_and_direct_tls() {
             log.iter().any(|l| l.contains("SASL EXTERNAL succeeded")),
             "{log:#?}"
         );
+        // XEP-0478: the authenticated stream's limits in its features.
+        assert!(
+            log.iter()
+                .any(|l| l.contains("features after authentication")
+                    && l.contains("urn:xmpp:stream-limits:0")),
+            "{log:#?}"
+        );
 
         let msg = "<message from='a@alpha.test' to='b@beta.test' id='n1'><body>hi</body></message>";
         xs.send(msg.as_bytes()).await.unwrap();

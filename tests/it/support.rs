@@ -20,10 +20,16 @@ pub struct Net {
 
 impl Net {
     pub async fn new() -> Net {
+        Net::with_dns_on(Ipv4Addr::LOCALHOST).await
+    }
+
+    /// The same, the DNS responder on `ip` (tests that keep to their own
+    /// loopback addresses).
+    pub async fn with_dns_on(ip: Ipv4Addr) -> Net {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new("Test CA");
         let ca_path = ca.write_ca(dir.path());
-        let dns = DnsServer::start("127.0.0.1:0".parse().unwrap())
+        let dns = DnsServer::start(SocketAddr::new(ip.into(), 0))
             .await
             .unwrap();
         Net {
