@@ -13,6 +13,7 @@
 //!   `GET /v1/events/stream?after=`: the same as Server-Sent Events (resumes after
 //!   `Last-Event-ID`); `POST /v1/events/ack {up_to}` deletes events up to a cursor.
 //! - `/v1/conversations/...`: group conversations as rooms (`api/conversations.rs`).
+//! - `/v1/federation/...`: link status and the policy at runtime (`api/federation.rs`).
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
 //!
 //! The OpenAPI document is derived, not written: every route is registered with
@@ -39,6 +40,7 @@ use utoipa_axum::routes;
 
 mod conversations;
 mod devices;
+pub mod federation;
 mod joined;
 
 use crate::s2s::conn::new_id;
@@ -218,6 +220,7 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         (name = "events", description = "The durable queue of inbound messages and outcomes"),
         (name = "conversations", description = "Group conversations: rooms hosted here, and rooms and channels elsewhere that local users are in"),
         (name = "devices", description = "Local users' devices and public keys, published as their OMEMO PEP nodes"),
+        (name = "federation", description = "The operator's view: streams, queues and errors per remote domain; the federation policy at runtime"),
         (name = "service", description = "The document and counters (no token)"),
     )
 )]
@@ -344,7 +347,15 @@ fn api_routes(
             devices::put_devices_subscription,
             devices::delete_devices_subscription
         ))
-        .routes(routes!(devices::put_device, devices::delete_device));
+        .routes(routes!(devices::put_device, devices::delete_device))
+        .routes(routes!(federation::get_status))
+        .routes(routes!(federation::list_domains))
+        .routes(routes!(
+            federation::get_domain,
+            federation::put_domain,
+            federation::delete_domain
+        ))
+        .routes(routes!(federation::get_mode, federation::put_mode));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
         .routes(routes!(openapi))
@@ -1743,6 +1754,13 @@ mod tests {
         ("DELETE", "/v1/remote/{jid}/devices/subscription"),
         ("PUT", "/v1/users/{id}/devices/{device_id}"),
         ("DELETE", "/v1/users/{id}/devices/{device_id}"),
+        ("GET", "/v1/federation/status"),
+        ("GET", "/v1/federation/domains"),
+        ("GET", "/v1/federation/domains/{domain}"),
+        ("PUT", "/v1/federation/domains/{domain}"),
+        ("DELETE", "/v1/federation/domains/{domain}"),
+        ("GET", "/v1/federation/mode"),
+        ("PUT", "/v1/federation/mode"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
     ];

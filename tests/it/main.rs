@@ -16,4 +16,5 @@ mod mix;
 mod negotiation;
 mod rooms;
 mod sessions;
+mod status;
 mod support;
