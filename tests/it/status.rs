@@ -382,3 +382,113 @@ async fn a_runtime_block_closes_streams_bounces_the_queue_and_survives_a_restart
 fn beta_refused(e: &Value) -> bool {
     e["last_error"]["condition"] == "policy-violation"
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_xmpp-federator");
+const CLI_ALPHA: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 10);
+const CLI_BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 11);
+
+/// `xmpp-federator ARGS --config FILE`: (success, stdout, stderr).
+async fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_status_and_domains_commands_talk_to_the_running_binary() {
+    init_log();
+    let net = net().await;
+    let inst = xmpp_federator_testkit::process::BinaryInstance::prepare(
+        &net.ca,
+        net.dir.path(),
+        "alpha.test",
+        CLI_ALPHA,
+        &net.dns,
+        TOKEN,
+        "redb",
+        "",
+    )
+    .unwrap();
+    let mut alpha = xmpp_federator_testkit::process::ServerProcess::start(
+        std::path::Path::new(BIN),
+        &inst.config,
+        "info",
+    )
+    .unwrap();
+    let beta = net
+        .start(net.config("beta.test", CLI_BETA, Eku::Both))
+        .await;
+    assert_eq!(
+        ask(&beta, "alpha.test").await.type_.as_deref(),
+        Some("result")
+    );
+
+    let (ok, out, err) = cli(&inst.config, &["status"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("mode: open"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("beta.test"))
+        .unwrap_or_else(|| panic!("no beta.test row: {out}"));
+    assert!(
+        row.contains("up") && row.contains("external TLSv1.3"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("alpha.test")),
+        "hosted: {out}"
+    );
+    let (ok, json, _) = cli(&inst.config, &["status", "--json"]).await;
+    assert!(ok);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["hosted"][0]["domain"], "alpha.test");
+
+    let (ok, out, err) = cli(&inst.config, &["domains", "block", "beta.test"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("beta.test: refused (file: -, runtime: block, wins: runtime)"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&inst.config, &["domains", "list"]).await;
+    assert!(ok);
+    assert!(out.contains("mode: open (file: open, runtime: -)"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("beta.test") && l.contains("refused") && l.contains("block")),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&inst.config, &["status"]).await;
+    assert!(ok);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("beta.test") && l.contains("blocked")),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&inst.config, &["domains", "forget", "beta.test"]).await;
+    assert!(ok);
+    assert!(
+        out.contains("beta.test: allowed (file: -, runtime: -, wins: -)"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&inst.config, &["domains", "allow", "bad..name"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("422") && err.contains("Invalid domain"),
+        "{err}"
+    );
+    alpha.terminate();
+    // The server gone: the command says so.
+    let (ok, _, err) = cli(&inst.config, &["status"]).await;
+    assert!(!ok);
+    assert!(err.contains("cannot reach the API"), "{err}");
+    beta.shutdown().await;
+}
