@@ -15,6 +15,7 @@
 //! - `/v1/conversations/...`: group conversations as rooms (`api/conversations.rs`).
 //! - `/v1/federation/...`: link status and the policy at runtime (`api/federation.rs`).
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
+//! - `/status`: the operator's status page, with its own login (`api/status_page.rs`).
 //!
 //! The OpenAPI document is derived, not written: every route is registered with
 //! `utoipa_axum::routes!` from its handler's `#[utoipa::path]` (path, method,
@@ -42,6 +43,7 @@ mod conversations;
 mod devices;
 pub mod federation;
 mod joined;
+pub mod status_page;
 
 use crate::s2s::conn::new_id;
 use crate::server::Server;
@@ -159,6 +161,18 @@ struct ApiState {
     token: Arc<str>,
     /// Idempotency keys (sender id NUL key) of requests being written now.
     keys_in_flight: KeysInFlight,
+    /// The status page's sessions and samples.
+    page: Arc<status_page::Page>,
+}
+
+/// Whether `given` is `token`, compared in constant time.
+fn same_token(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
@@ -167,14 +181,7 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| {
-        // Constant-time comparison.
-        g.len() == st.token.len()
-            && g.bytes()
-                .zip(st.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    let ok = given.is_some_and(|g| same_token(g, &st.token));
     if ok {
         next.run(req).await
     } else {
@@ -222,6 +229,7 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         (name = "devices", description = "Local users' devices and public keys, published as their OMEMO PEP nodes"),
         (name = "federation", description = "The operator's view: streams, queues and errors per remote domain; the federation policy at runtime"),
         (name = "service", description = "The document and counters (no token)"),
+        (name = "status page", description = "The operator's status page (HTML; its own login, with the API token or api.status_token, and a session cookie)"),
     )
 )]
 struct ApiDoc;
@@ -360,6 +368,9 @@ fn api_routes(
         .merge(guard(v1))
         .routes(routes!(openapi))
         .routes(routes!(metrics))
+        .routes(routes!(status_page::get_page))
+        .routes(routes!(status_page::get_login, status_page::post_login))
+        .routes(routes!(status_page::get_data))
 }
 
 /// The OpenAPI document of the routes [`router`] serves.
@@ -369,10 +380,16 @@ fn openapi_doc() -> utoipa::openapi::OpenApi {
 
 /// The API router.
 pub fn router(server: Arc<Server>, token: &str) -> Router {
+    router_with(server, token, Arc::default())
+}
+
+/// The API router, with the status page's state.
+fn router_with(server: Arc<Server>, token: &str, page: Arc<status_page::Page>) -> Router {
     let st = ApiState {
         server: server.clone(),
         token: token.into(),
         keys_in_flight: Arc::default(),
+        page,
     };
     let routes = api_routes(|v1| v1.layer(middleware::from_fn_with_state(st.clone(), auth)));
     Router::from(routes)
@@ -405,7 +422,11 @@ pub async fn spawn(server: &Arc<Server>) -> std::io::Result<SocketAddr> {
     };
     let listener = tokio::net::TcpListener::bind(server.config.api.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(server.clone(), &token);
+    let page = Arc::new(status_page::Page::default());
+    server
+        .tracker
+        .spawn(status_page::sampler(page.clone(), server.clone()));
+    let app = router_with(server.clone(), &token, page);
     let stop = server.shutdown.clone();
     server.tracker.spawn(async move {
         let r = axum::serve(listener, app)
@@ -1763,6 +1784,10 @@ mod tests {
         ("PUT", "/v1/federation/mode"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
+        ("GET", "/status"),
+        ("GET", "/status/login"),
+        ("POST", "/status/login"),
+        ("GET", "/status/data.json"),
     ];
 
     fn doc() -> Value {
@@ -1829,7 +1854,9 @@ mod tests {
                 let r = response(&doc, r);
                 let error = status.parse::<u16>().unwrap() >= 400;
                 assert!(r["description"].is_string(), "{at} {status}");
-                if error {
+                // The status page's login form is for a browser: a wrong
+                // token shows the form again (HTML), the one exception.
+                if error && path != "/status/login" {
                     assert_eq!(r["content"], problem, "{at} {status}");
                 }
             }

@@ -17,4 +17,5 @@ mod negotiation;
 mod rooms;
 mod sessions;
 mod status;
+mod status_page;
 mod support;
