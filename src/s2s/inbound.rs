@@ -829,6 +829,18 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                     None => outbox.route_inbound(&peer, stanza).await.err(),
                     Some(db) => {
                         match dialback_peer(db, &peer, &local_domain, &stanza, &mut peers) {
+                            // A piggybacked domain the policy turned against
+                            // since it was verified (the stream's own domain
+                            // closes the stream through its registration).
+                            Ok(p)
+                                if p.domain() != peer.domain()
+                                    && !s2s.policy.allows(&p.domain().to_ascii_lowercase()) =>
+                            {
+                                Some((
+                                    StreamCondition::PolicyViolation,
+                                    format!("federation with {} is not allowed", p.domain()),
+                                ))
+                            }
                             Ok(p) => outbox.route_inbound(&p, stanza).await.err(),
                             Err(refusal) => Some(refusal),
                         }
