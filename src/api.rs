@@ -163,7 +163,14 @@ struct ApiState {
     keys_in_flight: KeysInFlight,
     /// The status page's sessions and samples.
     page: Arc<status_page::Page>,
+    /// Users per hosted domain for the status (a scan of the handle index),
+    /// and when it was counted: recounted at most every few seconds, however
+    /// often the status is asked for.
+    users: Arc<std::sync::Mutex<Option<UserCounts>>>,
 }
+
+/// When users were counted, and the count per hosted domain.
+type UserCounts = (std::time::Instant, HashMap<String, usize>);
 
 /// Whether `given` is `token`, compared in constant time.
 fn same_token(given: &str, token: &str) -> bool {
@@ -390,6 +397,7 @@ fn router_with(server: Arc<Server>, token: &str, page: Arc<status_page::Page>) -
         token: token.into(),
         keys_in_flight: Arc::default(),
         page,
+        users: Arc::default(),
     };
     let routes = api_routes(|v1| v1.layer(middleware::from_fn_with_state(st.clone(), auth)));
     Router::from(routes)

@@ -145,6 +145,21 @@ fn stream_out(s: &StreamInfo) -> StreamOut {
     }
 }
 
+/// How long a count of users per domain is shown before it is counted again.
+const USERS_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn users_per_domain(st: &ApiState) -> Result<std::collections::HashMap<String, usize>, Problem> {
+    let mut cached = st.users.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, counts)) = cached.as_ref()
+        && at.elapsed() < USERS_FRESH
+    {
+        return Ok(counts.clone());
+    }
+    let counts = st.server.store.users_per_domain().map_err(internal)?;
+    *cached = Some((std::time::Instant::now(), counts.clone()));
+    Ok(counts)
+}
+
 /// The status, as the API serves it (the status page reads the same).
 pub(super) fn status(st: &ApiState) -> Result<StatusOut, Problem> {
     let server = &st.server;
@@ -229,7 +244,7 @@ pub(super) fn status(st: &ApiState) -> Result<StatusOut, Problem> {
             r
         })
         .collect();
-    let users = server.store.users_per_domain().map_err(internal)?;
+    let users = users_per_domain(st)?;
     let services = server.config.room_services();
     let mut hosted = Vec::new();
     for d in &server.config.domains {
