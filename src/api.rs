@@ -13,7 +13,9 @@
 //!   `GET /v1/events/stream?after=`: the same as Server-Sent Events (resumes after
 //!   `Last-Event-ID`); `POST /v1/events/ack {up_to}` deletes events up to a cursor.
 //! - `/v1/conversations/...`: group conversations as rooms (`api/conversations.rs`).
+//! - `/v1/federation/...`: link status and the policy at runtime (`api/federation.rs`).
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
+//! - `/status`: the operator's status page, with its own login (`api/status_page.rs`).
 //!
 //! The OpenAPI document is derived, not written: every route is registered with
 //! `utoipa_axum::routes!` from its handler's `#[utoipa::path]` (path, method,
@@ -40,7 +42,9 @@ use utoipa_axum::routes;
 mod avatar;
 mod conversations;
 mod devices;
+pub mod federation;
 mod joined;
+pub mod status_page;
 
 use crate::s2s::conn::new_id;
 use crate::server::Server;
@@ -157,6 +161,25 @@ struct ApiState {
     token: Arc<str>,
     /// Idempotency keys (sender id NUL key) of requests being written now.
     keys_in_flight: KeysInFlight,
+    /// The status page's sessions and samples.
+    page: Arc<status_page::Page>,
+    /// Users per hosted domain for the status (a scan of the handle index),
+    /// and when it was counted: recounted at most every few seconds, however
+    /// often the status is asked for.
+    users: Arc<std::sync::Mutex<Option<UserCounts>>>,
+}
+
+/// When users were counted, and the count per hosted domain.
+type UserCounts = (std::time::Instant, HashMap<String, usize>);
+
+/// Whether `given` is `token`, compared in constant time.
+fn same_token(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
@@ -165,14 +188,7 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| {
-        // Constant-time comparison.
-        g.len() == st.token.len()
-            && g.bytes()
-                .zip(st.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    let ok = given.is_some_and(|g| same_token(g, &st.token));
     if ok {
         next.run(req).await
     } else {
@@ -218,7 +234,9 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         (name = "events", description = "The durable queue of inbound messages and outcomes"),
         (name = "conversations", description = "Group conversations: rooms hosted here, and rooms and channels elsewhere that local users are in"),
         (name = "devices", description = "Local users' devices and public keys, published as their OMEMO PEP nodes"),
+        (name = "federation", description = "The operator's view: streams, queues and errors per remote domain; the federation policy at runtime"),
         (name = "service", description = "The document and counters (no token)"),
+        (name = "status page", description = "The operator's status page (HTML; its own login, with the API token or api.status_token, and a session cookie)"),
     )
 )]
 struct ApiDoc;
@@ -350,11 +368,22 @@ fn api_routes(
             avatar::put_avatar,
             avatar::delete_avatar
         ))
-        .routes(routes!(avatar::get_remote_avatar));
+        .routes(routes!(avatar::get_remote_avatar))
+        .routes(routes!(federation::get_status))
+        .routes(routes!(federation::list_domains))
+        .routes(routes!(
+            federation::get_domain,
+            federation::put_domain,
+            federation::delete_domain
+        ))
+        .routes(routes!(federation::get_mode, federation::put_mode));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(guard(v1))
         .routes(routes!(openapi))
         .routes(routes!(metrics))
+        .routes(routes!(status_page::get_page))
+        .routes(routes!(status_page::get_login, status_page::post_login))
+        .routes(routes!(status_page::get_data))
 }
 
 /// The OpenAPI document of the routes [`router`] serves.
@@ -364,10 +393,17 @@ fn openapi_doc() -> utoipa::openapi::OpenApi {
 
 /// The API router.
 pub fn router(server: Arc<Server>, token: &str) -> Router {
+    router_with(server, token, Arc::default())
+}
+
+/// The API router, with the status page's state.
+fn router_with(server: Arc<Server>, token: &str, page: Arc<status_page::Page>) -> Router {
     let st = ApiState {
         server: server.clone(),
         token: token.into(),
         keys_in_flight: Arc::default(),
+        page,
+        users: Arc::default(),
     };
     let routes = api_routes(|v1| v1.layer(middleware::from_fn_with_state(st.clone(), auth)));
     Router::from(routes)
@@ -400,7 +436,11 @@ pub async fn spawn(server: &Arc<Server>) -> std::io::Result<SocketAddr> {
     };
     let listener = tokio::net::TcpListener::bind(server.config.api.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(server.clone(), &token);
+    let page = Arc::new(status_page::Page::default());
+    server
+        .tracker
+        .spawn(status_page::sampler(page.clone(), server.clone()));
+    let app = router_with(server.clone(), &token, page);
     let stop = server.shutdown.clone();
     server.tracker.spawn(async move {
         let r = axum::serve(listener, app)
@@ -1771,8 +1811,19 @@ mod tests {
         ("PUT", "/v1/users/{id}/avatar"),
         ("DELETE", "/v1/users/{id}/avatar"),
         ("GET", "/v1/remote/{jid}/avatar"),
+        ("GET", "/v1/federation/status"),
+        ("GET", "/v1/federation/domains"),
+        ("GET", "/v1/federation/domains/{domain}"),
+        ("PUT", "/v1/federation/domains/{domain}"),
+        ("DELETE", "/v1/federation/domains/{domain}"),
+        ("GET", "/v1/federation/mode"),
+        ("PUT", "/v1/federation/mode"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
+        ("GET", "/status"),
+        ("GET", "/status/login"),
+        ("POST", "/status/login"),
+        ("GET", "/status/data.json"),
     ];
 
     fn doc() -> Value {
@@ -1885,7 +1936,9 @@ mod tests {
                 let r = response(&doc, r);
                 let error = status.parse::<u16>().unwrap() >= 400;
                 assert!(r["description"].is_string(), "{at} {status}");
-                if error {
+                // The status page's login form is for a browser: a wrong
+                // token shows the form again (HTML), the one exception.
+                if error && path != "/status/login" {
                     assert_eq!(r["content"], problem, "{at} {status}");
                 }
             }

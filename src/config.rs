@@ -101,6 +101,9 @@ pub struct Api {
     /// Bearer token the backend must send. Unset: a random one is generated at start
     /// and logged (development only).
     pub token: Option<String>,
+    /// A read-only token for the status page (`/status`) only; the page also
+    /// takes `token`. Unset: only `token` logs in.
+    pub status_token: Option<String>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Largest total size of a message's extension elements.
@@ -114,6 +117,7 @@ impl Default for Api {
         Api {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: None,
+            status_token: None,
             max_body_bytes: 256 * 1024,
             max_extension_bytes: 64 * 1024,
             max_batch: 1000,
@@ -604,6 +608,17 @@ impl Config {
         }
         if self.api.token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("api.token", "must be at least 16 characters"));
+        }
+        if self
+            .api
+            .status_token
+            .as_deref()
+            .is_some_and(|t| t.len() < 16)
+        {
+            return Err(invalid(
+                "api.status_token",
+                "must be at least 16 characters",
+            ));
         }
         if self.delivery.retry_secs == 0 {
             return Err(invalid("delivery.retry_secs", "must be at least 1"));

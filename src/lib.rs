@@ -17,13 +17,15 @@
 //! - [`s2s`]: streams, negotiation, TLS, DNS, sessions. Imports routing, never
 //!   services or the store.
 //! - [`server`]: the composition root; [`api`]: the backend HTTP API over it;
-//!   [`app`]: both started and stopped together; [`check`] and [`load`]: the
+//!   [`app`]: both started and stopped together; [`check`], [`load`] and
+//!   [`ctl`] (`status`, `domains` through a running server's API): the
 //!   operator tools.
 pub mod address;
 pub mod api;
 pub mod app;
 pub mod check;
 pub mod config;
+pub mod ctl;
 pub mod load;
 pub mod metrics;
 pub mod policy;

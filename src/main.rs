@@ -1,5 +1,6 @@
 #![forbid(unsafe_code)]
-//! The `xmpp-federator` command: `serve`, `validate`, `check`, `load`.
+//! The `xmpp-federator` command: `serve`, `validate`, `check`, `load`, and
+//! `status`, `domains` (a running server's federation, through its API).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,44 @@ enum Command {
     },
     /// Load-test an s2s target with pipelined XEP-0199 pings (plays a remote server).
     Load(xmpp_federator::load::LoadArgs),
+    /// The running server's federation: streams, queues and errors per remote domain.
+    Status {
+        /// TOML configuration file (the API's address and token).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the status JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The running server's federation policy: list, allow, block or forget a domain.
+    Domains {
+        /// TOML configuration file (the API's address and token).
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: DomainsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DomainsAction {
+    /// Every domain the config file or a runtime entry names, and the mode.
+    List,
+    /// Allow DOMAIN (a runtime entry, kept across restarts).
+    Allow {
+        /// A remote domain.
+        domain: String,
+    },
+    /// Block DOMAIN: its streams are closed and its queued messages bounced.
+    Block {
+        /// A remote domain.
+        domain: String,
+    },
+    /// Forget DOMAIN's runtime entry (the config file's applies again).
+    Forget {
+        /// A remote domain.
+        domain: String,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -62,6 +101,23 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
             eprintln!("error: {}: {e}", p.display());
             ExitCode::from(EXIT_CONFIG)
         }),
+    }
+}
+
+/// Print what a `status`/`domains` command made, or its error (exit 1).
+fn ctl_result(r: Result<String, xmpp_federator::ctl::CtlError>) -> ExitCode {
+    match r {
+        Ok(out) => {
+            print!("{out}");
+            if !out.ends_with('\n') {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -163,6 +219,40 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Status { config, json } => {
+            let config = match load_config(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let r = rt.block_on(async {
+                let client = xmpp_federator::ctl::Client::from_config(&config)?;
+                let s = client.status().await?;
+                Ok::<_, xmpp_federator::ctl::CtlError>(if json {
+                    serde_json::to_string_pretty(&s).unwrap_or_default()
+                } else {
+                    xmpp_federator::ctl::format_status(&s)
+                })
+            });
+            ctl_result(r)
+        }
+        Command::Domains { config, action } => {
+            use xmpp_federator::ctl::DomainsCommand as D;
+            let config = match load_config(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let cmd = match action {
+                DomainsAction::List => D::List,
+                DomainsAction::Allow { domain } => D::Allow(domain),
+                DomainsAction::Block { domain } => D::Block(domain),
+                DomainsAction::Forget { domain } => D::Forget(domain),
+            };
+            ctl_result(rt.block_on(async {
+                xmpp_federator::ctl::Client::from_config(&config)?
+                    .domains(&cmd)
+                    .await
+            }))
         }
         Command::Load(args) => {
             if std::env::var_os("XMPP_FEDERATOR_LOG").is_some() {

@@ -60,6 +60,9 @@ pub mod names {
     /// Streams authenticated, by `direction` (`in`, `out`) and `method`
     /// (`external`, `dialback`).
     pub const STREAMS_AUTHENTICATED: &str = "xmpp_s2s_streams_authenticated_total";
+    /// Federation policy changes made at runtime (through the API), by `what`
+    /// (`domain`, `mode`).
+    pub const POLICY_CHANGES: &str = "xmpp_policy_changes_total";
     /// Store group commits (one transaction and fsync each).
     pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
     /// Outgoing messages persisted and not yet settled (a gauge).
@@ -104,6 +107,13 @@ pub struct AuthLabel {
     pub direction: &'static str,
     /// `external` (SASL EXTERNAL, XEP-0178) or `dialback` (XEP-0220).
     pub method: &'static str,
+}
+
+/// The label set of [`names::POLICY_CHANGES`] (two values).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhatLabel {
+    /// `domain` (a domain's entry) or `mode`.
+    pub what: &'static str,
 }
 
 /// Gauge over a `u64` (every gauge here is a count).
@@ -154,6 +164,8 @@ pub struct Metrics {
     streams_authenticated: Family<AuthLabel, Counter>,
     stanzas_in_by_domain: Family<DomainLabel, Counter>,
     stanzas_out_by_domain: Family<DomainLabel, Counter>,
+    /// [`names::POLICY_CHANGES`]: see [`Metrics::policy_changed`].
+    policy_changes: Family<WhatLabel, Counter>,
     /// Domains that have a label value of their own (at most
     /// [`MAX_DOMAIN_LABELS`]); the lock makes check-and-insert one step, and is
     /// taken once per stream, not per stanza.
@@ -237,6 +249,11 @@ impl Default for Metrics {
                 names::STANZAS_OUT_BY_DOMAIN,
                 "Stanzas written to outbound streams, by remote domain",
             ),
+            policy_changes: counter(
+                &mut r,
+                names::POLICY_CHANGES,
+                "Federation policy changes made at runtime, by what changed",
+            ),
             labelled: Mutex::new(HashSet::new()),
             store_commits: counter(
                 &mut r,
@@ -290,6 +307,11 @@ fn gauge(r: &mut Registry, name: &str, help: &str) -> CountGauge {
 }
 
 impl Metrics {
+    /// Count a runtime policy change of `what` (`domain`, `mode`).
+    pub fn policy_changed(&self, what: &'static str) {
+        self.policy_changes.get_or_create(&WhatLabel { what }).inc();
+    }
+
     /// Count a stream authenticated in `direction` (`in`, `out`) by `method`
     /// (`external`, `dialback`); once per stream, off the stanza path.
     pub fn authenticated(&self, direction: &'static str, method: &'static str) {

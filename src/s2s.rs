@@ -2,6 +2,8 @@
 //!
 //! - [`conn`]: an XML stream over a byte stream (framer + I/O), stream errors.
 //! - [`dialback`]: server dialback (XEP-0220), sans-IO: keys, roles, rules.
+//! - [`links`]: the live streams and per-domain counters (the status), and
+//!   closing the streams of a domain the policy refuses.
 //! - [`listen`]: listeners, connection caps, the accept loops.
 //! - [`inbound`]: receiving-side negotiation and the stanza read loop.
 //! - [`outbound`]: initiating-side negotiation and per-domain sessions.
@@ -17,6 +19,7 @@
 pub mod conn;
 pub mod dialback;
 pub mod inbound;
+pub mod links;
 pub mod listen;
 pub mod outbound;
 pub mod resolve;
@@ -116,6 +119,8 @@ pub struct S2s {
     /// Keys our outbound streams sent, the only ones we confirm as the
     /// authoritative server.
     pub dialback_issued: dialback::Issued,
+    /// Live streams and per-domain counters.
+    pub links: Arc<links::Links>,
 }
 
 impl std::fmt::Debug for S2s {
@@ -161,6 +166,7 @@ impl S2s {
         Ok(Arc::new(S2s {
             dialback_secret: dialback::Secret::new(&secret),
             dialback_issued: dialback::Issued::default(),
+            links: Arc::default(),
             tls: tls::TlsContext::from_config(&config)?,
             resolver: resolve::Resolver::new(config.clone())?,
             caps: listen::Caps::new(&config.limits),

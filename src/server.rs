@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::config::FederationMode;
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Policy, Rule, Runtime, mode_str, parse_mode};
 use crate::routing::{Outbox, Table, Trackers};
 use crate::s2s::listen::{self, BindError, Listeners};
 use crate::s2s::{Link, S2s, S2sError};
@@ -44,6 +45,25 @@ pub enum StartError {
     /// A listener could not bind.
     #[error(transparent)]
     Bind(#[from] BindError),
+}
+
+/// The policy's runtime layer as stored (names it does not know are skipped,
+/// with a warning).
+fn stored_policy(store: &Store) -> Result<Runtime, crate::store::StoreError> {
+    let crate::store::StoredPolicy { mode, domains } = store.policy()?;
+    let mut rt = Runtime {
+        mode: mode.as_deref().and_then(parse_mode),
+        ..Runtime::default()
+    };
+    for (d, r) in domains {
+        match Rule::parse(&r) {
+            Some(rule) => {
+                rt.domains.insert(d, rule);
+            }
+            None => tracing::warn!(domain = %d, rule = %r, "unknown stored policy rule; ignored"),
+        }
+    }
+    Ok(rt)
 }
 
 /// How many stanzas for local accounts may wait to be stored, per sending
@@ -104,6 +124,7 @@ impl Server {
         let kv =
             crate::store::open_kv(config.store.backend, &config.store.path).map_err(store_err)?;
         let store = Store::open(kv, &config.domains[0]).map_err(store_err)?;
+        policy.set_runtime(stored_policy(&store).map_err(store_err)?);
         // The dialback secret survives restarts (keys in flight stay valid): the
         // configured one, else the one generated once and kept in the store.
         let kept = match config.federation.dialback_secret {
@@ -239,6 +260,68 @@ impl Server {
                 .clone()
                 .sweeper(self.outbox.clone(), self.shutdown.clone()),
         );
+    }
+
+    /// Set (`Some`) or forget (`None`) `domain`'s runtime policy entry: stored,
+    /// then in force at once ([`Server::enforce_policy`]); logged and counted.
+    /// Returns the runtime entry it had.
+    pub async fn set_domain_policy(
+        &self,
+        domain: &str,
+        rule: Option<Rule>,
+    ) -> Result<Option<Rule>, crate::store::StoreError> {
+        self.store
+            .set_policy_domain(domain, rule.map(Rule::as_str))
+            .await?;
+        let old = self.policy.set_domain(domain, rule);
+        let name = |r: Option<Rule>| r.map_or("none", Rule::as_str);
+        tracing::info!(
+            %domain,
+            old = name(old),
+            new = name(rule),
+            allowed = self.policy.allows(domain),
+            "federation policy entry changed"
+        );
+        self.metrics.policy_changed("domain");
+        self.enforce_policy();
+        Ok(old)
+    }
+
+    /// Set (`Some`) or forget (`None`) the runtime federation mode, as
+    /// [`Server::set_domain_policy`] does an entry. Returns the runtime mode it
+    /// had.
+    pub async fn set_federation_mode(
+        &self,
+        mode: Option<FederationMode>,
+    ) -> Result<Option<FederationMode>, crate::store::StoreError> {
+        self.store.set_policy_mode(mode.map(mode_str)).await?;
+        let old = self.policy.set_mode(mode);
+        let name = |m: Option<FederationMode>| m.map_or("none", mode_str);
+        tracing::info!(
+            old = name(old),
+            new = name(mode),
+            effective = mode_str(self.policy.mode().effective),
+            "federation mode changed"
+        );
+        self.metrics.policy_changed("mode");
+        self.enforce_policy();
+        Ok(old)
+    }
+
+    /// Apply the policy now to what is already there: the streams of domains it
+    /// refuses are closed with `<policy-violation/>` (both directions), and
+    /// messages queued for them are bounced (a `bounced` event each).
+    pub fn enforce_policy(&self) {
+        let policy = &self.policy;
+        let closed = self.s2s.links.close_refused(|d| policy.allows(d));
+        let bounced = self.delivery.refuse(&self.outbox, |d| policy.allows(d));
+        if closed + bounced > 0 {
+            tracing::info!(
+                streams = closed,
+                messages = bounced,
+                "closed the streams and bounced the messages of refused domains"
+            );
+        }
     }
 
     /// Accept on the bound listeners until shutdown.

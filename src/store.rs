@@ -501,6 +501,15 @@ pub enum EventKind {
     },
 }
 
+/// The federation policy's runtime layer as stored ([`Store::policy`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredPolicy {
+    /// The mode's name, if set.
+    pub mode: Option<String>,
+    /// (domain, rule name).
+    pub domains: Vec<(String, String)>,
+}
+
 const T_META: u8 = b'm';
 const T_USER: u8 = b'u';
 /// `handle@domain` -> user id (schema 2 keyed the handle alone).
@@ -515,6 +524,9 @@ const T_DEDUP: u8 = b'd';
 const T_IDEM: u8 = b'k';
 const T_ROSTER: u8 = b'r';
 const T_PRESENCE: u8 = b'p';
+/// The federation policy's runtime entries: domain -> `allow`|`block` (the
+/// runtime mode is `m/federation-mode`).
+const T_POLICY: u8 = b'f';
 
 fn key(tree: u8, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + rest.len());
@@ -738,6 +750,63 @@ impl Store {
         let secret: [u8; 32] = rand::rng().random();
         self.kv.apply(&[Op::Put(k, secret.to_vec())])?;
         Ok(secret.to_vec())
+    }
+
+    /// The federation policy's runtime layer: the mode (if set) and each
+    /// domain's rule name.
+    pub fn policy(&self) -> Result<StoredPolicy, StoreError> {
+        let mode = self
+            .kv
+            .get(&key(T_META, b"federation-mode"))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let domains = self
+            .kv
+            .range(&[T_POLICY], &[T_POLICY + 1], usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(&k[1..]).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )
+            })
+            .collect();
+        Ok(StoredPolicy { mode, domains })
+    }
+
+    /// Set (`Some(rule name)`) or forget a domain's runtime policy entry.
+    pub async fn set_policy_domain(
+        &self,
+        domain: &str,
+        rule: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let k = key(T_POLICY, domain.as_bytes());
+        self.write(vec![match rule {
+            Some(r) => Op::Put(k, r.as_bytes().to_vec()),
+            None => Op::Delete(k),
+        }])
+        .await
+    }
+
+    /// Set (`Some(mode name)`) or forget the runtime federation mode.
+    pub async fn set_policy_mode(&self, mode: Option<&str>) -> Result<(), StoreError> {
+        let k = key(T_META, b"federation-mode");
+        self.write(vec![match mode {
+            Some(m) => Op::Put(k, m.as_bytes().to_vec()),
+            None => Op::Delete(k),
+        }])
+        .await
+    }
+
+    /// How many users each hosted domain has (a scan of the handle index).
+    pub fn users_per_domain(&self) -> Result<HashMap<String, usize>, StoreError> {
+        let mut out = HashMap::new();
+        for (k, _) in self.kv.range(&[T_HANDLE], &[T_HANDLE + 1], usize::MAX)? {
+            let jid = String::from_utf8_lossy(&k[1..]);
+            if let Some((_, d)) = jid.rsplit_once('@') {
+                *out.entry(d.to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// Open on a backend, check or write the schema version (migrating older

@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use base64::Engine as _;
@@ -39,6 +40,7 @@ use super::Method;
 use super::S2s;
 use super::conn::{StreamFailure, XmlStream, header_xml, new_id, stream_header};
 use super::dialback::{self, AuthoritativeStep, Db, Receiving, Step};
+use super::links::{Direction, NewStream, tls_name};
 use super::throttle::Throttle;
 use crate::address::Addr;
 use crate::config::DialbackMode;
@@ -718,7 +720,7 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
         mut xs,
         peer,
         local_domain,
-        method: _,
+        method,
         mut dialback,
     } = auth;
     let header = header_xml(&local_domain, Some(peer.domain()), None);
@@ -745,8 +747,20 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
     // Not read until then (over the rate limits).
     let mut paused: Option<Instant> = None;
     let idle = s2s.config.timeouts.idle();
-    // This peer's stanzas-in counter, looked up once per stream.
+    // This peer's stanzas-in counters, looked up once per stream.
     let domain_in = s2s.metrics.domain_stanzas_in(peer.domain());
+    let link = s2s.links.register(
+        NewStream {
+            direction: Direction::In,
+            local: &local_domain,
+            remote: peer.domain(),
+            tls: tls_name(xs.io().get_ref().1.protocol_version()),
+            method,
+            sm: false,
+        },
+        &s2s.shutdown,
+    );
+    let counters = s2s.links.domain(&link.info().remote);
     // Piggybacked domains verified on this stream.
     let mut peers: HashMap<String, Peer> = HashMap::new();
     let mut verifying = futures_util::stream::FuturesUnordered::new();
@@ -757,8 +771,13 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
     tokio::pin!(idle_timer);
     loop {
         let ev = tokio::select! {
-            _ = s2s.shutdown.cancelled() => {
-                xs.fail(&header, StreamCondition::SystemShutdown, "server shutting down").await;
+            _ = link.closing().cancelled() => {
+                if s2s.shutdown.is_cancelled() {
+                    xs.fail(&header, StreamCondition::SystemShutdown, "server shutting down").await;
+                } else {
+                    tracing::info!("closing the stream: the federation policy no longer allows the peer");
+                    xs.fail(&header, StreamCondition::PolicyViolation, "federation with this domain is not allowed").await;
+                }
                 return;
             }
             _ = &mut idle_timer => {
@@ -859,6 +878,18 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                     None => outbox.route_inbound(&peer, stanza).await.err(),
                     Some(db) => {
                         match dialback_peer(db, &peer, &local_domain, &stanza, &mut peers) {
+                            // A piggybacked domain the policy turned against
+                            // since it was verified (the stream's own domain
+                            // closes the stream through its registration).
+                            Ok(p)
+                                if p.domain() != peer.domain()
+                                    && !s2s.policy.allows(&p.domain().to_ascii_lowercase()) =>
+                            {
+                                Some((
+                                    StreamCondition::PolicyViolation,
+                                    format!("federation with {} is not allowed", p.domain()),
+                                ))
+                            }
                             Ok(p) => outbox.route_inbound(&p, stanza).await.err(),
                             Err(refusal) => Some(refusal),
                         }
@@ -866,6 +897,7 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                 };
                 if r.is_none() {
                     domain_in.inc();
+                    counters.stanzas_in.fetch_add(1, Ordering::Relaxed);
                 }
                 r
             }

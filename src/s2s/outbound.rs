@@ -27,11 +27,13 @@ use tracing::Instrument;
 pub use super::Method;
 use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
 use super::inbound::Io;
+use super::links::{Direction, DomainCounters, NewStream, Registration, tls_name};
 use super::resolve::{Endpoint, ResolveError};
 use super::{S2s, dialback};
 use crate::config::DialbackMode;
 use crate::routing::{Outbox, Outgoing, Refused, Report, Track};
-use crate::stanza::{Stanza, StanzaCondition};
+use crate::stanza::error::stream_error_xml;
+use crate::stanza::{Stanza, StanzaCondition, StreamCondition};
 use crate::xml::children::all_texts;
 use crate::xml::{Event, NS_SASL, NS_STREAM, NS_TLS};
 
@@ -113,11 +115,32 @@ impl ConnectError {
     }
 }
 
+impl ConnectError {
+    /// The error as the peer said it, for the status: the condition and text of
+    /// the stream error it sent, else [`ConnectError::condition`] and this
+    /// error's text.
+    pub fn said(&self) -> (String, String) {
+        if let ConnectError::Stream(m) = self
+            && let Some(rest) = m.strip_prefix(PEER_SENT)
+        {
+            let (c, t) = rest.split_once(": ").unwrap_or((rest, ""));
+            return (c.to_string(), t.to_string());
+        }
+        (self.condition().to_string(), self.to_string())
+    }
+}
+
+/// The text of a stream refused by the federation policy.
+const POLICY_TEXT: &str = "federation with this domain is not allowed";
+
+/// How [`stream_err`] starts a peer's stream error.
+const PEER_SENT: &str = "peer sent stream error ";
+
 fn stream_err(e: StreamFailure) -> ConnectError {
     match e {
         StreamFailure::Timeout => ConnectError::Timeout("negotiation".into()),
         StreamFailure::PeerError { condition, text } => ConnectError::Stream(format!(
-            "peer sent stream error {condition}{}",
+            "{PEER_SENT}{condition}{}",
             text.map(|t| format!(": {t}")).unwrap_or_default()
         )),
         other => ConnectError::Stream(other.to_string()),
@@ -817,6 +840,8 @@ pub fn send(
                         pending: VecDeque::new(),
                         sm: SmState::default(),
                         domain_out: s2s.metrics.domain_stanzas_out(remote),
+                        counters: s2s.links.domain(remote),
+                        link: None,
                     };
                     s2s.tracker.spawn(session.run().instrument(span));
                     h
@@ -874,6 +899,10 @@ struct Session {
     sm: SmState,
     /// This remote domain's stanzas-out counter (looked up once per session).
     domain_out: prometheus_client::metrics::counter::Counter,
+    /// This remote domain's counters in the status (looked up once per session).
+    counters: Arc<DomainCounters>,
+    /// The current stream's entry in the status, while there is one.
+    link: Option<Registration>,
 }
 
 impl Session {
@@ -883,7 +912,9 @@ impl Session {
             let Some(connected) = self.connect_with_retry().await else {
                 return;
             };
-            match self.run_stream(connected, &mut wbuf).await {
+            let end = self.run_stream(connected, &mut wbuf).await;
+            self.link = None;
+            match end {
                 StreamEnd::Reconnect => continue,
                 StreamEnd::Done => return,
             }
@@ -923,6 +954,11 @@ impl Session {
         let window_start = Instant::now();
         let mut attempt = 0u32;
         loop {
+            if !self.s2s.policy.allows(&remote) {
+                tracing::info!("the federation policy no longer allows the domain; giving up");
+                self.give_up(StanzaCondition::PolicyViolation, POLICY_TEXT, false);
+                return None;
+            }
             let r = tokio::select! {
                 r = self.s2s.connector.connect(&self.s2s, &local, &remote) => r,
                 _ = self.s2s.shutdown.cancelled() => {
@@ -948,6 +984,8 @@ impl Session {
                 Err(e) => {
                     self.s2s.metrics.outbound_failures.inc();
                     tracing::info!(error = %e, attempt, "outbound connection failed");
+                    let (condition, text) = e.said();
+                    self.s2s.links.failed(&remote, &condition, &text);
                     let window = self.s2s.config.timeouts.retry_window();
                     let wait = backoff(attempt).min(window.saturating_sub(window_start.elapsed()));
                     attempt += 1;
@@ -968,6 +1006,7 @@ impl Session {
     /// Carry the queue over one established stream until it ends.
     async fn run_stream(&mut self, connected: Connected, wbuf: &mut Vec<u8>) -> StreamEnd {
         let (io, mut framer) = connected.xs.into_parts();
+        let version = io.get_ref().1.protocol_version();
         let (mut rd, mut wr) = tokio::io::split(io);
         // The peer sends only whitespace and stream management answers on our
         // stream; watch for those and for its end.
@@ -1002,6 +1041,20 @@ impl Session {
             on: connected.sm,
             ..SmState::default()
         };
+        let tls = tls_name(version);
+        let link = self.s2s.links.register(
+            NewStream {
+                direction: Direction::Out,
+                local: &self.key.0,
+                remote: &self.key.1,
+                tls,
+                method: connected.auth.method,
+                sm: connected.sm,
+            },
+            &self.s2s.shutdown,
+        );
+        let closing = link.closing().clone();
+        self.link = Some(link);
         if self.sm.on
             && wr
                 .write_all(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
@@ -1019,12 +1072,23 @@ impl Session {
             if self.pending.is_empty() {
                 tokio::select! {
                     biased;
-                    _ = self.s2s.shutdown.cancelled() => {
+                    _ = closing.cancelled() => {
+                        let policy = !self.s2s.shutdown.is_cancelled();
+                        if policy {
+                            tracing::info!("closing the stream: the federation policy no longer allows the domain");
+                            let e = stream_error_xml(StreamCondition::PolicyViolation, Some(POLICY_TEXT));
+                            let _ = wr.write_all(e.as_bytes()).await;
+                        }
                         let _ = wr.write_all(b"</stream:stream>").await;
                         let _ = wr.shutdown().await;
                         reader.abort();
                         self.forget_unacked();
-                        self.give_up(StanzaCondition::RemoteServerTimeout, "server shutting down", false);
+                        self.link = None;
+                        if policy {
+                            self.give_up(StanzaCondition::PolicyViolation, POLICY_TEXT, false);
+                        } else {
+                            self.give_up(StanzaCondition::RemoteServerTimeout, "server shutting down", false);
+                        }
                         return StreamEnd::Done;
                     }
                     r = &mut reader => {
@@ -1077,6 +1141,7 @@ impl Session {
                 Ok(()) => {
                     self.s2s.metrics.stanzas_out.inc_by(n);
                     self.domain_out.inc_by(n);
+                    self.counters.stanzas_out.fetch_add(n, Ordering::Relaxed);
                     self.pending.clear();
                     last_write = Instant::now();
                     last_stanza = last_write;
@@ -1118,6 +1183,9 @@ impl Session {
             Some(SmEvent::Failed) => {
                 tracing::info!("peer refused stream management; confirming by iq");
                 self.sm.on = false;
+                if let Some(l) = &self.link {
+                    l.info().sm.store(false, Ordering::Relaxed);
+                }
                 self.forget_unacked();
             }
             Some(SmEvent::Enabled) => tracing::debug!("stream management enabled"),

@@ -482,6 +482,16 @@ pub struct TlsContext {
     pub verifier: Arc<PeerVerifier>,
     /// Whether the certificates were generated (development mode).
     pub generated: bool,
+    /// Per served domain: when our certificate for it expires (unix seconds,
+    /// its `notAfter`).
+    pub not_after: HashMap<String, i64>,
+}
+
+/// A certificate's `notAfter` (unix seconds).
+pub fn cert_not_after(der: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// The crypto provider we use everywhere.
@@ -555,12 +565,16 @@ impl TlsContext {
             });
         }
         let mut by_domain = HashMap::new();
+        let mut not_after = HashMap::new();
         for d in &config.served_domains() {
             let c = ours
                 .iter()
                 .find(|c| c.names.matches(d))
                 .ok_or_else(|| TlsError::NoCertificate(d.clone()))?;
             by_domain.insert(d.clone(), c.key.clone());
+            if let Some(t) = c.key.cert.first().and_then(|der| cert_not_after(der)) {
+                not_after.insert(d.clone(), t);
+            }
         }
         let fallback = by_domain[&config.domains[0]].clone();
 
@@ -635,6 +649,7 @@ impl TlsContext {
             clients_deferred,
             verifier,
             generated,
+            not_after,
         })
     }
 }

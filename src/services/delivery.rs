@@ -57,8 +57,47 @@ struct Tracked {
     /// The recipient's domain.
     domain: String,
     expires_ms: u64,
+    /// When the API accepted it (unix ms).
+    accepted_ms: u64,
     /// When it was last handed to the router; `None`: due now.
     submitted: Option<Instant>,
+}
+
+/// What delivery knows of one remote domain, for the status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainQueue {
+    /// The remote domain.
+    pub domain: String,
+    /// Messages queued for it.
+    pub queued: usize,
+    /// When the oldest of them was accepted (unix ms).
+    pub oldest_accepted_ms: Option<u64>,
+    /// Held back (found unreachable) until then (unix ms).
+    pub held_until_ms: Option<u64>,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// When a message to it was last confirmed delivered (unix ms).
+    pub last_delivered_ms: Option<u64>,
+    /// The last error a message to it came back with.
+    pub last_bounce: Option<Bounce>,
+}
+
+/// A message's error reply, as the peer said it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounce {
+    /// When (unix ms).
+    pub at_ms: u64,
+    /// The stanza error condition.
+    pub condition: String,
+    /// Its text.
+    pub text: Option<String>,
+}
+
+/// The latest outcomes per domain.
+#[derive(Debug, Default)]
+struct Outcomes {
+    delivered_ms: Option<u64>,
+    bounce: Option<Bounce>,
 }
 
 /// In-memory delivery state (the store holds the durable part).
@@ -75,6 +114,8 @@ pub struct Delivery {
     /// (sender, recipient) pairs whose messages wait: an occupancy of a remote
     /// room not joined yet ([`Delivery::hold`]).
     holds: Mutex<Holds>,
+    /// Remote domain -> its latest outcomes (for the status).
+    outcomes: Mutex<HashMap<String, Outcomes>>,
 }
 
 /// Held (sender, recipient) pairs: recipient -> senders, so a lookup borrows
@@ -126,6 +167,7 @@ impl Delivery {
             confirms: Mutex::default(),
             backoff: Backoffs::default(),
             holds: Mutex::default(),
+            outcomes: Mutex::default(),
         }
     }
 
@@ -270,19 +312,74 @@ impl Delivery {
             self.settle(arrived.into_iter().map(|(_, id)| id), delivered);
         }
         for (seq, id) in pending {
-            match self.store.queued_by_seq(seq) {
-                Ok(Some(m)) => match Stanza::parse(&m.xml) {
-                    Some(stanza) => {
-                        self.mark_submitted(&id);
-                        outbox.send_tracked(stanza);
-                    }
-                    None => {
-                        tracing::error!(%id, "queued message does not parse; it will expire")
-                    }
-                },
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
+            self.resubmit(outbox, seq, &id);
+        }
+    }
+}
+
+impl Delivery {
+    /// Per remote domain: what is queued, held back, last delivered or bounced
+    /// (every domain with queued messages or an outcome), sorted by domain.
+    pub fn status(&self) -> Vec<DomainQueue> {
+        let mut by: std::collections::BTreeMap<String, DomainQueue> = Default::default();
+        for t in lock(&self.queue).values() {
+            let e = by.entry(t.domain.clone()).or_default();
+            e.queued += 1;
+            e.oldest_accepted_ms = Some(
+                e.oldest_accepted_ms
+                    .map_or(t.accepted_ms, |o| o.min(t.accepted_ms)),
+            );
+        }
+        for (d, o) in lock(&self.outcomes).iter() {
+            let e = by.entry(d.clone()).or_default();
+            e.last_delivered_ms = o.delivered_ms;
+            e.last_bounce = o.bounce.clone();
+        }
+        let (now, wall) = (Instant::now(), now_ms());
+        for (d, b) in lock(&self.backoff.0).iter() {
+            let e = by.entry(d.clone()).or_default();
+            e.failures = b.failures;
+            if b.next > now {
+                e.held_until_ms = Some(wall + (b.next - now).as_millis() as u64);
             }
+        }
+        by.into_iter()
+            .map(|(domain, mut q)| {
+                q.domain = domain;
+                q
+            })
+            .collect()
+    }
+
+    /// The policy no longer allows some domains: submit what is queued for
+    /// them now (held back or not), so the outbox refuses and bounces each
+    /// (the bounce settles it as `bounced`). Returns how many.
+    pub fn refuse(&self, outbox: &Outbox, allowed: impl Fn(&str) -> bool) -> usize {
+        let mut refused: Vec<(u64, String, String)> = lock(&self.queue)
+            .iter()
+            .filter(|(_, t)| !allowed(&t.domain))
+            .map(|(id, t)| (t.seq, id.clone(), t.domain.clone()))
+            .collect();
+        refused.sort_unstable();
+        for (seq, id, domain) in &refused {
+            self.backoff.reachable(domain);
+            self.resubmit(outbox, *seq, id);
+        }
+        refused.len()
+    }
+
+    /// Submit queued message `seq` (`id`) again, read from the store.
+    fn resubmit(&self, outbox: &Outbox, seq: u64, id: &str) {
+        match self.store.queued_by_seq(seq) {
+            Ok(Some(m)) => match Stanza::parse(&m.xml) {
+                Some(stanza) => {
+                    self.mark_submitted(id);
+                    outbox.send_tracked(stanza);
+                }
+                None => tracing::error!(%id, "queued message does not parse; it will expire"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
         }
     }
 }
@@ -331,6 +428,7 @@ fn tracked(m: &Outgoing, submitted: Option<Instant>) -> Tracked {
         to: m.to.clone(),
         domain: m.domain.clone(),
         expires_ms: m.expires_ms,
+        accepted_ms: m.accepted_ms,
         submitted,
     }
 }
@@ -388,13 +486,39 @@ impl Delivery {
     ) -> Vec<K> {
         let mut unknown = Vec::new();
         let mut q = lock(&self.queue);
+        let mut seen: Vec<(String, EventKind)> = Vec::new();
         for id in ids {
             match q.remove_entry(id.as_ref()) {
                 Some((id, t)) => {
-                    w.settle(t.seq, &outcome(&id, &t.to));
+                    let kind = outcome(&id, &t.to);
+                    w.settle(t.seq, &kind);
+                    if seen.last().is_none_or(|(d, _)| *d != t.domain) {
+                        seen.push((t.domain.clone(), kind));
+                    }
                     taken.0.push((id, t));
                 }
                 None => unknown.push(id),
+            }
+        }
+        drop(q);
+        if !seen.is_empty() {
+            let now = now_ms();
+            let mut o = lock(&self.outcomes);
+            for (domain, kind) in seen {
+                let e = o.entry(domain).or_default();
+                match kind {
+                    EventKind::Delivered { .. } => e.delivered_ms = Some(now),
+                    EventKind::Bounced {
+                        condition, text, ..
+                    } => {
+                        e.bounce = Some(Bounce {
+                            at_ms: now,
+                            condition,
+                            text,
+                        })
+                    }
+                    _ => {}
+                }
             }
         }
         unknown

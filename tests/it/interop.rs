@@ -2,7 +2,8 @@
 //! with us over s2s authenticated by certificates (`prosody`, `ejabberd`: no
 //! dialback loaded) and by dialback where certificates cannot serve
 //! (`ejabberd_dialback`: our certificate has only serverAuth, which 23.01
-//! refuses; `prosody_dialback`: Prosody's certificate is self-signed).
+//! refuses; `prosody_dialback`: Prosody's certificate is self-signed, and the
+//! federation status shows its dialback stream, ours by EXTERNAL with acks).
 //!
 //! The packages are installed when missing (as root). These tests never skip
 //! silently: without the packages and without root they fail with instructions;
@@ -974,6 +975,21 @@ async fn prosody_dialback() {
     );
     assert!(auth_count(&wire, "out", "external") >= 1, "ours: EXTERNAL");
     lab.messaging(&wire, &spec, "alice", "alicepw").await;
+    // The status shows both streams and how each was authenticated.
+    let (s, st, _) = http(wire.api, "GET", "/v1/federation/status", Some(TOKEN), None).await;
+    assert_eq!(s, 200, "{st}");
+    let p = st["remote"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["domain"] == "prosody.test")
+        .unwrap_or_else(|| panic!("no prosody.test: {st:#}"));
+    assert_eq!(p["state"], "up", "{p:#}");
+    assert_eq!(p["inbound"][0]["method"], "dialback", "{p:#}");
+    assert_eq!(p["outbound"][0]["method"], "external", "{p:#}");
+    assert_eq!(p["outbound"][0]["sm"], true, "Prosody offers acks: {p:#}");
+    assert!(p["stanzas_in"].as_u64().unwrap() >= 1 && p["stanzas_out"].as_u64().unwrap() >= 1);
+    assert!(p["last_delivered_ms"].as_u64().is_some(), "{p:#}");
     wire.shutdown().await;
     drop(prosody);
 }

@@ -175,19 +175,24 @@ fn top_level_edges() -> BTreeMap<String, BTreeSet<String>> {
 #[test]
 fn layers_import_only_downwards() {
     let rules: &[(&str, &[&str])] = &[
-        ("services", &["server", "s2s", "api", "check", "load"]),
+        (
+            "services",
+            &["server", "s2s", "api", "check", "load", "ctl"],
+        ),
         (
             "routing",
-            &["server", "s2s", "services", "store", "api", "check", "load"],
+            &[
+                "server", "s2s", "services", "store", "api", "check", "load", "ctl",
+            ],
         ),
         (
             "s2s",
-            &["server", "services", "store", "api", "check", "load"],
+            &["server", "services", "store", "api", "check", "load", "ctl"],
         ),
         (
             "store",
             &[
-                "server", "s2s", "services", "routing", "api", "check", "load",
+                "server", "s2s", "services", "routing", "api", "check", "load", "ctl",
             ],
         ),
     ];

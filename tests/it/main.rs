@@ -17,4 +17,6 @@ mod mix;
 mod negotiation;
 mod rooms;
 mod sessions;
+mod status;
+mod status_page;
 mod support;
