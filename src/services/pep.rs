@@ -1340,6 +1340,20 @@ mod tests {
         }
     }
 
+    /// juliet@capulet.example in the user's roster with `subscription`.
+    async fn juliet(s: &Services, user: &User, subscription: Subscription) {
+        let contact = RosterItem {
+            jid: "juliet@capulet.example".into(),
+            subscription,
+            pending_out: false,
+            pending_in: false,
+        };
+        s.store()
+            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
+            .await
+            .unwrap();
+    }
+
     async fn setup() -> (Services, User, Arc<Pep>) {
         let s = Services::new(&["wire.test"], &[]);
         s.user("alice", "wire.test", "Alice").await;
@@ -1406,16 +1420,7 @@ mod tests {
     #[tokio::test]
     async fn an_avatar_is_what_clients_fetch() {
         let (s, user, pep) = setup().await;
-        let contact = RosterItem {
-            jid: "juliet@capulet.example".into(),
-            subscription: Subscription::Both,
-            pending_out: false,
-            pending_in: false,
-        };
-        s.store()
-            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
-            .await
-            .unwrap();
+        juliet(&s, &user, Subscription::Both).await;
         let a = png().check().unwrap();
         assert!(pep.put_avatar(&user, &a, &s.outbox).await.unwrap());
         assert!(!pep.put_avatar(&user, &a, &s.outbox).await.unwrap());
@@ -1503,16 +1508,7 @@ mod tests {
         use base64::Engine;
         use xmpp_parsers::caps::{compute_disco, hash_caps};
         let (s, user, pep) = setup().await;
-        let contact = RosterItem {
-            jid: "juliet@capulet.example".into(),
-            subscription: Subscription::Both,
-            pending_out: false,
-            pending_in: false,
-        };
-        s.store()
-            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
-            .await
-            .unwrap();
+        juliet(&s, &user, Subscription::Both).await;
         pep.put_device(&user, 1, &device(None), &s.outbox)
             .await
             .unwrap();
@@ -1612,16 +1608,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_name_is_sent_as_the_nickname() {
         let (s, mut user, pep) = setup().await;
-        let contact = RosterItem {
-            jid: "juliet@capulet.example".into(),
-            subscription: Subscription::From,
-            pending_out: false,
-            pending_in: false,
-        };
-        s.store()
-            .put_roster_item(&user.id, &contact.jid, Some(&contact), Vec::new())
-            .await
-            .unwrap();
+        juliet(&s, &user, Subscription::From).await;
         user.display_name = "Alice & Co".into();
         pep.nick_changed(&user, &s.outbox);
         let sent = s.take_sent();
