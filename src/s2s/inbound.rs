@@ -910,10 +910,11 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             let e = StreamFailure::Protocol { condition, text };
             return fail_with(&mut xs, &header, e).await;
         }
-        // A stanza is a unit of the task's budget: a stream whose stanzas are
-        // already buffered (no socket read to yield at) still lets the other
-        // streams' tasks run every budget's worth of stanzas.
-        tokio::task::consume_budget().await;
+        // No explicit yield per stanza: the socket read between two buffers
+        // already counts against tokio's task budget. A `consume_budget()` per
+        // stanza cost 0.4 us per ping round trip (1.6 -> 2.0 us, thread
+        // switches) and changed nothing in `s2s_load --mode fair` (the quiet
+        // peer's p99 during a flood 2.57 ms with it, 2.62 ms without).
     }
 }
 
