@@ -766,6 +766,17 @@ mod tests {
         Setup { store, delivery, w }
     }
 
+    /// The ids of what went to the remote so far, in order.
+    fn sent_ids(s: &Setup) -> Vec<String> {
+        s.w.remote
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, i)| i.stanza.id.clone().unwrap())
+            .collect()
+    }
+
     async fn queue(s: &Setup, ms: Vec<Outgoing>) {
         let queued = s
             .store
@@ -890,14 +901,7 @@ mod tests {
         assert_eq!(s.delivery.held_domains(), 0);
         s.delivery.sweep_once(&s.w.outbox, every);
         s.delivery.sweep_once(&s.w.outbox, every);
-        let ids: Vec<String> =
-            s.w.remote
-                .sent
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(_, _, i)| i.stanza.id.clone().unwrap())
-                .collect();
+        let ids = sent_ids(&s);
         assert_eq!(ids, vec!["m1", "m1", "m2"]);
         // Still queued: nothing settled them yet.
         assert_eq!(s.delivery.queued(), 2);
@@ -930,14 +934,7 @@ mod tests {
             s.w.outbox.report(Report::Reachable { remote: d.into() });
         }
         s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
-        let sent: Vec<String> =
-            s.w.remote
-                .sent
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(_, _, i)| i.stanza.id.clone().unwrap())
-                .collect();
+        let sent = sent_ids(&s);
         assert_eq!(sent.len(), 100_010);
         let first: Vec<&str> = sent[..20].iter().map(String::as_str).collect();
         let small: Vec<&str> = first

@@ -10,8 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use xmpp_federator::app::Running;
 use xmpp_federator::stanza::Stanza;
-use xmpp_federator_testkit::certs::{Eku, TestCa};
-use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::certs::Eku;
 
 use crate::support::{
     Net, PING, TOKEN, create_user, http, init_log, iq_round_trip, send_message, wait_event,
@@ -24,18 +23,7 @@ const BETA2: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 4);
 
 /// A network whose DNS server is on 127.0.2.x too.
 async fn net() -> Net {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("Test CA");
-    let ca_path = ca.write_ca(dir.path());
-    let dns = DnsServer::start("127.0.2.254:0".parse().unwrap())
-        .await
-        .unwrap();
-    Net {
-        dir,
-        ca,
-        ca_path,
-        dns,
-    }
+    Net::with_dns_on(Ipv4Addr::new(127, 0, 2, 254)).await
 }
 
 async fn status(r: &Running) -> Value {

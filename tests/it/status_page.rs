@@ -10,8 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xmpp_federator_testkit::certs::{Eku, TestCa};
-use xmpp_federator_testkit::dns::DnsServer;
+use xmpp_federator_testkit::certs::Eku;
 
 use crate::support::{Net, PING, TOKEN, create_user, http, init_log, iq_round_trip, send_message};
 
@@ -93,18 +92,7 @@ async fn the_status_page_logs_in_and_shows_the_remote_domains_in_chromium() {
         }
         panic!("chromium is not installed (apt-get install chromium; .ci/run does)");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("Test CA");
-    let ca_path = ca.write_ca(dir.path());
-    let dns = DnsServer::start("127.0.2.254:0".parse().unwrap())
-        .await
-        .unwrap();
-    let net = Net {
-        dir,
-        ca,
-        ca_path,
-        dns,
-    };
+    let net = Net::with_dns_on(std::net::Ipv4Addr::new(127, 0, 2, 254)).await;
     let mut config = net.config("alpha.test", ALPHA, Eku::Both);
     config.api.status_token = Some(STATUS_TOKEN.into());
     let alpha = net.start(config).await;
