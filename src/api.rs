@@ -1008,27 +1008,19 @@ async fn remote(
 /// by the interop tests): the same error to the disco#info and an empty vCard
 /// for a missing account and an existing one alike, so that is `None`.
 fn existence(info: &Stanza, vcard: Option<&Stanza>) -> (Option<bool>, &'static str) {
-    let has_account = !info.is_error()
-        && crate::xml::framer::parse_element(&info.raw)
-            .map(|el| {
+    // A result whose payload has something in it (an identity, a field).
+    let filled = |s: &Stanza| {
+        !s.is_error()
+            && crate::xml::framer::parse_element(&s.raw).is_ok_and(|el| {
                 crate::xml::children::children(&el)
                     .first()
-                    .is_some_and(|q| !q.children.is_empty())
+                    .is_some_and(|p| !p.children.is_empty())
             })
-            .unwrap_or(false);
-    if has_account {
+    };
+    if filled(info) {
         return (Some(true), "disco");
     }
-    let vcard_fields = vcard.filter(|v| !v.is_error()).is_some_and(|v| {
-        crate::xml::framer::parse_element(&v.raw)
-            .map(|el| {
-                crate::xml::children::children(&el)
-                    .first()
-                    .is_some_and(|c| !c.children.is_empty())
-            })
-            .unwrap_or(false)
-    });
-    if vcard_fields {
+    if vcard.is_some_and(filled) {
         return (Some(true), "vcard");
     }
     let refused = |s: &Stanza| {

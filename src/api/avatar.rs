@@ -11,7 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::services::pep::{
-    AvatarIn, AvatarInfo, NODE_AVATAR_DATA, NODE_AVATAR_METADATA, sha1_hex,
+    Avatar, AvatarIn, AvatarInfo, NODE_AVATAR_DATA, NODE_AVATAR_METADATA, sha1_hex,
 };
 
 use super::devices::{AsQuery, asker, items, user};
@@ -181,39 +181,24 @@ pub(super) async fn get_remote_avatar(
     let image = base64::engine::general_purpose::STANDARD
         .decode(&text)
         .map_err(|e| bad(format!("{bare}: the data is not base64: {e}")))?;
-    let checked = AvatarIn {
-        mime: info.mime.clone(),
-        data: text,
+    let id = sha1_hex(&image);
+    if id != info.id {
+        return Err(bad(format!(
+            "{bare}: the data hashes to {id}, the metadata names {}",
+            info.id
+        )));
     }
-    .check();
-    let info = match checked {
-        // Its own reading of the bytes: size, dimensions and hash as they are.
-        Ok(a) if a.info.id == info.id => a.info,
-        Ok(a) => {
-            return Err(bad(format!(
-                "{bare}: the data hashes to {}, the metadata names {}",
-                a.info.id, info.id
-            )));
-        }
-        // A type or size we would not publish ourselves: pass it on as given
-        // if the hash holds.
-        Err(_) => {
-            let id = sha1_hex(&image);
-            if id != info.id {
-                return Err(bad(format!(
-                    "{bare}: the data hashes to {id}, the metadata names {}",
-                    info.id
-                )));
-            }
-            AvatarInfo {
-                bytes: image.len(),
-                ..info
-            }
-        }
+    let bytes = image.len();
+    let info = match Avatar::from_image(&info.mime, image) {
+        // Its own reading of the bytes: size and dimensions as they are.
+        Ok(a) => a.info,
+        // A type or size we would not publish ourselves: passed on as given.
+        Err(_) => AvatarInfo { bytes, ..info },
     };
     Ok(Json(RemoteAvatarOut {
         jid: bare,
         info,
-        data: base64::engine::general_purpose::STANDARD.encode(&image),
+        // As received (whitespace taken out): it decoded, so it is base64.
+        data: text,
     }))
 }

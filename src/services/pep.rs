@@ -333,13 +333,25 @@ impl AvatarIn {
     /// bytes are (read from their header, with the dimensions).
     pub fn check(&self) -> Result<Avatar, Invalid> {
         use base64::Engine;
+        let image = base64::engine::general_purpose::STANDARD
+            .decode(self.data.trim())
+            .map_err(|e| Invalid {
+                field: "data".into(),
+                reason: format!("not base64: {e}"),
+            })?;
+        Avatar::from_image(&self.mime, image)
+    }
+}
+
+impl Avatar {
+    /// Check decoded image bytes said to be of type `mime`: the size, the
+    /// type named is the type the bytes are (read from their header, with the
+    /// dimensions).
+    pub fn from_image(mime: &str, image: Vec<u8>) -> Result<Avatar, Invalid> {
         let invalid = |field: &str, reason: String| Invalid {
             field: field.into(),
             reason,
         };
-        let image = base64::engine::general_purpose::STANDARD
-            .decode(self.data.trim())
-            .map_err(|e| invalid("data", format!("not base64: {e}")))?;
         if image.is_empty() || image.len() > MAX_AVATAR_BYTES {
             return Err(invalid(
                 "data",
@@ -349,8 +361,8 @@ impl AvatarIn {
                 ),
             ));
         }
-        let named = match self.mime.as_str() {
-            "image/png" | "image/jpeg" | "image/gif" | "image/webp" => self.mime.as_str(),
+        let named = match mime {
+            "image/png" | "image/jpeg" | "image/gif" | "image/webp" => mime,
             other => {
                 return Err(invalid(
                     "type",
