@@ -136,6 +136,10 @@ pub struct DeliveryConfig {
     /// A domain that stays unreachable is retried after `retry_secs`, then twice
     /// as long each time (with jitter), up to this many seconds between attempts.
     pub max_retry_secs: u64,
+    /// The most messages per remote domain in flight (sent, not yet confirmed
+    /// and settled on disk): what a crash may make us send twice. The rest wait
+    /// their turn in the queue.
+    pub window: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -144,6 +148,7 @@ impl Default for DeliveryConfig {
             expire_secs: 7 * 24 * 3600,
             retry_secs: 5,
             max_retry_secs: 900,
+            window: 1000,
         }
     }
 }
@@ -627,6 +632,15 @@ impl Config {
             return Err(invalid(
                 "delivery.max_retry_secs",
                 "must be at least delivery.retry_secs",
+            ));
+        }
+        if self.delivery.window == 0 || self.delivery.window > l.outbound_queue {
+            return Err(invalid(
+                "delivery.window",
+                format!(
+                    "must be between 1 and limits.outbound_queue ({})",
+                    l.outbound_queue
+                ),
             ));
         }
         if self.listen.starttls.is_empty() && self.listen.direct_tls.is_empty() {

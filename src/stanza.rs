@@ -17,6 +17,9 @@ use crate::xml::framer::Element;
 use crate::xml::writer::{ElementBuilder, escape};
 use crate::xml::{NS_SERVER, NS_STANZAS_ERR, NS_STREAM};
 
+/// Unique and stable stanza ids (XEP-0359): `origin-id`, `stanza-id`.
+pub const NS_SID: &str = "urn:xmpp:sid:0";
+
 /// The three stanza kinds (RFC 6120 §8.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -247,13 +250,20 @@ pub fn check_extension(xml: &str) -> Result<(), String> {
         Some(el) if el.ns == NS_SERVER || el.ns.is_empty() || el.ns == NS_STREAM => {
             Err("needs its own namespace (xmlns)".into())
         }
+        // One per message (XEP-0359), and ours is the message's id.
+        Some(el) if el.ns == NS_SID && &*el.name == "origin-id" => {
+            Err("is an origin-id: every message gets its own (the message's id)".into())
+        }
         Some(_) => Ok(()),
     }
 }
 
 /// An outgoing message from checked parts (addresses, type and id already
 /// valid, extensions passed by [`check_extension`]): body and thread escaped,
-/// extensions as given.
+/// extensions as given, and an XEP-0359 `origin-id` that is the message's id.
+/// The message is stored as built here, so a resend (after a broken stream
+/// or a crash) carries the same id and origin-id: receivers that dedup by
+/// either drop the copy.
 pub fn message_xml(
     from: &str,
     to: &str,
@@ -277,6 +287,11 @@ pub fn message_xml(
     for x in extensions {
         inner.push_str(x);
     }
+    inner.push_str("<origin-id xmlns='");
+    inner.push_str(NS_SID);
+    inner.push_str("' id='");
+    inner.push_str(&escape(id));
+    inner.push_str("'/>");
     ElementBuilder::new("message")
         .attr("from", Some(from))
         .attr("to", Some(to))
@@ -309,9 +324,38 @@ mod tests {
             "<stream:stream/>",
             "<x xmlns='urn:a'><stream:error/></x>",
             "<s xmlns='http://etherx.jabber.org/streams'/>",
+            "<origin-id xmlns='urn:xmpp:sid:0' id='mine'/>",
         ] {
             assert!(check_extension(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Every message carries its id as its XEP-0359 origin-id, and is one
+    /// stanza a receiver reads back with the same id.
+    #[test]
+    fn a_message_carries_its_id_as_origin_id() {
+        let xml = message_xml(
+            "a@x.test",
+            "b@y.test",
+            "chat",
+            "0190-a&b",
+            Some("hi"),
+            None,
+            &["<x xmlns='urn:a'/>".to_string()],
+        );
+        assert!(
+            xml.ends_with(
+                "<x xmlns='urn:a'/><origin-id xmlns='urn:xmpp:sid:0' id='0190-a&amp;b'/></message>"
+            ),
+            "{xml}"
+        );
+        let el = crate::xml::framer::parse_element(
+            xml.replacen("<message ", "<message xmlns='jabber:server' ", 1)
+                .as_bytes(),
+        )
+        .unwrap();
+        let st = Stanza::from_element(el).unwrap();
+        assert_eq!(st.id.as_deref(), Some("0190-a&b"));
     }
 
     #[test]

@@ -24,12 +24,20 @@
 //! outage delays no other domain), and expires what is too old. A domain that could not be reached is held back,
 //! its wait doubling per failed attempt up to `delivery.max_retry_secs`.
 //!
-//! What this does not give: exactly-once. A stream that breaks after the peer took
-//! a message but before the confirmation makes us send it again (with the same
-//! stanza id, so a receiver can drop the duplicate; ours do). XEP-0198 resumption
-//! would close that window; it is not implemented.
+//! At most `delivery.window` messages per remote domain are in flight: submitted
+//! and not yet settled durably (a settled message stays counted until the
+//! transaction with its outcome is on disk). The rest wait, due, in the order the
+//! API accepted them, and go as confirmations free the window
+//! ([`Delivery::pump`]). So a crash makes us send again at most that many
+//! messages per domain: those in flight when it happened.
+//!
+//! What this does not give: exactly-once. A stream that breaks (or a crash) after
+//! the peer took a message but before the confirmation was stored makes us send it
+//! again, with the same stanza id and XEP-0359 `origin-id` (the message is stored
+//! as it was first sent), so a receiver can drop the duplicate; ours do.
+//! XEP-0198 resumption would close that window; it is not implemented.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +55,10 @@ use crate::store::{EventKind, Outgoing, Store, Writes, now_ms};
 /// How long a submitted message may stay unconfirmed before it is resubmitted.
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The most stanzas of due messages kept in memory from their submission
+/// (beyond that a due message is read back from the store when it goes).
+const STASH_MAX: usize = 100_000;
+
 /// What delivery keeps in memory about a queued message.
 #[derive(Debug, Clone)]
 struct Tracked {
@@ -59,8 +71,138 @@ struct Tracked {
     expires_ms: u64,
     /// When the API accepted it (unix ms).
     accepted_ms: u64,
-    /// When it was last handed to the router; `None`: due now.
+    /// When it was last handed to the router (it is in flight); `None`: due.
     submitted: Option<Instant>,
+}
+
+/// The queued messages in memory, each either in flight or due, counted per
+/// remote domain.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Stanza id -> every queued message not taken to be settled.
+    by_id: HashMap<String, Tracked>,
+    /// Remote domain -> its window.
+    domains: HashMap<String, Flight>,
+    /// Stanzas of due messages, by sequence number, kept from their submission
+    /// by the API so that a message the window holds back is not read again.
+    stash: HashMap<u64, Stanza>,
+}
+
+/// One remote domain's messages: how many are in flight, and which are due.
+#[derive(Debug, Default)]
+struct Flight {
+    /// Submitted and not settled durably: `submitted` is set, or taken by a
+    /// settlement whose transaction has not landed yet.
+    in_flight: usize,
+    /// Due (neither in flight nor taken): sequence number -> id, oldest first.
+    due: BTreeMap<u64, String>,
+}
+
+impl Queue {
+    fn insert(&mut self, id: String, t: Tracked) {
+        let f = self.domains.entry(t.domain.clone()).or_default();
+        match t.submitted {
+            Some(_) => f.in_flight += 1,
+            None => {
+                f.due.insert(t.seq, id.clone());
+            }
+        }
+        if let Some(old) = self.by_id.insert(id, t) {
+            // The same id queued twice (never, ids are unique): keep the counts true.
+            self.forget(&old);
+        }
+    }
+
+    /// Take `old` out of its domain's counts (in flight or due).
+    fn forget(&mut self, old: &Tracked) {
+        if let Some(f) = self.domains.get_mut(&old.domain) {
+            match old.submitted {
+                Some(_) => f.in_flight = f.in_flight.saturating_sub(1),
+                None => {
+                    f.due.remove(&old.seq);
+                    self.stash.remove(&old.seq);
+                }
+            }
+        }
+    }
+
+    /// Mark message `id` submitted now (in flight); false if it is not queued.
+    fn submitted(&mut self, id: &str) -> bool {
+        let Some(t) = self.by_id.get_mut(id) else {
+            return false;
+        };
+        if t.submitted.is_none() {
+            let f = self.domains.entry(t.domain.clone()).or_default();
+            f.due.remove(&t.seq);
+            f.in_flight += 1;
+            self.stash.remove(&t.seq);
+        }
+        t.submitted = Some(Instant::now());
+        true
+    }
+
+    /// Make message `id` due again (it was not delivered).
+    fn due(&mut self, id: &str) {
+        let Some(t) = self.by_id.get_mut(id) else {
+            return;
+        };
+        if t.submitted.take().is_some() {
+            let f = self.domains.entry(t.domain.clone()).or_default();
+            f.in_flight = f.in_flight.saturating_sub(1);
+            f.due.insert(t.seq, id.to_string());
+        }
+    }
+
+    /// Take message `id` out to be settled: a due one leaves its domain's
+    /// counts now, one in flight stays counted until [`Queue::landed`].
+    fn take(&mut self, id: &str) -> Option<(String, Tracked)> {
+        let (id, t) = self.by_id.remove_entry(id)?;
+        if t.submitted.is_none() {
+            self.forget(&t);
+        }
+        Some((id, t))
+    }
+
+    /// Settlements of messages that were in flight landed (`n` for `domain`).
+    fn landed(&mut self, domain: &str, n: usize) {
+        if let Some(f) = self.domains.get_mut(domain) {
+            f.in_flight = f.in_flight.saturating_sub(n);
+            if f.in_flight == 0 && f.due.is_empty() {
+                self.domains.remove(domain);
+            }
+        }
+    }
+
+    /// Due messages of `domain` that fit in its window (oldest first, not
+    /// `held`), marked in flight: (sequence number, id, the stanza if kept).
+    fn pick(
+        &mut self,
+        domain: &str,
+        window: usize,
+        held: impl Fn(&Tracked) -> bool,
+    ) -> Vec<(u64, String, Option<Stanza>)> {
+        let Some(f) = self.domains.get_mut(domain) else {
+            return Vec::new();
+        };
+        let mut picked = Vec::new();
+        let mut skipped = Vec::new();
+        while f.in_flight < window {
+            let Some((seq, id)) = f.due.pop_first() else {
+                break;
+            };
+            match self.by_id.get_mut(&id) {
+                Some(t) if held(t) => skipped.push((seq, id)),
+                Some(t) => {
+                    t.submitted = Some(Instant::now());
+                    f.in_flight += 1;
+                    picked.push((seq, id, self.stash.remove(&seq)));
+                }
+                None => {}
+            }
+        }
+        f.due.extend(skipped);
+        picked
+    }
 }
 
 /// What delivery knows of one remote domain, for the status.
@@ -105,8 +247,8 @@ struct Outcomes {
 pub struct Delivery {
     store: Arc<Store>,
     config: Arc<Config>,
-    /// Stanza id -> every queued message, settled or not yet.
-    queue: Mutex<HashMap<String, Tracked>>,
+    /// Every queued message not taken to be settled, in flight or due.
+    queue: Mutex<Queue>,
     /// Confirmation ping id -> what it confirms (keys: stanza ids).
     confirms: Mutex<HashMap<String, Vec<Track>>>,
     /// Domains found unreachable, and when to try each again.
@@ -176,6 +318,8 @@ impl Delivery {
         let r = self.store.each_queued(|m| {
             lock(&self.queue).insert(m.id.clone(), tracked(&m, None));
         });
+        // Each queued message is due: the sweeper's first round sends each
+        // domain's window of them.
         if let Err(e) = r {
             tracing::error!(error = %e, "reading the outbound queue");
         }
@@ -183,7 +327,16 @@ impl Delivery {
 
     /// How many messages are queued (persisted, not yet settled).
     pub fn queued(&self) -> usize {
-        lock(&self.queue).len()
+        lock(&self.queue).by_id.len()
+    }
+
+    /// How many messages to `domain` are in flight (submitted, not settled
+    /// durably).
+    pub fn in_flight(&self, domain: &str) -> usize {
+        lock(&self.queue)
+            .domains
+            .get(domain)
+            .map_or(0, |f| f.in_flight)
     }
 
     /// The stanza ids ping `ping_id` confirms, forgetting the ping.
@@ -199,29 +352,34 @@ impl Delivery {
 
     /// Make a message due again (its stream failed before the confirmation).
     fn unsubmit(&self, id: &str) {
-        if let Some(t) = lock(&self.queue).get_mut(id) {
-            t.submitted = None;
-        }
+        lock(&self.queue).due(id);
     }
 
-    /// One sweep: the ids that expired, and what is due (sequence number, id,
-    /// domain): round robin over the domains, each domain's oldest first, so a
-    /// domain with a backlog (after an outage) delays no other domain's
-    /// messages in the sweep.
-    fn sweep(&self, now_ms: u64) -> (Vec<String>, Vec<(u64, String, String)>) {
-        let (mut expired, mut due) = (Vec::new(), Vec::new());
+    /// One sweep: the ids that expired, the messages in flight for too long
+    /// (sequence number, id, domain: sent again, still in flight), and the
+    /// domains with due messages, the one with the oldest first.
+    fn sweep(&self, now_ms: u64) -> Sweep {
+        let mut sweep = Sweep::default();
         let holds = lock(&self.holds);
-        for (id, t) in lock(&self.queue).iter() {
+        let q = lock(&self.queue);
+        for (id, t) in q.by_id.iter() {
             if now_ms >= t.expires_ms {
-                expired.push(id.clone());
-            } else if t.submitted.is_none_or(|s| s.elapsed() > INFLIGHT_TIMEOUT)
+                sweep.expired.push(id.clone());
+            } else if t.submitted.is_some_and(|s| s.elapsed() > INFLIGHT_TIMEOUT)
                 && !holds.held(&t.from, &t.to)
             {
-                due.push((t.seq, id.clone(), t.domain.clone()));
+                sweep.stale.push((t.seq, id.clone(), t.domain.clone()));
             }
         }
-        due.sort_unstable();
-        (expired, round_robin(due))
+        sweep.stale.sort_unstable();
+        let mut domains: Vec<(u64, &String)> = q
+            .domains
+            .iter()
+            .filter_map(|(d, f)| f.due.first_key_value().map(|(seq, _)| (*seq, d)))
+            .collect();
+        domains.sort_unstable();
+        sweep.domains = domains.into_iter().map(|(_, d)| d.clone()).collect();
+        sweep
     }
 
     fn unreachable_now(&self, domain: &str) {
@@ -247,10 +405,8 @@ impl Delivery {
         self.backoff.held(domain)
     }
 
-    fn mark_submitted(&self, id: &str) {
-        if let Some(t) = lock(&self.queue).get_mut(id) {
-            t.submitted = Some(Instant::now());
-        }
+    fn mark_submitted(&self, id: &str) -> bool {
+        lock(&self.queue).submitted(id)
     }
 
     /// Hold back messages from `from` to `to` (nothing is submitted, new or due)
@@ -267,6 +423,7 @@ impl Delivery {
     /// The ids of the messages queued from `from` to `to`.
     pub fn queued_for(&self, from: &str, to: &str) -> Vec<String> {
         lock(&self.queue)
+            .by_id
             .iter()
             .filter(|(_, t)| t.from == from && t.to == to)
             .map(|(id, _)| id.clone())
@@ -292,15 +449,16 @@ impl Delivery {
                 }
             }
         }
-        let mut pending: Vec<(u64, String)> = lock(&self.queue)
+        let mut pending: Vec<(u64, String, String)> = lock(&self.queue)
+            .by_id
             .iter()
             .filter(|(_, t)| t.from == from && t.to == to)
-            .map(|(id, t)| (t.seq, id.clone()))
+            .map(|(id, t)| (t.seq, id.clone(), t.domain.clone()))
             .collect();
         pending.sort_unstable();
         let (arrived, pending): (Vec<_>, Vec<_>) = pending
             .into_iter()
-            .partition(|(_, id)| arrived.contains(id));
+            .partition(|(_, id, _)| arrived.contains(id));
         tracing::info!(
             %from,
             %to,
@@ -309,10 +467,12 @@ impl Delivery {
             "released: settled what the recipient showed it has, sending the rest"
         );
         if !arrived.is_empty() {
-            self.settle(arrived.into_iter().map(|(_, id)| id), delivered);
+            self.settle(outbox, arrived.into_iter().map(|(_, id, _)| id), delivered);
         }
-        for (seq, id) in pending {
-            self.resubmit(outbox, seq, &id);
+        // The others are due (not held any more): they go within their
+        // domain's window.
+        if let Some((_, _, domain)) = pending.first() {
+            self.pump(outbox, domain);
         }
     }
 }
@@ -322,7 +482,7 @@ impl Delivery {
     /// (every domain with queued messages or an outcome), sorted by domain.
     pub fn status(&self) -> Vec<DomainQueue> {
         let mut by: std::collections::BTreeMap<String, DomainQueue> = Default::default();
-        for t in lock(&self.queue).values() {
+        for t in lock(&self.queue).by_id.values() {
             let e = by.entry(t.domain.clone()).or_default();
             e.queued += 1;
             e.oldest_accepted_ms = Some(
@@ -356,6 +516,7 @@ impl Delivery {
     /// (the bounce settles it as `bounced`). Returns how many.
     pub fn refuse(&self, outbox: &Outbox, allowed: impl Fn(&str) -> bool) -> usize {
         let mut refused: Vec<(u64, String, String)> = lock(&self.queue)
+            .by_id
             .iter()
             .filter(|(_, t)| !allowed(&t.domain))
             .map(|(id, t)| (t.seq, id.clone(), t.domain.clone()))
@@ -368,20 +529,85 @@ impl Delivery {
         refused.len()
     }
 
-    /// Submit queued message `seq` (`id`) again, read from the store.
+    /// Submit queued message `seq` (`id`) now, whatever its window (a refused
+    /// domain's, to be bounced), read from the store.
     fn resubmit(&self, outbox: &Outbox, seq: u64, id: &str) {
-        match self.store.queued_by_seq(seq) {
-            Ok(Some(m)) => match Stanza::parse(&m.xml) {
-                Some(stanza) => {
-                    self.mark_submitted(id);
-                    outbox.send_tracked(stanza);
-                }
-                None => tracing::error!(%id, "queued message does not parse; it will expire"),
-            },
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
+        if let Some(stanza) = self.read_queued(seq, id)
+            && self.mark_submitted(id)
+        {
+            outbox.send_tracked(stanza);
         }
     }
+
+    /// Queued message `seq`'s stanza, from the store.
+    fn read_queued(&self, seq: u64, id: &str) -> Option<Stanza> {
+        match self.store.queued_by_seq(seq) {
+            Ok(Some(m)) => {
+                let s = Stanza::parse(&m.xml);
+                if s.is_none() {
+                    tracing::error!(%id, "queued message does not parse; it will expire");
+                }
+                s
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the outbound queue");
+                None
+            }
+        }
+    }
+
+    /// Send `domain`'s due messages that fit in its window, oldest first
+    /// (none while the domain is held back, none of a held pair). A session
+    /// queue that is nearly full takes no more: what is left stays due for
+    /// the sweeper. Returns (sent, left due because the queue was full).
+    pub fn pump(&self, outbox: &Outbox, domain: &str) -> (usize, usize) {
+        if self.held(domain) {
+            return (0, 0);
+        }
+        let window = self.config.delivery.window;
+        let picked = {
+            let holds = lock(&self.holds);
+            lock(&self.queue).pick(domain, window, |t| holds.held(&t.from, &t.to))
+        };
+        let margin = (self.config.limits.outbound_queue / 4).max(1);
+        let (mut sent, mut full) = (0, false);
+        let mut left = Vec::new();
+        for (seq, id, stanza) in picked {
+            if full {
+                left.push(id);
+                continue;
+            }
+            let Some(stanza) = stanza.or_else(|| self.read_queued(seq, &id)) else {
+                // Unreadable: it stays in flight (not sent) until it expires.
+                continue;
+            };
+            let local = stanza.from.as_ref().map(|f| f.domain()).unwrap_or("");
+            if outbox.room(local, domain).is_some_and(|r| r < margin) {
+                full = true;
+                left.push(id);
+                continue;
+            }
+            outbox.send_tracked(stanza);
+            sent += 1;
+        }
+        let held = left.len();
+        if held > 0 {
+            let mut q = lock(&self.queue);
+            for id in &left {
+                q.due(id);
+            }
+        }
+        (sent, held)
+    }
+}
+
+/// What one sweep found.
+#[derive(Debug, Default)]
+struct Sweep {
+    expired: Vec<String>,
+    stale: Vec<(u64, String, String)>,
+    domains: Vec<String>,
 }
 
 impl Backoffs {
@@ -436,27 +662,26 @@ fn tracked(m: &Outgoing, submitted: Option<Instant>) -> Tracked {
 impl Delivery {
     /// Track and submit messages the API has just persisted (`stanzas[i]` is
     /// `queued[i]`'s stanza, built by the API from validated parts).
+    ///
+    /// They are due, and go at once within their domain's window (a domain
+    /// being held back gets them from the sweeper when its wait is over, a
+    /// held pair when it is released); the stanzas are kept until they go.
     pub fn submit_new(&self, outbox: &Outbox, queued: &[Outgoing], stanzas: Vec<Stanza>) {
-        // A domain being held back gets them from the sweeper when its wait is
-        // over; a held pair when it is released.
-        let held: Vec<bool> = {
-            let holds = lock(&self.holds);
-            queued
-                .iter()
-                .map(|m| self.held(&m.domain) || holds.held(&m.from, &m.to))
-                .collect()
-        };
+        let mut domains: Vec<&str> = Vec::new();
         {
-            let now = Instant::now();
             let mut q = lock(&self.queue);
-            for (m, held) in queued.iter().zip(&held) {
-                q.insert(m.id.clone(), tracked(m, (!held).then_some(now)));
+            for (m, s) in queued.iter().zip(stanzas) {
+                q.insert(m.id.clone(), tracked(m, None));
+                if q.stash.len() < STASH_MAX {
+                    q.stash.insert(m.seq, s);
+                }
+                if !domains.contains(&m.domain.as_str()) {
+                    domains.push(&m.domain);
+                }
             }
         }
-        for (s, held) in stanzas.into_iter().zip(held) {
-            if !held {
-                outbox.send_tracked(s);
-            }
+        for d in domains {
+            self.pump(outbox, d);
         }
     }
 
@@ -464,13 +689,14 @@ impl Delivery {
     /// in the background.
     pub fn settle<K: AsRef<str>>(
         self: &Arc<Self>,
+        outbox: &Outbox,
         ids: impl IntoIterator<Item = K>,
         outcome: impl Fn(&str, &str) -> EventKind,
     ) {
         let (mut w, mut taken) = (Writes::default(), Taken::default());
         self.take(ids, outcome, &mut w, &mut taken);
-        let this = self.clone();
-        tokio::spawn(async move { this.commit(w, taken).await });
+        let (this, outbox) = (self.clone(), outbox.clone());
+        tokio::spawn(async move { this.commit(&outbox, w, taken).await });
     }
 
     /// Take messages by stanza id out of the queue and add their removal and
@@ -488,7 +714,7 @@ impl Delivery {
         let mut q = lock(&self.queue);
         let mut seen: Vec<(String, EventKind)> = Vec::new();
         for id in ids {
-            match q.remove_entry(id.as_ref()) {
+            match q.take(id.as_ref()) {
                 Some((id, t)) => {
                     let kind = outcome(&id, &t.to);
                     w.settle(t.seq, &kind);
@@ -525,10 +751,17 @@ impl Delivery {
     }
 
     /// Make `w` durable; if that fails, `taken` goes back to the queue. Whether it
-    /// was stored.
-    pub async fn commit(&self, w: Writes, taken: Taken) -> bool {
+    /// was stored. Once it is, what was in flight of `taken` leaves its
+    /// domains' windows, and the due messages that now fit go.
+    pub async fn commit(&self, outbox: &Outbox, w: Writes, taken: Taken) -> bool {
         match self.store.commit(w).await {
-            Ok(()) => true,
+            Ok(()) => {
+                let domains = taken.landed(self);
+                for d in domains {
+                    self.pump(outbox, &d);
+                }
+                true
+            }
             Err(e) => {
                 tracing::error!(error = %e, "storing; outcomes will be retried, inbound stanzas stay unconfirmed");
                 taken.restore(self);
@@ -548,9 +781,9 @@ impl Delivery {
 
     /// The answer to a confirmation ping, when it cannot wait in the inbox (full):
     /// settled at once, out of order ([`Report::Confirmed`]).
-    fn confirmed_now(self: &Arc<Self>, ping_id: &str) {
+    fn confirmed_now(self: &Arc<Self>, outbox: &Outbox, ping_id: &str) {
         if let Some(ids) = self.take_confirm(ping_id) {
-            self.settle(ids, delivered);
+            self.settle(outbox, ids, delivered);
         }
     }
 
@@ -582,49 +815,30 @@ impl Delivery {
 
     /// One round of the sweeper; how long to wait for the next.
     fn sweep_once(self: &Arc<Self>, outbox: &Outbox, every: Duration) -> Duration {
-        let (expired, due) = self.sweep(now_ms());
+        let Sweep {
+            expired,
+            stale,
+            domains,
+        } = self.sweep(now_ms());
         if !expired.is_empty() {
-            self.settle(expired, |id, to| EventKind::Expired {
+            self.settle(outbox, expired, |id, to| EventKind::Expired {
                 id: id.to_string(),
                 to: to.to_string(),
             });
         }
-        // Resubmit no faster than the sessions take them: a domain whose session
-        // queue is three-quarters full waits for a later round (a backlog after a
-        // long outage must not be bounced off a full queue, nor read in vain).
-        let margin = (self.config.limits.outbound_queue / 4).max(1);
-        let mut full = std::collections::HashSet::new();
+        // In flight for too long (a confirmation that never came): sent
+        // again, still within the window.
+        for (seq, id, _) in &stale {
+            self.resubmit(outbox, *seq, id);
+        }
+        // Each domain's due messages within its window, the domains in the
+        // order of their oldest: a domain's backlog (after an outage) takes no
+        // more than its window, and delays no other domain.
         let (mut resubmitted, mut held) = (0usize, 0usize);
-        for (seq, id, domain) in due {
-            if full.contains(&domain) {
-                held += 1;
-                continue;
-            }
-            if self.held(&domain) {
-                continue;
-            }
-            match self.store.queued_by_seq(seq) {
-                Ok(Some(m)) => {
-                    let local = crate::address::Addr::trusted(m.from.as_str());
-                    if outbox
-                        .room(local.domain(), &domain)
-                        .is_some_and(|r| r < margin)
-                    {
-                        full.insert(domain);
-                        held += 1;
-                        continue;
-                    }
-                    let Some(stanza) = Stanza::parse(&m.xml) else {
-                        tracing::error!(id = %m.id, "queued message does not parse; it will expire");
-                        continue;
-                    };
-                    self.mark_submitted(&id);
-                    outbox.send_tracked(stanza);
-                    resubmitted += 1;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "reading the outbound queue"),
-            }
+        for d in &domains {
+            let (sent, left) = self.pump(outbox, d);
+            resubmitted += sent;
+            held += left;
         }
         // Held back while sessions are taking them: come back soon.
         if held > 0 && resubmitted > 0 {
@@ -635,35 +849,10 @@ impl Delivery {
     }
 }
 
-/// `due` (oldest first) taken one per domain in turn, the domains in the
-/// order of their oldest message.
-fn round_robin(due: Vec<(u64, String, String)>) -> Vec<(u64, String, String)> {
-    let n = due.len();
-    let mut order: Vec<String> = Vec::new();
-    let mut by_domain: HashMap<String, std::collections::VecDeque<(u64, String, String)>> =
-        HashMap::new();
-    for d in due {
-        let q = by_domain.entry(d.2.clone()).or_insert_with(|| {
-            order.push(d.2.clone());
-            Default::default()
-        });
-        q.push_back(d);
-    }
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        for domain in &order {
-            if let Some(d) = by_domain.get_mut(domain).and_then(|q| q.pop_front()) {
-                out.push(d);
-            }
-        }
-    }
-    out
-}
-
 /// Delivery is [`crate::routing::Owner::Delivery`]'s tracker: every key it is told is a
 /// stanza id.
 impl Tracker for Arc<Delivery> {
-    fn report(&self, _outbox: &Outbox, report: Report) {
+    fn report(&self, outbox: &Outbox, report: Report) {
         match report {
             Report::Reachable { remote } => self.reachable(&remote),
             Report::Unsent {
@@ -683,8 +872,10 @@ impl Tracker for Arc<Delivery> {
             Report::PingVoid { ping_id } => {
                 lock(&self.confirms).remove(&ping_id);
             }
-            Report::Confirmed { ping_id } => self.confirmed_now(&ping_id),
-            Report::Acked { tracks } => self.settle(tracks.into_iter().map(|t| t.key), delivered),
+            Report::Confirmed { ping_id } => self.confirmed_now(outbox, &ping_id),
+            Report::Acked { tracks } => {
+                self.settle(outbox, tracks.into_iter().map(|t| t.key), delivered)
+            }
         }
     }
 
@@ -704,9 +895,28 @@ impl Taken {
     pub fn restore(self, delivery: &Delivery) {
         let mut q = lock(&delivery.queue);
         for (id, mut t) in self.0 {
-            t.submitted = None;
+            if t.submitted.take().is_some() {
+                // It was still counted in flight: due again instead.
+                q.landed(&t.domain, 1);
+            }
             q.insert(id, t);
         }
+    }
+
+    /// Their outcomes are durable: those that were in flight leave their
+    /// domains' windows. Returns those domains.
+    fn landed(self, delivery: &Delivery) -> Vec<String> {
+        let mut by: HashMap<String, usize> = HashMap::new();
+        for (_, t) in self.0 {
+            if t.submitted.is_some() {
+                *by.entry(t.domain).or_default() += 1;
+            }
+        }
+        let mut q = lock(&delivery.queue);
+        for (d, n) in &by {
+            q.landed(d, *n);
+        }
+        by.into_keys().collect()
     }
 }
 
@@ -756,11 +966,17 @@ mod tests {
     }
 
     fn setup() -> Setup {
+        setup_with(|_| {})
+    }
+
+    fn setup_with(change: impl FnOnce(&mut Config)) -> Setup {
         let store = Store::open(crate::store::memory_kv().unwrap(), "a.test").unwrap();
-        let config = Arc::new(Config {
+        let mut config = Config {
             domains: vec!["a.test".into()],
             ..Config::default()
-        });
+        };
+        change(&mut config);
+        let config = Arc::new(config);
         let delivery = Arc::new(Delivery::new(store.clone(), config));
         let w = World::with_delivery(Arc::new(delivery.clone()));
         Setup { store, delivery, w }
@@ -852,7 +1068,7 @@ mod tests {
         assert!(!s.delivery.is_confirmation("dlv-6"));
         let (mut w, mut taken) = (Writes::default(), Taken::default());
         s.delivery.confirmed("dlv-7", &mut w, &mut taken);
-        assert!(s.delivery.commit(w, taken).await);
+        assert!(s.delivery.commit(&s.w.outbox, w, taken).await);
         assert!(!s.delivery.is_confirmation("dlv-7"));
         // A second answer to the same ping (a peer that answers twice) settles
         // nothing more.
@@ -928,18 +1144,18 @@ mod tests {
             .collect();
         queue(&s, small).await;
         assert!(s.w.remote.sent.lock().unwrap().is_empty(), "held back");
-        // Both come back: the sweep sends the small domain's ten among the
-        // first twenty, the big one's backlog beside them, each in order.
+        // Both come back: one sweep sends the small domain's ten, and of the
+        // big one's backlog only its window, oldest first.
         for d in ["big.test", "small.test"] {
             s.w.outbox.report(Report::Reachable { remote: d.into() });
         }
         s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
         let sent = sent_ids(&s);
-        assert_eq!(sent.len(), 100_010);
-        let first: Vec<&str> = sent[..20].iter().map(String::as_str).collect();
-        let small: Vec<&str> = first
+        let window = Config::default().delivery.window;
+        assert_eq!(sent.len(), window + 10);
+        let small: Vec<&str> = sent
             .iter()
-            .copied()
+            .map(String::as_str)
             .filter(|i| i.starts_with('s'))
             .collect();
         assert_eq!(
@@ -948,6 +1164,84 @@ mod tests {
         );
         let big: Vec<&String> = sent.iter().filter(|i| i.starts_with('b')).collect();
         assert!(big.iter().enumerate().all(|(n, i)| **i == format!("b{n}")));
+        assert_eq!(s.delivery.in_flight("big.test"), window);
+        assert_eq!(s.delivery.in_flight("small.test"), 10);
+    }
+
+    /// Confirm what a ping `ping_id` after `ids` confirms, as the inbox does.
+    async fn confirm(s: &Setup, ping_id: &str, ids: &[&str]) {
+        s.w.outbox.report(Report::AwaitingPing {
+            ping_id: ping_id.into(),
+            tracks: tracks(ids),
+        });
+        let (mut w, mut taken) = (Writes::default(), Taken::default());
+        s.delivery.confirmed(ping_id, &mut w, &mut taken);
+        assert!(s.delivery.commit(&s.w.outbox, w, taken).await);
+    }
+
+    #[tokio::test]
+    async fn the_window_bounds_what_is_in_flight_and_confirmations_free_it() {
+        let s = setup_with(|c| c.delivery.window = 3);
+        let far = now_ms() + 3_600_000;
+        let ms = (0..8)
+            .map(|n| message(&format!("m{n}"), "x@remote.test", far))
+            .collect();
+        queue(&s, ms).await;
+        queue(&s, vec![message("o0", "x@other.test", far)]).await;
+        // Three in flight for remote.test; other.test has a window of its own.
+        assert_eq!(sent_ids(&s), ["m0", "m1", "m2", "o0"]);
+        assert_eq!(s.delivery.in_flight("remote.test"), 3);
+        // Two confirmed and stored: two more go, in order.
+        confirm(&s, "dlv-1", &["m0", "m1"]).await;
+        assert_eq!(sent_ids(&s)[4..], ["m3", "m4"]);
+        assert_eq!(s.delivery.in_flight("remote.test"), 3);
+        // A settlement taken but not stored yet still counts: nothing more goes.
+        s.w.outbox.report(Report::AwaitingPing {
+            ping_id: "dlv-2".into(),
+            tracks: tracks(&["m2"]),
+        });
+        let (mut w, mut taken) = (Writes::default(), Taken::default());
+        s.delivery.confirmed("dlv-2", &mut w, &mut taken);
+        s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
+        assert_eq!(sent_ids(&s).len(), 6);
+        assert!(s.delivery.commit(&s.w.outbox, w, taken).await);
+        assert_eq!(sent_ids(&s)[6..], ["m5"]);
+        // Not delivered (the stream broke): due again, and it goes before
+        // younger ones as the window frees.
+        s.w.outbox.report(Report::Unsent {
+            tracks: tracks(&["m3"]),
+            unreachable: None,
+        });
+        assert_eq!(s.delivery.in_flight("remote.test"), 2);
+        s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
+        assert_eq!(sent_ids(&s)[7..], ["m3"]);
+        confirm(&s, "dlv-3", &["m3", "m4", "m5"]).await;
+        assert_eq!(sent_ids(&s)[8..], ["m6", "m7"]);
+        confirm(&s, "dlv-4", &["m6", "m7"]).await;
+        assert_eq!(s.delivery.in_flight("remote.test"), 0);
+        assert_eq!(s.delivery.queued(), 1, "o0 only");
+        assert_eq!(outcomes(&s.store, 8).await.len(), 8);
+    }
+
+    /// After a restart every queued message is due: only a window's worth per
+    /// domain goes, so a crash resends at most that.
+    #[tokio::test]
+    async fn after_a_restart_only_a_window_per_domain_goes() {
+        let s = setup_with(|c| c.delivery.window = 5);
+        let far = now_ms() + 3_600_000;
+        s.store
+            .enqueue(
+                (0..20)
+                    .map(|n| (message(&format!("m{n}"), "x@remote.test", far), None))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        s.delivery.load();
+        s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
+        assert_eq!(sent_ids(&s), ["m0", "m1", "m2", "m3", "m4"]);
+        s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
+        assert_eq!(sent_ids(&s).len(), 5, "no more until confirmed");
     }
 
     #[tokio::test]

@@ -364,7 +364,11 @@ impl InboxTask {
             if stanza.kind == Kind::Presence {
                 stored &= self
                     .delivery
-                    .commit(std::mem::take(&mut w), std::mem::take(&mut taken))
+                    .commit(
+                        &self.outbox,
+                        std::mem::take(&mut w),
+                        std::mem::take(&mut taken),
+                    )
                     .await;
                 self.presence_in(&stanza).await;
                 continue;
@@ -388,7 +392,7 @@ impl InboxTask {
                 None => refused.push(stanza),
             }
         }
-        stored &= self.delivery.commit(w, taken).await;
+        stored &= self.delivery.commit(&self.outbox, w, taken).await;
         if stored {
             for r in replies {
                 self.outbox.send(r);

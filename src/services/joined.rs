@@ -874,7 +874,7 @@ impl Worker {
                 let why = why.to_string();
                 self.task
                     .delivery
-                    .settle(ids, move |id, to| EventKind::Bounced {
+                    .settle(&self.task.outbox, ids, move |id, to| EventKind::Bounced {
                         id: id.to_string(),
                         to: to.to_string(),
                         condition: "not-acceptable".into(),

@@ -38,16 +38,16 @@ pub async fn try_request(
         ));
     }
     req.push_str("\r\n");
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    tcp.write_all(body.as_bytes()).await.unwrap();
+    tcp.write_all(req.as_bytes()).await.map_err(e)?;
+    tcp.write_all(body.as_bytes()).await.map_err(e)?;
     let mut out = Vec::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(30),
         tcp.read_to_end(&mut out),
     )
     .await
-    .expect("HTTP answer")
-    .unwrap();
+    .map_err(|_| "no HTTP answer within 30 s".to_string())?
+    .map_err(e)?;
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status: u16 = head

@@ -213,6 +213,15 @@ impl BackgroundClient {
         &self.seen
     }
 
+    /// Take every line printed so far into [`BackgroundClient::seen`],
+    /// without waiting.
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        &self.seen
+    }
+
     /// Write one line (a command) to its stdin.
     pub fn send_line(&mut self, line: &str) -> Result<(), String> {
         use std::io::Write;

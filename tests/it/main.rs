@@ -17,6 +17,7 @@ mod mix;
 mod negotiation;
 mod rooms;
 mod sessions;
+mod soak;
 mod status;
 mod status_page;
 mod support;
