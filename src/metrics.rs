@@ -37,6 +37,9 @@ pub mod names {
     pub const INBOUND_AUTHENTICATED: &str = "xmpp_inbound_authenticated_total";
     /// Inbound connections refused by a cap.
     pub const INBOUND_REFUSED_CAPS: &str = "xmpp_inbound_refused_caps_total";
+    /// Unauthenticated inbound connections closed, idle, to make room for a
+    /// newcomer at a connection cap.
+    pub const INBOUND_EVICTED_IDLE: &str = "xmpp_inbound_evicted_idle_total";
     /// Authenticated inbound streams refused because their domain already had
     /// `limits.max_streams_per_domain`.
     pub const INBOUND_REFUSED_DOMAIN_STREAMS: &str = "xmpp_inbound_refused_domain_streams_total";
@@ -146,6 +149,8 @@ pub struct Metrics {
     pub inbound_authenticated: Counter,
     /// [`names::INBOUND_REFUSED_CAPS`].
     pub inbound_refused_caps: Counter,
+    /// [`names::INBOUND_EVICTED_IDLE`].
+    pub inbound_evicted_idle: Counter,
     /// [`names::INBOUND_REFUSED_DOMAIN_STREAMS`].
     pub inbound_refused_domain_streams: Counter,
     /// [`names::INBOUND_THROTTLED`].
@@ -198,6 +203,11 @@ impl Default for Metrics {
                 &mut r,
                 names::INBOUND_REFUSED_CAPS,
                 "Inbound connections refused by a connection cap",
+            ),
+            inbound_evicted_idle: counter(
+                &mut r,
+                names::INBOUND_EVICTED_IDLE,
+                "Unauthenticated inbound connections closed, idle, to make room at a connection cap",
             ),
             inbound_refused_domain_streams: counter(
                 &mut r,

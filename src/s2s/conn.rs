@@ -117,6 +117,8 @@ pub struct XmlStream<S> {
     framer: Framer,
     /// Whether we have sent our stream header on this (restarted) stream.
     pub header_sent: bool,
+    /// Room made for each read (small while negotiating).
+    read_reserve: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
@@ -126,7 +128,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
             io,
             framer: Framer::new(limits),
             header_sent: false,
+            read_reserve: NEGOTIATION_READ_RESERVE,
         }
+    }
+
+    /// Read in chunks of `n` from now on ([`READ_RESERVE`] once authenticated).
+    pub fn set_read_reserve(&mut self, n: usize) {
+        self.read_reserve = n;
     }
 
     /// Next event; EOF and peer stream errors become failures.
@@ -143,7 +151,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
                 }
                 return Ok(ev);
             }
-            let n = self.io.read_buf(reserve(self.framer.buf_mut())).await?;
+            let n = self
+                .io
+                .read_buf(reserve(self.framer.buf_mut(), self.read_reserve))
+                .await?;
             if n == 0 {
                 return Err(StreamFailure::Eof);
             }
@@ -254,11 +265,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> XmlStream<S> {
     }
 }
 
+/// Room made for each read of an authenticated stream.
+pub const READ_RESERVE: usize = 32 * 1024;
+
+/// Room made for each read while negotiating: what an idle unauthenticated
+/// connection holds (negotiation elements are small).
+const NEGOTIATION_READ_RESERVE: usize = 2 * 1024;
+
 /// Make room for a large read: `BytesMut` only grows by 64 bytes when full, and
 /// the framer splits complete elements off its front, so without this reads shrink
 /// to a few stanzas each.
-fn reserve(buf: &mut bytes::BytesMut) -> &mut bytes::BytesMut {
-    buf.reserve(32 * 1024);
+fn reserve(buf: &mut bytes::BytesMut, n: usize) -> &mut bytes::BytesMut {
+    buf.reserve(n);
     buf
 }
 
@@ -279,7 +297,7 @@ pub async fn next_event<R: AsyncRead + Unpin>(
             }
             return Ok(ev);
         }
-        if rd.read_buf(reserve(framer.buf_mut())).await? == 0 {
+        if rd.read_buf(reserve(framer.buf_mut(), READ_RESERVE)).await? == 0 {
             return Err(StreamFailure::Eof);
         }
     }

@@ -78,6 +78,7 @@ pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     direct_tls: bool,
+    conn: super::listen::Conn,
 ) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!(
@@ -89,11 +90,18 @@ pub async fn serve(
     );
     async move {
         let deadline = Instant::now() + s2s.config.timeouts.negotiation();
+        let io = conn.watch(tcp);
         let auth = tokio::select! {
-            a = negotiate(&s2s, outbox.table(), tcp, direct_tls, deadline) => a,
+            a = negotiate(&s2s, outbox.table(), io, direct_tls, deadline) => a,
             _ = s2s.shutdown.cancelled() => return,
+            _ = conn.evicted().cancelled() => {
+                s2s.metrics.inbound_evicted_idle.inc();
+                tracing::info!("closed while idle before authentication: a newcomer needed its slot");
+                return;
+            }
         };
         let Some(auth) = auth else { return };
+        conn.authenticated();
         tracing::Span::current().record("peer.domain", auth.peer.domain());
         s2s.metrics.inbound_authenticated.inc();
         s2s.metrics.authenticated("in", auth.method.as_str());
@@ -724,6 +732,7 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
         mut dialback,
     } = auth;
     let header = header_xml(&local_domain, Some(peer.domain()), None);
+    xs.set_read_reserve(crate::s2s::conn::READ_RESERVE);
     // Streams per domain (the domain it authenticated as).
     let Some(_slot) = s2s.caps.admit_domain(peer.domain()) else {
         s2s.metrics.inbound_refused_domain_streams.inc();
