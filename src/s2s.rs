@@ -4,7 +4,9 @@
 //! - [`dialback`]: server dialback (XEP-0220), sans-IO: keys, roles, rules.
 //! - [`links`]: the live streams and per-domain counters (the status), and
 //!   closing the streams of a domain the policy refuses.
-//! - [`listen`]: listeners, connection caps, the accept loops.
+//! - [`caps`]: connection caps, and making room at them (idle unauthenticated
+//!   connections give way).
+//! - [`listen`]: listeners and the accept loops.
 //! - [`inbound`]: receiving-side negotiation and the stanza read loop.
 //! - [`outbound`]: initiating-side negotiation and per-domain sessions.
 //! - [`resolve`]: SRV / XEP-0368 / static overrides.
@@ -16,6 +18,7 @@
 //! [`Remote`]); what happens to tracked stanzas and remote domains goes back
 //! as [`crate::routing::Report`]s. It never imports services or the store.
 
+pub mod caps;
 pub mod conn;
 pub mod dialback;
 pub mod inbound;
@@ -107,7 +110,7 @@ pub struct S2s {
     /// Outbound sessions, one per (local, remote) domain pair.
     pub sessions: outbound::Sessions,
     /// Inbound connection caps.
-    pub caps: listen::Caps,
+    pub caps: caps::Caps,
     /// Root shutdown token.
     pub shutdown: CancellationToken,
     /// Connection and session tasks.
@@ -169,7 +172,7 @@ impl S2s {
             links: Arc::default(),
             tls: tls::TlsContext::from_config(&config)?,
             resolver: resolve::Resolver::new(config.clone())?,
-            caps: listen::Caps::new(&config.limits),
+            caps: caps::Caps::new(&config.limits),
             config,
             policy,
             metrics,

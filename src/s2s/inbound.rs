@@ -78,7 +78,7 @@ pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     direct_tls: bool,
-    conn: super::listen::Conn,
+    conn: super::caps::Conn,
 ) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!(

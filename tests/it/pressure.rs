@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use xmpp_federator::s2s::listen::IDLE_EVICTABLE;
+use xmpp_federator::s2s::caps::IDLE_EVICTABLE;
 use xmpp_federator_testkit::certs::Eku;
 
 use crate::support::{Net, PING, iq_round_trip};
