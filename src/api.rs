@@ -1603,6 +1603,13 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         outbound_sessions: server.s2s.sessions.len() as u64,
         inbox_pending: server.inbox.uncommitted() as u64,
         events_unacked: server.store.last_event().saturating_sub(acked),
+        queued_by_domain: server
+            .delivery
+            .status()
+            .into_iter()
+            .filter(|q| q.queued > 0)
+            .map(|q| (q.domain, q.queued as u64))
+            .collect(),
     });
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
