@@ -85,7 +85,8 @@ pub async fn serve(
         direction = "in",
         %peer,
         direct_tls,
-        peer.domain = tracing::field::Empty
+        peer.domain = tracing::field::Empty,
+        auth = tracing::field::Empty
     );
     async move {
         let deadline = Instant::now() + s2s.config.timeouts.negotiation();
@@ -94,7 +95,9 @@ pub async fn serve(
             _ = s2s.shutdown.cancelled() => return,
         };
         let Some(auth) = auth else { return };
-        tracing::Span::current().record("peer.domain", auth.peer.domain());
+        let span = tracing::Span::current();
+        span.record("peer.domain", auth.peer.domain());
+        span.record("auth", auth.method.as_str());
         s2s.metrics.inbound_authenticated.inc();
         s2s.metrics.authenticated("in", auth.method.as_str());
         tracing::info!(
@@ -385,6 +388,7 @@ async fn authenticate<IO: Io>(
             } else {
                 why.clone()
             };
+            cx.s2s.metrics.auth_failed("in", Method::External.as_str());
             let e = StreamFailure::protocol(StreamCondition::NotAuthorized, text);
             fail_with(&mut xs, &header, e).await;
             return None;
@@ -414,7 +418,7 @@ async fn authenticate<IO: Io>(
         let el = tokio::select! {
             Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
                 let (from, to): (String, String) = (from, to);
-                log_verdict(&from, &verdict);
+                log_verdict(cx.s2s, &from, &verdict);
                 let step = receiving.on_verdict(&from, &to, verdict);
                 if !do_step(&mut xs, &header, step).await {
                     return None;
@@ -527,6 +531,7 @@ async fn authenticate<IO: Io>(
                 });
             }
             Some(cond) => {
+                cx.s2s.metrics.auth_failed("in", Method::External.as_str());
                 let msg = format!("<failure xmlns='{NS_SASL}'><{cond}/></failure>");
                 if xs.send(msg.as_bytes()).await.is_err() {
                     return None;
@@ -544,7 +549,12 @@ async fn authenticate<IO: Io>(
     }
 }
 
-fn log_verdict(from: &str, verdict: &Result<bool, (&'static str, String)>) {
+/// Log a dialback verdict; one other than `valid` counts as a failed
+/// authentication.
+fn log_verdict(s2s: &S2s, from: &str, verdict: &Result<bool, (&'static str, String)>) {
+    if !matches!(verdict, Ok(true)) {
+        s2s.metrics.auth_failed("in", Method::Dialback.as_str());
+    }
     match verdict {
         Ok(true) => tracing::info!(claimed = %from, "dialback: authoritative server says valid"),
         Ok(false) => {
@@ -791,7 +801,7 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
                 let from: String = from;
                 let to: String = to;
-                log_verdict(&from, &verdict);
+                log_verdict(s2s, &from, &verdict);
                 if let Some(r) = dialback.as_mut() {
                     let step = r.on_verdict(&from, &to, verdict);
                     if !do_step(&mut xs, &header, step).await {
