@@ -15,6 +15,7 @@ mod joined;
 mod layout;
 mod mix;
 mod negotiation;
+mod observability;
 mod rooms;
 mod sessions;
 mod status;
