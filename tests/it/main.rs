@@ -5,6 +5,7 @@
 mod api;
 mod binary;
 mod conversations;
+mod demo;
 mod devices;
 mod dialback;
 mod durability;
