@@ -208,6 +208,10 @@ impl Instance {
             })
     }
 
+    async fn get(&self, path: &str, what: &str) -> Result<Value, DemoError> {
+        self.call(reqwest::Method::GET, path, None, what).await
+    }
+
     async fn send(&self, from: &str, to: &str, body: &str) -> Result<(), DemoError> {
         println!("  {}@{} -> {to}: {body}", handle(from), self.domain);
         let msg = json!({ "from": from, "to": to, "body": body });
@@ -470,12 +474,7 @@ async fn wait_joined(beta: &Instance, room: &str) -> Result<(), DemoError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let v = beta
-            .call(
-                reqwest::Method::GET,
-                &format!("/v1/conversations/{room}"),
-                None,
-                "the joined room",
-            )
+            .get(&format!("/v1/conversations/{room}"), "the joined room")
             .await?;
         let joined = v["members"].as_array().is_some_and(|m| {
             m.iter().any(|m| {
@@ -551,12 +550,7 @@ async fn print_events(i: &Instance) -> Result<(), DemoError> {
     let mut after = 0u64;
     loop {
         let page = i
-            .call(
-                reqwest::Method::GET,
-                &format!("/v1/events?after={after}&wait=10"),
-                None,
-                "events",
-            )
+            .get(&format!("/v1/events?after={after}&wait=10"), "events")
             .await?;
         for e in page["events"].as_array().into_iter().flatten() {
             let s = |k: &str| e[k].as_str().unwrap_or("-");

@@ -107,6 +107,17 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
     }
 }
 
+/// Success, or the error printed (exit 1), for `serve` and `demo`.
+fn finished(r: Result<(), impl std::fmt::Display>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Print what a `status`/`domains` command made, or its error (exit 1).
 fn ctl_result(r: Result<String, xmpp_federator::ctl::CtlError>) -> ExitCode {
     match r {
@@ -189,32 +200,18 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing();
-            let r = rt.block_on(async {
+            finished(rt.block_on(async {
                 let signal = shutdown_signal();
                 xmpp_federator::app::run(config, signal).await
-            });
-            match r {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            }))
         }
         Command::Demo(args) => {
             // Its own output is on stdout; the two servers' logs would drown it.
             init_tracing_at("warn");
-            let r = rt.block_on(async {
+            finished(rt.block_on(async {
                 let signal = shutdown_signal();
                 xmpp_federator::demo::run(args, signal).await
-            });
-            match r {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            }))
         }
         Command::Check {
             domain,
