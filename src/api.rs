@@ -17,6 +17,9 @@
 //! - `GET /openapi.json`, `GET /metrics` (no token; the listener is loopback).
 //! - `/status`: the operator's status page, with its own login (`api/status_page.rs`).
 //!
+//! Every request runs in an `api` span (method, matched route, path; tower-http's
+//! `TraceLayer`).
+//!
 //! The OpenAPI document is derived, not written: every route is registered with
 //! `utoipa_axum::routes!` from its handler's `#[utoipa::path]` (path, method,
 //! parameters, body, responses), so registering a route and documenting it are the
@@ -418,7 +421,35 @@ fn router_with(server: Arc<Server>, token: &str, page: Arc<status_page::Page>) -
         .layer(axum::extract::DefaultBodyLimit::max(
             server.config.api.max_body_bytes,
         ))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new()
+                        .level(tracing::Level::DEBUG)
+                        .latency_unit(tower_http::LatencyUnit::Micros),
+                ),
+        )
         .with_state(st)
+}
+
+/// The span of one API request: method, the route it matched (its template,
+/// e.g. `/v1/users/{id}`) and the path, never the query (`/status/login`
+/// takes a token there). Its end is logged at `debug` with status and latency;
+/// a 5xx at `error` (tower-http's defaults).
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str())
+        .unwrap_or("-");
+    tracing::info_span!(
+        "api",
+        method = %req.method(),
+        route,
+        path = req.uri().path(),
+    )
 }
 
 /// Bind and serve the API until shutdown; returns the bound address.
@@ -1603,6 +1634,13 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         outbound_sessions: server.s2s.sessions.len() as u64,
         inbox_pending: server.inbox.uncommitted() as u64,
         events_unacked: server.store.last_event().saturating_sub(acked),
+        queued_by_domain: server
+            .delivery
+            .status()
+            .into_iter()
+            .filter(|q| q.queued > 0)
+            .map(|q| (q.domain, q.queued as u64))
+            .collect(),
     });
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }

@@ -2,7 +2,8 @@
 //! over it ([`crate::api`]), started and stopped together.
 //!
 //! `run(config, shutdown)` takes the shutdown as a future so tests control it;
-//! `main` passes SIGTERM/SIGINT.
+//! `main` passes SIGTERM/SIGINT. `demo` starts two through [`start`] and stops
+//! them through [`Running::shutdown`], the same path.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,6 +37,32 @@ impl Running {
     }
 }
 
+impl Running {
+    /// Log what it serves and where (the lines `serve` starts with; tests and
+    /// tools read the "listening on" and "backend API on" ones).
+    pub fn announce(&self) {
+        if self.server.s2s.tls.generated {
+            tracing::warn!(
+                domains = ?self.server.config.domains,
+                "no certificate configured: using a generated self-signed development certificate \
+                 (peers will not authenticate us)"
+            );
+        }
+        for a in &self.starttls {
+            tracing::info!(addr = %a, "listening on {a} (s2s, STARTTLS)");
+        }
+        for a in &self.direct_tls {
+            tracing::info!(addr = %a, "listening on {a} (s2s, direct TLS)");
+        }
+        tracing::info!(addr = %self.api, "backend API on http://{}", self.api);
+        tracing::info!(
+            domains = ?self.server.config.domains,
+            roots = self.server.s2s.tls.verifier.root_count(),
+            "serving"
+        );
+    }
+}
+
 /// Build, bind and start accepting.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let server = Server::new(config)?;
@@ -59,25 +86,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// Run until `shutdown` completes, then stop gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let running = start(config).await?;
-    if running.server.s2s.tls.generated {
-        tracing::warn!(
-            domains = ?running.server.config.domains,
-            "no certificate configured: using a generated self-signed development certificate \
-             (peers will not authenticate us)"
-        );
-    }
-    for a in &running.starttls {
-        tracing::info!(addr = %a, "listening on {a} (s2s, STARTTLS)");
-    }
-    for a in &running.direct_tls {
-        tracing::info!(addr = %a, "listening on {a} (s2s, direct TLS)");
-    }
-    tracing::info!(addr = %running.api, "backend API on http://{}", running.api);
-    tracing::info!(
-        domains = ?running.server.config.domains,
-        roots = running.server.s2s.tls.verifier.root_count(),
-        "serving"
-    );
+    running.announce();
     shutdown.await;
     tracing::info!("shutting down");
     running.shutdown().await;

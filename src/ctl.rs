@@ -87,7 +87,10 @@ impl Client {
         })
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(
+    /// `method` on `path` with a JSON `body`; the answer as `T` (an empty
+    /// answer, a `204`, as JSON `null`). Any call of the API, not only the
+    /// federation's (the demo plays a backend with it).
+    pub async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -118,7 +121,8 @@ impl Client {
                 detail: if p.is_null() { text } else { s("detail") },
             });
         }
-        serde_json::from_str(&text).map_err(|e| CtlError::Answer(format!("{e}: {text:.200}")))
+        let text = if text.is_empty() { "null" } else { &text };
+        serde_json::from_str(text).map_err(|e| CtlError::Answer(format!("{e}: {text:.200}")))
     }
 
     /// `GET /v1/federation/status`.

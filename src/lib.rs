@@ -19,13 +19,14 @@
 //! - [`server`]: the composition root; [`api`]: the backend HTTP API over it;
 //!   [`app`]: both started and stopped together; [`check`], [`load`] and
 //!   [`ctl`] (`status`, `domains` through a running server's API): the
-//!   operator tools.
+//!   operator tools; [`demo`]: two instances federating in one process.
 pub mod address;
 pub mod api;
 pub mod app;
 pub mod check;
 pub mod config;
 pub mod ctl;
+pub mod demo;
 pub mod load;
 pub mod metrics;
 pub mod policy;

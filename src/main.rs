@@ -1,6 +1,6 @@
 #![forbid(unsafe_code)]
-//! The `xmpp-federator` command: `serve`, `validate`, `check`, `load`, and
-//! `status`, `domains` (a running server's federation, through its API).
+//! The `xmpp-federator` command: `serve`, `demo`, `validate`, `check`, `load`,
+//! and `status`, `domains` (a running server's federation, through its API).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +36,9 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Two domains federating on loopback in this process, with traffic to watch
+    /// on their status pages (nothing kept: Ctrl-C removes it all).
+    Demo(xmpp_federator::demo::DemoArgs),
     /// Check a configuration file and exit (status 64 if it is bad).
     Validate {
         /// TOML configuration file.
@@ -104,6 +107,17 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
     }
 }
 
+/// Success, or the error printed (exit 1), for `serve` and `demo`.
+fn finished(r: Result<(), impl std::fmt::Display>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Print what a `status`/`domains` command made, or its error (exit 1).
 fn ctl_result(r: Result<String, xmpp_federator::ctl::CtlError>) -> ExitCode {
     match r {
@@ -121,14 +135,19 @@ fn ctl_result(r: Result<String, xmpp_federator::ctl::CtlError>) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Log to stderr at `XMPP_FEDERATOR_LOG`'s filter, else at `default`.
+fn init_tracing_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("XMPP_FEDERATOR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn init_tracing() {
+    init_tracing_at("info")
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called
@@ -181,17 +200,18 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing();
-            let r = rt.block_on(async {
+            finished(rt.block_on(async {
                 let signal = shutdown_signal();
                 xmpp_federator::app::run(config, signal).await
-            });
-            match r {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            }))
+        }
+        Command::Demo(args) => {
+            // Its own output is on stdout; the two servers' logs would drown it.
+            init_tracing_at("warn");
+            finished(rt.block_on(async {
+                let signal = shutdown_signal();
+                xmpp_federator::demo::run(args, signal).await
+            }))
         }
         Command::Check {
             domain,

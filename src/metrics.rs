@@ -14,6 +14,11 @@
 //!   [`OTHER_DOMAIN`].
 //! - The stanza hot path does no lookup: a stream fetches its domain's counter
 //!   once ([`Metrics::domain_stanzas_in`]) and bumps that handle per stanza.
+//! - The delivery latency histogram is global, not per domain: a histogram is
+//!   a series per bucket, so per domain it would be
+//!   [`DELIVERY_LATENCY_BUCKETS`]` + 2` times [`MAX_DOMAIN_LABELS`] series in
+//!   every scrape; which domain is slow shows in
+//!   [`names::DELIVERY_QUEUED_BY_DOMAIN`] and the federation status.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -23,6 +28,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Exposed metric names, stable (dashboards and alerts use them).
@@ -63,6 +69,19 @@ pub mod names {
     /// Streams authenticated, by `direction` (`in`, `out`) and `method`
     /// (`external`, `dialback`).
     pub const STREAMS_AUTHENTICATED: &str = "xmpp_s2s_streams_authenticated_total";
+    /// Authentication attempts that failed, by `direction` and `method` as
+    /// [`STREAMS_AUTHENTICATED`]: inbound, a SASL EXTERNAL `<failure/>` we
+    /// sent, a certificate we could not verify where dialback is off, a
+    /// dialback key the authoritative server did not confirm; outbound, the
+    /// peer's SASL `<failure/>` or dialback verdict other than `valid`.
+    pub const AUTH_FAILURES: &str = "xmpp_s2s_auth_failures_total";
+    /// Seconds from a 1:1 message's acceptance by the API to its confirmation
+    /// by the peer (XEP-0198 ack or the ping after its batch), all domains (a
+    /// histogram: `_bucket`, `_sum`, `_count`).
+    pub const DELIVERY_LATENCY: &str = "xmpp_delivery_latency_seconds";
+    /// [`DELIVERY_QUEUED`] by remote domain (label `domain`, bounded; a gauge
+    /// set at scrape time, only domains with messages queued).
+    pub const DELIVERY_QUEUED_BY_DOMAIN: &str = "xmpp_delivery_queued_by_domain";
     /// Federation policy changes made at runtime (through the API), by `what`
     /// (`domain`, `mode`).
     pub const POLICY_CHANGES: &str = "xmpp_policy_changes_total";
@@ -96,6 +115,14 @@ pub const MAX_DOMAIN_LABELS: usize = 1000;
 /// The `domain` label value of every domain past [`MAX_DOMAIN_LABELS`].
 pub const OTHER_DOMAIN: &str = "other";
 
+/// The upper bounds (seconds) of [`names::DELIVERY_LATENCY`]'s buckets: from a
+/// loopback round trip (a few ms) to a peer that was down for a day (retries
+/// until `delivery.expire_secs`, a week by default, land in `+Inf`).
+pub const DELIVERY_LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+    86400.0,
+];
+
 /// The label set of the per-domain families.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DomainLabel {
@@ -123,7 +150,7 @@ pub struct WhatLabel {
 type CountGauge = Gauge<u64, AtomicU64>;
 
 /// Values read from other state when `/metrics` is scraped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sampled {
     /// The store's group commits so far (a counter kept by the store).
     pub store_commits: u64,
@@ -137,6 +164,8 @@ pub struct Sampled {
     pub inbox_pending: u64,
     /// Events not acknowledged by the backend.
     pub events_unacked: u64,
+    /// Messages queued per remote domain (domains with none may be left out).
+    pub queued_by_domain: Vec<(String, u64)>,
 }
 
 /// The server's metrics: the registry and handles on what it holds.
@@ -167,6 +196,11 @@ pub struct Metrics {
     pub outbound_failures: Counter,
     /// [`names::STREAMS_AUTHENTICATED`]: see [`Metrics::authenticated`].
     streams_authenticated: Family<AuthLabel, Counter>,
+    /// [`names::AUTH_FAILURES`]: see [`Metrics::auth_failed`].
+    auth_failures: Family<AuthLabel, Counter>,
+    /// [`names::DELIVERY_LATENCY`]; delivery observes it through a clone
+    /// ([`Metrics::delivery_latency`]).
+    delivery_latency: Histogram,
     stanzas_in_by_domain: Family<DomainLabel, Counter>,
     stanzas_out_by_domain: Family<DomainLabel, Counter>,
     /// [`names::POLICY_CHANGES`]: see [`Metrics::policy_changed`].
@@ -181,6 +215,10 @@ pub struct Metrics {
     outbound_sessions: CountGauge,
     inbox_pending: CountGauge,
     events_unacked: CountGauge,
+    queued_by_domain: Family<DomainLabel, CountGauge>,
+    /// Held while a scrape sets the sampled values and encodes, so two scrapes
+    /// at once do not see each other's half-set [`names::DELIVERY_QUEUED_BY_DOMAIN`].
+    scrape: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -188,7 +226,7 @@ impl Default for Metrics {
         let mut r = Registry::default();
         // Fields are initialized in the order written: `registry` moves in last,
         // after every metric is registered in it.
-        Metrics {
+        let m = Metrics {
             inbound_connections: counter(
                 &mut r,
                 names::INBOUND_CONNECTIONS,
@@ -259,6 +297,20 @@ impl Default for Metrics {
                 names::STANZAS_OUT_BY_DOMAIN,
                 "Stanzas written to outbound streams, by remote domain",
             ),
+            auth_failures: counter(
+                &mut r,
+                names::AUTH_FAILURES,
+                "s2s authentication attempts that failed, by direction and method",
+            ),
+            delivery_latency: {
+                let h = Histogram::new(DELIVERY_LATENCY_BUCKETS);
+                r.register(
+                    names::DELIVERY_LATENCY,
+                    "Seconds from a message's acceptance by the API to its confirmation by the peer",
+                    h.clone(),
+                );
+                h
+            },
             policy_changes: counter(
                 &mut r,
                 names::POLICY_CHANGES,
@@ -291,8 +343,31 @@ impl Default for Metrics {
                 names::EVENTS_UNACKED,
                 "Events the backend has not acknowledged yet (an upper bound)",
             ),
+            queued_by_domain: {
+                let f = Family::<DomainLabel, CountGauge>::default();
+                r.register(
+                    names::DELIVERY_QUEUED_BY_DOMAIN,
+                    "Outgoing messages persisted and not yet settled, by remote domain",
+                    f.clone(),
+                );
+                f
+            },
+            scrape: Mutex::new(()),
             registry: r,
+        };
+        // Every (direction, method) pair and policy change is a series from
+        // the start, at 0, so a dashboard's rate() has data before the first.
+        for what in ["domain", "mode"] {
+            drop(m.policy_changes.get_or_create(&WhatLabel { what }));
         }
+        for direction in ["in", "out"] {
+            for method in ["external", "dialback"] {
+                let l = AuthLabel { direction, method };
+                drop(m.streams_authenticated.get_or_create(&l));
+                drop(m.auth_failures.get_or_create(&l));
+            }
+        }
+        m
     }
 }
 
@@ -330,6 +405,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Count a failed authentication attempt in `direction` (`in`, `out`) by
+    /// `method` (`external`, `dialback`); off the stanza path.
+    pub fn auth_failed(&self, direction: &'static str, method: &'static str) {
+        self.auth_failures
+            .get_or_create(&AuthLabel { direction, method })
+            .inc();
+    }
+
+    /// The delivery latency histogram ([`names::DELIVERY_LATENCY`]), for
+    /// delivery to observe (seconds).
+    pub fn delivery_latency(&self) -> Histogram {
+        self.delivery_latency.clone()
+    }
+
     /// The counter of stanzas routed from `domain`'s streams.
     ///
     /// A `Family` lookup takes a read lock and hashes the label, which would put a
@@ -360,8 +449,23 @@ impl Metrics {
         }
     }
 
+    /// Set [`names::DELIVERY_QUEUED_BY_DOMAIN`] to exactly `queued` (domains
+    /// past the label bound summed into [`OTHER_DOMAIN`]); a domain no longer
+    /// listed loses its series.
+    fn set_queued_by_domain(&self, queued: &[(String, u64)]) {
+        let mut by: std::collections::HashMap<DomainLabel, u64> = Default::default();
+        for (domain, n) in queued {
+            *by.entry(self.label(domain)).or_default() += n;
+        }
+        self.queued_by_domain.clear();
+        for (label, n) in by {
+            self.queued_by_domain.get_or_create(&label).set(n);
+        }
+    }
+
     /// The OpenMetrics text of every metric, with `now`'s values set first.
     pub fn encode(&self, now: &Sampled) -> String {
+        let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         // The store keeps its own commit count; mirror it into the registered
         // counter (`Counter` has no `set`; its atomic is the documented way in).
         self.store_commits
@@ -372,9 +476,11 @@ impl Metrics {
         self.outbound_sessions.set(now.outbound_sessions);
         self.inbox_pending.set(now.inbox_pending);
         self.events_unacked.set(now.events_unacked);
+        self.set_queued_by_domain(&now.queued_by_domain);
         let mut out = String::new();
-        // Writing to a String cannot fail, and nothing registered here (no
-        // histogram) makes the encoder fail.
+        // Writing to a String cannot fail, and nothing registered here makes
+        // the text encoder fail (it refuses only native histograms without
+        // classic buckets; ours is a classic one).
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
@@ -406,6 +512,7 @@ mod tests {
             outbound_sessions: 4,
             inbox_pending: 5,
             events_unacked: 6,
+            queued_by_domain: vec![("Beta.Test".into(), 2)],
         });
         assert!(text.ends_with("# EOF\n"), "{text}");
         let expect = [
@@ -426,7 +533,10 @@ mod tests {
         ];
         for (name, v) in expect {
             assert_eq!(value(&text, name), Some(v), "{name} in\n{text}");
-            let samples = text.lines().filter(|l| l.starts_with(name)).count();
+            let samples = text
+                .lines()
+                .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
+                .count();
             assert_eq!(samples, 1, "{name} once in\n{text}");
         }
         let by = |name: &str, d: &str| value(&text, &format!("{name}{{domain=\"{d}\"}}"));
@@ -440,9 +550,120 @@ mod tests {
             Some(3),
             "{text}"
         );
+        assert_eq!(
+            by(names::DELIVERY_QUEUED_BY_DOMAIN, "beta.test"),
+            Some(2),
+            "{text}"
+        );
         // Counters are typed as counters, gauges as gauges.
         assert!(text.contains("# TYPE xmpp_stanzas_in counter\n"), "{text}");
         assert!(text.contains("# TYPE xmpp_inbox_pending gauge\n"), "{text}");
+        assert!(
+            text.contains("# TYPE xmpp_delivery_latency_seconds histogram\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn auth_series_exist_from_the_start_and_count_apart() {
+        let m = Metrics::default();
+        m.authenticated("in", "dialback");
+        m.auth_failed("out", "external");
+        m.auth_failed("out", "external");
+        let text = m.encode(&Sampled::default());
+        let series = |name: &str, d: &str, me: &str| {
+            value(
+                &text,
+                &format!("{name}{{direction=\"{d}\",method=\"{me}\"}}"),
+            )
+        };
+        for d in ["in", "out"] {
+            for me in ["external", "dialback"] {
+                let ok = u64::from((d, me) == ("in", "dialback"));
+                let failed = if (d, me) == ("out", "external") { 2 } else { 0 };
+                assert_eq!(series(names::STREAMS_AUTHENTICATED, d, me), Some(ok));
+                assert_eq!(series(names::AUTH_FAILURES, d, me), Some(failed), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn delivery_latency_is_one_global_histogram() {
+        let m = Metrics::default();
+        let h = m.delivery_latency();
+        h.observe(0.003);
+        h.observe(0.2);
+        h.observe(7200.0);
+        let text = m.encode(&Sampled::default());
+        let name = names::DELIVERY_LATENCY;
+        assert_eq!(value(&text, &format!("{name}_count")), Some(3), "{text}");
+        assert_eq!(
+            value(&text, &format!("{name}_bucket{{le=\"0.005\"}}")),
+            Some(1)
+        );
+        assert_eq!(
+            value(&text, &format!("{name}_bucket{{le=\"0.25\"}}")),
+            Some(2)
+        );
+        assert_eq!(
+            value(&text, &format!("{name}_bucket{{le=\"86400.0\"}}")),
+            Some(3)
+        );
+        let buckets = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_bucket")))
+            .count();
+        assert_eq!(buckets, DELIVERY_LATENCY_BUCKETS.len() + 1, "and +Inf");
+    }
+
+    #[test]
+    fn queued_by_domain_is_bounded_and_only_what_is_queued_now() {
+        let m = Metrics::default();
+        for i in 0..MAX_DOMAIN_LABELS - 1 {
+            m.domain_stanzas_in(&format!("d{i}.test"));
+        }
+        // One label left: the first queued domain not yet labelled takes it,
+        // the next ones are summed into "other".
+        let queued = vec![
+            ("d0.test".to_string(), 3),
+            ("new.test".to_string(), 4),
+            ("late.test".to_string(), 5),
+            ("later.test".to_string(), 6),
+        ];
+        let text = m.encode(&Sampled {
+            queued_by_domain: queued,
+            ..Sampled::default()
+        });
+        let by = |text: &str, d: &str| {
+            value(
+                text,
+                &format!("{}{{domain=\"{d}\"}}", names::DELIVERY_QUEUED_BY_DOMAIN),
+            )
+        };
+        assert_eq!(by(&text, "d0.test"), Some(3));
+        assert_eq!(by(&text, "new.test"), Some(4));
+        assert_eq!(by(&text, OTHER_DOMAIN), Some(11), "{text}");
+        let series = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(names::DELIVERY_QUEUED_BY_DOMAIN))
+                .count()
+        };
+        assert_eq!(series(&text), 3);
+        // A domain whose queue emptied loses its series.
+        let text = m.encode(&Sampled {
+            queued_by_domain: vec![("new.test".into(), 1)],
+            ..Sampled::default()
+        });
+        assert_eq!(by(&text, "new.test"), Some(1));
+        assert_eq!(by(&text, "d0.test"), None);
+        assert_eq!(series(&text), 1, "{text}");
+        // new.test keeps its label in the stanza families too.
+        m.domain_stanzas_out("new.test").inc();
+        let text = m.encode(&Sampled::default());
+        assert!(
+            text.contains("xmpp_stanzas_out_by_domain_total{domain=\"new.test\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -139,7 +139,9 @@ impl Server {
             tracker.clone(),
             kept,
         )?;
-        let delivery = Arc::new(Delivery::new(store.clone(), config.clone()));
+        let delivery = Arc::new(
+            Delivery::new(store.clone(), config.clone()).with_latency(metrics.delivery_latency()),
+        );
         let (inbox, inbox_rx) = Inbox::new(INBOX_CAPACITY);
         let domain = Arc::new(Domain::new(inbox.clone()));
         let (joined, joined_rx) = Joined::new(JOINED_CAPACITY);

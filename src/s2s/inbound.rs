@@ -86,7 +86,8 @@ pub async fn serve(
         direction = "in",
         %peer,
         direct_tls,
-        peer.domain = tracing::field::Empty
+        peer.domain = tracing::field::Empty,
+        auth = tracing::field::Empty
     );
     async move {
         let deadline = Instant::now() + s2s.config.timeouts.negotiation();
@@ -102,7 +103,9 @@ pub async fn serve(
         };
         let Some(auth) = auth else { return };
         conn.authenticated();
-        tracing::Span::current().record("peer.domain", auth.peer.domain());
+        let span = tracing::Span::current();
+        span.record("peer.domain", auth.peer.domain());
+        span.record("auth", auth.method.as_str());
         s2s.metrics.inbound_authenticated.inc();
         s2s.metrics.authenticated("in", auth.method.as_str());
         tracing::info!(
@@ -393,6 +396,7 @@ async fn authenticate<IO: Io>(
             } else {
                 why.clone()
             };
+            cx.s2s.metrics.auth_failed("in", Method::External.as_str());
             let e = StreamFailure::protocol(StreamCondition::NotAuthorized, text);
             fail_with(&mut xs, &header, e).await;
             return None;
@@ -422,7 +426,7 @@ async fn authenticate<IO: Io>(
         let el = tokio::select! {
             Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
                 let (from, to): (String, String) = (from, to);
-                log_verdict(&from, &verdict);
+                log_verdict(cx.s2s, &from, &verdict);
                 let step = receiving.on_verdict(&from, &to, verdict);
                 if !do_step(&mut xs, &header, step).await {
                     return None;
@@ -535,6 +539,7 @@ async fn authenticate<IO: Io>(
                 });
             }
             Some(cond) => {
+                cx.s2s.metrics.auth_failed("in", Method::External.as_str());
                 let msg = format!("<failure xmlns='{NS_SASL}'><{cond}/></failure>");
                 if xs.send(msg.as_bytes()).await.is_err() {
                     return None;
@@ -552,7 +557,12 @@ async fn authenticate<IO: Io>(
     }
 }
 
-fn log_verdict(from: &str, verdict: &Result<bool, (&'static str, String)>) {
+/// Log a dialback verdict; one other than `valid` counts as a failed
+/// authentication.
+fn log_verdict(s2s: &S2s, from: &str, verdict: &Result<bool, (&'static str, String)>) {
+    if !matches!(verdict, Ok(true)) {
+        s2s.metrics.auth_failed("in", Method::Dialback.as_str());
+    }
     match verdict {
         Ok(true) => tracing::info!(claimed = %from, "dialback: authoritative server says valid"),
         Ok(false) => {
@@ -800,7 +810,7 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
                 let from: String = from;
                 let to: String = to;
-                log_verdict(&from, &verdict);
+                log_verdict(s2s, &from, &verdict);
                 if let Some(r) = dialback.as_mut() {
                     let step = r.on_verdict(&from, &to, verdict);
                     if !do_step(&mut xs, &header, step).await {

@@ -316,7 +316,11 @@ pub async fn negotiate<IO: Io>(
     let (mut xs, peer_verified) = tls_handshake(s2s, io, cfg, remote, log).await?;
     let offer = features_after_tls(&mut xs, &header, log).await?;
     let external = if offer.external {
-        sasl_external(&mut xs, log).await
+        let r = sasl_external(&mut xs, log).await;
+        if matches!(r, Err(ConnectError::Auth(_))) {
+            s2s.metrics.auth_failed("out", Method::External.as_str());
+        }
+        r
     } else {
         Err(ConnectError::Auth(format!(
             "peer does not offer SASL EXTERNAL for {local} (features: {})",
@@ -337,7 +341,11 @@ pub async fn negotiate<IO: Io>(
         }
         Err(e) if dialback && offer.dialback => {
             log(format!("  {e}; trying dialback"));
-            originate_dialback(s2s, &mut xs, &offer, local, remote, log).await?;
+            let r = originate_dialback(s2s, &mut xs, &offer, local, remote, log).await;
+            if matches!(r, Err(ConnectError::Auth(_))) {
+                s2s.metrics.auth_failed("out", Method::Dialback.as_str());
+            }
+            r?;
             Ok(Negotiated {
                 xs,
                 sm: false,
@@ -912,7 +920,13 @@ impl Session {
             let Some(connected) = self.connect_with_retry().await else {
                 return;
             };
-            let end = self.run_stream(connected, &mut wbuf).await;
+            // One span per stream (the session's span is the parent).
+            let span = tracing::info_span!(
+                "stream",
+                auth = connected.auth.method.as_str(),
+                endpoint = %connected.endpoint.addr
+            );
+            let end = self.run_stream(connected, &mut wbuf).instrument(span).await;
             self.link = None;
             match end {
                 StreamEnd::Reconnect => continue,

@@ -47,6 +47,8 @@ use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::config::Config;
 use crate::routing::{Outbox, Report, Track, Tracker};
 use crate::stanza::Stanza;
@@ -258,6 +260,9 @@ pub struct Delivery {
     holds: Mutex<Holds>,
     /// Remote domain -> its latest outcomes (for the status).
     outcomes: Mutex<HashMap<String, Outcomes>>,
+    /// Seconds from acceptance to confirmation of each delivered message
+    /// ([`crate::metrics::names::DELIVERY_LATENCY`]).
+    latency: Histogram,
 }
 
 /// Held (sender, recipient) pairs: recipient -> senders, so a lookup borrows
@@ -310,7 +315,16 @@ impl Delivery {
             backoff: Backoffs::default(),
             holds: Mutex::default(),
             outcomes: Mutex::default(),
+            latency: Histogram::new(crate::metrics::DELIVERY_LATENCY_BUCKETS),
         }
+    }
+
+    /// Observe delivery latencies into `h` (the registered histogram, from
+    /// [`crate::metrics::Metrics::delivery_latency`]) instead of a histogram of
+    /// its own.
+    pub fn with_latency(mut self, h: Histogram) -> Delivery {
+        self.latency = h;
+        self
     }
 
     /// Track every message the store holds (at startup; due at once).
@@ -711,12 +725,18 @@ impl Delivery {
         taken: &mut Taken,
     ) -> Vec<K> {
         let mut unknown = Vec::new();
+        let now = now_ms();
         let mut q = lock(&self.queue);
         let mut seen: Vec<(String, EventKind)> = Vec::new();
         for id in ids {
             match q.take(id.as_ref()) {
                 Some((id, t)) => {
                     let kind = outcome(&id, &t.to);
+                    if let EventKind::Delivered { .. } = kind {
+                        // Wall clock: accepted_ms survives a restart.
+                        let ms = now.saturating_sub(t.accepted_ms);
+                        self.latency.observe(ms as f64 / 1000.0);
+                    }
                     w.settle(t.seq, &kind);
                     if seen.last().is_none_or(|(d, _)| *d != t.domain) {
                         seen.push((t.domain.clone(), kind));
@@ -728,7 +748,6 @@ impl Delivery {
         }
         drop(q);
         if !seen.is_empty() {
-            let now = now_ms();
             let mut o = lock(&self.outcomes);
             for (domain, kind) in seen {
                 let e = o.entry(domain).or_default();

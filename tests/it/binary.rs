@@ -54,7 +54,7 @@ fn validate_accepts_the_example_and_names_the_bad_field() {
 }
 
 /// Kills the child if a test fails before stopping it.
-struct Guard(Option<std::process::Child>);
+pub(crate) struct Guard(pub(crate) Option<std::process::Child>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -97,19 +97,22 @@ fn serve(args: &[&str], cwd: &std::path::Path) -> (Guard, SocketAddr, Vec<String
     }
 }
 
-fn stop(mut guard: Guard) {
-    let mut child = guard.0.take().unwrap();
+/// Send `signal` (`TERM`, `INT`) and wait (20 s at most) for exit status 0.
+pub(crate) fn stop(mut guard: Guard, signal: &str) {
+    let pid = guard.0.as_ref().unwrap().id();
     Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &pid.to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        let child = guard.0.as_mut().unwrap();
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "exit status after SIGTERM: {status}");
+            guard.0 = None;
+            assert!(status.success(), "exit status after SIG{signal}: {status}");
             return;
         }
-        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        assert!(Instant::now() < deadline, "did not stop on SIG{signal}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -148,7 +151,7 @@ fn serve_with_a_config_on_loopback() {
         f.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"),
         "{f}"
     );
-    stop(child);
+    stop(child, "TERM");
 }
 
 #[test]
@@ -161,5 +164,5 @@ fn serve_without_a_config_runs_on_localhost() {
     // It says that the certificate is a generated development one.
     let said = seen.join("\n");
     assert!(said.contains("development certificate"), "{said}");
-    stop(child);
+    stop(child, "TERM");
 }

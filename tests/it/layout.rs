@@ -177,22 +177,24 @@ fn layers_import_only_downwards() {
     let rules: &[(&str, &[&str])] = &[
         (
             "services",
-            &["server", "s2s", "api", "check", "load", "ctl"],
+            &["server", "s2s", "api", "check", "load", "ctl", "demo"],
         ),
         (
             "routing",
             &[
-                "server", "s2s", "services", "store", "api", "check", "load", "ctl",
+                "server", "s2s", "services", "store", "api", "check", "load", "ctl", "demo",
             ],
         ),
         (
             "s2s",
-            &["server", "services", "store", "api", "check", "load", "ctl"],
+            &[
+                "server", "services", "store", "api", "check", "load", "ctl", "demo",
+            ],
         ),
         (
             "store",
             &[
-                "server", "s2s", "services", "routing", "api", "check", "load", "ctl",
+                "server", "s2s", "services", "routing", "api", "check", "load", "ctl", "demo",
             ],
         ),
     ];

@@ -5,6 +5,7 @@
 mod api;
 mod binary;
 mod conversations;
+mod demo;
 mod devices;
 mod dialback;
 mod durability;
@@ -15,6 +16,7 @@ mod joined;
 mod layout;
 mod mix;
 mod negotiation;
+mod observability;
 mod pressure;
 mod rooms;
 mod sessions;

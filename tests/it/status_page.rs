@@ -19,7 +19,7 @@ const BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 2, 21);
 const STATUS_TOKEN: &str = "status-only-token-0123456789";
 
 /// One HTTP/1.1 request: (status, headers, body).
-async fn raw(
+pub(crate) async fn raw(
     addr: SocketAddr,
     method: &str,
     path: &str,

@@ -158,6 +158,11 @@ pub async fn wait_event(
     }
 }
 
+/// Wait for the `delivered` event of message `id`.
+pub async fn wait_delivered(api: std::net::SocketAddr, id: &str) {
+    wait_event(api, |e| e["type"] == "delivered" && e["id"] == id).await;
+}
+
 /// Create a local user through the API (it must not exist yet).
 pub async fn create_user(api: std::net::SocketAddr, id: &str, handle: &str) {
     let body = serde_json::json!({ "handle": handle }).to_string();
