@@ -9,22 +9,21 @@
 //!   stanzas on our outbound stream when bidi was not negotiated.
 
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use xmpp_federator::app::Running;
-use xmpp_federator::metrics::Metrics;
-use xmpp_federator::policy::Policy;
-use xmpp_federator::routing::{Identity, Outbox, Report, Service, Table, Tracker, Trackers};
+use xmpp_federator::routing::Outbox;
 use xmpp_federator::s2s::conn::StreamFailure;
 use xmpp_federator::s2s::inbound::{self, Router};
 use xmpp_federator::s2s::links::Direction;
-use xmpp_federator::s2s::{Link, S2s, outbound};
+use xmpp_federator::s2s::{S2s, outbound};
 use xmpp_federator::stanza::{Stanza, StreamCondition};
 use xmpp_federator_testkit::certs::Eku;
 
+use super::dialback::{Got, table_for};
 use super::negotiation::{
     Certs, NS_SASL, PIPE, beta_table, deadline, header, read_until, starttls_by_hand,
 };
@@ -163,49 +162,50 @@ async fn bidi_off_on_either_side_means_two_streams() {
 
 // Scripted peers over duplex.
 
-/// What reaches the hosted domains.
-#[derive(Default)]
-struct Got(Mutex<Vec<Stanza>>);
-
-impl Service for Got {
-    fn handle(&self, stanza: Stanza, _: &Outbox) {
-        self.0.lock().unwrap().push(stanza);
-    }
-    fn identity(&self) -> Identity {
-        Identity {
-            category: "server",
-            type_: "im",
-            name: String::new(),
-        }
-    }
-    fn features(&self) -> Vec<&'static str> {
-        Vec::new()
-    }
-}
-
-struct NoReports;
-
-impl Tracker for NoReports {
-    fn report(&self, _: &Outbox, _: Report) {}
-    fn awaits(&self, _: &str) -> bool {
-        false
-    }
-}
-
 fn outbox(s2s: &Arc<S2s>, domain: &str, got: &Arc<Got>) -> Outbox {
-    let mut t = Table::default();
-    t.add_host(domain, got.clone(), got.clone());
-    Outbox::new(
-        t,
-        Arc::new(Link(s2s.clone())),
-        Trackers {
-            delivery: Arc::new(NoReports),
-            rooms: Arc::new(NoReports),
-        },
-        None,
-        Arc::new(Policy::new(&Default::default())),
-        Arc::new(Metrics::default()),
-    )
+    super::dialback::outbox(s2s, table_for(domain, got))
+}
+
+/// A scripted alpha.test to our receiver beta.test: STARTTLS, TLS with
+/// `client`, the header; the features it was offered.
+async fn tls_to_beta(
+    mut peer: tokio::io::DuplexStream,
+    client: Arc<rustls::ClientConfig>,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+    String,
+) {
+    starttls_by_hand(&mut peer, "alpha.test", "beta.test").await;
+    let name = rustls::pki_types::ServerName::try_from("beta.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client)
+        .connect(name, peer)
+        .await
+        .unwrap();
+    tls.write_all(header("alpha.test", "beta.test").as_bytes())
+        .await
+        .unwrap();
+    let features = read_until(&mut tls, &["</stream:features>"]).await;
+    (tls, features)
+}
+
+/// Ask for bidi, then SASL EXTERNAL; what the receiver answered.
+async fn bidi_then_external<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    tls: &mut S,
+) -> String {
+    tls.write_all(b"<bidi xmlns='urn:xmpp:bidi'/>")
+        .await
+        .unwrap();
+    tls.write_all(format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>").as_bytes())
+        .await
+        .unwrap();
+    let rest = read_until(tls, &["<success", "</stream:stream>"]).await;
+    if rest.contains("<success") {
+        tls.write_all(header("alpha.test", "beta.test").as_bytes())
+            .await
+            .unwrap();
+        read_until(tls, &["</stream:features>"]).await;
+    }
+    rest
 }
 
 #[tokio::test]
@@ -216,34 +216,11 @@ async fn bidi_asked_for_where_we_do_not_offer_it_is_refused() {
     for offer in [true, false] {
         let beta = certs.s2s("beta.test", |c| c.federation.bidi = offer);
         let table = beta_table();
-        let (mut peer, ours) = tokio::io::duplex(PIPE);
+        let (peer, ours) = tokio::io::duplex(PIPE);
         let client = client.clone();
         let script = async move {
-            starttls_by_hand(&mut peer, "alpha.test", "beta.test").await;
-            let name = rustls::pki_types::ServerName::try_from("beta.test").unwrap();
-            let mut tls = tokio_rustls::TlsConnector::from(client)
-                .connect(name, peer)
-                .await
-                .unwrap();
-            tls.write_all(header("alpha.test", "beta.test").as_bytes())
-                .await
-                .unwrap();
-            let features = read_until(&mut tls, &["</stream:features>"]).await;
-            tls.write_all(b"<bidi xmlns='urn:xmpp:bidi'/>")
-                .await
-                .unwrap();
-            tls.write_all(
-                format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let rest = read_until(&mut tls, &["<success", "</stream:stream>"]).await;
-            if rest.contains("<success") {
-                tls.write_all(header("alpha.test", "beta.test").as_bytes())
-                    .await
-                    .unwrap();
-                read_until(&mut tls, &["</stream:features>"]).await;
-            }
+            let (mut tls, features) = tls_to_beta(peer, client).await;
+            let rest = bidi_then_external(&mut tls).await;
             (features, rest)
         };
         let (auth, (features, rest)) = tokio::join!(
@@ -437,36 +414,14 @@ async fn a_bidi_inbound_stream_stream_errors_close_it_for_both_directions() {
     let beta = certs.s2s("beta.test", |_| {});
     let got = Arc::new(Got::default());
     let ob = outbox(&beta, "beta.test", &got);
-    let (mut peer, ours) = tokio::io::duplex(PIPE);
+    let (peer, ours) = tokio::io::duplex(PIPE);
     let script = async move {
-        starttls_by_hand(&mut peer, "alpha.test", "beta.test").await;
-        let name = rustls::pki_types::ServerName::try_from("beta.test").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(client)
-            .connect(name, peer)
-            .await
-            .unwrap();
-        tls.write_all(header("alpha.test", "beta.test").as_bytes())
-            .await
-            .unwrap();
-        read_until(&mut tls, &["</stream:features>"]).await;
-        tls.write_all(b"<bidi xmlns='urn:xmpp:bidi'/>")
-            .await
-            .unwrap();
-        tls.write_all(format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>").as_bytes())
-            .await
-            .unwrap();
-        read_until(&mut tls, &["<success"]).await;
-        tls.write_all(header("alpha.test", "beta.test").as_bytes())
-            .await
-            .unwrap();
-        read_until(&mut tls, &["</stream:features>"]).await;
+        let (mut tls, _) = tls_to_beta(peer, client).await;
+        let rest = bidi_then_external(&mut tls).await;
+        assert!(rest.contains("<success"), "{rest}");
         tls
     };
-    let table = {
-        let mut t = Table::default();
-        t.add_host("beta.test", got.clone(), got.clone());
-        t
-    };
+    let table = table_for("beta.test", &got);
     let (auth, mut tls) = tokio::join!(
         inbound::negotiate(&beta, &table, ours, false, deadline(&beta)),
         script
@@ -503,7 +458,7 @@ mod real {
     use std::net::Ipv4Addr;
 
     use xmpp_federator::s2s::links::Direction;
-    use xmpp_federator_testkit::interop::{Ejabberd, Prosody};
+    use xmpp_federator_testkit::interop::{Ejabberd, Prosody, ServerSpec};
 
     use super::streams;
     use crate::interop::{Lab, WIRE, blocking, enabled};
@@ -522,17 +477,24 @@ mod real {
             .unwrap_or_else(|| panic!("no {domain}: {st:#}"))
     }
 
+    /// Prosody with mod_s2s_bidi on 127.0.4.`n+1` (alice registered), our
+    /// instance to be on 127.0.4.`n`.
+    async fn prosody_bidi(name: &str, n: u8) -> (Lab, ServerSpec, Prosody) {
+        init_log();
+        let lab = Lab::new(name, Ipv4Addr::new(127, 0, 4, n)).await;
+        let spec = lab.spec("prosody.test", Ipv4Addr::new(127, 0, 4, n + 1));
+        let prosody =
+            blocking(|| Prosody::start_bidi(&lab.work.path, spec.clone())).expect("prosody starts");
+        blocking(|| prosody.register("alice", "alicepw")).expect("register alice");
+        (lab, spec, prosody)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prosody_bidi_on_our_connection() {
         if !enabled() {
             return;
         }
-        init_log();
-        let lab = Lab::new("prosody-bidi-ours", Ipv4Addr::new(127, 0, 4, 20)).await;
-        let spec = lab.spec("prosody.test", Ipv4Addr::new(127, 0, 4, 21));
-        let prosody =
-            blocking(|| Prosody::start_bidi(&lab.work.path, spec.clone())).expect("prosody starts");
-        blocking(|| prosody.register("alice", "alicepw")).expect("register alice");
+        let (lab, spec, prosody) = prosody_bidi("prosody-bidi-ours", 20).await;
 
         // `check` asks for bidi and gets the pong on its own stream.
         let out = blocking(|| lab.check("prosody.test"));
@@ -581,12 +543,7 @@ mod real {
         if !enabled() {
             return;
         }
-        init_log();
-        let lab = Lab::new("prosody-bidi-theirs", Ipv4Addr::new(127, 0, 4, 22)).await;
-        let spec = lab.spec("prosody.test", Ipv4Addr::new(127, 0, 4, 23));
-        let prosody =
-            blocking(|| Prosody::start_bidi(&lab.work.path, spec.clone())).expect("prosody starts");
-        blocking(|| prosody.register("alice", "alicepw")).expect("register alice");
+        let (lab, spec, prosody) = prosody_bidi("prosody-bidi-theirs", 22).await;
         let wire = lab.start_wire().await;
         // Prosody opens the connection (asking for bidi); our pong goes back on it.
         let out =
@@ -652,4 +609,38 @@ mod real {
         wire.shutdown().await;
         drop(ejabberd);
     }
+}
+
+#[tokio::test]
+async fn a_dialback_stream_is_lent_for_its_verified_pair_only() {
+    use super::dialback::{instance, negotiate_between, trusts_dns_of};
+    // Neither trusts the other's certificate: dialback both ways.
+    let alpha = instance("alpha.test", |_| {});
+    let beta = instance("beta.test", |_| {});
+    trusts_dns_of(&beta, &alpha);
+    let (out, auth, table) = negotiate_between(&alpha, &beta).await;
+    let out = out.expect("alpha authenticated by dialback");
+    let auth = auth.expect("beta verified alpha");
+    assert_eq!(auth.method, outbound::Method::Dialback);
+    assert!(out.bidi && auth.bidi);
+    let ob = super::dialback::outbox(&beta.s2s, table);
+    let s2s = beta.s2s.clone();
+    let runner = tokio::spawn(async move { inbound::run(&s2s, &ob, auth).await });
+    let t0 = std::time::Instant::now();
+    while beta.s2s.bidi.lent("beta.test", "alpha.test").is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never lent");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Only the inverse of the verified pair (beta.test -> alpha.test).
+    assert_eq!(beta.s2s.bidi.len(), 1);
+    assert!(
+        beta.s2s
+            .bidi
+            .lent("conference.beta.test", "alpha.test")
+            .is_none()
+    );
+    let mut xs = out.xs;
+    xs.close().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), runner).await;
+    assert!(beta.s2s.bidi.is_empty(), "withdrawn when it ended");
 }
