@@ -1,14 +1,17 @@
 //! `check DOMAIN`: connect to a remote server exactly as the server would and say
 //! what happens at each step (DNS, TCP, TLS and the certificate chain, the
 //! features and so the methods offered, SASL EXTERNAL and the peer's text when
-//! it refuses it, dialback if that follows, then an XEP-0199 ping and its
-//! round-trip time). It warns when our certificate lacks the clientAuth EKU,
-//! which some peers require for SASL EXTERNAL.
+//! it refuses it, dialback if that follows, whether it offers bidirectional
+//! streams (XEP-0288), then an XEP-0199 ping and its round-trip time). It
+//! warns when our certificate lacks the clientAuth EKU, which some peers
+//! require for SASL EXTERNAL.
 //!
-//! The pong comes back over the *remote's* stream to us (s2s streams are
-//! unidirectional), so `check` listens on the configured addresses for the
-//! duration. If they are taken (the server is running), the ping is still sent
-//! and its answer goes to the running server; the round trip is then not measured.
+//! Without bidi the pong comes back over the *remote's* stream to us, so
+//! `check` listens on the configured addresses for the duration. If they are
+//! taken (the server is running), the ping is still sent and its answer goes to
+//! the running server; the round trip is then not measured. With bidi the pong
+//! comes back on our own stream (or, from a peer that does not use it, on its
+//! own: both are awaited).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,6 +116,11 @@ async fn ping(
 ) -> Result<(), CheckError> {
     let t0 = Instant::now();
     let mut conn = outbound::connect(&server.s2s, local, remote, out).await?;
+    out(if conn.bidi {
+        "bidirectional streams (XEP-0288): offered by the peer and asked for".to_string()
+    } else {
+        "bidirectional streams (XEP-0288): not used (see the features above)".to_string()
+    });
     out(format!(
         "outbound stream to {remote} authenticated by {} in {:.1} ms{}",
         match conn.auth.method {
@@ -135,14 +143,29 @@ async fn ping(
         .send(&iq.raw)
         .await
         .map_err(|e| CheckError::Ping(e.to_string()))?;
-    if !can_receive {
+    if !can_receive && !conn.bidi {
         out("ping sent".into());
         conn.xs.close().await;
         return Ok(());
     }
-    out("ping sent; waiting for the pong on the peer's stream to us".into());
+    out(if conn.bidi {
+        "ping sent; waiting for the pong on this bidirectional stream".into()
+    } else {
+        "ping sent; waiting for the pong on the peer's stream to us".into()
+    });
     let deadline = sent + Duration::from_secs(20);
-    let answer = tokio::time::timeout_at(deadline, pong.answer()).await;
+    let bidi = conn.bidi;
+    let answer = tokio::time::timeout_at(deadline, async {
+        if bidi {
+            tokio::select! {
+                a = pong.answer(), if can_receive => a,
+                a = answer_on(&mut conn.xs, &id) => a,
+            }
+        } else {
+            pong.answer().await
+        }
+    })
+    .await;
     let rtt = sent.elapsed().as_secs_f64() * 1000.0;
     conn.xs.close().await;
     match answer {
@@ -151,7 +174,12 @@ async fn ping(
         }
         Ok(Some(_)) => {
             out(format!(
-                "pong from {remote}: round trip {rtt:.1} ms (includes the peer connecting back to us)"
+                "pong from {remote}: round trip {rtt:.1} ms ({})",
+                if bidi {
+                    "on our bidirectional stream"
+                } else {
+                    "includes the peer connecting back to us"
+                }
             ));
             out("OK".into());
             Ok(())
@@ -159,6 +187,20 @@ async fn ping(
         Ok(None) | Err(_) => Err(CheckError::Ping(
             "no pong within 20 s (can the peer resolve and authenticate us?)".into(),
         )),
+    }
+}
+
+/// The answer to iq `id` on our own (bidirectional) stream; `None` when the
+/// stream ends first.
+async fn answer_on<S: crate::s2s::inbound::Io>(
+    xs: &mut crate::s2s::conn::XmlStream<S>,
+    id: &str,
+) -> Option<Stanza> {
+    loop {
+        let el = xs.next_element().await.ok()?;
+        if &*el.name == "iq" && el.attr("id") == Some(id) {
+            return Stanza::from_element(el).ok();
+        }
     }
 }
 

@@ -281,7 +281,7 @@ pub enum DialbackMode {
 }
 
 /// Federation policy, enforced on inbound and outbound streams.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Federation {
     /// `disabled`, `allowlist` or `open`.
@@ -297,6 +297,40 @@ pub struct Federation {
     /// generated once and kept in the store, so keys survive restarts; set it
     /// when several instances serve the same domains.
     pub dialback_secret: Option<String>,
+    /// Bidirectional streams (XEP-0288): offered to peers on our inbound
+    /// streams and asked for on our outbound ones where offered, so one
+    /// connection carries both directions. `false`: two streams, one each way.
+    #[serde(deserialize_with = "true_or_false")]
+    pub bidi: bool,
+}
+
+/// A boolean, and only a boolean: `bidi = "yes"` is refused with what is
+/// expected (TOML quotes make a string).
+fn true_or_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("true or false (a TOML boolean, without quotes)")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+    }
+    d.deserialize_bool(V)
+}
+
+impl Default for Federation {
+    fn default() -> Self {
+        Federation {
+            mode: FederationMode::default(),
+            allowlist: Vec::new(),
+            blocklist: Vec::new(),
+            dialback: DialbackMode::default(),
+            dialback_secret: None,
+            bidi: true,
+        }
+    }
 }
 
 /// Name resolution.
@@ -682,6 +716,7 @@ mod tests {
         let c = Config::from_toml(text).unwrap();
         assert_eq!(c.domains, vec!["wire.example".to_string()]);
         assert_eq!(c.federation.mode, FederationMode::Open);
+        assert!(c.federation.bidi);
     }
 
     #[test]
@@ -727,6 +762,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("mode"), "{e}");
+        for bad in ["'yes'", "1", "'true'"] {
+            let e = Config::from_toml(&format!("[federation]\nbidi = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("bidi = ") && e.contains("expected true or false"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bidi_is_on_by_default_and_can_be_turned_off() {
+        assert!(Config::from_toml("").unwrap().federation.bidi);
+        let c = Config::from_toml("[federation]\nbidi = false").unwrap();
+        assert!(!c.federation.bidi);
     }
 
     #[test]

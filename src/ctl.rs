@@ -285,10 +285,11 @@ pub fn format_status(s: &StatusOut) -> String {
         v.iter()
             .map(|st| {
                 format!(
-                    "{} {}{} {}",
+                    "{} {}{}{} {}",
                     st.method,
                     st.tls,
                     if st.sm { " sm" } else { "" },
+                    if st.bidi { " bidi" } else { "" },
                     short(s.now_ms.saturating_sub(st.since_ms) / 1000)
                 )
             })

@@ -203,7 +203,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// listeners, over a throwaway store (the load tools never touch a server's data;
 /// it is removed on drop unless `XMPP_FEDERATOR_KEEP_WORK` is set). Inbound streams
 /// are negotiated and handed, authenticated, to a handler; the driver routes
-/// nothing itself.
+/// nothing itself, and keeps a stream each way (`federation.bidi = false`).
 pub(crate) struct Driver {
     pub(crate) server: std::sync::Arc<Server>,
     _scratch: tempfile::TempDir,
@@ -228,6 +228,10 @@ impl Driver {
             .tempdir()
             .map_err(|e| LoadError::Run(format!("cannot make a scratch directory: {e}")))?;
         config.store.path = scratch.path().join("store");
+        // A stream each way, as the drivers read their answers on the
+        // target's stream to them (and as the recorded figures were made): no
+        // XEP-0288, offered or asked for.
+        config.federation.bidi = false;
         let server = Server::new(config)?;
         let mut listeners = server.bind().await?;
         for (listener, direct) in listeners.take() {

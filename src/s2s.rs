@@ -1,5 +1,7 @@
 //! Server-to-server streams (RFC 6120): listeners, negotiation, TLS, resolution.
 //!
+//! - [`bidi`]: bidirectional streams (XEP-0288): the feature, the request, the
+//!   inbound streams lent to outbound sessions.
 //! - [`conn`]: an XML stream over a byte stream (framer + I/O), stream errors.
 //! - [`dialback`]: server dialback (XEP-0220), sans-IO: keys, roles, rules.
 //! - [`links`]: the live streams and per-domain counters (the status), and
@@ -18,6 +20,7 @@
 //! [`Remote`]); what happens to tracked stanzas and remote domains goes back
 //! as [`crate::routing::Report`]s. It never imports services or the store.
 
+pub mod bidi;
 pub mod caps;
 pub mod conn;
 pub mod dialback;
@@ -124,6 +127,9 @@ pub struct S2s {
     pub dialback_issued: dialback::Issued,
     /// Live streams and per-domain counters.
     pub links: Arc<links::Links>,
+    /// Inbound bidirectional streams our outbound sessions may write to
+    /// (XEP-0288).
+    pub bidi: bidi::Lendable,
 }
 
 impl std::fmt::Debug for S2s {
@@ -170,6 +176,7 @@ impl S2s {
             dialback_secret: dialback::Secret::new(&secret),
             dialback_issued: dialback::Issued::default(),
             links: Arc::default(),
+            bidi: bidi::Lendable::default(),
             tls: tls::TlsContext::from_config(&config)?,
             resolver: resolve::Resolver::new(config.clone())?,
             caps: caps::Caps::new(&config.limits),

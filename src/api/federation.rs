@@ -38,7 +38,8 @@ pub struct StreamOut {
     pub tls: String,
     /// `external` (SASL EXTERNAL, XEP-0178) or `dialback` (XEP-0220).
     pub method: String,
-    /// Bidirectional (XEP-0288): never, for now.
+    /// Bidirectional (XEP-0288): it carries stanzas both ways (a connection
+    /// is listed once, in the direction of whoever opened it).
     pub bidi: bool,
     /// Whether stream management (XEP-0198 acks) is on.
     pub sm: bool,
@@ -140,7 +141,7 @@ fn stream_out(s: &StreamInfo) -> StreamOut {
         since_ms: s.since_ms,
         tls: s.tls.to_string(),
         method: s.method.as_str().to_string(),
-        bidi: false,
+        bidi: s.bidi,
         sm: s.sm.load(Ordering::Relaxed),
     }
 }

@@ -263,7 +263,15 @@ fn streams(v: &[super::federation::StreamOut]) -> String {
         return "-".into();
     }
     v.iter()
-        .map(|s| format!("{} {}{}", s.method, s.tls, if s.sm { " sm" } else { "" }))
+        .map(|s| {
+            format!(
+                "{} {}{}{}",
+                s.method,
+                s.tls,
+                if s.sm { " sm" } else { "" },
+                if s.bidi { " bidi" } else { "" }
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -359,7 +367,7 @@ fn chart(points: &[Point]) -> String {
 
 const SCRIPT: &str = r#"
 const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
-const streams = v => v.length ? v.map(s => s.method + ' ' + s.tls + (s.sm ? ' sm' : '')).join(', ') : '-';
+const streams = v => v.length ? v.map(s => s.method + ' ' + s.tls + (s.sm ? ' sm' : '') + (s.bidi ? ' bidi' : '')).join(', ') : '-';
 function line(vals, colour) {
   if (vals.length === 1) vals = [vals[0], vals[0]];
   const max = Math.max(1, ...vals), n = Math.max(vals.length, 2) - 1;

@@ -272,6 +272,41 @@ pub const READ_RESERVE: usize = 32 * 1024;
 /// connection holds (negotiation elements are small).
 const NEGOTIATION_READ_RESERVE: usize = 2 * 1024;
 
+/// Where a stream's read loop reads events and writes its answers: a whole
+/// [`XmlStream`], or the read half of a stream whose write half the other
+/// direction shares too ([`super::bidi::SplitWire`], XEP-0288).
+pub trait Wire: Send {
+    /// Next event; EOF and peer stream errors become failures.
+    fn next(&mut self) -> impl Future<Output = Result<Event, StreamFailure>> + Send;
+    /// Write and flush.
+    fn send(&mut self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Send a stream error and close the stream (`header` first if ours is
+    /// not sent yet).
+    fn fail(
+        &mut self,
+        header: &str,
+        condition: StreamCondition,
+        text: &str,
+    ) -> impl Future<Output = ()> + Send;
+    /// Close the stream cleanly.
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire for XmlStream<S> {
+    async fn next(&mut self) -> Result<Event, StreamFailure> {
+        XmlStream::next(self).await
+    }
+    async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        XmlStream::send(self, data).await
+    }
+    async fn fail(&mut self, header: &str, condition: StreamCondition, text: &str) {
+        XmlStream::fail(self, header, condition, text).await
+    }
+    async fn close(&mut self) {
+        XmlStream::close(self).await
+    }
+}
+
 /// Make room for a large read: `BytesMut` only grows by 64 bytes when full, and
 /// the framer splits complete elements off its front, so without this reads shrink
 /// to a few stanzas each.

@@ -436,6 +436,14 @@ impl Receiving {
             .map(|(k, _)| k.clone())
     }
 
+    /// The verified pairs (from, to).
+    pub fn verified_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs
+            .iter()
+            .filter(|(_, p)| **p == Pair::Verified)
+            .map(|((f, t), _)| (f.as_str(), t.as_str()))
+    }
+
     /// Whether any pair is verified.
     pub fn any_verified(&self) -> bool {
         self.pairs.values().any(|p| *p == Pair::Verified)

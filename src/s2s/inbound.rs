@@ -21,6 +21,14 @@
 //! (piggybacking) are verified while it runs, each on its own. A `<db:verify/>`
 //! is answered as the authoritative server, on any stream, authenticated or not
 //! ([`super::dialback`] has the rules).
+//!
+//! Bidirectional streams (XEP-0288) where `federation.bidi`: offered in the
+//! features after TLS; a `<bidi xmlns='urn:xmpp:bidi'/>` before authentication
+//! (anywhere else it is `unsupported-stanza-type`) makes [`run`] lend the
+//! stream's write half to our outbound sessions of its reverse pairs once it is
+//! authenticated ([`super::bidi`]). [`Router`] is the per-stanza half of the
+//! read loop, shared with the outbound side's reading of a peer's stanzas on
+//! our bidirectional stream.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,16 +44,20 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use tokio_util::sync::CancellationToken;
+
 use super::Method;
 use super::S2s;
-use super::conn::{StreamFailure, XmlStream, header_xml, new_id, stream_header};
+use super::bidi::{self, Lent, SplitWire};
+use super::conn::{StreamFailure, Wire, XmlStream, header_xml, new_id, stream_header};
 use super::dialback::{self, AuthoritativeStep, Db, Receiving, Step};
-use super::links::{Direction, NewStream, tls_name};
+use super::links::{Direction, DomainCounters, NewStream, tls_name};
 use super::throttle::Throttle;
 use crate::address::Addr;
 use crate::config::DialbackMode;
 use crate::routing::{Outbox, Peer, Table};
 use crate::stanza::{NotRoutable, Stanza, StreamCondition};
+use crate::xml::framer::Element;
 use crate::xml::{Event, NS_SASL, NS_SERVER, NS_TLS, StreamHeader};
 
 /// TLS-wrapped inbound transport over `IO`.
@@ -69,6 +81,9 @@ pub struct Authenticated<IO = TcpStream> {
     pub method: Method,
     /// The dialback state of a dialback-authenticated stream (its pairs).
     pub dialback: Option<Receiving>,
+    /// The peer asked for bidi (XEP-0288) where we offered it: our stanzas
+    /// to it may go on this stream too.
+    pub bidi: bool,
 }
 
 /// Serve one accepted connection to the end.
@@ -204,10 +219,7 @@ fn reply_header_with_id(cx: &Cx<'_>, h: Option<&StreamHeader>, id: &str) -> Stri
     stream_header(from, to, Some(id), version)
 }
 
-async fn fail_with<S>(xs: &mut XmlStream<S>, header: &str, e: StreamFailure)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+async fn fail_with<W: Wire>(xs: &mut W, header: &str, e: StreamFailure) {
     match e.condition() {
         Some((c, text)) => {
             tracing::info!(condition = %c, %text, "closing stream with error");
@@ -239,18 +251,21 @@ pub async fn negotiate<IO: Io>(
             peer,
             local,
             header,
-        } => restart_after_auth(&cx, xs, peer, local, &header, deadline).await,
+            bidi,
+        } => restart_after_auth(&cx, xs, peer, local, &header, bidi, deadline).await,
         Proved::Dialback {
             xs,
             peer,
             local,
             receiving,
+            bidi,
         } => Some(Authenticated {
             xs,
             peer: Peer::authenticated(&peer),
             local_domain: local,
             method: Method::Dialback,
             dialback: Some(receiving),
+            bidi,
         }),
     }
 }
@@ -263,6 +278,8 @@ enum Proved<IO> {
         peer: String,
         local: String,
         header: String,
+        /// The peer asked for bidi (XEP-0288).
+        bidi: bool,
     },
     /// Dialback verified `peer` to `local`: no restart.
     Dialback {
@@ -270,6 +287,8 @@ enum Proved<IO> {
         peer: String,
         local: String,
         receiving: Receiving,
+        /// The peer asked for bidi (XEP-0288).
+        bidi: bool,
     },
 }
 
@@ -412,7 +431,13 @@ async fn authenticate<IO: Io>(
     if dialback {
         features.push_str(dialback::FEATURE);
     }
+    // XEP-0288 §2.1: offered before authentication, asked for before it.
+    let offer_bidi = cx.s2s.config.federation.bidi;
+    if offer_bidi {
+        features.push_str(bidi::FEATURE);
+    }
     features.push_str("</stream:features>");
+    let mut bidi_asked = false;
     if xs.send_header_with(&header, &features).await.is_err() {
         return None;
     }
@@ -442,6 +467,7 @@ async fn authenticate<IO: Io>(
                         peer,
                         local,
                         receiving,
+                        bidi: bidi_asked,
                     });
                 }
                 continue;
@@ -454,6 +480,19 @@ async fn authenticate<IO: Io>(
                 }
             },
         };
+        if el.is("bidi", bidi::NS_BIDI) {
+            if !offer_bidi {
+                let e = StreamFailure::protocol(
+                    StreamCondition::UnsupportedStanzaType,
+                    "bidirectional streams (XEP-0288) are not offered here",
+                );
+                fail_with(&mut xs, &header, e).await;
+                return None;
+            }
+            tracing::debug!("the peer asks for a bidirectional stream (XEP-0288)");
+            bidi_asked = true;
+            continue;
+        }
         if let Some(db) = Db::parse(&el) {
             if !dialback {
                 let e = StreamFailure::protocol(
@@ -536,6 +575,7 @@ async fn authenticate<IO: Io>(
                     peer,
                     local,
                     header,
+                    bidi: bidi_asked,
                 });
             }
             Some(cond) => {
@@ -575,7 +615,7 @@ fn log_verdict(s2s: &S2s, from: &str, verdict: &Result<bool, (&'static str, Stri
 }
 
 /// Carry out a receiving-role step; false when the stream is over.
-async fn do_step<S: Io>(xs: &mut XmlStream<S>, header: &str, step: Step) -> bool {
+async fn do_step<W: Wire>(xs: &mut W, header: &str, step: Step) -> bool {
     match step {
         Step::Send(xml) => xs.send(xml.as_bytes()).await.is_ok(),
         Step::Ignore(why) => {
@@ -593,10 +633,10 @@ async fn do_step<S: Io>(xs: &mut XmlStream<S>, header: &str, step: Step) -> bool
 
 /// Answer a `<db:verify/>` as the authoritative server; false when the stream
 /// is over.
-async fn answer_verify<S: Io>(
+async fn answer_verify<W: Wire>(
     s2s: &S2s,
     table: &Table,
-    xs: &mut XmlStream<S>,
+    xs: &mut W,
     header: &str,
     db: &Db,
 ) -> bool {
@@ -633,6 +673,7 @@ async fn restart_after_auth<IO: Io>(
     peer: String,
     local: String,
     header: &str,
+    bidi: bool,
     deadline: Instant,
 ) -> Option<Authenticated<IO>> {
     xs.restart(cx.s2s.config.framer_limits(false));
@@ -682,6 +723,7 @@ async fn restart_after_auth<IO: Io>(
         local_domain: local,
         method: Method::External,
         dialback: None,
+        bidi,
     })
 }
 
@@ -731,18 +773,98 @@ fn sasl_authzid(text: &str) -> Result<Option<String>, ()> {
 /// stream, further `<db:result/>`s are verified while stanzas flow (each pair
 /// on its own, the verifications concurrent), and a stanza is routed only if
 /// its from-domain is verified on this stream (to its `to`, or to the stream's
-/// own domain). `<db:verify/>` is answered on any stream.
+/// own domain). `<db:verify/>` is answered on any stream. A stream that asked
+/// for bidi (XEP-0288) is split: its write half is lent to our outbound
+/// session of each reverse pair it authenticated ([`super::bidi`]), until it
+/// ends.
 pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
-    use futures_util::StreamExt as _;
+    let tls = tls_name(auth.xs.io().get_ref().1.protocol_version());
     let Authenticated {
         mut xs,
         peer,
         local_domain,
         method,
-        mut dialback,
+        dialback,
+        bidi,
     } = auth;
-    let header = header_xml(&local_domain, Some(peer.domain()), None);
+    // Large reads from now on (a bidi stream's read half makes them too).
     xs.set_read_reserve(crate::s2s::conn::READ_RESERVE);
+    let stream = Stream {
+        peer,
+        local: local_domain,
+        method,
+        dialback,
+        tls,
+    };
+    if !bidi {
+        return run_on(s2s, outbox, xs, stream, None).await;
+    }
+    let (io, framer) = xs.into_parts();
+    let (rd, wr) = tokio::io::split(io);
+    let writer = bidi::shared(wr);
+    let ended = CancellationToken::new();
+    let wire = SplitWire {
+        rd,
+        framer,
+        wr: writer.clone(),
+        ended: ended.clone(),
+    };
+    run_on(s2s, outbox, wire, stream, Some((writer, ended))).await
+}
+
+/// What [`run_on`] knows of its stream.
+struct Stream {
+    peer: Peer,
+    local: String,
+    method: Method,
+    dialback: Option<Receiving>,
+    tls: &'static str,
+}
+
+/// An inbound bidirectional stream's offer to our outbound sessions, withdrawn
+/// (and the sessions told) when it drops.
+struct Lending<'a> {
+    s2s: &'a S2s,
+    lent: Lent,
+}
+
+impl Lending<'_> {
+    /// Offer the stream to the sessions of its reverse pairs: ours = the
+    /// stream's `to`, theirs = its peer (EXTERNAL); the inverse of each
+    /// verified pair (dialback, XEP-0288 §2.2).
+    fn offer(&self, stream: &Stream) {
+        match &stream.dialback {
+            None => self
+                .s2s
+                .bidi
+                .offer(&stream.local, stream.peer.domain(), &self.lent),
+            Some(r) => {
+                for (from, to) in r.verified_pairs() {
+                    self.s2s.bidi.offer(to, from, &self.lent);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Lending<'_> {
+    fn drop(&mut self) {
+        self.lent.ended.cancel();
+        self.s2s.bidi.withdraw(self.lent.stream);
+    }
+}
+
+async fn run_on<W: Wire>(
+    s2s: &S2s,
+    outbox: &Outbox,
+    mut xs: W,
+    mut stream: Stream,
+    lend: Option<(bidi::SharedWriter, CancellationToken)>,
+) {
+    use futures_util::StreamExt as _;
+    let peer = stream.peer.clone();
+    let local_domain = stream.local.clone();
+    let header = header_xml(&local_domain, Some(peer.domain()), None);
     // Streams per domain (the domain it authenticated as).
     let Some(_slot) = s2s.caps.admit_domain(peer.domain()) else {
         s2s.metrics.inbound_refused_domain_streams.inc();
@@ -756,32 +878,33 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
         );
         return fail_with(&mut xs, &header, e).await;
     };
-    let limits = &s2s.config.limits;
-    let mut throttle = Throttle::new(
-        limits.peer_bytes_per_sec,
-        limits.peer_stanzas_per_sec,
-        limits.peer_burst_secs,
-        Instant::now(),
-    );
-    // Not read until then (over the rate limits).
-    let mut paused: Option<Instant> = None;
     let idle = s2s.config.timeouts.idle();
-    // This peer's stanzas-in counters, looked up once per stream.
-    let domain_in = s2s.metrics.domain_stanzas_in(peer.domain());
     let link = s2s.links.register(
         NewStream {
             direction: Direction::In,
             local: &local_domain,
             remote: peer.domain(),
-            tls: tls_name(xs.io().get_ref().1.protocol_version()),
-            method,
+            tls: stream.tls,
+            method: stream.method,
             sm: false,
+            bidi: lend.is_some(),
         },
         &s2s.shutdown,
     );
-    let counters = s2s.links.domain(&link.info().remote);
-    // Piggybacked domains verified on this stream.
-    let mut peers: HashMap<String, Peer> = HashMap::new();
+    let mut router = Router::new(s2s, outbox, peer.clone(), &local_domain);
+    let lending = lend.map(|(writer, ended)| Lending {
+        s2s,
+        lent: Lent {
+            stream: link.info().id,
+            writer,
+            ended,
+            activity: Arc::default(),
+        },
+    });
+    if let Some(l) = &lending {
+        l.offer(&stream);
+        tracing::info!("bidirectional stream: our stanzas to the peer may go on it");
+    }
     let mut verifying = futures_util::stream::FuturesUnordered::new();
     // One timer for the whole stream, re-armed only when it fires (arming a timer
     // per stanza costs more than the stanza).
@@ -800,31 +923,37 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                 return;
             }
             _ = &mut idle_timer => {
-                if last_activity.elapsed() >= idle {
+                // A bidirectional stream is idle only when neither way is used.
+                let last = lending
+                    .as_ref()
+                    .map_or(last_activity, |l| last_activity.max(l.lent.activity.last()));
+                if last.elapsed() >= idle {
                     let e = StreamFailure::protocol(StreamCondition::ConnectionTimeout, "idle stream");
                     return fail_with(&mut xs, &header, e).await;
                 }
-                idle_timer.as_mut().reset(last_activity + idle);
+                idle_timer.as_mut().reset(last + idle);
                 continue;
             }
             Some((from, to, verdict)) = verifying.next(), if !verifying.is_empty() => {
                 let from: String = from;
                 let to: String = to;
                 log_verdict(s2s, &from, &verdict);
-                if let Some(r) = dialback.as_mut() {
+                if let Some(r) = stream.dialback.as_mut() {
                     let step = r.on_verdict(&from, &to, verdict);
                     if !do_step(&mut xs, &header, step).await {
                         return;
                     }
+                    if let Some(l) = &lending {
+                        l.offer(&stream);
+                    }
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(paused.unwrap_or_else(Instant::now)), if paused.is_some() => {
-                paused = None;
-                tracing::debug!("reading a throttled stream again");
+            _ = tokio::time::sleep_until(router.paused().unwrap_or_else(Instant::now)), if router.paused().is_some() => {
+                router.resume();
                 continue;
             }
-            ev = xs.next(), if paused.is_none() => ev,
+            ev = xs.next(), if router.paused().is_none() => ev,
         };
         last_activity = Instant::now();
         let ev = match ev {
@@ -855,7 +984,7 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
                 }
                 continue;
             }
-            let Some(r) = dialback.as_mut() else {
+            let Some(r) = stream.dialback.as_mut() else {
                 // A stream authenticated by certificate asks no more.
                 tracing::info!("dropped a db:result on a certificate-authenticated stream");
                 continue;
@@ -881,51 +1010,10 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
             }
             continue;
         }
-        if let Some(until) = throttle.spend(el.raw.len(), last_activity) {
-            // Over the stream's rates: read no more until it is within them
-            // (the stanza in hand is still routed; nothing is dropped).
-            s2s.metrics.inbound_throttled.inc();
-            tracing::info!(
-                pause_ms = (until - last_activity).as_millis() as u64,
-                "throttling a peer over its rate limits"
-            );
-            paused = Some(until);
-        }
-        let refusal = match Stanza::from_element(el) {
-            Ok(stanza) => {
-                let r = match dialback.as_ref() {
-                    None => outbox.route_inbound(&peer, stanza).await.err(),
-                    Some(db) => {
-                        match dialback_peer(db, &peer, &local_domain, &stanza, &mut peers) {
-                            // A piggybacked domain the policy turned against
-                            // since it was verified (the stream's own domain
-                            // closes the stream through its registration).
-                            Ok(p)
-                                if p.domain() != peer.domain()
-                                    && !s2s.policy.allows(&p.domain().to_ascii_lowercase()) =>
-                            {
-                                Some((
-                                    StreamCondition::PolicyViolation,
-                                    format!("federation with {} is not allowed", p.domain()),
-                                ))
-                            }
-                            Ok(p) => outbox.route_inbound(&p, stanza).await.err(),
-                            Err(refusal) => Some(refusal),
-                        }
-                    }
-                };
-                if r.is_none() {
-                    domain_in.inc();
-                    counters.stanzas_in.fetch_add(1, Ordering::Relaxed);
-                }
-                r
-            }
-            Err(e @ NotRoutable::BadAddress { .. }) => {
-                Some((StreamCondition::ImproperAddressing, e.to_string()))
-            }
-            Err(e) => Some((StreamCondition::UnsupportedStanzaType, e.to_string())),
-        };
-        if let Some((condition, text)) = refusal {
+        if let Err((condition, text)) = router
+            .route(el, stream.dialback.as_ref(), last_activity)
+            .await
+        {
             let e = StreamFailure::Protocol { condition, text };
             return fail_with(&mut xs, &header, e).await;
         }
@@ -934,6 +1022,117 @@ pub async fn run<IO: Io>(s2s: &S2s, outbox: &Outbox, auth: Authenticated<IO>) {
         // stanza cost 0.4 us per ping round trip (1.6 -> 2.0 us, thread
         // switches) and changed nothing in `s2s_load --mode fair` (the quiet
         // peer's p99 during a flood 2.57 ms with it, 2.62 ms without).
+    }
+}
+
+/// Routes one stream's stanzas, whichever side opened it: an inbound
+/// stream's, and the peer's on our bidirectional outbound stream (XEP-0288,
+/// [`Router::reverse`]). The same checks for both: the stream's rate limits
+/// (over them, [`Router::paused`] says until when it must not be read;
+/// nothing is dropped), the from-domain (the authenticated peer, or on a
+/// dialback stream a domain verified on it, else `invalid-from`), then the
+/// inbox lane's room and the table's checks in [`Outbox::route_inbound`].
+pub struct Router<'a> {
+    s2s: &'a S2s,
+    outbox: &'a Outbox,
+    peer: Peer,
+    local: String,
+    throttle: Throttle,
+    /// Not read until then (over the rate limits).
+    paused: Option<Instant>,
+    /// This peer's stanzas-in counter, looked up once per stream.
+    domain_in: prometheus_client::metrics::counter::Counter,
+    counters: Arc<DomainCounters>,
+    /// Piggybacked domains verified on a dialback stream.
+    peers: HashMap<String, Peer>,
+}
+
+impl<'a> Router<'a> {
+    fn new(s2s: &'a S2s, outbox: &'a Outbox, peer: Peer, local: &str) -> Router<'a> {
+        let limits = &s2s.config.limits;
+        Router {
+            throttle: Throttle::new(
+                limits.peer_bytes_per_sec,
+                limits.peer_stanzas_per_sec,
+                limits.peer_burst_secs,
+                Instant::now(),
+            ),
+            paused: None,
+            domain_in: s2s.metrics.domain_stanzas_in(peer.domain()),
+            counters: s2s.links.domain(peer.domain()),
+            peers: HashMap::new(),
+            local: local.to_string(),
+            peer,
+            s2s,
+            outbox,
+        }
+    }
+
+    /// For the stanzas `remote` sends us on our outbound stream from `local`
+    /// once bidi was asked for on it (XEP-0288 §2.2: from the stream's `to`,
+    /// which our negotiation authenticated, or DNS where dialback stood in).
+    pub fn reverse(s2s: &'a S2s, outbox: &'a Outbox, remote: &str, local: &str) -> Router<'a> {
+        Router::new(s2s, outbox, Peer::authenticated(remote), local)
+    }
+
+    /// Until when the stream must not be read (over its rate limits).
+    pub fn paused(&self) -> Option<Instant> {
+        self.paused
+    }
+
+    /// The pause is over.
+    pub fn resume(&mut self) {
+        self.paused = None;
+        tracing::debug!("reading a throttled stream again");
+    }
+
+    /// Route one element read at `now` (not a `db:` one); an `Err` is the
+    /// stream error to close the stream with.
+    pub async fn route(
+        &mut self,
+        el: Element,
+        dialback: Option<&Receiving>,
+        now: Instant,
+    ) -> Result<(), (StreamCondition, String)> {
+        let s2s = self.s2s;
+        if let Some(until) = self.throttle.spend(el.raw.len(), now) {
+            // Over the stream's rates: read no more until it is within them
+            // (the stanza in hand is still routed; nothing is dropped).
+            s2s.metrics.inbound_throttled.inc();
+            tracing::info!(
+                pause_ms = (until - now).as_millis() as u64,
+                "throttling a peer over its rate limits"
+            );
+            self.paused = Some(until);
+        }
+        let stanza = match Stanza::from_element(el) {
+            Ok(stanza) => stanza,
+            Err(e @ NotRoutable::BadAddress { .. }) => {
+                return Err((StreamCondition::ImproperAddressing, e.to_string()));
+            }
+            Err(e) => return Err((StreamCondition::UnsupportedStanzaType, e.to_string())),
+        };
+        match dialback {
+            None => self.outbox.route_inbound(&self.peer, stanza).await?,
+            Some(db) => {
+                let p = dialback_peer(db, &self.peer, &self.local, &stanza, &mut self.peers)?;
+                // A piggybacked domain the policy turned against since it was
+                // verified (the stream's own domain closes the stream through
+                // its registration).
+                if p.domain() != self.peer.domain()
+                    && !s2s.policy.allows(&p.domain().to_ascii_lowercase())
+                {
+                    return Err((
+                        StreamCondition::PolicyViolation,
+                        format!("federation with {} is not allowed", p.domain()),
+                    ));
+                }
+                self.outbox.route_inbound(&p, stanza).await?
+            }
+        }
+        self.domain_in.inc();
+        self.counters.stanzas_in.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 

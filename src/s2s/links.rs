@@ -51,6 +51,9 @@ pub struct StreamInfo {
     pub method: Method,
     /// Whether XEP-0198 acks are in use on it.
     pub sm: AtomicBool,
+    /// Whether it is bidirectional (XEP-0288): it carries stanzas both ways
+    /// (listed once, in the direction of whoever opened it).
+    pub bidi: bool,
     close: CancellationToken,
 }
 
@@ -154,6 +157,8 @@ pub struct NewStream<'a> {
     pub method: Method,
     /// Whether stream management is on.
     pub sm: bool,
+    /// Whether it is bidirectional (XEP-0288).
+    pub bidi: bool,
 }
 
 impl Links {
@@ -173,6 +178,7 @@ impl Links {
             tls: s.tls,
             method: s.method,
             sm: AtomicBool::new(s.sm),
+            bidi: s.bidi,
             close: shutdown.child_token(),
         });
         lock(&self.streams).insert(info.id, info.clone());
@@ -250,6 +256,7 @@ mod tests {
             tls: "TLSv1.3",
             method: Method::External,
             sm: false,
+            bidi: false,
         };
         let a = links.register(s("A.test"), &shutdown);
         let b = links.register(s("b.test"), &shutdown);

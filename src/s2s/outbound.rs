@@ -9,6 +9,13 @@
 //! per batch), and are bounced with `remote-server-not-found` or
 //! `remote-server-timeout` when the domain cannot be reached within the retry
 //! window. A full queue bounces new stanzas with `resource-constraint`.
+//!
+//! Bidirectional streams (XEP-0288): [`negotiate`] asks for bidi where the peer
+//! offers it; [`read_peer`] then routes the peer's stanzas on our stream with
+//! an inbound stream's checks ([`super::inbound::Router::reverse`]). A session
+//! whose peer lent it an inbound bidirectional stream writes there instead of
+//! connecting ([`super::bidi::Lent`]), without XEP-0198 (confirmation pings
+//! instead), and connects on its own once that stream ends.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +32,11 @@ use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
 pub use super::Method;
+use tokio_util::sync::CancellationToken;
+
+use super::bidi::{self, Activity, Lent, SharedWriter};
 use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
-use super::inbound::Io;
+use super::inbound::{Io, Router};
 use super::links::{Direction, DomainCounters, NewStream, Registration, tls_name};
 use super::resolve::{Endpoint, ResolveError};
 use super::{S2s, dialback};
@@ -35,16 +45,19 @@ use crate::routing::{Outbox, Outgoing, Refused, Report, Track};
 use crate::stanza::error::stream_error_xml;
 use crate::stanza::{Stanza, StanzaCondition, StreamCondition};
 use crate::xml::children::all_texts;
-use crate::xml::{Event, NS_SASL, NS_STREAM, NS_TLS};
+use crate::xml::{Event, NS_SASL, NS_SERVER, NS_STREAM, NS_TLS};
 
 /// XEP-0198 stream management.
 pub const NS_SM: &str = "urn:xmpp:sm:3";
 
 /// What the peer says about stream management on our stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SmEvent {
+pub enum SmEvent {
+    /// `<enabled/>`.
     Enabled,
+    /// `<failed/>`.
     Failed,
+    /// `<a h='h'/>`.
     Ack(u32),
 }
 
@@ -154,6 +167,9 @@ pub struct Connected<IO = TcpStream> {
     pub xs: XmlStream<TlsOut<IO>>,
     /// The peer offers XEP-0198 stream management.
     pub sm: bool,
+    /// We asked for bidi (XEP-0288), which the peer offered: it may send us
+    /// stanzas on this stream.
+    pub bidi: bool,
     /// How we authenticated, and whether the peer's certificate verified.
     pub auth: Auth,
     /// Where we connected.
@@ -177,6 +193,8 @@ pub struct Negotiated<S> {
     pub xs: XmlStream<S>,
     /// The peer offers XEP-0198 stream management.
     pub sm: bool,
+    /// We asked for bidi (XEP-0288), which the peer offered.
+    pub bidi: bool,
     /// How it was authenticated.
     pub auth: Auth,
 }
@@ -259,6 +277,7 @@ pub async fn connect(
                 return Ok(Connected {
                     xs: n.xs,
                     sm: n.sm,
+                    bidi: n.bidi,
                     auth: n.auth,
                     endpoint: ep,
                 });
@@ -315,6 +334,14 @@ pub async fn negotiate<IO: Io>(
     };
     let (mut xs, peer_verified) = tls_handshake(s2s, io, cfg, remote, log).await?;
     let offer = features_after_tls(&mut xs, &header, log).await?;
+    // XEP-0288 §2.2: asked for before authenticating; nothing answers it.
+    let bidi = offer.bidi && s2s.config.federation.bidi;
+    if bidi {
+        log("  asking for a bidirectional stream (XEP-0288)".into());
+        xs.send(bidi::REQUEST.as_bytes()).await.map_err(send_err)?;
+    } else if offer.bidi {
+        log("  the peer offers bidirectional streams (XEP-0288); not asked for (federation.bidi = false)".into());
+    }
     let external = if offer.external {
         let r = sasl_external(&mut xs, log).await;
         if matches!(r, Err(ConnectError::Auth(_))) {
@@ -333,6 +360,7 @@ pub async fn negotiate<IO: Io>(
             Ok(Negotiated {
                 xs,
                 sm,
+                bidi,
                 auth: Auth {
                     method: Method::External,
                     peer_verified,
@@ -349,6 +377,7 @@ pub async fn negotiate<IO: Io>(
             Ok(Negotiated {
                 xs,
                 sm: false,
+                bidi,
                 auth: Auth {
                     method: Method::Dialback,
                     peer_verified,
@@ -365,6 +394,8 @@ struct Offer {
     external: bool,
     /// Dialback: the feature, or `db:` bound on its header.
     dialback: bool,
+    /// Bidirectional streams (XEP-0288).
+    bidi: bool,
     /// The stream id the peer issued (dialback keys are bound to it).
     stream_id: Option<String>,
     /// For messages.
@@ -393,9 +424,13 @@ async fn features_after_tls<S: Io>(
         .iter()
         .any(|c| c.ns == dialback::NS_DB_FEATURES && c.name == "dialback")
         || h.prefixes.iter().any(|(_, uri)| uri == dialback::NS_DB);
+    let bidi = kids
+        .iter()
+        .any(|c| c.ns == bidi::NS_BIDI_FEATURE && c.name == "bidi");
     Ok(Offer {
         external,
         dialback,
+        bidi,
         stream_id: h.id,
         summary: summarize(&kids),
     })
@@ -894,6 +929,141 @@ enum StreamEnd {
     Done,
 }
 
+/// What a session's stream is.
+enum Carrier {
+    /// A connection of our own (boxed: a TLS stream is large; once per
+    /// connection).
+    Own(Box<Connected>),
+    /// A peer's inbound bidirectional stream (XEP-0288).
+    Lent(Lent),
+}
+
+/// Where a session writes.
+enum Writer {
+    /// The write half of our own connection.
+    Own(tokio::io::WriteHalf<TlsOut>),
+    /// A peer's inbound bidirectional stream, shared with its read loop;
+    /// writes count as its activity.
+    Lent(SharedWriter, Arc<Activity>),
+}
+
+impl Writer {
+    /// Write and flush.
+    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Writer::Own(w) => {
+                w.write_all(data).await?;
+                w.flush().await
+            }
+            Writer::Lent(w, activity) => {
+                bidi::write(w, data).await?;
+                activity.touch();
+                Ok(())
+            }
+        }
+    }
+
+    /// End our own stream (after `error`, if any); a lent one is the peer's
+    /// inbound stream, which its read loop ends.
+    async fn end(&mut self, error: Option<&str>) {
+        if let Writer::Own(w) = self {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                if let Some(e) = error {
+                    let _ = w.write_all(e.as_bytes()).await;
+                }
+                let _ = w.write_all(b"</stream:stream>").await;
+                let _ = w.shutdown().await;
+            })
+            .await;
+        }
+    }
+}
+
+/// How a session learns that its stream ended.
+enum Ending {
+    /// Our reader task returned (why).
+    Own(tokio::task::JoinHandle<StreamFailure>),
+    /// The peer's inbound stream ended.
+    Lent(CancellationToken),
+}
+
+impl Ending {
+    /// When the stream ended: why, if our reader knows.
+    async fn wait(&mut self) -> Option<StreamFailure> {
+        match self {
+            Ending::Own(reader) => (&mut *reader).await.ok(),
+            Ending::Lent(ended) => {
+                ended.cancelled().await;
+                None
+            }
+        }
+    }
+
+    /// Stop reading (our own stream).
+    fn abort(&self) {
+        if let Ending::Own(reader) = self {
+            reader.abort();
+        }
+    }
+}
+
+/// Read the peer's side of our outbound stream until it ends (the failure
+/// says how): stream management answers go to `sm`; with a `reverse` router
+/// (bidi asked for, XEP-0288) the peer's stanzas to us are routed with an
+/// inbound stream's checks and rate limits (an `Err` from it ends the
+/// stream with that error); without one a stanza is `not-authorized`.
+/// Other elements are ignored.
+pub async fn read_peer<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    framer: &mut crate::xml::Framer,
+    mut reverse: Option<&mut Router<'_>>,
+    activity: Option<&Activity>,
+    sm: &mpsc::Sender<SmEvent>,
+) -> StreamFailure {
+    loop {
+        if let Some(r) = reverse.as_deref_mut()
+            && let Some(until) = r.paused()
+        {
+            tokio::time::sleep_until(until).await;
+            r.resume();
+        }
+        let el = match next_event(rd, framer).await {
+            Ok(Event::Element(el)) => el,
+            Ok(_) => continue,
+            Err(e) => return e,
+        };
+        if el.ns == NS_SM {
+            let ev = match &*el.name {
+                "enabled" => Some(SmEvent::Enabled),
+                "failed" => Some(SmEvent::Failed),
+                "a" => el.attr("h").and_then(|h| h.parse().ok()).map(SmEvent::Ack),
+                _ => None,
+            };
+            if let Some(ev) = ev {
+                let _ = sm.send(ev).await;
+            }
+            continue;
+        }
+        if el.ns != NS_SERVER {
+            tracing::debug!(element = %el.name, "ignoring element on outbound stream");
+            continue;
+        }
+        let Some(router) = reverse.as_deref_mut() else {
+            return StreamFailure::protocol(
+                StreamCondition::NotAuthorized,
+                "this stream is not bidirectional (XEP-0288): send your stanzas on your own stream",
+            );
+        };
+        let now = Instant::now();
+        if let Some(a) = activity {
+            a.touch();
+        }
+        if let Err((condition, text)) = router.route(el, None, now).await {
+            return StreamFailure::Protocol { condition, text };
+        }
+    }
+}
+
 /// One outbound session: a queue to one remote domain from one of ours, and the
 /// streams that carry it.
 struct Session {
@@ -917,16 +1087,19 @@ impl Session {
     async fn run(mut self) {
         let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
         loop {
-            let Some(connected) = self.connect_with_retry().await else {
+            let Some(carrier) = self.connect_with_retry().await else {
                 return;
             };
             // One span per stream (the session's span is the parent).
-            let span = tracing::info_span!(
-                "stream",
-                auth = connected.auth.method.as_str(),
-                endpoint = %connected.endpoint.addr
-            );
-            let end = self.run_stream(connected, &mut wbuf).instrument(span).await;
+            let span = match &carrier {
+                Carrier::Own(c) => tracing::info_span!(
+                    "stream",
+                    auth = c.auth.method.as_str(),
+                    endpoint = %c.endpoint.addr
+                ),
+                Carrier::Lent(l) => tracing::info_span!("stream", bidi = true, inbound = l.stream),
+            };
+            let end = self.run_stream(carrier, &mut wbuf).instrument(span).await;
             self.link = None;
             match end {
                 StreamEnd::Reconnect => continue,
@@ -963,7 +1136,7 @@ impl Session {
     /// Connect, retrying with jittered backoff within the retry window; `None`
     /// when the session is over (shutdown, or the domain unreachable: everything
     /// queued was handed back).
-    async fn connect_with_retry(&mut self) -> Option<Connected> {
+    async fn connect_with_retry(&mut self) -> Option<Carrier> {
         let (local, remote) = (self.key.0.clone(), self.key.1.clone());
         let window_start = Instant::now();
         let mut attempt = 0u32;
@@ -972,6 +1145,14 @@ impl Session {
                 tracing::info!("the federation policy no longer allows the domain; giving up");
                 self.give_up(StanzaCondition::PolicyViolation, POLICY_TEXT, false);
                 return None;
+            }
+            if let Some(l) = self.s2s.bidi.lent(&local, &remote) {
+                tracing::info!(
+                    stream = l.stream,
+                    "using the peer's bidirectional stream (XEP-0288)"
+                );
+                self.outbox.report(Report::Reachable { remote });
+                return Some(Carrier::Lent(l));
             }
             let r = tokio::select! {
                 r = self.s2s.connector.connect(&self.s2s, &local, &remote) => r,
@@ -990,10 +1171,11 @@ impl Session {
                         endpoint = %c.endpoint.addr,
                         method = c.auth.method.as_str(),
                         peer_certificate_verified = c.auth.peer_verified,
+                        bidi = c.bidi,
                         "outbound stream established"
                     );
                     self.outbox.report(Report::Reachable { remote });
-                    return Some(c);
+                    return Some(Carrier::Own(Box::new(c)));
                 }
                 Err(e) => {
                     self.s2s.metrics.outbound_failures.inc();
@@ -1017,65 +1199,94 @@ impl Session {
         }
     }
 
-    /// Carry the queue over one established stream until it ends.
-    async fn run_stream(&mut self, connected: Connected, wbuf: &mut Vec<u8>) -> StreamEnd {
-        let (io, mut framer) = connected.xs.into_parts();
-        let version = io.get_ref().1.protocol_version();
-        let (mut rd, mut wr) = tokio::io::split(io);
-        // The peer sends only whitespace and stream management answers on our
-        // stream; watch for those and for its end.
+    /// Carry the queue over one established stream until it ends: our own
+    /// connection, or a peer's inbound bidirectional one lent to us
+    /// (XEP-0288), which we write to but neither read nor close.
+    async fn run_stream(&mut self, carrier: Carrier, wbuf: &mut Vec<u8>) -> StreamEnd {
+        // The SM events of our own stream; kept open for a lent one (whose
+        // peer sends us none), so waiting for one never ends.
         let (sm_tx, mut sm_rx) = mpsc::channel::<SmEvent>(256);
-        let mut reader = tokio::spawn(async move {
-            loop {
-                match next_event(&mut rd, &mut framer).await {
-                    Ok(Event::Element(el)) if el.ns == NS_SM => {
-                        let ev = match &*el.name {
-                            "enabled" => Some(SmEvent::Enabled),
-                            "failed" => Some(SmEvent::Failed),
-                            "a" => el.attr("h").and_then(|h| h.parse().ok()).map(SmEvent::Ack),
-                            _ => None,
-                        };
-                        if let Some(ev) = ev {
-                            let _ = sm_tx.send(ev).await;
-                        }
-                    }
-                    Ok(Event::Element(el)) => {
-                        tracing::debug!(element = %el.name, "ignoring element on outbound stream")
-                    }
-                    Ok(_) => {}
-                    Err(e) => return e,
-                }
+        let lent = matches!(carrier, Carrier::Lent(_));
+        let (mut wr, mut end, sm_on, activity, closing) = match carrier {
+            Carrier::Own(connected) => {
+                let connected = *connected;
+                let (io, framer) = connected.xs.into_parts();
+                let version = io.get_ref().1.protocol_version();
+                let (rd, wr) = tokio::io::split(io);
+                let bidi = connected.bidi;
+                let activity: Option<Arc<Activity>> = bidi.then(Arc::default);
+                // The peer sends whitespace and stream management answers on
+                // our stream, and on a bidirectional one its stanzas to us.
+                let reader = {
+                    let (s2s, outbox) = (self.s2s.clone(), self.outbox.clone());
+                    let (local, remote) = self.key.clone();
+                    let activity = activity.clone();
+                    tokio::spawn(async move {
+                        let (mut rd, mut framer) = (rd, framer);
+                        let mut router =
+                            bidi.then(|| Router::reverse(&s2s, &outbox, &remote, &local));
+                        read_peer(
+                            &mut rd,
+                            &mut framer,
+                            router.as_mut(),
+                            activity.as_deref(),
+                            &sm_tx,
+                        )
+                        .await
+                    })
+                };
+                let link = self.s2s.links.register(
+                    NewStream {
+                        direction: Direction::Out,
+                        local: &self.key.0,
+                        remote: &self.key.1,
+                        tls: tls_name(version),
+                        method: connected.auth.method,
+                        // Not on a bidirectional stream (see super::bidi).
+                        sm: connected.sm && !bidi,
+                        bidi,
+                    },
+                    &self.s2s.shutdown,
+                );
+                let closing = link.closing().clone();
+                self.link = Some(link);
+                (
+                    Writer::Own(wr),
+                    Ending::Own(reader),
+                    connected.sm && !bidi,
+                    activity,
+                    closing,
+                )
             }
-        });
+            Carrier::Lent(l) => {
+                // The inbound stream's own registration shows it (bidi); it
+                // closes itself for the policy. Piggybacked dialback domains
+                // are checked before each batch below. (`sm_tx` lives on,
+                // unused, until the stream ends.)
+                (
+                    Writer::Lent(l.writer, l.activity.clone()),
+                    Ending::Lent(l.ended),
+                    false,
+                    Some(l.activity),
+                    self.s2s.shutdown.clone(),
+                )
+            }
+        };
         // XEP-0198: acks confirm delivery where the peer offers them; otherwise an
         // iq round trip after each batch does (see delivery). Tracked stanzas the
         // previous stream did not get acknowledged are resent by their owners.
         self.forget_unacked();
         self.sm = SmState {
-            on: connected.sm,
+            on: sm_on,
             ..SmState::default()
         };
-        let tls = tls_name(version);
-        let link = self.s2s.links.register(
-            NewStream {
-                direction: Direction::Out,
-                local: &self.key.0,
-                remote: &self.key.1,
-                tls,
-                method: connected.auth.method,
-                sm: connected.sm,
-            },
-            &self.s2s.shutdown,
-        );
-        let closing = link.closing().clone();
-        self.link = Some(link);
         if self.sm.on
             && wr
-                .write_all(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
+                .send(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
                 .await
                 .is_err()
         {
-            reader.abort();
+            end.abort();
             return StreamEnd::Reconnect;
         }
         let keepalive = self.s2s.config.timeouts.keepalive();
@@ -1090,12 +1301,10 @@ impl Session {
                         let policy = !self.s2s.shutdown.is_cancelled();
                         if policy {
                             tracing::info!("closing the stream: the federation policy no longer allows the domain");
-                            let e = stream_error_xml(StreamCondition::PolicyViolation, Some(POLICY_TEXT));
-                            let _ = wr.write_all(e.as_bytes()).await;
                         }
-                        let _ = wr.write_all(b"</stream:stream>").await;
-                        let _ = wr.shutdown().await;
-                        reader.abort();
+                        let error = policy.then(|| stream_error_xml(StreamCondition::PolicyViolation, Some(POLICY_TEXT)));
+                        wr.end(error.as_deref()).await;
+                        end.abort();
                         self.forget_unacked();
                         self.link = None;
                         if policy {
@@ -1105,9 +1314,18 @@ impl Session {
                         }
                         return StreamEnd::Done;
                     }
-                    r = &mut reader => {
-                        let why = r.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
-                        tracing::info!(reason = %why, "outbound stream ended");
+                    why = end.wait() => {
+                        match why {
+                            Some(e) => {
+                                tracing::info!(reason = %e, "outbound stream ended");
+                                // The peer broke the rules on our stream: tell it.
+                                if let Some((condition, text)) = e.condition() {
+                                    let error = stream_error_xml(condition, Some(&text));
+                                    wr.end(Some(&error)).await;
+                                }
+                            }
+                            None => tracing::info!("the peer's bidirectional stream ended"),
+                        }
                         if self.rx.is_empty() {
                             self.forget_unacked();
                             self.hand_over();
@@ -1124,18 +1342,29 @@ impl Session {
                         continue;
                     }
                     _ = tokio::time::sleep_until(last_write + keepalive) => {
-                        if wr.write_all(b" ").await.and(wr.flush().await).is_err() {
-                            reader.abort();
+                        if wr.send(b" ").await.is_err() {
+                            end.abort();
                             return StreamEnd::Reconnect;
                         }
                         last_write = Instant::now();
                         continue;
                     }
                     _ = tokio::time::sleep_until(last_stanza + idle) => {
-                        tracing::info!("closing idle outbound stream");
-                        let _ = wr.write_all(b"</stream:stream>").await;
-                        let _ = wr.shutdown().await;
-                        reader.abort();
+                        // A bidirectional stream the peer still uses is not idle.
+                        if let Some(a) = &activity
+                            && a.last() > last_stanza
+                        {
+                            last_stanza = a.last();
+                            continue;
+                        }
+                        if lent {
+                            // The stream is the peer's: let go of it, no more.
+                            tracing::info!("outbound session idle on the peer's bidirectional stream");
+                        } else {
+                            tracing::info!("closing idle outbound stream");
+                        }
+                        wr.end(None).await;
+                        end.abort();
                         self.forget_unacked();
                         self.hand_over();
                         return StreamEnd::Done;
@@ -1149,9 +1378,16 @@ impl Session {
                     break;
                 }
             }
+            if lent && !self.s2s.policy.allows(&self.key.1) {
+                // A piggybacked dialback domain the policy turned against (the
+                // stream's own domain has it closed through its registration).
+                tracing::info!("the federation policy no longer allows the domain; giving up");
+                self.give_up(StanzaCondition::PolicyViolation, POLICY_TEXT, false);
+                return StreamEnd::Done;
+            }
             let ping = self.encode_batch(wbuf);
             let n = self.pending.len() as u64;
-            match wr.write_all(wbuf).await.and(wr.flush().await) {
+            match wr.send(wbuf).await {
                 Ok(()) => {
                     self.s2s.metrics.stanzas_out.inc_by(n);
                     self.domain_out.inc_by(n);
@@ -1167,7 +1403,7 @@ impl Session {
                     if let Some(ping_id) = ping {
                         self.outbox.report(Report::PingVoid { ping_id });
                     }
-                    reader.abort();
+                    end.abort();
                     return StreamEnd::Reconnect;
                 }
             }

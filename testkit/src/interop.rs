@@ -503,19 +503,25 @@ pub struct Prosody {
 impl Prosody {
     /// Write a config under `work` and start Prosody in the foreground.
     pub fn start(work: &Path, spec: ServerSpec) -> Result<Prosody, String> {
-        Prosody::start_with(work, spec, None, false)
+        Prosody::start_with(work, spec, None, false, false)
+    }
+
+    /// Like [`Prosody::start`], with `mod_s2s_bidi` (XEP-0288): its streams
+    /// offer and ask for bidirectional s2s.
+    pub fn start_bidi(work: &Path, spec: ServerSpec) -> Result<Prosody, String> {
+        Prosody::start_with(work, spec, None, false, true)
     }
 
     /// Like [`Prosody::start`], with a MUC component `conference.<domain>`.
     pub fn start_muc(work: &Path, spec: ServerSpec, muc: &MucOptions) -> Result<Prosody, String> {
-        Prosody::start_with(work, spec, Some(muc), false)
+        Prosody::start_with(work, spec, Some(muc), false, false)
     }
 
     /// Like [`Prosody::start`], with dialback loaded as in Prosody's default
     /// config (`s2s_secure_auth = false`: peers whose certificates cannot be
     /// verified authenticate by dialback, and Prosody accepts ours either way).
     pub fn start_dialback(work: &Path, spec: ServerSpec) -> Result<Prosody, String> {
-        Prosody::start_with(work, spec, None, true)
+        Prosody::start_with(work, spec, None, true, false)
     }
 
     fn start_with(
@@ -523,6 +529,7 @@ impl Prosody {
         spec: ServerSpec,
         muc: Option<&MucOptions>,
         dialback: bool,
+        bidi: bool,
     ) -> Result<Prosody, String> {
         let (globals, component) = muc.map(|m| m.prosody(&spec.domain)).unwrap_or_default();
         let d = work.join("prosody");
@@ -557,7 +564,7 @@ ssl = {{ certificate = "{cert}"; key = "{key}"; cafile = "{ca}"; }}
 authentication = "internal_hashed"
 storage = "internal"
 allow_registration = false
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; "pep"; {dialback} }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "vcard_legacy"; "smacks"; "pep"; {dialback}{bidi} }}
 {disabled}
 {globals}VirtualHost "{domain}"
 {component}"#,
@@ -575,6 +582,7 @@ modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "version"; "v
             domain = spec.domain,
             secure = !dialback,
             dialback = if dialback { "\"dialback\";" } else { "" },
+            bidi = if bidi { "\"s2s_bidi\";" } else { "" },
             disabled = if dialback {
                 ""
             } else {

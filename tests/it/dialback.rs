@@ -65,7 +65,7 @@ impl Connector for Authority {
 
 /// What reaches the hosted domains.
 #[derive(Default)]
-struct Got(Mutex<Vec<Stanza>>);
+pub(super) struct Got(pub(super) Mutex<Vec<Stanza>>);
 
 impl Service for Got {
     fn handle(&self, stanza: Stanza, _: &Outbox) {
@@ -83,7 +83,7 @@ impl Service for Got {
     }
 }
 
-struct NoReports;
+pub(super) struct NoReports;
 
 impl Tracker for NoReports {
     fn report(&self, _: &Outbox, _: Report) {}
@@ -92,13 +92,13 @@ impl Tracker for NoReports {
     }
 }
 
-fn table_for(domain: &str, got: &Arc<Got>) -> Table {
+pub(super) fn table_for(domain: &str, got: &Arc<Got>) -> Table {
     let mut t = Table::default();
     t.add_host(domain, got.clone(), got.clone());
     t
 }
 
-fn outbox(s2s: &Arc<S2s>, table: Table) -> Outbox {
+pub(super) fn outbox(s2s: &Arc<S2s>, table: Table) -> Outbox {
     Outbox::new(
         table,
         Arc::new(Link(s2s.clone())),
@@ -114,15 +114,15 @@ fn outbox(s2s: &Arc<S2s>, table: Table) -> Outbox {
 
 /// One instance of ours for a test: its s2s layer (its own CA, trusted by no
 /// one else), the authority its verifications go to, what it received.
-struct Instance {
+pub(super) struct Instance {
     certs: Certs,
-    s2s: Arc<S2s>,
+    pub(super) s2s: Arc<S2s>,
     authority: Arc<Authority>,
-    got: Arc<Got>,
-    domain: &'static str,
+    pub(super) got: Arc<Got>,
+    pub(super) domain: &'static str,
 }
 
-fn instance(
+pub(super) fn instance(
     domain: &'static str,
     tweak: impl FnOnce(&mut xmpp_federator::config::Config),
 ) -> Instance {
@@ -140,7 +140,7 @@ fn instance(
 }
 
 /// `from` verifies keys with `to`'s authoritative side.
-fn trusts_dns_of(from: &Instance, to: &Instance) {
+pub(super) fn trusts_dns_of(from: &Instance, to: &Instance) {
     let _ = from.authority.s2s.set(to.s2s.clone());
     let _ = from
         .authority
@@ -210,23 +210,30 @@ async fn with_dialback_never_an_untrusted_certificate_is_refused_both_ways() {
     let alpha = instance("alpha.test", never);
     let beta = instance("beta.test", |_| {});
     trusts_dns_of(&beta, &alpha);
-    let (a_io, b_io) = tokio::io::duplex(PIPE);
-    let table = table_for("beta.test", &beta.got);
-    let mut quiet = |_: String| {};
-    let (out, auth) = tokio::join!(
-        outbound::negotiate(
-            &alpha.s2s,
-            a_io,
-            false,
-            "alpha.test",
-            "beta.test",
-            &mut quiet
-        ),
-        inbound::negotiate(&beta.s2s, &table, b_io, false, deadline(&beta.s2s)),
-    );
+    let (out, auth, _) = negotiate_between(&alpha, &beta).await;
     assert!(matches!(out, Err(ConnectError::Tls(_))), "{out:?}");
     assert!(auth.is_none());
     let _ = beta.certs.dir.path();
+}
+
+/// Our initiator from `a` against our receiver `b` over a duplex, quietly:
+/// both outcomes, and `b`'s table.
+pub(super) async fn negotiate_between(
+    a: &Instance,
+    b: &Instance,
+) -> (
+    Result<outbound::Negotiated<outbound::TlsOut<DuplexStream>>, ConnectError>,
+    Option<inbound::Authenticated<DuplexStream>>,
+    Table,
+) {
+    let (a_io, b_io) = tokio::io::duplex(PIPE);
+    let table = table_for(b.domain, &b.got);
+    let mut quiet = |_: String| {};
+    let (out, auth) = tokio::join!(
+        outbound::negotiate(&a.s2s, a_io, false, a.domain, b.domain, &mut quiet),
+        inbound::negotiate(&b.s2s, &table, b_io, false, deadline(&b.s2s)),
+    );
+    (out, auth, table)
 }
 
 /// A scripted initiator claiming `claim`: STARTTLS by hand, TLS presenting

@@ -196,7 +196,7 @@ impl Lab {
 
     /// `xmpp-federator check DOMAIN` with the real binary, listening on a fixed port
     /// that DNS points at while it runs.
-    fn check(&self, domain: &str) -> String {
+    pub(crate) fn check(&self, domain: &str) -> String {
         let port = 5269;
         self.dns.add(WIRE, self.wire_ip, Some(port), None);
         let cfg = self.work.path.join("check.toml");
@@ -230,7 +230,14 @@ impl Lab {
         text
     }
 
-    fn client(&self, jid: &str, pw: &str, c2s: SocketAddr, cmd: &str, target: &str) -> String {
+    pub(crate) fn client(
+        &self,
+        jid: &str,
+        pw: &str,
+        c2s: SocketAddr,
+        cmd: &str,
+        target: &str,
+    ) -> String {
         self.client_args(jid, pw, c2s, &[cmd, target])
     }
 
@@ -247,7 +254,7 @@ impl Lab {
 
     /// Messages both ways between a backend user and an XMPP user on the peer,
     /// errors for non-existent users on both sides, vCards both ways.
-    async fn messaging(&self, wire: &Running, peer: &ServerSpec, user: &str, pw: &str) {
+    pub(crate) async fn messaging(&self, wire: &Running, peer: &ServerSpec, user: &str, pw: &str) {
         let api = wire.api;
         let (s, b, _) = http(
             api,

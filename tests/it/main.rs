@@ -3,6 +3,7 @@
 //! real Prosody/ejabberd interop, and the source's layering rules.
 
 mod api;
+mod bidi;
 mod binary;
 mod conversations;
 mod demo;
