@@ -116,7 +116,7 @@ async fn ping(
 ) -> Result<(), CheckError> {
     let t0 = Instant::now();
     let mut conn = outbound::connect(&server.s2s, local, remote, out).await?;
-    out(if conn.bidi {
+    out(if conn.bidi.is_some() {
         "bidirectional streams (XEP-0288): offered by the peer and asked for".to_string()
     } else {
         "bidirectional streams (XEP-0288): not used (see the features above)".to_string()
@@ -143,18 +143,18 @@ async fn ping(
         .send(&iq.raw)
         .await
         .map_err(|e| CheckError::Ping(e.to_string()))?;
-    if !can_receive && !conn.bidi {
+    if !can_receive && conn.bidi.is_none() {
         out("ping sent".into());
         conn.xs.close().await;
         return Ok(());
     }
-    out(if conn.bidi {
+    out(if conn.bidi.is_some() {
         "ping sent; waiting for the pong on this bidirectional stream".into()
     } else {
         "ping sent; waiting for the pong on the peer's stream to us".into()
     });
     let deadline = sent + Duration::from_secs(20);
-    let bidi = conn.bidi;
+    let bidi = conn.bidi.is_some();
     let answer = tokio::time::timeout_at(deadline, async {
         if bidi {
             tokio::select! {

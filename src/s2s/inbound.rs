@@ -1071,8 +1071,13 @@ impl<'a> Router<'a> {
     /// For the stanzas `remote` sends us on our outbound stream from `local`
     /// once bidi was asked for on it (XEP-0288 §2.2: from the stream's `to`,
     /// which our negotiation authenticated, or DNS where dialback stood in).
-    pub fn reverse(s2s: &'a S2s, outbox: &'a Outbox, remote: &str, local: &str) -> Router<'a> {
-        Router::new(s2s, outbox, Peer::authenticated(remote), local)
+    pub fn reverse(
+        s2s: &'a S2s,
+        outbox: &'a Outbox,
+        proof: &super::outbound::Reverse,
+    ) -> Router<'a> {
+        let peer = Peer::authenticated(proof.remote());
+        Router::new(s2s, outbox, peer, proof.local())
     }
 
     /// Until when the stream must not be read (over its rate limits).

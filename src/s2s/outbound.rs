@@ -160,6 +160,28 @@ fn stream_err(e: StreamFailure) -> ConnectError {
     }
 }
 
+/// What lets the peer's stanzas on our outbound stream be routed (XEP-0288):
+/// our negotiation authenticated `remote` on a stream from `local` and asked
+/// for bidi on it. Only [`negotiate`] makes one, as only inbound negotiation
+/// makes a [`crate::routing::Peer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reverse {
+    remote: String,
+    local: String,
+}
+
+impl Reverse {
+    /// The peer's domain, which our negotiation authenticated.
+    pub fn remote(&self) -> &str {
+        &self.remote
+    }
+
+    /// Our domain the stream is from.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+}
+
 /// An established, authenticated outbound stream.
 #[derive(Debug)]
 pub struct Connected<IO = TcpStream> {
@@ -168,8 +190,8 @@ pub struct Connected<IO = TcpStream> {
     /// The peer offers XEP-0198 stream management.
     pub sm: bool,
     /// We asked for bidi (XEP-0288), which the peer offered: it may send us
-    /// stanzas on this stream.
-    pub bidi: bool,
+    /// stanzas on this stream (routed with this proof).
+    pub bidi: Option<Reverse>,
     /// How we authenticated, and whether the peer's certificate verified.
     pub auth: Auth,
     /// Where we connected.
@@ -194,7 +216,7 @@ pub struct Negotiated<S> {
     /// The peer offers XEP-0198 stream management.
     pub sm: bool,
     /// We asked for bidi (XEP-0288), which the peer offered.
-    pub bidi: bool,
+    pub bidi: Option<Reverse>,
     /// How it was authenticated.
     pub auth: Auth,
 }
@@ -335,8 +357,12 @@ pub async fn negotiate<IO: Io>(
     let (mut xs, peer_verified) = tls_handshake(s2s, io, cfg, remote, log).await?;
     let offer = features_after_tls(&mut xs, &header, log).await?;
     // XEP-0288 §2.2: asked for before authenticating; nothing answers it.
-    let bidi = offer.bidi && s2s.config.federation.bidi;
-    if bidi {
+    let asked = offer.bidi && s2s.config.federation.bidi;
+    let bidi = asked.then(|| Reverse {
+        remote: remote.to_string(),
+        local: local.to_string(),
+    });
+    if asked {
         log("  asking for a bidirectional stream (XEP-0288)".into());
         xs.send(bidi::REQUEST.as_bytes()).await.map_err(send_err)?;
     } else if offer.bidi {
@@ -1171,7 +1197,7 @@ impl Session {
                         endpoint = %c.endpoint.addr,
                         method = c.auth.method.as_str(),
                         peer_certificate_verified = c.auth.peer_verified,
-                        bidi = c.bidi,
+                        bidi = c.bidi.is_some(),
                         "outbound stream established"
                     );
                     self.outbox.report(Report::Reachable { remote });
@@ -1213,18 +1239,18 @@ impl Session {
                 let (io, framer) = connected.xs.into_parts();
                 let version = io.get_ref().1.protocol_version();
                 let (rd, wr) = tokio::io::split(io);
-                let bidi = connected.bidi;
+                let reverse = connected.bidi;
+                let bidi = reverse.is_some();
                 let activity: Option<Arc<Activity>> = bidi.then(Arc::default);
                 // The peer sends whitespace and stream management answers on
                 // our stream, and on a bidirectional one its stanzas to us.
                 let reader = {
                     let (s2s, outbox) = (self.s2s.clone(), self.outbox.clone());
-                    let (local, remote) = self.key.clone();
                     let activity = activity.clone();
                     tokio::spawn(async move {
                         let (mut rd, mut framer) = (rd, framer);
                         let mut router =
-                            bidi.then(|| Router::reverse(&s2s, &outbox, &remote, &local));
+                            reverse.as_ref().map(|r| Router::reverse(&s2s, &outbox, r));
                         read_peer(
                             &mut rd,
                             &mut framer,

@@ -323,12 +323,13 @@ async fn outbound_against(offer_bidi: bool, then: &str) -> (StreamFailure, Vec<S
         let n = outbound::negotiate(&alpha, ours, false, "alpha.test", "beta.test", &mut quiet)
             .await
             .expect("negotiated");
-        assert_eq!(n.bidi, offer_bidi);
+        assert_eq!(n.bidi.is_some(), offer_bidi);
+        if let Some(r) = &n.bidi {
+            assert_eq!((r.remote(), r.local()), ("beta.test", "alpha.test"));
+        }
         let (io, mut framer) = n.xs.into_parts();
         let (mut rd, _wr) = tokio::io::split(io);
-        let mut router = n
-            .bidi
-            .then(|| Router::reverse(&alpha, &ob, "beta.test", "alpha.test"));
+        let mut router = n.bidi.as_ref().map(|r| Router::reverse(&alpha, &ob, r));
         let (tx, _rx) = mpsc::channel(16);
         let end = tokio::time::timeout(
             Duration::from_secs(10),
@@ -622,7 +623,7 @@ async fn a_dialback_stream_is_lent_for_its_verified_pair_only() {
     let out = out.expect("alpha authenticated by dialback");
     let auth = auth.expect("beta verified alpha");
     assert_eq!(auth.method, outbound::Method::Dialback);
-    assert!(out.bidi && auth.bidi);
+    assert!(out.bidi.is_some() && auth.bidi);
     let ob = super::dialback::outbox(&beta.s2s, table);
     let s2s = beta.s2s.clone();
     let runner = tokio::spawn(async move { inbound::run(&s2s, &ob, auth).await });
