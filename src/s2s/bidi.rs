@@ -37,6 +37,35 @@ use crate::stanza::StreamCondition;
 use crate::stanza::error::stream_error_xml;
 use crate::xml::{Event, Framer};
 
+/// What lets the peer's stanzas on our outbound stream be routed (XEP-0288):
+/// our negotiation authenticated `remote` on a stream from `local` and asked
+/// for bidi on it. Only [`super::outbound::negotiate`] makes one, as only
+/// inbound negotiation makes a [`crate::routing::Peer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reverse {
+    remote: String,
+    local: String,
+}
+
+impl Reverse {
+    pub(super) fn new(remote: &str, local: &str) -> Reverse {
+        Reverse {
+            remote: remote.to_string(),
+            local: local.to_string(),
+        }
+    }
+
+    /// The peer's domain, which our negotiation authenticated.
+    pub fn remote(&self) -> &str {
+        &self.remote
+    }
+
+    /// Our domain the stream is from.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+}
+
 /// The request's namespace.
 pub const NS_BIDI: &str = "urn:xmpp:bidi";
 /// The stream feature's namespace.

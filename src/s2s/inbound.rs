@@ -107,8 +107,12 @@ pub async fn serve(
     async move {
         let deadline = Instant::now() + s2s.config.timeouts.negotiation();
         let io = conn.watch(tcp);
+        // Boxed, as `run` below: each is a large state machine, and the
+        // connection's task then holds only the one it is in (an idle
+        // unauthenticated connection holds negotiation's).
+        let negotiation = Box::pin(negotiate(&s2s, outbox.table(), io, direct_tls, deadline));
         let auth = tokio::select! {
-            a = negotiate(&s2s, outbox.table(), io, direct_tls, deadline) => a,
+            a = negotiation => a,
             _ = s2s.shutdown.cancelled() => return,
             _ = conn.evicted().cancelled() => {
                 s2s.metrics.inbound_evicted_idle.inc();
@@ -128,7 +132,8 @@ pub async fn serve(
             method = auth.method.as_str(),
             "inbound stream authenticated"
         );
-        run(&s2s, &outbox, auth).await;
+        let r = Box::pin(run(&s2s, &outbox, auth));
+        r.await;
     }
     .instrument(span)
     .await
@@ -239,20 +244,28 @@ pub async fn negotiate<IO: Io>(
     deadline: Instant,
 ) -> Option<Authenticated<IO>> {
     let cx = Cx { s2s, table };
+    // The steps after the first are boxed: a connection waiting for its
+    // peer's first bytes then holds only the first step's state (idle
+    // unauthenticated connections are what a flood is made of).
     let tls = if direct_tls {
-        accept_tls(&s2s.tls.server_direct, io, deadline).await?
+        Box::pin(accept_tls(&s2s.tls.server_direct, io, deadline)).await?
     } else {
         let io = starttls(&cx, io, deadline).await?;
-        accept_tls(&s2s.tls.server_starttls, io, deadline).await?
+        Box::pin(accept_tls(&s2s.tls.server_starttls, io, deadline)).await?
     };
-    match authenticate(&cx, tls, deadline).await? {
+    match Box::pin(authenticate(&cx, tls, deadline)).await? {
         Proved::External {
             xs,
             peer,
             local,
             header,
             bidi,
-        } => restart_after_auth(&cx, xs, peer, local, &header, bidi, deadline).await,
+        } => {
+            Box::pin(restart_after_auth(
+                &cx, xs, peer, local, &header, bidi, deadline,
+            ))
+            .await
+        }
         Proved::Dialback {
             xs,
             peer,
@@ -1071,11 +1084,7 @@ impl<'a> Router<'a> {
     /// For the stanzas `remote` sends us on our outbound stream from `local`
     /// once bidi was asked for on it (XEP-0288 §2.2: from the stream's `to`,
     /// which our negotiation authenticated, or DNS where dialback stood in).
-    pub fn reverse(
-        s2s: &'a S2s,
-        outbox: &'a Outbox,
-        proof: &super::outbound::Reverse,
-    ) -> Router<'a> {
+    pub fn reverse(s2s: &'a S2s, outbox: &'a Outbox, proof: &super::bidi::Reverse) -> Router<'a> {
         let peer = Peer::authenticated(proof.remote());
         Router::new(s2s, outbox, peer, proof.local())
     }

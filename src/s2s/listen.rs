@@ -120,8 +120,7 @@ async fn accept_loop(s2s: Arc<S2s>, outbox: Outbox, listener: TcpListener, direc
         };
         s2s.metrics.inbound_connections.inc();
         let (s2s2, outbox) = (s2s.clone(), outbox.clone());
-        s2s.tracker.spawn(async move {
-            inbound::serve(s2s2, outbox, tcp, peer, direct_tls, conn).await;
-        });
+        s2s.tracker
+            .spawn(inbound::serve(s2s2, outbox, tcp, peer, direct_tls, conn));
     }
 }

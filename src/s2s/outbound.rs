@@ -34,7 +34,7 @@ use tracing::Instrument;
 pub use super::Method;
 use tokio_util::sync::CancellationToken;
 
-use super::bidi::{self, Activity, Lent, SharedWriter};
+use super::bidi::{self, Activity, Lent, Reverse, SharedWriter};
 use super::conn::{Child, StreamFailure, XmlStream, children, header_xml, next_event};
 use super::inbound::{Io, Router};
 use super::links::{Direction, DomainCounters, NewStream, Registration, tls_name};
@@ -157,28 +157,6 @@ fn stream_err(e: StreamFailure) -> ConnectError {
             text.map(|t| format!(": {t}")).unwrap_or_default()
         )),
         other => ConnectError::Stream(other.to_string()),
-    }
-}
-
-/// What lets the peer's stanzas on our outbound stream be routed (XEP-0288):
-/// our negotiation authenticated `remote` on a stream from `local` and asked
-/// for bidi on it. Only [`negotiate`] makes one, as only inbound negotiation
-/// makes a [`crate::routing::Peer`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reverse {
-    remote: String,
-    local: String,
-}
-
-impl Reverse {
-    /// The peer's domain, which our negotiation authenticated.
-    pub fn remote(&self) -> &str {
-        &self.remote
-    }
-
-    /// Our domain the stream is from.
-    pub fn local(&self) -> &str {
-        &self.local
     }
 }
 
@@ -358,10 +336,7 @@ pub async fn negotiate<IO: Io>(
     let offer = features_after_tls(&mut xs, &header, log).await?;
     // XEP-0288 §2.2: asked for before authenticating; nothing answers it.
     let asked = offer.bidi && s2s.config.federation.bidi;
-    let bidi = asked.then(|| Reverse {
-        remote: remote.to_string(),
-        local: local.to_string(),
-    });
+    let bidi = asked.then(|| Reverse::new(remote, local));
     if asked {
         log("  asking for a bidirectional stream (XEP-0288)".into());
         xs.send(bidi::REQUEST.as_bytes()).await.map_err(send_err)?;

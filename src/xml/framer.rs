@@ -218,7 +218,7 @@ impl Framer {
     /// A framer for a new stream (or a stream restart, RFC 6120 §4.3.3).
     pub fn new(limits: Limits) -> Self {
         Framer {
-            buf: BytesMut::with_capacity(8192),
+            buf: BytesMut::new(),
             pos: 0,
             state: State::Text,
             depth: 0,

@@ -85,16 +85,26 @@ async fn until(r: &Running, what: &str, f: impl Fn(&str) -> bool) -> String {
 async fn metrics_after_traffic_and_the_dashboard_queries_only_what_is_scraped() {
     crate::support::init_log();
     let net = Net::with_dns_on(ALPHA).await;
-    let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
-    let beta = net.start(net.config("beta.test", BETA, Eku::Both)).await;
+    // Each direction on a stream of its own (no bidi), so every instance
+    // authenticates one stream each way per peer, and counts both.
+    let two_way = |mut c: xmpp_federator::config::Config| {
+        c.federation.bidi = false;
+        c
+    };
+    let alpha = net
+        .start(two_way(net.config("alpha.test", ALPHA, Eku::Both)))
+        .await;
+    let beta = net
+        .start(two_way(net.config("beta.test", BETA, Eku::Both)))
+        .await;
     // Gamma's certificate is from a CA alpha does not trust, and it trusts
     // only that CA: both directions authenticate by dialback.
     let other_ca = TestCa::new("Other CA");
     let gamma = net
-        .start(foreign(&net, &other_ca, "gamma.test", GAMMA))
+        .start(two_way(foreign(&net, &other_ca, "gamma.test", GAMMA)))
         .await;
     // Delta is like gamma but refuses dialback: alpha's certificate fails.
-    let mut d = foreign(&net, &other_ca, "delta.test", DELTA);
+    let mut d = two_way(foreign(&net, &other_ca, "delta.test", DELTA));
     d.federation.dialback = DialbackMode::Never;
     let delta = net.start(d).await;
     create_user(alpha.api, "u-alice", "alice").await;

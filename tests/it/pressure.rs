@@ -13,7 +13,13 @@ use tokio::process::{Child, Command};
 use xmpp_federator::s2s::caps::IDLE_EVICTABLE;
 use xmpp_federator_testkit::certs::Eku;
 
-use crate::support::{Net, PING, iq_round_trip};
+use std::path::Path;
+
+use xmpp_federator_testkit::process::{BinaryInstance, ServerProcess};
+
+use crate::support::{Net, PING, TOKEN, iq_round_trip};
+
+const BIN: &str = env!("CARGO_BIN_EXE_xmpp-federator");
 
 const ALPHA: Ipv4Addr = Ipv4Addr::new(127, 0, 7, 1);
 const BETA: Ipv4Addr = Ipv4Addr::new(127, 0, 7, 2);
@@ -58,9 +64,9 @@ sys.stdin.read()
         .expect("python3 runs")
 }
 
-/// Resident memory of this process, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -107,27 +113,32 @@ async fn idle_connections_from_a_peers_address_make_room_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_do_not_keep_a_real_peer_out() {
     const IDLE: usize = 10_000;
-    // Our ends of the idle connections are in this process, theirs in a
-    // child (the hard fd limit may be 20,000, and raising it needs
-    // CAP_SYS_RESOURCE): each side needs IDLE descriptors and some.
-    let want = IDLE as u64 + 2_000;
-    rlimit::increase_nofile_limit(want).expect("raise the fd limit");
-    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
-    assert!(soft >= want, "fd limit {soft}, need {want}");
     crate::support::init_log();
     let net = Net::with_dns_on(ALPHA).await;
-    let mut bc = net.config("beta.test", BETA, Eku::Both);
-    bc.limits.max_connections = IDLE;
-    // Long enough for the test, so the idle ones are not timed out first.
-    bc.timeouts.negotiation_secs = 120;
-    let beta = net.start(bc).await;
+    // beta is the real binary (its memory is measured alone); the idle
+    // connections come from a child of their own (the hard fd limit may be
+    // 20,000 and raising it needs CAP_SYS_RESOURCE).
+    let extra =
+        format!("[limits]\nmax_connections = {IDLE}\n\n[timeouts]\nnegotiation_secs = 120\n");
+    let inst = BinaryInstance::prepare(
+        &net.ca,
+        net.dir.path(),
+        "beta.test",
+        BETA,
+        &net.dns,
+        TOKEN,
+        "redb",
+        &extra,
+    )
+    .unwrap();
+    let mut beta = ServerProcess::start(Path::new(BIN), &inst.config, "info").unwrap();
+    let pid = beta.pid().expect("running");
     let alpha = net.start(net.config("alpha.test", ALPHA, Eku::Both)).await;
-    let addr = beta.starttls[0];
-    let before = rss_kib();
+    let before = rss_kib(pid);
     let t0 = std::time::Instant::now();
     // 200 per source address (the per-IP cap), from 127.0.8.1..., held by a
     // child until its stdin closes.
-    let mut opener = idle_opener(addr, IDLE);
+    let mut opener = idle_opener(inst.s2s, IDLE);
     let mut line = String::new();
     let mut out = tokio::io::BufReader::new(opener.stdout.take().unwrap());
     tokio::time::timeout(Duration::from_secs(60), out.read_line(&mut line))
@@ -135,31 +146,43 @@ async fn ten_thousand_idle_connections_do_not_keep_a_real_peer_out() {
         .expect("the idle connections are open within 60 s")
         .unwrap();
     assert_eq!(line.trim(), format!("OPEN {IDLE}"), "{line}");
-    // Every one is admitted and waits, unauthenticated.
-    for _ in 0..100 {
-        if beta.server.s2s.caps.unauthenticated() == IDLE {
+    // Every one is admitted, and waits unauthenticated.
+    let mut admitted = 0;
+    for _ in 0..200 {
+        admitted = metric(inst.api, "xmpp_inbound_connections_total").await;
+        if admitted >= IDLE as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(beta.server.s2s.caps.unauthenticated(), IDLE);
+    assert_eq!(admitted, IDLE as u64);
     eprintln!("{IDLE} open and admitted after {:?}", t0.elapsed());
-    let per_conn = (rss_kib().saturating_sub(before)) as f64 / IDLE as f64;
-    eprintln!(
-        "{IDLE} idle unauthenticated connections: {per_conn:.1} KiB each (our resident memory)"
-    );
+    let per_conn = (rss_kib(pid).saturating_sub(before)) as f64 / IDLE as f64;
+    eprintln!("{IDLE} idle unauthenticated connections: {per_conn:.1} KiB each (resident)");
+    // The bound (measured: 12.4 KiB in this debug build, 13.5 KiB
+    // in the release binary; see the README).
     assert!(per_conn <= 16.0, "{per_conn:.1} KiB per idle connection");
     tokio::time::sleep(IDLE_EVICTABLE + Duration::from_millis(300)).await;
     // A real peer federates: its connection takes an idle one's slot.
     let pong = iq_round_trip(&alpha, "beta.test", PING).await;
     assert_eq!(pong.type_.as_deref(), Some("result"), "{}", pong.as_str());
-    let back = iq_round_trip(&beta, "alpha.test", PING).await;
-    assert_eq!(back.type_.as_deref(), Some("result"), "{}", back.as_str());
-    eprintln!("both pings answered after {:?}", t0.elapsed());
-    assert_eq!(beta.server.metrics.inbound_evicted_idle.get(), 1);
-    assert_eq!(beta.server.s2s.caps.unauthenticated(), IDLE - 1);
+    eprintln!("the peer's ping answered after {:?}", t0.elapsed());
+    assert_eq!(metric(inst.api, "xmpp_inbound_evicted_idle_total").await, 1);
+    assert_eq!(metric(inst.api, "xmpp_inbound_refused_caps_total").await, 0);
     drop(opener.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(10), opener.wait()).await;
     alpha.shutdown().await;
-    beta.shutdown().await;
+    beta.terminate();
+}
+
+/// A counter's value in a scrape of `api`'s `/metrics` (0 while it does not
+/// answer).
+async fn metric(api: SocketAddr, name: &str) -> u64 {
+    let text = xmpp_federator_testkit::http::get_text(api, "/metrics")
+        .await
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }
