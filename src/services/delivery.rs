@@ -98,11 +98,16 @@ struct Flight {
     in_flight: usize,
     /// Due (neither in flight nor taken): sequence number -> id, oldest first.
     due: BTreeMap<u64, String>,
+    /// Every queued message not taken: sequence number -> when the API
+    /// accepted it (the status reads counts and the oldest here, not by a
+    /// pass over every message).
+    queued: BTreeMap<u64, u64>,
 }
 
 impl Queue {
     fn insert(&mut self, id: String, t: Tracked) {
         let f = self.domains.entry(t.domain.clone()).or_default();
+        f.queued.insert(t.seq, t.accepted_ms);
         match t.submitted {
             Some(_) => f.in_flight += 1,
             None => {
@@ -118,6 +123,7 @@ impl Queue {
     /// Take `old` out of its domain's counts (in flight or due).
     fn forget(&mut self, old: &Tracked) {
         if let Some(f) = self.domains.get_mut(&old.domain) {
+            f.queued.remove(&old.seq);
             match old.submitted {
                 Some(_) => f.in_flight = f.in_flight.saturating_sub(1),
                 None => {
@@ -161,6 +167,8 @@ impl Queue {
         let (id, t) = self.by_id.remove_entry(id)?;
         if t.submitted.is_none() {
             self.forget(&t);
+        } else if let Some(f) = self.domains.get_mut(&t.domain) {
+            f.queued.remove(&t.seq);
         }
         Some((id, t))
     }
@@ -496,13 +504,14 @@ impl Delivery {
     /// (every domain with queued messages or an outcome), sorted by domain.
     pub fn status(&self) -> Vec<DomainQueue> {
         let mut by: std::collections::BTreeMap<String, DomainQueue> = Default::default();
-        for t in lock(&self.queue).by_id.values() {
-            let e = by.entry(t.domain.clone()).or_default();
-            e.queued += 1;
-            e.oldest_accepted_ms = Some(
-                e.oldest_accepted_ms
-                    .map_or(t.accepted_ms, |o| o.min(t.accepted_ms)),
-            );
+        // Per domain, not per message: a scrape during a backlog of millions
+        // must not walk them (it cost half the CPU of a delivery run).
+        for (d, f) in lock(&self.queue).domains.iter() {
+            if let Some((_, accepted)) = f.queued.first_key_value() {
+                let e = by.entry(d.clone()).or_default();
+                e.queued = f.queued.len();
+                e.oldest_accepted_ms = Some(*accepted);
+            }
         }
         for (d, o) in lock(&self.outcomes).iter() {
             let e = by.entry(d.clone()).or_default();
@@ -1210,6 +1219,11 @@ mod tests {
         // Three in flight for remote.test; other.test has a window of its own.
         assert_eq!(sent_ids(&s), ["m0", "m1", "m2", "o0"]);
         assert_eq!(s.delivery.in_flight("remote.test"), 3);
+        // The status counts per domain what is queued, in flight or due.
+        let st = s.delivery.status();
+        let counts: Vec<(&str, usize)> = st.iter().map(|q| (&*q.domain, q.queued)).collect();
+        assert_eq!(counts, [("other.test", 1), ("remote.test", 8)]);
+        assert!(st.iter().all(|q| q.oldest_accepted_ms.is_some()));
         // Two confirmed and stored: two more go, in order.
         confirm(&s, "dlv-1", &["m0", "m1"]).await;
         assert_eq!(sent_ids(&s)[4..], ["m3", "m4"]);
@@ -1239,6 +1253,11 @@ mod tests {
         confirm(&s, "dlv-4", &["m6", "m7"]).await;
         assert_eq!(s.delivery.in_flight("remote.test"), 0);
         assert_eq!(s.delivery.queued(), 1, "o0 only");
+        let st = s.delivery.status();
+        assert!(
+            st.iter()
+                .all(|q| q.domain != "remote.test" || q.queued == 0)
+        );
         assert_eq!(outcomes(&s.store, 8).await.len(), 8);
     }
 
