@@ -65,6 +65,12 @@ fuzz_target!(|data: &[u8]| {
     let children = xmpp_federator::xml::children::children(
         &xmpp_federator::xml::framer::parse_element(xml.as_bytes()).expect("parses"),
     );
-    let want = usize::from(body.is_some()) + usize::from(thread.is_some()) + extensions.len();
+    // Body, thread, the extensions, and our origin-id (XEP-0359), last.
+    let want =
+        usize::from(body.is_some()) + usize::from(thread.is_some()) + extensions.len() + 1;
     assert_eq!(children.len(), want, "children of {xml}");
+    assert!(
+        xml.ends_with("<origin-id xmlns='urn:xmpp:sid:0' id='m1'/></message>"),
+        "origin-id last: {xml}"
+    );
 });
