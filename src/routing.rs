@@ -23,7 +23,8 @@ pub mod outbox;
 pub mod table;
 
 pub use outbox::{
-    AskError, Gate, Outbox, Outgoing, Owner, Refused, Remote, Report, Track, Tracker, Trackers,
+    AskError, Gate, Outbox, Outgoing, Owner, Refused, Remote, Report, Settle, Track, Tracker,
+    Trackers,
 };
 pub use table::{Peer, Table};
 

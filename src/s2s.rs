@@ -228,4 +228,11 @@ impl Remote for Link {
     fn room(&self, local: &str, remote: &str) -> Option<usize> {
         self.0.sessions.room(local, remote)
     }
+
+    fn flushed(
+        &self,
+        remote: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        Box::pin(self.0.sessions.flushed(remote))
+    }
 }

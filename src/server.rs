@@ -164,6 +164,11 @@ impl Server {
                 rooms: Arc::new(rooms.clone()),
             },
             Some(Arc::new(inbox.clone())),
+            vec![
+                Arc::new(inbox.clone()),
+                Arc::new(rooms.clone()),
+                Arc::new(joined.clone()),
+            ],
             policy.clone(),
             metrics.clone(),
         );

@@ -323,6 +323,7 @@ pub(crate) mod fake {
                     rooms: Arc::new(trackers[1].clone()),
                 },
                 None,
+                Vec::new(),
                 Arc::new(Policy::new(&Default::default())),
                 Arc::new(Metrics::default()),
             );

@@ -22,5 +22,7 @@ pub const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 pub const NS_STREAMS_ERR: &str = "urn:ietf:params:xml:ns:xmpp-streams";
 /// Namespace of stanza error conditions (RFC 6120 §8.3.3).
 pub const NS_STANZAS_ERR: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+/// XEP-0198 stream management (version 3), on streams either way.
+pub const NS_SM: &str = "urn:xmpp:sm:3";
 /// The `xml:` prefix, always bound (Namespaces in XML §3).
 pub const NS_XML: &str = "http://www.w3.org/XML/1998/namespace";

@@ -19,6 +19,11 @@
 //! - [`Outbox::route_inbound`]: a stanza from an authenticated peer, checked by
 //!   the table, after waiting for room where a [`Gate`] says the receiving side is
 //!   full for that peer (TCP backpressure instead of refusals; other peers go on).
+//! - [`Outbox::settled`]: resolves once what a peer's streams routed before it
+//!   is committed by every service that stores it later ([`Settle`]), and what
+//!   we queued to that peer before then is written ([`Remote::flushed`]): what
+//!   an XEP-0198 ack on an inbound stream waits for, so no ack overtakes a
+//!   commit or a bounce.
 
 use std::future::Future;
 use std::iter::repeat_n;
@@ -197,6 +202,30 @@ pub trait Remote: Send + Sync + 'static {
 
     /// Room left in the queue from `local` to `remote`; `None` without a session.
     fn room(&self, local: &str, remote: &str) -> Option<usize>;
+
+    /// Resolves once everything queued for `remote` (from any hosted domain)
+    /// before the call is written, or will never be (its session ended).
+    fn flushed(&self, remote: &str) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let _ = remote;
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// A service that stores what peers send after [`Service::handle`] returns
+/// (in a batch of its own task): [`Outbox::settled`] waits for it.
+///
+/// [`Service::handle`]: super::Service::handle
+pub trait Settle: Send + Sync + 'static {
+    /// Resolves once everything `peer` sent it before the call is committed,
+    /// or failed to be (then counted in [`Settle::lost`], or bounced to its
+    /// sender through the outbox before this resolves).
+    fn settled(&self, peer: &Peer) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+    /// Stanzas accepted and then neither stored nor bounced (a failed
+    /// commit), since the start.
+    fn lost(&self) -> u64 {
+        0
+    }
 }
 
 /// Where the receiving side may be full for a peer: that peer's streams wait for
@@ -225,6 +254,7 @@ struct Inner {
     remote: Arc<dyn Remote>,
     trackers: Trackers,
     gate: Option<Arc<dyn Gate>>,
+    settle: Vec<Arc<dyn Settle>>,
     policy: Arc<Policy>,
     iqs: IqTracker,
     metrics: Arc<Metrics>,
@@ -243,12 +273,14 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    /// Build the outbox over a complete table.
+    /// Build the outbox over a complete table; `settle`: the services that
+    /// store what peers send in tasks of their own.
     pub fn new(
         table: Table,
         remote: Arc<dyn Remote>,
         trackers: Trackers,
         gate: Option<Arc<dyn Gate>>,
+        settle: Vec<Arc<dyn Settle>>,
         policy: Arc<Policy>,
         metrics: Arc<Metrics>,
     ) -> Outbox {
@@ -257,6 +289,7 @@ impl Outbox {
             remote,
             trackers,
             gate,
+            settle,
             policy,
             iqs: IqTracker::default(),
             metrics,
@@ -280,6 +313,28 @@ impl Outbox {
         self.0.metrics.stanzas_in.inc();
         service.handle(stanza, self);
         Ok(())
+    }
+
+    /// Resolves once what `peer`'s streams routed before the call is stored
+    /// (or bounced) by every [`Settle`] service, and then once what we queued
+    /// for `peer`'s domain by then (those bounces, answers) is written: an
+    /// acknowledgement sent after it overtakes neither. Whether anything was
+    /// lost meanwhile: compare [`Outbox::lost`] before and after.
+    pub fn settled(&self, peer: &Peer) -> impl Future<Output = ()> + Send + 'static {
+        let waits: Vec<_> = self.0.settle.iter().map(|s| s.settled(peer)).collect();
+        let inner = self.0.clone();
+        let domain = peer.domain().to_string();
+        async move {
+            futures_util::future::join_all(waits).await;
+            // Asked only now: the bounces of what was just stored are queued.
+            inner.remote.flushed(&domain).await;
+        }
+    }
+
+    /// Stanzas peers sent that the [`Settle`] services accepted and then could
+    /// neither store nor bounce, since the start.
+    pub fn lost(&self) -> u64 {
+        self.0.settle.iter().map(|s| s.lost()).sum()
     }
 
     /// Send a stanza we originate (a reply, a bounce, a presence...).

@@ -183,6 +183,7 @@ impl World {
             Arc::new(remote.clone()),
             trackers,
             None,
+            Vec::new(),
             Arc::new(policy),
             Arc::new(Metrics::default()),
         );

@@ -45,10 +45,7 @@ use crate::routing::{Outbox, Outgoing, Refused, Report, Track};
 use crate::stanza::error::stream_error_xml;
 use crate::stanza::{Stanza, StanzaCondition, StreamCondition};
 use crate::xml::children::all_texts;
-use crate::xml::{Event, NS_SASL, NS_SERVER, NS_STREAM, NS_TLS};
-
-/// XEP-0198 stream management.
-pub const NS_SM: &str = "urn:xmpp:sm:3";
+use crate::xml::{Event, NS_SASL, NS_SERVER, NS_SM, NS_STREAM, NS_TLS};
 
 /// What the peer says about stream management on our stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -798,6 +795,50 @@ fn children_texts(c: &Child) -> Vec<String> {
 struct Handle {
     id: u64,
     tx: mpsc::Sender<Outgoing>,
+    progress: Arc<Progress>,
+}
+
+/// How far one session's queue has been written, for [`Sessions::flushed`].
+/// Stanzas leave the queue in order, so "the first `done` are written or
+/// handed back" is a prefix count.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Stanzas ever queued.
+    queued: AtomicU64,
+    /// Stanzas ever written and flushed, or handed back (the session closed).
+    done: AtomicU64,
+    /// The session takes no more: every waiter is released.
+    ended: std::sync::atomic::AtomicBool,
+    /// Woken when `done` grows or the session ends.
+    moved: tokio::sync::Notify,
+}
+
+impl Progress {
+    fn advance(&self, n: u64) {
+        if n > 0 {
+            self.done.fetch_add(n, Ordering::AcqRel);
+            self.moved.notify_waiters();
+        }
+    }
+
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.moved.notify_waiters();
+    }
+
+    /// Wait until `done` reaches `target` or the session ends.
+    async fn reach(&self, target: u64) {
+        loop {
+            let moved = self.moved.notified();
+            tokio::pin!(moved);
+            // Registered before the check: a wake-up between them is not lost.
+            moved.as_mut().enable();
+            if self.ended.load(Ordering::Acquire) || self.done.load(Ordering::Acquire) >= target {
+                return;
+            }
+            moved.await;
+        }
+    }
 }
 
 /// All outbound sessions.
@@ -837,6 +878,30 @@ impl Sessions {
             .map(|h| h.tx.capacity())
     }
 
+    /// Resolves once what every session to `remote` had queued at the call
+    /// is written (flushed to the socket), or handed back by a session that
+    /// ended.
+    pub fn flushed(&self, remote: &str) -> impl Future<Output = ()> + Send + 'static {
+        let waits: Vec<(Arc<Progress>, u64)> = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|m| m.get(remote))
+            .map(|h| {
+                (
+                    h.progress.clone(),
+                    h.progress.queued.load(Ordering::Acquire),
+                )
+            })
+            .collect();
+        async move {
+            for (p, target) in waits {
+                p.reach(target).await;
+            }
+        }
+    }
+
     fn remove(&self, key: &(String, String), id: u64) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = map.get_mut(&key.0)
@@ -865,7 +930,12 @@ pub fn send(
                 None => {
                     let (tx, rx) = mpsc::channel(s2s.config.limits.outbound_queue);
                     let id = s2s.sessions.next_id.fetch_add(1, Ordering::Relaxed);
-                    let h = Handle { id, tx };
+                    let progress = Arc::new(Progress::default());
+                    let h = Handle {
+                        id,
+                        tx,
+                        progress: progress.clone(),
+                    };
                     map.entry(local.to_string())
                         .or_default()
                         .insert(remote.to_string(), h.clone());
@@ -886,6 +956,7 @@ pub fn send(
                         domain_out: s2s.metrics.domain_stanzas_out(remote),
                         counters: s2s.links.domain(remote),
                         link: None,
+                        progress,
                     };
                     s2s.tracker.spawn(session.run().instrument(span));
                     h
@@ -893,7 +964,10 @@ pub fn send(
             }
         };
         match handle.tx.try_send(item) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                handle.progress.queued.fetch_add(1, Ordering::AcqRel);
+                return Ok(());
+            }
             Err(mpsc::error::TrySendError::Full(item)) => {
                 return Err(Box::new(Refused {
                     item,
@@ -1082,6 +1156,15 @@ struct Session {
     counters: Arc<DomainCounters>,
     /// The current stream's entry in the status, while there is one.
     link: Option<Registration>,
+    /// What [`Sessions::flushed`] waits on.
+    progress: Arc<Progress>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // However the session ends (its task returns or is dropped).
+        self.progress.end();
+    }
 }
 
 impl Session {
@@ -1131,6 +1214,8 @@ impl Session {
         while let Ok(s) = self.rx.try_recv() {
             self.pending.push_back(s);
         }
+        // Handed back: nothing to wait for here.
+        self.progress.end();
         self.pending.drain(..).collect()
     }
 
@@ -1394,6 +1479,7 @@ impl Session {
                     self.domain_out.inc_by(n);
                     self.counters.stanzas_out.fetch_add(n, Ordering::Relaxed);
                     self.pending.clear();
+                    self.progress.advance(n);
                     last_write = Instant::now();
                     last_stanza = last_write;
                 }
@@ -1490,6 +1576,30 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn flushed_waits_for_what_was_queued_until_written_or_the_session_ends() {
+        use futures_util::FutureExt as _;
+        let p = Arc::new(Progress::default());
+        // Nothing queued: at once.
+        assert!(p.reach(0).now_or_never().is_some());
+        p.queued.fetch_add(3, Ordering::AcqRel);
+        let target = p.queued.load(Ordering::Acquire);
+        let mut wait = Box::pin(p.reach(target));
+        assert!((&mut wait).now_or_never().is_none());
+        // A batch of two written: not yet.
+        p.advance(2);
+        assert!((&mut wait).now_or_never().is_none());
+        // Queued after the wait began: not waited for.
+        p.queued.fetch_add(5, Ordering::AcqRel);
+        p.advance(1);
+        assert!(wait.now_or_never().is_some());
+        // The session ends with stanzas unwritten (handed back): released.
+        let mut later = Box::pin(p.reach(p.queued.load(Ordering::Acquire)));
+        assert!((&mut later).now_or_never().is_none());
+        p.end();
+        assert!(later.now_or_never().is_some());
+    }
 
     #[test]
     fn sm_acks_release_in_order_and_wrap() {

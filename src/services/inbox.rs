@@ -27,17 +27,21 @@
 //! read while *its* lane is nearly full (the others go on). A lane holds at most
 //! the capacity given to [`Inbox::new`], so the inbox holds at most that many
 //! stanzas per sending domain. At shutdown it stores what it already received.
+//!
+//! It is also a [`Settle`]: [`Inbox::settled`] resolves once what a peer sent
+//! before is committed (or failed to be: [`Settle::lost`] counts those), which
+//! an XEP-0198 acknowledgement of an inbound stream waits for.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::routing::{Gate, Outbox, Peer};
+use crate::routing::{Gate, Outbox, Peer, Settle};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{EventKind, Store, User, Writes};
 use crate::xml::children::children;
@@ -75,6 +79,8 @@ struct Shared {
     /// and the gate while no lane can be nearly full (the usual cases), never
     /// take it.
     total: AtomicUsize,
+    /// Stanzas taken into a batch whose commit failed, since the start.
+    lost: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +104,13 @@ struct Lane {
     deficit: usize,
     /// Woken when the lane gets room after having been nearly full.
     room: Arc<Notify>,
+    /// Stanzas ever queued in the lane, and ever released from it (stored or
+    /// failed): a barrier waits until `released` reaches `pushed` as it was.
+    pushed: u64,
+    released: u64,
+    /// [`Inbox::settled`] waiting: (the `pushed` to reach, whom to tell), in
+    /// order.
+    barriers: VecDeque<(u64, oneshot::Sender<()>)>,
 }
 
 impl Lane {
@@ -129,6 +142,7 @@ impl Inbox {
             work: Notify::new(),
             capacity,
             total: AtomicUsize::new(0),
+            lost: AtomicU64::new(0),
         });
         (Inbox(shared.clone()), InboxRx(shared))
     }
@@ -153,6 +167,7 @@ impl Inbox {
                 lanes.ready.push_back(key);
             }
             lane.queued.push_back(stanza);
+            lane.pushed += 1;
             lanes.total += 1;
             self.0.total.store(lanes.total, Ordering::Release);
         }
@@ -175,6 +190,43 @@ impl Inbox {
         }
         let key = lane_of(stanza);
         self.0.lock().by_domain.get(&*key).map_or(0, Lane::pending)
+    }
+
+    /// Resolves once every stanza `domain` (lower case) sent before the call
+    /// is released: committed, or counted as lost.
+    fn barrier(&self, domain: &str) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let rx = {
+            let mut lanes = self.0.lock();
+            match lanes.by_domain.get_mut(domain) {
+                Some(lane) if lane.pending() > 0 => {
+                    let (tx, rx) = oneshot::channel();
+                    lane.barriers.push_back((lane.pushed, tx));
+                    rx
+                }
+                // Nothing of it waits (a lane goes once it holds nothing).
+                _ => return Box::pin(std::future::ready(())),
+            }
+        };
+        Box::pin(async move {
+            // A dropped sender (the task ended) releases too: nothing more
+            // will be stored, and the ack then waits for nothing.
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Settle for Inbox {
+    fn settled(&self, peer: &Peer) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let domain = peer.domain();
+        if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.barrier(&domain.to_ascii_lowercase())
+        } else {
+            self.barrier(domain)
+        }
+    }
+
+    fn lost(&self) -> u64 {
+        self.0.lost.load(Ordering::Acquire)
     }
 }
 
@@ -242,15 +294,29 @@ impl Shared {
         }
     }
 
-    /// The stanzas in `taken` are stored (or failed to be): forget them, and
+    /// The stanzas in `taken` are stored (or failed to be, `stored` false:
+    /// counted as lost): forget them, tell the barriers they reach, and drop
     /// lanes that hold nothing more.
-    fn release(&self, taken: &mut InFlight) {
+    fn release(&self, taken: &mut InFlight, stored: bool) {
         let mut lanes = self.lock();
         for (key, n) in taken.0.drain() {
             lanes.total -= n;
             self.total.store(lanes.total, Ordering::Release);
+            if !stored {
+                self.lost.fetch_add(n as u64, Ordering::AcqRel);
+            }
             if let Some(lane) = lanes.by_domain.get_mut(&key) {
                 lane.in_flight -= n;
+                lane.released += n as u64;
+                while lane
+                    .barriers
+                    .front()
+                    .is_some_and(|(at, _)| *at <= lane.released)
+                {
+                    if let Some((_, tx)) = lane.barriers.pop_front() {
+                        let _ = tx.send(());
+                    }
+                }
                 if lane.pending() == 0 {
                     lanes.by_domain.remove(&key);
                 }
@@ -314,16 +380,17 @@ pub async fn run(task: InboxTask, rx: InboxRx) {
             }
             continue;
         }
-        task.batch(&mut batch).await;
-        shared.release(&mut taken);
+        let stored = task.batch(&mut batch).await;
+        shared.release(&mut taken, stored);
     }
 }
 
 impl InboxTask {
     /// Store one batch. Everything it settles or stores goes into one
     /// transaction, made before any refusal is sent and before a presence is
-    /// handled (so stored outcomes and events keep the peer's order).
-    async fn batch(&self, batch: &mut Vec<Stanza>) {
+    /// handled (so stored outcomes and events keep the peer's order). Whether
+    /// it was stored.
+    async fn batch(&self, batch: &mut Vec<Stanza>) -> bool {
         let mut w = Writes::default();
         let mut taken = Taken::default();
         let mut dedup = std::collections::HashSet::new();
@@ -410,6 +477,7 @@ impl InboxTask {
             self.outbox
                 .bounce(&s, StanzaCondition::ServiceUnavailable, "no such user");
         }
+        stored
     }
 
     async fn presence_in(&self, stanza: &Stanza) {
@@ -553,7 +621,7 @@ mod tests {
         assert_eq!(ids(&batch, "flood.test"), flood);
         // Taken but not committed: still pending for the quiet peer's pings.
         assert_eq!(inbox.pending_from(&ping), 3);
-        rx.0.release(&mut taken);
+        rx.0.release(&mut taken, true);
         assert_eq!(inbox.pending_from(&ping), 0);
         assert_eq!(inbox.uncommitted(), 5000 - (MAX_BATCH - 3));
         // The next batch goes on where the flood's lane stopped.
@@ -618,5 +686,42 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+    #[tokio::test]
+    async fn settled_waits_for_what_the_peer_sent_before_and_no_more() {
+        use futures_util::FutureExt as _;
+        let (inbox, rx) = Inbox::new(8192);
+        let peer = Peer::authenticated("Peer.TEST");
+        // Nothing from it: at once.
+        assert!(inbox.settled(&peer).now_or_never().is_some());
+        for n in 0..3 {
+            assert!(inbox.push(message("peer.test", n)).is_none());
+        }
+        assert!(inbox.push(message("other.test", 0)).is_none());
+        let mut first = inbox.settled(&peer);
+        // Sent after the barrier: not waited for.
+        assert!(inbox.push(message("peer.test", 3)).is_none());
+        let mut second = inbox.settled(&peer);
+        // Taken into a batch, not committed: still waiting.
+        let (mut batch, mut taken) = (Vec::new(), InFlight::default());
+        rx.0.take(&mut batch, &mut taken);
+        assert!((&mut first).now_or_never().is_none());
+        // Only part of the lane in this batch (the rest later): the first
+        // barrier is released with its three, the second waits for the fourth.
+        let mut part = InFlight::default();
+        part.0.insert("peer.test".into(), 3);
+        taken.0.remove("peer.test");
+        rx.0.release(&mut part, true);
+        assert!(first.now_or_never().is_some());
+        assert!((&mut second).now_or_never().is_none());
+        assert_eq!(inbox.lost(), 0);
+        // A failed commit releases too, and counts what it held as lost.
+        let mut rest = InFlight::default();
+        rest.0.insert("peer.test".into(), 1);
+        rx.0.release(&mut rest, false);
+        assert!(second.now_or_never().is_some());
+        assert_eq!(inbox.lost(), 1);
+        rx.0.release(&mut taken, true);
+        assert_eq!(inbox.uncommitted(), 0);
     }
 }

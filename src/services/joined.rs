@@ -25,6 +25,7 @@
 //! the inbox settles those.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::address::Addr;
-use crate::routing::Outbox;
+use crate::routing::{Outbox, Peer, Settle};
 use crate::stanza::{Kind, Stanza};
 use crate::store::joined::Occupancy;
 use crate::store::{EventKind, Store, StoreError, User, Writes, now_ms};
@@ -244,6 +245,8 @@ enum Input {
         what: MixAsk,
         answer: Option<Stanza>,
     },
+    /// Told once what came before is handled ([`Settle`]).
+    Settled(oneshot::Sender<()>),
 }
 
 /// What a MIX request asked.
@@ -260,6 +263,10 @@ pub struct Joined {
     tx: mpsc::Sender<Input>,
     /// The rooms local users are in (or joining): what [`Joined::claims`] checks.
     rooms: Arc<RwLock<HashSet<String>>>,
+    /// Commits that failed, since the start ([`Settle::lost`]).
+    lost: Arc<AtomicU64>,
+    /// Claimed stanzas queued or being handled.
+    pending: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Joined {
@@ -294,6 +301,8 @@ impl Joined {
             Joined {
                 tx,
                 rooms: Arc::default(),
+                lost: Arc::default(),
+                pending: Arc::default(),
             },
             JoinedRx(rx),
         )
@@ -322,11 +331,18 @@ impl Joined {
 
     /// Hand it a claimed stanza; gives it back if the queue is full.
     pub fn push(&self, stanza: Stanza) -> Option<Stanza> {
+        self.pending.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(Input::Stanza(stanza)) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(Input::Stanza(s)))
-            | Err(mpsc::error::TrySendError::Closed(Input::Stanza(s))) => Some(s),
-            Err(_) => None,
+            | Err(mpsc::error::TrySendError::Closed(Input::Stanza(s))) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                Some(s)
+            }
+            Err(_) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
         }
     }
 
@@ -423,6 +439,31 @@ struct Worker {
     queries: HashMap<String, (String, Vec<Forwarded>)>,
     shared: Arc<RwLock<HashSet<String>>>,
     tx: mpsc::WeakSender<Input>,
+    lost: Arc<AtomicU64>,
+}
+
+/// Inputs are handled in order, each committed before the next: a barrier
+/// queued behind a peer's stanzas is answered once they are.
+impl Settle for Joined {
+    fn settled(
+        &self,
+        _peer: &Peer,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        if self.pending.load(Ordering::Acquire) == 0 {
+            return Box::pin(std::future::ready(()));
+        }
+        let tx = self.tx.clone();
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            if tx.send(Input::Settled(done)).await.is_ok() {
+                let _ = rx.await;
+            }
+        })
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Acquire)
+    }
 }
 
 impl Joined {
@@ -463,7 +504,9 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
         queries: HashMap::new(),
         shared: joined.rooms.clone(),
         tx: joined.tx.downgrade(),
+        lost: joined.lost.clone(),
     };
+    let pending = joined.pending.clone();
     drop(joined);
     for o in loaded {
         w.add(o);
@@ -483,7 +526,10 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
             _ = tick.tick() => { w.tick(); continue; }
         };
         match input {
-            Input::Stanza(s) => w.stanza(s).await,
+            Input::Stanza(s) => {
+                w.stanza(s).await;
+                pending.fetch_sub(1, Ordering::AcqRel);
+            }
             Input::Call(c, reply) => {
                 let r = w.call(c).await;
                 let _ = reply.send(r);
@@ -499,6 +545,9 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
                 what,
                 answer,
             } => w.mix_answer(&room, &user_id, what, answer).await,
+            Input::Settled(done) => {
+                let _ = done.send(());
+            }
         }
     }
 }
@@ -589,6 +638,7 @@ impl Worker {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "storing a remote room's change");
+                self.lost.fetch_add(1, Ordering::AcqRel);
                 false
             }
         }

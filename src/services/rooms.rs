@@ -25,6 +25,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use minidom::Element;
 use tokio::sync::{mpsc, oneshot};
@@ -34,7 +35,7 @@ use xmpp_parsers::disco::{DiscoItemsResult, Item};
 
 use crate::address::Addr;
 use crate::config::RoomsConfig;
-use crate::routing::{Identity, Outbox, Owner, Report, Service, Track, Tracker};
+use crate::routing::{Identity, Outbox, Owner, Peer, Report, Service, Track, Tracker};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::rooms::{Affiliation, ArchiveSpan, Archived, Member, Room};
 use crate::store::{Store, StoreError, Writes, now_ms};
@@ -208,6 +209,8 @@ type Answer = oneshot::Sender<Result<Reply, CallError>>;
 enum Command {
     Stanza(Stanza),
     Call(Call, Answer),
+    /// Told once what came before is committed, or bounced ([`Settle`]).
+    Settled(oneshot::Sender<()>),
 }
 
 /// What the s2s layer reports about fan-out copies (by [`state::Copy::key`]).
@@ -232,6 +235,8 @@ pub struct Rooms {
     /// Confirmation pings awaited: ping id -> the copies its answer confirms,
     /// and when it was sent.
     pings: Arc<std::sync::Mutex<Pings>>,
+    /// Peers' stanzas queued or in the batch being handled.
+    pending: Arc<AtomicUsize>,
 }
 
 /// Ping id -> the copies (keys) its answer confirms, and when it was sent.
@@ -292,25 +297,32 @@ impl std::fmt::Debug for Command {
         match self {
             Command::Stanza(s) => f.debug_tuple("Stanza").field(&s.as_str()).finish(),
             Command::Call(c, _) => f.debug_tuple("Call").field(c).finish(),
+            Command::Settled(_) => f.write_str("Settled"),
         }
     }
 }
 
 /// The receiving side, for [`run`].
 #[derive(Debug)]
-pub struct RoomsRx(mpsc::Receiver<Command>, mpsc::UnboundedReceiver<Settle>);
+pub struct RoomsRx(
+    mpsc::Receiver<Command>,
+    mpsc::UnboundedReceiver<Settle>,
+    Arc<AtomicUsize>,
+);
 
 impl Rooms {
     /// The service and its queue of up to `capacity` stanzas and calls.
     pub fn new(capacity: usize) -> (Rooms, RoomsRx) {
         let (tx, rx) = mpsc::channel(capacity);
         let (settle, settle_rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
         let rooms = Rooms {
             tx,
             settle,
             pings: Arc::default(),
+            pending: pending.clone(),
         };
-        (rooms, RoomsRx(rx, settle_rx))
+        (rooms, RoomsRx(rx, settle_rx, pending))
     }
 
     /// Report what became of fan-out copies.
@@ -329,6 +341,28 @@ impl Rooms {
     }
 }
 
+/// Stanzas are queued in order for the one task; a barrier behind them is
+/// answered once their batch is committed and sent, or bounced (a failed
+/// commit bounces the batch's messages, so nothing counts as lost).
+impl crate::routing::Settle for Rooms {
+    fn settled(
+        &self,
+        _peer: &Peer,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        if self.pending.load(Ordering::Acquire) == 0 {
+            // Nothing of anyone's is waiting (the usual case: no room traffic).
+            return Box::pin(std::future::ready(()));
+        }
+        let tx = self.tx.clone();
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            if tx.send(Command::Settled(done)).await.is_ok() {
+                let _ = rx.await;
+            }
+        })
+    }
+}
+
 impl Service for Rooms {
     fn handle(&self, stanza: Stanza, outbox: &Outbox) {
         // The answer to a confirmation ping a room service's session sent:
@@ -343,7 +377,9 @@ impl Service for Rooms {
                 ping_id: id.to_string(),
             });
         }
+        self.pending.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.tx.try_send(Command::Stanza(stanza)) {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             let (mpsc::error::TrySendError::Full(Command::Stanza(s))
             | mpsc::error::TrySendError::Closed(Command::Stanza(s))) = e
             else {
@@ -432,7 +468,7 @@ struct Live {
 
 /// Run the rooms until shutdown.
 pub async fn run(task: RoomsTask, rx: RoomsRx) {
-    let RoomsRx(mut rx, mut settle_rx) = rx;
+    let RoomsRx(mut rx, mut settle_rx, pending) = rx;
     let mut tick = tokio::time::interval(task.retry);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune = tokio::time::interval(PRUNE_EVERY);
@@ -458,7 +494,12 @@ pub async fn run(task: RoomsTask, rx: RoomsRx) {
                 if n == 0 {
                     return;
                 }
+                let stanzas = batch
+                    .iter()
+                    .filter(|c| matches!(c, Command::Stanza(_)))
+                    .count();
                 live.batch(std::mem::take(&mut batch)).await;
+                pending.fetch_sub(stanzas, Ordering::AcqRel);
             }
             _ = tick.tick() => live.catch_up(None).await,
             _ = prune.tick() => live.prune().await,
@@ -633,6 +674,8 @@ impl Live {
         let mut p = Produced::default();
         let mut answers = Vec::new();
         let mut archived_from = Vec::new();
+        // Answered when the function returns, whichever way (dropped: told).
+        let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         let config = self.task.config.clone();
         for command in batch {
             let mut cx = p.cx(&config);
@@ -648,6 +691,7 @@ impl Live {
                     let r = self.call(call, &mut cx).await;
                     answers.push((answer, r));
                 }
+                Command::Settled(done) => barriers.push(done),
             }
         }
         if !p.writes.is_empty()

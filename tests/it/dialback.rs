@@ -107,6 +107,7 @@ pub(super) fn outbox(s2s: &Arc<S2s>, table: Table) -> Outbox {
             rooms: Arc::new(NoReports),
         },
         None,
+        Vec::new(),
         Arc::new(Policy::new(&Default::default())),
         Arc::new(Metrics::default()),
     )

@@ -243,7 +243,10 @@ async fn our_initiator_and_receiver_agree_over_starttls_and_direct_tls() {
         let mut auth = auth.unwrap_or_else(|| panic!("direct_tls {direct_tls}: receiver refused"));
         assert_eq!(auth.peer.domain(), "alpha.test");
         assert_eq!(auth.local_domain, "beta.test");
-        assert!(!sm, "we do not offer XEP-0198 inbound");
+        // XEP-0198 inbound after EXTERNAL, where the stream is one way (we
+        // ask for bidi by default, and its acks would count both ways).
+        assert_eq!(sm, !auth.bidi, "bidi {}", auth.bidi);
+        assert_eq!(auth.sm_offered, !auth.bidi);
         // XEP-0368: ALPN xmpp-server on the direct TLS port only.
         let alpn = auth.xs.io().get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         if direct_tls {

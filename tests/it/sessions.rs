@@ -98,6 +98,7 @@ async fn an_unreachable_domain_is_retried_with_backoff_then_given_up() {
             rooms: Arc::new(Reports(here.clone(), Owner::Rooms)),
         },
         None,
+        Vec::new(),
         Arc::new(Policy::new(&Default::default())),
         Arc::new(Metrics::default()),
     );

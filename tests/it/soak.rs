@@ -225,3 +225,149 @@ async fn sigkill_soak_against_prosody_and_ejabberd_loses_nothing_and_bounds_dupl
     }
     drop(wire);
 }
+
+/// The other direction: a slixmpp user on Prosody 0.12 sends to our user
+/// while our binary is killed with SIGKILL at random times and restarted on
+/// the same store. Prosody's stream to us uses XEP-0198 acks (mod_smacks, on
+/// for s2s by default, which our inbound side offers after EXTERNAL) and
+/// bounces to its sender what we had not acknowledged when the stream died;
+/// we acknowledge only what is committed. So every message it sent is an
+/// event here or bounced back to the sender: none vanishes. Addresses
+/// 127.0.9.x.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_prosody_users_send_every_message_is_stored_or_bounced() {
+    if !enabled() {
+        return;
+    }
+    crate::support::init_log();
+    let kills = env_or("XMPP_FEDERATOR_SOAK_KILLS", 4);
+    let rate = env_or("XMPP_FEDERATOR_SOAK_RATE", 400);
+    let lab = Lab::new("soak-in", Ipv4Addr::new(127, 0, 9, 3)).await;
+    let pspec = lab.spec("prosody.test", Ipv4Addr::new(127, 0, 9, 1));
+    let prosody = blocking(|| Prosody::start(&lab.work.path, pspec.clone())).expect("prosody");
+    blocking(|| prosody.register("sender", "sender-pw")).expect("register on prosody");
+
+    let s2s = SocketAddr::new(lab.wire_ip.into(), 5269);
+    let api = SocketAddr::new(lab.wire_ip.into(), free_port(lab.wire_ip));
+    lab.dns
+        .add(crate::interop::WIRE, lab.wire_ip, Some(5269), None);
+    let cfg = lab.work.path.join("wire.toml");
+    let store = lab.work.path.join("wire-data");
+    std::fs::write(&cfg, lab.wire_toml(s2s, api, &store, "")).unwrap();
+    let mut wire = start_binary(&cfg);
+    create_user(api, "u-alice", "alice").await;
+
+    // As long as the kills take, and a second either side.
+    let total = rate * (2 + kills * 2);
+    let mut sender = blocking(|| {
+        BackgroundClient::start(
+            &lab.python,
+            "sender@prosody.test",
+            "sender-pw",
+            pspec.c2s(),
+            &lab.ca_path,
+            &[
+                "flood",
+                "alice@wire.test",
+                &total.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--lifetime",
+                "600",
+            ],
+        )
+    })
+    .expect("the sender starts");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..kills {
+        let wait = rand::rng().random_range(300..1500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        wire.kill9();
+        drop(wire);
+        wire = start_binary(&cfg);
+    }
+    blocking(|| sender.wait_line("DONE", Duration::from_secs(120)))
+        .expect("the sender sends everything");
+
+    // Every message sent ends up stored or bounced (bounded wait).
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (sent, stored, bounced) = loop {
+        lines.extend(sender.drain().iter().cloned());
+        let sent: HashSet<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("SENT "))
+            .collect();
+        let bounced: HashSet<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("BOUNCED "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let events = xmpp_federator_testkit::http::all_events(api, TOKEN).await;
+        let stored: HashSet<String> = events
+            .iter()
+            .filter(|e| {
+                e["type"] == "message"
+                    && e["from"]
+                        .as_str()
+                        .is_some_and(|f| f.starts_with("sender@prosody.test"))
+            })
+            .filter_map(|e| e["id"].as_str().map(str::to_string))
+            .collect();
+        let vanished: Vec<&str> = sent
+            .iter()
+            .filter(|id| !stored.contains(**id) && !bounced.contains(**id))
+            .copied()
+            .collect();
+        if vanished.is_empty() {
+            break (sent.len(), stored.len(), bounced.len());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 90 s, {} of {} sent messages are neither stored nor bounced, e.g. {:?}",
+            vanished.len(),
+            sent.len(),
+            &vanished[..vanished.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let both = {
+        let ids: HashSet<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("BOUNCED "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let events = xmpp_federator_testkit::http::all_events(api, TOKEN).await;
+        events
+            .iter()
+            .filter(|e| e["type"] == "message")
+            .filter(|e| e["id"].as_str().is_some_and(|id| ids.contains(id)))
+            .count()
+    };
+    eprintln!(
+        "inbound soak: {kills} kills, {sent} sent by Prosody's user, {stored} stored, \
+         {bounced} bounced ({both} of them stored too: acknowledged after the stream died)"
+    );
+    assert_eq!(sent as u64, total, "the sender sent all");
+    // The stream that carried them used acks (else this proves nothing).
+    let (s, st, _) = try_request(api, "GET", "/v1/federation/status", Some(TOKEN), None)
+        .await
+        .expect("status");
+    assert_eq!(s, 200);
+    let p = st["remote"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["domain"] == "prosody.test"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        p["inbound"][0]["sm"], true,
+        "Prosody's stream uses acks: {st:#}"
+    );
+    assert!(
+        stored > 0 && bounced > 0,
+        "{stored} stored, {bounced} bounced"
+    );
+    drop(sender);
+    drop(wire);
+    drop(prosody);
+}

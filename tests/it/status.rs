@@ -111,7 +111,9 @@ async fn status_shows_streams_counters_and_a_queue_while_the_peer_is_down() {
     assert_eq!(out["bidi"], false);
     assert_eq!(out["local"], "alpha.test");
     assert_eq!(b["inbound"][0]["method"], "external");
-    assert_eq!(b["inbound"][0]["sm"], false);
+    // XEP-0198 both ways: each side offers it on its inbound stream.
+    assert_eq!(b["inbound"][0]["sm"], true, "{b:#}");
+    assert_eq!(out["sm"], true, "{b:#}");
     assert!(b["stanzas_out"].as_u64().unwrap() >= 1, "{b:#}");
     assert!(b["stanzas_in"].as_u64().unwrap() >= 1, "{b:#}");
     assert!(b["last_delivered_ms"].as_u64().is_some(), "{b:#}");
