@@ -1056,6 +1056,17 @@ impl Store {
             .transpose()
     }
 
+    /// The queued messages `seqs` in one read (one transaction), in order.
+    pub fn queued_by_seqs(&self, seqs: &[u64]) -> Result<Vec<Option<Outgoing>>, StoreError> {
+        let keys: Vec<Vec<u8>> = seqs.iter().map(|s| seq_key(T_OUT, *s)).collect();
+        self.kv
+            .get_many(&keys)?
+            .into_iter()
+            .zip(&keys)
+            .map(|(v, k)| v.map(|v| decode_outgoing(k, &v)).transpose())
+            .collect()
+    }
+
     // ---- events ----
 
     /// Append events durably.

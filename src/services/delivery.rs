@@ -580,6 +580,36 @@ impl Delivery {
         }
     }
 
+    /// The stanzas of `picked` not kept in memory, from the store in one read
+    /// (by sequence number; missing or unparsable ones are not there).
+    fn read_many(&self, picked: &[(u64, String, Option<Stanza>)]) -> HashMap<u64, Stanza> {
+        let seqs: Vec<u64> = picked
+            .iter()
+            .filter(|(_, _, s)| s.is_none())
+            .map(|(seq, _, _)| *seq)
+            .collect();
+        if seqs.is_empty() {
+            return HashMap::new();
+        }
+        match self.store.queued_by_seqs(&seqs) {
+            Ok(all) => seqs
+                .into_iter()
+                .zip(all)
+                .filter_map(|(seq, m)| {
+                    let s = Stanza::parse(&m?.xml);
+                    if s.is_none() {
+                        tracing::error!(seq, "queued message does not parse; it will expire");
+                    }
+                    Some((seq, s?))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the outbound queue");
+                HashMap::new()
+            }
+        }
+    }
+
     /// Send `domain`'s due messages that fit in its window, oldest first
     /// (none while the domain is held back, none of a held pair). A session
     /// queue that is nearly full takes no more: what is left stays due for
@@ -594,6 +624,9 @@ impl Delivery {
             lock(&self.queue).pick(domain, window, |t| holds.held(&t.from, &t.to))
         };
         let margin = (self.config.limits.outbound_queue / 4).max(1);
+        // Those not kept in memory, read in one transaction (one read per
+        // message was most of a large backlog's cost).
+        let mut read = self.read_many(&picked);
         let (mut sent, mut full) = (0, false);
         let mut left = Vec::new();
         for (seq, id, stanza) in picked {
@@ -601,7 +634,7 @@ impl Delivery {
                 left.push(id);
                 continue;
             }
-            let Some(stanza) = stanza.or_else(|| self.read_queued(seq, &id)) else {
+            let Some(stanza) = stanza.or_else(|| read.remove(&seq)) else {
                 // Unreadable: it stays in flight (not sent) until it expires.
                 continue;
             };
