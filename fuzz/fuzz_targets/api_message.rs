@@ -66,8 +66,7 @@ fuzz_target!(|data: &[u8]| {
         &xmpp_federator::xml::framer::parse_element(xml.as_bytes()).expect("parses"),
     );
     // Body, thread, the extensions, and our origin-id (XEP-0359), last.
-    let want =
-        usize::from(body.is_some()) + usize::from(thread.is_some()) + extensions.len() + 1;
+    let want = usize::from(body.is_some()) + usize::from(thread.is_some()) + extensions.len() + 1;
     assert_eq!(children.len(), want, "children of {xml}");
     assert!(
         xml.ends_with("<origin-id xmlns='urn:xmpp:sid:0' id='m1'/></message>"),

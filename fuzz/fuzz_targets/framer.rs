@@ -10,7 +10,12 @@ use xmpp_federator::xml::framer::{Event, Framer, Limits, parse_element};
 const HEADER: &[u8] = b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' to='a.test' version='1.0'>";
 
 fn run(chunks: &[&[u8]]) -> (Vec<Event>, bool) {
-    let limits = Limits { max_stanza_bytes: 4096, max_depth: 16, max_attrs: 16, max_header_bytes: 1024 };
+    let limits = Limits {
+        max_stanza_bytes: 4096,
+        max_depth: 16,
+        max_attrs: 16,
+        max_header_bytes: 1024,
+    };
     let mut f = Framer::new(limits);
     let mut out = Vec::new();
     for c in chunks {
@@ -39,7 +44,10 @@ fuzz_target!(|data: &[u8]| {
     for ev in whole {
         if let Event::Element(el) = ev {
             let again = parse_element(&el.raw).expect("a validated element re-parses");
-            assert_eq!((again.ns, again.name, again.attrs), (el.ns, el.name, el.attrs));
+            assert_eq!(
+                (again.ns, again.name, again.attrs),
+                (el.ns, el.name, el.attrs)
+            );
         }
     }
 });
