@@ -15,6 +15,8 @@
 //! messages per request) from alice@alpha.test to bob@beta.test; every 202 means
 //! the messages are on disk (group commit). Then we wait until every accepted message is
 //! confirmed delivered and report both rates and the messages per commit.
+//! `--window N` sets the sender's `delivery.window` (messages in flight per remote
+//! domain; the server's default otherwise).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -50,9 +52,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new("Load CA");
     let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
-    let extra = "[limits]\noutbound_queue = 1000000\n";
+    let mut extra = "[limits]\noutbound_queue = 1000000\n".to_string();
+    // `--window N`: the sender's `delivery.window` (else the default).
+    let window = arg("--window", "");
+    if !window.is_empty() {
+        extra.push_str(&format!("[delivery]\nwindow = {}\n", window.parse::<usize>()?));
+    }
     let setup = |domain, ip| {
-        BinaryInstance::prepare(&ca, dir.path(), domain, ip, &dns, TOKEN, &backend, extra)
+        BinaryInstance::prepare(&ca, dir.path(), domain, ip, &dns, TOKEN, &backend, &extra)
     };
     let alpha = setup("alpha.test", Ipv4Addr::new(127, 0, 0, 81))?;
     let beta = setup("beta.test", Ipv4Addr::new(127, 0, 0, 82))?;
