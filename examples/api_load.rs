@@ -56,7 +56,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `--window N`: the sender's `delivery.window` (else the default).
     let window = arg("--window", "");
     if !window.is_empty() {
-        extra.push_str(&format!("[delivery]\nwindow = {}\n", window.parse::<usize>()?));
+        extra.push_str(&format!(
+            "[delivery]\nwindow = {}\n",
+            window.parse::<usize>()?
+        ));
     }
     let setup = |domain, ip| {
         BinaryInstance::prepare(&ca, dir.path(), domain, ip, &dns, TOKEN, &backend, &extra)
