@@ -47,6 +47,28 @@ pub const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 /// XEP-0092.
 pub const NS_VERSION: &str = "jabber:iq:version";
 
+/// A [`crate::routing::Settle`] barrier through a service task's queue: ready
+/// at once when nothing of anyone's waits there (`pending`, the stanzas queued
+/// or being handled), else once the task reaches the `make(done)` queued
+/// behind them (or ends).
+pub(crate) fn queued_barrier<T: Send + 'static>(
+    tx: &tokio::sync::mpsc::Sender<T>,
+    pending: &std::sync::atomic::AtomicUsize,
+    make: fn(tokio::sync::oneshot::Sender<()>) -> T,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+    if pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        // The usual case for a service the peer sent nothing.
+        return Box::pin(std::future::ready(()));
+    }
+    let tx = tx.clone();
+    Box::pin(async move {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        if tx.send(make(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+    })
+}
+
 /// The normalized localpart and domain of a JID string, or `None` if it is not a
 /// valid JID with a localpart (PRECIS, through the `jid` crate).
 pub fn account_of(jid: &str) -> Option<(String, String)> {

@@ -23,35 +23,14 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use xmpp_federator::config::DialbackMode;
-use xmpp_federator::metrics::Metrics;
-use xmpp_federator::policy::Policy;
-use xmpp_federator::routing::{Identity, Outbox, Service, Table};
+use xmpp_federator::routing::Table;
 use xmpp_federator::s2s::outbound::{ConnectError, VerifyError};
 use xmpp_federator::s2s::{Connecting, Connector, Method, S2s, Verifying, inbound, tls};
-use xmpp_federator::stanza::Stanza;
 use xmpp_federator_testkit::certs::{Eku, TestCa};
-use xmpp_federator_testkit::instance_config;
+use xmpp_federator_testkit::{NopService, instance_config, s2s_layer};
 
 const NS: &str = "xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback'";
-
-struct Nop;
-
-impl Service for Nop {
-    fn handle(&self, _stanza: Stanza, _outbox: &Outbox) {}
-    fn identity(&self) -> Identity {
-        Identity {
-            category: "server",
-            type_: "im",
-            name: "nop".into(),
-        }
-    }
-    fn features(&self) -> Vec<&'static str> {
-        Vec::new()
-    }
-}
 
 /// Dialback verdicts from the input; no outbound connections.
 struct Scripted {
@@ -100,27 +79,17 @@ fn fixture() -> &'static Fixture {
         c.dns.nameserver = Some("127.0.0.1:9".parse().expect("an address"));
         c.federation.dialback = DialbackMode::Fallback;
         c.federation.bidi = true;
-        let policy = Arc::new(Policy::new(&c.federation));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime");
-        let mut s2s = rt.block_on(async {
-            S2s::new(
-                Arc::new(c),
-                policy,
-                Arc::new(Metrics::default()),
-                CancellationToken::new(),
-                TaskTracker::new(),
-            )
-            .expect("the s2s layer")
-        });
+        let mut s2s = rt.block_on(async { s2s_layer(c) });
         let scripted = Arc::new(Scripted {
             valid: AtomicBool::new(false),
         });
         Arc::get_mut(&mut s2s).expect("not shared yet").connector = scripted.clone();
         let mut table = Table::default();
-        table.add_host("b.test", Arc::new(Nop), Arc::new(Nop));
+        table.add_host("b.test", Arc::new(NopService), Arc::new(NopService));
         let client = |cert: bool| {
             let provider = tls::provider();
             let chain = tls::load_chain(&ca_path).expect("the CA");

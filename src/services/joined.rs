@@ -449,16 +449,7 @@ impl Settle for Joined {
         &self,
         _peer: &Peer,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        if self.pending.load(Ordering::Acquire) == 0 {
-            return Box::pin(std::future::ready(()));
-        }
-        let tx = self.tx.clone();
-        Box::pin(async move {
-            let (done, rx) = oneshot::channel();
-            if tx.send(Input::Settled(done)).await.is_ok() {
-                let _ = rx.await;
-            }
-        })
+        super::queued_barrier(&self.tx, &self.pending, Input::Settled)
     }
 
     fn lost(&self) -> u64 {

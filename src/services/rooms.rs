@@ -349,17 +349,7 @@ impl crate::routing::Settle for Rooms {
         &self,
         _peer: &Peer,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        if self.pending.load(Ordering::Acquire) == 0 {
-            // Nothing of anyone's is waiting (the usual case: no room traffic).
-            return Box::pin(std::future::ready(()));
-        }
-        let tx = self.tx.clone();
-        Box::pin(async move {
-            let (done, rx) = oneshot::channel();
-            if tx.send(Command::Settled(done)).await.is_ok() {
-                let _ = rx.await;
-            }
-        })
+        super::queued_barrier(&self.tx, &self.pending, Command::Settled)
     }
 }
 

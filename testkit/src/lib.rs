@@ -20,6 +20,44 @@ use std::path::Path;
 
 use xmpp_federator::config::{CertificateFiles, Config};
 
+/// The s2s layer of a test config alone (its own metrics, shutdown token and
+/// task tracker), for negotiation over pipes; call it within a runtime.
+pub fn s2s_layer(config: Config) -> std::sync::Arc<xmpp_federator::s2s::S2s> {
+    use std::sync::Arc;
+    let policy = Arc::new(xmpp_federator::policy::Policy::new(&config.federation));
+    xmpp_federator::s2s::S2s::new(
+        Arc::new(config),
+        policy,
+        Arc::new(xmpp_federator::metrics::Metrics::default()),
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::task::TaskTracker::new(),
+    )
+    .expect("s2s layer from a test config")
+}
+
+/// A service that takes every stanza and does nothing (a hosted domain for
+/// negotiation tests and the negotiation fuzz target).
+pub struct NopService;
+
+impl xmpp_federator::routing::Service for NopService {
+    fn handle(
+        &self,
+        _stanza: xmpp_federator::stanza::Stanza,
+        _outbox: &xmpp_federator::routing::Outbox,
+    ) {
+    }
+    fn identity(&self) -> xmpp_federator::routing::Identity {
+        xmpp_federator::routing::Identity {
+            category: "server",
+            type_: "im",
+            name: "nop".into(),
+        }
+    }
+    fn features(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+}
+
 /// A config for a test instance of ours hosting `domain`, listening on `ip` (port 0
 /// picks free ports), trusting only `ca`, with static DNS overrides.
 pub fn instance_config(

@@ -13,18 +13,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use xmpp_federator::config::{Config, DialbackMode};
-use xmpp_federator::metrics::Metrics;
-use xmpp_federator::policy::Policy;
-use xmpp_federator::routing::{Identity, Outbox, Service, Table};
+use xmpp_federator::routing::Table;
 use xmpp_federator::s2s::outbound::{self, ConnectError};
 use xmpp_federator::s2s::{S2s, inbound, tls};
-use xmpp_federator::stanza::Stanza;
 use xmpp_federator::xml::{Event, NS_SERVER};
 use xmpp_federator_testkit::certs::{Eku, LeafFiles, TestCa};
-use xmpp_federator_testkit::instance_config;
+use xmpp_federator_testkit::{NopService, instance_config, s2s_layer};
 
 pub(super) const NS: &str = "xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'";
 pub(super) const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
@@ -33,22 +28,6 @@ pub(super) const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 pub(super) const PIPE: usize = 64 * 1024;
 
 /// A service that owns addresses and does nothing: negotiation never routes.
-pub(super) struct Nop;
-
-impl Service for Nop {
-    fn handle(&self, _stanza: Stanza, _outbox: &Outbox) {}
-    fn identity(&self) -> Identity {
-        Identity {
-            category: "server",
-            type_: "im",
-            name: "nop".into(),
-        }
-    }
-    fn features(&self) -> Vec<&'static str> {
-        Vec::new()
-    }
-}
-
 /// A test CA and certificates written into a temporary directory.
 pub(super) struct Certs {
     pub(super) dir: tempfile::TempDir,
@@ -96,15 +75,7 @@ impl Certs {
         // Like testkit's configs, a static nameserver; negotiation never asks it.
         c.dns.nameserver = Some("127.0.0.1:9".parse().unwrap());
         tweak(&mut c);
-        let policy = Arc::new(Policy::new(&c.federation));
-        S2s::new(
-            Arc::new(c),
-            policy,
-            Arc::new(Metrics::default()),
-            CancellationToken::new(),
-            TaskTracker::new(),
-        )
-        .expect("s2s layer from a test config")
+        s2s_layer(c)
     }
 
     /// A TLS client trusting our CA, presenting `cert` (or nothing).
@@ -133,7 +104,7 @@ impl Certs {
 /// What the receiver hosts: beta.test.
 pub(super) fn beta_table() -> Table {
     let mut t = Table::default();
-    t.add_host("beta.test", Arc::new(Nop), Arc::new(Nop));
+    t.add_host("beta.test", Arc::new(NopService), Arc::new(NopService));
     t
 }
 

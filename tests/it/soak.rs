@@ -92,6 +92,30 @@ fn start_binary(config: &Path) -> ServerProcess {
     ServerProcess::start(Path::new(BIN), config, "info").expect("the binary starts")
 }
 
+/// Our binary's config (with `extra`) in the lab, published in its DNS; the
+/// config's path and the API's address.
+fn wire_config(lab: &Lab, extra: &str) -> (std::path::PathBuf, SocketAddr) {
+    let s2s = SocketAddr::new(lab.wire_ip.into(), 5269);
+    let api = SocketAddr::new(lab.wire_ip.into(), free_port(lab.wire_ip));
+    lab.dns
+        .add(crate::interop::WIRE, lab.wire_ip, Some(5269), None);
+    let cfg = lab.work.path.join("wire.toml");
+    let store = lab.work.path.join("wire-data");
+    std::fs::write(&cfg, lab.wire_toml(s2s, api, &store, extra)).unwrap();
+    (cfg, api)
+}
+
+/// Kill the binary with SIGKILL `kills` times at random moments (0.3 - 1.5 s
+/// apart), restarting it at once on the same config and store.
+async fn kill_and_restart(wire: &mut ServerProcess, cfg: &Path, kills: u64) {
+    for _ in 0..kills {
+        let wait = rand::rng().random_range(300..1500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        wire.kill9();
+        *wire = start_binary(cfg);
+    }
+}
+
 /// A user of `peer` counting what alice sends it (`count`).
 fn counter(lab: &Lab, peer: &ServerSpec) -> BackgroundClient {
     let jid = format!("counter@{}", peer.domain);
@@ -133,14 +157,8 @@ async fn sigkill_soak_against_prosody_and_ejabberd_loses_nothing_and_bounds_dupl
     blocking(|| prosody.register("counter", "counter-pw")).expect("register on prosody");
     blocking(|| ejabberd.register("counter", "counter-pw")).expect("register on ejabberd");
 
-    let s2s = SocketAddr::new(lab.wire_ip.into(), 5269);
-    let api = SocketAddr::new(lab.wire_ip.into(), free_port(lab.wire_ip));
-    lab.dns
-        .add(crate::interop::WIRE, lab.wire_ip, Some(5269), None);
-    let cfg = lab.work.path.join("wire.toml");
-    let store = lab.work.path.join("wire-data");
     let extra = format!("[delivery]\nretry_secs = 1\nwindow = {window}\n");
-    std::fs::write(&cfg, lab.wire_toml(s2s, api, &store, &extra)).unwrap();
+    let (cfg, api) = wire_config(&lab, &extra);
     let mut wire = start_binary(&cfg);
     create_user(api, "u-alice", "alice").await;
     let peers = vec![
@@ -160,13 +178,7 @@ async fn sigkill_soak_against_prosody_and_ejabberd_loses_nothing_and_bounds_dupl
         stop.clone(),
     ));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for _ in 0..kills {
-        let wait = rand::rng().random_range(300..1500);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        wire.kill9();
-        drop(wire);
-        wire = start_binary(&cfg);
-    }
+    kill_and_restart(&mut wire, &cfg, kills).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
     sending.await.expect("the sender");
@@ -247,13 +259,7 @@ async fn sigkill_while_prosody_users_send_every_message_is_stored_or_bounced() {
     let prosody = blocking(|| Prosody::start(&lab.work.path, pspec.clone())).expect("prosody");
     blocking(|| prosody.register("sender", "sender-pw")).expect("register on prosody");
 
-    let s2s = SocketAddr::new(lab.wire_ip.into(), 5269);
-    let api = SocketAddr::new(lab.wire_ip.into(), free_port(lab.wire_ip));
-    lab.dns
-        .add(crate::interop::WIRE, lab.wire_ip, Some(5269), None);
-    let cfg = lab.work.path.join("wire.toml");
-    let store = lab.work.path.join("wire-data");
-    std::fs::write(&cfg, lab.wire_toml(s2s, api, &store, "")).unwrap();
+    let (cfg, api) = wire_config(&lab, "");
     let mut wire = start_binary(&cfg);
     create_user(api, "u-alice", "alice").await;
 
@@ -279,20 +285,14 @@ async fn sigkill_while_prosody_users_send_every_message_is_stored_or_bounced() {
     })
     .expect("the sender starts");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for _ in 0..kills {
-        let wait = rand::rng().random_range(300..1500);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        wire.kill9();
-        drop(wire);
-        wire = start_binary(&cfg);
-    }
+    kill_and_restart(&mut wire, &cfg, kills).await;
     blocking(|| sender.wait_line("DONE", Duration::from_secs(120)))
         .expect("the sender sends everything");
 
     // Every message sent ends up stored or bounced (bounded wait).
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
-    let (sent, stored, bounced) = loop {
+    let (sent, stored, bounced, both) = loop {
         lines.extend(sender.drain().iter().cloned());
         let sent: HashSet<&str> = lines
             .iter()
@@ -320,7 +320,8 @@ async fn sigkill_while_prosody_users_send_every_message_is_stored_or_bounced() {
             .copied()
             .collect();
         if vanished.is_empty() {
-            break (sent.len(), stored.len(), bounced.len());
+            let both = bounced.iter().filter(|id| stored.contains(**id)).count();
+            break (sent.len(), stored.len(), bounced.len(), both);
         }
         assert!(
             Instant::now() < deadline,
@@ -330,19 +331,6 @@ async fn sigkill_while_prosody_users_send_every_message_is_stored_or_bounced() {
             &vanished[..vanished.len().min(10)]
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let both = {
-        let ids: HashSet<&str> = lines
-            .iter()
-            .filter_map(|l| l.strip_prefix("BOUNCED "))
-            .filter_map(|l| l.split(' ').next())
-            .collect();
-        let events = xmpp_federator_testkit::http::all_events(api, TOKEN).await;
-        events
-            .iter()
-            .filter(|e| e["type"] == "message")
-            .filter(|e| e["id"].as_str().is_some_and(|id| ids.contains(id)))
-            .count()
     };
     eprintln!(
         "inbound soak: {kills} kills, {sent} sent by Prosody's user, {stored} stored, \
