@@ -32,7 +32,7 @@
 //!
 //! Stream management (XEP-0198, as Prosody's mod_smacks uses it on s2s) is
 //! offered in the features after EXTERNAL on a stream that is not
-//! bidirectional, without resumption ([`InboundSm`]): an `<r/>` is answered
+//! bidirectional, without resumption (`InboundSm`): an `<r/>` is answered
 //! only once what it counts is committed and what we queued to the peer by
 //! then is written ([`Outbox::settled`]), so an ack overtakes neither a commit
 //! nor a bounce; after a crash the peer bounces or resends the rest.
