@@ -233,6 +233,6 @@ impl Remote for Link {
         &self,
         remote: &str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        Box::pin(self.0.sessions.flushed(remote))
+        Box::pin(outbound::Sessions::flushed(&self.0, remote))
     }
 }

@@ -1056,15 +1056,24 @@ impl Store {
             .transpose()
     }
 
-    /// The queued messages `seqs` in one read (one transaction), in order.
+    /// The queued messages `seqs` in one read (one transaction), in order; a
+    /// record that does not decode is `None` (and logged), the others still
+    /// come.
     pub fn queued_by_seqs(&self, seqs: &[u64]) -> Result<Vec<Option<Outgoing>>, StoreError> {
         let keys: Vec<Vec<u8>> = seqs.iter().map(|s| seq_key(T_OUT, *s)).collect();
-        self.kv
+        Ok(self
+            .kv
             .get_many(&keys)?
             .into_iter()
             .zip(&keys)
-            .map(|(v, k)| v.map(|v| decode_outgoing(k, &v)).transpose())
-            .collect()
+            .map(|(v, k)| match decode_outgoing(k, &v?) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(error = %e, "a queued message does not decode");
+                    None
+                }
+            })
+            .collect())
     }
 
     // ---- events ----

@@ -927,6 +927,11 @@ impl InboundSm {
                 SmStep::Settle(self.h)
             }
             "a" => SmStep::Nothing,
+            // No resumption on s2s (XEP-0198 §5): refused, the stream goes on.
+            "resume" => SmStep::Reply(format!(
+                "<failed xmlns='{NS_SM}'><feature-not-implemented xmlns='{}'/></failed>",
+                crate::xml::NS_STANZAS_ERR
+            )),
             _ => SmStep::Fail(
                 StreamCondition::UnsupportedStanzaType,
                 "unexpected stream management element",
@@ -1399,8 +1404,11 @@ mod tests {
         assert_eq!(sm.on_element("r", 7), SmStep::Settle(3));
         // Something was lost since acks were enabled: no ack.
         assert!(sm.settled(3, 8).is_err());
+        assert!(
+            matches!(sm.on_element("resume", 7), SmStep::Reply(x) if x.contains("feature-not-implemented"))
+        );
         assert_eq!(
-            sm.on_element("resume", 7),
+            sm.on_element("enabled", 7),
             fail("unexpected stream management element")
         );
         // h wraps (XEP-0198 §4: mod 2^32).

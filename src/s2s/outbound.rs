@@ -881,23 +881,43 @@ impl Sessions {
     /// Resolves once what every session to `remote` had queued at the call
     /// is written (flushed to the socket), or handed back by a session that
     /// ended.
-    pub fn flushed(&self, remote: &str) -> impl Future<Output = ()> + Send + 'static {
-        let waits: Vec<(Arc<Progress>, u64)> = self
+    ///
+    /// A session that ends by handing what it held to a successor (its stream
+    /// ended while stanzas raced in) is followed: after such an end the
+    /// waiter looks up the pair's session once more and waits for what it
+    /// holds by then.
+    pub fn flushed(s2s: &Arc<S2s>, remote: &str) -> impl Future<Output = ()> + Send + 'static {
+        let waits: Vec<(String, Arc<Progress>, u64)> = s2s
+            .sessions
             .map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter_map(|m| m.get(remote))
-            .map(|h| {
-                (
-                    h.progress.clone(),
-                    h.progress.queued.load(Ordering::Acquire),
-                )
+            .iter()
+            .filter_map(|(local, m)| Some((local.clone(), m.get(remote)?)))
+            .map(|(local, h)| {
+                let target = h.progress.queued.load(Ordering::Acquire);
+                (local, h.progress.clone(), target)
             })
             .collect();
+        let (s2s, remote) = (s2s.clone(), remote.to_string());
         async move {
-            for (p, target) in waits {
+            for (local, p, target) in waits {
                 p.reach(target).await;
+                if p.done.load(Ordering::Acquire) >= target {
+                    continue;
+                }
+                let next = s2s
+                    .sessions
+                    .map
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&local)
+                    .and_then(|m| m.get(&remote))
+                    .map(|h| h.progress.clone());
+                if let Some(n) = next {
+                    let target = n.queued.load(Ordering::Acquire);
+                    n.reach(target).await;
+                }
             }
         }
     }
@@ -963,11 +983,18 @@ pub fn send(
                 }
             }
         };
-        match handle.tx.try_send(item) {
-            Ok(()) => {
-                handle.progress.queued.fetch_add(1, Ordering::AcqRel);
-                return Ok(());
-            }
+        // Counted before it is in the channel: what was queued before a
+        // `flushed` call is then always in its target (counted after, two
+        // senders could make the count cover the wrong one). Not queued after
+        // all: uncounted; a waiter that counted it waits for one more write
+        // or the session's end, never less.
+        handle.progress.queued.fetch_add(1, Ordering::AcqRel);
+        let sent = handle.tx.try_send(item);
+        if sent.is_err() {
+            handle.progress.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        match sent {
+            Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Full(item)) => {
                 return Err(Box::new(Refused {
                     item,
@@ -1202,20 +1229,29 @@ impl Session {
     /// The session ends while the remote is fine: what raced into the queue goes
     /// out again (through a new session).
     fn hand_over(&mut self) {
-        for item in self.close() {
+        for item in self.close_quietly() {
             self.outbox.resend(item);
         }
+        // Only now: what was waited for is queued in the next session, which
+        // `Sessions::flushed` looks at once this one has ended.
+        self.progress.end();
     }
 
-    /// Leave the session map and stop taking stanzas; everything not written yet.
+    /// Leave the session map and stop taking stanzas; everything not written
+    /// yet (handed back: nothing to wait for here).
     fn close(&mut self) -> Vec<Outgoing> {
+        let items = self.close_quietly();
+        self.progress.end();
+        items
+    }
+
+    /// [`Session::close`] without releasing `flushed` waiters.
+    fn close_quietly(&mut self) -> Vec<Outgoing> {
         self.s2s.sessions.remove(&self.key, self.id);
         self.rx.close();
         while let Ok(s) = self.rx.try_recv() {
             self.pending.push_back(s);
         }
-        // Handed back: nothing to wait for here.
-        self.progress.end();
         self.pending.drain(..).collect()
     }
 

@@ -135,7 +135,14 @@ impl Service for Accounts {
             && joined.claims(&stanza)
         {
             if let Some(s) = joined.push(stanza) {
-                tracing::warn!(stanza = s.as_str(), "remote rooms' queue full: dropped");
+                // Refused, not dropped: its sender learns (an error is not
+                // answered, RFC 6120 §8.3.1).
+                tracing::warn!(stanza = s.as_str(), "remote rooms' queue full: refused");
+                outbox.bounce(
+                    &s,
+                    StanzaCondition::ResourceConstraint,
+                    "the remote rooms are busy: try again",
+                );
             }
             return;
         }

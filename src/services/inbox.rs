@@ -437,7 +437,8 @@ impl InboxTask {
                         std::mem::take(&mut taken),
                     )
                     .await;
-                self.presence_in(&stanza).await;
+                // Not stored: counts the batch as not stored (no ack covers it).
+                stored &= self.presence_in(&stanza).await;
                 continue;
             }
             if stanza.is_error() {
@@ -480,13 +481,15 @@ impl InboxTask {
         stored
     }
 
-    async fn presence_in(&self, stanza: &Stanza) {
+    /// Whether what it changed was stored.
+    async fn presence_in(&self, stanza: &Stanza) -> bool {
         match recipient(&self.store, stanza) {
             Some(user) => {
                 if let Err(e) =
                     super::presence::inbound(&self.store, &self.outbox, &user, stanza).await
                 {
                     tracing::error!(error = %e, "storing a presence change");
+                    return false;
                 }
             }
             None => {
@@ -503,6 +506,7 @@ impl InboxTask {
                 }
             }
         }
+        true
     }
 
     /// An error message: if it answers one of our queued messages, that one bounced.

@@ -25,7 +25,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use minidom::Element;
 use tokio::sync::{mpsc, oneshot};
@@ -237,6 +237,9 @@ pub struct Rooms {
     pings: Arc<std::sync::Mutex<Pings>>,
     /// Peers' stanzas queued or in the batch being handled.
     pending: Arc<AtomicUsize>,
+    /// Peers' stanzas neither stored nor bounced (a failed commit), since
+    /// the start ([`crate::routing::Settle::lost`]).
+    lost: Arc<AtomicU64>,
 }
 
 /// Ping id -> the copies (keys) its answer confirms, and when it was sent.
@@ -308,6 +311,7 @@ pub struct RoomsRx(
     mpsc::Receiver<Command>,
     mpsc::UnboundedReceiver<Settle>,
     Arc<AtomicUsize>,
+    Arc<AtomicU64>,
 );
 
 impl Rooms {
@@ -316,13 +320,15 @@ impl Rooms {
         let (tx, rx) = mpsc::channel(capacity);
         let (settle, settle_rx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicUsize::new(0));
+        let lost = Arc::new(AtomicU64::new(0));
         let rooms = Rooms {
             tx,
             settle,
             pings: Arc::default(),
             pending: pending.clone(),
+            lost: lost.clone(),
         };
-        (rooms, RoomsRx(rx, settle_rx, pending))
+        (rooms, RoomsRx(rx, settle_rx, pending, lost))
     }
 
     /// Report what became of fan-out copies.
@@ -350,6 +356,10 @@ impl crate::routing::Settle for Rooms {
         _peer: &Peer,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
         super::queued_barrier(&self.tx, &self.pending, Command::Settled)
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Acquire)
     }
 }
 
@@ -454,11 +464,13 @@ const STALE_MS: u64 = 60_000;
 struct Live {
     task: RoomsTask,
     rooms: HashMap<(String, String), RoomState>,
+    /// See [`Rooms::lost`].
+    lost: Arc<AtomicU64>,
 }
 
 /// Run the rooms until shutdown.
 pub async fn run(task: RoomsTask, rx: RoomsRx) {
-    let RoomsRx(mut rx, mut settle_rx, pending) = rx;
+    let RoomsRx(mut rx, mut settle_rx, pending, lost) = rx;
     let mut tick = tokio::time::interval(task.retry);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune = tokio::time::interval(PRUNE_EVERY);
@@ -466,6 +478,7 @@ pub async fn run(task: RoomsTask, rx: RoomsRx) {
     let mut live = Live {
         task,
         rooms: HashMap::new(),
+        lost,
     };
     live.load_occupied();
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -666,6 +679,9 @@ impl Live {
         let mut archived_from = Vec::new();
         // Answered when the function returns, whichever way (dropped: told).
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
+        // Peers' stanzas other than messages (joins, leaves, iqs): not
+        // bounced if the commit fails, so counted as lost then.
+        let mut others = 0u64;
         let config = self.task.config.clone();
         for command in batch {
             let mut cx = p.cx(&config);
@@ -675,6 +691,8 @@ impl Live {
                     self.stanza(&s, &mut cx);
                     if messages {
                         archived_from.push(s);
+                    } else {
+                        others += 1;
                     }
                 }
                 Command::Call(call, answer) => {
@@ -691,6 +709,7 @@ impl Live {
             // The rooms are read again from the store, as they were before
             // the batch (occupants from their stored sessions).
             tracing::error!(error = %e, "storing a batch of room changes");
+            self.lost.fetch_add(others, Ordering::AcqRel);
             self.rooms.clear();
             for s in &archived_from {
                 self.task.outbox.bounce(
