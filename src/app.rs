@@ -31,6 +31,9 @@ impl Running {
     /// Stop accepting, close every stream, wait up to the grace period.
     pub async fn shutdown(self) {
         self.server.shutdown.cancel();
+        // Tasks waiting for a peer's answer (a caps query waits 30 s) would
+        // hold the store past the grace.
+        self.server.outbox.cancel_asks();
         self.server.tracker.close();
         let grace = Duration::from_secs(self.server.config.timeouts.shutdown_grace_secs);
         let _ = tokio::time::timeout(grace, self.server.tracker.wait()).await;

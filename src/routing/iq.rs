@@ -82,6 +82,15 @@ impl IqTracker {
         }
     }
 
+    /// Give up every request waiting (at shutdown): each waiter's answer is
+    /// `None` at once.
+    pub fn cancel_all(&self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// How many requests wait.
     pub fn len(&self) -> usize {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -90,5 +99,24 @@ impl IqTracker {
     /// Whether none waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cancelling_ends_every_wait_at_once_and_later_answers_find_nobody() {
+        let t = IqTracker::default();
+        let mut a = t.expect("a");
+        let b = t.expect("b");
+        assert_eq!(t.len(), 2);
+        t.cancel_all();
+        assert!(t.is_empty());
+        assert!(a.answer().await.is_none());
+        let late = Stanza::parse("<iq type='result' id='b' from='x.test' to='y.test'/>").unwrap();
+        assert!(t.answer(late).is_some(), "nobody waits any more");
+        drop(b);
     }
 }

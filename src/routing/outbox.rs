@@ -531,6 +531,13 @@ impl Outbox {
         }
     }
 
+    /// Stop waiting for the answers to every [`Outbox::ask`] under way (at
+    /// shutdown: the tasks that asked end at once, and with them what they
+    /// hold, the store among it).
+    pub fn cancel_asks(&self) {
+        self.0.iqs.cancel_all();
+    }
+
     /// Hand an iq result or error to its waiter; gives it back if none waits.
     pub fn answer(&self, stanza: Stanza) -> Option<Stanza> {
         self.0.iqs.answer(stanza)

@@ -343,7 +343,7 @@ async fn a_room_used_as_a_mix_channel_and_a_muc_room_at_once() {
     // Our server restarts: carol's participation is stored, and the channel's
     // messages reach her again, from the same channel.
     wire.shutdown().await;
-    let wire = start(config).await.expect("our server starts again");
+    let wire = crate::support::restart(config).await;
     api(
         &wire,
         "POST",

@@ -167,7 +167,7 @@ async fn prosody_and_ejabberd() {
 
     // Our server restarts: the room and carol's session in it are stored.
     wire.shutdown().await;
-    let wire = start(config).await.expect("our server starts again");
+    let wire = crate::support::restart(config).await;
     after_restart(&lab, &wire, &espec, carol, all).await;
 
     wire.shutdown().await;

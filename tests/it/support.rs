@@ -94,6 +94,25 @@ impl Net {
     }
 }
 
+/// Start our server again on the config (and so the store and ports) of an
+/// instance this process just shut down. Its tasks may still hold the store
+/// or a listener for a moment after `shutdown` returns (the shutdown grace
+/// bounds the wait, it does not join every task; a restarted process has no
+/// such leftovers): tried for up to 10 s, each failure printed.
+pub async fn restart(config: Config) -> Running {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match start(config.clone()).await {
+            Ok(r) => return r,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("our server does not start again yet: {e:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("our server does not start again within 10 s: {e:?}"),
+        }
+    }
+}
+
 /// Send an iq get from `r`'s domain to `to` and wait for the answer with its id.
 pub async fn iq_round_trip(r: &Running, to: &str, payload: &str) -> Stanza {
     let id = format!("t{}", rand_id());
