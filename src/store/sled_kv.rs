@@ -83,7 +83,22 @@ mod tests {
     async fn store_suite_on_sled() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        super::super::tests::suite(|| std::sync::Arc::new(super::SledKv::open(&path).unwrap()))
-            .await;
+        // The suite reopens the store at once: sled's flusher thread may hold
+        // the file lock a moment after the last handle is dropped (a rare
+        // "could not acquire lock" here), so an open is tried for up to 5 s.
+        let open = || -> std::sync::Arc<dyn super::super::Kv> {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match super::SledKv::open(&path) {
+                    Ok(kv) => return std::sync::Arc::new(kv),
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        eprintln!("sled open failed, retrying: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("sled open: {e}"),
+                }
+            }
+        };
+        super::super::tests::suite(open).await;
     }
 }
