@@ -23,8 +23,8 @@ pub mod outbox;
 pub mod table;
 
 pub use outbox::{
-    AskError, Gate, Outbox, Outgoing, Owner, Refused, Remote, Report, Settle, Track, Tracker,
-    Trackers,
+    AskError, Gate, LostBy, Outbox, Outgoing, Owner, Refused, Remote, Report, Settle, Track,
+    Tracker, Trackers,
 };
 pub use table::{Peer, Table};
 

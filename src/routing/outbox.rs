@@ -221,10 +221,39 @@ pub trait Settle: Send + Sync + 'static {
     /// sender through the outbox before this resolves).
     fn settled(&self, peer: &Peer) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-    /// Stanzas accepted and then neither stored nor bounced (a failed
-    /// commit), since the start.
-    fn lost(&self) -> u64 {
+    /// Stanzas `peer` sent that were accepted and then neither stored nor
+    /// bounced (a failed commit), since the start.
+    fn lost(&self, peer: &Peer) -> u64 {
+        let _ = peer;
         0
+    }
+}
+
+/// Stanzas lost per sending domain (lower case), for [`Settle::lost`]: one
+/// peer's loss does not stop the others' acknowledgements. An entry is made
+/// only by a failed commit, so the map stays as small as the failures.
+#[derive(Debug, Default)]
+pub struct LostBy(std::sync::Mutex<std::collections::HashMap<Box<str>, u64>>);
+
+impl LostBy {
+    /// `n` more of `domain`'s.
+    pub fn add(&self, domain: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(domain.to_ascii_lowercase().into()).or_default() += n;
+    }
+
+    /// How many of `domain`'s so far.
+    pub fn get(&self, domain: &str) -> u64 {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.is_empty() {
+            return 0;
+        }
+        m.get(domain.to_ascii_lowercase().as_str())
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -331,10 +360,10 @@ impl Outbox {
         }
     }
 
-    /// Stanzas peers sent that the [`Settle`] services accepted and then could
-    /// neither store nor bounce, since the start.
-    pub fn lost(&self) -> u64 {
-        self.0.settle.iter().map(|s| s.lost()).sum()
+    /// Stanzas `peer` sent that the [`Settle`] services accepted and then
+    /// could neither store nor bounce, since the start.
+    pub fn lost(&self, peer: &Peer) -> u64 {
+        self.0.settle.iter().map(|s| s.lost(peer)).sum()
     }
 
     /// Send a stanza we originate (a reply, a bounce, a presence...).

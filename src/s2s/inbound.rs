@@ -866,8 +866,8 @@ struct InboundSm {
     offered: bool,
     on: bool,
     h: u32,
-    /// [`Outbox::lost`] when enabled: should it grow, something routed since
-    /// may be gone, and acknowledging it would hide that.
+    /// [`Outbox::lost`] of the stream's peer when enabled: should it grow,
+    /// something it sent since may be gone, and acknowledging would hide that.
     lost: u64,
     /// A settling is under way.
     settling: bool,
@@ -1098,7 +1098,7 @@ async fn run_on<W: Wire>(
                 continue;
             }
             Some(h) = settling.next(), if !settling.is_empty() => {
-                match stream.sm.settled(h, outbox.lost()) {
+                match stream.sm.settled(h, outbox.lost(&peer)) {
                     Ok((ack, next)) => {
                         if xs.send(ack.as_bytes()).await.is_err() {
                             return;
@@ -1177,7 +1177,7 @@ async fn run_on<W: Wire>(
             continue;
         }
         if el.ns == NS_SM {
-            match stream.sm.on_element(&el.name, outbox.lost()) {
+            match stream.sm.on_element(&el.name, outbox.lost(&peer)) {
                 SmStep::Reply(xml) => {
                     if xml.starts_with("<enabled") {
                         tracing::debug!("stream management enabled by the peer");

@@ -35,13 +35,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::routing::{Gate, Outbox, Peer, Settle};
+use crate::routing::{Gate, LostBy, Outbox, Peer, Settle};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::{EventKind, Store, User, Writes};
 use crate::xml::children::children;
@@ -79,8 +79,8 @@ struct Shared {
     /// and the gate while no lane can be nearly full (the usual cases), never
     /// take it.
     total: AtomicUsize,
-    /// Stanzas taken into a batch whose commit failed, since the start.
-    lost: AtomicU64,
+    /// Stanzas taken into a batch whose commit failed, by sending domain.
+    lost: LostBy,
 }
 
 #[derive(Debug, Default)]
@@ -142,7 +142,7 @@ impl Inbox {
             work: Notify::new(),
             capacity,
             total: AtomicUsize::new(0),
-            lost: AtomicU64::new(0),
+            lost: LostBy::default(),
         });
         (Inbox(shared.clone()), InboxRx(shared))
     }
@@ -225,8 +225,8 @@ impl Settle for Inbox {
         }
     }
 
-    fn lost(&self) -> u64 {
-        self.0.lost.load(Ordering::Acquire)
+    fn lost(&self, peer: &Peer) -> u64 {
+        self.0.lost.get(peer.domain())
     }
 }
 
@@ -303,7 +303,7 @@ impl Shared {
             lanes.total -= n;
             self.total.store(lanes.total, Ordering::Release);
             if !stored {
-                self.lost.fetch_add(n as u64, Ordering::AcqRel);
+                self.lost.add(&key, n as u64);
             }
             if let Some(lane) = lanes.by_domain.get_mut(&key) {
                 lane.in_flight -= n;
@@ -718,13 +718,15 @@ mod tests {
         rx.0.release(&mut part, true);
         assert!(first.now_or_never().is_some());
         assert!((&mut second).now_or_never().is_none());
-        assert_eq!(inbox.lost(), 0);
+        assert_eq!(inbox.lost(&peer), 0);
         // A failed commit releases too, and counts what it held as lost.
         let mut rest = InFlight::default();
         rest.0.insert("peer.test".into(), 1);
         rx.0.release(&mut rest, false);
         assert!(second.now_or_never().is_some());
-        assert_eq!(inbox.lost(), 1);
+        assert_eq!(inbox.lost(&peer), 1);
+        // Another peer's acknowledgements go on.
+        assert_eq!(inbox.lost(&Peer::authenticated("other.test")), 0);
         rx.0.release(&mut taken, true);
         assert_eq!(inbox.uncommitted(), 0);
     }

@@ -25,7 +25,7 @@
 //! the inbox settles those.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::address::Addr;
-use crate::routing::{Outbox, Peer, Settle};
+use crate::routing::{LostBy, Outbox, Peer, Settle};
 use crate::stanza::{Kind, Stanza};
 use crate::store::joined::Occupancy;
 use crate::store::{EventKind, Store, StoreError, User, Writes, now_ms};
@@ -263,8 +263,9 @@ pub struct Joined {
     tx: mpsc::Sender<Input>,
     /// The rooms local users are in (or joining): what [`Joined::claims`] checks.
     rooms: Arc<RwLock<HashSet<String>>>,
-    /// Commits that failed, since the start ([`Settle::lost`]).
-    lost: Arc<AtomicU64>,
+    /// Peers' stanzas whose commit failed, by sending domain
+    /// ([`Settle::lost`]).
+    lost: Arc<LostBy>,
     /// Claimed stanzas queued or being handled.
     pending: Arc<AtomicUsize>,
 }
@@ -439,7 +440,9 @@ struct Worker {
     queries: HashMap<String, (String, Vec<Forwarded>)>,
     shared: Arc<RwLock<HashSet<String>>>,
     tx: mpsc::WeakSender<Input>,
-    lost: Arc<AtomicU64>,
+    lost: Arc<LostBy>,
+    /// The sending domain of the peer's stanza being handled, if one is.
+    handling: Option<String>,
 }
 
 /// Inputs are handled in order, each committed before the next: a barrier
@@ -452,8 +455,8 @@ impl Settle for Joined {
         super::queued_barrier(&self.tx, &self.pending, Input::Settled)
     }
 
-    fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Acquire)
+    fn lost(&self, peer: &Peer) -> u64 {
+        self.lost.get(peer.domain())
     }
 }
 
@@ -496,6 +499,7 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
         shared: joined.rooms.clone(),
         tx: joined.tx.downgrade(),
         lost: joined.lost.clone(),
+        handling: None,
     };
     let pending = joined.pending.clone();
     drop(joined);
@@ -518,7 +522,9 @@ pub async fn run(task: JoinedTask, joined: Joined, rx: JoinedRx, loaded: Vec<Occ
         };
         match input {
             Input::Stanza(s) => {
+                w.handling = s.from.as_ref().map(|f| f.domain().to_string());
                 w.stanza(s).await;
+                w.handling = None;
                 pending.fetch_sub(1, Ordering::AcqRel);
             }
             Input::Call(c, reply) => {
@@ -629,7 +635,9 @@ impl Worker {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "storing a remote room's change");
-                self.lost.fetch_add(1, Ordering::AcqRel);
+                if let Some(d) = &self.handling {
+                    self.lost.add(d, 1);
+                }
                 false
             }
         }

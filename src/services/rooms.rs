@@ -25,7 +25,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use minidom::Element;
 use tokio::sync::{mpsc, oneshot};
@@ -35,7 +35,7 @@ use xmpp_parsers::disco::{DiscoItemsResult, Item};
 
 use crate::address::Addr;
 use crate::config::RoomsConfig;
-use crate::routing::{Identity, Outbox, Owner, Peer, Report, Service, Track, Tracker};
+use crate::routing::{Identity, LostBy, Outbox, Owner, Peer, Report, Service, Track, Tracker};
 use crate::stanza::{Kind, Stanza, StanzaCondition};
 use crate::store::rooms::{Affiliation, ArchiveSpan, Archived, Member, Room};
 use crate::store::{Store, StoreError, Writes, now_ms};
@@ -237,9 +237,9 @@ pub struct Rooms {
     pings: Arc<std::sync::Mutex<Pings>>,
     /// Peers' stanzas queued or in the batch being handled.
     pending: Arc<AtomicUsize>,
-    /// Peers' stanzas neither stored nor bounced (a failed commit), since
-    /// the start ([`crate::routing::Settle::lost`]).
-    lost: Arc<AtomicU64>,
+    /// Peers' stanzas neither stored nor bounced (a failed commit), by
+    /// sending domain ([`crate::routing::Settle::lost`]).
+    lost: Arc<LostBy>,
 }
 
 /// Ping id -> the copies (keys) its answer confirms, and when it was sent.
@@ -311,7 +311,7 @@ pub struct RoomsRx(
     mpsc::Receiver<Command>,
     mpsc::UnboundedReceiver<Settle>,
     Arc<AtomicUsize>,
-    Arc<AtomicU64>,
+    Arc<LostBy>,
 );
 
 impl Rooms {
@@ -320,7 +320,7 @@ impl Rooms {
         let (tx, rx) = mpsc::channel(capacity);
         let (settle, settle_rx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicUsize::new(0));
-        let lost = Arc::new(AtomicU64::new(0));
+        let lost = Arc::new(LostBy::default());
         let rooms = Rooms {
             tx,
             settle,
@@ -358,8 +358,8 @@ impl crate::routing::Settle for Rooms {
         super::queued_barrier(&self.tx, &self.pending, Command::Settled)
     }
 
-    fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Acquire)
+    fn lost(&self, peer: &Peer) -> u64 {
+        self.lost.get(peer.domain())
     }
 }
 
@@ -465,7 +465,7 @@ struct Live {
     task: RoomsTask,
     rooms: HashMap<(String, String), RoomState>,
     /// See [`Rooms::lost`].
-    lost: Arc<AtomicU64>,
+    lost: Arc<LostBy>,
 }
 
 /// Run the rooms until shutdown.
@@ -681,7 +681,7 @@ impl Live {
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         // Peers' stanzas other than messages (joins, leaves, iqs): not
         // bounced if the commit fails, so counted as lost then.
-        let mut others = 0u64;
+        let mut others: Vec<String> = Vec::new();
         let config = self.task.config.clone();
         for command in batch {
             let mut cx = p.cx(&config);
@@ -691,8 +691,8 @@ impl Live {
                     self.stanza(&s, &mut cx);
                     if messages {
                         archived_from.push(s);
-                    } else {
-                        others += 1;
+                    } else if let Some(from) = &s.from {
+                        others.push(from.domain().to_string());
                     }
                 }
                 Command::Call(call, answer) => {
@@ -709,7 +709,9 @@ impl Live {
             // The rooms are read again from the store, as they were before
             // the batch (occupants from their stored sessions).
             tracing::error!(error = %e, "storing a batch of room changes");
-            self.lost.fetch_add(others, Ordering::AcqRel);
+            for d in &others {
+                self.lost.add(d, 1);
+            }
             self.rooms.clear();
             for s in &archived_from {
                 self.task.outbox.bounce(
