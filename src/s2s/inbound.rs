@@ -888,6 +888,14 @@ enum SmStep {
     Fail(StreamCondition, &'static str),
 }
 
+/// XEP-0198's `<failed/>` with a stanza error `condition`.
+fn sm_failed(condition: &str) -> String {
+    format!(
+        "<failed xmlns='{NS_SM}'><{condition} xmlns='{}'/></failed>",
+        crate::xml::NS_STANZAS_ERR
+    )
+}
+
 impl InboundSm {
     fn new(offered: bool) -> InboundSm {
         InboundSm {
@@ -910,10 +918,7 @@ impl InboundSm {
                 SmStep::Reply(format!("<enabled xmlns='{NS_SM}'/>"))
             }
             // Not offered, or already on (XEP-0198 §3).
-            "enable" => SmStep::Reply(format!(
-                "<failed xmlns='{NS_SM}'><unexpected-request xmlns='{}'/></failed>",
-                crate::xml::NS_STANZAS_ERR
-            )),
+            "enable" => SmStep::Reply(sm_failed("unexpected-request")),
             "r" if !self.on => SmStep::Fail(
                 StreamCondition::UnsupportedStanzaType,
                 "stream management is not enabled on this stream",
@@ -928,10 +933,7 @@ impl InboundSm {
             }
             "a" => SmStep::Nothing,
             // No resumption on s2s (XEP-0198 §5): refused, the stream goes on.
-            "resume" => SmStep::Reply(format!(
-                "<failed xmlns='{NS_SM}'><feature-not-implemented xmlns='{}'/></failed>",
-                crate::xml::NS_STANZAS_ERR
-            )),
+            "resume" => SmStep::Reply(sm_failed("feature-not-implemented")),
             _ => SmStep::Fail(
                 StreamCondition::UnsupportedStanzaType,
                 "unexpected stream management element",
@@ -1177,9 +1179,10 @@ async fn run_on<W: Wire>(
             continue;
         }
         if el.ns == NS_SM {
+            let was_on = stream.sm.on;
             match stream.sm.on_element(&el.name, outbox.lost(&peer)) {
                 SmStep::Reply(xml) => {
-                    if xml.starts_with("<enabled") {
+                    if stream.sm.on && !was_on {
                         tracing::debug!("stream management enabled by the peer");
                         link.info().sm.store(true, Ordering::Relaxed);
                     }

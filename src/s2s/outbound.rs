@@ -805,9 +805,10 @@ struct Handle {
 struct Progress {
     /// Stanzas ever queued.
     queued: AtomicU64,
-    /// Stanzas ever written and flushed, or handed back (the session closed).
+    /// Stanzas ever written and flushed.
     done: AtomicU64,
-    /// The session takes no more: every waiter is released.
+    /// The session takes no more (what it held was handed back or to a
+    /// successor): every waiter is released.
     ended: std::sync::atomic::AtomicBool,
     /// Woken when `done` grows or the session ends.
     moved: tokio::sync::Notify,

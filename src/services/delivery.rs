@@ -555,7 +555,7 @@ impl Delivery {
     /// Submit queued message `seq` (`id`) now, whatever its window (a refused
     /// domain's, to be bounced), read from the store.
     fn resubmit(&self, outbox: &Outbox, seq: u64, id: &str) {
-        if let Some(stanza) = self.read_queued(seq, id)
+        if let Some(stanza) = self.read_queued(seq)
             && self.mark_submitted(id)
         {
             outbox.send_tracked(stanza);
@@ -563,39 +563,21 @@ impl Delivery {
     }
 
     /// Queued message `seq`'s stanza, from the store.
-    fn read_queued(&self, seq: u64, id: &str) -> Option<Stanza> {
-        match self.store.queued_by_seq(seq) {
-            Ok(Some(m)) => {
-                let s = Stanza::parse(&m.xml);
-                if s.is_none() {
-                    tracing::error!(%id, "queued message does not parse; it will expire");
-                }
-                s
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the outbound queue");
-                None
-            }
-        }
+    fn read_queued(&self, seq: u64) -> Option<Stanza> {
+        self.read_queued_many(&[seq]).remove(&seq)
     }
 
-    /// The stanzas of `picked` not kept in memory, from the store in one read
-    /// (by sequence number; missing or unparsable ones are not there).
-    fn read_many(&self, picked: &[(u64, String, Option<Stanza>)]) -> HashMap<u64, Stanza> {
-        let seqs: Vec<u64> = picked
-            .iter()
-            .filter(|(_, _, s)| s.is_none())
-            .map(|(seq, _, _)| *seq)
-            .collect();
+    /// Queued messages `seqs`' stanzas, from the store in one read (one
+    /// transaction); missing or unparsable ones are not there.
+    fn read_queued_many(&self, seqs: &[u64]) -> HashMap<u64, Stanza> {
         if seqs.is_empty() {
             return HashMap::new();
         }
-        match self.store.queued_by_seqs(&seqs) {
+        match self.store.queued_by_seqs(seqs) {
             Ok(all) => seqs
-                .into_iter()
+                .iter()
                 .zip(all)
-                .filter_map(|(seq, m)| {
+                .filter_map(|(&seq, m)| {
                     let s = Stanza::parse(&m?.xml);
                     if s.is_none() {
                         tracing::error!(seq, "queued message does not parse; it will expire");
@@ -626,7 +608,12 @@ impl Delivery {
         let margin = (self.config.limits.outbound_queue / 4).max(1);
         // Those not kept in memory, read in one transaction (one read per
         // message was most of a large backlog's cost).
-        let mut read = self.read_many(&picked);
+        let missing: Vec<u64> = picked
+            .iter()
+            .filter(|(_, _, s)| s.is_none())
+            .map(|(seq, _, _)| *seq)
+            .collect();
+        let mut read = self.read_queued_many(&missing);
         let (mut sent, mut full) = (0, false);
         let mut left = Vec::new();
         for (seq, id, stanza) in picked {

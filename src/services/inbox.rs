@@ -126,7 +126,11 @@ struct InFlight(HashMap<Box<str>, usize>);
 /// The lane a stanza goes to: its from-domain, in lower case (`""` without one;
 /// only our own services send such).
 fn lane_of(stanza: &Stanza) -> std::borrow::Cow<'_, str> {
-    let domain = stanza.from.as_ref().map(|f| f.domain()).unwrap_or_default();
+    lane_key(stanza.from.as_ref().map(|f| f.domain()).unwrap_or_default())
+}
+
+/// The lane of sending domain `domain`: in lower case (no copy when it is).
+fn lane_key(domain: &str) -> std::borrow::Cow<'_, str> {
     if domain.bytes().any(|b| b.is_ascii_uppercase()) {
         domain.to_ascii_lowercase().into()
     } else {
@@ -217,12 +221,7 @@ impl Inbox {
 
 impl Settle for Inbox {
     fn settled(&self, peer: &Peer) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        let domain = peer.domain();
-        if domain.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.barrier(&domain.to_ascii_lowercase())
-        } else {
-            self.barrier(domain)
-        }
+        self.barrier(&lane_key(peer.domain()))
     }
 
     fn lost(&self, peer: &Peer) -> u64 {
