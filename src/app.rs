@@ -28,14 +28,21 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stop accepting, close every stream, wait up to the grace period.
+    /// Stop accepting, close every stream, wait up to the grace period:
+    /// first the inbound streams (each acknowledges what is settled, XEP-0198,
+    /// while the services and the outbound sessions that settle it still
+    /// run), up to the grace; then everything else, up to the grace again.
     pub async fn shutdown(self) {
+        let grace = Duration::from_secs(self.server.config.timeouts.shutdown_grace_secs);
+        let s2s = &self.server.s2s;
+        s2s.closing_inbound.cancel();
+        s2s.inbound_streams.close();
+        let _ = tokio::time::timeout(grace, s2s.inbound_streams.wait()).await;
         self.server.shutdown.cancel();
         // Tasks waiting for a peer's answer (a caps query waits 30 s) would
         // hold the store past the grace.
         self.server.outbox.cancel_asks();
         self.server.tracker.close();
-        let grace = Duration::from_secs(self.server.config.timeouts.shutdown_grace_secs);
         let _ = tokio::time::timeout(grace, self.server.tracker.wait()).await;
     }
 }

@@ -409,7 +409,9 @@ pub struct Timeouts {
     /// How long stanzas for an unreachable domain wait (while reconnecting with
     /// backoff) before they are bounced.
     pub retry_window_secs: u64,
-    /// On shutdown, how long connections get to close cleanly.
+    /// On shutdown, how long inbound streams get to settle and acknowledge
+    /// what they received (XEP-0198) while everything else still runs, and
+    /// then how long connections and tasks get to close cleanly.
     pub shutdown_grace_secs: u64,
 }
 

@@ -114,8 +114,18 @@ pub struct S2s {
     pub sessions: outbound::Sessions,
     /// Inbound connection caps.
     pub caps: caps::Caps,
-    /// Root shutdown token.
+    /// Root shutdown token: the outbound sessions and the streams lent to
+    /// them (bidirectional inbound ones) end with it.
     pub shutdown: CancellationToken,
+    /// Cancelled first at shutdown (a child of `shutdown`): accepting and
+    /// negotiating stop, and the inbound streams that are not bidirectional
+    /// stop reading, acknowledge what is settled (XEP-0198) and close, while
+    /// the services that settle it and the outbound sessions that write our
+    /// bounces still run.
+    pub closing_inbound: CancellationToken,
+    /// The inbound streams that close with `closing_inbound`, for the
+    /// shutdown to wait for before it cancels `shutdown`.
+    pub inbound_streams: TaskTracker,
     /// Connection and session tasks.
     pub tracker: TaskTracker,
     /// How sessions connect ([`Network`] but in tests).
@@ -184,6 +194,8 @@ impl S2s {
             policy,
             metrics,
             sessions: outbound::Sessions::default(),
+            closing_inbound: shutdown.child_token(),
+            inbound_streams: TaskTracker::new(),
             shutdown,
             tracker,
             connector: Arc::new(Network),

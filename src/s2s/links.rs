@@ -3,9 +3,10 @@
 //! policy turns against it.
 //!
 //! A stream registers once it is authenticated ([`Links::register`]) and leaves
-//! when its [`Registration`] drops. Each stream gets a child of the shutdown token:
-//! cancelling it alone ([`Links::close_refused`]) ends that stream with
-//! `<policy-violation/>`. Counting is a relaxed atomic per stanza (inbound) or per
+//! when its [`Registration`] drops. Each stream gets a child of a shutdown token
+//! (the root one, or the first step's for inbound streams that are not
+//! bidirectional): cancelling it alone ([`Links::close_refused`]) ends that
+//! stream with `<policy-violation/>`. Counting is a relaxed atomic per stanza (inbound) or per
 //! batch (outbound) on the domain's [`DomainCounters`], handed out once per
 //! stream; the maps are locked only to register, deregister, record a failed
 //! attempt and read a snapshot. At most [`MAX_DOMAINS`] domains are remembered;
@@ -112,7 +113,8 @@ impl Registration {
     }
 
     /// Cancelled when the stream must end: shutdown, or the policy no longer
-    /// allows its domain (tell them apart by the shutdown token).
+    /// allows its domain (tell them apart by the token it was registered
+    /// under).
     pub fn closing(&self) -> &CancellationToken {
         &self.info.close
     }
@@ -163,7 +165,7 @@ pub struct NewStream<'a> {
 
 impl Links {
     /// Register an authenticated stream; its closing token is a child of
-    /// `shutdown`.
+    /// `shutdown` (the root token, or the first step's).
     pub fn register(
         self: &Arc<Self>,
         s: NewStream<'_>,

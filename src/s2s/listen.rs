@@ -1,6 +1,7 @@
 //! Listeners and accept loops: each accepted connection, admitted by the
 //! [`super::caps::Caps`], is one task tracked by the s2s layer's
-//! `TaskTracker`, ended by its shutdown token.
+//! `TaskTracker`; accepting stops with the first step of the shutdown
+//! ([`super::S2s::closing_inbound`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -93,7 +94,7 @@ pub fn spawn_accept_loops(s2s: &Arc<S2s>, outbox: &Outbox, listeners: &mut Liste
 async fn accept_loop(s2s: Arc<S2s>, outbox: Outbox, listener: TcpListener, direct_tls: bool) {
     loop {
         let accepted = tokio::select! {
-            _ = s2s.shutdown.cancelled() => return,
+            _ = s2s.closing_inbound.cancelled() => return,
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {

@@ -2,6 +2,7 @@
 //! over `duplex` with paused time, whole instances on loopback, the real binary,
 //! real Prosody/ejabberd interop, and the source's layering rules.
 
+mod acks;
 mod api;
 mod bidi;
 mod binary;

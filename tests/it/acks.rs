@@ -1,0 +1,251 @@
+//! XEP-0198 acks on an inbound stream at shutdown, from a scripted peer on
+//! 127.0.10.x: its sending side is our initiator's negotiation, its receiving
+//! side our receiver's (both from the library), the rest by hand.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use xmpp_federator::app::Running;
+use xmpp_federator::config::{Config, DialbackMode};
+use xmpp_federator::routing::Table;
+use xmpp_federator::s2s::conn::XmlStream;
+use xmpp_federator::s2s::{S2s, inbound, outbound};
+use xmpp_federator::xml::{Event, NS_SM};
+use xmpp_federator_testkit::certs::Eku;
+use xmpp_federator_testkit::{NopService, s2s_layer};
+
+use crate::support::{Net, TOKEN, create_user, init_log, restart};
+
+/// The peer's receiving side: accepts one stream from us once `go` says so,
+/// and passes on each element read (as text) until the stream ends.
+async fn receiver(
+    s2s: Arc<S2s>,
+    listener: TcpListener,
+    go: oneshot::Receiver<()>,
+    got: mpsc::UnboundedSender<String>,
+) {
+    if go.await.is_err() {
+        return;
+    }
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut table = Table::default();
+    table.add_host("peer.test", Arc::new(NopService), Arc::new(NopService));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let Some(mut auth) = inbound::negotiate(&s2s, &table, tcp, false, deadline).await else {
+        return;
+    };
+    while let Ok(Ok(Event::Element(el))) =
+        tokio::time::timeout(Duration::from_secs(30), auth.xs.next()).await
+    {
+        if got.send(el.as_str().to_string()).is_err() {
+            return;
+        }
+    }
+}
+
+type PeerStream = XmlStream<outbound::TlsOut<TcpStream>>;
+
+/// Our instance `acks.test` (alice is a user) with shutdown grace `grace`,
+/// and a peer `peer.test` that enabled acks on its stream to it and sent five
+/// messages for alice and one for nobody (bounced at once by us, on our
+/// stream to the peer, which the peer accepts only once `go` is sent). All
+/// six are routed, and none acknowledged yet (the peer sent no `<r/>`).
+struct Scene {
+    _net: Net,
+    config: Config,
+    ours: Running,
+    xs: PeerStream,
+    go: oneshot::Sender<()>,
+    got: mpsc::UnboundedReceiver<String>,
+    receiving: tokio::task::JoinHandle<()>,
+}
+
+async fn scene(ours_ip: Ipv4Addr, peer_ip: Ipv4Addr, grace: u64) -> Scene {
+    init_log();
+    let net = Net::with_dns_on(ours_ip).await;
+    let mut config = net.config("acks.test", ours_ip, Eku::Both);
+    config.timeouts.shutdown_grace_secs = grace;
+    let ours = net.start(config.clone()).await;
+    create_user(ours.api, "u1", "alice").await;
+
+    // The peer: one way streams (XEP-0198 is not offered on bidi ones).
+    let mut pc = net.config("peer.test", peer_ip, Eku::Both);
+    pc.federation.bidi = false;
+    pc.federation.dialback = DialbackMode::Never;
+    let peer = s2s_layer(pc);
+    let listener = TcpListener::bind(SocketAddr::new(peer_ip.into(), 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    net.dns.add("peer.test", peer_ip, Some(port), None);
+    let (go, go_rx) = oneshot::channel();
+    let (got_tx, got) = mpsc::unbounded_channel();
+    let receiving = tokio::spawn(receiver(peer.clone(), listener, go_rx, got_tx));
+
+    let tcp = TcpStream::connect(ours.starttls[0]).await.unwrap();
+    let mut log = |_: String| {};
+    let out = outbound::negotiate(&peer, tcp, false, "peer.test", "acks.test", &mut log)
+        .await
+        .unwrap();
+    assert!(out.sm && out.bidi.is_none(), "one way, with XEP-0198");
+    let mut xs = out.xs;
+    xs.send(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), xs.next()).await {
+        Ok(Ok(Event::Element(el))) => assert_eq!(&*el.name, "enabled", "{}", el.as_str()),
+        other => panic!("no <enabled/>: {other:?}"),
+    }
+    let mut stanzas = String::new();
+    for n in 1..=5 {
+        stanzas.push_str(&format!(
+            "<message from='bob@peer.test/r' to='alice@acks.test' id='m{n}' type='chat'><body>before shutdown {n}</body></message>"
+        ));
+    }
+    stanzas.push_str(
+        "<message from='bob@peer.test/r' to='nobody@acks.test' id='x1' type='chat'><body>?</body></message>",
+    );
+    xs.send(stanzas.as_bytes()).await.unwrap();
+    let routed = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ours.server.metrics.stanzas_in.get() < 6 {
+        assert!(tokio::time::Instant::now() < routed, "not routed in 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Scene {
+        _net: net,
+        config,
+        ours,
+        xs,
+        go,
+        got,
+        receiving,
+    }
+}
+
+/// What the peer reads to the end of its stream: elements, then how it ended.
+async fn read_to_end(xs: &mut PeerStream) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), xs.next()).await {
+            Ok(Ok(Event::Element(el))) => seen.push(el.as_str().to_string()),
+            Ok(Ok(_)) => seen.push("(header)".into()),
+            Ok(Err(e)) => {
+                seen.push(e.to_string());
+                return seen;
+            }
+            Err(_) => panic!("the stream did not end within 30 s: {seen:#?}"),
+        }
+    }
+}
+
+fn is_ack(e: &str) -> bool {
+    e.starts_with("<a ") && e.contains(NS_SM)
+}
+
+/// At shutdown, a stream that enabled acks gets a last `<a/>` counting what it
+/// sent (once stored, and once our bounce to the peer is written) before its
+/// `<system-shutdown/>`: the peer bounces nothing we stored. Our outbound
+/// session to the peer is still connecting when the shutdown begins (the peer
+/// accepts only then): the sessions end after the inbound streams, so the
+/// bounce still goes out, and the ack waits for it.
+#[tokio::test]
+async fn shutdown_acknowledges_what_the_peer_sent_before_the_stream_error() {
+    let Scene {
+        _net,
+        config,
+        ours,
+        mut xs,
+        go,
+        mut got,
+        receiving,
+    } = scene(
+        Ipv4Addr::new(127, 0, 10, 1),
+        Ipv4Addr::new(127, 0, 10, 2),
+        10,
+    )
+    .await;
+    let shutdown = tokio::spawn(ours.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = go.send(());
+    let seen = read_to_end(&mut xs).await;
+    let ack = seen.iter().position(|e| is_ack(e));
+    let error = seen
+        .iter()
+        .position(|e| e.starts_with("peer sent stream error system-shutdown"));
+    assert!(
+        matches!((ack, error), (Some(a), Some(e)) if a < e),
+        "an <a/> before <system-shutdown/>: {seen:#?}"
+    );
+    assert!(seen[ack.unwrap()].contains("h='6'"), "{seen:#?}");
+    // The bounce reached the peer (the ack waited for it to be written).
+    let bounce = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(s) = got.recv().await {
+            if s.contains("id='x1'") && s.contains("type='error'") {
+                return s;
+            }
+        }
+        panic!("the peer's receiving stream ended without the bounce");
+    })
+    .await
+    .expect("the bounce within 10 s");
+    assert!(bounce.contains("service-unavailable"), "{bounce}");
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("shut down within its grace")
+        .unwrap();
+    receiving.abort();
+
+    // What was acknowledged is stored.
+    let r = restart(config).await;
+    let events = xmpp_federator_testkit::http::all_events(r.api, TOKEN).await;
+    let bodies: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .filter_map(|e| e["body"].as_str())
+        .collect();
+    let wanted: Vec<String> = (1..=5).map(|n| format!("before shutdown {n}")).collect();
+    assert_eq!(bodies, wanted);
+    r.shutdown().await;
+}
+
+/// The same, but the peer never takes our stream to it, so our bounce is
+/// never written: nothing is acknowledged (the peer then bounces all six to
+/// their sender, the five we stored too), and the shutdown still ends, each
+/// step within its grace.
+#[tokio::test]
+async fn shutdown_acknowledges_nothing_whose_bounce_is_not_written_within_the_grace() {
+    let Scene {
+        _net,
+        ours,
+        mut xs,
+        go,
+        receiving,
+        ..
+    } = scene(
+        Ipv4Addr::new(127, 0, 10, 3),
+        Ipv4Addr::new(127, 0, 10, 4),
+        1,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(ours.shutdown());
+    let seen = read_to_end(&mut xs).await;
+    assert!(!seen.iter().any(|e| is_ack(e)), "no <a/>: {seen:#?}");
+    assert!(
+        seen.last()
+            .is_some_and(|e| e.starts_with("peer sent stream error system-shutdown")),
+        "{seen:#?}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("shut down")
+        .unwrap();
+    // Two steps of a second each, and the stream error's own bound (2 s).
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    drop(go);
+    receiving.abort();
+}
