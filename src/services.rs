@@ -313,7 +313,8 @@ pub(crate) mod fake {
         store: Arc<Store>,
         /// What the domain and accounts services queued for the inbox task.
         pub inbox: Inbox,
-        _inbox: InboxRx,
+        /// Its task's side, until [`Services::run_inbox`] takes it.
+        inbox_rx: Option<InboxRx>,
         /// Each owner's tracker.
         pub trackers: [Arc<FakeTracker>; 2],
         /// The accounts' PEP service.
@@ -323,7 +324,16 @@ pub(crate) mod fake {
     impl Services {
         /// `hosts`, with `components` (address, name) under the first.
         pub fn new(hosts: &[&str], components: &[(&str, &str)]) -> Services {
-            let store = Store::open(crate::store::memory_kv().unwrap(), hosts[0]).unwrap();
+            Services::on(crate::store::memory_kv().unwrap(), hosts, components)
+        }
+
+        /// The same over the store backend `kv`.
+        pub fn on(
+            kv: Arc<dyn crate::store::Kv>,
+            hosts: &[&str],
+            components: &[(&str, &str)],
+        ) -> Services {
+            let store = Store::open(kv, hosts[0]).unwrap();
             let (inbox, rx) = Inbox::new(16);
             let domain = Arc::new(Domain::new(inbox.clone()));
             let accounts = Arc::new(Accounts::new(store.clone(), inbox.clone()));
@@ -354,7 +364,7 @@ pub(crate) mod fake {
                 sent,
                 store,
                 inbox,
-                _inbox: rx,
+                inbox_rx: Some(rx),
                 trackers,
                 pep,
             }
@@ -374,6 +384,21 @@ pub(crate) mod fake {
         /// The store.
         pub fn store(&self) -> Arc<Store> {
             self.store.clone()
+        }
+
+        /// Start the inbox task (once); it ends when the token is cancelled.
+        pub fn run_inbox(&mut self) -> tokio_util::sync::CancellationToken {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let rx = self.inbox_rx.take().expect("the inbox task starts once");
+            let config = Arc::new(crate::config::Config::default());
+            let task = super::inbox::InboxTask {
+                store: self.store.clone(),
+                delivery: Arc::new(super::delivery::Delivery::new(self.store.clone(), config)),
+                outbox: self.outbox.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tokio::spawn(super::inbox::run(task, rx));
+            shutdown
         }
 
         /// What was sent to remote domains since the last call.

@@ -2,7 +2,8 @@
 //! (RFC 6121 §8.5).
 //!
 //! - messages to an existing user go to the [`Inbox`], which stores them as
-//!   `message` events in stream order; to a user that does not exist they get
+//!   `message` events in stream order (a contact's PEP device-list
+//!   notification as a `devices_changed` one); to a user that does not exist they get
 //!   `service-unavailable` at once (§8.5.2.2.1), before any later iq is answered;
 //! - error messages go to the inbox too (they may settle a queued message);
 //! - presence goes to the inbox ([`super::presence`] handles it there, in order);
@@ -161,28 +162,16 @@ impl Service for Accounts {
             Kind::Message => {
                 // Refuse at once (in stream order, before any later iq is answered)
                 // when the user does not exist; the inbox only stores.
-                let user = (!stanza.is_error())
-                    .then(|| recipient(&self.store, &stanza))
-                    .flatten();
-                if !stanza.is_error() && user.is_none() {
+                if !stanza.is_error() && recipient(&self.store, &stanza).is_none() {
                     return outbox.bounce(
                         &stanza,
                         StanzaCondition::ServiceUnavailable,
                         "no such user",
                     );
                 }
-                // A contact's device list changed (PEP, XEP-0163 §4.3.2).
-                if let Some(event) = user.and_then(|u| self.pep.notification(&u, &stanza)) {
-                    let store = self.store.clone();
-                    tokio::spawn(async move {
-                        let mut w = crate::store::Writes::default();
-                        w.event(&event);
-                        if let Err(e) = store.commit(w).await {
-                            tracing::error!(error = %e, "storing a devices_changed event");
-                        }
-                    });
-                    return;
-                }
+                // A contact's device-list notification (PEP) too: the inbox
+                // stores it in its sender's order, behind the settle barrier
+                // an ack waits for, its failed commit counted as lost.
                 if let Some(s) = self.inbox.push(stanza) {
                     if s.is_error() {
                         tracing::warn!(stanza = s.as_str(), "inbox full: error reply dropped");
@@ -347,6 +336,111 @@ mod tests {
             error_condition(&answer),
             StanzaCondition::InternalServerError
         );
+    }
+
+    /// A store backend whose writes fail while `failing` is set.
+    struct Flaky {
+        inner: Arc<dyn crate::store::Kv>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl crate::store::Kv for Flaky {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+            self.inner.get(key)
+        }
+        fn get_many(
+            &self,
+            keys: &[Vec<u8>],
+        ) -> Result<Vec<Option<Vec<u8>>>, crate::store::StoreError> {
+            self.inner.get_many(keys)
+        }
+        fn range(
+            &self,
+            from: &[u8],
+            to: &[u8],
+            limit: usize,
+        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
+            self.inner.range(from, to, limit)
+        }
+        fn range_rev(
+            &self,
+            from: &[u8],
+            to: &[u8],
+            limit: usize,
+        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
+            self.inner.range_rev(from, to, limit)
+        }
+        fn apply_all(
+            &self,
+            ops: &mut dyn Iterator<Item = &crate::store::Op>,
+        ) -> Result<(), crate::store::StoreError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::store::StoreError::Backend(
+                    "failing on purpose".into(),
+                ));
+            }
+            self.inner.apply_all(ops)
+        }
+    }
+
+    /// A contact's device-list notification (XEP-0163 §4.3.2, an OMEMO
+    /// device list) is stored through the inbox: the settle barrier an
+    /// XEP-0198 ack waits for is over only once it is committed, and a failed
+    /// commit counts as lost for its sender (committed by a task of its own,
+    /// it was neither waited for nor counted).
+    #[tokio::test]
+    async fn a_contacts_device_list_is_committed_behind_the_settle_barrier() {
+        use futures_util::FutureExt as _;
+
+        use crate::routing::{Peer, Settle};
+        use crate::store::EventKind;
+
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kv = Arc::new(Flaky {
+            inner: crate::store::memory_kv().unwrap(),
+            failing: failing.clone(),
+        });
+        let mut s = Services::on(kv, &["capulet.com"], &[]);
+        s.user("juliet", "capulet.com", "Juliet").await;
+        let peer = Peer::authenticated("montague.lit");
+        let notification = |id: &str, device: u32| {
+            Stanza::parse(&format!(
+                "<message from='romeo@montague.lit' to='juliet@capulet.com' type='headline' id='{id}'>\
+                 <event xmlns='http://jabber.org/protocol/pubsub#event'>\
+                 <items node='urn:xmpp:omemo:2:devices'><item id='current'>\
+                 <devices xmlns='urn:xmpp:omemo:2'><device id='{device}'/></devices>\
+                 </item></items></event></message>"
+            ))
+            .unwrap()
+        };
+        s.outbox.send(notification("n1", 1));
+        let mut first = s.inbox.settled(&peer);
+        assert!(
+            (&mut first).now_or_never().is_none(),
+            "not committed yet: an ack may not count it"
+        );
+        let stop = s.run_inbox();
+        let wait = std::time::Duration::from_secs(5);
+        tokio::time::timeout(wait, first).await.unwrap();
+        let events = s.store().events_after(0, 10).unwrap();
+        assert!(
+            matches!(&events[..], [e] if matches!(
+                &e.kind,
+                EventKind::DevicesChanged { jid, namespace, devices, .. }
+                    if jid == "romeo@montague.lit" && namespace == "omemo2" && devices == &[1]
+            )),
+            "{events:?}"
+        );
+        assert_eq!(s.inbox.lost(&peer), 0);
+        // Its commit fails: lost for its sender, whose streams ack no more.
+        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        s.outbox.send(notification("n2", 2));
+        tokio::time::timeout(wait, s.inbox.settled(&peer))
+            .await
+            .unwrap();
+        assert_eq!(s.inbox.lost(&peer), 1);
+        assert_eq!(s.store().events_after(0, 10).unwrap().len(), 1);
+        stop.cancel();
     }
 
     #[tokio::test]

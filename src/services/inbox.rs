@@ -3,6 +3,8 @@
 //!
 //! - messages to an existing user become `message` events for the backend (once:
 //!   a resend with the same sender, id and bytes is dropped by its dedup key);
+//!   a contact's PEP device-list notification becomes a `devices_changed` one
+//!   instead ([`super::pep::notification`]);
 //! - error messages whose id is a queued outgoing message settle it as `bounced`,
 //!   and answers to confirmation pings settle messages as `delivered`, in the same
 //!   transaction as the batch's events, in the order the peer sent them (so a
@@ -454,7 +456,9 @@ impl InboxTask {
                         }
                         w.dedup(&k);
                     }
-                    w.event(&message_event(&user, &stanza));
+                    let event = super::pep::notification(&user, &stanza)
+                        .unwrap_or_else(|| message_event(&user, &stanza));
+                    w.event(&event);
                 }
                 None => refused.push(stanza),
             }

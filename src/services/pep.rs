@@ -1188,41 +1188,40 @@ impl Pep {
     }
 }
 
-impl Pep {
-    /// A PEP notification to `user` (a message with a pubsub event): an
-    /// XMPP contact's device list, as a `devices_changed` event. `None` for
-    /// any other message.
-    pub fn notification(&self, user: &User, stanza: &Stanza) -> Option<EventKind> {
-        // Cheap for every other message: a byte search first.
-        memchr::memmem::find(&stanza.raw, NS_PUBSUB_EVENT.as_bytes())?;
-        let el = super::dom(stanza)?;
-        let items = el
-            .get_child("event", NS_PUBSUB_EVENT)?
-            .get_child("items", NS_PUBSUB_EVENT)?;
-        let namespace = match items.attr("node")? {
-            NODE_DEVICES => "omemo2",
-            NODE_AXOLOTL_DEVICES => "legacy",
-            _ => return None,
-        };
-        let list = items
-            .children()
-            .find(|c| c.name() == "item")
-            .and_then(|i| i.children().next());
-        let devices = list
-            .map(|l| {
-                l.children()
-                    .filter(|c| c.name() == "device")
-                    .filter_map(|c| c.attr("id")?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        Some(EventKind::DevicesChanged {
-            user_id: user.id.clone(),
-            jid: stanza.from.as_ref()?.bare().to_ascii_lowercase(),
-            namespace: namespace.into(),
-            devices,
+/// A PEP notification to `user` (a message with a pubsub event): an XMPP
+/// contact's device list, as a `devices_changed` event (the inbox stores it
+/// in the peer's order, instead of a `message` event). `None` for any other
+/// message.
+pub fn notification(user: &User, stanza: &Stanza) -> Option<EventKind> {
+    // Cheap for every other message: a byte search first.
+    memchr::memmem::find(&stanza.raw, NS_PUBSUB_EVENT.as_bytes())?;
+    let el = super::dom(stanza)?;
+    let items = el
+        .get_child("event", NS_PUBSUB_EVENT)?
+        .get_child("items", NS_PUBSUB_EVENT)?;
+    let namespace = match items.attr("node")? {
+        NODE_DEVICES => "omemo2",
+        NODE_AXOLOTL_DEVICES => "legacy",
+        _ => return None,
+    };
+    let list = items
+        .children()
+        .find(|c| c.name() == "item")
+        .and_then(|i| i.children().next());
+    let devices = list
+        .map(|l| {
+            l.children()
+                .filter(|c| c.name() == "device")
+                .filter_map(|c| c.attr("id")?.parse().ok())
+                .collect()
         })
-    }
+        .unwrap_or_default();
+    Some(EventKind::DevicesChanged {
+        user_id: user.id.clone(),
+        jid: stanza.from.as_ref()?.bare().to_ascii_lowercase(),
+        namespace: namespace.into(),
+        devices,
+    })
 }
 
 /// The answer to an items request: `items` of `node`.
