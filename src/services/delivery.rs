@@ -27,7 +27,8 @@
 //! At most `delivery.window` messages per remote domain are in flight: submitted
 //! and not yet settled durably (a settled message stays counted until the
 //! transaction with its outcome is on disk). The rest wait, due, in the order the
-//! API accepted them, and go as confirmations free the window
+//! API accepted them per sender, the senders in turn (one user's huge batch
+//! does not hold back another's message), and go as confirmations free the window
 //! ([`Delivery::pump`]). So a crash makes us send again at most that many
 //! messages per domain: those in flight when it happened.
 //!
@@ -96,12 +97,106 @@ struct Flight {
     /// Submitted and not settled durably: `submitted` is set, or taken by a
     /// settlement whose transaction has not landed yet.
     in_flight: usize,
-    /// Due (neither in flight nor taken): sequence number -> id, oldest first.
-    due: BTreeMap<u64, String>,
+    /// Due (neither in flight nor taken), per sender.
+    due: Due,
     /// Every queued message not taken: sequence number -> when the API
     /// accepted it (the status reads counts and the oldest here, not by a
     /// pass over every message).
     queued: BTreeMap<u64, u64>,
+}
+
+/// A domain's due messages: each sender's oldest first, the senders taken in
+/// turn ([`Due::pick`]), so one backend user's huge batch to a domain delays
+/// another user's message by at most one message per turn, not by the batch.
+/// A sender's own messages keep the order the API accepted them in.
+#[derive(Debug, Default)]
+struct Due {
+    /// Sequence number -> id, oldest first (every due message).
+    all: BTreeMap<u64, String>,
+    /// Sender -> its due messages' sequence numbers.
+    by_sender: HashMap<String, SenderDue>,
+    /// Senders in turn; each at most once (`SenderDue::in_ring`); one whose
+    /// messages are all gone leaves when its turn comes.
+    ring: std::collections::VecDeque<String>,
+}
+
+#[derive(Debug, Default)]
+struct SenderDue {
+    seqs: std::collections::BTreeSet<u64>,
+    in_ring: bool,
+}
+
+impl Due {
+    fn insert(&mut self, seq: u64, id: String, from: &str) {
+        self.all.insert(seq, id);
+        let e = match self.by_sender.get_mut(from) {
+            Some(e) => e,
+            None => self.by_sender.entry(from.to_string()).or_default(),
+        };
+        e.seqs.insert(seq);
+        if !e.in_ring {
+            e.in_ring = true;
+            self.ring.push_back(from.to_string());
+        }
+    }
+
+    fn remove(&mut self, seq: u64, from: &str) -> Option<String> {
+        let id = self.all.remove(&seq)?;
+        if let Some(e) = self.by_sender.get_mut(from) {
+            e.seqs.remove(&seq);
+        }
+        Some(id)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.all.first_key_value().map(|(seq, _)| *seq)
+    }
+
+    /// Take up to `n` due messages, one per sender in turn, each sender's
+    /// oldest that `ok` allows (held pairs are skipped, their sender's later
+    /// messages to others still go): (sequence number, id).
+    fn pick(&mut self, n: usize, ok: impl Fn(&str) -> bool) -> Vec<(u64, String)> {
+        let mut picked = Vec::new();
+        // Senders whose every due message is held: back in turn after.
+        let mut parked = Vec::new();
+        while picked.len() < n {
+            let Some(sender) = self.ring.pop_front() else {
+                break;
+            };
+            let Some(e) = self.by_sender.get_mut(&sender) else {
+                continue;
+            };
+            let all = &self.all;
+            let found = e
+                .seqs
+                .iter()
+                .find(|seq| all.get(seq).is_some_and(|id| ok(id)))
+                .copied();
+            match found {
+                Some(seq) => {
+                    e.seqs.remove(&seq);
+                    if let Some(id) = self.all.remove(&seq) {
+                        picked.push((seq, id));
+                    }
+                    if e.seqs.is_empty() {
+                        self.by_sender.remove(&sender);
+                    } else {
+                        self.ring.push_back(sender);
+                    }
+                }
+                None if e.seqs.is_empty() => {
+                    self.by_sender.remove(&sender);
+                }
+                None => parked.push(sender),
+            }
+        }
+        self.ring.extend(parked);
+        picked
+    }
 }
 
 impl Queue {
@@ -110,9 +205,7 @@ impl Queue {
         f.queued.insert(t.seq, t.accepted_ms);
         match t.submitted {
             Some(_) => f.in_flight += 1,
-            None => {
-                f.due.insert(t.seq, id.clone());
-            }
+            None => f.due.insert(t.seq, id.clone(), &t.from),
         }
         if let Some(old) = self.by_id.insert(id, t) {
             // The same id queued twice (never, ids are unique): keep the counts true.
@@ -127,7 +220,7 @@ impl Queue {
             match old.submitted {
                 Some(_) => f.in_flight = f.in_flight.saturating_sub(1),
                 None => {
-                    f.due.remove(&old.seq);
+                    f.due.remove(old.seq, &old.from);
                     self.stash.remove(&old.seq);
                 }
             }
@@ -141,7 +234,7 @@ impl Queue {
         };
         if t.submitted.is_none() {
             let f = self.domains.entry(t.domain.clone()).or_default();
-            f.due.remove(&t.seq);
+            f.due.remove(t.seq, &t.from);
             f.in_flight += 1;
             self.stash.remove(&t.seq);
         }
@@ -157,7 +250,7 @@ impl Queue {
         if t.submitted.take().is_some() {
             let f = self.domains.entry(t.domain.clone()).or_default();
             f.in_flight = f.in_flight.saturating_sub(1);
-            f.due.insert(t.seq, id.to_string());
+            f.due.insert(t.seq, id.to_string(), &t.from);
         }
     }
 
@@ -191,27 +284,28 @@ impl Queue {
         window: usize,
         held: impl Fn(&Tracked) -> bool,
     ) -> Vec<(u64, String, Option<Stanza>)> {
-        let Some(f) = self.domains.get_mut(domain) else {
+        let Queue {
+            by_id,
+            domains,
+            stash,
+        } = self;
+        let Some(f) = domains.get_mut(domain) else {
             return Vec::new();
         };
-        let mut picked = Vec::new();
-        let mut skipped = Vec::new();
-        while f.in_flight < window {
-            let Some((seq, id)) = f.due.pop_first() else {
-                break;
-            };
-            match self.by_id.get_mut(&id) {
-                Some(t) if held(t) => skipped.push((seq, id)),
-                Some(t) => {
-                    t.submitted = Some(Instant::now());
-                    f.in_flight += 1;
-                    picked.push((seq, id, self.stash.remove(&seq)));
-                }
-                None => {}
-            }
-        }
-        f.due.extend(skipped);
+        let room = window.saturating_sub(f.in_flight);
+        let picked = f
+            .due
+            .pick(room, |id| by_id.get(id).is_some_and(|t| !held(t)));
+        let now = Instant::now();
         picked
+            .into_iter()
+            .filter_map(|(seq, id)| {
+                let t = by_id.get_mut(&id)?;
+                t.submitted = Some(now);
+                f.in_flight += 1;
+                Some((seq, id, stash.remove(&seq)))
+            })
+            .collect()
     }
 }
 
@@ -397,7 +491,7 @@ impl Delivery {
         let mut domains: Vec<(u64, &String)> = q
             .domains
             .iter()
-            .filter_map(|(d, f)| f.due.first_key_value().map(|(seq, _)| (*seq, d)))
+            .filter_map(|(d, f)| f.due.oldest().map(|seq| (seq, d)))
             .collect();
         domains.sort_unstable();
         sweep.domains = domains.into_iter().map(|(_, d)| d.clone()).collect();
@@ -1279,6 +1373,56 @@ mod tests {
                 .all(|q| q.domain != "remote.test" || q.queued == 0)
         );
         assert_eq!(outcomes(&s.store, 8).await.len(), 8);
+    }
+
+    /// One backend user's huge batch to a domain does not starve another
+    /// user's message to it: the window serves the senders in turn, each
+    /// sender's messages in the order the API accepted them.
+    #[tokio::test]
+    async fn a_senders_batch_does_not_starve_another_sender() {
+        let s = setup_with(|c| c.delivery.window = 2);
+        let far = now_ms() + 3_600_000;
+        let from = |mut m: Outgoing, f: &str| {
+            m.xml = m.xml.replace("u@a.test", f);
+            m.from = f.into();
+            m
+        };
+        let batch = (0..100)
+            .map(|n| {
+                from(
+                    message(&format!("b{n}"), "x@remote.test", far),
+                    "bulk@a.test",
+                )
+            })
+            .collect();
+        queue(&s, batch).await;
+        queue(
+            &s,
+            vec![
+                from(message("q0", "y@remote.test", far), "quiet@a.test"),
+                from(message("q1", "y@remote.test", far), "quiet@a.test"),
+            ],
+        )
+        .await;
+        assert_eq!(sent_ids(&s), ["b0", "b1"]);
+        // The quiet user's first goes with the next free slot, not after the
+        // 98 others of the batch; then they alternate.
+        confirm(&s, "dlv-1", &["b0", "b1"]).await;
+        assert_eq!(sent_ids(&s)[2..], ["b2", "q0"]);
+        confirm(&s, "dlv-2", &["b2", "q0"]).await;
+        assert_eq!(sent_ids(&s)[4..], ["b3", "q1"]);
+        confirm(&s, "dlv-3", &["q1", "b3"]).await;
+        assert_eq!(sent_ids(&s)[6..], ["b4", "b5"]);
+        // A held pair's messages wait; the same sender's others still go.
+        s.delivery.hold("bulk@a.test", "x@remote.test");
+        queue(
+            &s,
+            vec![from(message("z0", "z@remote.test", far), "bulk@a.test")],
+        )
+        .await;
+        confirm(&s, "dlv-4", &["b4", "b5"]).await;
+        assert_eq!(sent_ids(&s)[8..], ["z0"]);
+        assert_eq!(s.delivery.in_flight("remote.test"), 1);
     }
 
     /// After a restart every queued message is due: only a window's worth per
