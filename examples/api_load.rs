@@ -16,7 +16,8 @@
 //! the messages are on disk (group commit). Then we wait until every accepted message is
 //! confirmed delivered and report both rates and the messages per commit.
 //! `--window N` sets the sender's `delivery.window` (messages in flight per remote
-//! domain; the server's default otherwise).
+//! domain; the server's default otherwise). `--bidi false` turns bidirectional
+//! streams off on both, so they confirm by XEP-0198 acks instead of pings.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -60,6 +61,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "[delivery]\nwindow = {}\n",
             window.parse::<usize>()?
         ));
+    }
+    // `--bidi false`: streams that are not bidirectional on both instances
+    // (XEP-0288), so the peer offers XEP-0198 acks and confirms by them instead
+    // of answering pings.
+    match arg("--bidi", "true").as_str() {
+        "true" => {}
+        "false" => extra.push_str("[federation]\nbidi = false\n"),
+        other => return Err(format!("--bidi {other}: true or false").into()),
     }
     let setup = |domain, ip| {
         BinaryInstance::prepare(&ca, dir.path(), domain, ip, &dns, TOKEN, &backend, &extra)
