@@ -4,7 +4,6 @@
 //! elements); forwarded stanzas keep their validated raw bytes.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 /// Escape text or an attribute value (`<`, `>`, `&`, `'`, `"`).
 pub fn escape(s: &str) -> Cow<'_, str> {
@@ -55,8 +54,16 @@ impl ElementBuilder {
 
     /// Add an attribute if `value` is `Some`.
     pub fn attr(mut self, key: &str, value: Option<&str>) -> Self {
+        // Pushed, not `write!`: the formatting machinery was a visible part of
+        // every iq answer's cost in `perf`.
         if let Some(v) = value {
-            let _ = write!(self.out, " {key}='{}'", escape(v));
+            let v = escape(v);
+            self.out.reserve(key.len() + v.len() + 4);
+            self.out.push(' ');
+            self.out.push_str(key);
+            self.out.push_str("='");
+            self.out.push_str(&v);
+            self.out.push('\'');
         }
         self
     }
@@ -69,7 +76,12 @@ impl ElementBuilder {
 
     /// Close with already-serialized children.
     pub fn children(mut self, inner: &str) -> String {
-        let _ = write!(self.out, ">{inner}</{}>", self.name);
+        self.out.reserve(inner.len() + self.name.len() + 4);
+        self.out.push('>');
+        self.out.push_str(inner);
+        self.out.push_str("</");
+        self.out.push_str(self.name);
+        self.out.push('>');
         self.out
     }
 
