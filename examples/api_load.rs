@@ -16,7 +16,10 @@
 //! the messages are on disk (group commit). Then we wait until every accepted message is
 //! confirmed delivered and report both rates and the messages per commit.
 //! `--window N` sets the sender's `delivery.window` (messages in flight per remote
-//! domain; the server's default otherwise). `--bidi false` turns bidirectional
+//! domain; the server's default otherwise). `--drain-alone true` keeps the peer
+//! down while `wrk` runs, then starts it: the drain of the backlog is then
+//! measured alone (from the first message out to the last confirmed, with the
+//! CPU of that span), not beside the API's own load. `--bidi false` turns bidirectional
 //! streams off on both, so they confirm by XEP-0198 acks instead of pings.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -56,11 +59,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut extra = "[limits]\noutbound_queue = 1000000\n".to_string();
     // `--window N`: the sender's `delivery.window` (else the default).
     let window = arg("--window", "");
+    let drain_alone = match arg("--drain-alone", "false").as_str() {
+        "true" => true,
+        "false" => false,
+        other => return Err(format!("--drain-alone {other}: true or false").into()),
+    };
+    let mut delivery = String::new();
     if !window.is_empty() {
-        extra.push_str(&format!(
-            "[delivery]\nwindow = {}\n",
-            window.parse::<usize>()?
-        ));
+        delivery.push_str(&format!("window = {}\n", window.parse::<usize>()?));
+    }
+    if drain_alone {
+        // Retried every second while the peer is down, so the drain starts
+        // within a second of the peer.
+        delivery.push_str("retry_secs = 1\nmax_retry_secs = 1\n");
+    }
+    if !delivery.is_empty() {
+        extra.push_str(&format!("[delivery]\n{delivery}"));
     }
     // `--bidi false`: streams that are not bidirectional on both instances
     // (XEP-0288), so the peer offers XEP-0198 acks and confirms by them instead
@@ -107,8 +121,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              wrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {TOKEN}\"\n"
         ),
     )?;
+    if drain_alone {
+        // bob exists on beta; beta is down until the backlog is queued.
+        peer.terminate();
+    }
     let pid = child.pid().map(|p| p.to_string()).unwrap_or_default();
-    let peer_pid = peer.pid().map(|p| p.to_string()).unwrap_or_default();
+    let mut peer_pid = peer.pid().map(|p| p.to_string()).unwrap_or_default();
     let (server_cpu0, peer_cpu0) = (cpu_of(&pid), cpu_of(&peer_pid));
     let commits0 = metric(api, metric_names::STORE_COMMITS).await;
     let t0 = Instant::now();
@@ -128,6 +146,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .output()?;
     let wrk_text = String::from_utf8_lossy(&out.stdout).into_owned();
     let commits = metric(api, metric_names::STORE_COMMITS).await - commits0;
+    if drain_alone {
+        let queued = metric(api, metric_names::DELIVERY_QUEUED).await;
+        peer = beta.start("warn")?;
+        peer_pid = peer.pid().map(|p| p.to_string()).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && metric(api, metric_names::STANZAS_OUT).await == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (cpu0, t) = (cpu_of(&pid), Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline && metric(api, metric_names::DELIVERY_QUEUED).await > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (n, took) = (queued, t.elapsed());
+        let (server, peer_cpu) = (cpu_of(&pid) - cpu0, cpu_of(&peer_pid));
+        println!(
+            "drain alone: {n} messages in {:.1}s ({:.0} msgs/s) server_cpu={:.1}s ({:.1} us/msg) \
+             peer_cpu={:.1}s ({:.1} us/msg, from its start)",
+            took.as_secs_f64(),
+            n as f64 / took.as_secs_f64(),
+            server.as_secs_f64(),
+            server.as_secs_f64() * 1e6 / n.max(1) as f64,
+            peer_cpu.as_secs_f64(),
+            peer_cpu.as_secs_f64() * 1e6 / n.max(1) as f64,
+        );
+    }
     // Wait until every accepted message is settled (confirmed by the peer).
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline && metric(api, metric_names::DELIVERY_QUEUED).await > 0 {
