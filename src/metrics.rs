@@ -87,6 +87,10 @@ pub mod names {
     pub const POLICY_CHANGES: &str = "xmpp_policy_changes_total";
     /// Store group commits (one transaction and fsync each).
     pub const STORE_COMMITS: &str = "xmpp_store_commits_total";
+    /// Seconds each group commit took, from its transaction's start to its
+    /// fsync (a histogram): what every API write, inbound message and
+    /// delivery confirmation waits for.
+    pub const STORE_COMMIT_SECONDS: &str = "xmpp_store_commit_seconds";
     /// Outgoing messages persisted and not yet settled (a gauge).
     pub const DELIVERY_QUEUED: &str = "xmpp_delivery_queued";
     /// Remote domains held back after failing to connect (a gauge).
@@ -121,6 +125,12 @@ pub const OTHER_DOMAIN: &str = "other";
 pub const DELIVERY_LATENCY_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
     86400.0,
+];
+
+/// Upper bounds of [`names::STORE_COMMIT_SECONDS`]'s buckets: from a small
+/// commit on a fast disk (a quarter of a millisecond) to a stall (5 s).
+pub const STORE_COMMIT_BUCKETS: [f64; 12] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
 
 /// The label set of the per-domain families.
@@ -201,6 +211,9 @@ pub struct Metrics {
     /// [`names::DELIVERY_LATENCY`]; delivery observes it through a clone
     /// ([`Metrics::delivery_latency`]).
     delivery_latency: Histogram,
+    /// [`names::STORE_COMMIT_SECONDS`]; the store observes it through a clone
+    /// ([`Metrics::store_commit_seconds`]).
+    store_commit_seconds: Histogram,
     stanzas_in_by_domain: Family<DomainLabel, Counter>,
     stanzas_out_by_domain: Family<DomainLabel, Counter>,
     /// [`names::POLICY_CHANGES`]: see [`Metrics::policy_changed`].
@@ -311,6 +324,15 @@ impl Default for Metrics {
                 );
                 h
             },
+            store_commit_seconds: {
+                let h = Histogram::new(STORE_COMMIT_BUCKETS);
+                r.register(
+                    names::STORE_COMMIT_SECONDS,
+                    "Seconds each store group commit took (transaction and fsync)",
+                    h.clone(),
+                );
+                h
+            },
             policy_changes: counter(
                 &mut r,
                 names::POLICY_CHANGES,
@@ -417,6 +439,12 @@ impl Metrics {
     /// delivery to observe (seconds).
     pub fn delivery_latency(&self) -> Histogram {
         self.delivery_latency.clone()
+    }
+
+    /// The group-commit duration histogram ([`names::STORE_COMMIT_SECONDS`]),
+    /// for the store to observe (seconds).
+    pub fn store_commit_seconds(&self) -> Histogram {
+        self.store_commit_seconds.clone()
     }
 
     /// The counter of stanzas routed from `domain`'s streams.
@@ -585,6 +613,39 @@ mod tests {
                 assert_eq!(series(names::AUTH_FAILURES, d, me), Some(failed), "{text}");
             }
         }
+    }
+
+    #[test]
+    fn store_commits_are_timed_once_the_store_observes_them() {
+        let m = Metrics::default();
+        let store =
+            crate::store::Store::open(crate::store::memory_kv().unwrap(), "example.org").unwrap();
+        let name = names::STORE_COMMIT_SECONDS;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut w = crate::store::Writes::default();
+        w.dedup("before");
+        rt.block_on(store.commit(w)).unwrap();
+        let text = m.encode(&Sampled::default());
+        assert_eq!(value(&text, &format!("{name}_count")), Some(0), "{text}");
+        store.observe_commits(m.store_commit_seconds());
+        for k in ["a", "b"] {
+            let mut w = crate::store::Writes::default();
+            w.dedup(k);
+            rt.block_on(store.commit(w)).unwrap();
+        }
+        let text = m.encode(&Sampled::default());
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram\n")),
+            "{text}"
+        );
+        assert_eq!(value(&text, &format!("{name}_count")), Some(2), "{text}");
+        assert_eq!(
+            value(&text, &format!("{name}_bucket{{le=\"5.0\"}}")),
+            Some(2),
+            "{text}"
+        );
     }
 
     #[test]

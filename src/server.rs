@@ -124,6 +124,7 @@ impl Server {
         let kv =
             crate::store::open_kv(config.store.backend, &config.store.path).map_err(store_err)?;
         let store = Store::open(kv, &config.domains[0]).map_err(store_err)?;
+        store.observe_commits(metrics.store_commit_seconds());
         policy.set_runtime(stored_policy(&store).map_err(store_err)?);
         // The dialback secret survives restarts (keys in flight stay valid): the
         // configured one, else the one generated once and kept in the store.

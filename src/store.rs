@@ -705,6 +705,9 @@ pub struct Store {
     /// Wakes long-polling event readers.
     pub events_changed: tokio::sync::Notify,
     commits: Arc<AtomicU64>,
+    /// Where the committer observes each group commit's duration, once
+    /// [`Store::observe_commits`] has set it.
+    commit_seconds: Arc<std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -862,10 +865,11 @@ impl Store {
         let next_out = last_seq(&*kv, T_OUT)? + 1;
         let (tx, rx) = std_mpsc::channel::<Pending>();
         let commits = Arc::new(AtomicU64::new(0));
-        let (kv2, c2) = (kv.clone(), commits.clone());
+        let commit_seconds = Arc::new(std::sync::OnceLock::new());
+        let (kv2, c2, h2) = (kv.clone(), commits.clone(), commit_seconds.clone());
         let thread = std::thread::Builder::new()
             .name("store-committer".into())
-            .spawn(move || committer(kv2, rx, c2))
+            .spawn(move || committer(kv2, rx, c2, h2))
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         Ok(Arc::new(Store {
             kv,
@@ -876,7 +880,14 @@ impl Store {
             next_out: AtomicU64::new(next_out),
             events_changed: tokio::sync::Notify::new(),
             commits,
+            commit_seconds,
         }))
+    }
+
+    /// Observe every group commit's duration (seconds, from the transaction's
+    /// start to its fsync) in `h` from now on; a second call changes nothing.
+    pub fn observe_commits(&self, h: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.commit_seconds.set(h);
     }
 
     /// Number of group commits so far (each is one transaction + fsync).
@@ -1321,7 +1332,12 @@ impl Drop for Store {
 
 /// The group-commit loop: take one batch, then everything else already waiting,
 /// apply all in one durable transaction, answer every writer.
-fn committer(kv: Arc<dyn Kv>, rx: std_mpsc::Receiver<Pending>, commits: Arc<AtomicU64>) {
+fn committer(
+    kv: Arc<dyn Kv>,
+    rx: std_mpsc::Receiver<Pending>,
+    commits: Arc<AtomicU64>,
+    seconds: Arc<std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>>,
+) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -1330,7 +1346,11 @@ fn committer(kv: Arc<dyn Kv>, rx: std_mpsc::Receiver<Pending>, commits: Arc<Atom
                 break;
             }
         }
+        let started = std::time::Instant::now();
         let result = kv.apply_all(&mut group.iter().flat_map(|(ops, _)| ops.iter()));
+        if let Some(h) = seconds.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         commits.fetch_add(1, Ordering::Relaxed);
         for (_, tx) in group {
             let _ = tx.send(result.clone());

@@ -252,6 +252,7 @@ fn dashboard_metrics() -> std::collections::BTreeSet<String> {
         m::AUTH_FAILURES.to_string(),
         m::STANZAS_IN_BY_DOMAIN.to_string(),
         m::STREAMS_AUTHENTICATED.to_string(),
+        format!("{}_bucket", m::STORE_COMMIT_SECONDS),
     ] {
         assert!(
             names.contains(&name),
