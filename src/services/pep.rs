@@ -504,119 +504,48 @@ fn read_request(xml: &str) -> Option<Request> {
     read_request_plain(xml).unwrap_or_else(|| read_request_resolved(xml))
 }
 
-/// [`read_request`] without namespace resolution; `None` when it is needed
-/// (or the bytes do not read: the resolving reader then says so).
-fn read_request_plain(xml: &str) -> Option<Option<Request>> {
-    use quick_xml::events::Event;
-    let value = |a: &quick_xml::events::attributes::Attribute<'_>| {
-        a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
-            .ok()
-            .map(|v| v.into_owned())
-    };
-    let mut reader = quick_xml::reader::Reader::from_str(xml);
-    let mut depth = 0usize;
-    let mut in_pubsub = false;
-    let mut found = false;
-    let mut r = Request::default();
-    loop {
-        let (e, empty) = match reader.read_event().ok()? {
-            Event::Start(e) => (e, false),
-            Event::Empty(e) => (e, true),
-            Event::End(_) => {
-                depth = depth.saturating_sub(1);
-                if depth == 1 {
-                    in_pubsub = false;
-                }
-                continue;
-            }
-            Event::Eof => return Some(found.then_some(r)),
-            _ => continue,
-        };
-        depth += 1;
-        let name = e.name().into_inner();
-        if depth >= 2 && name.contains(':') {
-            return None;
-        }
-        match depth {
-            2 if name == "pubsub" && !found => {
-                let declared = e
-                    .attributes()
-                    .flatten()
-                    .find(|a| a.key.into_inner() == "xmlns")?;
-                if declared.value.contains('&') {
-                    return None;
-                }
-                if *declared.value == *NS_PUBSUB {
-                    in_pubsub = true;
-                    found = true;
-                }
-            }
-            3 if in_pubsub && r.op.is_none() => {
-                r.op = Some(name.to_string());
-                for a in e.attributes().flatten() {
-                    match a.key.into_inner() {
-                        "node" => r.node = value(&a),
-                        "max_items" => r.max_items = value(&a),
-                        _ => {}
-                    }
-                }
-            }
-            4 if in_pubsub && r.op.as_deref() == Some("items") && name == "item" => {
-                if let Some(id) = e
-                    .attributes()
-                    .flatten()
-                    .find(|a| a.key.into_inner() == "id")
-                    .and_then(|a| value(&a))
-                {
-                    r.ids.push(id);
-                }
-            }
-            _ => {}
-        }
-        if empty {
-            depth -= 1;
-        }
-    }
+/// One reading of a request, by either reader: how deep it is, whether inside
+/// the pubsub element, and what it read.
+#[derive(Default)]
+struct Reading {
+    depth: usize,
+    in_pubsub: bool,
+    found: bool,
+    r: Request,
 }
 
-/// [`read_request`] with every namespace resolved.
-fn read_request_resolved(xml: &str) -> Option<Request> {
-    use quick_xml::events::Event;
-    use quick_xml::name::ResolveResult;
-    let value = |a: &quick_xml::events::attributes::Attribute<'_>| {
-        a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
-            .ok()
-            .map(|v| v.into_owned())
-    };
-    let mut reader = quick_xml::reader::NsReader::from_str(xml);
-    let mut depth = 0usize;
-    let mut in_pubsub = false;
-    let mut found = false;
-    let mut r = Request::default();
-    loop {
-        let (ns, ev) = reader.read_resolved_event().ok()?;
-        let (e, empty) = match ev {
-            Event::Start(e) => (e, false),
-            Event::Empty(e) => (e, true),
-            Event::End(_) => {
-                depth = depth.saturating_sub(1);
-                if depth == 1 {
-                    in_pubsub = false;
-                }
-                continue;
-            }
-            Event::Eof => return found.then_some(r),
-            _ => continue,
+impl Reading {
+    fn close(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+        if self.depth == 1 {
+            self.in_pubsub = false;
+        }
+    }
+
+    /// Element `e` (local name `name`) opens; `is_pubsub` says whether a first
+    /// `pubsub` child of the iq is in the pubsub namespace.
+    fn open(
+        &mut self,
+        e: &quick_xml::events::BytesStart<'_>,
+        name: &str,
+        empty: bool,
+        is_pubsub: impl FnOnce() -> bool,
+    ) {
+        let value = |a: &quick_xml::events::attributes::Attribute<'_>| {
+            a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                .ok()
+                .map(|v| v.into_owned())
         };
-        depth += 1;
-        let pubsub_ns = matches!(ns, ResolveResult::Bound(n) if n.0 == NS_PUBSUB);
-        let name = e.local_name().into_inner();
-        match depth {
-            2 if pubsub_ns && name == "pubsub" && !found => {
-                in_pubsub = true;
-                found = true;
+        self.depth += 1;
+        let r = &mut self.r;
+        match self.depth {
+            2 if name == "pubsub" && !self.found => {
+                if is_pubsub() {
+                    self.in_pubsub = true;
+                    self.found = true;
+                }
             }
-            3 if in_pubsub && r.op.is_none() => {
+            3 if self.in_pubsub && r.op.is_none() => {
                 r.op = Some(name.to_string());
                 for a in e.attributes().flatten() {
                     match a.key.0 {
@@ -626,7 +555,7 @@ fn read_request_resolved(xml: &str) -> Option<Request> {
                     }
                 }
             }
-            4 if in_pubsub && r.op.as_deref() == Some("items") && name == "item" => {
+            4 if self.in_pubsub && r.op.as_deref() == Some("items") && name == "item" => {
                 if let Some(id) = e
                     .attributes()
                     .flatten()
@@ -639,8 +568,70 @@ fn read_request_resolved(xml: &str) -> Option<Request> {
             _ => {}
         }
         if empty {
-            depth -= 1;
+            self.depth -= 1;
         }
+    }
+
+    fn done(self) -> Option<Request> {
+        self.found.then_some(self.r)
+    }
+}
+
+/// [`read_request`] without namespace resolution; `None` when it is needed
+/// (or the bytes do not read: the resolving reader then says so).
+fn read_request_plain(xml: &str) -> Option<Option<Request>> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::reader::Reader::from_str(xml);
+    let mut reading = Reading::default();
+    loop {
+        let (e, empty) = match reader.read_event().ok()? {
+            Event::Start(e) => (e, false),
+            Event::Empty(e) => (e, true),
+            Event::End(_) => {
+                reading.close();
+                continue;
+            }
+            Event::Eof => return Some(reading.done()),
+            _ => continue,
+        };
+        let name = e.name().0;
+        let depth = reading.depth + 1;
+        if depth >= 2 && name.contains(':') {
+            return None;
+        }
+        let mut is_pubsub = false;
+        if depth == 2 && name == "pubsub" && !reading.found {
+            // Its own declaration, plainly written, or the resolving reader.
+            let declared = e.attributes().flatten().find(|a| a.key.0 == "xmlns")?;
+            if declared.value.contains('&') {
+                return None;
+            }
+            is_pubsub = *declared.value == *NS_PUBSUB;
+        }
+        reading.open(&e, name, empty, || is_pubsub);
+    }
+}
+
+/// [`read_request`] with every namespace resolved.
+fn read_request_resolved(xml: &str) -> Option<Request> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    let mut reader = quick_xml::reader::NsReader::from_str(xml);
+    let mut reading = Reading::default();
+    loop {
+        let (ns, ev) = reader.read_resolved_event().ok()?;
+        let (e, empty) = match ev {
+            Event::Start(e) => (e, false),
+            Event::Empty(e) => (e, true),
+            Event::End(_) => {
+                reading.close();
+                continue;
+            }
+            Event::Eof => return reading.done(),
+            _ => continue,
+        };
+        let pubsub_ns = matches!(ns, ResolveResult::Bound(n) if n.0 == NS_PUBSUB);
+        reading.open(&e, e.local_name().into_inner(), empty, || pubsub_ns);
     }
 }
 
