@@ -522,14 +522,14 @@ impl Reading {
         }
     }
 
-    /// Element `e` (local name `name`) opens; `is_pubsub` says whether a first
-    /// `pubsub` child of the iq is in the pubsub namespace.
+    /// Element `e` (local name `name`) opens; `is_pubsub`: whether, if it is a
+    /// first `pubsub` child of the iq, it is in the pubsub namespace.
     fn open(
         &mut self,
         e: &quick_xml::events::BytesStart<'_>,
         name: &str,
         empty: bool,
-        is_pubsub: impl FnOnce() -> bool,
+        is_pubsub: bool,
     ) {
         let value = |a: &quick_xml::events::attributes::Attribute<'_>| {
             a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
@@ -539,11 +539,9 @@ impl Reading {
         self.depth += 1;
         let r = &mut self.r;
         match self.depth {
-            2 if name == "pubsub" && !self.found => {
-                if is_pubsub() {
-                    self.in_pubsub = true;
-                    self.found = true;
-                }
+            2 if name == "pubsub" && !self.found && is_pubsub => {
+                self.in_pubsub = true;
+                self.found = true;
             }
             3 if self.in_pubsub && r.op.is_none() => {
                 r.op = Some(name.to_string());
@@ -608,7 +606,7 @@ fn read_request_plain(xml: &str) -> Option<Option<Request>> {
             }
             is_pubsub = *declared.value == *NS_PUBSUB;
         }
-        reading.open(&e, name, empty, || is_pubsub);
+        reading.open(&e, name, empty, is_pubsub);
     }
 }
 
@@ -631,7 +629,7 @@ fn read_request_resolved(xml: &str) -> Option<Request> {
             _ => continue,
         };
         let pubsub_ns = matches!(ns, ResolveResult::Bound(n) if n.0 == NS_PUBSUB);
-        reading.open(&e, e.local_name().into_inner(), empty, || pubsub_ns);
+        reading.open(&e, e.local_name().into_inner(), empty, pubsub_ns);
     }
 }
 
