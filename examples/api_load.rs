@@ -129,6 +129,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut peer_pid = peer.pid().map(|p| p.to_string()).unwrap_or_default();
     let (server_cpu0, peer_cpu0) = (cpu_of(&pid), cpu_of(&peer_pid));
     let commits0 = metric(api, metric_names::STORE_COMMITS).await;
+    // CPU seconds and microseconds per message, for the report lines.
+    let cpu = |d: Duration, n: u64| (d.as_secs_f64(), d.as_secs_f64() * 1e6 / n.max(1) as f64);
     let t0 = Instant::now();
     let out = Command::new("wrk")
         .args([
@@ -160,16 +162,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let (n, took) = (queued, t.elapsed());
-        let (server, peer_cpu) = (cpu_of(&pid) - cpu0, cpu_of(&peer_pid));
+        let (server, per_msg) = cpu(cpu_of(&pid) - cpu0, n);
+        let (peer_s, peer_per_msg) = cpu(cpu_of(&peer_pid), n);
         println!(
-            "drain alone: {n} messages in {:.1}s ({:.0} msgs/s) server_cpu={:.1}s ({:.1} us/msg) \
-             peer_cpu={:.1}s ({:.1} us/msg, from its start)",
+            "drain alone: {n} messages in {:.1}s ({:.0} msgs/s) server_cpu={server:.1}s \
+             ({per_msg:.1} us/msg) peer_cpu={peer_s:.1}s ({peer_per_msg:.1} us/msg, from its start)",
             took.as_secs_f64(),
             n as f64 / took.as_secs_f64(),
-            server.as_secs_f64(),
-            server.as_secs_f64() * 1e6 / n.max(1) as f64,
-            peer_cpu.as_secs_f64(),
-            peer_cpu.as_secs_f64() * 1e6 / n.max(1) as f64,
         );
     }
     // Wait until every accepted message is settled (confirmed by the peer).
@@ -214,13 +213,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let left = metric(api, metric_names::DELIVERY_QUEUED).await;
+    let (server_s, server_per_msg) = cpu(server_cpu, accepted);
+    let (peer_s, peer_per_msg) = cpu(peer_cpu, accepted);
     println!(
         "backend={backend} connections={connections} batch={batch} accepted={accepted} \
          rate={:.0} msgs/s ({requests:.0} requests/s) non_2xx={non2xx} commits={commits} \
          msgs_per_commit={:.1} api_latency=[{}] stanzas_out={delivered} \
          all_delivered_in={:.1}s ({:.0} msgs/s) still_queued={left} \
-         server_cpu={:.1}s ({:.1} us/msg) peer_cpu={:.1}s ({:.1} us/msg) \
-         events: delivered={delivered_ev} bounced={bounced_ev} other={other_ev}",
+         server_cpu={server_s:.1}s ({server_per_msg:.1} us/msg) \
+         peer_cpu={peer_s:.1}s ({peer_per_msg:.1} us/msg) events: delivered={delivered_ev} bounced={bounced_ev} other={other_ev}",
         requests * batch as f64,
         accepted as f64 / commits.max(1) as f64,
         latency
@@ -230,10 +231,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .join(", "),
         drained.as_secs_f64(),
         accepted as f64 / drained.as_secs_f64(),
-        server_cpu.as_secs_f64(),
-        server_cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
-        peer_cpu.as_secs_f64(),
-        peer_cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
     );
     child.terminate();
     peer.terminate();
