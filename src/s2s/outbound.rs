@@ -140,6 +140,16 @@ impl ConnectError {
     }
 }
 
+/// Most stanzas in one write (each write ends with its confirmation: a ping, or
+/// `<r/>` with acks): a quarter of the delivery window, within 64..=512. A
+/// window then holds four confirmations, so the peer's answer to the first part
+/// frees room for more while it stores the rest (it ends a batch at such a
+/// ping, `services::inbox`), and the two sides work at once instead of taking
+/// turns over a whole window.
+fn write_batch(window: usize) -> usize {
+    (window / 4).clamp(64, 512)
+}
+
 /// The text of a stream refused by the federation policy.
 const POLICY_TEXT: &str = "federation with this domain is not allowed";
 
@@ -1494,10 +1504,11 @@ impl Session {
                     }
                 }
             }
-            // Batch everything available into one write and one flush.
+            // Batch what is available into one write and one flush.
+            let most = write_batch(self.s2s.config.delivery.window);
             while let Ok(s) = self.rx.try_recv() {
                 self.pending.push_back(s);
-                if self.pending.len() >= 512 {
+                if self.pending.len() >= most {
                     break;
                 }
             }
