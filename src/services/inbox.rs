@@ -62,12 +62,13 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// every batch, large enough that a lone peer's batch takes few rounds.
 pub const QUANTUM_BYTES: usize = 16 * 1024;
 /// Stanzas a lane gives a batch after which the batch takes no more of that
-/// lane past a ping (an iq `get`: answered once the batch is committed). A
-/// sender that confirms its window by pings then hears about its first part
-/// while we store the rest, and refills the window meanwhile, instead of both
-/// sides taking turns over the whole window (`api_load --drain-alone`). Below
-/// it, a lane of small confirmed batches still goes in one commit.
-const SPLIT_AT_PING: usize = 200;
+/// lane past a confirmation: a ping (an iq `get`, answered once the batch is
+/// committed) or the last stanza an XEP-0198 ack waits for. A sender that
+/// confirms its window in parts then hears about the first while we store the
+/// rest, and refills the window meanwhile, instead of both sides taking turns
+/// over the whole window (`api_load --drain-alone`). Below it, a lane of small
+/// confirmed batches still goes in one commit.
+const SPLIT_AT_CONFIRMATION: usize = 200;
 
 /// The sending side of the inbox (cheap to clone).
 #[derive(Debug, Clone)]
@@ -271,7 +272,8 @@ impl Shared {
         let mut lanes = self.lock();
         let lanes = &mut *lanes;
         let mut bytes: usize = batch.iter().map(|s| s.raw.len()).sum();
-        // Lanes that stopped at a ping ([`SPLIT_AT_PING`]): ready again after.
+        // Lanes that stopped at a confirmation ([`SPLIT_AT_CONFIRMATION`]): ready
+        // again after.
         let mut split = Vec::new();
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             let Some(key) = lanes.ready.pop_front() else {
@@ -283,7 +285,10 @@ impl Shared {
             let was_full = lane.queued.len() + HEADROOM > self.capacity;
             lane.deficit += QUANTUM_BYTES;
             let before = taken.0.get(&key).copied().unwrap_or(0);
-            let (mut n, mut at_ping) = (0, false);
+            let (mut n, mut confirmed_here) = (0, false);
+            // The first barrier not yet reached ([`Inbox::settled`]: an ack
+            // waits for it), by its place in the lane's order.
+            let mut barrier = 0;
             while batch.len() < MAX_BATCH
                 && bytes < MAX_BATCH_BYTES
                 && let Some(len) = lane.queued.front().map(|s| s.raw.len())
@@ -294,8 +299,17 @@ impl Shared {
                 // Invariant: `front` was just `Some`.
                 batch.extend(lane.queued.pop_front());
                 n += 1;
-                if before + n >= SPLIT_AT_PING && batch.last().is_some_and(is_ping) {
-                    at_ping = true;
+                if before + n < SPLIT_AT_CONFIRMATION {
+                    continue;
+                }
+                // Where this stanza is in the lane's order (1 for its first).
+                let at = lane.released + (lane.in_flight + n) as u64;
+                while lane.barriers.get(barrier).is_some_and(|(b, _)| *b < at) {
+                    barrier += 1;
+                }
+                let acked = lane.barriers.get(barrier).is_some_and(|(b, _)| *b == at);
+                if acked || batch.last().is_some_and(is_ping) {
+                    confirmed_here = true;
                     break;
                 }
             }
@@ -309,7 +323,7 @@ impl Shared {
             if lane.queued.is_empty() {
                 // An idle lane keeps no credit (deficit round robin).
                 lane.deficit = 0;
-            } else if at_ping {
+            } else if confirmed_here {
                 split.push(key);
             } else {
                 lanes.ready.push_back(key);
@@ -715,7 +729,7 @@ mod tests {
         }
         // Then two halves of a window, each confirmed by its ping.
         for half in 0..2 {
-            for n in 0..SPLIT_AT_PING {
+            for n in 0..SPLIT_AT_CONFIRMATION {
                 assert!(
                     inbox
                         .push(message("a.test", 100 + half * 1000 + n))
@@ -735,16 +749,16 @@ mod tests {
             .filter(|s| s.from.as_ref().unwrap().is_in("a.test"))
             .collect();
         // The twenty small ones and the first half, up to and with its ping.
-        assert_eq!(a.len(), 20 + SPLIT_AT_PING + 1);
+        assert_eq!(a.len(), 20 + SPLIT_AT_CONFIRMATION + 1);
         assert_eq!(a.last().unwrap().id.as_deref(), Some("half0"));
         assert_eq!(ids(&batch, "b.test").len(), 400);
         rx.0.release(&mut taken, true);
         // The next batch takes the second half, then the lane is empty.
         batch.clear();
         rx.0.take(&mut batch, &mut taken);
-        assert_eq!(batch.len(), SPLIT_AT_PING + 1);
+        assert_eq!(batch.len(), SPLIT_AT_CONFIRMATION + 1);
         assert_eq!(batch.last().unwrap().id.as_deref(), Some("half1"));
-        assert_eq!(inbox.uncommitted(), SPLIT_AT_PING + 1);
+        assert_eq!(inbox.uncommitted(), SPLIT_AT_CONFIRMATION + 1);
     }
 
     #[tokio::test]
@@ -775,6 +789,37 @@ mod tests {
             .unwrap()
             .unwrap();
     }
+    #[tokio::test]
+    async fn a_batch_ends_a_lane_where_an_ack_waits_once_it_gave_enough() {
+        use futures_util::FutureExt as _;
+        let (inbox, rx) = Inbox::new(8192);
+        let peer = Peer::authenticated("a.test");
+        // An `<r/>` after 10 (too few to end a batch), then after 300 more,
+        // then 300 more not asked about yet.
+        for n in 0..10 {
+            assert!(inbox.push(message("a.test", n)).is_none());
+        }
+        let mut small = inbox.settled(&peer);
+        for n in 10..310 {
+            assert!(inbox.push(message("a.test", n)).is_none());
+        }
+        let mut first = inbox.settled(&peer);
+        for n in 310..610 {
+            assert!(inbox.push(message("a.test", n)).is_none());
+        }
+        let (mut batch, mut taken) = (Vec::new(), InFlight::default());
+        rx.0.take(&mut batch, &mut taken);
+        assert_eq!(batch.len(), 310);
+        assert_eq!(batch.last().unwrap().id.as_deref(), Some("309"));
+        rx.0.release(&mut taken, true);
+        // Both acks can go once this batch is stored.
+        assert!((&mut small).now_or_never().is_some());
+        assert!((&mut first).now_or_never().is_some());
+        batch.clear();
+        rx.0.take(&mut batch, &mut taken);
+        assert_eq!(batch.len(), 300);
+    }
+
     #[tokio::test]
     async fn settled_waits_for_what_the_peer_sent_before_and_no_more() {
         use futures_util::FutureExt as _;
