@@ -47,6 +47,21 @@ async fn metric(api: SocketAddr, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Poll metric `name` every `every` until `done` holds for its value, for at
+/// most `within`.
+async fn wait_for(
+    api: SocketAddr,
+    name: &str,
+    every: Duration,
+    within: Duration,
+    done: impl Fn(u64) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline && !done(metric(api, name).await) {
+        tokio::time::sleep(every).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backend = arg("--backend", "sled");
@@ -152,15 +167,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let queued = metric(api, metric_names::DELIVERY_QUEUED).await;
         peer = beta.start("warn")?;
         peer_pid = peer.pid().map(|p| p.to_string()).unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline && metric(api, metric_names::STANZAS_OUT).await == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let every = Duration::from_millis(10);
+        let (out, queue) = (metric_names::STANZAS_OUT, metric_names::DELIVERY_QUEUED);
+        wait_for(api, out, every, Duration::from_secs(60), |n| n > 0).await;
         let (cpu0, t) = (cpu_of(&pid), Instant::now());
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while Instant::now() < deadline && metric(api, metric_names::DELIVERY_QUEUED).await > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for(api, queue, every, Duration::from_secs(300), |n| n == 0).await;
         let (n, took) = (queued, t.elapsed());
         let (server, per_msg) = cpu(cpu_of(&pid) - cpu0, n);
         let (peer_s, peer_per_msg) = cpu(cpu_of(&peer_pid), n);
@@ -172,10 +183,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     // Wait until every accepted message is settled (confirmed by the peer).
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while Instant::now() < deadline && metric(api, metric_names::DELIVERY_QUEUED).await > 0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        api,
+        metric_names::DELIVERY_QUEUED,
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+        |n| n == 0,
+    )
+    .await;
     let delivered = metric(api, metric_names::STANZAS_OUT).await;
     let drained = t0.elapsed();
     let server_cpu = cpu_of(&pid) - server_cpu0;
