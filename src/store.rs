@@ -623,6 +623,8 @@ pub fn now_ms() -> u64 {
 }
 
 type Pending = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
+/// Where a queued commit's result comes.
+type Committed = oneshot::Receiver<Result<(), StoreError>>;
 
 /// Writes to make together in one transaction: queue removals, events and dedup
 /// keys (see [`Store::commit`]).
@@ -1098,31 +1100,45 @@ impl Store {
         self.commit(w).await
     }
 
-    /// Make `w`'s writes durably, in one transaction.
-    pub async fn commit(&self, w: Writes) -> Result<(), StoreError> {
+    /// Make `w`'s writes durably, in one transaction. The writes are queued for
+    /// the committer when this is called, not when the future is first polled:
+    /// a caller may queue a commit, go on preparing the next, and await the
+    /// first after (the inbox does), and commits queued in turn are applied in
+    /// that order.
+    pub fn commit(&self, w: Writes) -> impl Future<Output = Result<(), StoreError>> + Send + '_ {
+        let queued = self.queue_commit(w);
+        async move {
+            let Some((rx, has_events)) = queued? else {
+                return Ok(());
+            };
+            rx.await.map_err(|_| StoreError::Closed)??;
+            if has_events {
+                self.events_changed.notify_waiters();
+            }
+            Ok(())
+        }
+    }
+
+    /// Queue `w` for the committer: where its result will come, and whether it
+    /// adds events (`None` when there is nothing to write).
+    fn queue_commit(&self, w: Writes) -> Result<Option<(Committed, bool)>, StoreError> {
         if w.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let Writes { mut ops, events } = w;
         let has_events = !events.is_empty();
         let (tx, rx) = oneshot::channel();
-        {
-            let mut next = self.next_event.lock().unwrap_or_else(|e| e.into_inner());
-            for v in events {
-                ops.push(Op::Put(seq_key(T_EVENT, *next), v));
-                *next += 1;
-            }
-            self.committer
-                .as_ref()
-                .ok_or(StoreError::Closed)?
-                .send((ops, tx))
-                .map_err(|_| StoreError::Closed)?;
+        let mut next = self.next_event.lock().unwrap_or_else(|e| e.into_inner());
+        for v in events {
+            ops.push(Op::Put(seq_key(T_EVENT, *next), v));
+            *next += 1;
         }
-        rx.await.map_err(|_| StoreError::Closed)??;
-        if has_events {
-            self.events_changed.notify_waiters();
-        }
-        Ok(())
+        self.committer
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send((ops, tx))
+            .map_err(|_| StoreError::Closed)?;
+        Ok(Some((rx, has_events)))
     }
 
     /// The sequence number of the newest event (0 if there was none yet).

@@ -53,7 +53,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use crate::config::Config;
 use crate::routing::{Outbox, Report, Track, Tracker};
 use crate::stanza::Stanza;
-use crate::store::{EventKind, Outgoing, Store, Writes, now_ms};
+use crate::store::{EventKind, Outgoing, Store, StoreError, Writes, now_ms};
 
 /// How long a submitted message may stay unconfirmed before it is resubmitted.
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -894,9 +894,22 @@ impl Delivery {
 
     /// Make `w` durable; if that fails, `taken` goes back to the queue. Whether it
     /// was stored. Once it is, what was in flight of `taken` leaves its
-    /// domains' windows, and the due messages that now fit go.
-    pub async fn commit(&self, outbox: &Outbox, w: Writes, taken: Taken) -> bool {
-        match self.store.commit(w).await {
+    /// domains' windows, and the due messages that now fit go. The writes are
+    /// queued when this is called ([`Store::commit`]), so commits queued in turn
+    /// are applied in that order whenever their futures are awaited.
+    pub fn commit<'a>(
+        &'a self,
+        outbox: &'a Outbox,
+        w: Writes,
+        taken: Taken,
+    ) -> impl Future<Output = bool> + Send + 'a {
+        let committed = self.store.commit(w);
+        async move { self.after_commit(outbox, committed.await, taken) }
+    }
+
+    /// What [`Delivery::commit`] does once the store answered.
+    fn after_commit(&self, outbox: &Outbox, result: Result<(), StoreError>, taken: Taken) -> bool {
+        match result {
             Ok(()) => {
                 let domains = taken.landed(self);
                 for d in domains {

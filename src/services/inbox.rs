@@ -34,7 +34,7 @@
 //! before is committed (or failed to be: [`Settle::lost`] counts those), which
 //! an XEP-0198 acknowledgement of an inbound stream waits for.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -400,13 +400,34 @@ pub struct InboxTask {
 
 /// The inbox task: batches taken round robin from the peers' lanes (each lane
 /// in order), each committed in one transaction.
+///
+/// Batches are pipelined: the next batch is prepared (dedup read, recipients,
+/// events) while the one before it commits, and queued behind it, so the
+/// store's committer and this task work at the same time. Each batch is still
+/// finished (pings answered, refusals sent, its stanzas released) after the one
+/// before, in order. A batch with a presence waits for the one before and is
+/// handled serially, since presence handling reads and writes the roster.
 pub async fn run(task: InboxTask, rx: InboxRx) {
     let InboxRx(shared) = rx;
     let mut batch = Vec::new();
-    let mut taken = InFlight::default();
+    // The batch being committed while the next is prepared.
+    let mut committing: Option<Committing<'_>> = None;
     loop {
+        let mut taken = InFlight::default();
         shared.take(&mut batch, &mut taken);
         if batch.is_empty() {
+            if let Some(mut c) = committing.take() {
+                // Finish it, unless more arrives first (then prepare that
+                // meanwhile).
+                tokio::select! {
+                    biased;
+                    stored = &mut c.commit => {
+                        task.finish(c, stored, &shared);
+                    }
+                    _ = shared.work.notified() => committing = Some(c),
+                }
+                continue;
+            }
             if task.shutdown.is_cancelled() {
                 return;
             }
@@ -418,24 +439,140 @@ pub async fn run(task: InboxTask, rx: InboxRx) {
             }
             continue;
         }
-        let stored = task.batch(&mut batch).await;
-        shared.release(&mut taken, stored);
+        if batch.iter().any(|s| s.kind == Kind::Presence) {
+            if let Some(mut c) = committing.take() {
+                let stored = (&mut c.commit).await;
+                task.finish(c, stored, &shared);
+            }
+            let stored = task.serial(&mut batch).await;
+            shared.release(&mut taken, stored);
+            continue;
+        }
+        let next = task.start(&mut batch, taken, committing.as_ref().map(|c| &c.keys));
+        if let Some(mut c) = committing.replace(next) {
+            let stored = (&mut c.commit).await;
+            if !task.finish(c, stored, &shared) {
+                // Prepared as if the one before were stored: its pings may not
+                // be answered either (a resend it dropped as a duplicate of a
+                // message of that batch would be lost).
+                if let Some(n) = committing.as_mut() {
+                    n.after_failure = true;
+                }
+            }
+        }
     }
 }
 
+/// A batch whose commit is queued: what to do once it is over.
+struct Committing<'a> {
+    /// The commit (queued already, [`Delivery::commit`]); whether it stored.
+    commit: Pin<Box<dyn Future<Output = bool> + Send + 'a>>,
+    /// The rest of the batch's outcome.
+    prepared: Prepared,
+    /// What each lane gave it.
+    taken: InFlight,
+    /// Its dedup keys: what the next batch, prepared before this commit is
+    /// over, must treat as stored.
+    keys: HashSet<String>,
+    /// The batch before it failed to be stored while this one was prepared.
+    after_failure: bool,
+    /// When its commit was queued.
+    queued: std::time::Instant,
+}
+
+/// A batch without presence, prepared: its writes, and what to send once they
+/// are committed.
+#[derive(Default)]
+struct Prepared {
+    w: Writes,
+    taken: Taken,
+    /// Answers to the pings in it.
+    replies: Vec<Stanza>,
+    /// Messages to nobody here, refused once the batch is over.
+    refused: Vec<Stanza>,
+    /// Its dedup keys.
+    keys: HashSet<String>,
+    stanzas: usize,
+    prepared_us: u64,
+}
+
 impl InboxTask {
-    /// Store one batch. Everything it settles or stores goes into one
-    /// transaction, made before any refusal is sent and before a presence is
-    /// handled (so stored outcomes and events keep the peer's order). Whether
-    /// it was stored.
-    async fn batch(&self, batch: &mut Vec<Stanza>) -> bool {
+    /// Prepare `batch` (no presence in it) and queue its commit; `recent` are the
+    /// dedup keys of the batch still committing.
+    fn start<'a>(
+        &'a self,
+        batch: &mut Vec<Stanza>,
+        taken: InFlight,
+        recent: Option<&HashSet<String>>,
+    ) -> Committing<'a> {
+        let mut prepared = self.prepare(batch, recent);
+        let w = std::mem::take(&mut prepared.w);
+        let delivery_taken = std::mem::take(&mut prepared.taken);
+        let keys = std::mem::take(&mut prepared.keys);
+        Committing {
+            commit: Box::pin(self.delivery.commit(&self.outbox, w, delivery_taken)),
+            prepared,
+            taken,
+            keys,
+            after_failure: false,
+            queued: std::time::Instant::now(),
+        }
+    }
+
+    /// A pipelined batch's commit is over (`stored`): answer, refuse, release.
+    /// Whether it counts as stored.
+    fn finish(&self, mut c: Committing<'_>, stored: bool, shared: &Shared) -> bool {
+        let stored = stored && !c.after_failure;
+        // What a batch costs, by stage (`XMPP_FEDERATOR_LOG=...inbox=debug`).
+        tracing::debug!(
+            stanzas = c.prepared.stanzas,
+            pings = c.prepared.replies.len(),
+            prepared_us = c.prepared.prepared_us,
+            committed_us = c.queued.elapsed().as_micros() as u64,
+            "inbox batch stored"
+        );
+        let Prepared {
+            replies, refused, ..
+        } = c.prepared;
+        self.answer(stored, replies, refused);
+        shared.release(&mut c.taken, stored);
+        stored
+    }
+
+    /// Store a batch with presence in it, one part at a time: what comes before
+    /// each presence is committed before the presence is handled (so stored
+    /// outcomes and events keep the peer's order). Whether it was stored.
+    async fn serial(&self, batch: &mut Vec<Stanza>) -> bool {
+        let mut stored = true;
+        let (mut replies, mut refused) = (Vec::new(), Vec::new());
+        let mut rest = std::mem::take(batch);
+        loop {
+            let tail = rest
+                .iter()
+                .position(|s| s.kind == Kind::Presence)
+                .map(|at| rest.split_off(at));
+            let mut p = self.prepare(&mut rest, None);
+            stored &= self.delivery.commit(&self.outbox, p.w, p.taken).await;
+            replies.append(&mut p.replies);
+            refused.append(&mut p.refused);
+            let Some(mut tail) = tail else { break };
+            let presence = tail.remove(0);
+            // Not stored: counts the batch as not stored (no ack covers it).
+            stored &= self.presence_in(&presence).await;
+            rest = tail;
+        }
+        self.answer(stored, replies, refused);
+        stored
+    }
+
+    /// Everything `batch` (no presence in it) settles or stores, as one
+    /// transaction's writes; dedup keys in `recent` count as stored.
+    fn prepare(&self, batch: &mut Vec<Stanza>, recent: Option<&HashSet<String>>) -> Prepared {
         let t0 = std::time::Instant::now();
-        let stanzas = batch.len();
-        let mut w = Writes::default();
-        let mut taken = Taken::default();
-        let mut dedup = std::collections::HashSet::new();
-        let mut refused = Vec::new();
-        let mut replies = Vec::new();
+        let mut p = Prepared {
+            stanzas: batch.len(),
+            ..Prepared::default()
+        };
         // Dedup keys of the batch's messages, looked up in one read.
         let keys: Vec<Option<String>> = batch
             .iter()
@@ -455,34 +592,20 @@ impl InboxTask {
             })
             .into_iter();
         let mut keys = keys.into_iter();
-        let mut stored = true;
         for stanza in batch.drain(..) {
             let dedup_key = keys.next().flatten();
             let already = dedup_key.is_some() && seen.next().unwrap_or(false);
             if stanza.kind == Kind::Iq {
                 if is_ping(&stanza) {
                     // A ping that followed messages: answered once they are stored.
-                    replies.push(Stanza::iq_result(&stanza, ""));
+                    p.replies.push(Stanza::iq_result(&stanza, ""));
                 } else if let Some(id) = stanza.id.as_deref() {
-                    self.delivery.confirmed(id, &mut w, &mut taken);
+                    self.delivery.confirmed(id, &mut p.w, &mut p.taken);
                 }
                 continue;
             }
-            if stanza.kind == Kind::Presence {
-                stored &= self
-                    .delivery
-                    .commit(
-                        &self.outbox,
-                        std::mem::take(&mut w),
-                        std::mem::take(&mut taken),
-                    )
-                    .await;
-                // Not stored: counts the batch as not stored (no ack covers it).
-                stored &= self.presence_in(&stanza).await;
-                continue;
-            }
             if stanza.is_error() {
-                self.bounced(&stanza, &mut w, &mut taken);
+                self.bounced(&stanza, &mut p.w, &mut p.taken);
                 continue;
             }
             match recipient(&self.store, &stanza) {
@@ -490,33 +613,33 @@ impl InboxTask {
                     // A sender that retries after a broken stream may send a message
                     // twice with the same id: store it once.
                     if let Some(k) = dedup_key {
-                        if already || !dedup.insert(k.clone()) {
+                        if already || recent.is_some_and(|r| r.contains(&k)) || p.keys.contains(&k)
+                        {
                             continue;
                         }
-                        w.dedup(&k);
+                        p.w.dedup(&k);
+                        p.keys.insert(k);
                     }
                     let event = super::pep::notification(&user, &stanza)
                         .unwrap_or_else(|| message_event(&user, &stanza));
-                    w.event(&event);
+                    p.w.event(&event);
                 }
-                None => refused.push(stanza),
+                None => p.refused.push(stanza),
             }
         }
-        let t1 = std::time::Instant::now();
-        stored &= self.delivery.commit(&self.outbox, w, taken).await;
-        // What a batch costs, by stage (`XMPP_FEDERATOR_LOG=...inbox=debug`).
-        tracing::debug!(
-            stanzas,
-            pings = replies.len(),
-            prepared_us = (t1 - t0).as_micros() as u64,
-            committed_us = t1.elapsed().as_micros() as u64,
-            "inbox batch stored"
-        );
+        p.prepared_us = t0.elapsed().as_micros() as u64;
+        p
+    }
+
+    /// A batch is over: answer its pings if it was stored (a ping answer
+    /// confirms delivery to senders like ours), then refuse what had no
+    /// recipient.
+    fn answer(&self, stored: bool, replies: Vec<Stanza>, refused: Vec<Stanza>) {
         if stored {
             for r in replies {
                 self.outbox.send(r);
             }
-        } else {
+        } else if !replies.is_empty() {
             // Not stored (logged where it failed): the pings that followed go
             // unanswered, so the senders' messages stay unconfirmed and are sent
             // again.
@@ -529,7 +652,6 @@ impl InboxTask {
             self.outbox
                 .bounce(&s, StanzaCondition::ServiceUnavailable, "no such user");
         }
-        stored
     }
 
     /// Whether what it changed was stored.
@@ -858,5 +980,218 @@ mod tests {
         assert_eq!(inbox.lost(&Peer::authenticated("other.test")), 0);
         rx.0.release(&mut taken, true);
         assert_eq!(inbox.uncommitted(), 0);
+    }
+
+    /// A store backend whose writes wait while `held` is set and fail while
+    /// `fail` is above zero (one write each), and which counts its batched
+    /// reads: the inbox reads a batch's dedup keys once, as it prepares it.
+    struct Held {
+        inner: Arc<dyn crate::store::Kv>,
+        held: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        fail: Arc<AtomicUsize>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl crate::store::Kv for Held {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+            self.inner.get(key)
+        }
+        fn get_many(
+            &self,
+            keys: &[Vec<u8>],
+        ) -> Result<Vec<Option<Vec<u8>>>, crate::store::StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.get_many(keys)
+        }
+        fn range(
+            &self,
+            from: &[u8],
+            to: &[u8],
+            limit: usize,
+        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
+            self.inner.range(from, to, limit)
+        }
+        fn range_rev(
+            &self,
+            from: &[u8],
+            to: &[u8],
+            limit: usize,
+        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
+            self.inner.range_rev(from, to, limit)
+        }
+        fn apply_all(
+            &self,
+            ops: &mut dyn Iterator<Item = &crate::store::Op>,
+        ) -> Result<(), crate::store::StoreError> {
+            let (lock, turned) = &*self.held;
+            let mut held = lock.lock().unwrap();
+            while *held {
+                held = turned.wait(held).unwrap();
+            }
+            drop(held);
+            if self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(crate::store::StoreError::Backend(
+                    "failing on purpose".into(),
+                ));
+            }
+            self.inner.apply_all(ops)
+        }
+    }
+
+    /// Juliet's server with a [`Held`] store, its inbox task running.
+    struct Pipeline {
+        s: crate::services::fake::Services,
+        held: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        fail: Arc<AtomicUsize>,
+        reads: Arc<AtomicUsize>,
+        stop: CancellationToken,
+    }
+
+    impl Pipeline {
+        async fn new() -> Pipeline {
+            let held = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+            let (fail, reads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let kv = Arc::new(Held {
+                inner: crate::store::memory_kv().unwrap(),
+                held: held.clone(),
+                fail: fail.clone(),
+                reads: reads.clone(),
+            });
+            let mut s = crate::services::fake::Services::on(kv, &["capulet.com"], &[]);
+            s.user("juliet", "capulet.com", "Juliet").await;
+            let stop = s.run_inbox();
+            Pipeline {
+                s,
+                held,
+                fail,
+                reads,
+                stop,
+            }
+        }
+
+        fn hold(&self, on: bool) {
+            *self.held.0.lock().unwrap() = on;
+            self.held.1.notify_all();
+        }
+
+        /// Wait until `n` batches were prepared (their dedup reads).
+        async fn prepared(&self, n: usize) {
+            let wait = async {
+                while self.reads.load(Ordering::SeqCst) < n {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+                .await
+                .unwrap_or_else(|_| panic!("{n} batches prepared"));
+        }
+
+        fn send(&self, xml: &str) {
+            self.s.outbox.send(Stanza::parse(xml).unwrap());
+        }
+
+        fn message(&self, id: &str) {
+            self.send(&format!(
+                "<message from='romeo@montague.lit/r' to='juliet@capulet.com' type='chat' id='{id}'>\
+                 <body>{id}</body></message>"
+            ));
+        }
+
+        fn ping(&self, id: &str) {
+            self.send(&format!(
+                "<iq from='montague.lit' to='capulet.com' type='get' id='{id}'>\
+                 <ping xmlns='urn:xmpp:ping'/></iq>"
+            ));
+        }
+
+        async fn settled(&self) {
+            let peer = Peer::authenticated("montague.lit");
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                self.s.inbox.settled(&peer),
+            )
+            .await
+            .unwrap();
+        }
+
+        fn ids_stored(&self) -> Vec<String> {
+            self.s
+                .store()
+                .events_after(0, 100)
+                .unwrap()
+                .into_iter()
+                .filter_map(|e| match e.kind {
+                    EventKind::Message { id, .. } => id,
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    /// The next batch is prepared while the one before commits, and a resend
+    /// of a message still being committed is dropped as a duplicate (the store
+    /// does not have its dedup key yet); the ping behind it is answered once
+    /// its own batch is stored.
+    #[tokio::test]
+    async fn the_next_batch_is_prepared_while_one_commits() {
+        let p = Pipeline::new().await;
+        let base = p.reads.load(Ordering::SeqCst);
+        p.hold(true);
+        p.message("m1");
+        p.prepared(base + 1).await;
+        // The first batch is committing (held); a resend and a ping arrive.
+        p.message("m1");
+        p.ping("p1");
+        p.prepared(base + 2).await;
+        assert!(
+            p.s.take_sent().is_empty(),
+            "nothing is answered before it is stored"
+        );
+        p.hold(false);
+        p.settled().await;
+        assert_eq!(p.ids_stored(), vec!["m1".to_string()]);
+        let sent = p.s.take_sent();
+        assert!(
+            matches!(&sent[..], [r] if r.id.as_deref() == Some("p1") && r.type_.as_deref() == Some("result")),
+            "{sent:?}"
+        );
+        assert_eq!(p.s.inbox.lost(&Peer::authenticated("montague.lit")), 0);
+        p.stop.cancel();
+    }
+
+    /// A batch prepared while the one before was committing counts as not
+    /// stored when that one failed, even if its own commit succeeded: its ping
+    /// stays unanswered (it would confirm the failed batch's messages to a
+    /// sender like ours) and its stanzas count as lost for the ack.
+    #[tokio::test]
+    async fn a_failed_batch_leaves_the_next_ones_pings_unanswered() {
+        let p = Pipeline::new().await;
+        let base = p.reads.load(Ordering::SeqCst);
+        p.hold(true);
+        p.fail.store(1, Ordering::SeqCst);
+        p.message("m1");
+        p.prepared(base + 1).await;
+        p.message("m2");
+        p.ping("p1");
+        p.prepared(base + 2).await;
+        p.hold(false);
+        p.settled().await;
+        assert!(p.s.take_sent().is_empty());
+        assert_eq!(p.ids_stored(), vec!["m2".to_string()]);
+        assert_eq!(p.s.inbox.lost(&Peer::authenticated("montague.lit")), 3);
+        // The next batch is answered again.
+        p.message("m3");
+        p.ping("p2");
+        p.settled().await;
+        let sent = p.s.take_sent();
+        assert!(
+            matches!(&sent[..], [r] if r.id.as_deref() == Some("p2")),
+            "{sent:?}"
+        );
+        p.stop.cancel();
     }
 }
