@@ -275,17 +275,90 @@ pub fn condition(c: &DefinedCondition) -> StanzaCondition {
 #[cfg(test)]
 pub(crate) mod fake {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use crate::metrics::Metrics;
     use crate::policy::Policy;
     use crate::routing::testing::{FakeRemote, FakeTracker};
     use crate::routing::{Identity, Outbox, Service, Table, Trackers};
     use crate::stanza::Stanza;
-    use crate::store::{Store, User};
+    use crate::store::{Kv, Op, Pair, Store, StoreError, User};
 
     use super::accounts::Accounts;
     use super::domain::Domain;
     use super::inbox::{Inbox, InboxRx};
+
+    /// A store backend for tests, over the memory one: its writes wait while
+    /// [`ControlledKv::hold`] is on and fail while [`ControlledKv::fail_next`]
+    /// has some left (one write each), and it counts its batched reads (the
+    /// inbox reads a batch's dedup keys once, as it prepares it). Clones share
+    /// all of it: a test keeps one and gives the store another.
+    #[derive(Clone)]
+    pub struct ControlledKv {
+        inner: Arc<dyn Kv>,
+        held: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        fail: Arc<AtomicUsize>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl ControlledKv {
+        pub fn new() -> ControlledKv {
+            ControlledKv {
+                inner: crate::store::memory_kv().unwrap(),
+                held: Arc::default(),
+                fail: Arc::default(),
+                reads: Arc::default(),
+            }
+        }
+
+        /// Writes wait from now on (`true`), or go on (`false`).
+        pub fn hold(&self, on: bool) {
+            *self.held.0.lock().unwrap() = on;
+            self.held.1.notify_all();
+        }
+
+        /// The next `n` writes fail (`usize::MAX`: all from now on).
+        pub fn fail_next(&self, n: usize) {
+            self.fail.store(n, Ordering::SeqCst);
+        }
+
+        /// Batched reads so far.
+        pub fn reads(&self) -> usize {
+            self.reads.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Kv for ControlledKv {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.get_many(keys)
+        }
+        fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+            self.inner.range(from, to, limit)
+        }
+        fn range_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+            self.inner.range_rev(from, to, limit)
+        }
+        fn apply_all(&self, ops: &mut dyn Iterator<Item = &Op>) -> Result<(), StoreError> {
+            let (lock, turned) = &*self.held;
+            let mut held = lock.lock().unwrap();
+            while *held {
+                held = turned.wait(held).unwrap();
+            }
+            drop(held);
+            if self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StoreError::Backend("failing on purpose".into()));
+            }
+            self.inner.apply_all(ops)
+        }
+    }
 
     /// A component that only has a disco identity (the domain's items).
     struct Component(String);

@@ -338,51 +338,6 @@ mod tests {
         );
     }
 
-    /// A store backend whose writes fail while `failing` is set.
-    struct Flaky {
-        inner: Arc<dyn crate::store::Kv>,
-        failing: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl crate::store::Kv for Flaky {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
-            self.inner.get(key)
-        }
-        fn get_many(
-            &self,
-            keys: &[Vec<u8>],
-        ) -> Result<Vec<Option<Vec<u8>>>, crate::store::StoreError> {
-            self.inner.get_many(keys)
-        }
-        fn range(
-            &self,
-            from: &[u8],
-            to: &[u8],
-            limit: usize,
-        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
-            self.inner.range(from, to, limit)
-        }
-        fn range_rev(
-            &self,
-            from: &[u8],
-            to: &[u8],
-            limit: usize,
-        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
-            self.inner.range_rev(from, to, limit)
-        }
-        fn apply_all(
-            &self,
-            ops: &mut dyn Iterator<Item = &crate::store::Op>,
-        ) -> Result<(), crate::store::StoreError> {
-            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(crate::store::StoreError::Backend(
-                    "failing on purpose".into(),
-                ));
-            }
-            self.inner.apply_all(ops)
-        }
-    }
-
     /// A contact's device-list notification (XEP-0163 §4.3.2, an OMEMO
     /// device list) is stored through the inbox: the settle barrier an
     /// XEP-0198 ack waits for is over only once it is committed, and a failed
@@ -395,12 +350,8 @@ mod tests {
         use crate::routing::{Peer, Settle};
         use crate::store::EventKind;
 
-        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let kv = Arc::new(Flaky {
-            inner: crate::store::memory_kv().unwrap(),
-            failing: failing.clone(),
-        });
-        let mut s = Services::on(kv, &["capulet.com"], &[]);
+        let kv = crate::services::fake::ControlledKv::new();
+        let mut s = Services::on(Arc::new(kv.clone()), &["capulet.com"], &[]);
         s.user("juliet", "capulet.com", "Juliet").await;
         let peer = Peer::authenticated("montague.lit");
         let notification = |id: &str, device: u32| {
@@ -433,7 +384,7 @@ mod tests {
         );
         assert_eq!(s.inbox.lost(&peer), 0);
         // Its commit fails: lost for its sender, whose streams ack no more.
-        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        kv.fail_next(usize::MAX);
         s.outbox.send(notification("n2", 2));
         tokio::time::timeout(wait, s.inbox.settled(&peer))
             .await

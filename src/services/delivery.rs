@@ -53,7 +53,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use crate::config::Config;
 use crate::routing::{Outbox, Report, Track, Tracker};
 use crate::stanza::Stanza;
-use crate::store::{EventKind, Outgoing, Store, StoreError, Writes, now_ms};
+use crate::store::{EventKind, Outgoing, Store, Writes, now_ms};
 
 /// How long a submitted message may stay unconfirmed before it is resubmitted.
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -904,23 +904,20 @@ impl Delivery {
         taken: Taken,
     ) -> impl Future<Output = bool> + Send + 'a {
         let committed = self.store.commit(w);
-        async move { self.after_commit(outbox, committed.await, taken) }
-    }
-
-    /// What [`Delivery::commit`] does once the store answered.
-    fn after_commit(&self, outbox: &Outbox, result: Result<(), StoreError>, taken: Taken) -> bool {
-        match result {
-            Ok(()) => {
-                let domains = taken.landed(self);
-                for d in domains {
-                    self.pump(outbox, &d);
+        async move {
+            match committed.await {
+                Ok(()) => {
+                    let domains = taken.landed(self);
+                    for d in domains {
+                        self.pump(outbox, &d);
+                    }
+                    true
                 }
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "storing; outcomes will be retried, inbound stanzas stay unconfirmed");
-                taken.restore(self);
-                false
+                Err(e) => {
+                    tracing::error!(error = %e, "storing; outcomes will be retried, inbound stanzas stay unconfirmed");
+                    taken.restore(self);
+                    false
+                }
             }
         }
     }

@@ -440,25 +440,26 @@ pub async fn run(task: InboxTask, rx: InboxRx) {
             continue;
         }
         if batch.iter().any(|s| s.kind == Kind::Presence) {
-            if let Some(mut c) = committing.take() {
-                let stored = (&mut c.commit).await;
-                task.finish(c, stored, &shared);
+            if let Some(c) = committing.take() {
+                task.complete(c, &shared).await;
             }
             let stored = task.serial(&mut batch).await;
             shared.release(&mut taken, stored);
             continue;
         }
-        let next = task.start(&mut batch, taken, committing.as_ref().map(|c| &c.keys));
-        if let Some(mut c) = committing.replace(next) {
-            let stored = (&mut c.commit).await;
-            if !task.finish(c, stored, &shared) {
-                // Prepared as if the one before were stored: its pings may not
-                // be answered either (a resend it dropped as a duplicate of a
-                // message of that batch would be lost).
-                if let Some(n) = committing.as_mut() {
-                    n.after_failure = true;
-                }
-            }
+        let next = task.start(
+            &mut batch,
+            taken,
+            committing.as_ref().map(|c| &c.prepared.keys),
+        );
+        if let Some(c) = committing.replace(next)
+            && !task.complete(c, &shared).await
+            && let Some(n) = committing.as_mut()
+        {
+            // Prepared as if the one before were stored: its pings may not be
+            // answered either (a resend it dropped as a duplicate of a message
+            // of that batch would be lost).
+            n.after_failure = true;
         }
     }
 }
@@ -467,13 +468,11 @@ pub async fn run(task: InboxTask, rx: InboxRx) {
 struct Committing<'a> {
     /// The commit (queued already, [`Delivery::commit`]); whether it stored.
     commit: Pin<Box<dyn Future<Output = bool> + Send + 'a>>,
-    /// The rest of the batch's outcome.
+    /// The rest of the batch's outcome; its dedup keys are what the next
+    /// batch, prepared before this commit is over, must treat as stored.
     prepared: Prepared,
     /// What each lane gave it.
     taken: InFlight,
-    /// Its dedup keys: what the next batch, prepared before this commit is
-    /// over, must treat as stored.
-    keys: HashSet<String>,
     /// The batch before it failed to be stored while this one was prepared.
     after_failure: bool,
     /// When its commit was queued.
@@ -508,15 +507,19 @@ impl InboxTask {
         let mut prepared = self.prepare(batch, recent);
         let w = std::mem::take(&mut prepared.w);
         let delivery_taken = std::mem::take(&mut prepared.taken);
-        let keys = std::mem::take(&mut prepared.keys);
         Committing {
             commit: Box::pin(self.delivery.commit(&self.outbox, w, delivery_taken)),
             prepared,
             taken,
-            keys,
             after_failure: false,
             queued: std::time::Instant::now(),
         }
+    }
+
+    /// Wait for a pipelined batch's commit, then [`InboxTask::finish`] it.
+    async fn complete(&self, mut c: Committing<'_>, shared: &Shared) -> bool {
+        let stored = (&mut c.commit).await;
+        self.finish(c, stored, shared)
     }
 
     /// A pipelined batch's commit is over (`stored`): answer, refuse, release.
@@ -751,6 +754,7 @@ fn message_event(user: &User, stanza: &Stanza) -> EventKind {
 mod tests {
     use super::*;
     use crate::routing::testing::stanza;
+    use crate::services::fake::ControlledKv;
 
     fn message(from_domain: &str, n: usize) -> Stanza {
         stanza(&format!(
@@ -982,72 +986,10 @@ mod tests {
         assert_eq!(inbox.uncommitted(), 0);
     }
 
-    /// A store backend whose writes wait while `held` is set and fail while
-    /// `fail` is above zero (one write each), and which counts its batched
-    /// reads: the inbox reads a batch's dedup keys once, as it prepares it.
-    struct Held {
-        inner: Arc<dyn crate::store::Kv>,
-        held: Arc<(Mutex<bool>, std::sync::Condvar)>,
-        fail: Arc<AtomicUsize>,
-        reads: Arc<AtomicUsize>,
-    }
-
-    impl crate::store::Kv for Held {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
-            self.inner.get(key)
-        }
-        fn get_many(
-            &self,
-            keys: &[Vec<u8>],
-        ) -> Result<Vec<Option<Vec<u8>>>, crate::store::StoreError> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            self.inner.get_many(keys)
-        }
-        fn range(
-            &self,
-            from: &[u8],
-            to: &[u8],
-            limit: usize,
-        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
-            self.inner.range(from, to, limit)
-        }
-        fn range_rev(
-            &self,
-            from: &[u8],
-            to: &[u8],
-            limit: usize,
-        ) -> Result<Vec<crate::store::Pair>, crate::store::StoreError> {
-            self.inner.range_rev(from, to, limit)
-        }
-        fn apply_all(
-            &self,
-            ops: &mut dyn Iterator<Item = &crate::store::Op>,
-        ) -> Result<(), crate::store::StoreError> {
-            let (lock, turned) = &*self.held;
-            let mut held = lock.lock().unwrap();
-            while *held {
-                held = turned.wait(held).unwrap();
-            }
-            drop(held);
-            if self
-                .fail
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err(crate::store::StoreError::Backend(
-                    "failing on purpose".into(),
-                ));
-            }
-            self.inner.apply_all(ops)
-        }
-    }
-
-    /// Juliet's server with a [`Held`] store, its inbox task running.
+    /// Juliet's server with a [`ControlledKv`] store, its inbox task running.
     struct Pipeline {
         s: crate::services::fake::Services,
-        held: Arc<(Mutex<bool>, std::sync::Condvar)>,
-        fail: Arc<AtomicUsize>,
-        reads: Arc<AtomicUsize>,
+        kv: ControlledKv,
         stop: CancellationToken,
     }
 
@@ -1055,42 +997,25 @@ mod tests {
     /// write, would never let the store be dropped.
     impl Drop for Pipeline {
         fn drop(&mut self) {
-            self.hold(false);
+            self.kv.hold(false);
             self.stop.cancel();
         }
     }
 
     impl Pipeline {
         async fn new() -> Pipeline {
-            let held = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-            let (fail, reads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-            let kv = Arc::new(Held {
-                inner: crate::store::memory_kv().unwrap(),
-                held: held.clone(),
-                fail: fail.clone(),
-                reads: reads.clone(),
-            });
-            let mut s = crate::services::fake::Services::on(kv, &["capulet.com"], &[]);
+            let kv = ControlledKv::new();
+            let mut s =
+                crate::services::fake::Services::on(Arc::new(kv.clone()), &["capulet.com"], &[]);
             s.user("juliet", "capulet.com", "Juliet").await;
             let stop = s.run_inbox();
-            Pipeline {
-                s,
-                held,
-                fail,
-                reads,
-                stop,
-            }
-        }
-
-        fn hold(&self, on: bool) {
-            *self.held.0.lock().unwrap() = on;
-            self.held.1.notify_all();
+            Pipeline { s, kv, stop }
         }
 
         /// Wait until `n` batches were prepared (their dedup reads).
         async fn prepared(&self, n: usize) {
             let wait = async {
-                while self.reads.load(Ordering::SeqCst) < n {
+                while self.kv.reads() < n {
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
             };
@@ -1148,8 +1073,8 @@ mod tests {
     #[tokio::test]
     async fn the_next_batch_is_prepared_while_one_commits() {
         let p = Pipeline::new().await;
-        let base = p.reads.load(Ordering::SeqCst);
-        p.hold(true);
+        let base = p.kv.reads();
+        p.kv.hold(true);
         p.message("m1");
         p.prepared(base + 1).await;
         // The first batch is committing (held); a resend and a ping arrive.
@@ -1160,7 +1085,7 @@ mod tests {
             p.s.take_sent().is_empty(),
             "nothing is answered before it is stored"
         );
-        p.hold(false);
+        p.kv.hold(false);
         p.settled().await;
         assert_eq!(p.ids_stored(), vec!["m1".to_string()]);
         let sent = p.s.take_sent();
@@ -1179,15 +1104,15 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_leaves_the_next_ones_pings_unanswered() {
         let p = Pipeline::new().await;
-        let base = p.reads.load(Ordering::SeqCst);
-        p.hold(true);
-        p.fail.store(1, Ordering::SeqCst);
+        let base = p.kv.reads();
+        p.kv.hold(true);
+        p.kv.fail_next(1);
         p.message("m1");
         p.prepared(base + 1).await;
         p.message("m2");
         p.ping("p1");
         p.prepared(base + 2).await;
-        p.hold(false);
+        p.kv.hold(false);
         p.settled().await;
         assert!(p.s.take_sent().is_empty());
         assert_eq!(p.ids_stored(), vec!["m2".to_string()]);
