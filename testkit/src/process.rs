@@ -1,7 +1,7 @@
 //! Our server as a separate process (the real binary), for tests and benchmarks
 //! that kill it, restart it, or measure it apart from the driver.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,7 +79,20 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     /// Start it and wait until the API is up (its "backend API on" log line).
+    /// Its log is read and dropped, or appended to the file named by
+    /// `XMPP_FEDERATOR_SERVER_LOG` (every instance a test starts, restarts
+    /// included, one after another: to see what a killed binary did).
     pub fn start(bin: &Path, config: &Path, log: &str) -> Result<ServerProcess, String> {
+        let mut keep = match std::env::var_os("XMPP_FEDERATOR_SERVER_LOG") {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| format!("{}: {e}", Path::new(&path).display()))?,
+            ),
+            None => None,
+        };
         let mut child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(config)
@@ -94,8 +107,12 @@ impl ServerProcess {
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let mut proc = ServerProcess { child: Some(child) };
         let (tx, rx) = std::sync::mpsc::channel();
+        let pid = proc.pid().unwrap_or(0);
         std::thread::spawn(move || {
             for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = keep.as_mut() {
+                    let _ = writeln!(f, "[{pid}] {l}");
+                }
                 let _ = tx.send(l);
             }
         });
