@@ -140,6 +140,11 @@ pub struct DeliveryConfig {
     /// and settled on disk): what a crash may make us send twice. The rest wait
     /// their turn in the queue.
     pub window: usize,
+    /// Without XEP-0198 acks, a confirmation ping unanswered for this many
+    /// seconds is followed by another on the same stream (which confirms the
+    /// same: a peer may drop an answer); the wait doubles each time, up to a
+    /// minute.
+    pub confirm_wait_secs: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -149,6 +154,7 @@ impl Default for DeliveryConfig {
             retry_secs: 5,
             max_retry_secs: 900,
             window: 1000,
+            confirm_wait_secs: 5,
         }
     }
 }
@@ -679,6 +685,12 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=60).contains(&self.delivery.confirm_wait_secs) {
+            return Err(invalid(
+                "delivery.confirm_wait_secs",
+                "must be between 1 and 60",
+            ));
+        }
         if self.listen.starttls.is_empty() && self.listen.direct_tls.is_empty() {
             return Err(invalid("listen", "needs at least one listener"));
         }
@@ -751,6 +763,15 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(field), "{e}");
+        }
+        for bad in ["0", "61"] {
+            let e = Config::from_toml(&format!("[delivery]\nconfirm_wait_secs = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("delivery.confirm_wait_secs") && e.contains("between 1 and 60"),
+                "{e}"
+            );
         }
         let e = Config::from_toml("[dns.overrides]\n'x.test' = ['nope']")
             .unwrap_err()

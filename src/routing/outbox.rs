@@ -126,6 +126,18 @@ pub enum Report {
         /// The ping's id.
         ping_id: String,
     },
+    /// Pings `old`, written on one stream, were not answered in time (a peer
+    /// may drop the answer: ejabberd does for a while after it failed to
+    /// reach us, as when we restart): ping `ping_id`, written after them on
+    /// the same stream, confirms what they followed instead, and an answer to
+    /// one of them now confirms nothing. Reported before the new ping is
+    /// written; each owner awaiting one of `old` gets those it awaits.
+    Reping {
+        /// The unanswered pings, oldest first.
+        old: Vec<String>,
+        /// The ping written after them.
+        ping_id: String,
+    },
     /// The answer to ping `ping_id` arrived: what it followed is delivered. Not
     /// from the s2s layer: from the service the answer is addressed to (told to
     /// the trackers awaiting it; see [`Outbox::report_to`]).
@@ -519,6 +531,19 @@ impl Outbox {
             Report::Confirmed { ping_id } => {
                 for (owner, ping_id) in share(awaiting(&ping_id), ping_id) {
                     tell(owner, Report::Confirmed { ping_id });
+                }
+            }
+            Report::Reping { old, ping_id } => {
+                for owner in Owner::ALL {
+                    let old: Vec<String> = old
+                        .iter()
+                        .filter(|p| self.awaits(owner, p))
+                        .cloned()
+                        .collect();
+                    if !old.is_empty() {
+                        let ping_id = ping_id.clone();
+                        tell(owner, Report::Reping { old, ping_id });
+                    }
                 }
             }
         }

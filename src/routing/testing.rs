@@ -120,6 +120,13 @@ impl Tracker for Arc<FakeTracker> {
         for r in self.0.lock().unwrap().iter() {
             match r {
                 Report::AwaitingPing { ping_id: p, .. } if p == ping_id => awaits = true,
+                Report::Reping { old, ping_id: p } => {
+                    if p == ping_id {
+                        awaits = true;
+                    } else if old.iter().any(|o| o == ping_id) {
+                        awaits = false;
+                    }
+                }
                 Report::PingVoid { ping_id: p } | Report::Confirmed { ping_id: p }
                     if p == ping_id =>
                 {

@@ -150,6 +150,81 @@ fn write_batch(window: usize) -> usize {
     (window / 4).clamp(64, 512)
 }
 
+/// A confirmation ping waits `delivery.confirm_wait_secs` for its answer on
+/// a stream before another is written after it (which confirms the same,
+/// [`Report::Reping`]); the wait doubles each time, up to [`REPING_MAX`], so
+/// a peer that is only slow gets time. An answer is lost by the peer when its stream back to us
+/// fails: ejabberd drops what it routes to us for up to
+/// `s2s_max_retry_delay` after a failed connection (as during our restart),
+/// and without another ping a full window would wait for the sweeper's
+/// resend (a minute, and a window of duplicates).
+/// The longest wait for a confirmation ping's answer before another.
+const REPING_MAX: Duration = Duration::from_secs(60);
+
+/// The confirmation pings written on the current stream that may still be
+/// unanswered (oldest first), and how long the oldest may wait. Sans-IO:
+/// `awaited` says whether a ping's answer is still awaited by its owners.
+#[derive(Debug)]
+struct Confirming {
+    sent: VecDeque<(String, Instant)>,
+    wait: Duration,
+}
+
+impl Confirming {
+    /// None written yet; the first waits `wait`.
+    fn new(wait: Duration) -> Self {
+        Confirming {
+            sent: VecDeque::new(),
+            wait,
+        }
+    }
+
+    /// Ping `id` was written at `at`. The answered ones at the front leave
+    /// now and then (a busy stream writes a ping per batch).
+    fn written(&mut self, id: String, at: Instant, awaited: impl Fn(&str) -> bool) {
+        if self.sent.len() >= 64 {
+            self.answered(&awaited);
+        }
+        self.sent.push_back((id, at));
+    }
+
+    fn answered(&mut self, awaited: impl Fn(&str) -> bool) {
+        while self.sent.front().is_some_and(|(id, _)| !awaited(id)) {
+            self.sent.pop_front();
+        }
+    }
+
+    /// When to look at the oldest again, if any may be unanswered.
+    fn due(&self) -> Option<Instant> {
+        self.sent.front().map(|(_, at)| *at + self.wait)
+    }
+
+    /// At `now`: the pings still unanswered (oldest first) if the oldest has
+    /// waited too long, for a new ping to replace; the next wait doubles.
+    fn overdue(&mut self, now: Instant, awaited: impl Fn(&str) -> bool) -> Option<Vec<String>> {
+        self.answered(&awaited);
+        let (_, at) = self.sent.front()?;
+        if now < *at + self.wait {
+            return None;
+        }
+        self.wait = (self.wait * 2).min(REPING_MAX);
+        Some(
+            self.sent
+                .drain(..)
+                .map(|(id, _)| id)
+                .filter(|id| awaited(id))
+                .collect(),
+        )
+    }
+}
+
+/// Whether some owner still awaits the answer to confirmation ping `ping_id`.
+fn awaited(outbox: &Outbox, ping_id: &str) -> bool {
+    crate::routing::Owner::ALL
+        .iter()
+        .any(|&o| outbox.awaits(o, ping_id))
+}
+
 /// The text of a stream refused by the federation policy.
 const POLICY_TEXT: &str = "federation with this domain is not allowed";
 
@@ -984,6 +1059,9 @@ pub fn send(
                         rx,
                         pending: VecDeque::new(),
                         sm: SmState::default(),
+                        confirming: Confirming::new(Duration::from_secs(
+                            s2s.config.delivery.confirm_wait_secs,
+                        )),
                         domain_out: s2s.metrics.domain_stanzas_out(remote),
                         counters: s2s.links.domain(remote),
                         link: None,
@@ -1188,6 +1266,8 @@ struct Session {
     /// Taken off the queue, not yet written.
     pending: VecDeque<Outgoing>,
     sm: SmState,
+    /// Confirmation pings on the current stream (without stream management).
+    confirming: Confirming,
     /// This remote domain's stanzas-out counter (looked up once per session).
     domain_out: prometheus_client::metrics::counter::Counter,
     /// This remote domain's counters in the status (looked up once per session).
@@ -1413,6 +1493,8 @@ impl Session {
             on: sm_on,
             ..SmState::default()
         };
+        // A ping on this stream confirms nothing written on the last one.
+        self.confirming = Confirming::new(self.confirm_wait());
         if self.sm.on
             && wr
                 .send(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
@@ -1428,6 +1510,7 @@ impl Session {
         let mut last_stanza = Instant::now();
         loop {
             if self.pending.is_empty() {
+                let reping_at = self.confirming.due();
                 tokio::select! {
                     biased;
                     _ = closing.cancelled() => {
@@ -1466,12 +1549,23 @@ impl Session {
                         }
                         return StreamEnd::Reconnect;
                     }
+                    _ = tokio::time::sleep_until(reping_at.unwrap_or(last_write)), if reping_at.is_some() => {
+                        if self.reping(&mut wr, wbuf).await.is_err() {
+                            end.abort();
+                            return StreamEnd::Reconnect;
+                        }
+                        continue;
+                    }
                     m = self.rx.recv() => match m {
                         Some(s) => self.pending.push_back(s),
                         None => return StreamEnd::Done,
                     },
                     ev = sm_rx.recv() => {
-                        self.on_sm(ev);
+                        let refused = self.on_sm(ev);
+                        if !refused.is_empty() && self.confirm_refused(&mut wr, wbuf, refused).await.is_err() {
+                            end.abort();
+                            return StreamEnd::Reconnect;
+                        }
                         continue;
                     }
                     _ = tokio::time::sleep_until(last_write + keepalive) => {
@@ -1557,7 +1651,9 @@ impl Session {
         }
     }
 
-    fn on_sm(&mut self, ev: Option<SmEvent>) {
+    /// Take a stream management answer; returns the tracked stanzas written
+    /// unacknowledged if the peer refused it, for a ping to confirm.
+    fn on_sm(&mut self, ev: Option<SmEvent>) -> Vec<Track> {
         match ev {
             Some(SmEvent::Ack(h)) => {
                 let tracks = self.sm.acked(h);
@@ -1571,11 +1667,45 @@ impl Session {
                 if let Some(l) = &self.link {
                     l.info().sm.store(false, Ordering::Relaxed);
                 }
-                self.forget_unacked();
+                return self.sm.unacked.drain(..).map(|(_, t)| t).collect();
             }
             Some(SmEvent::Enabled) => tracing::debug!("stream management enabled"),
             None => {}
         }
+        Vec::new()
+    }
+
+    /// The peer refused stream management after `tracks` were written on
+    /// this stream in its expectation: a ping after them confirms them (a
+    /// stream is processed in order), rather than their owners sending them
+    /// again. If it cannot be written, they go again.
+    async fn confirm_refused(
+        &mut self,
+        wr: &mut Writer,
+        wbuf: &mut Vec<u8>,
+        tracks: Vec<Track>,
+    ) -> std::io::Result<()> {
+        let (ping_id, ping) = self.confirmation_ping();
+        self.outbox.report(Report::AwaitingPing {
+            ping_id: ping_id.clone(),
+            tracks: tracks.clone(),
+        });
+        wbuf.clear();
+        wbuf.extend_from_slice(&ping.raw);
+        if let Err(e) = wr.send(wbuf).await {
+            // (The ping stays awaited, unanswered, like one on a stream that
+            // broke after it was written.)
+            tracing::info!(error = %e, "write failed; reconnecting");
+            self.outbox.report(Report::Unsent {
+                tracks,
+                unreachable: None,
+            });
+            return Err(e);
+        }
+        let outbox = &self.outbox;
+        self.confirming
+            .written(ping_id, Instant::now(), |p| awaited(outbox, p));
+        Ok(())
     }
 
     /// The pending stanzas as one write: with `<r/>` after them when stream
@@ -1600,30 +1730,132 @@ impl Session {
             wbuf.extend_from_slice(format!("<r xmlns='{NS_SM}'/>").as_bytes());
         }
         if !tracked.is_empty() {
-            let n = self.s2s.sessions.next_ping.fetch_add(1, Ordering::Relaxed);
-            let ping_id = format!("dlv-{n}");
-            let (local, remote) = (&self.key.0, &self.key.1);
-            let ping = Stanza::iq(
-                "get",
-                local,
-                remote,
-                &ping_id,
-                "<ping xmlns='urn:xmpp:ping'/>",
-            );
+            let (ping_id, ping) = self.confirmation_ping();
             self.outbox.report(Report::AwaitingPing {
                 ping_id: ping_id.clone(),
                 tracks: tracked,
             });
             wbuf.extend_from_slice(&ping.raw);
+            let outbox = &self.outbox;
+            self.confirming
+                .written(ping_id.clone(), Instant::now(), |p| awaited(outbox, p));
             return Some(ping_id);
         }
         None
+    }
+
+    fn confirm_wait(&self) -> Duration {
+        Duration::from_secs(self.s2s.config.delivery.confirm_wait_secs)
+    }
+
+    /// A new confirmation ping (its id is `dlv-<n>`).
+    fn confirmation_ping(&self) -> (String, Stanza) {
+        let n = self.s2s.sessions.next_ping.fetch_add(1, Ordering::Relaxed);
+        let ping_id = format!("dlv-{n}");
+        let (local, remote) = (&self.key.0, &self.key.1);
+        let ping = Stanza::iq(
+            "get",
+            local,
+            remote,
+            &ping_id,
+            "<ping xmlns='urn:xmpp:ping'/>",
+        );
+        (ping_id, ping)
+    }
+
+    /// The oldest confirmation ping on this stream has waited too long for
+    /// its answer: write another after it, which confirms what the unanswered
+    /// ones followed ([`Confirming`]).
+    async fn reping(&mut self, wr: &mut Writer, wbuf: &mut Vec<u8>) -> std::io::Result<()> {
+        let now = Instant::now();
+        let outbox = &self.outbox;
+        let Some(old) = self.confirming.overdue(now, |p| awaited(outbox, p)) else {
+            return Ok(());
+        };
+        if old.is_empty() {
+            return Ok(());
+        }
+        let (ping_id, ping) = self.confirmation_ping();
+        tracing::info!(
+            unanswered = old.len(),
+            oldest = %old[0],
+            ping = %ping_id,
+            "confirmation unanswered; asking again"
+        );
+        self.outbox.report(Report::Reping {
+            old,
+            ping_id: ping_id.clone(),
+        });
+        wbuf.clear();
+        wbuf.extend_from_slice(&ping.raw);
+        if let Err(e) = wr.send(wbuf).await {
+            // As when a stream breaks with pings unanswered: what they
+            // followed stays in flight until its owner sends it again.
+            tracing::info!(error = %e, "write failed; reconnecting");
+            return Err(e);
+        }
+        let outbox = &self.outbox;
+        self.confirming
+            .written(ping_id, now, |p| awaited(outbox, p));
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unanswered_confirmation_is_asked_again_after_a_doubling_wait() {
+        use std::cell::RefCell;
+        use std::collections::HashSet;
+        let secs = Duration::from_secs;
+        let t0 = Instant::now();
+        let awaited: RefCell<HashSet<String>> = RefCell::default();
+        let is_awaited = |p: &str| awaited.borrow().contains(p);
+        let mut c = Confirming::new(secs(5));
+        assert_eq!(c.due(), None);
+        assert_eq!(c.overdue(t0 + secs(100), is_awaited), None);
+        let write = |c: &mut Confirming, id: &str, at: Instant| {
+            awaited.borrow_mut().insert(id.to_string());
+            c.written(id.to_string(), at, |p| awaited.borrow().contains(p));
+        };
+        write(&mut c, "p1", t0);
+        write(&mut c, "p2", t0 + secs(1));
+        write(&mut c, "p3", t0 + secs(2));
+        assert_eq!(c.due(), Some(t0 + secs(5)));
+        assert_eq!(c.overdue(t0 + secs(4), is_awaited), None);
+        // p1 answered: p2 is the oldest now, overdue a second later.
+        awaited.borrow_mut().remove("p1");
+        assert_eq!(c.overdue(t0 + secs(5), is_awaited), None);
+        assert_eq!(c.due(), Some(t0 + secs(6)));
+        // p3 answered meanwhile (out of order: another owner's): only p2.
+        awaited.borrow_mut().remove("p3");
+        assert_eq!(c.overdue(t0 + secs(6), is_awaited), Some(vec!["p2".into()]));
+        assert_eq!(c.due(), None);
+        // The one asked again waits twice as long, and so on up to a minute.
+        write(&mut c, "p4", t0 + secs(6));
+        assert_eq!(c.due(), Some(t0 + secs(16)));
+        let mut at = t0 + secs(16);
+        let mut waits = Vec::new();
+        for n in 5..10 {
+            let old = c.overdue(at, is_awaited).expect("overdue");
+            assert_eq!(old.len(), 1);
+            write(&mut c, &format!("p{n}"), at);
+            let next = c.due().unwrap();
+            waits.push((next - at).as_secs());
+            at = next;
+        }
+        assert_eq!(waits, [20, 40, 60, 60, 60]);
+        // A busy stream's answered pings do not pile up.
+        let mut c = Confirming::new(secs(5));
+        for n in 0..1000 {
+            let id = format!("q{n}");
+            write(&mut c, &id, t0);
+            awaited.borrow_mut().remove(&id);
+        }
+        assert!(c.sent.len() <= 64, "{}", c.sent.len());
+    }
 
     #[tokio::test]
     async fn flushed_waits_for_what_was_queued_until_written_or_the_session_ends() {

@@ -1024,6 +1024,17 @@ impl Tracker for Arc<Delivery> {
             Report::PingVoid { ping_id } => {
                 lock(&self.confirms).remove(&ping_id);
             }
+            Report::Reping { old, ping_id } => {
+                let mut confirms = lock(&self.confirms);
+                let tracks: Vec<Track> = old
+                    .iter()
+                    .filter_map(|p| confirms.remove(p))
+                    .flatten()
+                    .collect();
+                if !tracks.is_empty() {
+                    confirms.insert(ping_id, tracks);
+                }
+            }
             Report::Confirmed { ping_id } => self.confirmed_now(outbox, &ping_id),
             Report::Acked { tracks } => {
                 self.settle(outbox, tracks.into_iter().map(|t| t.key), delivered)
@@ -1218,14 +1229,24 @@ mod tests {
             ping_id: "dlv-6".into(),
         });
         assert!(!s.delivery.is_confirmation("dlv-6"));
+        // dlv-7's answer did not come in time: dlv-9, written after it on the
+        // same stream, confirms m1 and m2 instead (dlv-8 is not delivery's).
+        s.w.outbox.report(Report::Reping {
+            old: vec!["dlv-7".into(), "dlv-8".into()],
+            ping_id: "dlv-9".into(),
+        });
+        assert!(!s.delivery.is_confirmation("dlv-7"));
         let (mut w, mut taken) = (Writes::default(), Taken::default());
         s.delivery.confirmed("dlv-7", &mut w, &mut taken);
+        assert!(w.is_empty(), "a late answer to dlv-7 confirms nothing now");
+        let (mut w, mut taken) = (Writes::default(), Taken::default());
+        s.delivery.confirmed("dlv-9", &mut w, &mut taken);
         assert!(s.delivery.commit(&s.w.outbox, w, taken).await);
-        assert!(!s.delivery.is_confirmation("dlv-7"));
+        assert!(!s.delivery.is_confirmation("dlv-9"));
         // A second answer to the same ping (a peer that answers twice) settles
         // nothing more.
         let (mut w, mut taken) = (Writes::default(), Taken::default());
-        s.delivery.confirmed("dlv-7", &mut w, &mut taken);
+        s.delivery.confirmed("dlv-9", &mut w, &mut taken);
         assert!(w.is_empty());
         // XEP-0198 acks for m2 (already settled) and m3.
         s.w.outbox.report(Report::Acked {

@@ -370,4 +370,52 @@ mod tests {
         );
         assert_eq!((rooms.got().len(), s.inbox.uncommitted()), (2, 1));
     }
+
+    #[test]
+    fn a_ping_asked_again_reaches_the_owners_awaiting_what_it_replaces() {
+        use crate::routing::Track;
+        let s = services();
+        let [delivery, rooms] = &s.trackers;
+        let awaiting = |ping_id: &str, tracks| Report::AwaitingPing {
+            ping_id: ping_id.into(),
+            tracks,
+        };
+        s.outbox.report(awaiting(
+            "dlv-1",
+            vec![
+                Track::new(Owner::Delivery, "m1"),
+                Track::new(Owner::Rooms, "room/1/x@montague.net"),
+            ],
+        ));
+        s.outbox
+            .report(awaiting("dlv-2", vec![Track::new(Owner::Delivery, "m2")]));
+        s.outbox.report(Report::Reping {
+            old: vec!["dlv-1".into(), "dlv-2".into(), "gone".into()],
+            ping_id: "dlv-3".into(),
+        });
+        // Each owner is told of the pings it awaits, no more.
+        assert_eq!(
+            delivery.got().last(),
+            Some(&Report::Reping {
+                old: vec!["dlv-1".into(), "dlv-2".into()],
+                ping_id: "dlv-3".into(),
+            })
+        );
+        assert_eq!(
+            rooms.got().last(),
+            Some(&Report::Reping {
+                old: vec!["dlv-1".into()],
+                ping_id: "dlv-3".into(),
+            })
+        );
+        // Now the new ping's answer is awaited, the old ones' are not.
+        assert!(s.outbox.awaits(Owner::Rooms, "dlv-3"));
+        assert!(!s.outbox.awaits(Owner::Delivery, "dlv-1"));
+        // Another round names neither of the first two.
+        s.outbox.report(Report::Reping {
+            old: vec!["dlv-1".into()],
+            ping_id: "dlv-4".into(),
+        });
+        assert_eq!((delivery.got().len(), rooms.got().len()), (3, 2));
+    }
 }

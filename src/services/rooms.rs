@@ -270,6 +270,24 @@ impl Tracker for Rooms {
                 pings.insert(ping_id, (keys(tracks), std::time::Instant::now()));
                 return;
             }
+            Report::Reping { old, ping_id } => {
+                // The oldest send time stands: copies unconfirmed for too long
+                // still count as lost after `STALE_MS`.
+                let mut merged: Option<(Vec<String>, std::time::Instant)> = None;
+                for (keys, at) in old.iter().filter_map(|p| pings.remove(p)) {
+                    match &mut merged {
+                        Some((all, first)) => {
+                            all.extend(keys);
+                            *first = (*first).min(at);
+                        }
+                        None => merged = Some((keys, at)),
+                    }
+                }
+                if let Some(m) = merged {
+                    pings.insert(ping_id, m);
+                }
+                return;
+            }
             Report::PingVoid { ping_id } => match pings.remove(&ping_id) {
                 Some((k, _)) => Settle::Unsent(k),
                 None => return,

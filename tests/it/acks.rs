@@ -249,3 +249,110 @@ async fn shutdown_acknowledges_nothing_whose_bounce_is_not_written_within_the_gr
     drop(go);
     receiving.abort();
 }
+
+/// Without XEP-0198 (this peer answers `<enable/>` with `<failed/>`, after our
+/// first messages: a ping confirms those, they are not sent again) our
+/// outbound stream confirms messages with a ping after them. The peer does not
+/// answer that ping (ejabberd drops what it routes to us for a while after it
+/// failed to reach us, as during our restart): after
+/// `delivery.confirm_wait_secs` another ping follows on the same stream, and
+/// no message goes again; the answer to it settles them all (`delivered`).
+/// 127.0.10.5-6.
+#[tokio::test]
+async fn an_unanswered_confirmation_ping_is_asked_again_not_the_messages() {
+    init_log();
+    let (ours_ip, peer_ip) = (Ipv4Addr::new(127, 0, 10, 5), Ipv4Addr::new(127, 0, 10, 6));
+    let net = Net::with_dns_on(ours_ip).await;
+    let mut config = net.config("acks.test", ours_ip, Eku::Both);
+    config.delivery.confirm_wait_secs = 1;
+    // One way streams: the peer answers on a stream of its own.
+    config.federation.bidi = false;
+    let ours = net.start(config).await;
+    create_user(ours.api, "u1", "alice").await;
+    let mut pc = net.config("peer.test", peer_ip, Eku::Both);
+    pc.federation.bidi = false;
+    pc.federation.dialback = DialbackMode::Never;
+    let peer = s2s_layer(pc);
+    let listener = TcpListener::bind(SocketAddr::new(peer_ip.into(), 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    net.dns.add("peer.test", peer_ip, Some(port), None);
+    let accepting = {
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut table = Table::default();
+            table.add_host("peer.test", Arc::new(NopService), Arc::new(NopService));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            inbound::negotiate(&peer, &table, tcp, false, deadline)
+                .await
+                .expect("our stream to the peer authenticates")
+        })
+    };
+    let ids = crate::support::send_batch(
+        ours.api,
+        "u1",
+        "bob@peer.test",
+        (1..=3).map(|n| format!("hello {n}")),
+    )
+    .await;
+    let mut ours_to_peer = tokio::time::timeout(Duration::from_secs(10), accepting)
+        .await
+        .expect("our stream within 10 s")
+        .unwrap()
+        .xs;
+    // What we write, up to `pings` confirmation pings (their ids, and the
+    // messages' ids in between).
+    let mut read = async |pings: usize| {
+        let (mut seen, mut messages) = (Vec::new(), Vec::new());
+        while seen.len() < pings {
+            let el = match tokio::time::timeout(Duration::from_secs(10), ours_to_peer.next()).await
+            {
+                Ok(Ok(Event::Element(el))) => el,
+                other => panic!("after {messages:?} and pings {seen:?}: {other:?}"),
+            };
+            let text = el.as_str().to_string();
+            let id = el.attr("id").map(str::to_string);
+            match &*el.name {
+                "enable" => ours_to_peer
+                    .send(format!("<failed xmlns='{NS_SM}'/>").as_bytes())
+                    .await
+                    .unwrap(),
+                // Written in the expectation of acks, before the refusal.
+                "r" => {}
+                "message" => messages.push(id.unwrap_or_default()),
+                "iq" if text.contains("urn:xmpp:ping") => seen.push(id.unwrap_or_default()),
+                _ => panic!("unexpected: {text}"),
+            }
+        }
+        (seen, messages)
+    };
+    let (first, messages) = read(1).await;
+    assert_eq!(messages, ids);
+    // Unanswered: another ping, the messages not again.
+    let (again, resent) = read(1).await;
+    assert!(resent.is_empty(), "sent again: {resent:?}");
+    assert_ne!(again, first);
+
+    // The peer answers the second one, on its stream to us.
+    let tcp = TcpStream::connect(ours.starttls[0]).await.unwrap();
+    let mut log = |_: String| {};
+    let mut peer_to_ours =
+        outbound::negotiate(&peer, tcp, false, "peer.test", "acks.test", &mut log)
+            .await
+            .unwrap()
+            .xs;
+    let answer = format!(
+        "<iq type='result' from='peer.test' to='acks.test' id='{}'/>",
+        again[0]
+    );
+    peer_to_ours.send(answer.as_bytes()).await.unwrap();
+    for id in &ids {
+        crate::support::wait_event(ours.api, |e| {
+            e["type"] == "delivered" && e["id"] == id.as_str()
+        })
+        .await;
+    }
+    ours.shutdown().await;
+}
