@@ -30,11 +30,7 @@ async fn receiver(
     if go.await.is_err() {
         return;
     }
-    let (tcp, _) = listener.accept().await.unwrap();
-    let mut table = Table::default();
-    table.add_host("peer.test", Arc::new(NopService), Arc::new(NopService));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let Some(mut auth) = inbound::negotiate(&s2s, &table, tcp, false, deadline).await else {
+    let Some(mut auth) = accept_ours(&s2s, &listener).await else {
         return;
     };
     while let Ok(Ok(Event::Element(el))) =
@@ -44,6 +40,30 @@ async fn receiver(
             return;
         }
     }
+}
+
+/// Accept one stream from us on `listener` and negotiate it as `peer.test`'s
+/// receiving side.
+async fn accept_ours(s2s: &S2s, listener: &TcpListener) -> Option<inbound::Authenticated> {
+    let (tcp, _) = listener.accept().await.ok()?;
+    let mut table = Table::default();
+    table.add_host("peer.test", Arc::new(NopService), Arc::new(NopService));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    inbound::negotiate(s2s, &table, tcp, false, deadline).await
+}
+
+/// The peer `peer.test` on `ip` (one way streams, certificates only) and its
+/// listener, published in the DNS.
+async fn peer_on(net: &Net, ip: Ipv4Addr) -> (Arc<S2s>, TcpListener) {
+    let mut pc = net.config("peer.test", ip, Eku::Both);
+    pc.federation.bidi = false;
+    pc.federation.dialback = DialbackMode::Never;
+    let listener = TcpListener::bind(SocketAddr::new(ip.into(), 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    net.dns.add("peer.test", ip, Some(port), None);
+    (s2s_layer(pc), listener)
 }
 
 type PeerStream = XmlStream<outbound::TlsOut<TcpStream>>;
@@ -72,15 +92,7 @@ async fn scene(ours_ip: Ipv4Addr, peer_ip: Ipv4Addr, grace: u64) -> Scene {
     create_user(ours.api, "u1", "alice").await;
 
     // The peer: one way streams (XEP-0198 is not offered on bidi ones).
-    let mut pc = net.config("peer.test", peer_ip, Eku::Both);
-    pc.federation.bidi = false;
-    pc.federation.dialback = DialbackMode::Never;
-    let peer = s2s_layer(pc);
-    let listener = TcpListener::bind(SocketAddr::new(peer_ip.into(), 0))
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    net.dns.add("peer.test", peer_ip, Some(port), None);
+    let (peer, listener) = peer_on(&net, peer_ip).await;
     let (go, go_rx) = oneshot::channel();
     let (got_tx, got) = mpsc::unbounded_channel();
     let receiving = tokio::spawn(receiver(peer.clone(), listener, go_rx, got_tx));
@@ -269,23 +281,11 @@ async fn an_unanswered_confirmation_ping_is_asked_again_not_the_messages() {
     config.federation.bidi = false;
     let ours = net.start(config).await;
     create_user(ours.api, "u1", "alice").await;
-    let mut pc = net.config("peer.test", peer_ip, Eku::Both);
-    pc.federation.bidi = false;
-    pc.federation.dialback = DialbackMode::Never;
-    let peer = s2s_layer(pc);
-    let listener = TcpListener::bind(SocketAddr::new(peer_ip.into(), 0))
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    net.dns.add("peer.test", peer_ip, Some(port), None);
+    let (peer, listener) = peer_on(&net, peer_ip).await;
     let accepting = {
         let peer = peer.clone();
         tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut table = Table::default();
-            table.add_host("peer.test", Arc::new(NopService), Arc::new(NopService));
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            inbound::negotiate(&peer, &table, tcp, false, deadline)
+            accept_ours(&peer, &listener)
                 .await
                 .expect("our stream to the peer authenticates")
         })
