@@ -19,7 +19,8 @@
 //! domain; the server's default otherwise). `--drain-alone true` keeps the peer
 //! down while `wrk` runs, then starts it: the drain of the backlog is then
 //! measured alone (from the first message out to the last confirmed, with the
-//! CPU of that span), not beside the API's own load. `--bidi false` turns bidirectional
+//! CPU of that span), not beside the API's own load. `--cache-mib N` sets both
+//! instances' redb page cache (`store.cache_mib`). `--bidi false` turns bidirectional
 //! streams off on both, so they confirm by XEP-0198 acks instead of pings.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -71,7 +72,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new("Load CA");
     let dns = DnsServer::start("127.0.0.1:0".parse()?).await?;
-    let mut extra = "[limits]\noutbound_queue = 1000000\n".to_string();
+    let mut extra = String::new();
+    // `--cache-mib N`: both instances' `store.cache_mib` (the extra config
+    // starts inside their `[store]` section).
+    let cache_mib = arg("--cache-mib", "");
+    if !cache_mib.is_empty() {
+        extra.push_str(&format!("cache_mib = {}\n", cache_mib.parse::<usize>()?));
+    }
+    extra.push_str("[limits]\noutbound_queue = 1000000\n");
     // `--window N`: the sender's `delivery.window` (else the default).
     let window = arg("--window", "");
     let drain_alone = match arg("--drain-alone", "false").as_str() {

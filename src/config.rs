@@ -81,6 +81,9 @@ pub struct StoreConfig {
     pub backend: crate::store::Backend,
     /// Directory of the database (created if missing).
     pub path: PathBuf,
+    /// redb's page cache, in MiB (its memory grows to this under load, on top
+    /// of the operating system's file cache). sled ignores it.
+    pub cache_mib: usize,
 }
 
 impl Default for StoreConfig {
@@ -88,6 +91,8 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: crate::store::Backend::default(),
             path: PathBuf::from("xmpp-federator-data"),
+            // redb's own default.
+            cache_mib: 1024,
         }
     }
 }
@@ -685,6 +690,9 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=1 << 20).contains(&self.store.cache_mib) {
+            return Err(invalid("store.cache_mib", "must be between 1 and 1048576"));
+        }
         if !(1..=60).contains(&self.delivery.confirm_wait_secs) {
             return Err(invalid(
                 "delivery.confirm_wait_secs",
@@ -764,6 +772,10 @@ mod tests {
                 .to_string();
             assert!(e.contains(field), "{e}");
         }
+        let e = Config::from_toml("[store]\ncache_mib = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.cache_mib"), "{e}");
         for bad in ["0", "61"] {
             let e = Config::from_toml(&format!("[delivery]\nconfirm_wait_secs = {bad}"))
                 .unwrap_err()

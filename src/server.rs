@@ -121,8 +121,12 @@ impl Server {
             path: config.store.path.display().to_string(),
             source,
         };
-        let kv =
-            crate::store::open_kv(config.store.backend, &config.store.path).map_err(store_err)?;
+        let kv = crate::store::open_kv(
+            config.store.backend,
+            &config.store.path,
+            config.store.cache_mib.saturating_mul(1 << 20),
+        )
+        .map_err(store_err)?;
         let store = Store::open(kv, &config.domains[0]).map_err(store_err)?;
         store.observe_commits(metrics.store_commit_seconds());
         policy.set_runtime(stored_policy(&store).map_err(store_err)?);

@@ -105,11 +105,16 @@ pub fn memory_kv() -> Result<Arc<dyn Kv>, StoreError> {
     Ok(Arc::new(redb_kv::RedbKv::in_memory()?))
 }
 
-/// Open a backend at `path` (a directory for sled, a file for redb).
-pub fn open_kv(backend: Backend, path: &Path) -> Result<Arc<dyn Kv>, StoreError> {
+/// Open a backend at `path` (a directory for sled, a file for redb), redb
+/// with a page cache of `cache_bytes`.
+pub fn open_kv(
+    backend: Backend,
+    path: &Path,
+    cache_bytes: usize,
+) -> Result<Arc<dyn Kv>, StoreError> {
     Ok(match backend {
         Backend::Sled => Arc::new(sled_kv::SledKv::open(path)?),
-        Backend::Redb => Arc::new(redb_kv::RedbKv::open(path)?),
+        Backend::Redb => Arc::new(redb_kv::RedbKv::open_with_cache(path, cache_bytes)?),
     })
 }
 

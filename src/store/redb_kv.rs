@@ -22,13 +22,22 @@ impl RedbKv {
     /// Open (or create) the database file; `path` may be a directory, in which case
     /// the file `data.redb` inside it is used.
     pub fn open(path: &Path) -> Result<RedbKv, StoreError> {
+        RedbKv::open_with_cache(path, 1 << 30)
+    }
+
+    /// [`RedbKv::open`] with a page cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<RedbKv, StoreError> {
         let file = if path.is_dir() || path.extension().is_none() {
             std::fs::create_dir_all(path).map_err(err)?;
             path.join("data.redb")
         } else {
             path.to_owned()
         };
-        RedbKv::init(Database::create(file).map_err(err)?)
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(file)
+            .map_err(err)?;
+        RedbKv::init(db)
     }
 
     /// A database in memory (tests, and tools that keep nothing).
