@@ -53,6 +53,8 @@ use super::{condition, error_text, recipient, stanza_error};
 
 /// Free slots in a lane below which its peer's streams wait.
 const HEADROOM: usize = 256;
+/// Stanzas prepared between two yields of the inbox task to the runtime.
+const PREPARE_SLICE: usize = 128;
 /// Most stanzas in one batch (one transaction).
 const MAX_BATCH: usize = 1024;
 /// Bytes of stanzas past which a batch takes no more.
@@ -447,11 +449,13 @@ pub async fn run(task: InboxTask, rx: InboxRx) {
             shared.release(&mut taken, stored);
             continue;
         }
-        let next = task.start(
-            &mut batch,
-            taken,
-            committing.as_ref().map(|c| &c.prepared.keys),
-        );
+        let next = task
+            .start(
+                &mut batch,
+                taken,
+                committing.as_ref().map(|c| &c.prepared.keys),
+            )
+            .await;
         if let Some(c) = committing.replace(next)
             && !task.complete(c, &shared).await
             && let Some(n) = committing.as_mut()
@@ -498,13 +502,13 @@ struct Prepared {
 impl InboxTask {
     /// Prepare `batch` (no presence in it) and queue its commit; `recent` are the
     /// dedup keys of the batch still committing.
-    fn start<'a>(
+    async fn start<'a>(
         &'a self,
         batch: &mut Vec<Stanza>,
         taken: InFlight,
         recent: Option<&HashSet<String>>,
     ) -> Committing<'a> {
-        let mut prepared = self.prepare(batch, recent);
+        let mut prepared = self.prepare(batch, recent).await;
         let w = std::mem::take(&mut prepared.w);
         let delivery_taken = std::mem::take(&mut prepared.taken);
         Committing {
@@ -554,7 +558,7 @@ impl InboxTask {
                 .iter()
                 .position(|s| s.kind == Kind::Presence)
                 .map(|at| rest.split_off(at));
-            let mut p = self.prepare(&mut rest, None);
+            let mut p = self.prepare(&mut rest, None).await;
             stored &= self.delivery.commit(&self.outbox, p.w, p.taken).await;
             replies.append(&mut p.replies);
             refused.append(&mut p.refused);
@@ -570,7 +574,7 @@ impl InboxTask {
 
     /// Everything `batch` (no presence in it) settles or stores, as one
     /// transaction's writes; dedup keys in `recent` count as stored.
-    fn prepare(&self, batch: &mut Vec<Stanza>, recent: Option<&HashSet<String>>) -> Prepared {
+    async fn prepare(&self, batch: &mut Vec<Stanza>, recent: Option<&HashSet<String>>) -> Prepared {
         let t0 = std::time::Instant::now();
         let mut p = Prepared {
             stanzas: batch.len(),
@@ -595,7 +599,13 @@ impl InboxTask {
             })
             .into_iter();
         let mut keys = keys.into_iter();
-        for stanza in batch.drain(..) {
+        for (n, stanza) in batch.drain(..).enumerate() {
+            if n % PREPARE_SLICE == PREPARE_SLICE - 1 {
+                // A batch of a thousand takes milliseconds: let the streams'
+                // tasks on this worker run in between (a quiet peer's ping
+                // is answered at once, if its task gets the worker).
+                tokio::task::yield_now().await;
+            }
             let dedup_key = keys.next().flatten();
             let already = dedup_key.is_some() && seen.next().unwrap_or(false);
             if stanza.kind == Kind::Iq {
