@@ -758,32 +758,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.max_depth"), "{e}");
-        for (toml, field) in [
-            ("peer_bytes_per_sec = 1000", "limits.peer_bytes_per_sec"),
-            ("peer_stanzas_per_sec = 0", "limits.peer_stanzas_per_sec"),
-            ("peer_burst_secs = 0", "limits.peer_burst_secs"),
+        for (toml, field, why) in [
             (
-                "max_streams_per_domain = 0",
+                "[limits]\npeer_bytes_per_sec = 1000",
+                "limits.peer_bytes_per_sec",
+                "",
+            ),
+            (
+                "[limits]\npeer_stanzas_per_sec = 0",
+                "limits.peer_stanzas_per_sec",
+                "",
+            ),
+            (
+                "[limits]\npeer_burst_secs = 0",
+                "limits.peer_burst_secs",
+                "",
+            ),
+            (
+                "[limits]\nmax_streams_per_domain = 0",
                 "limits.max_streams_per_domain",
+                "",
+            ),
+            ("[store]\ncache_mib = 0", "store.cache_mib", ""),
+            (
+                "[delivery]\nconfirm_wait_secs = 0",
+                "delivery.confirm_wait_secs",
+                "between 1 and 60",
+            ),
+            (
+                "[delivery]\nconfirm_wait_secs = 61",
+                "delivery.confirm_wait_secs",
+                "between 1 and 60",
             ),
         ] {
-            let e = Config::from_toml(&format!("[limits]\n{toml}"))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(field), "{e}");
-        }
-        let e = Config::from_toml("[store]\ncache_mib = 0")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("store.cache_mib"), "{e}");
-        for bad in ["0", "61"] {
-            let e = Config::from_toml(&format!("[delivery]\nconfirm_wait_secs = {bad}"))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains("delivery.confirm_wait_secs") && e.contains("between 1 and 60"),
-                "{e}"
-            );
+            let e = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{e}");
         }
         let e = Config::from_toml("[dns.overrides]\n'x.test' = ['nope']")
             .unwrap_err()

@@ -150,20 +150,21 @@ fn write_batch(window: usize) -> usize {
     (window / 4).clamp(64, 512)
 }
 
-/// A confirmation ping waits `delivery.confirm_wait_secs` for its answer on
-/// a stream before another is written after it (which confirms the same,
-/// [`Report::Reping`]); the wait doubles each time, up to [`REPING_MAX`], so
-/// a peer that is only slow gets time. An answer is lost by the peer when its stream back to us
-/// fails: ejabberd drops what it routes to us for up to
-/// `s2s_max_retry_delay` after a failed connection (as during our restart),
-/// and without another ping a full window would wait for the sweeper's
-/// resend (a minute, and a window of duplicates).
 /// The longest wait for a confirmation ping's answer before another.
 const REPING_MAX: Duration = Duration::from_secs(60);
 
 /// The confirmation pings written on the current stream that may still be
 /// unanswered (oldest first), and how long the oldest may wait. Sans-IO:
 /// `awaited` says whether a ping's answer is still awaited by its owners.
+///
+/// A ping waits `delivery.confirm_wait_secs` for its answer before another
+/// is written after it on the same stream (which confirms the same,
+/// [`Report::Reping`]); the wait doubles each time, up to [`REPING_MAX`], so
+/// a peer that is only slow gets time. A peer loses an answer when its stream
+/// back to us fails: ejabberd drops what it routes to us for up to
+/// `s2s_max_retry_delay` after a failed connection (as during our restart),
+/// and without another ping a full window would wait for the sweeper's
+/// resend (a minute, and a window of duplicates).
 #[derive(Debug)]
 struct Confirming {
     sent: VecDeque<(String, Instant)>,
@@ -171,8 +172,12 @@ struct Confirming {
 }
 
 impl Confirming {
-    /// None written yet; the first waits `wait`.
-    fn new(wait: Duration) -> Self {
+    /// None written yet; the first waits `delivery.confirm_wait_secs`.
+    fn new(delivery: &crate::config::DeliveryConfig) -> Self {
+        Confirming::waiting(Duration::from_secs(delivery.confirm_wait_secs))
+    }
+
+    fn waiting(wait: Duration) -> Self {
         Confirming {
             sent: VecDeque::new(),
             wait,
@@ -1059,9 +1064,7 @@ pub fn send(
                         rx,
                         pending: VecDeque::new(),
                         sm: SmState::default(),
-                        confirming: Confirming::new(Duration::from_secs(
-                            s2s.config.delivery.confirm_wait_secs,
-                        )),
+                        confirming: Confirming::new(&s2s.config.delivery),
                         domain_out: s2s.metrics.domain_stanzas_out(remote),
                         counters: s2s.links.domain(remote),
                         link: None,
@@ -1494,7 +1497,7 @@ impl Session {
             ..SmState::default()
         };
         // A ping on this stream confirms nothing written on the last one.
-        self.confirming = Confirming::new(self.confirm_wait());
+        self.confirming = Confirming::new(&self.s2s.config.delivery);
         if self.sm.on
             && wr
                 .send(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
@@ -1690,16 +1693,31 @@ impl Session {
             ping_id: ping_id.clone(),
             tracks: tracks.clone(),
         });
-        wbuf.clear();
-        wbuf.extend_from_slice(&ping.raw);
-        if let Err(e) = wr.send(wbuf).await {
+        let written = self.write_ping(wr, wbuf, ping_id, &ping).await;
+        if written.is_err() {
             // (The ping stays awaited, unanswered, like one on a stream that
             // broke after it was written.)
-            tracing::info!(error = %e, "write failed; reconnecting");
             self.outbox.report(Report::Unsent {
                 tracks,
                 unreachable: None,
             });
+        }
+        written
+    }
+
+    /// Write confirmation ping `ping_id` alone (its owners were told), and
+    /// keep it as one this stream awaits the answer to.
+    async fn write_ping(
+        &mut self,
+        wr: &mut Writer,
+        wbuf: &mut Vec<u8>,
+        ping_id: String,
+        ping: &Stanza,
+    ) -> std::io::Result<()> {
+        wbuf.clear();
+        wbuf.extend_from_slice(&ping.raw);
+        if let Err(e) = wr.send(wbuf).await {
+            tracing::info!(error = %e, "write failed; reconnecting");
             return Err(e);
         }
         let outbox = &self.outbox;
@@ -1744,10 +1762,6 @@ impl Session {
         None
     }
 
-    fn confirm_wait(&self) -> Duration {
-        Duration::from_secs(self.s2s.config.delivery.confirm_wait_secs)
-    }
-
     /// A new confirmation ping (its id is `dlv-<n>`).
     fn confirmation_ping(&self) -> (String, Stanza) {
         let n = self.s2s.sessions.next_ping.fetch_add(1, Ordering::Relaxed);
@@ -1767,9 +1781,11 @@ impl Session {
     /// its answer: write another after it, which confirms what the unanswered
     /// ones followed ([`Confirming`]).
     async fn reping(&mut self, wr: &mut Writer, wbuf: &mut Vec<u8>) -> std::io::Result<()> {
-        let now = Instant::now();
         let outbox = &self.outbox;
-        let Some(old) = self.confirming.overdue(now, |p| awaited(outbox, p)) else {
+        let Some(old) = self
+            .confirming
+            .overdue(Instant::now(), |p| awaited(outbox, p))
+        else {
             return Ok(());
         };
         if old.is_empty() {
@@ -1786,18 +1802,9 @@ impl Session {
             old,
             ping_id: ping_id.clone(),
         });
-        wbuf.clear();
-        wbuf.extend_from_slice(&ping.raw);
-        if let Err(e) = wr.send(wbuf).await {
-            // As when a stream breaks with pings unanswered: what they
-            // followed stays in flight until its owner sends it again.
-            tracing::info!(error = %e, "write failed; reconnecting");
-            return Err(e);
-        }
-        let outbox = &self.outbox;
-        self.confirming
-            .written(ping_id, now, |p| awaited(outbox, p));
-        Ok(())
+        // If it fails, as when a stream breaks with pings unanswered: what
+        // they followed stays in flight until its owner sends it again.
+        self.write_ping(wr, wbuf, ping_id, &ping).await
     }
 }
 
@@ -1813,7 +1820,7 @@ mod tests {
         let t0 = Instant::now();
         let awaited: RefCell<HashSet<String>> = RefCell::default();
         let is_awaited = |p: &str| awaited.borrow().contains(p);
-        let mut c = Confirming::new(secs(5));
+        let mut c = Confirming::waiting(secs(5));
         assert_eq!(c.due(), None);
         assert_eq!(c.overdue(t0 + secs(100), is_awaited), None);
         let write = |c: &mut Confirming, id: &str, at: Instant| {
@@ -1848,7 +1855,7 @@ mod tests {
         }
         assert_eq!(waits, [20, 40, 60, 60, 60]);
         // A busy stream's answered pings do not pile up.
-        let mut c = Confirming::new(secs(5));
+        let mut c = Confirming::waiting(secs(5));
         for n in 0..1000 {
             let id = format!("q{n}");
             write(&mut c, &id, t0);
