@@ -148,7 +148,8 @@ pub struct DeliveryConfig {
     /// Without XEP-0198 acks, a confirmation ping unanswered for this many
     /// seconds is followed by another on the same stream (which confirms the
     /// same: a peer may drop an answer); the wait doubles each time, up to a
-    /// minute.
+    /// minute. The pings of a stream that ended are waited for this long
+    /// after its end; then what they followed goes again.
     pub confirm_wait_secs: u64,
 }
 

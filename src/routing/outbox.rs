@@ -119,10 +119,20 @@ pub enum Report {
         /// Their tracks.
         tracks: Vec<Track>,
     },
-    /// The batch before ping `ping_id` could not be written whole: its
-    /// stanzas go again on the next stream, after a ping of their own, and an
-    /// answer to this one confirms nothing (told to the trackers awaiting it).
+    /// The batch before ping `ping_id` could not be written whole: the
+    /// session writes its stanzas again on the next stream, after a ping of
+    /// their own, and an answer to this one confirms nothing (told to the
+    /// trackers awaiting it, which only forget it).
     PingVoid {
+        /// The ping's id.
+        ping_id: String,
+    },
+    /// Ping `ping_id` was written (or may have been) on a stream that ended,
+    /// and no answer came within `delivery.confirm_wait_secs` of the end (a
+    /// peer that crashed never answers): what it followed is not known to be
+    /// delivered, and its owners send it again; a late answer confirms
+    /// nothing (told to the trackers awaiting it).
+    PingLost {
         /// The ping's id.
         ping_id: String,
     },
@@ -171,7 +181,8 @@ pub trait Tracker: Send + Sync + 'static {
 
     /// Whether the answer to ping `ping_id` would confirm stanzas of this
     /// tracker's (it was told [`Report::AwaitingPing`], and neither
-    /// [`Report::PingVoid`] nor [`Report::Confirmed`] since).
+    /// [`Report::PingVoid`], [`Report::PingLost`] nor [`Report::Confirmed`]
+    /// since).
     fn awaits(&self, ping_id: &str) -> bool;
 }
 
@@ -526,6 +537,11 @@ impl Outbox {
             Report::PingVoid { ping_id } => {
                 for (owner, ping_id) in share(awaiting(&ping_id), ping_id) {
                     tell(owner, Report::PingVoid { ping_id });
+                }
+            }
+            Report::PingLost { ping_id } => {
+                for (owner, ping_id) in share(awaiting(&ping_id), ping_id) {
+                    tell(owner, Report::PingLost { ping_id });
                 }
             }
             Report::Confirmed { ping_id } => {

@@ -127,7 +127,9 @@ impl Tracker for Arc<FakeTracker> {
                         awaits = false;
                     }
                 }
-                Report::PingVoid { ping_id: p } | Report::Confirmed { ping_id: p }
+                Report::PingVoid { ping_id: p }
+                | Report::PingLost { ping_id: p }
+                | Report::Confirmed { ping_id: p }
                     if p == ping_id =>
                 {
                     awaits = false

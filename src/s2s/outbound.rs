@@ -1306,6 +1306,7 @@ impl Session {
             };
             let end = self.run_stream(carrier, &mut wbuf).instrument(span).await;
             self.link = None;
+            self.orphan();
             match end {
                 StreamEnd::Reconnect => continue,
                 StreamEnd::Done => return,
@@ -1496,8 +1497,8 @@ impl Session {
             on: sm_on,
             ..SmState::default()
         };
-        // A ping on this stream confirms nothing written on the last one.
-        self.confirming = Confirming::new(&self.s2s.config.delivery);
+        // (The last stream's pings were orphaned when it ended: a ping on
+        // this one confirms nothing written there.)
         if self.sm.on
             && wr
                 .send(format!("<enable xmlns='{NS_SM}'/>").as_bytes())
@@ -1693,20 +1694,13 @@ impl Session {
             ping_id: ping_id.clone(),
             tracks: tracks.clone(),
         });
-        let written = self.write_ping(wr, wbuf, ping_id, &ping).await;
-        if written.is_err() {
-            // (The ping stays awaited, unanswered, like one on a stream that
-            // broke after it was written.)
-            self.outbox.report(Report::Unsent {
-                tracks,
-                unreachable: None,
-            });
-        }
-        written
+        // If it cannot be written, the ping is lost with the stream.
+        self.write_ping(wr, wbuf, ping_id, &ping).await
     }
 
     /// Write confirmation ping `ping_id` alone (its owners were told), and
-    /// keep it as one this stream awaits the answer to.
+    /// keep it as one this stream awaits the answer to (also if the write
+    /// fails: part of it may be out, and [`Session::orphan`] settles it).
     async fn write_ping(
         &mut self,
         wr: &mut Writer,
@@ -1716,14 +1710,56 @@ impl Session {
     ) -> std::io::Result<()> {
         wbuf.clear();
         wbuf.extend_from_slice(&ping.raw);
-        if let Err(e) = wr.send(wbuf).await {
-            tracing::info!(error = %e, "write failed; reconnecting");
-            return Err(e);
-        }
         let outbox = &self.outbox;
         self.confirming
             .written(ping_id, Instant::now(), |p| awaited(outbox, p));
-        Ok(())
+        wr.send(wbuf).await.inspect_err(|e| {
+            tracing::info!(error = %e, "write failed; reconnecting");
+        })
+    }
+
+    /// The current stream ended: its confirmation pings still unanswered
+    /// `delivery.confirm_wait_secs` from now are lost ([`Report::PingLost`]),
+    /// and what they followed goes again. The answer to one may still come
+    /// (the peer answers on its own stream), so not at once; a peer that
+    /// crashed never answers, and without this its messages would hold the
+    /// domain's window until delivery's in-flight timeout.
+    fn orphan(&mut self) {
+        let old = std::mem::replace(
+            &mut self.confirming,
+            Confirming::new(&self.s2s.config.delivery),
+        );
+        let pings: Vec<String> = old.sent.into_iter().map(|(id, _)| id).collect();
+        if pings.is_empty() {
+            return;
+        }
+        let outbox = self.outbox.clone();
+        let wait = Duration::from_secs(self.s2s.config.delivery.confirm_wait_secs);
+        let span = tracing::Span::current();
+        let shutdown = self.s2s.shutdown.clone();
+        // Tracked, so that a shutdown waits for it (it holds the outbox).
+        self.s2s.tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    // Not settled in memory: the queue is on disk.
+                    _ = shutdown.cancelled() => return,
+                }
+                let lost: Vec<String> =
+                    pings.into_iter().filter(|p| awaited(&outbox, p)).collect();
+                if let Some(oldest) = lost.first() {
+                    tracing::info!(
+                        unanswered = lost.len(),
+                        oldest = %oldest,
+                        "confirmations of an ended stream unanswered; sending what they followed again"
+                    );
+                }
+                for ping_id in lost {
+                    outbox.report(Report::PingLost { ping_id });
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// The pending stanzas as one write: with `<r/>` after them when stream
@@ -1802,8 +1838,7 @@ impl Session {
             old,
             ping_id: ping_id.clone(),
         });
-        // If it fails, as when a stream breaks with pings unanswered: what
-        // they followed stays in flight until its owner sends it again.
+        // If it fails, the new ping is lost with the stream (`orphan`).
         self.write_ping(wr, wbuf, ping_id, &ping).await
     }
 }

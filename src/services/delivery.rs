@@ -19,7 +19,8 @@
 //! `delivered` event.
 //! An error reply for the message's id removes it with a `bounced` event. A sweeper
 //! resubmits what is neither confirmed nor in flight (after a restart, or after a
-//! stream broke before the confirmation), no faster than the sessions take them,
+//! stream broke before the confirmation: [`Report::PingLost`] sends it again at
+//! once), no faster than the sessions take them,
 //! one domain's message after another's in turn (a domain's backlog after an
 //! outage delays no other domain), and expires what is too old. A domain that could not be reached is held back,
 //! its wait doubling per failed attempt up to `delivery.max_retry_secs`.
@@ -38,7 +39,7 @@
 //! as it was first sent), so a receiver can drop the duplicate; ours do.
 //! XEP-0198 resumption would close that window; it is not implemented.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -243,15 +244,14 @@ impl Queue {
     }
 
     /// Make message `id` due again (it was not delivered).
-    fn due(&mut self, id: &str) {
-        let Some(t) = self.by_id.get_mut(id) else {
-            return;
-        };
-        if t.submitted.take().is_some() {
-            let f = self.domains.entry(t.domain.clone()).or_default();
-            f.in_flight = f.in_flight.saturating_sub(1);
-            f.due.insert(t.seq, id.to_string(), &t.from);
-        }
+    /// Message `id` is due again; returns its domain if it was in flight.
+    fn due(&mut self, id: &str) -> Option<&str> {
+        let t = self.by_id.get_mut(id)?;
+        t.submitted.take()?;
+        let f = self.domains.entry(t.domain.clone()).or_default();
+        f.in_flight = f.in_flight.saturating_sub(1);
+        f.due.insert(t.seq, id.to_string(), &t.from);
+        Some(&t.domain)
     }
 
     /// Take message `id` out to be settled: a due one leaves its domain's
@@ -469,6 +469,23 @@ impl Delivery {
     /// Make a message due again (its stream failed before the confirmation).
     fn unsubmit(&self, id: &str) {
         lock(&self.queue).due(id);
+    }
+
+    /// Make messages due again, and send them at once within their domains'
+    /// windows (not at the next sweep).
+    fn resend_now(self: &Arc<Self>, outbox: &Outbox, ids: impl Iterator<Item = Arc<str>>) {
+        let mut domains = BTreeSet::new();
+        {
+            let mut q = lock(&self.queue);
+            for id in ids {
+                if let Some(d) = q.due(&id) {
+                    domains.insert(d.to_string());
+                }
+            }
+        }
+        for d in domains {
+            self.pump(outbox, &d);
+        }
     }
 
     /// One sweep: the ids that expired, the messages in flight for too long
@@ -1024,6 +1041,10 @@ impl Tracker for Arc<Delivery> {
             Report::PingVoid { ping_id } => {
                 lock(&self.confirms).remove(&ping_id);
             }
+            Report::PingLost { ping_id } => {
+                let tracks = lock(&self.confirms).remove(&ping_id);
+                self.resend_now(outbox, tracks.into_iter().flatten().map(|t| t.key));
+            }
             Report::Reping { old, ping_id } => {
                 let mut confirms = lock(&self.confirms);
                 let tracks: Vec<Track> = old
@@ -1263,6 +1284,43 @@ mod tests {
         );
         assert_eq!(s.delivery.queued(), 0);
         assert!(s.store.queued().unwrap().is_empty());
+    }
+
+    /// A ping lost with its stream (a peer that crashed never answers) makes
+    /// what it followed due at once, not after the in-flight timeout, and
+    /// frees the domain's window; a late answer confirms nothing.
+    #[tokio::test]
+    async fn a_lost_ping_sends_its_messages_again_and_frees_the_window() {
+        let s = setup_with(|c| c.delivery.window = 2);
+        let far = now_ms() + 3_600_000;
+        queue(
+            &s,
+            vec![
+                message("m1", "x@remote.test", far),
+                message("m2", "x@remote.test", far),
+                message("m3", "x@remote.test", far),
+            ],
+        )
+        .await;
+        assert_eq!(sent_ids(&s), vec!["m1", "m2"], "the window holds m3");
+        s.w.outbox.report(Report::AwaitingPing {
+            ping_id: "dlv-1".into(),
+            tracks: tracks(&["m1", "m2"]),
+        });
+        s.w.outbox.report(Report::PingLost {
+            ping_id: "dlv-1".into(),
+        });
+        assert!(!s.delivery.is_confirmation("dlv-1"));
+        let (mut w, mut taken) = (Writes::default(), Taken::default());
+        s.delivery.confirmed("dlv-1", &mut w, &mut taken);
+        assert!(
+            w.is_empty(),
+            "a late answer to a lost ping confirms nothing"
+        );
+        // Sent again at once, oldest first, within the window.
+        assert_eq!(sent_ids(&s), vec!["m1", "m2", "m1", "m2"]);
+        assert_eq!(s.delivery.in_flight("remote.test"), 2);
+        assert_eq!(s.delivery.queued(), 3);
     }
 
     #[tokio::test]

@@ -288,7 +288,13 @@ impl Tracker for Rooms {
                 }
                 return;
             }
-            Report::PingVoid { ping_id } => match pings.remove(&ping_id) {
+            // The session writes those copies again, after a ping of their
+            // own (or hands them back as unsent).
+            Report::PingVoid { ping_id } => {
+                pings.remove(&ping_id);
+                return;
+            }
+            Report::PingLost { ping_id } => match pings.remove(&ping_id) {
                 Some((k, _)) => Settle::Unsent(k),
                 None => return,
             },
@@ -1695,6 +1701,38 @@ mod tests {
         let t = |k: &str| Track::new(Owner::Rooms, k);
         let keys = keys(vec![t("a"), t("a"), t("b"), t("b"), t("a")]);
         assert_eq!(keys, vec!["a", "b", "a"]);
+    }
+
+    /// A ping whose batch was not written whole settles nothing (the session
+    /// writes those copies again, after a ping of their own); one lost with
+    /// its stream sends its copies again.
+    #[tokio::test]
+    async fn a_void_ping_settles_nothing_and_a_lost_one_sends_its_copies_again() {
+        let w = crate::routing::testing::World::new();
+        let (rooms, mut rx) = Rooms::new(8);
+        let t = |k: &str| Track::new(Owner::Rooms, k);
+        let awaiting = |p: &str, k: &str| Report::AwaitingPing {
+            ping_id: p.into(),
+            tracks: vec![t(k)],
+        };
+        rooms.report(&w.outbox, awaiting("p1", "a"));
+        rooms.report(
+            &w.outbox,
+            Report::PingVoid {
+                ping_id: "p1".into(),
+            },
+        );
+        assert!(!rooms.awaits("p1"));
+        assert!(rx.1.try_recv().is_err(), "nothing settled");
+        rooms.report(&w.outbox, awaiting("p2", "b"));
+        rooms.report(
+            &w.outbox,
+            Report::PingLost {
+                ping_id: "p2".into(),
+            },
+        );
+        assert!(!rooms.awaits("p2"));
+        assert_eq!(rx.1.try_recv().ok(), Some(Settle::Unsent(vec!["b".into()])));
     }
 
     fn room() -> RoomState {

@@ -52,6 +52,35 @@ async fn accept_ours(s2s: &S2s, listener: &TcpListener) -> Option<inbound::Authe
     inbound::negotiate(s2s, &table, tcp, false, deadline).await
 }
 
+type OursToPeer = xmpp_federator::s2s::conn::XmlStream<inbound::TlsIn<TcpStream>>;
+
+/// What we write to the peer, up to `pings` confirmation pings: their ids,
+/// and the messages' ids before them. Stream management is refused (so
+/// pings confirm).
+async fn written(ours_to_peer: &mut OursToPeer, pings: usize) -> (Vec<String>, Vec<String>) {
+    let (mut seen, mut messages) = (Vec::new(), Vec::new());
+    while seen.len() < pings {
+        let el = match tokio::time::timeout(Duration::from_secs(10), ours_to_peer.next()).await {
+            Ok(Ok(Event::Element(el))) => el,
+            other => panic!("after {messages:?} and pings {seen:?}: {other:?}"),
+        };
+        let text = el.as_str().to_string();
+        let id = el.attr("id").map(str::to_string);
+        match &*el.name {
+            "enable" => ours_to_peer
+                .send(format!("<failed xmlns='{NS_SM}'/>").as_bytes())
+                .await
+                .unwrap(),
+            // Written in the expectation of acks, before the refusal.
+            "r" => {}
+            "message" => messages.push(id.unwrap_or_default()),
+            "iq" if text.contains("urn:xmpp:ping") => seen.push(id.unwrap_or_default()),
+            _ => panic!("unexpected: {text}"),
+        }
+    }
+    (seen, messages)
+}
+
 /// The peer `peer.test` on `ip` (one way streams, certificates only) and its
 /// listener, published in the DNS.
 async fn peer_on(net: &Net, ip: Ipv4Addr) -> (Arc<S2s>, TcpListener) {
@@ -302,36 +331,10 @@ async fn an_unanswered_confirmation_ping_is_asked_again_not_the_messages() {
         .expect("our stream within 10 s")
         .unwrap()
         .xs;
-    // What we write, up to `pings` confirmation pings (their ids, and the
-    // messages' ids in between).
-    let mut read = async |pings: usize| {
-        let (mut seen, mut messages) = (Vec::new(), Vec::new());
-        while seen.len() < pings {
-            let el = match tokio::time::timeout(Duration::from_secs(10), ours_to_peer.next()).await
-            {
-                Ok(Ok(Event::Element(el))) => el,
-                other => panic!("after {messages:?} and pings {seen:?}: {other:?}"),
-            };
-            let text = el.as_str().to_string();
-            let id = el.attr("id").map(str::to_string);
-            match &*el.name {
-                "enable" => ours_to_peer
-                    .send(format!("<failed xmlns='{NS_SM}'/>").as_bytes())
-                    .await
-                    .unwrap(),
-                // Written in the expectation of acks, before the refusal.
-                "r" => {}
-                "message" => messages.push(id.unwrap_or_default()),
-                "iq" if text.contains("urn:xmpp:ping") => seen.push(id.unwrap_or_default()),
-                _ => panic!("unexpected: {text}"),
-            }
-        }
-        (seen, messages)
-    };
-    let (first, messages) = read(1).await;
+    let (first, messages) = written(&mut ours_to_peer, 1).await;
     assert_eq!(messages, ids);
     // Unanswered: another ping, the messages not again.
-    let (again, resent) = read(1).await;
+    let (again, resent) = written(&mut ours_to_peer, 1).await;
     assert!(resent.is_empty(), "sent again: {resent:?}");
     assert_ne!(again, first);
 
@@ -346,6 +349,77 @@ async fn an_unanswered_confirmation_ping_is_asked_again_not_the_messages() {
     let answer = format!(
         "<iq type='result' from='peer.test' to='acks.test' id='{}'/>",
         again[0]
+    );
+    peer_to_ours.send(answer.as_bytes()).await.unwrap();
+    for id in &ids {
+        crate::support::wait_event(ours.api, |e| {
+            e["type"] == "delivered" && e["id"] == id.as_str()
+        })
+        .await;
+    }
+    ours.shutdown().await;
+}
+
+/// The stream a confirmation ping was written on breaks before its answer
+/// (a peer that crashes never answers): `delivery.confirm_wait_secs` after
+/// the end, the messages go again on the next stream, not after delivery's
+/// in-flight timeout (60 s), and the answer to the new ping settles them.
+/// 127.0.10.7-8.
+#[tokio::test]
+async fn messages_before_a_ping_lost_with_its_stream_go_again_on_the_next() {
+    init_log();
+    let (ours_ip, peer_ip) = (Ipv4Addr::new(127, 0, 10, 7), Ipv4Addr::new(127, 0, 10, 8));
+    let net = Net::with_dns_on(ours_ip).await;
+    let mut config = net.config("acks.test", ours_ip, Eku::Both);
+    config.delivery.confirm_wait_secs = 1;
+    config.federation.bidi = false;
+    let ours = net.start(config).await;
+    create_user(ours.api, "u1", "alice").await;
+    let (peer, listener) = peer_on(&net, peer_ip).await;
+    let listener = Arc::new(listener);
+    let accept = || {
+        let (peer, listener) = (peer.clone(), listener.clone());
+        tokio::spawn(async move {
+            accept_ours(&peer, &listener)
+                .await
+                .expect("our stream to the peer authenticates")
+        })
+    };
+    let within = async |stream: tokio::task::JoinHandle<inbound::Authenticated>| {
+        tokio::time::timeout(Duration::from_secs(10), stream)
+            .await
+            .expect("our stream within 10 s")
+            .unwrap()
+            .xs
+    };
+    let first = accept();
+    let ids = crate::support::send_batch(
+        ours.api,
+        "u1",
+        "bob@peer.test",
+        (1..=3).map(|n| format!("hello {n}")),
+    )
+    .await;
+    let mut stream = within(first).await;
+    let (_, messages) = written(&mut stream, 1).await;
+    assert_eq!(messages, ids);
+    // The stream breaks, the ping unanswered.
+    let second = accept();
+    drop(stream);
+    let mut stream = within(second).await;
+    let (ping, again) = written(&mut stream, 1).await;
+    assert_eq!(again, ids, "sent again, in order, with their ids");
+
+    let tcp = TcpStream::connect(ours.starttls[0]).await.unwrap();
+    let mut log = |_: String| {};
+    let mut peer_to_ours =
+        outbound::negotiate(&peer, tcp, false, "peer.test", "acks.test", &mut log)
+            .await
+            .unwrap()
+            .xs;
+    let answer = format!(
+        "<iq type='result' from='peer.test' to='acks.test' id='{}'/>",
+        ping[0]
     );
     peer_to_ours.send(answer.as_bytes()).await.unwrap();
     for id in &ids {
