@@ -56,9 +56,25 @@ impl DnsServer {
             addr.ip().is_loopback(),
             "the test DNS listens on loopback only"
         );
-        let udp = UdpSocket::bind(addr).await?;
+        // UDP and TCP on one port: with port 0 the UDP socket picks it, and
+        // that port may be taken for TCP (another test's connection); pick
+        // again then.
+        let mut tries = 0;
+        let (udp, tcp) = loop {
+            let udp = UdpSocket::bind(addr).await?;
+            match TcpListener::bind(udp.local_addr()?).await {
+                Ok(tcp) => break (udp, tcp),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && addr.port() == 0
+                        && tries < 100 =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let addr = udp.local_addr()?;
-        let tcp = TcpListener::bind(addr).await?;
         let zone: Zone = Arc::default();
         let stop = CancellationToken::new();
         let (z, s) = (zone.clone(), stop.clone());
