@@ -4,7 +4,8 @@
 //! cargo build --release --bin xmpp-federator --example muc_load
 //! sudo target/release/examples/muc_load [--occupants 1000] [--domains 10] [--messages 200] \
 //!     [--window 20] [--warmup M/10] [--join-window 50] [--history-joins 10] \
-//!     [--targets ours,prosody,ejabberd] [--outbound-queue 1000000] [--mix-every 0]
+//!     [--targets ours,prosody,ejabberd] [--outbound-queue 1000000] [--mix-every 0] \
+//!     [--cache-mib N]
 //! ```
 //!
 //! Starts our server (the release binary, its own process, log level warn; the
@@ -67,6 +68,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let history_joins: u32 = arg("--history-joins", "10").parse()?;
     let targets = arg("--targets", "ours,prosody,ejabberd");
     let outbound_queue = arg("--outbound-queue", "1000000");
+    // `--cache-mib N`: our `store.cache_mib` (the extra config starts inside
+    // the instance's `[store]` section).
+    let cache = match arg("--cache-mib", "").as_str() {
+        "" => String::new(),
+        n => format!("cache_mib = {}\n", n.parse::<usize>()?),
+    };
     // A mixed room: every k-th occupant a MIX participant (ours only: the
     // others' MUC services are no MIX channels).
     let mix_every: u32 = arg("--mix-every", "0").parse()?;
@@ -116,7 +123,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             TOKEN,
             "redb",
             &format!(
-                "[limits]\noutbound_queue = {outbound_queue}\nmax_connections_per_ip = 10000\n"
+                "{cache}[limits]\noutbound_queue = {outbound_queue}\nmax_connections_per_ip = 10000\n"
             ),
         )?;
         dns.add("conference.wire.test", ip, Some(instance.s2s.port()), None);

@@ -91,8 +91,10 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: crate::store::Backend::default(),
             path: PathBuf::from("xmpp-federator-data"),
-            // redb's own default.
-            cache_mib: 1024,
+            // A quarter of redb's own default (1 GiB): the drain of a large
+            // backlog and room fan-out measured no slower at 64 or 256 MiB
+            // than at 1024 (README), and the process stays ~1 GB smaller.
+            cache_mib: 256,
         }
     }
 }
