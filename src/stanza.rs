@@ -121,6 +121,16 @@ impl Stanza {
             .and_then(|el| Stanza::from_element(el).ok())
     }
 
+    /// Read back a stanza we serialized and stored ourselves (the outbound
+    /// queue): its start tag and first child are read, the rest is trusted
+    /// (see [`crate::xml::framer::parse_own_element`]). `None` if it is not
+    /// a stanza.
+    pub fn from_own(xml: String) -> Option<Stanza> {
+        crate::xml::framer::parse_own_element(Bytes::from(xml))
+            .ok()
+            .and_then(|el| Stanza::from_element(el).ok())
+    }
+
     /// Whether this is an error stanza (never answered with an error, RFC 6120 §8.3.1).
     pub fn is_error(&self) -> bool {
         self.type_.as_deref() == Some("error")
@@ -303,6 +313,28 @@ pub fn message_xml(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Our own stanzas read back from the queue by their head alone are the
+    /// stanzas a whole parse gives.
+    #[test]
+    fn an_own_stanza_read_by_its_head_is_the_whole_parse() {
+        for xml in [
+            "<message from='a@b.test/r' to='c@d.test' id='1' type='chat'><body>hi &amp; bye</body>\
+             <origin-id xmlns='urn:xmpp:sid:0' id='1'/></message>",
+            "<message to='c@d.test' id='2' xml:lang='en'><x:e xmlns:x='urn:a'><x:y/></x:e><body>b</body></message>",
+            "<message to='c@d.test' id='3'/>",
+            "<message to='c@d.test' id='4'>text first<store xmlns='urn:xmpp:hints'/></message>",
+            "<iq type='get' to='d.test' from='b.test' id='5'><ping xmlns='urn:xmpp:ping'/></iq>",
+            "<presence to='c@d.test/x' from='a@b.test' type='unavailable'/>",
+        ] {
+            let whole = Stanza::parse(xml).unwrap();
+            assert_eq!(Stanza::from_own(xml.to_string()), Some(whole), "{xml}");
+        }
+        // Not a stanza, or not XML at its head.
+        assert_eq!(Stanza::from_own("<foo/>".into()), None);
+        assert_eq!(Stanza::from_own("message".into()), None);
+        assert_eq!(Stanza::from_own("<message to='@@'/>".into()), None);
+    }
 
     /// What a backend may put in a message: one element in its own
     /// namespace, nothing that leaves the message open or adds a stanza.

@@ -612,7 +612,7 @@ impl Framer {
     fn element_done(&mut self) -> Result<Event, XmlError> {
         let raw = self.buf.split_to(self.pos).freeze();
         self.pos = 0;
-        validate(raw, &self.header, &mut self.scratch).map(Event::Element)
+        validate(raw, &self.header, &mut self.scratch, false).map(Event::Element)
     }
 }
 
@@ -628,7 +628,22 @@ pub fn parse_element(xml: &[u8]) -> Result<Element, XmlError> {
         Bytes::copy_from_slice(xml),
         &header,
         &mut Scratch::default(),
+        false,
     )
+}
+
+/// [`parse_element`] of an element we serialized and stored ourselves (it
+/// was checked whole when it was made): only its start tag and its first
+/// child's are read, so reading back a large queue does not walk every
+/// stanza again. Whatever follows the first child's start tag is not
+/// checked: never use this on a peer's bytes.
+pub fn parse_own_element(xml: Bytes) -> Result<Element, XmlError> {
+    let header = StreamHeader {
+        default_ns: Some(super::NS_SERVER.to_string()),
+        prefixes: vec![("stream".into(), NS_STREAM.into())],
+        ..StreamHeader::default()
+    };
+    validate(xml, &header, &mut Scratch::default(), true)
 }
 
 fn attr_value<'a>(
@@ -695,7 +710,14 @@ impl Scratch {
     }
 }
 
-fn validate(raw: Bytes, header: &StreamHeader, scratch: &mut Scratch) -> Result<Element, XmlError> {
+/// Check a whole element and take what routing needs from it; `head`: stop
+/// once the first child's start tag is read ([`parse_own_element`]).
+fn validate(
+    raw: Bytes,
+    header: &StreamHeader,
+    scratch: &mut Scratch,
+    head: bool,
+) -> Result<Element, XmlError> {
     let text =
         std::str::from_utf8(&raw).map_err(|_| XmlError::NotWellFormed("invalid UTF-8".into()))?;
     let mut reader = Reader::from_str(text);
@@ -794,6 +816,9 @@ fn validate(raw: Bytes, header: &StreamHeader, scratch: &mut Scratch) -> Result<
             top = Some((known(ns), known(local.into_inner()), attrs));
         } else if depth == 1 && first_child.is_none() {
             first_child = Some((known(ns), known(local.into_inner())));
+            if head {
+                break;
+            }
         }
         if empty {
             scratch.pop_element();
