@@ -1212,19 +1212,17 @@ mod tests {
             .collect()
     }
 
+    /// m1, m2 and m3 to x@remote.test, expiring in an hour.
+    async fn queue_three(s: &Setup) {
+        let far = now_ms() + 3_600_000;
+        let m = |id| message(id, "x@remote.test", far);
+        queue(s, vec![m("m1"), m("m2"), m("m3")]).await;
+    }
+
     #[tokio::test]
     async fn session_reports_settle_each_message_exactly_once() {
         let s = setup();
-        let far = now_ms() + 3_600_000;
-        queue(
-            &s,
-            vec![
-                message("m1", "x@remote.test", far),
-                message("m2", "x@remote.test", far),
-                message("m3", "x@remote.test", far),
-            ],
-        )
-        .await;
+        queue_three(&s).await;
         assert_eq!(s.delivery.queued(), 3);
         {
             let sent = s.w.remote.sent.lock().unwrap();
@@ -1293,16 +1291,7 @@ mod tests {
     #[tokio::test]
     async fn a_lost_ping_sends_its_messages_again_and_frees_the_window() {
         let s = setup_with(|c| c.delivery.window = 2);
-        let far = now_ms() + 3_600_000;
-        queue(
-            &s,
-            vec![
-                message("m1", "x@remote.test", far),
-                message("m2", "x@remote.test", far),
-                message("m3", "x@remote.test", far),
-            ],
-        )
-        .await;
+        queue_three(&s).await;
         assert_eq!(sent_ids(&s), vec!["m1", "m2"], "the window holds m3");
         s.w.outbox.report(Report::AwaitingPing {
             ping_id: "dlv-1".into(),

@@ -291,6 +291,76 @@ async fn shutdown_acknowledges_nothing_whose_bounce_is_not_written_within_the_gr
     receiving.abort();
 }
 
+/// Our instance `acks.test` (alice is a user) confirming by pings on one
+/// way streams (`delivery.confirm_wait_secs` 1), the peer `peer.test`
+/// accepting its streams one at a time, and three messages from alice to
+/// bob@peer.test accepted by the API (their ids).
+struct Confirm {
+    _net: Net,
+    ours: Running,
+    peer: Arc<S2s>,
+    listener: Arc<TcpListener>,
+    ids: Vec<String>,
+}
+
+async fn confirm_scene(ours_ip: Ipv4Addr, peer_ip: Ipv4Addr) -> Confirm {
+    init_log();
+    let net = Net::with_dns_on(ours_ip).await;
+    let mut config = net.config("acks.test", ours_ip, Eku::Both);
+    config.delivery.confirm_wait_secs = 1;
+    // One way streams: the peer answers on a stream of its own.
+    config.federation.bidi = false;
+    let ours = net.start(config).await;
+    create_user(ours.api, "u1", "alice").await;
+    let (peer, listener) = peer_on(&net, peer_ip).await;
+    let ids = crate::support::send_batch(
+        ours.api,
+        "u1",
+        "bob@peer.test",
+        (1..=3).map(|n| format!("hello {n}")),
+    )
+    .await;
+    Confirm {
+        _net: net,
+        ours,
+        peer,
+        listener: Arc::new(listener),
+        ids,
+    }
+}
+
+impl Confirm {
+    /// Our next stream to the peer, within 10 s.
+    async fn next_stream(&self) -> OursToPeer {
+        let accepting = accept_ours(&self.peer, &self.listener);
+        tokio::time::timeout(Duration::from_secs(10), accepting)
+            .await
+            .expect("our stream within 10 s")
+            .expect("our stream to the peer authenticates")
+            .xs
+    }
+
+    /// The peer answers ping `ping` on its own stream to us: the messages are
+    /// `delivered`.
+    async fn answer(&self, ping: &str) {
+        let tcp = TcpStream::connect(self.ours.starttls[0]).await.unwrap();
+        let mut log = |_: String| {};
+        let mut peer_to_ours =
+            outbound::negotiate(&self.peer, tcp, false, "peer.test", "acks.test", &mut log)
+                .await
+                .unwrap()
+                .xs;
+        let answer = format!("<iq type='result' from='peer.test' to='acks.test' id='{ping}'/>");
+        peer_to_ours.send(answer.as_bytes()).await.unwrap();
+        for id in &self.ids {
+            crate::support::wait_event(self.ours.api, |e| {
+                e["type"] == "delivered" && e["id"] == id.as_str()
+            })
+            .await;
+        }
+    }
+}
+
 /// Without XEP-0198 (this peer answers `<enable/>` with `<failed/>`, after our
 /// first messages: a ping confirms those, they are not sent again) our
 /// outbound stream confirms messages with a ping after them. The peer does not
@@ -301,63 +371,16 @@ async fn shutdown_acknowledges_nothing_whose_bounce_is_not_written_within_the_gr
 /// 127.0.10.5-6.
 #[tokio::test]
 async fn an_unanswered_confirmation_ping_is_asked_again_not_the_messages() {
-    init_log();
-    let (ours_ip, peer_ip) = (Ipv4Addr::new(127, 0, 10, 5), Ipv4Addr::new(127, 0, 10, 6));
-    let net = Net::with_dns_on(ours_ip).await;
-    let mut config = net.config("acks.test", ours_ip, Eku::Both);
-    config.delivery.confirm_wait_secs = 1;
-    // One way streams: the peer answers on a stream of its own.
-    config.federation.bidi = false;
-    let ours = net.start(config).await;
-    create_user(ours.api, "u1", "alice").await;
-    let (peer, listener) = peer_on(&net, peer_ip).await;
-    let accepting = {
-        let peer = peer.clone();
-        tokio::spawn(async move {
-            accept_ours(&peer, &listener)
-                .await
-                .expect("our stream to the peer authenticates")
-        })
-    };
-    let ids = crate::support::send_batch(
-        ours.api,
-        "u1",
-        "bob@peer.test",
-        (1..=3).map(|n| format!("hello {n}")),
-    )
-    .await;
-    let mut ours_to_peer = tokio::time::timeout(Duration::from_secs(10), accepting)
-        .await
-        .expect("our stream within 10 s")
-        .unwrap()
-        .xs;
+    let c = confirm_scene(Ipv4Addr::new(127, 0, 10, 5), Ipv4Addr::new(127, 0, 10, 6)).await;
+    let mut ours_to_peer = c.next_stream().await;
     let (first, messages) = written(&mut ours_to_peer, 1).await;
-    assert_eq!(messages, ids);
+    assert_eq!(messages, c.ids);
     // Unanswered: another ping, the messages not again.
     let (again, resent) = written(&mut ours_to_peer, 1).await;
     assert!(resent.is_empty(), "sent again: {resent:?}");
     assert_ne!(again, first);
-
-    // The peer answers the second one, on its stream to us.
-    let tcp = TcpStream::connect(ours.starttls[0]).await.unwrap();
-    let mut log = |_: String| {};
-    let mut peer_to_ours =
-        outbound::negotiate(&peer, tcp, false, "peer.test", "acks.test", &mut log)
-            .await
-            .unwrap()
-            .xs;
-    let answer = format!(
-        "<iq type='result' from='peer.test' to='acks.test' id='{}'/>",
-        again[0]
-    );
-    peer_to_ours.send(answer.as_bytes()).await.unwrap();
-    for id in &ids {
-        crate::support::wait_event(ours.api, |e| {
-            e["type"] == "delivered" && e["id"] == id.as_str()
-        })
-        .await;
-    }
-    ours.shutdown().await;
+    c.answer(&again[0]).await;
+    c.ours.shutdown().await;
 }
 
 /// The stream a confirmation ping was written on breaks before its answer
@@ -367,66 +390,15 @@ async fn an_unanswered_confirmation_ping_is_asked_again_not_the_messages() {
 /// 127.0.10.7-8.
 #[tokio::test]
 async fn messages_before_a_ping_lost_with_its_stream_go_again_on_the_next() {
-    init_log();
-    let (ours_ip, peer_ip) = (Ipv4Addr::new(127, 0, 10, 7), Ipv4Addr::new(127, 0, 10, 8));
-    let net = Net::with_dns_on(ours_ip).await;
-    let mut config = net.config("acks.test", ours_ip, Eku::Both);
-    config.delivery.confirm_wait_secs = 1;
-    config.federation.bidi = false;
-    let ours = net.start(config).await;
-    create_user(ours.api, "u1", "alice").await;
-    let (peer, listener) = peer_on(&net, peer_ip).await;
-    let listener = Arc::new(listener);
-    let accept = || {
-        let (peer, listener) = (peer.clone(), listener.clone());
-        tokio::spawn(async move {
-            accept_ours(&peer, &listener)
-                .await
-                .expect("our stream to the peer authenticates")
-        })
-    };
-    let within = async |stream: tokio::task::JoinHandle<inbound::Authenticated>| {
-        tokio::time::timeout(Duration::from_secs(10), stream)
-            .await
-            .expect("our stream within 10 s")
-            .unwrap()
-            .xs
-    };
-    let first = accept();
-    let ids = crate::support::send_batch(
-        ours.api,
-        "u1",
-        "bob@peer.test",
-        (1..=3).map(|n| format!("hello {n}")),
-    )
-    .await;
-    let mut stream = within(first).await;
+    let c = confirm_scene(Ipv4Addr::new(127, 0, 10, 7), Ipv4Addr::new(127, 0, 10, 8)).await;
+    let mut stream = c.next_stream().await;
     let (_, messages) = written(&mut stream, 1).await;
-    assert_eq!(messages, ids);
+    assert_eq!(messages, c.ids);
     // The stream breaks, the ping unanswered.
-    let second = accept();
     drop(stream);
-    let mut stream = within(second).await;
+    let mut stream = c.next_stream().await;
     let (ping, again) = written(&mut stream, 1).await;
-    assert_eq!(again, ids, "sent again, in order, with their ids");
-
-    let tcp = TcpStream::connect(ours.starttls[0]).await.unwrap();
-    let mut log = |_: String| {};
-    let mut peer_to_ours =
-        outbound::negotiate(&peer, tcp, false, "peer.test", "acks.test", &mut log)
-            .await
-            .unwrap()
-            .xs;
-    let answer = format!(
-        "<iq type='result' from='peer.test' to='acks.test' id='{}'/>",
-        ping[0]
-    );
-    peer_to_ours.send(answer.as_bytes()).await.unwrap();
-    for id in &ids {
-        crate::support::wait_event(ours.api, |e| {
-            e["type"] == "delivered" && e["id"] == id.as_str()
-        })
-        .await;
-    }
-    ours.shutdown().await;
+    assert_eq!(again, c.ids, "sent again, in order, with their ids");
+    c.answer(&ping[0]).await;
+    c.ours.shutdown().await;
 }
