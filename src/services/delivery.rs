@@ -365,6 +365,9 @@ pub struct Delivery {
     /// Seconds from acceptance to confirmation of each delivered message
     /// ([`crate::metrics::names::DELIVERY_LATENCY`]).
     latency: Histogram,
+    /// When the sweeper last looked at every queued message (for expiry and
+    /// in-flight timeouts).
+    scanned: Mutex<Option<Instant>>,
 }
 
 /// Held (sender, recipient) pairs: recipient -> senders, so a lookup borrows
@@ -414,6 +417,7 @@ impl Delivery {
             config,
             queue: Mutex::default(),
             confirms: Mutex::default(),
+            scanned: Mutex::default(),
             backoff: Backoffs::default(),
             holds: Mutex::default(),
             outcomes: Mutex::default(),
@@ -488,14 +492,20 @@ impl Delivery {
         }
     }
 
-    /// One sweep: the ids that expired, the messages in flight for too long
-    /// (sequence number, id, domain: sent again, still in flight), and the
-    /// domains with due messages, the one with the oldest first.
-    fn sweep(&self, now_ms: u64) -> Sweep {
+    /// One sweep: the domains with due messages, the one with the oldest
+    /// first; with `scan`, also the ids that expired and the messages in
+    /// flight for too long (sequence number, id, domain: sent again, still in
+    /// flight), which takes a pass over every queued message.
+    fn sweep(&self, now_ms: u64, scan: bool) -> Sweep {
         let mut sweep = Sweep::default();
         let holds = lock(&self.holds);
         let q = lock(&self.queue);
-        for (id, t) in q.by_id.iter() {
+        let every_message = if scan {
+            q.by_id.iter()
+        } else {
+            Default::default()
+        };
+        for (id, t) in every_message {
             if now_ms >= t.expires_ms {
                 sweep.expired.push(id.clone());
             } else if t.submitted.is_some_and(|s| s.elapsed() > INFLIGHT_TIMEOUT)
@@ -983,13 +993,26 @@ impl Delivery {
         }
     }
 
+    /// Whether this sweep looks at every queued message: at most once per
+    /// `every` (`delivery.retry_secs`). The rounds between, 200 ms apart while
+    /// a backlog drains, only pump the domains: a pass over a million queued
+    /// messages holds the queue's lock for milliseconds.
+    fn scan_due(&self, every: Duration) -> bool {
+        let mut scanned = lock(&self.scanned);
+        if scanned.is_some_and(|t| t.elapsed() < every) {
+            return false;
+        }
+        *scanned = Some(Instant::now());
+        true
+    }
+
     /// One round of the sweeper; how long to wait for the next.
     fn sweep_once(self: &Arc<Self>, outbox: &Outbox, every: Duration) -> Duration {
         let Sweep {
             expired,
             stale,
             domains,
-        } = self.sweep(now_ms());
+        } = self.sweep(now_ms(), self.scan_due(every));
         if !expired.is_empty() {
             self.settle(outbox, expired, |id, to| EventKind::Expired {
                 id: id.to_string(),
@@ -1523,6 +1546,24 @@ mod tests {
         assert_eq!(sent_ids(&s), ["m0", "m1", "m2", "m3", "m4"]);
         s.delivery.sweep_once(&s.w.outbox, Duration::from_secs(60));
         assert_eq!(sent_ids(&s).len(), 5, "no more until confirmed");
+    }
+
+    /// The sweeper looks for expired messages (and stale ones in flight) at
+    /// most once per `every`; the rounds between only pump.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_looks_at_every_message_once_per_interval() {
+        let s = setup();
+        let every = Duration::from_secs(5);
+        s.delivery.sweep_once(&s.w.outbox, every);
+        queue(&s, vec![message("old", "x@remote.test", now_ms() - 1)]).await;
+        s.delivery.sweep_once(&s.w.outbox, every);
+        assert_eq!(s.delivery.queued(), 1, "not looked at between scans");
+        tokio::time::advance(every).await;
+        s.delivery.sweep_once(&s.w.outbox, every);
+        assert_eq!(
+            outcomes(&s.store, 1).await,
+            vec![("expired", "old".to_string())]
+        );
     }
 
     #[tokio::test]
