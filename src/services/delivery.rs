@@ -1560,6 +1560,8 @@ mod tests {
         assert_eq!(s.delivery.queued(), 1, "not looked at between scans");
         tokio::time::advance(every).await;
         s.delivery.sweep_once(&s.w.outbox, every);
+        // The expiry commits on the store's thread: wait for it in real time.
+        tokio::time::resume();
         assert_eq!(
             outcomes(&s.store, 1).await,
             vec![("expired", "old".to_string())]
