@@ -1710,9 +1710,7 @@ impl Session {
     ) -> std::io::Result<()> {
         wbuf.clear();
         wbuf.extend_from_slice(&ping.raw);
-        let outbox = &self.outbox;
-        self.confirming
-            .written(ping_id, Instant::now(), |p| awaited(outbox, p));
+        self.keep_awaited(ping_id);
         wr.send(wbuf).await.inspect_err(|e| {
             tracing::info!(error = %e, "write failed; reconnecting");
         })
@@ -1790,12 +1788,18 @@ impl Session {
                 tracks: tracked,
             });
             wbuf.extend_from_slice(&ping.raw);
-            let outbox = &self.outbox;
-            self.confirming
-                .written(ping_id.clone(), Instant::now(), |p| awaited(outbox, p));
+            self.keep_awaited(ping_id.clone());
             return Some(ping_id);
         }
         None
+    }
+
+    /// Confirmation ping `ping_id` is (being) written on this stream: keep it
+    /// as one whose answer may still be awaited ([`Confirming`]).
+    fn keep_awaited(&mut self, ping_id: String) {
+        let outbox = &self.outbox;
+        self.confirming
+            .written(ping_id, Instant::now(), |p| awaited(outbox, p));
     }
 
     /// A new confirmation ping (its id is `dlv-<n>`).

@@ -619,17 +619,7 @@ impl Framer {
 /// Validate one standalone element in `jabber:server` (our own serializations,
 /// handlers re-reading a payload).
 pub fn parse_element(xml: &[u8]) -> Result<Element, XmlError> {
-    let header = StreamHeader {
-        default_ns: Some(super::NS_SERVER.to_string()),
-        prefixes: vec![("stream".into(), NS_STREAM.into())],
-        ..StreamHeader::default()
-    };
-    validate(
-        Bytes::copy_from_slice(xml),
-        &header,
-        &mut Scratch::default(),
-        false,
-    )
+    standalone(Bytes::copy_from_slice(xml), false)
 }
 
 /// [`parse_element`] of an element we serialized and stored ourselves (it
@@ -638,12 +628,17 @@ pub fn parse_element(xml: &[u8]) -> Result<Element, XmlError> {
 /// stanza again. Whatever follows the first child's start tag is not
 /// checked: never use this on a peer's bytes.
 pub fn parse_own_element(xml: Bytes) -> Result<Element, XmlError> {
+    standalone(xml, true)
+}
+
+/// An element outside any stream, as if in a `jabber:server` stream.
+fn standalone(xml: Bytes, head: bool) -> Result<Element, XmlError> {
     let header = StreamHeader {
         default_ns: Some(super::NS_SERVER.to_string()),
         prefixes: vec![("stream".into(), NS_STREAM.into())],
         ..StreamHeader::default()
     };
-    validate(xml, &header, &mut Scratch::default(), true)
+    validate(xml, &header, &mut Scratch::default(), head)
 }
 
 fn attr_value<'a>(
