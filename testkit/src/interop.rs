@@ -906,6 +906,20 @@ modules:
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once `ok` holds for it, or after 10 s (ejabberd's logger
+    /// writes a moment after the event: a line may not be there yet when a
+    /// round trip that followed it is back). Blocks.
+    pub fn log_when(&self, ok: impl Fn(&str) -> bool) -> String {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log_text();
+            if ok(&log) || Instant::now() >= until {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The Erlang VM's process id (for its CPU time), from its pid file.
     pub fn pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.dir.join("run/ejabberd.pid"))

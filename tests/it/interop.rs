@@ -850,7 +850,14 @@ async fn ejabberd() {
         "{out}"
     );
 
-    let log = ejabberd.log_text();
+    let log = blocking(|| {
+        ejabberd.log_when(|l| {
+            l.contains("Accepted inbound s2s EXTERNAL authentication wire.test -> ejabberd.test")
+                && l.contains(
+                    "Accepted outbound s2s EXTERNAL authentication ejabberd.test -> wire.test",
+                )
+        })
+    });
     assert!(
         log.contains("Accepted inbound s2s EXTERNAL authentication wire.test -> ejabberd.test"),
         "ejabberd did not accept us with EXTERNAL"
@@ -930,7 +937,15 @@ async fn ejabberd_dialback() {
     let out = blocking(|| lab.client("bob@ejabberd.test", "bobpw", spec.c2s(), "ping", WIRE));
     assert!(out.contains("PONG from wire.test"), "{out}");
 
-    let log = ejabberd.log_text();
+    let log = blocking(|| {
+        ejabberd.log_when(|l| {
+            (l.contains("Retrying with s2s dialback authentication: wire.test -> ejabberd.test")
+                || l.contains("dialback authentication wire.test -> ejabberd.test"))
+                && l.contains(
+                    "Accepted outbound s2s EXTERNAL authentication ejabberd.test -> wire.test",
+                )
+        })
+    });
     assert!(
         log.contains("Retrying with s2s dialback authentication: wire.test -> ejabberd.test")
             || log.contains("dialback authentication wire.test -> ejabberd.test"),
@@ -1037,7 +1052,9 @@ async fn ejabberd_dialback_untrusted() {
         "ejabberd's stream: dialback"
     );
     assert!(auth_count(&wire, "out", "dialback") >= 1, "ours: dialback");
-    let log = ejabberd.log_text();
+    let log = blocking(|| {
+        ejabberd.log_when(|l| l.contains("dialback authentication ejabberd.test -> wire.test"))
+    });
     assert!(
         log.contains("dialback authentication ejabberd.test -> wire.test"),
         "ejabberd did not authenticate to us by dialback"
