@@ -215,15 +215,18 @@ pub async fn run(config: Config, load: &FairLoad) -> Result<FairReport, LoadErro
         // limits' burst on ours).
         let _ = fw.write_all(b"</stream:stream>").await;
         let (mut fw, _) = open(&server, &flood, &load.target).await?;
+        // A task of its own: two remote servers share nothing but the
+        // machine (in one task with the quiet peer, the flood's writes of a
+        // thousand messages held back the quiet peer's next ping).
         let flooding = {
             let (started, done) = (started.clone(), done.clone());
             let (flood, load) = (flood.clone(), load.clone());
-            async move {
+            tokio::spawn(async move {
                 let r = flood_phase(&mut fw, &mut flood_rx, &flood, &load, 1, Some(&started)).await;
                 done.store(true, Ordering::SeqCst);
                 let _ = fw.write_all(b"</stream:stream>").await;
                 r
-            }
+            })
         };
         let quiet_beside = async {
             tokio::time::timeout(STALL, started.notified())
@@ -247,7 +250,8 @@ pub async fn run(config: Config, load: &FairLoad) -> Result<FairReport, LoadErro
             Ok::<_, LoadError>(p)
         };
         let (flooded, quiet_during) = tokio::join!(flooding, quiet_beside);
-        let (flood_during, e2, t2) = flooded?;
+        let (flood_during, e2, t2) =
+            flooded.map_err(|e| LoadError::Run(format!("the flood's task: {e}")))??;
         Ok(FairReport {
             target: load.target.clone(),
             quiet_alone,
