@@ -19,7 +19,8 @@
 //! domain; the server's default otherwise). `--drain-alone true` keeps the peer
 //! down while `wrk` runs, then starts it: the drain of the backlog is then
 //! measured alone (from the first message out to the last confirmed, with the
-//! CPU of that span), not beside the API's own load. `--cache-mib N` sets both
+//! CPU of that span and each instance's group commits in it: how many, and
+//! how long each took), not beside the API's own load. `--cache-mib N` sets both
 //! instances' redb page cache (`store.cache_mib`). `--bidi false` turns bidirectional
 //! streams off on both, so they confirm by XEP-0198 acks instead of pings.
 
@@ -46,6 +47,34 @@ async fn metric(api: SocketAddr, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A metric's value as a float (a histogram's `_sum`).
+async fn metric_f64(api: SocketAddr, name: &str) -> f64 {
+    let text = get_text(api, "/metrics")
+        .await
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The store's group commits so far and the seconds they took in all.
+async fn commits_of(api: SocketAddr) -> (u64, f64) {
+    let name = metric_names::STORE_COMMIT_SECONDS;
+    (
+        metric(api, &format!("{name}_count")).await,
+        metric_f64(api, &format!("{name}_sum")).await,
+    )
+}
+
+/// "N commits, X ms each": the commits between two readings of [`commits_of`].
+fn commits_between(before: (u64, f64), after: (u64, f64)) -> String {
+    let n = after.0.saturating_sub(before.0);
+    let ms = (after.1 - before.1) * 1e3 / n.max(1) as f64;
+    format!("{n} commits, {ms:.2} ms each")
 }
 
 /// Poll metric `name` every `every` until `done` holds for its value, for at
@@ -179,15 +208,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (out, queue) = (metric_names::STANZAS_OUT, metric_names::DELIVERY_QUEUED);
         wait_for(api, out, every, Duration::from_secs(60), |n| n > 0).await;
         let (cpu0, t) = (cpu_of(&pid), Instant::now());
+        let (ours0, peers0) = (commits_of(api).await, commits_of(beta.api).await);
         wait_for(api, queue, every, Duration::from_secs(300), |n| n == 0).await;
         let (n, took) = (queued, t.elapsed());
+        let (ours1, peers1) = (commits_of(api).await, commits_of(beta.api).await);
         let (server, per_msg) = cpu(cpu_of(&pid) - cpu0, n);
         let (peer_s, peer_per_msg) = cpu(cpu_of(&peer_pid), n);
         println!(
             "drain alone: {n} messages in {:.1}s ({:.0} msgs/s) server_cpu={server:.1}s \
-             ({per_msg:.1} us/msg) peer_cpu={peer_s:.1}s ({peer_per_msg:.1} us/msg, from its start)",
+             ({per_msg:.1} us/msg) peer_cpu={peer_s:.1}s ({peer_per_msg:.1} us/msg, from its start) \
+             sender: {}; peer: {}",
             took.as_secs_f64(),
             n as f64 / took.as_secs_f64(),
+            commits_between(ours0, ours1),
+            commits_between(peers0, peers1),
         );
     }
     // Wait until every accepted message is settled (confirmed by the peer).
