@@ -39,18 +39,12 @@ use xmpp_federator_testkit::process::BinaryInstance;
 const TOKEN: &str = "load-token-0123456789";
 
 async fn metric(api: SocketAddr, name: &str) -> u64 {
-    let text = get_text(api, "/metrics")
-        .await
-        .map(|(_, t)| t)
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    metric_as(api, name).await
 }
 
-/// A metric's value as a float (a histogram's `_sum`).
-async fn metric_f64(api: SocketAddr, name: &str) -> f64 {
+/// A metric's value, parsed as `T` (a histogram's `_sum` is a float); the
+/// default if it is missing.
+async fn metric_as<T: std::str::FromStr + Default>(api: SocketAddr, name: &str) -> T {
     let text = get_text(api, "/metrics")
         .await
         .map(|(_, t)| t)
@@ -58,7 +52,7 @@ async fn metric_f64(api: SocketAddr, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_default()
 }
 
 /// The store's group commits so far and the seconds they took in all.
@@ -66,7 +60,7 @@ async fn commits_of(api: SocketAddr) -> (u64, f64) {
     let name = metric_names::STORE_COMMIT_SECONDS;
     (
         metric(api, &format!("{name}_count")).await,
-        metric_f64(api, &format!("{name}_sum")).await,
+        metric_as(api, &format!("{name}_sum")).await,
     )
 }
 
